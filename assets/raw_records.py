@@ -1,0 +1,51 @@
+"""Asset ``raw_records``: every raw JSON / JSON Lines file read into rows (``pipeline.ingest``)."""
+
+
+from dagster import AssetExecutionContext, MetadataValue, Output, asset
+
+from pipeline.ingest import ingest
+from pipeline.records import FIELDS, StageResult, preview_markdown
+from resources.data_root import DataRoot
+
+
+def files_markdown(files: list[dict]) -> str:
+    lines = ["| file | encoding | format | read | kept | rejected | notes |", "|---|---|---|---|---|---|---|"]
+    for f in files:
+        notes = "; ".join([*(f.get("notes") or []), *([f"**rejected**: {f['error']}"] if f.get("error") else [])])
+        if f.get("blank_lines"):
+            notes = "; ".join(filter(None, [notes, f"{f['blank_lines']} blank lines skipped"]))
+        lines.append(
+            f"| {f['source_file']} | {f.get('encoding') or ''} | {f.get('format') or ''} | {f['rows_read']} "
+            f"| {f['rows_kept']} | {f['rows_rejected']} | {notes.replace('|', '/')} |"
+        )
+    return "\n".join(lines)
+
+
+@asset(group_name="data", compute_kind="python", description=__doc__)
+def raw_records(context: AssetExecutionContext, data_root: DataRoot) -> Output[StageResult]:
+    result = ingest(data_root.raw_dir)
+    s = result.stats
+    context.log.info(
+        f"read {s['files_read']} files from {data_root.raw_dir}: {s['rows_read']} rows, "
+        f"{s['rows_kept']} kept, {s['rows_rejected']} rejected"
+    )
+    for f in s["files"]:
+        if f.get("error"):
+            context.log.warning(f"{f['source_file']}: file rejected: {f['error']}")
+    return Output(
+        result,
+        metadata={
+            "rows_read": s["rows_read"],
+            "rows_kept": s["rows_kept"],
+            "rows_rejected": s["rows_rejected"],
+            "files_read": s["files_read"],
+            "files_rejected": s["files_rejected"],
+            "files": MetadataValue.md(files_markdown(s["files"])),
+            "preview": MetadataValue.md(preview_markdown(result.kept, ["source_file", "source_line", *FIELDS])),
+            "rejected_preview": MetadataValue.md(
+                preview_markdown(result.rejected, ["source_file", "source_line", "reason"], width=100)
+            ),
+            "raw_dir": MetadataValue.path(str(data_root.raw_dir)),
+        },
+    )
+

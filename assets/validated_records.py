@@ -1,0 +1,81 @@
+"""Asset ``validated_records``: the Great Expectations suite over ingested rows (``pipeline.validate``).
+
+Its blocking check ``reject_ratio_within_limit`` stops the run when the share of rows rejected
+so far (ingest + validation) is over ``max_reject_ratio`` or no valid row is left.
+"""
+
+
+from dagster import AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, AssetExecutionContext, Config, MetadataValue, Output, asset
+from pydantic import Field
+
+from pipeline.records import FIELDS, StageResult, preview_markdown
+from pipeline.validate import Bounds, validate_records
+
+CHECK = "reject_ratio_within_limit"
+
+
+class ValidatedRecordsConfig(Config):
+    max_reject_ratio: float = Field(0.2, description="Fail the run when more than this share of rows read is rejected")
+    min_instruction_chars: int = 1
+    max_instruction_chars: int = 4_000
+    max_input_chars: int = 16_000
+    min_output_chars: int = 1
+    max_output_chars: int = 16_000
+
+
+@asset(
+    group_name="data",
+    compute_kind="great_expectations",
+    description=__doc__,
+    check_specs=[AssetCheckSpec(CHECK, asset="validated_records", blocking=True,
+                                description="Rejected share of rows read ≤ max_reject_ratio, and some valid row left")],
+)
+def validated_records(context: AssetExecutionContext, config: ValidatedRecordsConfig, raw_records: StageResult):
+    bounds = Bounds(
+        min_instruction_chars=config.min_instruction_chars,
+        max_instruction_chars=config.max_instruction_chars,
+        max_input_chars=config.max_input_chars,
+        min_output_chars=config.min_output_chars,
+        max_output_chars=config.max_output_chars,
+    )
+    result = validate_records(raw_records.kept, bounds)
+    n_read = len(raw_records.kept) + len(raw_records.rejected)
+    n_rejected = len(raw_records.rejected) + result.n_rejected
+    ratio = n_rejected / n_read if n_read else 1.0
+    failed = [o for o in result.stats["expectations"] if not o["success"]]
+    context.log.info(
+        f"validated {len(raw_records.kept)} rows: {result.n_kept} pass, {result.n_rejected} fail "
+        f"({len(failed)} expectations with failures)"
+    )
+    yield Output(
+        result,
+        metadata={
+            "rows_in": len(raw_records.kept),
+            "rows_kept": result.n_kept,
+            "rows_rejected": result.n_rejected,
+            "expectations": MetadataValue.md(result.stats["report_markdown"]),
+            "preview": MetadataValue.md(preview_markdown(result.kept, ["source_file", "source_line", *FIELDS])),
+            "rejected_preview": MetadataValue.md(
+                preview_markdown(result.rejected, ["source_file", "source_line", "reason"], width=100)
+            ),
+        },
+    )
+    passed = ratio <= config.max_reject_ratio and result.n_kept > 0
+    why = (
+        "no valid row is left" if result.n_kept == 0
+        else f"{ratio:.1%} of rows read were rejected, over max_reject_ratio {config.max_reject_ratio:.0%}"
+        if not passed else f"{ratio:.1%} rejected (limit {config.max_reject_ratio:.0%})"
+    )
+    yield AssetCheckResult(
+        check_name=CHECK,
+        passed=passed,
+        severity=AssetCheckSeverity.ERROR,
+        description=why,
+        metadata={
+            "rows_read": n_read,
+            "rows_rejected_so_far": n_rejected,
+            "reject_ratio": round(ratio, 4),
+            "max_reject_ratio": config.max_reject_ratio,
+            "rows_valid": result.n_kept,
+        },
+    )

@@ -1,0 +1,138 @@
+"""Write outputs so that a reader never sees a half-written file or folder.
+
+Everything is written under a temporary name in the destination's own folder (same file
+system) and moved into place with ``os.replace`` once complete. A crash leaves at most a
+``.tmp-*`` sibling behind, which no later step reads and the next write cleans up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+TMP_PREFIX = ".tmp-"
+
+
+class OutputWriteError(OSError):
+    """An output could not be written; the message names the path and the reason."""
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _clean_stale(parent: Path, name: str) -> None:
+    """Remove leftovers of earlier interrupted writes of ``name``, if their writer is gone."""
+    for stale in parent.glob(f"{TMP_PREFIX}{name}.*"):
+        pid = stale.name.rsplit(".", 2)[-2] if stale.name.count(".") >= 2 else ""
+        if pid.isdigit() and _pid_alive(int(pid)):
+            continue
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                stale.unlink()
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # our own leftovers from an earlier failed attempt
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _prepare_parent(dest: Path) -> Path:
+    parent = dest.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputWriteError(f"cannot create output folder {parent}: {exc.strerror or exc}") from exc
+    if not os.access(parent, os.W_OK):
+        raise OutputWriteError(f"output folder {parent} is not writable")
+    _clean_stale(parent, dest.name)
+    return parent
+
+
+@contextlib.contextmanager
+def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary file path; on success it replaces ``dest`` in one step.
+
+    On any exception the temporary file is removed and ``dest`` is left as it was.
+    """
+    dest = Path(dest)
+    parent = _prepare_parent(dest)
+    fd, tmp_name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{dest.name}.{os.getpid()}.", dir=parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file ordinary permissions
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, dest)
+        _fsync_dir(parent)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(exc, OutputWriteError):
+            raise
+        raise OutputWriteError(f"could not write {dest}: {exc.strerror or exc}") from exc
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder; on success it takes the place of ``dest`` (replacing it whole)."""
+    dest = Path(dest)
+    parent = _prepare_parent(dest)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{dest.name}.{os.getpid()}.", dir=parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    try:
+        yield tmp
+        if dest.exists():
+            # Two renames: the old version stays complete until the new one is in place.
+            old = parent / f"{TMP_PREFIX}{dest.name}.{os.getpid()}.old"
+            if old.exists():
+                shutil.rmtree(old, ignore_errors=True)
+            os.replace(dest, old)
+            os.replace(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
+        _fsync_dir(parent)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OutputWriteError):
+            raise
+        raise OutputWriteError(f"could not write {dest}: {exc.strerror or exc}") from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_bytes_atomic(dest: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(dest) as tmp:
+        tmp.write_bytes(data)

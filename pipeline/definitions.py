@@ -1,0 +1,37 @@
+"""The MedTune Dagster code location: ``dagster dev`` (via workspace.yaml) loads ``defs``."""
+
+from __future__ import annotations
+
+from dagster import Definitions, load_asset_checks_from_modules, load_assets_from_modules
+
+from assets import (
+    alpaca_dataset,
+    base_model,
+    deduplicated_records,
+    raw_records,
+    rejected_records,
+    tokenized_dataset,
+    validated_records,
+)
+from resources import DataRoot, StageIOManager, default_data_dir
+
+ASSET_MODULES = [
+    raw_records,
+    validated_records,
+    deduplicated_records,
+    rejected_records,
+    alpaca_dataset,
+    base_model,
+    tokenized_dataset,
+]
+
+
+def make_resources(data_dir: str | None = None) -> dict:
+    root = DataRoot(path=data_dir or default_data_dir())
+    return {"data_root": root, "io_manager": StageIOManager(data_root=root)}
+
+
+all_assets = load_assets_from_modules(ASSET_MODULES)
+all_asset_checks = load_asset_checks_from_modules(ASSET_MODULES)
+
+defs = Definitions(assets=all_assets, asset_checks=all_asset_checks, resources=make_resources())

@@ -1,0 +1,508 @@
+"""Stage 1 (asset ``raw_records``): read raw Alpaca JSON / JSON Lines files into rows.
+
+* Files: every ``*.json`` and ``*.jsonl`` under the raw folder, recursively, in sorted order of
+  their path relative to that folder. A symlink that points outside the raw folder is refused.
+* Encodings: UTF-8 (with or without BOM), UTF-16 with BOM and GB18030. A file without BOM that
+  is not UTF-8 as a whole is decoded line by line (UTF-8, else GB18030), so a dump that mixes
+  both keeps its UTF-8 lines intact instead of turning them into mojibake.
+* Formats: a JSON array of objects, JSON Lines, or a single JSON object that is one record.
+  The format is sniffed from the content, not the file name.
+* Rows: ``instruction``, ``input``, ``output`` (keys matched case-insensitively, surrounding
+  spaces ignored); a missing ``input`` is "". A value that is not a string rejects the row with
+  its reason; a broken JSON Lines line or array element rejects that row only.
+
+Every row read ends either in ``StageResult.kept`` or in ``StageResult.rejected``; a file that
+cannot be used at all is one rejected row with ``source_line`` empty.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.records import FIELDS, StageResult, clip_raw, empty_records, rejects_frame
+
+SUFFIXES = (".json", ".jsonl")
+STAGE = "ingest"
+
+_MISSING = object()
+_JSON_WS = re.compile(r"[ \t\n\r]*")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_DECODER = json.JSONDecoder()
+_SCAN = _DECODER.scan_once
+
+
+class FileRejected(Exception):
+    """The whole file cannot be used; the message says why."""
+
+
+@dataclass
+class FileSummary:
+    source_file: str
+    encoding: str = ""
+    format: str = ""
+    rows_read: int = 0
+    rows_kept: int = 0
+    rows_rejected: int = 0
+    blank_lines: int = 0
+    notes: list[str] = field(default_factory=list)
+    error: str = ""
+
+
+# --------------------------------------------------------------------------- files
+
+
+def discover_files(raw_dir: Path) -> tuple[list[Path], list[tuple[str, str]], list[str]]:
+    """Files to read (sorted), files refused with a reason, and files ignored for their suffix."""
+    raw_dir = Path(raw_dir)
+    root = raw_dir.resolve()
+    found: list[tuple[str, Path]] = []
+    refused: list[tuple[str, str]] = []
+    ignored: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(raw_dir, followlinks=False):
+        for d in list(dirnames):
+            full = Path(dirpath) / d
+            if full.is_symlink():
+                dirnames.remove(d)
+                rel = full.relative_to(raw_dir).as_posix()
+                refused.append((rel, f"symlinked folder {rel!r} is not followed"))
+        for name in filenames:
+            full = Path(dirpath) / name
+            rel = full.relative_to(raw_dir).as_posix()
+            if not name.lower().endswith(SUFFIXES):
+                ignored.append(rel)
+                continue
+            if full.is_symlink():
+                target = full.resolve()
+                if not target.is_relative_to(root):
+                    refused.append((rel, f"symlink points outside the raw folder (to {target}); refused"))
+                    continue
+            if not full.is_file():
+                refused.append((rel, "not a regular file"))
+                continue
+            found.append((rel, full))
+    found.sort(key=lambda item: item[0])
+    refused.sort()
+    ignored.sort()
+    return [p for _, p in found], refused, ignored
+
+
+# ----------------------------------------------------------------------- encodings
+
+_BOMS = (
+    (b"\x00\x00\xfe\xff", None, "UTF-32 (big-endian BOM)"),
+    (b"\xff\xfe\x00\x00", None, "UTF-32 (little-endian BOM)"),
+    (b"\xef\xbb\xbf", "utf-8", "utf-8-sig"),
+    (b"\xff\xfe", "utf-16-le", "utf-16-le"),
+    (b"\xfe\xff", "utf-16-be", "utf-16-be"),
+)
+
+
+def decode_bytes(data: bytes) -> tuple[str, str]:
+    """Decode a whole file; returns ``(text, encoding)`` or raises :class:`FileRejected`.
+
+    Lines that are neither UTF-8 nor GB18030 are replaced by a marker line that the JSON
+    parser then rejects as a broken row (use :func:`decode_lines` to see which).
+    """
+    text, encoding, _bad = decode_lines(data)
+    return text, encoding
+
+
+def decode_lines(data: bytes) -> tuple[str, str, dict[int, str]]:
+    """Like :func:`decode_bytes`, also returning ``{line_number: reason}`` for undecodable lines."""
+    for bom, codec, label in _BOMS:
+        if data.startswith(bom):
+            if codec is None:
+                raise FileRejected(f"encoded as {label}; supported are UTF-8, UTF-16 with BOM and GB18030")
+            try:
+                return data[len(bom) :].decode(codec), label, {}
+            except UnicodeDecodeError as exc:
+                raise FileRejected(
+                    f"declares {label} by its byte-order mark but is not valid {label} "
+                    f"(byte offset {exc.start + len(bom)}: {exc.reason})"
+                ) from None
+    try:
+        return data.decode("utf-8"), "utf-8", {}
+    except UnicodeDecodeError as exc:
+        first_error = exc
+    head = data[:4096]
+    if len(head) >= 8 and head.count(0) > len(head) // 4:
+        raise FileRejected("looks like UTF-16 without a byte-order mark; save it as UTF-8 or UTF-16 with BOM")
+    # Not UTF-8 as a whole: decode line by line so that a file mixing UTF-8 and GB18030 keeps
+    # both. ``\n`` (0x0A) never occurs inside a multi-byte GB18030 or UTF-8 sequence.
+    lines = data.split(b"\n")
+    out: list[str] = []
+    used: Counter[str] = Counter()
+    bad: dict[int, str] = {}
+    for lineno, raw in enumerate(lines, start=1):
+        try:
+            out.append(raw.decode("utf-8"))
+            if not raw.isascii():
+                used["utf-8"] += 1
+            continue
+        except UnicodeDecodeError:
+            pass
+        try:
+            out.append(raw.decode("gb18030"))
+            used["gb18030"] += 1
+        except UnicodeDecodeError as exc:
+            bad[lineno] = f"line is neither UTF-8 nor GB18030 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})"
+            out.append("\x00")  # never valid JSON: the parser rejects this line/element
+    if not used["gb18030"]:
+        raise FileRejected(
+            f"not valid UTF-8 (byte offset {first_error.start}: {first_error.reason}) and not GB18030 either"
+        )
+    if len(bad) > max(1, len(lines) // 2):
+        raise FileRejected(f"not text in a supported encoding ({len(bad)} of {len(lines)} lines undecodable)")
+    encoding = "gb18030" if not used["utf-8"] else "mixed utf-8 + gb18030"
+    return "\n".join(out), encoding, bad
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+@dataclass
+class Parsed:
+    """Parsed JSON values of one file with their positions (1-based line, 0-based index)."""
+
+    lines: list[int] = field(default_factory=list)
+    indexes: list[int] = field(default_factory=list)
+    values: list[Any] = field(default_factory=list)
+    raws: list[str | None] = field(default_factory=list)  # only filled for rows that need it
+    errors: list[tuple[int, int, str, str]] = field(default_factory=list)  # (line, index, reason, raw)
+    format: str = ""
+    blank_lines: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def _json_error(exc: Exception) -> str:
+    msg = str(exc)
+    return f"invalid JSON: {msg}"
+
+
+def parse_text(text: str, bad_lines: dict[int, str] | None = None) -> Parsed:
+    """Sniff the format of a decoded file and parse it into values, keeping broken rows as errors."""
+    bad_lines = bad_lines or {}
+    start = _JSON_WS.match(text).end()
+    if start == len(text):
+        raise FileRejected("empty file" if not text else "file holds only whitespace")
+    first = text[start]
+    if first == "[":
+        return _parse_array(text, start, bad_lines)
+    if first == "{":
+        try:
+            value, end = _DECODER.raw_decode(text, start)
+        except ValueError:
+            return _parse_lines(text, bad_lines)
+        if _JSON_WS.match(text, end).end() == len(text):
+            if isinstance(value, dict) and _looks_like_record(value):
+                parsed = Parsed(format="single JSON object")
+                parsed.lines.append(text.count("\n", 0, start) + 1)
+                parsed.indexes.append(0)
+                parsed.values.append(value)
+                parsed.raws.append(None)
+                return parsed
+            keys = ", ".join(repr(k) for k in list(value)[:5]) if isinstance(value, dict) else ""
+            raise FileRejected(
+                f"top-level JSON object (keys {keys}) is not a record: expected an array of records or JSON Lines"
+            )
+        return _parse_lines(text, bad_lines)
+    snippet = text[start : start + 20]
+    raise FileRejected(f"not JSON: expected '[' or '{{' at line {text.count(chr(10), 0, start) + 1}, found {snippet!r}")
+
+
+def _looks_like_record(obj: dict) -> bool:
+    return any(isinstance(k, str) and k.strip().lower() in ("instruction", "output") for k in obj)
+
+
+def _parse_lines(text: str, bad_lines: dict[int, str]) -> Parsed:
+    parsed = Parsed(format="JSON Lines")
+    loads = orjson.loads
+    lines, indexes, values, raws = parsed.lines, parsed.indexes, parsed.values, parsed.raws
+    pieces = text.split("\n")
+    if pieces and pieces[-1] == "":
+        pieces.pop()  # the newline that ends the last line does not open another one
+    for lineno, line in enumerate(pieces, start=1):
+        if not line or line.isspace():
+            parsed.blank_lines += 1
+            continue
+        try:
+            value = loads(line)
+        except orjson.JSONDecodeError as exc:
+            reason = bad_lines.get(lineno) or _lines_reason(line, exc)
+            parsed.errors.append((lineno, len(lines) + len(parsed.errors), reason, line))
+            continue
+        lines.append(lineno)
+        indexes.append(len(values) + len(parsed.errors))
+        values.append(value)
+        raws.append(line)
+    return parsed
+
+
+def _lines_reason(line: str, exc: Exception) -> str:
+    # orjson's messages are terse; the standard library's name the position and the problem.
+    try:
+        json.loads(line)
+    except ValueError as std_exc:
+        return _json_error(std_exc)
+    except RecursionError:
+        return "invalid JSON: nested too deeply"
+    return _json_error(exc)  # valid for the standard library but not for orjson (NaN, lone surrogate...)
+
+
+def _parse_array(text: str, start: int, bad_lines: dict[int, str]) -> Parsed:
+    """Element by element, so that one broken element costs that element only.
+
+    After a broken element, parsing resumes at the next line that starts a new object.
+    """
+    parsed = Parsed(format="JSON array")
+    n = len(text)
+    pos = start + 1
+    line = text.count("\n", 0, pos) + 1
+    last = pos
+    index = 0
+    resync = re.compile(r"\n[ \t\r]*\{")
+    ws = _JSON_WS.match
+    while True:
+        pos = ws(text, pos).end()
+        if pos >= n:
+            line += text.count("\n", last, pos)
+            parsed.errors.append((line, index, "truncated JSON: the array is not closed with ']'", ""))
+            parsed.notes.append("array not closed (truncated file?)")
+            break
+        ch = text[pos]
+        if ch == "]":
+            tail = ws(text, pos + 1).end()
+            if tail != n:
+                line += text.count("\n", last, tail)
+                parsed.errors.append((line, index, "invalid JSON: extra text after the closing ']'", clip_raw(text[tail:])))
+            break
+        line += text.count("\n", last, pos)
+        last = pos
+        try:
+            value, end = _SCAN(text, pos)
+        except StopIteration:
+            err_end = _error_end(text, pos, resync)
+            reason = bad_lines.get(line) or _element_reason(text, pos)
+            parsed.errors.append((line, index, reason, clip_raw(text[pos:err_end].rstrip(", \t\r\n"))))
+            index += 1
+            pos = err_end
+            continue
+        except (ValueError, RecursionError) as exc:
+            err_end = _error_end(text, pos, resync)
+            reason = bad_lines.get(line) or (
+                _json_error(exc) if isinstance(exc, ValueError) else "invalid JSON: nested too deeply"
+            )
+            parsed.errors.append((line, index, reason, clip_raw(text[pos:err_end].rstrip(", \t\r\n"))))
+            index += 1
+            pos = err_end
+            continue
+        parsed.lines.append(line)
+        parsed.indexes.append(index)
+        parsed.values.append(value)
+        parsed.raws.append(None)
+        index += 1
+        pos = ws(text, end).end()
+        if pos < n and text[pos] == ",":
+            nxt = ws(text, pos + 1).end()
+            if nxt < n and text[nxt] == "]":
+                parsed.notes.append("trailing comma before ']' tolerated")
+            pos = nxt
+        elif pos < n and text[pos] not in "]":
+            # a missing comma between elements: carry on from here and let the next element tell
+            parsed.notes.append(f"missing ',' after the element at line {line} tolerated")
+    return parsed
+
+
+def _error_end(text: str, pos: int, resync: re.Pattern) -> int:
+    m = resync.search(text, pos + 1)
+    return m.start() + 1 if m else len(text)
+
+
+def _element_reason(text: str, pos: int) -> str:
+    try:
+        _DECODER.raw_decode(text, pos)
+    except ValueError as exc:
+        return _json_error(exc)
+    return "invalid JSON value"
+
+
+# -------------------------------------------------------------------------- records
+
+_TYPE_NAMES = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", list: "a list", dict: "an object"}
+
+
+def _type_name(v: Any) -> str:
+    if isinstance(v, float) and v != v:
+        return "NaN"
+    if isinstance(v, float) and v in (float("inf"), float("-inf")):
+        return "Infinity"
+    return _TYPE_NAMES.get(type(v), type(v).__name__)
+
+
+def _fields_of(obj: dict) -> tuple[Any, Any, Any] | str:
+    """The three fields of one JSON object, or a reason to reject it."""
+    if len(obj) <= 3 and all(k in ("instruction", "input", "output") for k in obj):
+        instruction = obj.get("instruction")
+        inp = obj.get("input", "")
+        output = obj.get("output")
+        explicit = obj
+    else:
+        explicit = {}
+        for key, value in obj.items():
+            norm = key.strip().lower()
+            if norm in FIELDS:
+                if norm in explicit and explicit[norm] != value:
+                    return f"keys {norm!r} given twice with different values (key spellings differ)"
+                explicit[norm] = value
+        instruction = explicit.get("instruction")
+        inp = explicit.get("input", "")
+        output = explicit.get("output")
+    problems = []
+    for name, value in (("instruction", instruction), ("input", inp), ("output", output)):
+        if value is None:
+            if name in explicit:
+                problems.append(f"field {name!r} is null")
+        elif type(value) is not str:
+            problems.append(f"field {name!r} is {_type_name(value)}, expected a string")
+    if problems:
+        return "; ".join(problems)
+    return instruction, inp, output
+
+
+def _to_arrow(values: list[Any], name: str, notes: Counter) -> pa.Array:
+    try:
+        return pa.array(values, type=pa.large_string())
+    except (UnicodeEncodeError, pa.ArrowException):
+        fixed = [v if v is None else _SURROGATE.sub("\ufffd", v) for v in values]
+        notes[f"lone surrogates in {name!r} replaced by U+FFFD (validation rejects them)"] += sum(
+            1 for a, b in zip(values, fixed) if a != b
+        )
+        return pa.array(fixed, type=pa.large_string())
+
+
+def _normalise_newlines(arr: pa.Array) -> pa.Array:
+    if not pc.any(pc.match_substring(arr, "\r")).as_py():
+        return arr
+    return pc.replace_substring(pc.replace_substring(arr, "\r\n", "\n"), "\r", "\n")
+
+
+def ingest_file(path: Path, rel: str) -> tuple[dict[str, list], list[dict], FileSummary]:
+    """Read one file: (columns of kept rows, rejected rows, summary). Never raises for bad input."""
+    summary = FileSummary(source_file=rel)
+    rejected: list[dict] = []
+    cols: dict[str, list] = {"source_line": [], "source_index": [], "instruction": [], "input": [], "output": []}
+    try:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise FileRejected(f"cannot read file: {exc.strerror or exc}") from None
+        text, summary.encoding, bad = decode_lines(data)
+        del data
+        parsed = parse_text(text, bad)
+    except FileRejected as exc:
+        summary.error = str(exc)
+        summary.rows_read = summary.rows_rejected = 1
+        rejected.append(
+            {"source_file": rel, "source_line": None, "source_index": None, "stage": STAGE,
+             "reason": f"file rejected: {exc}", "raw": _file_preview(path)}
+        )
+        return cols, rejected, summary
+    summary.format = parsed.format
+    summary.blank_lines = parsed.blank_lines
+    summary.notes = sorted(set(parsed.notes))
+    for line, index, reason, raw in parsed.errors:
+        rejected.append({"source_file": rel, "source_line": line, "source_index": index, "stage": STAGE,
+                         "reason": reason, "raw": clip_raw(raw)})
+    line_idx, index_col = cols["source_line"], cols["source_index"]
+    ins_col, inp_col, out_col = cols["instruction"], cols["input"], cols["output"]
+    for k, (line, index, value) in enumerate(zip(parsed.lines, parsed.indexes, parsed.values)):
+        if type(value) is dict:
+            fields = _fields_of(value)
+        else:
+            fields = f"record is {_type_name(value)}, expected a JSON object"
+        if type(fields) is str:
+            raw = parsed.raws[k]
+            if raw is None:
+                raw = json.dumps(value, ensure_ascii=False, default=str, allow_nan=True)
+            rejected.append({"source_file": rel, "source_line": line, "source_index": index, "stage": STAGE,
+                             "reason": fields, "raw": clip_raw(raw)})
+            continue
+        line_idx.append(line)
+        index_col.append(index)
+        ins_col.append(fields[0])
+        inp_col.append(fields[1])
+        out_col.append(fields[2])
+    rejected.sort(key=lambda r: (r["source_index"], r["source_line"]))
+    summary.rows_kept = len(line_idx)
+    summary.rows_rejected = len(rejected)
+    summary.rows_read = summary.rows_kept + summary.rows_rejected
+    return cols, rejected, summary
+
+
+def _file_preview(path: Path, limit: int = 2000) -> str:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(limit)
+    except OSError:
+        return ""
+    return head.decode("utf-8", errors="backslashreplace")
+
+
+def ingest(raw_dir: str | os.PathLike) -> StageResult:
+    """Read every raw file under ``raw_dir`` into one table of rows plus the rows rejected."""
+    raw_dir = Path(raw_dir)
+    if not raw_dir.is_dir():
+        raise FileNotFoundError(f"raw data folder {raw_dir} does not exist; put *.json or *.jsonl files there")
+    files, refused, ignored = discover_files(raw_dir)
+    rejected: list[dict] = [
+        {"source_file": rel, "source_line": None, "source_index": None, "stage": STAGE,
+         "reason": f"file rejected: {reason}", "raw": ""}
+        for rel, reason in refused
+    ]
+    summaries = [FileSummary(source_file=rel, error=reason, rows_read=1, rows_rejected=1) for rel, reason in refused]
+    tables: list[pa.Table] = []
+    notes: Counter[str] = Counter()
+    for path in files:
+        rel = path.relative_to(raw_dir).as_posix()
+        cols, file_rejects, summary = ingest_file(path, rel)
+        rejected.extend(file_rejects)
+        summaries.append(summary)
+        if cols["source_line"]:
+            n = len(cols["source_line"])
+            arrays = {
+                "source_file": pa.array([rel] * n, pa.large_string()),
+                "source_line": pa.array(cols["source_line"], pa.int64()),
+                "source_index": pa.array(cols["source_index"], pa.int64()),
+            }
+            for name in FIELDS:
+                arrays[name] = _normalise_newlines(_to_arrow(cols[name], name, notes))
+            tables.append(pa.table(arrays))
+        del cols
+    if tables:
+        table = pa.concat_tables(tables)
+        kept = table.to_pandas(types_mapper={pa.large_string(): pd.StringDtype("pyarrow", na_value=float("nan"))}.get)
+    else:
+        kept = empty_records()
+    summaries.sort(key=lambda s: s.source_file)
+    stats = {
+        "files_read": len(files),
+        "files_rejected": sum(1 for s in summaries if s.error),
+        "files_ignored": ignored,
+        "rows_read": len(kept) + len(rejected),
+        "rows_kept": len(kept),
+        "rows_rejected": len(rejected),
+        "files": [s.__dict__ for s in summaries],
+        "notes": dict(notes),
+    }
+    return StageResult(kept=kept, rejected=rejects_frame(rejected), stats=stats)

@@ -1,0 +1,6 @@
+"""Dagster resources of the MedTune code location (``ConfigurableResource`` classes)."""
+
+from resources.data_root import DataRoot, default_data_dir
+from resources.stage_io import StageIOManager
+
+__all__ = ["DataRoot", "StageIOManager", "default_data_dir"]
