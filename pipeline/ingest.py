@@ -131,13 +131,14 @@ def decode_lines(data: bytes) -> tuple[str, str, dict[int, str]]:
                     f"declares {label} by its byte-order mark but is not valid {label} "
                     f"(byte offset {exc.start + len(bom)}: {exc.reason})"
                 ) from None
+    head = data[:4096]
+    if len(head) >= 4 and head.count(0) > len(head) // 4:
+        # JSON text never holds raw NUL bytes; this many is UTF-16 (or UTF-32) without a BOM
+        raise FileRejected("looks like UTF-16 without a byte-order mark; save it as UTF-8 or UTF-16 with BOM")
     try:
         return data.decode("utf-8"), "utf-8", {}
     except UnicodeDecodeError as exc:
         first_error = exc
-    head = data[:4096]
-    if len(head) >= 8 and head.count(0) > len(head) // 4:
-        raise FileRejected("looks like UTF-16 without a byte-order mark; save it as UTF-8 or UTF-16 with BOM")
     # Not UTF-8 as a whole: decode line by line so that a file mixing UTF-8 and GB18030 keeps
     # both. ``\n`` (0x0A) never occurs inside a multi-byte GB18030 or UTF-8 sequence.
     lines = data.split(b"\n")

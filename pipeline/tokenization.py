@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.atomic import atomic_dir
@@ -220,9 +221,10 @@ def tokenize_dataset(
         "ignore_index": IGNORE_INDEX,
         "stats": stats,
     }
+    arrow = pa.table({name: table[name].tolist() for name in schema.names}, schema=schema)
     with atomic_dir(dest) as tmp:
         for split in SPLITS:
-            part = table[table["split"] == split]
-            pq.write_table(pa.Table.from_pandas(part, schema=schema, preserve_index=False), tmp / f"{split}.parquet", compression="zstd")
+            part = arrow.filter(pc.equal(arrow["split"], split))
+            pq.write_table(part, tmp / f"{split}.parquet", compression="zstd")
         (tmp / MANIFEST).write_text(json.dumps(manifest, ensure_ascii=False, indent=2))
     return TokenizedDataset(str(dest), key, False, stats)

