@@ -35,6 +35,8 @@ SEP = "\x1f"  # unit separator: a control character, which validation never lets
 
 _WS_RUN_RE2 = f"[{WHITESPACE}]+"
 _WS_RUN_PY = re.compile(f"[{WHITESPACE}]+")
+# Rows that the whitespace rule changes: any whitespace but a plain space, or two spaces in a row.
+_WS_NEEDS_WORK = "[" + WHITESPACE.replace(" ", "") + "]|  "
 
 
 def normalize_text(text: str) -> str:
@@ -42,18 +44,46 @@ def normalize_text(text: str) -> str:
     return _WS_RUN_PY.sub(" ", unicodedata.normalize("NFKC", text)).strip(" ")
 
 
-def normalize_array(values: pa.Array | pa.ChunkedArray | pd.Series) -> pa.ChunkedArray:
-    """NFKC, whitespace runs to one space, trimmed; vectorised in Arrow."""
-    arr = pa.chunked_array([pa.array(values)]) if isinstance(values, pd.Series) else values
-    arr = arr.cast(pa.large_string())
+def _normalize_plain(arr: pa.Array) -> pa.Array:
     arr = pc.utf8_normalize(arr, form="NFKC")
-    arr = pc.replace_substring_regex(arr, pattern=_WS_RUN_RE2, replacement=" ")
+    # The regex replacement is the slow part, so it runs only on rows that need it.
+    needs = pc.fill_null(pc.match_substring_regex(arr, pattern=_WS_NEEDS_WORK), False)
+    n_needs = pc.sum(needs).as_py() or 0
+    if n_needs:
+        fixed = pc.replace_substring_regex(arr.filter(needs), pattern=_WS_RUN_RE2, replacement=" ")
+        arr = pc.replace_with_mask(arr, needs, fixed)
     return pc.utf8_trim(arr, characters=" ")
 
 
-def _hex_digests(values: pa.ChunkedArray | pa.Array) -> list[str]:
+def normalize_array(values: pa.Array | pa.ChunkedArray | pd.Series) -> pa.Array:
+    """NFKC, whitespace runs to one space, trimmed; vectorised in Arrow.
+
+    A column with few distinct values (an instruction shared by every row, say) is
+    dictionary-encoded first, so each distinct value is normalised once.
+    """
+    arr = pa.array(values) if isinstance(values, pd.Series) else values
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    arr = arr.cast(pa.large_string())
+    sample = arr.slice(0, 10_000)
+    if len(arr) > 1000 and len(pc.unique(sample)) < len(sample) // 4:
+        encoded = pc.dictionary_encode(arr)
+        return pc.take(_normalize_plain(encoded.dictionary), encoded.indices)
+    return _normalize_plain(arr)
+
+
+def _digests(values: pa.Array) -> list[bytes]:
+    """SHA-256 of each string's UTF-8 bytes, read straight from the Arrow buffers."""
+    values = values.cast(pa.large_string())
+    _validity, offsets_buf, data_buf = values.buffers()
+    offsets = np.frombuffer(offsets_buf, dtype=np.int64)[values.offset : values.offset + len(values) + 1].tolist()
+    data = memoryview(data_buf) if data_buf is not None else memoryview(b"")
     sha = hashlib.sha256
-    return [sha(s.encode("utf-8", "surrogatepass")).hexdigest()[:32] for s in values.to_pylist()]
+    return [sha(data[a:b]).digest() for a, b in zip(offsets[:-1], offsets[1:])]
+
+
+def _hex(digest: bytes) -> str:
+    return digest.hex()[:32]
 
 
 def stable_id(*parts: str) -> str:
@@ -61,7 +91,7 @@ def stable_id(*parts: str) -> str:
     return hashlib.sha256(SEP.join(parts).encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
-def _where(df: pd.DataFrame, pos: np.ndarray) -> list[str]:
+def _where(df: pd.DataFrame, pos) -> list[str]:
     files = df["source_file"].to_numpy()
     lines = df["source_line"].to_numpy()
     return [f"{files[p]}:{lines[p]}" for p in pos]
@@ -76,69 +106,73 @@ def deduplicate(df: pd.DataFrame, conflict_policy: ConflictPolicy = "keep_first"
     sep = pa.scalar(SEP, pa.large_string())
     prompt = pc.binary_join_element_wise(norm["instruction"], norm["input"], sep)
     triple = pc.binary_join_element_wise(prompt, norm["output"], sep)
+    prompt_d = _digests(prompt)
+    triple_d = _digests(triple)
+    del norm, prompt, triple
 
-    # 1. exact duplicates of the normalised triple: keep the first occurrence
-    codes, uniques = pd.factorize(pd.Series(triple, dtype="str"), sort=False)
-    _, first_of = np.unique(codes, return_index=True)  # codes are 0..k-1, so this is per code
-    first = first_of[codes] if n else codes
-    positions = np.arange(n)
-    is_dup = first != positions
-    dup_pos = np.flatnonzero(is_dup)
-    reasons: dict[int, str] = {
-        int(p): f"duplicate of {w} (same instruction, input and output after normalisation)"
-        for p, w in zip(dup_pos, _where(frame, first[dup_pos]))
-    }
+    # 1. exact duplicates of the normalised triple (same SHA-256): keep the first occurrence
+    first_of: dict[bytes, int] = {}
+    reasons: dict[int, str] = {}
+    dup_of: list[tuple[int, int]] = []
+    for i, d in enumerate(triple_d):
+        j = first_of.setdefault(d, i)
+        if j != i:
+            dup_of.append((i, j))
+    for (i, _j), w in zip(dup_of, _where(frame, [j for _i, j in dup_of])):
+        reasons[i] = f"duplicate of {w} (same instruction, input and output after normalisation)"
+    n_dups = len(dup_of)
 
     # 2. conflicts among the remaining rows: same normalised prompt, different answers
-    remaining = np.flatnonzero(~is_dup)
-    pcodes, _ = pd.factorize(pd.Series(prompt, dtype="str").iloc[remaining], sort=False)
-    counts = np.bincount(pcodes) if len(pcodes) else np.array([], dtype=np.int64)
-    in_conflict = counts[pcodes] > 1 if len(pcodes) else np.array([], dtype=bool)
-    conflict_rows = remaining[in_conflict]
+    first_prompt: dict[bytes, int] = {}
+    groups: dict[bytes, list[int]] = {}  # only prompts seen more than once
+    for i, d in enumerate(prompt_d):
+        if i in reasons:
+            continue
+        j = first_prompt.setdefault(d, i)
+        if j != i:
+            groups.setdefault(d, [j]).append(i)
     conflict_groups: list[dict] = []
-    if len(conflict_rows):
-        group_codes = pcodes[in_conflict]
-        order = np.argsort(group_codes, kind="stable")
-        bounds_ = np.flatnonzero(np.diff(group_codes[order])) + 1
-        for members in np.split(conflict_rows[order], bounds_):
-            where = _where(frame, members)
-            conflict_groups.append(
-                {
-                    "rows": len(members),
-                    "kept": where[0] if conflict_policy == "keep_first" else ("all" if conflict_policy == "keep_all" else "none"),
-                    "sources": where,
-                    "prompt": str(frame.at[int(members[0]), "input"] or frame.at[int(members[0]), "instruction"])[:80],
-                }
-            )
-            if conflict_policy == "keep_first":
-                for p in members[1:]:
-                    reasons[int(p)] = (
-                        f"conflict: same prompt as {where[0]} but a different answer "
-                        f"(conflict_policy keep_first keeps the first)"
-                    )
-            elif conflict_policy == "drop":
-                for p in members:
-                    reasons[int(p)] = (
-                        f"conflict: {len(members)} rows share this prompt with different answers "
-                        f"({', '.join(where[:5])}{'…' if len(where) > 5 else ''}); conflict_policy drop"
-                    )
+    conflict_rows = 0
+    for members in groups.values():
+        conflict_rows += len(members)
+        where = _where(frame, members)
+        conflict_groups.append(
+            {
+                "rows": len(members),
+                "kept": where[0] if conflict_policy == "keep_first" else ("all" if conflict_policy == "keep_all" else "none"),
+                "sources": where,
+                "prompt": str(frame.at[members[0], "input"] or frame.at[members[0], "instruction"])[:80],
+            }
+        )
+        if conflict_policy == "keep_first":
+            for p in members[1:]:
+                reasons[p] = (
+                    f"conflict: same prompt as {where[0]} but a different answer "
+                    f"(conflict_policy keep_first keeps the first)"
+                )
+        elif conflict_policy == "drop":
+            for p in members:
+                reasons[p] = (
+                    f"conflict: {len(members)} rows share this prompt with different answers "
+                    f"({', '.join(where[:5])}{'…' if len(where) > 5 else ''}); conflict_policy drop"
+                )
 
     bad = np.array(sorted(reasons), dtype=np.int64)
     keep_mask = np.ones(n, dtype=bool)
     keep_mask[bad] = False
     rejected = records_as_rejects(frame.iloc[bad], STAGE, [reasons[int(p)] for p in bad])
     kept = frame[keep_mask].reset_index(drop=True)
-    keep_idx = pa.array(np.flatnonzero(keep_mask))
-    kept.insert(0, "record_id", pd.Series(_hex_digests(pc.take(triple, keep_idx)), dtype="str"))
-    kept.insert(1, "prompt_id", pd.Series(_hex_digests(pc.take(prompt, keep_idx)), dtype="str"))
+    keep_idx = np.flatnonzero(keep_mask).tolist()
+    kept.insert(0, "record_id", pd.Series([_hex(triple_d[i]) for i in keep_idx], dtype="str"))
+    kept.insert(1, "prompt_id", pd.Series([_hex(prompt_d[i]) for i in keep_idx], dtype="str"))
     stats = {
         "rows_in": n,
         "rows_kept": len(kept),
-        "duplicates_removed": int(len(dup_pos)),
+        "duplicates_removed": n_dups,
         "conflict_policy": conflict_policy,
         "conflict_groups": len(conflict_groups),
-        "conflict_rows": int(len(conflict_rows)),
-        "conflicts_rejected": int(len(bad) - len(dup_pos)),
+        "conflict_rows": conflict_rows,
+        "conflicts_rejected": len(bad) - n_dups,
         "conflicts": conflict_groups,
     }
     return StageResult(kept=kept, rejected=rejected, stats=stats)

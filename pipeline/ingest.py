@@ -35,7 +35,7 @@ from pipeline.records import FIELDS, StageResult, clip_raw, empty_records, rejec
 SUFFIXES = (".json", ".jsonl")
 STAGE = "ingest"
 
-_MISSING = object()
+_EXACT_KEYS = frozenset(FIELDS)
 _JSON_WS = re.compile(r"[ \t\n\r]*")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _DECODER = json.JSONDecoder()
@@ -398,11 +398,20 @@ def _normalise_newlines(arr: pa.Array) -> pa.Array:
     return pc.replace_substring(pc.replace_substring(arr, "\r\n", "\n"), "\r", "\n")
 
 
-def ingest_file(path: Path, rel: str) -> tuple[dict[str, list], list[dict], FileSummary]:
-    """Read one file: (columns of kept rows, rejected rows, summary). Never raises for bad input."""
+@dataclass
+class FileResult:
+    """One file read: its kept rows as an Arrow table (or None), its rejected rows, a summary."""
+
+    table: pa.Table | None
+    rejected: list[dict]
+    summary: FileSummary
+    notes: Counter = field(default_factory=Counter)
+
+
+def ingest_file(path: Path, rel: str) -> FileResult:
+    """Read one file. Never raises for bad input: problems become rejected rows."""
     summary = FileSummary(source_file=rel)
     rejected: list[dict] = []
-    cols: dict[str, list] = {"source_line": [], "source_index": [], "instruction": [], "input": [], "output": []}
     try:
         try:
             data = path.read_bytes()
@@ -411,6 +420,7 @@ def ingest_file(path: Path, rel: str) -> tuple[dict[str, list], list[dict], File
         text, summary.encoding, bad = decode_lines(data)
         del data
         parsed = parse_text(text, bad)
+        del text
     except FileRejected as exc:
         summary.error = str(exc)
         summary.rows_read = summary.rows_rejected = 1
@@ -418,37 +428,67 @@ def ingest_file(path: Path, rel: str) -> tuple[dict[str, list], list[dict], File
             {"source_file": rel, "source_line": None, "source_index": None, "stage": STAGE,
              "reason": f"file rejected: {exc}", "raw": _file_preview(path)}
         )
-        return cols, rejected, summary
+        return FileResult(None, rejected, summary)
     summary.format = parsed.format
     summary.blank_lines = parsed.blank_lines
     summary.notes = sorted(set(parsed.notes))
     for line, index, reason, raw in parsed.errors:
         rejected.append({"source_file": rel, "source_line": line, "source_index": index, "stage": STAGE,
                          "reason": reason, "raw": clip_raw(raw)})
-    line_idx, index_col = cols["source_line"], cols["source_index"]
-    ins_col, inp_col, out_col = cols["instruction"], cols["input"], cols["output"]
+    lines_col: list[int] = []
+    index_col: list[int] = []
+    ins_col: list[Any] = []
+    inp_col: list[Any] = []
+    out_col: list[Any] = []
+    exact = _EXACT_KEYS
+    raws = parsed.raws
     for k, (line, index, value) in enumerate(zip(parsed.lines, parsed.indexes, parsed.values)):
+        # fast path: an object with exactly-named string fields
+        if type(value) is dict and value.keys() <= exact:
+            ins = value.get("instruction")
+            inp = value.get("input", "")
+            out = value.get("output")
+            if type(ins) is str and type(inp) is str and type(out) is str:
+                lines_col.append(line)
+                index_col.append(index)
+                ins_col.append(ins)
+                inp_col.append(inp)
+                out_col.append(out)
+                continue
         if type(value) is dict:
             fields = _fields_of(value)
         else:
             fields = f"record is {_type_name(value)}, expected a JSON object"
         if type(fields) is str:
-            raw = parsed.raws[k]
+            raw = raws[k]
             if raw is None:
                 raw = json.dumps(value, ensure_ascii=False, default=str, allow_nan=True)
             rejected.append({"source_file": rel, "source_line": line, "source_index": index, "stage": STAGE,
                              "reason": fields, "raw": clip_raw(raw)})
             continue
-        line_idx.append(line)
+        lines_col.append(line)
         index_col.append(index)
         ins_col.append(fields[0])
         inp_col.append(fields[1])
         out_col.append(fields[2])
+    del parsed
     rejected.sort(key=lambda r: (r["source_index"], r["source_line"]))
-    summary.rows_kept = len(line_idx)
+    summary.rows_kept = len(lines_col)
     summary.rows_rejected = len(rejected)
     summary.rows_read = summary.rows_kept + summary.rows_rejected
-    return cols, rejected, summary
+    notes: Counter[str] = Counter()
+    table = None
+    if lines_col:
+        n = len(lines_col)
+        arrays = {
+            "source_file": pa.array([rel] * n, pa.large_string()),
+            "source_line": pa.array(lines_col, pa.int64()),
+            "source_index": pa.array(index_col, pa.int64()),
+        }
+        for name, col in (("instruction", ins_col), ("input", inp_col), ("output", out_col)):
+            arrays[name] = _normalise_newlines(_to_arrow(col, name, notes))
+        table = pa.table(arrays)
+    return FileResult(table, rejected, summary, notes)
 
 
 def _file_preview(path: Path, limit: int = 2000) -> str:
@@ -475,21 +515,12 @@ def ingest(raw_dir: str | os.PathLike) -> StageResult:
     tables: list[pa.Table] = []
     notes: Counter[str] = Counter()
     for path in files:
-        rel = path.relative_to(raw_dir).as_posix()
-        cols, file_rejects, summary = ingest_file(path, rel)
-        rejected.extend(file_rejects)
-        summaries.append(summary)
-        if cols["source_line"]:
-            n = len(cols["source_line"])
-            arrays = {
-                "source_file": pa.array([rel] * n, pa.large_string()),
-                "source_line": pa.array(cols["source_line"], pa.int64()),
-                "source_index": pa.array(cols["source_index"], pa.int64()),
-            }
-            for name in FIELDS:
-                arrays[name] = _normalise_newlines(_to_arrow(cols[name], name, notes))
-            tables.append(pa.table(arrays))
-        del cols
+        result = ingest_file(path, path.relative_to(raw_dir).as_posix())
+        rejected.extend(result.rejected)
+        summaries.append(result.summary)
+        notes.update(result.notes)
+        if result.table is not None:
+            tables.append(result.table)
     if tables:
         table = pa.concat_tables(tables)
         kept = table.to_pandas(types_mapper={pa.large_string(): pd.StringDtype("pyarrow", na_value=float("nan"))}.get)

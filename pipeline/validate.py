@@ -73,7 +73,8 @@ def _describe(kind: str, column: str, kwargs: dict[str, Any]) -> str:
     return kind
 
 
-def build_expectations(bounds: Bounds) -> list[Any]:
+def build_expectations(bounds: Bounds, columns: tuple[str, ...] = FIELDS) -> list[Any]:
+    """The suite, column by column (each column's expectations together)."""
     import great_expectations.expectations as gxe
 
     lengths = {
@@ -81,11 +82,12 @@ def build_expectations(bounds: Bounds) -> list[Any]:
         "input": (0, bounds.max_input_chars),
         "output": (bounds.min_output_chars, bounds.max_output_chars),
     }
-    suite: list[Any] = [gxe.ExpectColumnToExist(column=c) for c in FIELDS]
-    for c in ("instruction", "output"):
-        suite.append(gxe.ExpectColumnValuesToNotBeNull(column=c))
-        suite.append(gxe.ExpectColumnValuesToMatchRegex(column=c, regex=NOT_BLANK_REGEX))
-    for c in FIELDS:
+    suite: list[Any] = []
+    for c in columns:
+        suite.append(gxe.ExpectColumnToExist(column=c))
+        if c in ("instruction", "output"):
+            suite.append(gxe.ExpectColumnValuesToNotBeNull(column=c))
+            suite.append(gxe.ExpectColumnValuesToMatchRegex(column=c, regex=NOT_BLANK_REGEX))
         lo, hi = lengths[c]
         suite.append(gxe.ExpectColumnValueLengthsToBeBetween(column=c, min_value=lo, max_value=hi))
         suite.append(gxe.ExpectColumnValuesToNotMatchRegex(column=c, regex=CONTROL_CHARS_REGEX))
@@ -111,7 +113,12 @@ def _quiet_gx() -> Iterator[None]:
 
 
 def run_suite(df: pd.DataFrame, bounds: Bounds, examples: int = 3) -> tuple[list[ExpectationOutcome], dict[int, list[str]]]:
-    """Run the suite; returns each expectation's outcome and ``{row position: [reasons]}``."""
+    """Run the suite; returns each expectation's outcome and ``{row position: [reasons]}``.
+
+    GX runs once per column on a one-column frame: its pandas engine copies the whole frame
+    for each expectation's null filter, so narrow frames make it several times faster on
+    large inputs. The expectations and their results are the same.
+    """
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
@@ -120,34 +127,39 @@ def run_suite(df: pd.DataFrame, bounds: Bounds, examples: int = 3) -> tuple[list
     ctx = gx.get_context(mode="ephemeral")
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
     source = ctx.data_sources.add_pandas("medtune")
-    batch_def = source.add_dataframe_asset("records").add_batch_definition_whole_dataframe("all")
-    suite = ctx.suites.add(gx.ExpectationSuite(name="alpaca_records"))
-    for expectation in build_expectations(bounds):
-        suite.add_expectation(expectation)
-    definition = ctx.validation_definitions.add(gx.ValidationDefinition(name="validate", data=batch_def, suite=suite))
-    with _quiet_gx():
-        result = definition.run(
-            batch_parameters={"dataframe": frame},
-            result_format={"result_format": "COMPLETE", "partial_unexpected_count": examples,
-                           "return_unexpected_index_query": False},
-        )
     outcomes: list[ExpectationOutcome] = []
     reasons: dict[int, list[str]] = {}
-    for r in result.results:
-        cfg = r.expectation_config
-        kind, column = cfg.type, cfg.kwargs.get("column")
-        info = r.exception_info or {}
-        if info.get("raised_exception"):
-            raise RuntimeError(f"expectation {kind} on {column!r} could not run: {info.get('exception_message')}")
-        res = r.result or {}
-        description = _describe(kind, column, cfg.kwargs)
-        failing = res.get("unexpected_index_list") or []
-        if kind == "expect_column_to_exist" and not r.success:
-            raise ValueError(f"required column {column!r} is missing from the records")
-        for idx in failing:
-            reasons.setdefault(int(idx), []).append(f"{column}: {description} [{kind}]")
-        shown = [_short(v) for v in (res.get("partial_unexpected_list") or [])[:examples]]
-        outcomes.append(ExpectationOutcome(kind, column, description, bool(r.success), int(res.get("unexpected_count") or 0), shown))
+    for column in FIELDS:
+        batch_def = source.add_dataframe_asset(f"records_{column}").add_batch_definition_whole_dataframe("all")
+        suite = ctx.suites.add(gx.ExpectationSuite(name=f"alpaca_records_{column}"))
+        for expectation in build_expectations(bounds, (column,)):
+            suite.add_expectation(expectation)
+        definition = ctx.validation_definitions.add(
+            gx.ValidationDefinition(name=f"validate_{column}", data=batch_def, suite=suite)
+        )
+        part = frame[[column]] if column in frame.columns else frame.iloc[:, :0]
+        with _quiet_gx():
+            result = definition.run(
+                batch_parameters={"dataframe": part},
+                result_format={"result_format": "COMPLETE", "partial_unexpected_count": examples,
+                               "return_unexpected_index_query": False},
+            )
+        for r in result.results:
+            cfg = r.expectation_config
+            kind = cfg.type
+            if kind == "expect_column_to_exist" and not r.success:
+                raise ValueError(f"required column {column!r} is missing from the records")
+            info = r.exception_info or {}
+            if info.get("raised_exception"):
+                raise RuntimeError(f"expectation {kind} on {column!r} could not run: {info.get('exception_message')}")
+            res = r.result or {}
+            description = _describe(kind, column, cfg.kwargs)
+            for idx in res.get("unexpected_index_list") or []:
+                reasons.setdefault(int(idx), []).append(f"{column}: {description} [{kind}]")
+            shown = [_short(v) for v in (res.get("partial_unexpected_list") or [])[:examples]]
+            outcomes.append(
+                ExpectationOutcome(kind, column, description, bool(r.success), int(res.get("unexpected_count") or 0), shown)
+            )
     return outcomes, reasons
 
 

@@ -1,0 +1,293 @@
+"""Benchmark: raw JSON → ``alpaca_dataset`` through the functions the assets use, against a naive baseline.
+
+    python bench/data_throughput.py [--rows 1000000] [--files 8]
+
+Generates N synthetic Chinese patent-medicine records (2% duplicates or whitespace / full-width
+variants of earlier rows, 1% bad rows of several kinds) as JSON Lines and JSON array files,
+then times, each in its own child process and one after the other in this run:
+
+* ``pipeline``: ``ingest`` → ``validate_records`` (Great Expectations) → ``deduplicate`` →
+  ``build_alpaca`` → ``write_parquet`` (alpaca and rejected), exactly what the assets call;
+* ``naive``: ``json.load`` / ``json.loads`` per line plus a Python loop per row with the same
+  checks (types, blank, lengths, control characters, invalid Unicode, NFKC + whitespace
+  normalisation, SHA-256 ids, exact dedup, conflicts, hash split), then the same Parquet write.
+
+Both count rows read from the time the first file is opened to the time the last Parquet file is
+written; imports are excluded and reported apart. Prints a last line of JSON with rows/s for
+both, their ratio and each one's peak RSS (ru_maxrss of its child process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+INSTRUCTIONS = ["使用中医知识正确回答适合这个病例的中成药。", "请根据症状推荐一种中成药。", "根据以下病例描述，给出合适的中成药建议。"]
+MEDS = ["板蓝根颗粒", "藿香正气水", "六味地黄丸", "连花清瘟胶囊", "感冒清热颗粒", "银翘解毒丸", "保和丸", "香砂养胃丸",
+        "逍遥丸", "归脾丸", "天王补心丸", "复方丹参滴丸", "川贝枇杷膏", "急支糖浆", "黄连上清丸", "牛黄解毒片"]
+SYMPTOMS = ["咳嗽", "发热", "咽喉肿痛", "头痛", "腹胀", "失眠多梦", "腰膝酸软", "口干", "便秘", "恶心", "胸闷", "乏力",
+            "盗汗", "耳鸣", "食欲不振", "月经不调", "心悸", "鼻塞流涕", "反酸", "眩晕"]
+FUNCS = ["清热解毒，凉血利咽。", "解表化湿，理气和中。", "滋阴补肾。", "疏肝健脾，养血调经。", "消食导滞，和胃。", "益气健脾，养血安神。"]
+
+
+def make_record(rng: random.Random, i: int) -> dict:
+    med = rng.choice(MEDS)
+    days = rng.randint(1, 30)
+    symptoms = "，".join(rng.sample(SYMPTOMS, rng.randint(2, 5)))
+    return {
+        "instruction": rng.choice(INSTRUCTIONS),
+        "input": f"患者{i}号，{days}天来{symptoms}，舌红苔黄，脉浮数。",
+        "output": f"{med}可能适合治疗您的病症。以下是{med}的详细说明书：【功能主治】{rng.choice(FUNCS)}"
+                  f"【用法用量】口服，一次{rng.randint(1, 9)}克，一日{rng.randint(1, 3)}次。【注意事项】忌烟、酒及辛辣食物。",
+    }
+
+
+def bad_record(rng: random.Random, rec: dict) -> dict | str:
+    kind = rng.randrange(6)
+    if kind == 0:
+        return {**rec, "input": rng.randint(0, 99)}  # number where text belongs
+    if kind == 1:
+        return {**rec, "output": None}  # null
+    if kind == 2:
+        return {**rec, "output": "  "}  # blank answer
+    if kind == 3:
+        return {**rec, "output": rec["output"] + "\x07"}  # control character
+    if kind == 4:
+        return json.dumps(rec, ensure_ascii=False)[:-9]  # broken line
+    return {"instruction": rec["instruction"]}  # missing output
+
+
+def variant(rng: random.Random, rec: dict) -> dict:
+    kind = rng.randrange(3)
+    if kind == 0:
+        return dict(rec)
+    if kind == 1:
+        return {**rec, "input": "  " + rec["input"] + "\n", "output": rec["output"] + " "}
+    return {**rec, "output": rec["output"].translate(str.maketrans("0123456789", "０１２３４５６７８９"))}
+
+
+def generate(raw: Path, rows: int, files: int, seed: int) -> dict:
+    rng = random.Random(seed)
+    raw.mkdir(parents=True, exist_ok=True)
+    kept: list[dict] = []
+    per_file = -(-rows // files)
+    counts = {"rows": 0, "duplicates": 0, "bad": 0}
+    for f in range(files):
+        as_array = f % 4 == 3  # one file in four is a JSON array, the others JSON Lines
+        items: list = []
+        for _ in range(min(per_file, rows - counts["rows"])):
+            r = rng.random()
+            if r < 0.02 and kept:
+                items.append(variant(rng, rng.choice(kept)))
+                counts["duplicates"] += 1
+            elif r < 0.03:
+                items.append(bad_record(rng, make_record(rng, counts["rows"])))
+                counts["bad"] += 1
+            else:
+                rec = make_record(rng, counts["rows"])
+                items.append(rec)
+                if len(kept) < 100_000:
+                    kept.append(rec)
+            counts["rows"] += 1
+        path = raw / f"part-{f:03d}.{'json' if as_array else 'jsonl'}"
+        with open(path, "w", encoding="utf-8") as fh:
+            if as_array:
+                items = [i if isinstance(i, dict) else {"broken": i} for i in items]
+                json.dump(items, fh, ensure_ascii=False, indent=1)
+            else:
+                for i in items:
+                    fh.write((i if isinstance(i, str) else json.dumps(i, ensure_ascii=False)) + "\n")
+    counts["bytes"] = sum(p.stat().st_size for p in raw.iterdir())
+    return counts
+
+
+# ----------------------------------------------------------------------------- runners
+
+
+def run_pipeline(raw: Path, out: Path) -> dict:
+    t0 = time.perf_counter()
+    import pandas as pd
+
+    from pipeline.dedup import deduplicate
+    from pipeline.ingest import ingest
+    from pipeline.records import rejects_frame
+    from pipeline.split import build_alpaca, write_parquet
+    from pipeline.validate import validate_records
+    import great_expectations  # noqa: F401  (import cost reported apart)
+
+    imports = time.perf_counter() - t0
+    t = time.perf_counter()
+    stages = {}
+    s = time.perf_counter(); raw_result = ingest(raw); stages["ingest"] = time.perf_counter() - s
+    s = time.perf_counter(); valid = validate_records(raw_result.kept); stages["validate"] = time.perf_counter() - s
+    s = time.perf_counter(); dedup = deduplicate(valid.kept); stages["dedup"] = time.perf_counter() - s
+    s = time.perf_counter()
+    alpaca = build_alpaca(dedup.kept, 0.1)
+    write_parquet(alpaca, out / "alpaca.parquet")
+    rejected = pd.concat([rejects_frame(), raw_result.rejected, valid.rejected, dedup.rejected], ignore_index=True)
+    write_parquet(rejected, out / "rejected.parquet")
+    stages["split+write"] = time.perf_counter() - s
+    elapsed = time.perf_counter() - t
+    return {"seconds": elapsed, "imports_s": imports, "stages_s": {k: round(v, 2) for k, v in stages.items()},
+            "rows_read": raw_result.stats["rows_read"], "rows_kept": len(alpaca), "rows_rejected": len(rejected)}
+
+
+def run_naive(raw: Path, out: Path) -> dict:
+    """The notebook way: json.load, then one Python loop per row with the same checks."""
+    t0 = time.perf_counter()
+    import hashlib
+    import re
+    import unicodedata
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.validate import CONTROL_CHARS_REGEX, INVALID_UNICODE_REGEX, NOT_BLANK_REGEX, WHITESPACE
+
+    imports = time.perf_counter() - t0
+    t = time.perf_counter()
+    control = re.compile(CONTROL_CHARS_REGEX)
+    invalid = re.compile(INVALID_UNICODE_REGEX)
+    not_blank = re.compile(NOT_BLANK_REGEX)
+    ws = re.compile(f"[{WHITESPACE}]+")
+    limits = {"instruction": (1, 4000), "input": (0, 16000), "output": (1, 16000)}
+
+    def norm(s: str) -> str:
+        return ws.sub(" ", unicodedata.normalize("NFKC", s)).strip(" ")
+
+    kept, rejected = [], []
+    seen: dict[str, int] = {}
+    prompts: dict[str, int] = {}
+    n_read = 0
+    for path in sorted(raw.rglob("*.json*")):
+        rel = path.relative_to(raw).as_posix()
+        if path.suffix == ".json":
+            rows = list(enumerate(json.load(open(path, encoding="utf-8")), start=1))
+        else:
+            rows = []
+            for lineno, line in enumerate(open(path, encoding="utf-8"), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append((lineno, json.loads(line)))
+                except ValueError as exc:
+                    rows.append((lineno, exc))
+        for lineno, obj in rows:
+            n_read += 1
+            reason = None
+            if isinstance(obj, Exception):
+                reason = f"invalid JSON: {obj}"
+            elif not isinstance(obj, dict):
+                reason = "not an object"
+            else:
+                fields = {"instruction": obj.get("instruction"), "input": obj.get("input", ""), "output": obj.get("output")}
+                for k, v in fields.items():
+                    if v is None and k in obj:
+                        reason = f"field {k!r} is null"
+                    elif v is None:
+                        reason = f"{k}: missing"
+                    elif not isinstance(v, str):
+                        reason = f"field {k!r} is not a string"
+                    elif k != "input" and not not_blank.search(v):
+                        reason = f"{k}: blank"
+                    elif not limits[k][0] <= len(v) <= limits[k][1]:
+                        reason = f"{k}: length"
+                    elif control.search(v):
+                        reason = f"{k}: control characters"
+                    elif invalid.search(v):
+                        reason = f"{k}: invalid Unicode"
+                    if reason:
+                        break
+            if reason is None:
+                ni, nx, no = norm(fields["instruction"]), norm(fields["input"]), norm(fields["output"])
+                prompt = f"{ni}\x1f{nx}"
+                triple = f"{prompt}\x1f{no}"
+                if triple in seen:
+                    reason = f"duplicate of row {seen[triple]}"
+                elif prompt in prompts:
+                    reason = f"conflict with row {prompts[prompt]}"
+            if reason:
+                rejected.append({"source_file": rel, "source_line": lineno, "reason": reason, "raw": str(obj)})
+                continue
+            seen[triple] = n_read
+            prompts[prompt] = n_read
+            pid = hashlib.sha256(prompt.encode()).hexdigest()[:32]
+            kept.append({
+                "record_id": hashlib.sha256(triple.encode()).hexdigest()[:32], "prompt_id": pid,
+                **fields, "split": "eval" if int(pid[:16], 16) / 2.0**64 < 0.1 else "train",
+                "source_file": rel, "source_line": lineno,
+            })
+    pq.write_table(pa.Table.from_pylist(kept), out / "alpaca_naive.parquet", compression="zstd")
+    pq.write_table(pa.Table.from_pylist(rejected), out / "rejected_naive.parquet", compression="zstd")
+    elapsed = time.perf_counter() - t
+    return {"seconds": elapsed, "imports_s": imports, "rows_read": n_read, "rows_kept": len(kept), "rows_rejected": len(rejected)}
+
+
+def child(which: str, raw: str, out: str) -> None:
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    result = (run_pipeline if which == "pipeline" else run_naive)(Path(raw), Path(out))
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(result))
+
+
+def measure(which: str, raw: Path, out: Path) -> dict:
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", which, "--raw", str(raw), "--out", str(out)],
+        capture_output=True, text=True, check=False,
+    )
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise RuntimeError(f"{which} run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--files", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--child", choices=["pipeline", "naive"])
+    ap.add_argument("--raw")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    if args.child:
+        child(args.child, args.raw, args.out)
+        return
+    with tempfile.TemporaryDirectory(prefix="medtune-bench-") as tmp:
+        raw, out = Path(tmp) / "raw", Path(tmp) / "out"
+        out.mkdir()
+        t = time.perf_counter()
+        gen = generate(raw, args.rows, args.files, args.seed)
+        print(f"generated {gen['rows']:,} rows ({gen['duplicates']:,} duplicates, {gen['bad']:,} bad) in "
+              f"{args.files} files, {gen['bytes'] / 1e6:.0f} MB, in {time.perf_counter() - t:.1f} s", flush=True)
+        pipe = measure("pipeline", raw, out)
+        print(f"pipeline: {pipe['seconds']:.1f} s, {pipe['rows_read'] / pipe['seconds']:,.0f} rows/s, "
+              f"peak RSS {pipe['peak_rss_mb']:.0f} MB, stages {pipe['stages_s']}, imports {pipe['imports_s']:.1f} s", flush=True)
+        naive = measure("naive", raw, out)
+        print(f"naive:    {naive['seconds']:.1f} s, {naive['rows_read'] / naive['seconds']:,.0f} rows/s, "
+              f"peak RSS {naive['peak_rss_mb']:.0f} MB", flush=True)
+        pipe_rps = pipe["rows_read"] / pipe["seconds"]
+        naive_rps = naive["rows_read"] / naive["seconds"]
+        print(json.dumps({
+            "rows": gen["rows"], "files": args.files, "input_mb": round(gen["bytes"] / 1e6, 1),
+            "pipeline_rows_per_s": round(pipe_rps), "naive_rows_per_s": round(naive_rps),
+            "ratio": round(pipe_rps / naive_rps, 2),
+            "pipeline_peak_rss_mb": round(pipe["peak_rss_mb"]), "naive_peak_rss_mb": round(naive["peak_rss_mb"]),
+            "pipeline_rows_kept": pipe["rows_kept"], "naive_rows_kept": naive["rows_kept"],
+            "pipeline_rows_rejected": pipe["rows_rejected"], "naive_rows_rejected": naive["rows_rejected"],
+        }))
+
+
+if __name__ == "__main__":
+    main()
