@@ -16,7 +16,7 @@ from resources.data_root import DataRoot
 
 
 class TokenizedDatasetConfig(Config):
-    max_seq_len: int = Field(1024, gt=8, description="Longest sequence in tokens; longer answers lose their end")
+    max_seq_len: int = Field(2048, gt=8, description="Longest sequence in tokens; longer answers lose their end")
     system_prompt: str = Field(DEFAULT_SYSTEM_PROMPT, description="System turn used in training and inference")
 
 
