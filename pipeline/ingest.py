@@ -179,7 +179,7 @@ class Parsed:
     lines: list[int] = field(default_factory=list)
     indexes: list[int] = field(default_factory=list)
     values: list[Any] = field(default_factory=list)
-    raws: list[str | None] = field(default_factory=list)  # only filled for rows that need it
+    source_lines: list[str] | None = None  # JSON Lines: the file's lines, for rejected rows' text
     errors: list[tuple[int, int, str, str]] = field(default_factory=list)  # (line, index, reason, raw)
     format: str = ""
     blank_lines: int = 0
@@ -211,7 +211,6 @@ def parse_text(text: str, bad_lines: dict[int, str] | None = None) -> Parsed:
                 parsed.lines.append(text.count("\n", 0, start) + 1)
                 parsed.indexes.append(0)
                 parsed.values.append(value)
-                parsed.raws.append(None)
                 return parsed
             keys = ", ".join(repr(k) for k in list(value)[:5]) if isinstance(value, dict) else ""
             raise FileRejected(
@@ -228,25 +227,23 @@ def _looks_like_record(obj: dict) -> bool:
 
 def _parse_lines(text: str, bad_lines: dict[int, str]) -> Parsed:
     parsed = Parsed(format="JSON Lines")
-    loads = orjson.loads
-    lines, indexes, values, raws = parsed.lines, parsed.indexes, parsed.values, parsed.raws
     pieces = text.split("\n")
     if pieces and pieces[-1] == "":
         pieces.pop()  # the newline that ends the last line does not open another one
-    for lineno, line in enumerate(pieces, start=1):
-        if not line or line.isspace():
-            parsed.blank_lines += 1
-            continue
+    nonblank = [i for i, line in enumerate(pieces) if line and not line.isspace()]
+    parsed.blank_lines = len(pieces) - len(nonblank)
+    parsed.source_lines = pieces
+    loads = orjson.loads
+    lines, indexes, values = parsed.lines, parsed.indexes, parsed.values
+    for index, i in enumerate(nonblank):
         try:
-            value = loads(line)
+            values.append(loads(pieces[i]))
         except orjson.JSONDecodeError as exc:
-            reason = bad_lines.get(lineno) or _lines_reason(line, exc)
-            parsed.errors.append((lineno, len(lines) + len(parsed.errors), reason, line))
+            reason = bad_lines.get(i + 1) or _lines_reason(pieces[i], exc)
+            parsed.errors.append((i + 1, index, reason, pieces[i]))
             continue
-        lines.append(lineno)
-        indexes.append(len(values) + len(parsed.errors))
-        values.append(value)
-        raws.append(line)
+        lines.append(i + 1)
+        indexes.append(index)
     return parsed
 
 
@@ -311,7 +308,6 @@ def _parse_array(text: str, start: int, bad_lines: dict[int, str]) -> Parsed:
         parsed.lines.append(line)
         parsed.indexes.append(index)
         parsed.values.append(value)
-        parsed.raws.append(None)
         index += 1
         pos = ws(text, end).end()
         if pos < n and text[pos] == ",":
@@ -398,6 +394,47 @@ def _normalise_newlines(arr: pa.Array) -> pa.Array:
     return pc.replace_substring(pc.replace_substring(arr, "\r\n", "\n"), "\r", "\n")
 
 
+def _split_fields(parsed: Parsed, rel: str, rejected: list[dict]) -> tuple[list, list, list, list, list]:
+    """Columns of the rows whose fields are usable; the others go to ``rejected`` with a reason.
+
+    The common case (objects with exactly the three keys, all strings) runs as list
+    comprehensions; only the rows that fail it go through the row-by-row path.
+    """
+    values, lines, indexes = parsed.values, parsed.lines, parsed.indexes
+    exact = _EXACT_KEYS
+    ins = [v.get("instruction") if type(v) is dict else None for v in values]
+    inp = [v.get("input", "") if type(v) is dict else None for v in values]
+    out = [v.get("output") if type(v) is dict else None for v in values]
+    fast = [
+        type(a) is str and type(b) is str and type(c) is str and v.keys() <= exact
+        for a, b, c, v in zip(ins, inp, out, values)
+    ]
+    if all(fast):
+        return lines, indexes, ins, inp, out
+    cols: tuple[list, list, list, list, list] = ([], [], [], [], [])
+    l_col, x_col, i_col, n_col, o_col = cols
+    for k, ok in enumerate(fast):
+        if ok:
+            fields = (ins[k], inp[k], out[k])
+        else:
+            value = values[k]
+            fields = _fields_of(value) if type(value) is dict else f"record is {_type_name(value)}, expected a JSON object"
+            if type(fields) is str:
+                if parsed.source_lines is not None:
+                    raw = parsed.source_lines[lines[k] - 1]
+                else:
+                    raw = json.dumps(value, ensure_ascii=False, default=str, allow_nan=True)
+                rejected.append({"source_file": rel, "source_line": lines[k], "source_index": indexes[k],
+                                 "stage": STAGE, "reason": fields, "raw": clip_raw(raw)})
+                continue
+        l_col.append(lines[k])
+        x_col.append(indexes[k])
+        i_col.append(fields[0])
+        n_col.append(fields[1])
+        o_col.append(fields[2])
+    return cols
+
+
 @dataclass
 class FileResult:
     """One file read: its kept rows as an Arrow table (or None), its rejected rows, a summary."""
@@ -420,7 +457,6 @@ def ingest_file(path: Path, rel: str) -> FileResult:
         text, summary.encoding, bad = decode_lines(data)
         del data
         parsed = parse_text(text, bad)
-        del text
     except FileRejected as exc:
         summary.error = str(exc)
         summary.rows_read = summary.rows_rejected = 1
@@ -435,42 +471,7 @@ def ingest_file(path: Path, rel: str) -> FileResult:
     for line, index, reason, raw in parsed.errors:
         rejected.append({"source_file": rel, "source_line": line, "source_index": index, "stage": STAGE,
                          "reason": reason, "raw": clip_raw(raw)})
-    lines_col: list[int] = []
-    index_col: list[int] = []
-    ins_col: list[Any] = []
-    inp_col: list[Any] = []
-    out_col: list[Any] = []
-    exact = _EXACT_KEYS
-    raws = parsed.raws
-    for k, (line, index, value) in enumerate(zip(parsed.lines, parsed.indexes, parsed.values)):
-        # fast path: an object with exactly-named string fields
-        if type(value) is dict and value.keys() <= exact:
-            ins = value.get("instruction")
-            inp = value.get("input", "")
-            out = value.get("output")
-            if type(ins) is str and type(inp) is str and type(out) is str:
-                lines_col.append(line)
-                index_col.append(index)
-                ins_col.append(ins)
-                inp_col.append(inp)
-                out_col.append(out)
-                continue
-        if type(value) is dict:
-            fields = _fields_of(value)
-        else:
-            fields = f"record is {_type_name(value)}, expected a JSON object"
-        if type(fields) is str:
-            raw = raws[k]
-            if raw is None:
-                raw = json.dumps(value, ensure_ascii=False, default=str, allow_nan=True)
-            rejected.append({"source_file": rel, "source_line": line, "source_index": index, "stage": STAGE,
-                             "reason": fields, "raw": clip_raw(raw)})
-            continue
-        lines_col.append(line)
-        index_col.append(index)
-        ins_col.append(fields[0])
-        inp_col.append(fields[1])
-        out_col.append(fields[2])
+    lines_col, index_col, ins_col, inp_col, out_col = _split_fields(parsed, rel, rejected)
     del parsed
     rejected.sort(key=lambda r: (r["source_index"], r["source_line"]))
     summary.rows_kept = len(lines_col)
@@ -478,6 +479,8 @@ def ingest_file(path: Path, rel: str) -> FileResult:
     summary.rows_read = summary.rows_kept + summary.rows_rejected
     notes: Counter[str] = Counter()
     table = None
+    has_cr = "\r" in text
+    del text
     if lines_col:
         n = len(lines_col)
         arrays = {
@@ -486,7 +489,8 @@ def ingest_file(path: Path, rel: str) -> FileResult:
             "source_index": pa.array(index_col, pa.int64()),
         }
         for name, col in (("instruction", ins_col), ("input", inp_col), ("output", out_col)):
-            arrays[name] = _normalise_newlines(_to_arrow(col, name, notes))
+            arr = _to_arrow(col, name, notes)
+            arrays[name] = _normalise_newlines(arr) if has_cr else arr
         table = pa.table(arrays)
     return FileResult(table, rejected, summary, notes)
 
