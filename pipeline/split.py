@@ -28,7 +28,8 @@ ROW_GROUP_SIZE = 100_000
 
 def bucket(prompt_ids: pd.Series) -> np.ndarray:
     """Each prompt's position in [0, 1) from its hash."""
-    return np.array([int(p[:16], 16) for p in prompt_ids], dtype=np.float64) / 2.0**64
+    ids = prompt_ids.tolist() if hasattr(prompt_ids, "tolist") else list(prompt_ids)
+    return np.array([int(p[:16], 16) for p in ids], dtype=np.float64) / 2.0**64
 
 
 def assign_split(prompt_ids: pd.Series, eval_fraction: float) -> np.ndarray:
