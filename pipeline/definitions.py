@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-from dagster import Definitions, load_asset_checks_from_modules, load_assets_from_modules
+from dagster import Definitions, PipesSubprocessClient, load_asset_checks_from_modules, load_assets_from_modules
 
 from assets import (
     alpaca_dataset,
     base_model,
     deduplicated_records,
+    lora_adapter,
     raw_records,
     rejected_records,
     tokenized_dataset,
     validated_records,
 )
-from resources import DataRoot, StageIOManager, default_data_dir
+from resources import DataRoot, MlflowTracking, StageIOManager, default_data_dir
 
 ASSET_MODULES = [
     raw_records,
@@ -23,12 +24,19 @@ ASSET_MODULES = [
     alpaca_dataset,
     base_model,
     tokenized_dataset,
+    lora_adapter,
 ]
 
 
-def make_resources(data_dir: str | None = None) -> dict:
+def make_resources(data_dir: str | None = None, tracking_uri: str | None = None) -> dict:
     root = DataRoot(path=data_dir or default_data_dir())
-    return {"data_root": root, "io_manager": StageIOManager(data_root=root)}
+    mlflow = MlflowTracking(tracking_uri=tracking_uri) if tracking_uri else MlflowTracking()
+    return {
+        "data_root": root,
+        "io_manager": StageIOManager(data_root=root),
+        "mlflow": mlflow,
+        "pipes_subprocess_client": PipesSubprocessClient(),
+    }
 
 
 all_assets = load_assets_from_modules(ASSET_MODULES)

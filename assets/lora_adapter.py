@@ -1,0 +1,170 @@
+"""Asset ``lora_adapter``: LoRA training in a child process started through Dagster Pipes (``pipeline.train``).
+
+One process by default; with ``num_processes`` > 1 (or several GPUs) the same entry point runs
+under ``torchrun`` (DDP), or under ``accelerate launch`` with ``accelerate_config`` for FSDP or
+DeepSpeed. Same data, base weights and settings as a finished training: no retraining, the
+adapter is reused (a cache hit, linked to the MLflow run it came from). An interrupted training of
+the same inputs resumes from its latest checkpoint.
+"""
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+from dagster import AssetExecutionContext, Config, MetadataValue, Output, PipesSubprocessClient, asset
+from pydantic import Field
+
+from pipeline.model_source import BaseModelInfo
+from pipeline.tokenization import TokenizedDataset
+from pipeline.train import TrainSpec, adapter_id, plot_loss_curve, read_metrics
+from resources.data_root import PROJECT_ROOT, DataRoot
+from resources.mlflow_tracking import MlflowTracking
+
+
+class LoraAdapterConfig(Config):
+    r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    target_modules: str = Field("all-linear", description='"all-linear" or a comma-separated list such as "q_proj,v_proj"')
+    learning_rate: float = 2e-4
+    warmup_ratio: float = 0.1
+    epochs: float = 2.0
+    per_device_batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    max_steps: int | None = None
+    seed: int = 42
+    max_seq_len: int = 2048
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    gradient_checkpointing: bool | None = Field(None, description="Default: on for GPU, off for CPU")
+    eval_every: int = 10
+    save_every: int = 10
+    log_every: int = 1
+    num_processes: int = Field(1, ge=1, description="Processes (GPUs); > 1 starts a distributed launcher")
+    launcher: Literal["auto", "torchrun", "accelerate"] = "auto"
+    accelerate_config: str | None = Field(None, description="accelerate config file (FSDP, DeepSpeed) for `accelerate launch`")
+    stop_after_steps: int | None = Field(None, description="Testing: stop the child abruptly after this many steps")
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def launch_command(spec_path: Path, config: LoraAdapterConfig) -> list[str]:
+    n = config.num_processes
+    if n <= 1 and config.launcher == "auto":
+        return [sys.executable, "-m", "pipeline.train", "--spec", str(spec_path)]
+    bindir = Path(sys.executable).parent
+    if config.launcher == "accelerate" or (config.launcher == "auto" and config.accelerate_config):
+        cmd = [str(bindir / "accelerate"), "launch", "--num_processes", str(n)]
+        if config.accelerate_config:
+            cmd += ["--config_file", config.accelerate_config]
+        return [*cmd, "-m", "pipeline.train", "--spec", str(spec_path)]
+    return [str(bindir / "torchrun"), "--standalone", "--nproc_per_node", str(n), "-m", "pipeline.train", "--spec", str(spec_path)]
+
+
+@asset(group_name="model", compute_kind="pytorch", description=__doc__)
+def lora_adapter(
+    context: AssetExecutionContext,
+    config: LoraAdapterConfig,
+    data_root: DataRoot,
+    mlflow: MlflowTracking,
+    pipes_subprocess_client: PipesSubprocessClient,
+    tokenized_dataset: TokenizedDataset,
+    base_model: BaseModelInfo,
+) -> Output[dict]:
+    settings = config.model_dump()
+    aid = adapter_id(tokenized_dataset.key, base_model.fingerprint, settings, config.num_processes)
+    out_dir = data_root.models_dir / "adapters" / aid
+    ckpt_dir = data_root.models_dir / "checkpoints" / aid
+    record = out_dir / "medtune_training.json"
+    if record.is_file():
+        done = json.loads(record.read_text())
+        run_id = done["spec"].get("mlflow_run_id")
+        context.log.info(f"cache hit: adapter {aid} was trained on the same data, base model and settings (MLflow run {run_id})")
+        return _output(context, mlflow, aid, out_dir, done["result"], run_id, cache_hit=True)
+
+    mlflow.check_reachable()  # fail before training, naming the URI
+    client = mlflow.client()
+    exp_id = mlflow.experiment_id()
+    tags = {
+        "dagster.run_id": context.run.run_id,
+        "dagster.asset_key": context.asset_key.to_user_string(),
+        "medtune.data_fingerprint": tokenized_dataset.key,
+        "medtune.base_model": base_model.model,
+        "medtune.base_model_fingerprint": base_model.fingerprint,
+        "medtune.adapter_id": aid,
+        "git.commit": _git_commit(),
+        "mlflow.runName": f"lora-{aid}",
+    }
+    run = client.create_run(exp_id, tags=tags)
+    run_id = run.info.run_id
+    for key, value in settings.items():
+        client.log_param(run_id, key, "None" if value is None else str(value)[:250])
+    client.log_param(run_id, "base_model", base_model.model[:250])
+    spec = TrainSpec(
+        base_model_path=base_model.path,
+        tokenized_path=tokenized_dataset.path,
+        output_dir=str(out_dir),
+        checkpoint_dir=str(ckpt_dir),
+        trust_remote_code=base_model.trust_remote_code,
+        mlflow_tracking_uri=mlflow.tracking_uri,
+        mlflow_run_id=run_id,
+        **{k: v for k, v in settings.items() if k in TrainSpec.__dataclass_fields__},
+    )
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    if any(ckpt_dir.glob("step-*/trainer_state.json")):
+        context.log.info(f"an earlier training of adapter {aid} was interrupted: resuming from its latest checkpoint in {ckpt_dir}")
+    spec_path = ckpt_dir / "spec.json"
+    spec.dump(spec_path)
+    cmd = launch_command(spec_path, config)
+    context.log.info("launching: " + " ".join(cmd))
+    try:
+        invocation = pipes_subprocess_client.run(
+            context=context, command=cmd, cwd=str(PROJECT_ROOT),
+            env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "TOKENIZERS_PARALLELISM": "false"},
+        )
+        result = dict(invocation.get_materialize_result().metadata or {})
+        result = {k: getattr(v, "value", v) for k, v in result.items()}
+        metrics = read_metrics(out_dir / "metrics.jsonl")
+        png = plot_loss_curve(metrics)
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "loss_curve.png").write_bytes(png)
+            client.log_artifact(run_id, str(Path(tmp) / "loss_curve.png"), "plots")
+        client.log_artifacts(run_id, str(out_dir), "adapter")
+        client.set_terminated(run_id, "FINISHED")
+    except BaseException as exc:
+        client.set_tag(run_id, "medtune.error", str(exc)[:5000])
+        client.set_terminated(run_id, "FAILED")
+        raise
+    shutil.rmtree(ckpt_dir, ignore_errors=True)  # the finished adapter supersedes its checkpoints
+    return _output(context, mlflow, aid, out_dir, result, run_id, cache_hit=False, png=png)
+
+
+def _output(context, mlflow, aid, out_dir, result, run_id, cache_hit, png=None) -> Output[dict]:
+    if png is None:
+        png = plot_loss_curve(read_metrics(out_dir / "metrics.jsonl"))
+    exp_id = mlflow.client().get_run(run_id).info.experiment_id if run_id else ""
+    link = mlflow.run_link(run_id, exp_id) if run_id else ""
+    md = {
+        "cache_hit": cache_hit,
+        "adapter_id": aid,
+        "path": MetadataValue.path(str(out_dir)),
+        "mlflow_run_id": run_id or "",
+        "mlflow_run": MetadataValue.url(link) if link.startswith("http") else link,
+        "loss_curve": MetadataValue.md(f"![loss curve](data:image/png;base64,{base64.b64encode(png).decode()})"),
+    }
+    for key in ("steps", "train_seconds", "final_train_loss", "first_eval_loss", "final_eval_loss", "processes",
+                "device", "precision", "trainable_parameters", "resumed_from"):
+        if result.get(key) is not None:
+            md[key] = result[key]
+    return Output({"adapter_id": aid, "path": str(out_dir), "mlflow_run_id": run_id, **result}, metadata=md)

