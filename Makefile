@@ -15,12 +15,13 @@ export GX_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: setup run test ui bench clean help
+.PHONY: setup run test ui mlflow-ui bench clean help
 
 help:
 	@echo "make run    set up, then materialize the whole pipeline on the demo data (offline default model)"
 	@echo "make test   set up, then run the test suite"
 	@echo "make ui     set up, then start the Dagster UI on http://127.0.0.1:3000"
+	@echo "make mlflow-ui  the MLflow UI on http://127.0.0.1:5000 over the project's store"
 	@echo "make bench  set up, then run the benchmarks under bench/"
 
 setup: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
@@ -48,8 +49,12 @@ test: setup
 ui: setup
 	$(BIN)/dagster dev -m pipeline.definitions -h 127.0.0.1 -p 3000
 
+mlflow-ui: setup
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow/mlflow.db --host 127.0.0.1 --port 5000 --workers 1
+
 bench: setup
 	$(BIN)/python bench/data_throughput.py
+	$(BIN)/python bench/train_throughput.py
 
 clean:
 	rm -rf data/processed data/models .dagster_home

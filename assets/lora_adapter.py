@@ -34,7 +34,7 @@ class LoraAdapterConfig(Config):
     target_modules: str = Field("all-linear", description='"all-linear" or a comma-separated list such as "q_proj,v_proj"')
     learning_rate: float = 2e-4
     warmup_ratio: float = 0.1
-    epochs: float = 2.0
+    epochs: float = Field(1.0, description="Passes over the training split (the CPU demo: one, ~4-5 min)")
     per_device_batch_size: int = 4
     gradient_accumulation_steps: int = 1
     max_steps: int | None = None

@@ -47,8 +47,23 @@ def normalize_text(text: str) -> str:
     return _WS_RUN_PY.sub(" ", unicodedata.normalize("NFKC", text)).strip(" ")
 
 
-def _normalize_chunk(arr: pa.Array) -> pa.Array:
+# pyarrow 25's utf8_normalize never composes (its "NFKC" returns NFKD: U+00D9 comes back as
+# U followed by U+0300). Rows that then hold a combining mark or a Hangul jamo are composed again
+# with Python's unicodedata, which gives true NFKC; the rest (almost all) are already NFKC.
+_NEEDS_COMPOSITION = r"[\p{M}\x{1100}-\x{11FF}\x{A960}-\x{A97F}\x{D7B0}-\x{D7FF}]"
+
+
+def _nfkc(arr: pa.Array) -> pa.Array:
     arr = pc.utf8_normalize(arr, form="NFKC")
+    needs = pc.fill_null(pc.match_substring_regex(arr, pattern=_NEEDS_COMPOSITION), False)
+    if pc.any(needs).as_py():
+        fixed = [None if v is None else unicodedata.normalize("NFKC", v) for v in arr.filter(needs).to_pylist()]
+        arr = pc.replace_with_mask(arr, needs, pa.array(fixed, type=arr.type))
+    return arr
+
+
+def _normalize_chunk(arr: pa.Array) -> pa.Array:
+    arr = _nfkc(arr)
     # The regex replacement is the slow part, so it runs only on rows that need it.
     needs = pc.fill_null(pc.match_substring_regex(arr, pattern=_WS_NEEDS_WORK), False)
     if pc.any(needs).as_py():

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from dagster import Definitions, PipesSubprocessClient, load_asset_checks_from_modules, load_assets_from_modules
+from dagster import (
+    AssetSelection,
+    Definitions,
+    PipesSubprocessClient,
+    define_asset_job,
+    load_asset_checks_from_modules,
+    load_assets_from_modules,
+)
 
 from assets import (
     alpaca_dataset,
@@ -42,4 +49,14 @@ def make_resources(data_dir: str | None = None, tracking_uri: str | None = None)
 all_assets = load_assets_from_modules(ASSET_MODULES)
 all_asset_checks = load_asset_checks_from_modules(ASSET_MODULES)
 
-defs = Definitions(assets=all_assets, asset_checks=all_asset_checks, resources=make_resources())
+DATA_SELECTION = AssetSelection.groups("data") | AssetSelection.assets("base_model")
+prepare_data_job = define_asset_job(
+    "prepare_data_job", selection=DATA_SELECTION, description="Raw files to the tokenized dataset (and the base model)"
+)
+train_job = define_asset_job(
+    "train_job", selection=AssetSelection.assets("lora_adapter"), description="Train the LoRA adapter on the prepared data"
+)
+full_pipeline_job = define_asset_job("full_pipeline_job", selection=AssetSelection.all(), description="Everything")
+JOBS = [prepare_data_job, train_job, full_pipeline_job]
+
+defs = Definitions(assets=all_assets, asset_checks=all_asset_checks, jobs=JOBS, resources=make_resources())

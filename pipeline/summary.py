@@ -41,6 +41,17 @@ def summary(data_dir: str | None = None) -> str:
             f"max {st['length_max']}, {st['truncated_rows']} truncated, supervised share {st['supervised_share']:.1%}"
         )
         out.append(f"                      {t['path']}")
+    lora = stages / "lora_adapter.json"
+    if lora.is_file():
+        a = json.loads(lora.read_text())
+        first, final = a.get("first_eval_loss"), a.get("final_eval_loss")
+        losses = f"eval loss {first:.4f} → {final:.4f}" if first is not None and final is not None else ""
+        out.append(
+            f"  training            {a.get('steps')} steps in {a.get('train_seconds')} s on {a.get('device')} "
+            f"({a.get('precision')}), {losses}"
+        )
+        out.append(f"  adapter             {a['path']}")
+        out.append(f"  MLflow run          {a.get('mlflow_run_id')}  (make mlflow-ui, or mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db)")
     out.append(f"  alpaca parquet      {root.alpaca_path}")
     out.append(f"  rejected parquet    {root.rejected_path}")
     return "\n".join(out)

@@ -5,7 +5,7 @@ import pytest
 from dagster import DagsterInstance, Definitions
 
 from conftest import INSTR, demo_records, rec, write_json, write_jsonl
-from pipeline.definitions import all_asset_checks, all_assets, make_resources
+from pipeline.definitions import JOBS, all_asset_checks, all_assets, make_resources
 
 DATA_ASSETS = [
     "raw_records", "validated_records", "deduplicated_records", "rejected_records",
@@ -14,8 +14,9 @@ DATA_ASSETS = [
 
 
 def run(data_dir, model_dir, extra_config=None):
-    defs = Definitions(assets=all_assets, asset_checks=all_asset_checks, resources=make_resources(str(data_dir)))
-    job = defs.resolve_implicit_global_asset_job_def()
+    defs = Definitions(assets=all_assets, asset_checks=all_asset_checks, jobs=JOBS,
+                       resources=make_resources(str(data_dir), f"sqlite:///{data_dir}/mlflow.db"))
+    job = defs.resolve_job_def("prepare_data_job")
     config = {"ops": {"base_model": {"config": {"model": str(model_dir)}}, **(extra_config or {})}}
     return job.execute_in_process(run_config=config, instance=DagsterInstance.ephemeral(), raise_on_error=False)
 

@@ -76,3 +76,14 @@ def test_unknown_policy_is_refused():
 def test_empty_input():
     r = deduplicate(frame([]))
     assert r.kept.empty and r.rejected.empty
+
+
+def test_true_nfkc_composition():
+    """pyarrow's utf8_normalize does not compose; the result must still be NFKC."""
+    import unicodedata
+
+    values = ["\u00d9", "U\u0300", "한국어", "\u1112\u1161\u11ab", "ｶﾞ", "①", "e\u0301\u0323"]
+    got = normalize_array(pd.Series(values, dtype="str")).to_pylist()
+    assert got == [unicodedata.normalize("NFKC", v) for v in values]
+    r = deduplicate(frame([("问", "\u00d9", "答"), ("问", "U\u0300", "答")]))
+    assert r.rejected["source_line"].tolist() == [2]

@@ -7,13 +7,13 @@ from dagster import DagsterInstance, Definitions
 from mlflow.tracking import MlflowClient
 
 from conftest import demo_records, write_json
-from pipeline.definitions import all_asset_checks, all_assets, make_resources
+from pipeline.definitions import JOBS, all_asset_checks, all_assets, make_resources
 
 
 def run(data_dir, tracking_uri, model_dir, **train_config):
-    defs = Definitions(assets=all_assets, asset_checks=all_asset_checks,
+    defs = Definitions(assets=all_assets, asset_checks=all_asset_checks, jobs=JOBS,
                        resources=make_resources(str(data_dir), tracking_uri))
-    job = defs.resolve_implicit_global_asset_job_def()
+    job = defs.resolve_job_def("full_pipeline_job")
     config = {"ops": {
         "base_model": {"config": {"model": str(model_dir)}},
         "tokenized_dataset": {"config": {"max_seq_len": 256}},

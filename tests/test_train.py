@@ -2,6 +2,8 @@
 determinism, and the lora_adapter asset with MLflow and the cache."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -95,9 +97,17 @@ def test_same_seed_gives_the_same_adapter(tmp_path, tiny_model_dir, tokenized):
 
 
 def run_child(spec: TrainSpec, path: Path, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    """Run the training entry point; on a timeout the whole process group (launcher and workers) is killed."""
     spec.dump(path)
     cmd = (launcher or [sys.executable]) + ["-m", "pipeline.train", "--spec", str(path)]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"training timed out:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def test_killed_training_resumes_from_its_checkpoint(tmp_path, tiny_model_dir, tokenized):
