@@ -113,15 +113,15 @@ def child(which: str, model_path: str, rows_file: str) -> None:
     with tempfile.TemporaryDirectory(prefix=f"medtune-{which}-") as tmp:
         result = (run_pipeline if which == "pipeline" else run_recipe)(model_path, rows, Path(tmp))
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print("RESULT " + json.dumps(result), flush=True)
+    print("BENCH " + json.dumps(result), flush=True)
 
 
 def measure(which: str, model_path: str, rows_file: Path) -> dict:
     proc = subprocess.run([sys.executable, __file__, "--child", which, "--model-path", model_path, "--rows-file", str(rows_file)],
                           capture_output=True, text=True, cwd=ROOT, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
+        if line.startswith("BENCH "):
+            return json.loads(line[len("BENCH "):])
     raise RuntimeError(f"{which} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
 
 
