@@ -20,6 +20,7 @@ from typing import Literal
 from dagster import AssetExecutionContext, Config, MetadataValue, Output, PipesSubprocessClient, asset
 from pydantic import Field
 
+from pipeline.atomic import write_bytes_atomic
 from pipeline.model_source import BaseModelInfo
 from pipeline.tokenization import TokenizedDataset
 from pipeline.train import TrainSpec, adapter_id, plot_loss_curve, read_metrics
@@ -155,13 +156,18 @@ def _output(context, mlflow, aid, out_dir, result, run_id, cache_hit, png=None) 
         png = plot_loss_curve(read_metrics(out_dir / "metrics.jsonl"))
     exp_id = mlflow.client().get_run(run_id).info.experiment_id if run_id else ""
     link = mlflow.run_link(run_id, exp_id) if run_id else ""
+    curve = out_dir / "loss_curve.png"
+    if not curve.is_file():
+        write_bytes_atomic(curve, png)
     md = {
         "cache_hit": cache_hit,
         "adapter_id": aid,
         "path": MetadataValue.path(str(out_dir)),
         "mlflow_run_id": run_id or "",
-        "mlflow_run": MetadataValue.url(link) if link.startswith("http") else link,
+        "mlflow_run": MetadataValue.url(link) if link else "",
+        "mlflow_store": mlflow.tracking_uri,
         "loss_curve": MetadataValue.md(f"![loss curve](data:image/png;base64,{base64.b64encode(png).decode()})"),
+        "loss_curve_png": MetadataValue.path(str(curve)),
     }
     for key in ("steps", "train_seconds", "final_train_loss", "first_eval_loss", "final_eval_loss", "processes",
                 "device", "precision", "trainable_parameters", "resumed_from"):

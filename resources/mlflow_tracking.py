@@ -26,6 +26,7 @@ class MlflowTracking(ConfigurableResource):
     tracking_uri: str = Field(default_factory=default_tracking_uri)
     experiment: str = "medtune"
     artifact_root: str | None = Field(None, description="Artifact location for a new experiment (default mlflow/artifacts)")
+    ui_url: str = Field("http://127.0.0.1:5000", description="Where `make mlflow-ui` serves a local store, for run links")
 
     def client(self):
         from mlflow.tracking import MlflowClient
@@ -62,6 +63,6 @@ class MlflowTracking(ConfigurableResource):
         return client.create_experiment(self.experiment, artifact_location=location)
 
     def run_link(self, run_id: str, experiment_id: str) -> str:
-        if self.tracking_uri.startswith(("http://", "https://")):
-            return f"{self.tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
-        return f"mlflow ui --backend-store-uri {self.tracking_uri}  →  experiment {experiment_id}, run {run_id}"
+        """The run's page: on the tracking server, or on `make mlflow-ui` for a local store."""
+        base = self.tracking_uri if self.tracking_uri.startswith(("http://", "https://")) else self.ui_url
+        return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
