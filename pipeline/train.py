@@ -61,7 +61,9 @@ class TrainSpec:
     max_seq_len: int = 2048
     precision: str = "auto"  # auto | bf16 | fp16 | fp32
     gradient_checkpointing: bool | None = None  # None: on for GPU, off for CPU
-    attn_implementation: str = "auto"  # auto: eager on CPU (measured faster), sdpa on GPU
+    # sdpa: measured on this 2-core CPU (bf16 autocast, all-linear LoRA, rows ~500 tokens, batch 4)
+    # at 102-118 tokens/s and 7.7 GB peak against eager's 89-102 tokens/s and 11.6 GB
+    attn_implementation: str = "sdpa"
     log_every: int = 1
     eval_every: int = 10
     save_every: int = 10
@@ -279,7 +281,7 @@ def train(spec: TrainSpec) -> dict[str, Any]:
 
     tokenizer = AutoTokenizer.from_pretrained(spec.base_model_path, trust_remote_code=spec.trust_remote_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    attn = spec.attn_implementation if spec.attn_implementation != "auto" else ("sdpa" if on_gpu else "eager")
+    attn = spec.attn_implementation
     model = AutoModelForCausalLM.from_pretrained(
         spec.base_model_path,
         dtype=torch.float32,  # trainable LoRA weights stay fp32; autocast handles bf16/fp16
