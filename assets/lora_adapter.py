@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
 
@@ -84,7 +85,10 @@ def lora_adapter(
     base_model: BaseModelInfo,
 ) -> Output[dict]:
     settings = config.model_dump()
-    aid = adapter_id(tokenized_dataset.key, base_model.fingerprint, settings, config.num_processes)
+    spec_fields = {k: v for k, v in settings.items() if k in TrainSpec.__dataclass_fields__}
+    # the key covers every training setting, the config's and the entry point's own defaults
+    training = asdict(TrainSpec(base_model_path="", tokenized_path="", output_dir="", checkpoint_dir="", **spec_fields))
+    aid = adapter_id(tokenized_dataset.key, base_model.fingerprint, training, config.num_processes)
     out_dir = data_root.models_dir / "adapters" / aid
     ckpt_dir = data_root.models_dir / "checkpoints" / aid
     record = out_dir / "medtune_training.json"
@@ -120,7 +124,7 @@ def lora_adapter(
         trust_remote_code=base_model.trust_remote_code,
         mlflow_tracking_uri=mlflow.tracking_uri,
         mlflow_run_id=run_id,
-        **{k: v for k, v in settings.items() if k in TrainSpec.__dataclass_fields__},
+        **spec_fields,
     )
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     if any(ckpt_dir.glob("step-*/trainer_state.json")):

@@ -139,3 +139,19 @@ def test_two_cpu_processes_train_one_adapter(tmp_path, tiny_model_dir, tokenized
 
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "adapter")
     assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) == result["trainable_parameters"]
+
+
+def test_adapter_id_covers_every_training_setting():
+    from dataclasses import asdict
+
+    from pipeline.train import TRAINING_KEYS, adapter_id
+
+    spec = asdict(TrainSpec(base_model_path="", tokenized_path="", output_dir="", checkpoint_dir=""))
+    base = adapter_id("data", "weights", spec, 1)
+    assert base == adapter_id("data", "weights", {**spec, "log_every": 99, "output_dir": "/elsewhere"}, 1)
+    for key in TRAINING_KEYS:
+        value = spec[key]
+        changed = (not value) if isinstance(value, bool) or value is None else (value + 1 if isinstance(value, (int, float)) else f"{value}x")
+        assert adapter_id("data", "weights", {**spec, key: changed}, 1) != base, key
+    assert adapter_id("data2", "weights", spec, 1) != base and adapter_id("data", "w2", spec, 1) != base
+    assert adapter_id("data", "weights", spec, 2) != base
