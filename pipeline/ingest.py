@@ -108,18 +108,12 @@ _BOMS = (
 )
 
 
-def decode_bytes(data: bytes) -> tuple[str, str]:
-    """Decode a whole file; returns ``(text, encoding)`` or raises :class:`FileRejected`.
-
-    Lines that are neither UTF-8 nor GB18030 are replaced by a marker line that the JSON
-    parser then rejects as a broken row (use :func:`decode_lines` to see which).
-    """
-    text, encoding, _bad = decode_lines(data)
-    return text, encoding
-
-
 def decode_lines(data: bytes) -> tuple[str, str, dict[int, str]]:
-    """Like :func:`decode_bytes`, also returning ``{line_number: reason}`` for undecodable lines."""
+    """Decode a whole file: ``(text, encoding, {line_number: reason})``, or raise :class:`FileRejected`.
+
+    Lines that are neither UTF-8 nor GB18030 become a marker line that the JSON parser rejects as
+    a broken row, with the reason given here.
+    """
     for bom, codec, label in _BOMS:
         if data.startswith(bom):
             if codec is None:

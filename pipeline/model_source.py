@@ -21,11 +21,11 @@ import importlib.util
 import json
 import os
 import struct
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.atomic import atomic_dir, write_bytes_atomic
-from pipeline.fingerprint import sha256_file, sha256_files, sha256_json
+from pipeline.fingerprint import sha256_file, sha256_files
 
 BUNDLED_PREFIX = "bundled:"
 BUNDLED_NAME = "SmolLM2-135M-Instruct"
@@ -61,9 +61,6 @@ class BaseModelInfo:
     dtype: str
     has_chat_template: bool
     trust_remote_code: bool = False
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def bundled_gguf_path() -> Path:
@@ -212,10 +209,6 @@ def safetensors_summary(folder: Path) -> tuple[int, str]:
     return total, "/".join(sorted(dtypes))
 
 
-def tokenizer_fingerprint_for(folder: Path) -> str:
-    return weights_fingerprint(folder)[1]
-
-
 def _hub_download(model: str, revision: str | None, cache_dir: Path) -> Path:
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         raise ModelSourceError(
@@ -275,7 +268,3 @@ def resolve_base_model(model: str, models_dir: Path, revision: str | None = None
         dtype=dtype,
         has_chat_template=has_template,
     )
-
-
-def info_fingerprint(info: BaseModelInfo) -> str:
-    return sha256_json({"weights": info.fingerprint, "tokenizer": info.tokenizer_fingerprint})

@@ -14,8 +14,6 @@ from typing import Any
 import pandas as pd
 
 FIELDS = ("instruction", "input", "output")
-PROVENANCE = ("source_file", "source_line", "source_index")
-RECORD_COLUMNS = (*PROVENANCE, *FIELDS)
 REJECT_COLUMNS = ("source_file", "source_line", "source_index", "stage", "reason", "raw")
 REJECT_DTYPES = {
     "source_file": "str",
@@ -25,7 +23,6 @@ REJECT_DTYPES = {
     "reason": "str",
     "raw": "str",
 }
-STAGES = ("ingest", "validate", "dedup")
 
 # A rejected row keeps at most this many characters of its original text.
 MAX_RAW_CHARS = 1_000_000
