@@ -14,6 +14,7 @@ export TOKENIZERS_PARALLELISM := false
 export GX_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
+export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 
 .PHONY: setup run test ui mlflow-ui bench clean help
 

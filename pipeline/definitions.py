@@ -15,8 +15,11 @@ from assets import (
     alpaca_dataset,
     base_model,
     deduplicated_records,
+    evaluation_report,
     lora_adapter,
+    merged_model,
     raw_records,
+    registered_model,
     rejected_records,
     tokenized_dataset,
     validated_records,
@@ -32,6 +35,9 @@ ASSET_MODULES = [
     base_model,
     tokenized_dataset,
     lora_adapter,
+    evaluation_report,
+    merged_model,
+    registered_model,
 ]
 
 
@@ -54,7 +60,9 @@ prepare_data_job = define_asset_job(
     "prepare_data_job", selection=DATA_SELECTION, description="Raw files to the tokenized dataset (and the base model)"
 )
 train_job = define_asset_job(
-    "train_job", selection=AssetSelection.assets("lora_adapter"), description="Train the LoRA adapter on the prepared data"
+    "train_job",
+    selection=AssetSelection.assets("lora_adapter").downstream(),
+    description="Train the LoRA adapter, evaluate it against the base model, export the merged model and register it",
 )
 full_pipeline_job = define_asset_job("full_pipeline_job", selection=AssetSelection.all(), description="Everything")
 JOBS = [prepare_data_job, train_job, full_pipeline_job]

@@ -1,0 +1,134 @@
+"""Asset ``evaluation_report``: the base model against the tuned one on the same prompts (``pipeline.evaluate``).
+
+Every eval row plus a fixed sample of train rows; loss and perplexity on answer tokens, batched
+greedy answers, BLEU-4 (characters), ROUGE-1/2/L (jieba words), medicine-name hit rate. The full
+side-by-side table goes to the training's MLflow run (CSV and JSON) with the summary metrics as
+``base_*`` / ``tuned_*``. Check ``tuned_beats_base``: eval loss lower and eval ROUGE-L not lower.
+Results are kept under ``$MEDTUNE_DATA_DIR/models/evaluations/<key>/`` and reused when the adapter
+and the settings are unchanged.
+"""
+
+import json
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, Config, MetadataValue, Output, asset
+from pydantic import Field
+
+from pipeline.atomic import atomic_dir
+from pipeline.evaluate import (
+    EvalConfig,
+    evaluate_models,
+    load_tuned_model,
+    select_rows,
+    side_by_side_markdown,
+    stop_token_ids,
+    summary_markdown,
+    tuned_beats_base,
+)
+from pipeline.fingerprint import sha256_json
+from pipeline.model_source import BaseModelInfo
+from pipeline.tokenization import MANIFEST, TokenizedDataset
+from resources.data_root import DataRoot
+from resources.mlflow_tracking import MlflowTracking
+
+EVAL_FORMAT = 1
+
+
+class EvaluationReportConfig(Config):
+    max_new_tokens: int = Field(128, gt=0, description="Greedy answer length limit (stops earlier at the end-of-turn token)")
+    train_sample_size: int = Field(32, ge=0, description="Train rows added to the eval rows, a fixed sample")
+    batch_size: int = Field(8, gt=0, description="Prompts per generation batch (left padding)")
+    seed: int = 42
+    preview_rows: int = 5
+
+
+def _log_to_mlflow(mlflow: MlflowTracking, run_id: str, folder: Path, metrics: dict[str, float], gate: tuple[bool, str]) -> None:
+    client = mlflow.client()
+    for name in ("evaluation.csv", "evaluation.json", "summary.json"):
+        client.log_artifact(run_id, str(folder / name), "evaluation")
+    from mlflow.entities import Metric
+    import time
+
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items() if v == v and abs(v) != float("inf")])
+    client.set_tag(run_id, "medtune.tuned_beats_base", str(gate[0]).lower())
+    client.set_tag(run_id, "medtune.tuned_beats_base_reason", gate[1][:5000])
+
+
+@asset(
+    group_name="model",
+    compute_kind="pytorch",
+    description=__doc__,
+    check_specs=[AssetCheckSpec("tuned_beats_base", asset="evaluation_report",
+                                description="Tuned eval loss below the base model's and eval ROUGE-L not lower")],
+)
+def evaluation_report(
+    context: AssetExecutionContext,
+    config: EvaluationReportConfig,
+    data_root: DataRoot,
+    mlflow: MlflowTracking,
+    alpaca_dataset: dict,
+    tokenized_dataset: TokenizedDataset,
+    base_model: BaseModelInfo,
+    lora_adapter: dict,
+):
+    manifest = json.loads((Path(tokenized_dataset.path) / MANIFEST).read_text())
+    settings = config.model_dump()
+    key = sha256_json({"format": EVAL_FORMAT, "adapter": lora_adapter["adapter_id"], "data": tokenized_dataset.key,
+                       "alpaca": alpaca_dataset["data_fingerprint"], **{k: v for k, v in settings.items() if k != "preview_rows"}})
+    folder = data_root.models_dir / "evaluations" / key[:16]
+    run_id = lora_adapter.get("mlflow_run_id")
+    cache_hit = (folder / "summary.json").is_file()
+    if cache_hit:
+        context.log.info(f"cache hit: this adapter was already evaluated with these settings ({folder})")
+        summary = json.loads((folder / "summary.json").read_text())["summary"]
+        table = pd.read_json(folder / "evaluation.json", orient="records")
+    else:
+        alpaca = pd.read_parquet(alpaca_dataset["path"])
+        rows = select_rows(alpaca, {s: tokenized_dataset.load(s) for s in ("train", "eval")}, config.train_sample_size, config.seed)
+        context.log.info(f"evaluating base and tuned models on {int((rows['split'] == 'eval').sum())} eval rows "
+                         f"and {int((rows['split'] == 'train_sample').sum())} sampled train rows")
+        model, tokenizer = load_tuned_model(base_model.path, lora_adapter["path"], base_model.trust_remote_code)
+        eval_cfg = EvalConfig(system_prompt=manifest["system_prompt"], max_new_tokens=config.max_new_tokens,
+                              train_sample_size=config.train_sample_size, batch_size=config.batch_size, seed=config.seed)
+        result = evaluate_models(model, tokenizer, rows, eval_cfg, stop_token_ids(tokenizer), log=context.log.info)
+        summary, table = result.summary, result.table
+        with atomic_dir(folder) as tmp:
+            table.to_csv(tmp / "evaluation.csv", index=False)
+            table.to_json(tmp / "evaluation.json", orient="records", force_ascii=False, indent=1)
+            (tmp / "summary.json").write_text(json.dumps(
+                {"summary": summary, "metrics": result.flat_metrics(), "adapter_id": lora_adapter["adapter_id"],
+                 "settings": settings, "system_prompt": manifest["system_prompt"]}, ensure_ascii=False, indent=2))
+    gate = tuned_beats_base(summary)
+    metrics = {f"{m}_{s}_{k}": float(v) for m, splits in summary.items() for s, d in splits.items()
+               for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if not cache_hit and run_id:
+        _log_to_mlflow(mlflow, run_id, folder, metrics, gate)
+    (context.log.info if gate[0] else context.log.warning)(f"tuned_beats_base: {'passed' if gate[0] else 'FAILED'}: {gate[1]}")
+    link = mlflow.run_link(run_id, mlflow.client().get_run(run_id).info.experiment_id) if run_id else ""
+    yield Output(
+        {"path": str(folder), "key": key, "summary": summary, "gate_passed": gate[0], "gate_reason": gate[1],
+         "system_prompt": manifest["system_prompt"], "mlflow_run_id": run_id},
+        metadata={
+            "cache_hit": cache_hit,
+            "rows": len(table),
+            "eval_rows": int((table["split"] == "eval").sum()),
+            "train_sample_rows": int((table["split"] == "train_sample").sum()),
+            "summary": MetadataValue.md(summary_markdown(summary)),
+            "side_by_side": MetadataValue.md(side_by_side_markdown(table, config.preview_rows)),
+            **{k: v for k, v in metrics.items() if k.split("_", 1)[1].startswith(("eval_loss", "eval_rouge_l", "eval_name_hit_rate"))},
+            "tuned_beats_base": gate[0],
+            "path": MetadataValue.path(str(folder)),
+            "mlflow_run": MetadataValue.url(link) if link else "",
+        },
+    )
+    b, t = summary.get("base", {}).get("eval", {}), summary.get("tuned", {}).get("eval", {})
+    yield AssetCheckResult(
+        check_name="tuned_beats_base",
+        passed=gate[0],
+        description=gate[1],
+        metadata={"base_eval_loss": b.get("loss", float("nan")), "tuned_eval_loss": t.get("loss", float("nan")),
+                  "base_eval_rouge_l": b.get("rouge_l", float("nan")), "tuned_eval_rouge_l": t.get("rouge_l", float("nan"))},
+    )

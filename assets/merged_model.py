@@ -1,0 +1,122 @@
+"""Asset ``merged_model``: the adapter merged into a 32-bit (or 16-bit) copy of the base weights (``pipeline.export``).
+
+Written under ``$MEDTUNE_DATA_DIR/models/merged/<id>/`` through a temporary folder renamed into
+place: safetensors (sharded when large), config, tokenizer with its chat template, and a
+generation config whose end-of-sequence id is the end-of-turn token. Loads with plain
+``AutoModelForCausalLM`` / ``AutoTokenizer`` (no peft); what vLLM or TGI would serve.
+Blocking check ``merged_matches_adapter``: the merged model's logits equal the adapter model's
+within the tolerance (fp32) on a handful of eval prompts, and their greedy answers are identical.
+"""
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import pandas as pd
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    Config,
+    MetadataValue,
+    Output,
+    asset,
+)
+from pydantic import Field
+
+from pipeline.evaluate import load_tuned_model
+from pipeline.export import DEFAULT_TOLERANCE, compare_with_adapter, load_merged, merge_adapter, read_export_record
+from pipeline.fingerprint import sha256_json
+from pipeline.model_source import BaseModelInfo
+from pipeline.tokenization import MANIFEST, TokenizedDataset, render_prompt
+from resources.data_root import DataRoot
+
+EXPORT_FORMAT = 1
+
+
+class MergedModelConfig(Config):
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights of the merged copy (never quantized)")
+    max_shard_size: str = Field("2GB", description="safetensors shard size")
+    check_prompts: int = Field(4, gt=0, description="Eval prompts the merge check runs")
+    check_max_new_tokens: int = Field(32, gt=0)
+    tolerance: float = Field(DEFAULT_TOLERANCE, gt=0, description="Max absolute logit difference (fp32)")
+
+
+def _check_prompts(alpaca_path: str, tokenizer, system_prompt: str, n: int) -> list[str]:
+    df = pd.read_parquet(alpaca_path, columns=["instruction", "input", "split"])
+    rows = pd.concat([df[df["split"] == "eval"], df[df["split"] == "train"]]).head(n)
+    return [render_prompt(tokenizer, i, x, system_prompt) for i, x in zip(rows["instruction"], rows["input"])]
+
+
+@asset(
+    group_name="model",
+    compute_kind="safetensors",
+    description=__doc__,
+    check_specs=[AssetCheckSpec("merged_matches_adapter", asset="merged_model", blocking=True,
+                                description="Merged logits equal the adapter model's (fp32, max abs diff) and greedy answers are identical")],
+)
+def merged_model(
+    context: AssetExecutionContext,
+    config: MergedModelConfig,
+    data_root: DataRoot,
+    base_model: BaseModelInfo,
+    lora_adapter: dict,
+    alpaca_dataset: dict,
+    tokenized_dataset: TokenizedDataset,
+):
+    settings = config.model_dump()
+    mid = sha256_json({"format": EXPORT_FORMAT, "adapter": lora_adapter["adapter_id"], "base": base_model.fingerprint, **settings})[:16]
+    dest = data_root.models_dir / "merged" / mid
+    record = read_export_record(dest)
+    cache_hit = bool(record and record.get("verification", {}).get("passed"))
+    if cache_hit:
+        context.log.info(f"cache hit: merged model {mid} already exported and verified")
+    else:
+        adapter_model, tokenizer = load_tuned_model(base_model.path, lora_adapter["path"], base_model.trust_remote_code)
+        prompts = _check_prompts(alpaca_dataset["path"], tokenizer, json.loads((Path(tokenized_dataset.path) / MANIFEST).read_text())["system_prompt"], config.check_prompts)
+
+        def verify(folder):
+            merged = load_merged(folder, base_model.trust_remote_code)
+            result = compare_with_adapter(adapter_model, merged, tokenizer, prompts,
+                                          max_new_tokens=config.check_max_new_tokens, tolerance=config.tolerance)
+            return result.as_dict()
+
+        context.log.info(f"merging adapter {lora_adapter['adapter_id']} into a {config.dtype} copy of {base_model.model}")
+        record = merge_adapter(
+            base_model.path, lora_adapter["path"], dest, dtype=config.dtype, max_shard_size=config.max_shard_size,
+            trust_remote_code=base_model.trust_remote_code, verify=verify,
+            record={"merged_id": mid, "adapter_id": lora_adapter["adapter_id"], "base_model": base_model.model,
+                    "base_model_fingerprint": base_model.fingerprint, "mlflow_run_id": lora_adapter.get("mlflow_run_id")},
+        )
+    check = record["verification"]
+    size = sum(p.stat().st_size for p in dest.glob("*.safetensors"))
+    (context.log.info if check["passed"] else context.log.error)(
+        f"merged_matches_adapter: {'passed' if check['passed'] else 'FAILED'}: max |Δlogit| {check['max_abs_logit_diff']:.2e} "
+        f"(tolerance {check['tolerance']:.0e}), greedy answers identical: {check['greedy_identical']}")
+    yield Output(
+        {"path": str(dest), "merged_id": mid, "verification": check, "adapter_id": lora_adapter["adapter_id"],
+         "mlflow_run_id": lora_adapter.get("mlflow_run_id")},
+        metadata={
+            "cache_hit": cache_hit,
+            "merged_id": mid,
+            "path": MetadataValue.path(str(dest)),
+            "dtype": config.dtype,
+            "files": MetadataValue.json(record.get("files", [])),
+            "weights_bytes": size,
+            "end_of_turn_id": record.get("end_of_turn_id"),
+            "max_abs_logit_diff": check["max_abs_logit_diff"],
+            "greedy_identical": check["greedy_identical"],
+        },
+    )
+    yield AssetCheckResult(
+        check_name="merged_matches_adapter",
+        passed=bool(check["passed"]),
+        severity=AssetCheckSeverity.ERROR,
+        description=(f"max |Δlogit| {check['max_abs_logit_diff']:.2e} ≤ {check['tolerance']:.0e} and identical greedy answers on "
+                     f"{check['prompts']} prompts") if check["passed"] else
+                    (f"merged model differs from the adapter model: max |Δlogit| {check['max_abs_logit_diff']:.2e} "
+                     f"(tolerance {check['tolerance']:.0e}); greedy identical: {check['greedy_identical']}; {check.get('first_mismatch') or ''}"),
+        metadata={"max_abs_logit_diff": check["max_abs_logit_diff"], "greedy_identical": check["greedy_identical"],
+                  "prompts": check["prompts"], "tolerance": check["tolerance"]},
+    )

@@ -1,0 +1,85 @@
+"""Asset ``registered_model``: the merged model in the MLflow Model Registry (``pipeline.registry``).
+
+Registered only when both gates pass: ``tuned_beats_base`` (from ``evaluation_report``) and
+``merged_matches_adapter`` (a blocking check on ``merged_model``: when it fails this asset does
+not run). The new version, linked to the training's run, gets the alias ``challenger``; it takes
+``champion`` if its eval ROUGE-L beats the champion's (or there is none). When a gate fails nothing
+is registered, and the reason shows in the run's log, this asset's metadata and the MLflow run.
+"""
+
+from dagster import AssetExecutionContext, Config, MetadataValue, Output, asset
+from pydantic import Field
+
+from pipeline.model_source import BaseModelInfo
+from pipeline.registry import register_merged_model
+from resources.mlflow_tracking import MlflowTracking
+
+
+class RegisteredModelConfig(Config):
+    model_name: str = Field("medtune", description="Name in the MLflow Model Registry")
+    max_new_tokens: int = Field(256, gt=0, description="Answer length limit of the registered model's predict()")
+
+
+@asset(group_name="model", compute_kind="mlflow", description=__doc__)
+def registered_model(
+    context: AssetExecutionContext,
+    config: RegisteredModelConfig,
+    mlflow: MlflowTracking,
+    evaluation_report: dict,
+    merged_model: dict,
+    base_model: BaseModelInfo,
+) -> Output[dict]:
+    run_id = merged_model.get("mlflow_run_id")
+    reasons = []
+    if not evaluation_report["gate_passed"]:
+        reasons.append(f"tuned_beats_base failed: {evaluation_report['gate_reason']}")
+    if not merged_model["verification"]["passed"]:
+        reasons.append("merged_matches_adapter failed")
+    if not run_id:
+        reasons.append("the adapter has no MLflow run to link to")
+    if reasons:
+        reason = "; ".join(reasons)
+        context.log.warning(f"NOT registered: {reason}")
+        if run_id:
+            mlflow.client().set_tag(run_id, "medtune.registration", f"skipped: {reason}"[:5000])
+        return Output({"registered": False, "reason": reason, "name": config.model_name},
+                      metadata={"registered": False, "reason": reason, "model_name": config.model_name})
+    mlflow.check_reachable()
+    summary = evaluation_report["summary"]
+    tuned, base = summary["tuned"]["eval"], summary["base"]["eval"]
+    tags = {
+        "medtune.data_fingerprint": mlflow.client().get_run(run_id).data.tags.get("medtune.data_fingerprint", ""),
+        "medtune.base_model": base_model.model,
+        "medtune.base_model_fingerprint": base_model.fingerprint,
+        "medtune.adapter_id": merged_model["adapter_id"],
+        "tuned_eval_loss": f"{tuned['loss']:.6f}",
+        "base_eval_loss": f"{base['loss']:.6f}",
+        "tuned_eval_rouge_l": f"{tuned['rouge_l']:.4f}",
+        "base_eval_rouge_l": f"{base['rouge_l']:.4f}",
+        "tuned_eval_bleu_4": f"{tuned['bleu_4']:.4f}",
+    }
+    reg = register_merged_model(
+        mlflow.tracking_uri, name=config.model_name, merged_dir=merged_model["path"], merged_id=merged_model["merged_id"],
+        run_id=run_id, score=float(tuned["rouge_l"]), tags=tags, system_prompt=evaluation_report["system_prompt"],
+        max_new_tokens=config.max_new_tokens,
+    )
+    what = "already registered as" if reg.reused else "registered as"
+    champ = ("took the alias champion" + (f" from version {reg.previous_champion} (ROUGE-L {reg.previous_champion_score:.2f})"
+             if reg.previous_champion else " (there was no champion)")) if reg.became_champion else (
+        f"champion stays with version {reg.previous_champion} (ROUGE-L {reg.previous_champion_score})")
+    context.log.info(f"{what} {reg.name} version {reg.version} ({', '.join(reg.aliases) or 'no aliases'}); {champ}")
+    mlflow.client().set_tag(run_id, "medtune.registration", f"{reg.name} version {reg.version}")
+    return Output(
+        {"registered": True, **reg.as_dict()},
+        metadata={
+            "registered": True,
+            "model_name": reg.name,
+            "version": reg.version,
+            "aliases": ", ".join(reg.aliases),
+            "became_champion": reg.became_champion,
+            "previous_champion": reg.previous_champion or "",
+            "model_uri": reg.model_uri,
+            "champion_uri": MetadataValue.text(f"models:/{reg.name}@champion"),
+            "tuned_eval_rouge_l": float(tuned["rouge_l"]),
+        },
+    )

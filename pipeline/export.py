@@ -1,0 +1,151 @@
+"""Stage (asset ``merged_model``): merge the adapter into a full-precision copy of the base weights.
+
+The export is a plain Hugging Face folder (safetensors weights, sharded when large; config;
+tokenizer with its chat template; a generation config whose end-of-sequence id is the
+end-of-turn token) that ``AutoModelForCausalLM.from_pretrained`` loads without peft, and that
+vLLM or TGI would serve. It is written to a temporary folder and renamed into place.
+
+``compare_with_adapter`` is the check users most often wish they had run (the merged model
+answering differently from the adapter): logits on a handful of prompts within a tolerance (fp32),
+and identical greedy answers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.atomic import atomic_dir
+
+EXPORT_RECORD = "medtune_export.json"
+DEFAULT_TOLERANCE = 1e-4
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+def merge_adapter(
+    base_path: str,
+    adapter_path: str,
+    dest: str | os.PathLike,
+    *,
+    dtype: str = "float32",
+    max_shard_size: str = "2GB",
+    trust_remote_code: bool = False,
+    record: dict[str, Any] | None = None,
+    verify=None,
+) -> dict[str, Any]:
+    """Merge and write ``dest`` atomically. ``verify(tmp_folder) -> dict`` runs on the finished
+    files before they are moved into place; its result is stored in the export record."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from pipeline.tokenization import end_of_turn_id
+
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ExportError(f"merge dtype must be float32, bfloat16 or float16 (never quantized), not {dtype!r}")
+    base = AutoModelForCausalLM.from_pretrained(
+        base_path, dtype=getattr(torch, dtype), use_safetensors=True, trust_remote_code=trust_remote_code
+    )
+    if getattr(base.config, "quantization_config", None) is not None:
+        raise ExportError(f"{base_path} holds quantized weights: merge onto a 16- or 32-bit copy of the base model")
+    merged = PeftModel.from_pretrained(base, adapter_path).merge_and_unload()
+    tokenizer = AutoTokenizer.from_pretrained(adapter_path, trust_remote_code=trust_remote_code)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ExportError(f"the adapter's tokenizer in {adapter_path} has no chat template")
+    eot = end_of_turn_id(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot
+    merged.config.eos_token_id = eot
+    merged.config.pad_token_id = pad
+    gen = GenerationConfig.from_model_config(merged.config)
+    gen.eos_token_id = eot
+    gen.pad_token_id = pad
+    gen.bos_token_id = getattr(merged.config, "bos_token_id", None)
+    gen.do_sample = False
+    merged.generation_config = gen
+
+    info: dict[str, Any] = {"dtype": dtype, "end_of_turn_id": eot, "base_model_path": str(base_path),
+                            "adapter_path": str(adapter_path), **(record or {})}
+    with atomic_dir(dest) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+        tokenizer.save_pretrained(tmp)
+        for leftover in ("adapter_config.json", "adapter_model.safetensors"):
+            if (tmp / leftover).exists():
+                raise ExportError(f"merged folder {tmp} still holds {leftover}")
+        if verify is not None:
+            info["verification"] = verify(tmp)
+        info["files"] = sorted(p.name for p in tmp.iterdir())
+        (tmp / EXPORT_RECORD).write_text(json.dumps(info, ensure_ascii=False, indent=2))
+    return info
+
+
+def read_export_record(folder: str | os.PathLike) -> dict[str, Any] | None:
+    path = Path(folder) / EXPORT_RECORD
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+@dataclass
+class MergeComparison:
+    prompts: int
+    max_abs_logit_diff: float
+    greedy_identical: bool
+    tolerance: float
+    first_mismatch: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.max_abs_logit_diff <= self.tolerance and self.greedy_identical
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "passed": self.passed}
+
+
+def compare_with_adapter(
+    adapter_model,
+    merged_model,
+    tokenizer,
+    prompts: list[str],
+    *,
+    max_new_tokens: int = 32,
+    tolerance: float = DEFAULT_TOLERANCE,
+) -> MergeComparison:
+    """fp32 logits of both models on each prompt (max absolute difference) and their greedy answers."""
+    import torch
+
+    from pipeline.evaluate import generate_greedy, stop_token_ids
+
+    adapter_model.eval()
+    merged_model.eval()
+    worst = 0.0
+    with torch.no_grad():
+        for p in prompts:
+            ids = tokenizer(p, add_special_tokens=False, return_tensors="pt")["input_ids"]
+            a = adapter_model(input_ids=ids).logits.float()
+            m = merged_model(input_ids=ids).logits.float()
+            worst = max(worst, float((a - m).abs().max()))
+    stops = stop_token_ids(tokenizer)
+    ga = generate_greedy(adapter_model, tokenizer, prompts, max_new_tokens=max_new_tokens, stop_ids=stops, batch_size=1)
+    gm = generate_greedy(merged_model, tokenizer, prompts, max_new_tokens=max_new_tokens, stop_ids=stops, batch_size=1)
+    mismatch = next((i for i, (x, y) in enumerate(zip(ga, gm)) if x != y), None)
+    first = None
+    if mismatch is not None:
+        first = (f"prompt {mismatch}: adapter {tokenizer.decode(ga[mismatch])!r} vs merged "
+                 f"{tokenizer.decode(gm[mismatch])!r}")
+    return MergeComparison(len(prompts), worst, mismatch is None, tolerance, first)
+
+
+def load_merged(folder: str | os.PathLike, trust_remote_code: bool = False):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
+    )

@@ -1,0 +1,55 @@
+"""The registered model's MLflow wrapper (a "model from code" file: MLflow copies this file into
+the logged model, so ``mlflow.pyfunc.load_model("models:/medtune@champion")`` needs only torch and
+transformers, not this project).
+
+``predict`` takes a list of questions (or a DataFrame with ``prompt``, or ``instruction`` and
+``input``) and returns greedy answers in the training chat template with its system prompt.
+"""
+
+import mlflow
+import pandas as pd
+from mlflow.pyfunc import PythonModel
+
+
+class MedTuneChatModel(PythonModel):
+    def load_context(self, context):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        folder = context.artifacts["model"]
+        config = context.model_config or {}
+        self.system_prompt = config.get("system_prompt", "")
+        self.max_new_tokens = int(config.get("max_new_tokens", 256))
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.tokenizer.padding_side = "left"
+        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True)
+        self.model.eval()
+
+    def _questions(self, model_input):
+        if isinstance(model_input, pd.DataFrame):
+            if "prompt" in model_input:
+                return model_input["prompt"].astype(str).tolist()
+            inputs = model_input["input"] if "input" in model_input else [""] * len(model_input)
+            return [f"{i}\n{x}" if x else str(i) for i, x in zip(model_input["instruction"], inputs)]
+        if isinstance(model_input, str):
+            return [model_input]
+        return [str(q) for q in model_input]
+
+    def predict(self, context, model_input, params=None):
+        import torch
+
+        answers = []
+        gen = self.model.generation_config
+        for q in self._questions(model_input):
+            messages = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else [])
+            messages.append({"role": "user", "content": q})
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")
+            with torch.no_grad():
+                out = self.model.generate(**ids, max_new_tokens=self.max_new_tokens, do_sample=False,
+                                          eos_token_id=gen.eos_token_id, pad_token_id=gen.pad_token_id)
+            answers.append(self.tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+        return answers
+
+
+mlflow.models.set_model(MedTuneChatModel())
