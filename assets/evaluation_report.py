@@ -37,7 +37,7 @@ EVAL_FORMAT = 1
 
 
 class EvaluationReportConfig(Config):
-    max_new_tokens: int = Field(128, gt=0, description="Greedy answer length limit (stops earlier at the end-of-turn token)")
+    max_new_tokens: int = Field(64, gt=0, description="Greedy answer length limit (stops earlier at the end-of-turn token); 64 keeps the CPU demo near 2 minutes")
     train_sample_size: int = Field(32, ge=0, description="Train rows added to the eval rows, a fixed sample")
     batch_size: int = Field(8, gt=0, description="Prompts per generation batch (left padding)")
     seed: int = 42

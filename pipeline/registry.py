@@ -9,6 +9,8 @@ when there is no champion. The same merged model registered twice reuses its ver
 
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,28 @@ class Registration:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@contextlib.contextmanager
+def _uris(uri: str):
+    """mlflow's fluent API with this tracking and registry URI, the process's globals restored after
+    (a long-running Dagster process must not keep pointing at the last store it registered in)."""
+    import mlflow
+    from mlflow.tracking import _model_registry, _tracking_service
+
+    saved = (_tracking_service.utils._tracking_uri, _model_registry.utils._registry_uri)
+    env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        _tracking_service.utils._tracking_uri, _model_registry.utils._registry_uri = saved
+        for key, value in env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _alias_version(client, name: str, alias: str):
@@ -82,18 +106,17 @@ def register_merged_model(
     version = existing_version(client, name, merged_id)
     reused = version is not None
     if version is None:
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_registry_uri(tracking_uri)
-        with mlflow.start_run(run_id=run_id):
-            info = mlflow.pyfunc.log_model(
-                name="merged_model",
-                python_model=str(SERVING_FILE),
-                artifacts={"model": str(merged_dir)},
-                model_config={"system_prompt": system_prompt, "max_new_tokens": max_new_tokens},
-                pip_requirements=PIP_REQUIREMENTS,
-            )
-        all_tags = {**tags, MERGED_TAG: merged_id, SCORE_TAG: f"{score:.6f}"}
-        version = mlflow.register_model(info.model_uri, name, tags=all_tags)
+        with _uris(tracking_uri):
+            with mlflow.start_run(run_id=run_id):
+                info = mlflow.pyfunc.log_model(
+                    name="merged_model",
+                    python_model=str(SERVING_FILE),
+                    artifacts={"model": str(merged_dir)},
+                    model_config={"system_prompt": system_prompt, "max_new_tokens": max_new_tokens},
+                    pip_requirements=PIP_REQUIREMENTS,
+                )
+            all_tags = {**tags, MERGED_TAG: merged_id, SCORE_TAG: f"{score:.6f}"}
+            version = mlflow.register_model(info.model_uri, name, tags=all_tags)
     v = str(version.version)
     score = float((version.tags or {}).get(SCORE_TAG, score))
     champion = _alias_version(client, name, CHAMPION)

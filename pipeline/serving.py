@@ -35,7 +35,7 @@ class MedTuneChatModel(PythonModel):
             return [model_input]
         return [str(q) for q in model_input]
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: list[str], params=None) -> list[str]:
         import torch
 
         answers = []

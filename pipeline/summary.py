@@ -52,9 +52,43 @@ def summary(data_dir: str | None = None) -> str:
         )
         out.append(f"  adapter             {a['path']}")
         out.append(f"  MLflow run          {a.get('mlflow_run_id')}  (make mlflow-ui, or mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db)")
+    report = stages / "evaluation_report.json"
+    if report.is_file():
+        r = json.loads(report.read_text())
+        out.append("  base vs tuned       (answer-token loss; BLEU-4 on characters, ROUGE on jieba words, 0-100)")
+        out.extend("    " + line for line in _metrics_table(r["summary"]))
+        out.append(f"  tuned_beats_base    {'passed' if r['gate_passed'] else 'FAILED'}: {r['gate_reason']}")
+    merged = stages / "merged_model.json"
+    if merged.is_file():
+        m = json.loads(merged.read_text())
+        v = m["verification"]
+        out.append(f"  merged model        {m['path']}")
+        out.append(f"  merged_matches_adapter {'passed' if v['passed'] else 'FAILED'}: max |Δlogit| "
+                   f"{v['max_abs_logit_diff']:.1e}, greedy answers identical: {v['greedy_identical']}")
+    reg = stages / "registered_model.json"
+    if reg.is_file():
+        g = json.loads(reg.read_text())
+        if g.get("registered"):
+            out.append(f"  registered          {g['name']} version {g['version']} (aliases: {', '.join(g['aliases']) or 'none'}); "
+                       f"load it with mlflow.pyfunc.load_model('models:/{g['name']}@champion')")
+        else:
+            out.append(f"  registered          NOT registered: {g.get('reason')}")
     out.append(f"  alpaca parquet      {root.alpaca_path}")
     out.append(f"  rejected parquet    {root.rejected_path}")
     return "\n".join(out)
+
+
+def _metrics_table(summary: dict) -> list[str]:
+    cols = ["loss", "perplexity", "bleu_4", "rouge_1", "rouge_2", "rouge_l", "name_hit_rate"]
+    lines = [f"{'split':<13}{'model':<7}{'rows':>5}" + "".join(f"{c:>14}" for c in cols)]
+    for split in ("eval", "train_sample"):
+        for model in ("base", "tuned"):
+            s = summary.get(model, {}).get(split)
+            if not s:
+                continue
+            cells = "".join(f"{'n/a' if s[c] is None else format(s[c], '.4f' if c == 'loss' else '.2f'):>14}" for c in cols)
+            lines.append(f"{split:<13}{model:<7}{s['rows']:>5}{cells}")
+    return lines
 
 
 if __name__ == "__main__":

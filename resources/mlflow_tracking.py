@@ -31,7 +31,7 @@ class MlflowTracking(ConfigurableResource):
     def client(self):
         from mlflow.tracking import MlflowClient
 
-        return MlflowClient(self.tracking_uri)
+        return MlflowClient(self.tracking_uri, registry_uri=self.tracking_uri)
 
     def check_reachable(self, timeout: float = 5.0) -> None:
         uri = self.tracking_uri

@@ -23,8 +23,13 @@ def run(data_dir, tracking_uri, model_dir, **train_config):
     return job.execute_in_process(run_config=config, instance=DagsterInstance.ephemeral(), raise_on_error=False)
 
 
-def meta(result, key):
-    return result.asset_materializations_for_node("lora_adapter")[0].metadata[key].value
+def meta(result, key, node="lora_adapter"):
+    return result.asset_materializations_for_node(node)[0].metadata[key].value
+
+
+def check(result, name):
+    (evaluation,) = [c for c in result.get_asset_check_evaluations() if c.check_name == name]
+    return evaluation
 
 
 @pytest.fixture
@@ -35,7 +40,7 @@ def data_dir(tmp_path):
 
 def test_train_track_resume_and_cache(data_dir, tmp_path, tiny_model_dir):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(uri)
+    client = MlflowClient(uri, registry_uri=uri)
 
     killed = run(data_dir, uri, tiny_model_dir, stop_after_steps=3)
     assert not killed.success
@@ -61,10 +66,44 @@ def test_train_track_resume_and_cache(data_dir, tmp_path, tiny_model_dir):
     assert {"plots", "adapter", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"} <= artifacts
     assert "loss_curve" in resumed.asset_materializations_for_node("lora_adapter")[0].metadata
 
+    # evaluation, export and registry, after the training
+    assert check(resumed, "tuned_beats_base").passed, check(resumed, "tuned_beats_base").description
+    assert meta(resumed, "tuned_eval_loss", "evaluation_report") < meta(resumed, "base_eval_loss", "evaluation_report")
+    assert "| eval | tuned |" in meta(resumed, "summary", "evaluation_report")
+    assert check(resumed, "merged_matches_adapter").passed
+    assert meta(resumed, "max_abs_logit_diff", "merged_model") < 1e-4
+    assert meta(resumed, "registered", "registered_model") is True
+    assert meta(resumed, "aliases", "registered_model") == "challenger, champion"
+    r = client.get_run(run_id)
+    assert r.data.metrics["tuned_eval_loss"] < r.data.metrics["base_eval_loss"]
+    assert "base_train_sample_rouge_l" in r.data.metrics and "tuned_eval_bleu_4" in r.data.metrics
+    evaluation = {a.path for a in client.list_artifacts(run_id, "evaluation")}
+    assert {"evaluation/evaluation.csv", "evaluation/evaluation.json"} <= evaluation
+    version = client.get_model_version_by_alias("medtune", "champion")
+    assert version.run_id == run_id and version.tags["medtune.data_fingerprint"] == r.data.tags["medtune.data_fingerprint"]
+
     again = run(data_dir, uri, tiny_model_dir)
     assert again.success and meta(again, "cache_hit") is True
     assert meta(again, "mlflow_run_id") == run_id
     assert len(client.search_runs(r.info.experiment_id)) == 2  # the failed one and the finished one, no third
+    assert meta(again, "cache_hit", "evaluation_report") is True and meta(again, "cache_hit", "merged_model") is True
+    assert meta(again, "version", "registered_model") == version.version or str(meta(again, "version", "registered_model")) == str(version.version)
+    assert len(client.search_model_versions("name = 'medtune'")) == 1  # nothing registered twice
+
+
+def test_a_failed_gate_registers_nothing_and_says_why(data_dir, tmp_path, tiny_model_dir):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # learning rate 0: the adapter stays at zero, the tuned model equals the base model
+    result = run(data_dir, uri, tiny_model_dir, learning_rate=0.0, max_steps=2)
+    assert result.success  # the pipeline worked; the model just did not qualify
+    gate = check(result, "tuned_beats_base")
+    assert not gate.passed and "eval loss did not go down" in gate.description
+    assert meta(result, "registered", "registered_model") is False
+    assert "tuned_beats_base failed" in meta(result, "reason", "registered_model")
+    client = MlflowClient(uri, registry_uri=uri)
+    assert client.search_registered_models() == []
+    run_id = meta(result, "mlflow_run_id")
+    assert client.get_run(run_id).data.tags["medtune.registration"].startswith("skipped: tuned_beats_base failed")
 
 
 def test_unreachable_tracking_server_fails_before_training(data_dir, tiny_model_dir):

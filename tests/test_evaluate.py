@@ -1,0 +1,150 @@
+"""evaluation_report's functions: metrics on known strings, name extraction on the real answer
+forms, batched generation = one-at-a-time generation, per-row loss = the model's own loss."""
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from pipeline.evaluate import (
+    answer_losses,
+    bleu4_chars,
+    evaluate_models,
+    EvalConfig,
+    extract_medicine_name,
+    generate_greedy,
+    name_hit,
+    rouge_words,
+    select_rows,
+    stop_token_ids,
+    text_scores,
+    tuned_beats_base,
+)
+from pipeline.tokenization import render_prompt, tokenize_rows
+
+REAL_FORMS = [
+    ("香砂六君丸可能适合治疗您的病症。以下是香砂六君丸的详细说明书：【主要成分】木香、砂仁。", "香砂六君丸"),
+    ("您的病症适用康妇消炎栓。以下是康妇消炎栓的详细说明书：【主要成分】苦参、败酱草。", "康妇消炎栓"),
+    ("您的病症适用舒尔经胶囊。以下是舒尔经胶囊的详细说明书：【主要成分】当归。", "舒尔经胶囊"),
+    ("地榆槐角丸可能适合治疗您的病症。以下是地榆槐角丸的详细说明书：【主要成分】地榆(炭)。", "地榆槐角丸"),
+    ("以下是藿香正气水的说明书：【功能主治】解表化湿。", "藿香正气水"),
+    ("建议服用六味地黄丸。【功能主治】滋阴补肾。", "六味地黄丸"),
+]
+
+
+@pytest.mark.parametrize("answer,name", REAL_FORMS)
+def test_medicine_name_from_the_real_answer_forms(answer, name):
+    assert extract_medicine_name(answer) == name
+
+
+def test_name_hit_is_unknown_when_the_reference_names_nothing():
+    assert extract_medicine_name("多喝热水，注意休息。") is None
+    assert name_hit("多喝热水，注意休息。", "板蓝根颗粒") is None
+    ref = "板蓝根颗粒可能适合治疗您的病症。以下是板蓝根颗粒的详细说明书。"
+    assert name_hit(ref, "您可以试试板蓝根颗粒。") is True
+    assert name_hit(ref, "您可以试试藿香正气水。") is False
+
+
+def test_bleu_on_characters():
+    assert bleu4_chars("板蓝根颗粒清热解毒", "板蓝根颗粒清热解毒") == pytest.approx(100.0)
+    assert bleu4_chars("", "板蓝根") == 0.0
+    partial = bleu4_chars("板蓝根颗粒清热", "板蓝根颗粒清热解毒，凉血利咽")
+    assert 0 < partial < 100
+    # characters, not words: one wrong character lowers the score, a reordered sentence more
+    assert bleu4_chars("板蓝根颗粒清热解毒", "板蓝根颗粒清热解毒。") > bleu4_chars("解毒清热颗粒板蓝根", "板蓝根颗粒清热解毒。")
+
+
+def test_rouge_on_jieba_words():
+    same = rouge_words("板蓝根颗粒清热解毒，凉血利咽", "板蓝根颗粒清热解毒，凉血利咽")
+    assert same == {"rouge_1": 100.0, "rouge_2": 100.0, "rouge_l": 100.0}
+    assert rouge_words("", "板蓝根颗粒") == {"rouge_1": 0.0, "rouge_2": 0.0, "rouge_l": 0.0}
+    import jieba
+
+    ref, hyp = "板蓝根颗粒清热解毒，凉血利咽", "板蓝根颗粒清热解毒"
+    r, h = list(jieba.cut(ref)), list(jieba.cut(hyp))
+    # ROUGE-1 F from the word overlap, computed by hand
+    overlap = sum(min(r.count(w), h.count(w)) for w in set(h))
+    p, rec = overlap / len(h), overlap / len(r)
+    assert rouge_words(hyp, ref)["rouge_1"] == pytest.approx(100 * 2 * p * rec / (p + rec), abs=0.01)
+    assert text_scores(hyp, ref)["name_hit"] is None  # the reference names no medicine in a known form
+
+
+def _summary(bl, tl, br, tr):
+    return {"base": {"eval": {"loss": bl, "rouge_l": br}}, "tuned": {"eval": {"loss": tl, "rouge_l": tr}}}
+
+
+def test_tuned_beats_base_gate():
+    assert tuned_beats_base(_summary(2.0, 1.5, 10.0, 10.0))[0]
+    ok, why = tuned_beats_base(_summary(2.0, 2.1, 10.0, 12.0))
+    assert not ok and "loss" in why
+    ok, why = tuned_beats_base(_summary(2.0, 1.5, 10.0, 9.0))
+    assert not ok and "ROUGE-L" in why
+    assert not tuned_beats_base({"base": {}, "tuned": {}})[0]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, use_safetensors=True)
+    model.eval()
+    return model
+
+
+def _prompts(tokenizer, n=6):
+    return [render_prompt(tokenizer, "使用中医知识正确回答适合这个病例的中成药。", "咳嗽" * (k + 1) + f"病例{k}", "你是助手。")
+            for k in range(n)]
+
+
+def test_batched_generation_equals_one_at_a_time(tiny, tokenizer):
+    prompts = _prompts(tokenizer, 6)  # different lengths: left padding is exercised
+    stops = stop_token_ids(tokenizer)
+    batched = generate_greedy(tiny, tokenizer, prompts, max_new_tokens=12, stop_ids=stops, batch_size=4)
+    single = generate_greedy(tiny, tokenizer, prompts, max_new_tokens=12, stop_ids=stops, batch_size=1)
+    assert batched == single
+    assert all(len(x) > 0 for x in single)  # the tiny model does answer something
+
+
+def test_per_row_answer_loss_equals_the_models_own_loss(tiny, tokenizer):
+    rows = tokenize_rows(tokenizer, ["问"] * 3, ["短", "长一些的输入" * 3, ""], ["板蓝根颗粒", "六味地黄丸滋阴补肾", "好"], "系统", 256)
+    pairs = [(r.input_ids, r.labels) for r in rows]
+    batched = answer_losses(tiny, pairs, pad_id=tokenizer.pad_token_id or 0, batch_size=3)
+    for (ids, labels), (total, n) in zip(pairs, batched):
+        with torch.no_grad():
+            own = tiny(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss.item()
+        assert n == sum(1 for t in labels[1:] if t != -100)
+        assert total / n == pytest.approx(own, rel=1e-4)
+
+
+def test_evaluate_models_side_by_side_table(tiny_model_dir, tokenizer, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, use_safetensors=True)
+    torch.manual_seed(0)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    alpaca = pd.DataFrame({
+        "record_id": [f"r{k}" for k in range(5)],
+        "instruction": ["问"] * 5,
+        "input": [f"病例{k}" for k in range(5)],
+        "output": ["板蓝根颗粒可能适合治疗您的病症。", "您的病症适用逍遥丸。", "多喝水。", "保和丸可能适合治疗您的病症。", "好"],
+        "split": ["eval", "eval", "train", "train", "train"],
+    })
+    toks = tokenize_rows(tokenizer, alpaca["instruction"].tolist(), alpaca["input"].tolist(), alpaca["output"].tolist(), "系统", 128)
+    tok = alpaca[["record_id", "split"]].assign(input_ids=[t.input_ids for t in toks], labels=[t.labels for t in toks])
+    rows = select_rows(alpaca, {"train": tok[tok.split == "train"], "eval": tok[tok.split == "eval"]}, train_sample_size=2, seed=1)
+    assert list(rows["split"]).count("eval") == 2 and list(rows["split"]).count("train_sample") == 2
+    again = select_rows(alpaca, {"train": tok[tok.split == "train"], "eval": tok[tok.split == "eval"]}, train_sample_size=2, seed=1)
+    assert list(rows["record_id"]) == list(again["record_id"])  # a fixed sample
+    result = evaluate_models(model, tokenizer, rows, EvalConfig(system_prompt="系统", max_new_tokens=6, batch_size=2),
+                             stop_token_ids(tokenizer), log=lambda *_: None)
+    t = result.table
+    for col in ("prompt", "reference", "base_answer", "tuned_answer", "base_rouge_l", "tuned_rouge_l", "base_loss", "tuned_loss"):
+        assert col in t
+    # the adapter (random, non-zero init) changes the model: the two losses differ
+    assert (t["base_loss"] - t["tuned_loss"]).abs().max() > 1e-6
+    s = result.summary
+    assert s["base"]["eval"]["rows"] == 2 and s["tuned"]["train_sample"]["rows"] == 2
+    assert s["base"]["eval"]["perplexity"] == pytest.approx(math.exp(s["base"]["eval"]["loss"]), rel=1e-3)
+    assert s["base"]["eval"]["name_known_rows"] == 2  # both eval references name a medicine
+    flat = result.flat_metrics()
+    assert "base_eval_loss" in flat and "tuned_eval_rouge_l" in flat and "tuned_train_sample_bleu_4" in flat

@@ -1,0 +1,172 @@
+"""merged_model's functions and the registry: a real merge passes the check and loads without
+peft; a deliberately wrong one fails it; registry aliases move only when they should; the
+champion loads back from MLflow and answers."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from pipeline.evaluate import load_tuned_model
+from pipeline.export import compare_with_adapter, load_merged, merge_adapter, read_export_record
+from pipeline.tokenization import end_of_turn_id, render_prompt
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tiny_model_dir, tmp_path_factory):
+    """A LoRA adapter with non-zero (random) weights on every linear layer, and the tokenizer."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(1)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, use_safetensors=True)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    out = tmp_path_factory.mktemp("adapter") / "adapter"
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def merged(tiny_model_dir, adapter_dir, tmp_path_factory):
+    dest = tmp_path_factory.mktemp("merged") / "m1"
+    info = merge_adapter(str(tiny_model_dir), str(adapter_dir), dest, record={"merged_id": "m1"})
+    return dest, info
+
+
+def _prompts(tokenizer, n=3):
+    return [render_prompt(tokenizer, "使用中医知识正确回答适合这个病例的中成药。", f"病例{k}：咳嗽。", "系统") for k in range(n)]
+
+
+def test_merged_folder_is_a_plain_hf_model(merged, adapter_dir):
+    dest, info = merged
+    names = {p.name for p in dest.iterdir()}
+    assert "model.safetensors" in names and "config.json" in names and "generation_config.json" in names
+    assert "adapter_config.json" not in names and not any(n.endswith(".bin") for n in names)
+    assert not list(dest.parent.glob(".tmp-*"))  # renamed into place, nothing left over
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(dest)
+    eot = end_of_turn_id(tok)
+    assert tok.chat_template and json.loads((dest / "generation_config.json").read_text())["eos_token_id"] == eot
+    assert json.loads((dest / "config.json").read_text())["eos_token_id"] == eot
+    assert read_export_record(dest)["merged_id"] == "m1"
+
+
+def test_merged_model_loads_with_peft_not_installed(merged):
+    dest, _ = merged
+    code = textwrap.dedent(f"""
+        import sys
+        sys.modules["peft"] = None  # any `import peft` now fails, as if it were not installed
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        tok = AutoTokenizer.from_pretrained({str(dest)!r})
+        m = AutoModelForCausalLM.from_pretrained({str(dest)!r}, dtype=torch.float32, use_safetensors=True)
+        ids = tok.apply_chat_template([{{"role": "user", "content": "你好"}}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        out = m.generate(**ids, max_new_tokens=4, do_sample=False)
+        assert "peft" not in sys.modules or sys.modules["peft"] is None
+        print("OK", out.shape[1] > ids["input_ids"].shape[1])
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "OK True" in proc.stdout
+
+
+def test_merge_check_passes_on_a_real_merge(tiny_model_dir, adapter_dir, merged):
+    dest, _ = merged
+    adapter_model, tok = load_tuned_model(str(tiny_model_dir), str(adapter_dir))
+    result = compare_with_adapter(adapter_model, load_merged(dest), tok, _prompts(tok), max_new_tokens=8)
+    assert result.passed, result
+    assert result.max_abs_logit_diff < 1e-4 and result.greedy_identical
+
+
+def test_merge_check_fails_on_a_wrong_merge(tiny_model_dir, adapter_dir, merged, tmp_path):
+    """A 'merge' that forgot the adapter on one layer: the check must catch it."""
+    import shutil
+
+    dest, _ = merged
+    wrong = tmp_path / "wrong"
+    shutil.copytree(dest, wrong)
+    weights = load_file(wrong / "model.safetensors")
+    base = load_file(tiny_model_dir / "model.safetensors")
+    key = next(k for k in weights if k.endswith("q_proj.weight"))
+    weights[key] = base[key].clone()  # this layer as in the base model: the LoRA delta is missing
+    save_file(weights, wrong / "model.safetensors", metadata={"format": "pt"})
+    adapter_model, tok = load_tuned_model(str(tiny_model_dir), str(adapter_dir))
+    result = compare_with_adapter(adapter_model, load_merged(wrong), tok, _prompts(tok), max_new_tokens=8)
+    assert not result.passed
+    assert result.max_abs_logit_diff > 1e-4
+
+
+def test_merge_refuses_quantized_or_odd_dtypes(tiny_model_dir, adapter_dir, tmp_path):
+    from pipeline.export import ExportError
+
+    with pytest.raises(ExportError, match="never quantized"):
+        merge_adapter(str(tiny_model_dir), str(adapter_dir), tmp_path / "x", dtype="int8")
+    assert not (tmp_path / "x").exists()
+
+
+def test_merge_verify_failure_leaves_no_output(tiny_model_dir, adapter_dir, tmp_path):
+    def boom(folder):
+        raise RuntimeError("verification crashed")
+
+    with pytest.raises(RuntimeError, match="verification crashed"):
+        merge_adapter(str(tiny_model_dir), str(adapter_dir), tmp_path / "m", verify=boom)
+    assert not (tmp_path / "m").exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+# ---------------------------------------------------------------------------- registry
+
+
+def test_registry_aliases_move_only_when_they_should(merged, tmp_path):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.registry import register_merged_model
+
+    dest, _ = merged
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri, registry_uri=uri)
+    exp = client.create_experiment("medtune", artifact_location=(tmp_path / "artifacts").as_uri())
+
+    def register(merged_id, score):
+        run_id = client.create_run(exp).info.run_id
+        client.set_terminated(run_id, "FINISHED")
+        return register_merged_model(uri, name="medtune", merged_dir=str(dest), merged_id=merged_id, run_id=run_id,
+                                     score=score, tags={"medtune.data_fingerprint": "abc"}, system_prompt="系统",
+                                     max_new_tokens=4), run_id
+
+    first, run1 = register("a", 10.0)
+    assert first.version == "1" and first.became_champion and first.aliases == ["challenger", "champion"]
+    v1 = client.get_model_version("medtune", "1")
+    assert v1.run_id == run1 and v1.tags["medtune.data_fingerprint"] == "abc"
+
+    worse, _ = register("b", 5.0)  # lower ROUGE-L: challenger only
+    assert worse.version == "2" and not worse.became_champion and worse.aliases == ["challenger"]
+    assert client.get_model_version_by_alias("medtune", "champion").version in ("1", 1)
+
+    tie, _ = register("c", 10.0)  # a tie does not beat the champion
+    assert not tie.became_champion
+    assert str(client.get_model_version_by_alias("medtune", "champion").version) == "1"
+
+    better, _ = register("d", 12.5)
+    assert better.version == "4" and better.became_champion and better.previous_champion == "1"
+    assert str(client.get_model_version_by_alias("medtune", "champion").version) == "4"
+    assert str(client.get_model_version_by_alias("medtune", "challenger").version) == "4"
+
+    again, _ = register("b", 5.0)  # the same merged model again: its version is reused, no alias moves
+    assert again.reused and again.version == "2"
+    assert str(client.get_model_version_by_alias("medtune", "champion").version) == "4"
+    assert str(client.get_model_version_by_alias("medtune", "challenger").version) == "4"
+    assert len(client.search_model_versions("name = 'medtune'")) == 4
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    loaded = mlflow.pyfunc.load_model("models:/medtune@champion")
+    answers = loaded.predict(["我咳嗽、咽喉肿痛，适合什么中成药？"])
+    assert isinstance(answers, list) and len(answers) == 1 and isinstance(answers[0], str)
