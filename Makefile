@@ -56,6 +56,7 @@ mlflow-ui: setup
 bench: setup
 	$(BIN)/python bench/data_throughput.py
 	$(BIN)/python bench/train_throughput.py
+	$(BIN)/python bench/generation_throughput.py
 
 clean:
 	rm -rf data/processed data/models .dagster_home

@@ -1,7 +1,7 @@
 """Benchmark: batched greedy generation (``pipeline.evaluate.generate_greedy``, left padding)
 against one prompt at a time, on the same prompts and the same model, side by side in one run.
 
-    python bench/generation_throughput.py [--prompts 16] [--batch-size 8] [--max-new-tokens 64]
+    python bench/generation_throughput.py [--prompts 16] [--batch-size 8] [--max-new-tokens 128]
 
 The prompts are the demo data's eval and train rows in the training chat template and system
 prompt, as ``evaluation_report`` sends them. The figure compared is new tokens per second (tokens
@@ -39,7 +39,7 @@ def main() -> None:
     ap.add_argument("--model", default="bundled:SmolLM2-135M-Instruct")
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
     args = ap.parse_args()
 
     import torch
