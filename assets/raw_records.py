@@ -4,6 +4,7 @@
 from dagster import AssetExecutionContext, MetadataValue, Output, asset
 
 from pipeline.ingest import ingest
+from pipeline.raw_watch import raw_fingerprint
 from pipeline.records import FIELDS, StageResult, preview_markdown
 from resources.data_root import DataRoot
 
@@ -46,6 +47,8 @@ def raw_records(context: AssetExecutionContext, data_root: DataRoot) -> Output[S
                 preview_markdown(result.rejected, ["source_file", "source_line", "reason"], width=100)
             ),
             "raw_dir": MetadataValue.path(str(data_root.raw_dir)),
+            # the content fingerprint raw_data_sensor compares with (paths + content hashes)
+            "raw_fingerprint": raw_fingerprint(data_root.raw_dir),
         },
     )
 

@@ -2,14 +2,7 @@
 
 from __future__ import annotations
 
-from dagster import (
-    AssetSelection,
-    Definitions,
-    PipesSubprocessClient,
-    define_asset_job,
-    load_asset_checks_from_modules,
-    load_assets_from_modules,
-)
+from dagster import Definitions, PipesSubprocessClient, load_asset_checks_from_modules, load_assets_from_modules
 
 from assets import (
     alpaca_dataset,
@@ -24,6 +17,8 @@ from assets import (
     tokenized_dataset,
     validated_records,
 )
+from pipeline.automation import periodic_retrain_schedule, raw_data_sensor
+from pipeline.jobs import JOBS, full_pipeline_job, prepare_data_job, train_job  # noqa: F401
 from resources import DataRoot, MlflowTracking, StageIOManager, default_data_dir
 
 ASSET_MODULES = [
@@ -55,16 +50,11 @@ def make_resources(data_dir: str | None = None, tracking_uri: str | None = None)
 all_assets = load_assets_from_modules(ASSET_MODULES)
 all_asset_checks = load_asset_checks_from_modules(ASSET_MODULES)
 
-DATA_SELECTION = AssetSelection.groups("data") | AssetSelection.assets("base_model")
-prepare_data_job = define_asset_job(
-    "prepare_data_job", selection=DATA_SELECTION, description="Raw files to the tokenized dataset (and the base model)"
+defs = Definitions(
+    assets=all_assets,
+    asset_checks=all_asset_checks,
+    jobs=JOBS,
+    sensors=[raw_data_sensor],
+    schedules=[periodic_retrain_schedule],
+    resources=make_resources(),
 )
-train_job = define_asset_job(
-    "train_job",
-    selection=AssetSelection.assets("lora_adapter").downstream(),
-    description="Train the LoRA adapter, evaluate it against the base model, export the merged model and register it",
-)
-full_pipeline_job = define_asset_job("full_pipeline_job", selection=AssetSelection.all(), description="Everything")
-JOBS = [prepare_data_job, train_job, full_pipeline_job]
-
-defs = Definitions(assets=all_assets, asset_checks=all_asset_checks, jobs=JOBS, resources=make_resources())

@@ -119,7 +119,7 @@ def answer_losses(model, rows: list[tuple[list[int], list[int]]], pad_id: int, b
     out: list[tuple[float, int]] = []
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
-            batch = collate(rows[start : start + batch_size], pad_id)
+            batch = {k: v.to(model.device) for k, v in collate(rows[start : start + batch_size], pad_id).items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
             labels = batch["labels"][:, 1:]
             token_loss = F.cross_entropy(
@@ -151,8 +151,8 @@ def generate_greedy(model, tokenizer, prompts: list[str], *, max_new_tokens: int
                 input_ids[row, width - len(ids) :] = torch.tensor(ids)
                 attention[row, width - len(ids) :] = 1
             generated = model.generate(
-                input_ids=input_ids,
-                attention_mask=attention,
+                input_ids=input_ids.to(model.device),
+                attention_mask=attention.to(model.device),
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 num_beams=1,
@@ -346,5 +346,12 @@ def load_tuned_model(base_path: str, adapter_path: str, trust_remote_code: bool 
         base_path, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
     )
     model = PeftModel.from_pretrained(base, adapter_path)
+    model.to(inference_device())
     model.eval()
     return model, tokenizer
+
+
+def inference_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

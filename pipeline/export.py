@@ -128,8 +128,8 @@ def compare_with_adapter(
     with torch.no_grad():
         for p in prompts:
             ids = tokenizer(p, add_special_tokens=False, return_tensors="pt")["input_ids"]
-            a = adapter_model(input_ids=ids).logits.float()
-            m = merged_model(input_ids=ids).logits.float()
+            a = adapter_model(input_ids=ids.to(adapter_model.device)).logits.float().cpu()
+            m = merged_model(input_ids=ids.to(merged_model.device)).logits.float().cpu()
             worst = max(worst, float((a - m).abs().max()))
     stops = stop_token_ids(tokenizer)
     ga = generate_greedy(adapter_model, tokenizer, prompts, max_new_tokens=max_new_tokens, stop_ids=stops, batch_size=1)
@@ -146,6 +146,9 @@ def load_merged(folder: str | os.PathLike, trust_remote_code: bool = False):
     import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(
+    from pipeline.evaluate import inference_device
+
+    model = AutoModelForCausalLM.from_pretrained(
         folder, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
     )
+    return model.to(inference_device())

@@ -26,7 +26,10 @@ class MlflowTracking(ConfigurableResource):
     tracking_uri: str = Field(default_factory=default_tracking_uri)
     experiment: str = "medtune"
     artifact_root: str | None = Field(None, description="Artifact location for a new experiment (default mlflow/artifacts)")
-    ui_url: str = Field("http://127.0.0.1:5000", description="Where `make mlflow-ui` serves a local store, for run links")
+    ui_url: str = Field(
+        default_factory=lambda: os.environ.get("MEDTUNE_MLFLOW_UI_URL", "http://127.0.0.1:5000"),
+        description="Where `make ui` / `make mlflow-ui` serve a local store, for run links",
+    )
 
     def client(self):
         from mlflow.tracking import MlflowClient

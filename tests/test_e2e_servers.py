@@ -1,0 +1,265 @@
+"""End to end against the real servers, started the way `make ui` starts them (``pipeline.ui``):
+`dagster dev` (webserver + daemon) and an MLflow server on free loopback ports, with temporary
+homes, data dir and store; the tiny model.
+
+1. launch full_pipeline_job through Dagster's GraphQL API and poll it to success; check through the
+   MLflow REST API the run, its metrics, the adapter artifact and the registered version's alias;
+2. drop a new data file: the sensor launches exactly one run, which registers a new version;
+   rewrite a file with the same content: no run;
+3. a real headless Chromium (Playwright, Debian's browser) loads the asset graph and the MLflow
+   model page; screenshots are saved under ``test-artifacts/``.
+
+Every server is stopped at the end, also when a test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from conftest import demo_records, write_json
+
+PROJECT = Path(__file__).resolve().parents[1]
+ARTIFACTS = PROJECT / "test-artifacts"
+ASSETS = ["raw_records", "validated_records", "deduplicated_records", "rejected_records", "alpaca_dataset", "base_model",
+          "tokenized_dataset", "lora_adapter", "evaluation_report", "merged_model", "registered_model"]
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@dataclass
+class Stack:
+    dagster: str
+    mlflow: str
+    data_dir: Path
+    tiny_model: Path
+    logs: Path
+
+    def graphql(self, query: str, variables: dict | None = None) -> dict:
+        body = json.dumps({"query": query, "variables": variables or {}}).encode()
+        req = urllib.request.Request(self.dagster + "/graphql", data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            out = json.loads(resp.read())
+        assert "errors" not in out, out
+        return out["data"]
+
+    def mlflow_get(self, endpoint: str, **params) -> dict:
+        url = f"{self.mlflow}/api/2.0/mlflow/{endpoint}?{urllib.parse.urlencode(params)}"
+        with urllib.request.urlopen(url, timeout=30) as resp:
+            return json.loads(resp.read())
+
+    def mlflow_post(self, endpoint: str, body: dict) -> dict:
+        req = urllib.request.Request(f"{self.mlflow}/api/2.0/mlflow/{endpoint}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return json.loads(resp.read())
+
+    def log_tail(self) -> str:
+        return "\n".join(f"--- {p.name}\n" + p.read_text(errors="replace")[-3000:] for p in sorted(self.logs.glob("*.log")))
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("e2e")
+    data = root / "data"
+    write_json(data / "raw" / "demo.json", demo_records(24))
+    logs = root / "logs"
+    dagster_port, mlflow_port = free_port(), free_port()
+    env = {**os.environ, "DAGSTER_HOME": str(root / "dagster_home"), "MEDTUNE_DATA_DIR": str(data),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow' / 'mlflow.db'}"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.ui", "--dagster-port", str(dagster_port), "--mlflow-port", str(mlflow_port),
+         "--log-dir", str(logs)],
+        cwd=PROJECT, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def reader():
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("READY"):
+                ready.set()
+
+    threading.Thread(target=reader, daemon=True).start()
+    try:
+        deadline = time.monotonic() + 240
+        while not ready.is_set():
+            assert proc.poll() is None, "pipeline.ui exited:\n" + "".join(lines)
+            assert time.monotonic() < deadline, "pipeline.ui not ready in 240 s:\n" + "".join(lines)
+            time.sleep(0.5)
+        yield Stack(f"http://127.0.0.1:{dagster_port}", f"http://127.0.0.1:{mlflow_port}", data, tiny_model_dir, logs)
+    finally:
+        # the same way Ctrl-C stops `make ui`
+        try:
+            os.killpg(proc.pid, signal.SIGINT)
+            proc.wait(timeout=60)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+        pids = json.loads((logs / "pids.json").read_text()) if (logs / "pids.json").is_file() else {}
+        for pid in [proc.pid, *pids.values()]:
+            try:
+                os.killpg(pid, signal.SIGKILL)  # nothing should be left; make sure
+            except (ProcessLookupError, PermissionError):
+                pass
+        stopped = not port_open(dagster_port) and not port_open(mlflow_port)
+        ARTIFACTS.mkdir(exist_ok=True)
+        for p in logs.glob("*.log"):
+            shutil.copyfile(p, ARTIFACTS / f"e2e-{p.name}")
+        assert stopped, "a server is still listening after the shutdown"
+
+
+def run_config(stack: Stack) -> dict:
+    return {
+        "execution": {"config": {"in_process": {}}},
+        "ops": {
+            "base_model": {"config": {"model": str(stack.tiny_model)}},
+            "tokenized_dataset": {"config": {"max_seq_len": 256}},
+            "lora_adapter": {"config": {"max_steps": 6, "save_every": 3, "eval_every": 3, "learning_rate": 5e-3,
+                                        "precision": "fp32"}},
+            "evaluation_report": {"config": {"max_new_tokens": 8, "train_sample_size": 4}},
+        },
+    }
+
+
+LAUNCH = """
+mutation Launch($params: ExecutionParams!) {
+  launchRun(executionParams: $params) {
+    __typename
+    ... on LaunchRunSuccess { run { runId } }
+    ... on PythonError { message }
+    ... on RunConfigValidationInvalid { errors { message } }
+    ... on InvalidSubsetError { message }
+    ... on PipelineNotFoundError { message }
+  }
+}"""
+STATUS = "query($id: ID!) { runOrError(runId: $id) { __typename ... on Run { status } } }"
+SENSOR_RUNS = """
+query { runsOrError(filter: {tags: [{key: "medtune/trigger", value: "raw_data_sensor"}]}) {
+  ... on Runs { results { runId status } } } }"""
+
+
+def wait_for_run(stack: Stack, run_id: str, timeout: float = 600) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = stack.graphql(STATUS, {"id": run_id})["runOrError"]["status"]
+        if status in ("SUCCESS", "FAILURE", "CANCELED"):
+            return status
+        time.sleep(2)
+    raise AssertionError(f"run {run_id} did not finish in {timeout:.0f} s\n{stack.log_tail()}")
+
+
+def sensor_runs(stack: Stack) -> list[dict]:
+    return stack.graphql(SENSOR_RUNS)["runsOrError"]["results"]
+
+
+def champion(stack: Stack) -> dict:
+    return stack.mlflow_get("registered-models/alias", name="medtune", alias="champion")["model_version"]
+
+
+def test_1_graphql_launch_then_mlflow_rest(stack):
+    params = {"selector": {"repositoryLocationName": "medtune", "repositoryName": "__repository__",
+                           "jobName": "full_pipeline_job"}, "runConfigData": run_config(stack)}
+    launched = stack.graphql(LAUNCH, {"params": params})["launchRun"]
+    assert launched["__typename"] == "LaunchRunSuccess", launched
+    run_id = launched["run"]["runId"]
+    assert wait_for_run(stack, run_id) == "SUCCESS", stack.log_tail()
+
+    exp = stack.mlflow_get("experiments/get-by-name", experiment_name="medtune")["experiment"]
+    runs = stack.mlflow_post("runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
+    (run,) = [r for r in runs if r["info"]["status"] == "FINISHED"]
+    metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+    assert {"train_loss", "eval_loss", "base_eval_loss", "tuned_eval_loss", "tuned_eval_rouge_l"} <= set(metrics)
+    tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+    assert tags["dagster.run_id"] == run_id
+    files = stack.mlflow_get("artifacts/list", run_id=run["info"]["run_id"], path="adapter")["files"]
+    assert "adapter/adapter_model.safetensors" in {f["path"] for f in files}
+    version = champion(stack)
+    assert version["run_id"] == run["info"]["run_id"] and "champion" in version["aliases"]
+
+
+def test_2_sensor_retrains_once_per_content_change(stack):
+    assert sensor_runs(stack) == []  # the first build was the manual run above
+    write_json(stack.data_dir / "raw" / "incoming" / "new batch.json", demo_records(30)[24:])
+    deadline = time.monotonic() + 120
+    while not sensor_runs(stack):
+        assert time.monotonic() < deadline, "the sensor launched no run\n" + stack.log_tail()
+        time.sleep(2)
+    time.sleep(12)  # two more sensor ticks: still exactly one run
+    (run,) = sensor_runs(stack)
+    assert wait_for_run(stack, run["runId"]) == "SUCCESS", stack.log_tail()
+    versions = stack.mlflow_get("model-versions/search", filter="name='medtune'")["model_versions"]
+    assert len(versions) == 2  # the sensor's run registered a new version, nobody clicked
+
+    # the same content rewritten, and touched: nothing to do
+    f = stack.data_dir / "raw" / "demo.json"
+    f.write_bytes(f.read_bytes())
+    os.utime(f)
+    time.sleep(20)  # quiet period + several ticks
+    assert len(sensor_runs(stack)) == 1
+
+
+def test_3_browser_sees_the_asset_graph_and_the_champion(stack):
+    from playwright.sync_api import expect, sync_playwright
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "Debian's chromium is missing: `make setup` installs it (apt-get install chromium)"
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1800, "height": 1100})
+            page.goto(stack.dagster + "/asset-groups", wait_until="networkidle")
+            skip = page.get_by_role("button", name="Skip")
+            try:
+                skip.click(timeout=5000)
+            except Exception:  # the community dialog did not show
+                pass
+            # the global graph starts with its groups collapsed: expand them (graph and asset tree)
+            page.get_by_role("button", name="settings", exact=True).click()
+            page.get_by_role("menuitem", name="Expand all groups").click()
+            page.keyboard.press("Escape")
+            for group in ["model", "data"]:
+                row = page.locator("[class*=AssetSidebarNode_itemContainer]").filter(has=page.locator(f'[title="{group}"]'))
+                row.locator("button").first.click()
+            for name in ASSETS:  # the tree shows full names (the zoomed-out graph shortens long ones)
+                expect(page.locator(f'[title="{name}"]').first).to_be_visible(timeout=60000)
+            nodes = page.locator("[class*=AssetNode_assetName]")
+            expect(nodes).to_have_count(len(ASSETS), timeout=30000)
+            assert set(nodes.all_inner_texts()) >= set(ASSETS) - {"deduplicated_records"}
+            page.screenshot(path=str(ARTIFACTS / "dagster-asset-graph.png"))
+
+            page.goto(stack.dagster + "/assets/evaluation_report", wait_until="networkidle")
+            expect(page.get_by_text("tuned_beats_base").first).to_be_visible(timeout=60000)
+            page.screenshot(path=str(ARTIFACTS / "dagster-evaluation-report.png"), full_page=True)
+
+            page.goto(stack.mlflow + "/#/models/medtune", wait_until="load")  # the MLflow UI polls: never idle
+            expect(page.get_by_text("champion").first).to_be_visible(timeout=60000)
+            page.screenshot(path=str(ARTIFACTS / "mlflow-model-page.png"), full_page=True)
+        finally:
+            browser.close()
