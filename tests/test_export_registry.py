@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from pipeline.evaluate import load_tuned_model
-from pipeline.export import compare_with_adapter, load_merged, merge_adapter, read_export_record
+from pipeline.export import compare_with_adapter, load_merged, merge_adapter, merge_exact, read_export_record
 from pipeline.tokenization import end_of_turn_id, render_prompt
 
 
@@ -56,6 +56,35 @@ def test_merged_folder_is_a_plain_hf_model(merged, adapter_dir):
     assert tok.chat_template and json.loads((dest / "generation_config.json").read_text())["eos_token_id"] == eot
     assert json.loads((dest / "config.json").read_text())["eos_token_id"] == eot
     assert read_export_record(dest)["merged_id"] == "m1"
+
+
+def test_merge_rounds_once_from_float64(tiny_model_dir, adapter_dir, merged):
+    """Every merged weight is W + scaling * B @ A computed in float64 and rounded once to fp32."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, use_safetensors=True)
+    peft_model = PeftModel.from_pretrained(base, adapter_dir)
+    expected = {}
+    for name, module in peft_model.named_modules():
+        if isinstance(module, LoraLayer):
+            a = module.lora_A["default"].weight.double()
+            b = module.lora_B["default"].weight.double()
+            w = module.get_base_layer().weight.double()
+            key = name.split("base_model.model.", 1)[1] + ".weight"
+            expected[key] = (w + (b @ a) * module.scaling["default"]).float()
+    assert len(expected) >= 7
+    model, info = merge_exact(peft_model)
+    assert info["layers_exact"] == len(expected) and info["layers_peft"] == 0
+    assert not any(isinstance(m, LoraLayer) for m in model.modules())
+    state = model.state_dict()
+    for key, value in expected.items():
+        assert torch.equal(state[key], value), key
+    # and that is what the export wrote
+    saved = load_file(str(merged[0] / "model.safetensors"))
+    for key, value in expected.items():
+        assert torch.equal(saved[key], value), key
+    assert merged[1]["merge"]["layers_exact"] == len(expected)
 
 
 def test_merged_model_loads_with_peft_not_installed(merged):
