@@ -32,7 +32,7 @@ from pipeline.model_source import BaseModelInfo
 from pipeline.tokenization import MANIFEST, TokenizedDataset, render_prompt
 from resources.data_root import DataRoot
 
-EXPORT_FORMAT = 1
+EXPORT_FORMAT = 2  # 2: float64 merge, float64 check
 
 
 class MergedModelConfig(Config):
@@ -40,7 +40,12 @@ class MergedModelConfig(Config):
     max_shard_size: str = Field("2GB", description="safetensors shard size")
     check_prompts: int = Field(4, gt=0, description="Eval prompts the merge check runs")
     check_max_new_tokens: int = Field(32, gt=0)
-    tolerance: float = Field(DEFAULT_TOLERANCE, gt=0, description="Max absolute logit difference (fp32)")
+    tolerance: float = Field(DEFAULT_TOLERANCE, gt=0, description="Max absolute logit difference")
+    check_precision: Literal["float64", "native"] = Field(
+        "float64",
+        description="Arithmetic of the logit comparison: float64 over the fp32 weights as they are (measures the merge, "
+        "not fp32 rounding noise, which is ~1e-4 on SmolLM2), or the weights' own dtype",
+    )
 
 
 def _check_prompts(alpaca_path: str, tokenizer, system_prompt: str, n: int) -> list[str]:
@@ -54,7 +59,7 @@ def _check_prompts(alpaca_path: str, tokenizer, system_prompt: str, n: int) -> l
     compute_kind="safetensors",
     description=__doc__,
     check_specs=[AssetCheckSpec("merged_matches_adapter", asset="merged_model", blocking=True,
-                                description="Merged logits equal the adapter model's (fp32, max abs diff) and greedy answers are identical")],
+                                description="Merged logits equal the adapter model's (max abs diff, float64 over the fp32 weights) and greedy answers are identical")],
 )
 def merged_model(
     context: AssetExecutionContext,
@@ -79,7 +84,8 @@ def merged_model(
         def verify(folder):
             merged = load_merged(folder, base_model.trust_remote_code)
             result = compare_with_adapter(adapter_model, merged, tokenizer, prompts,
-                                          max_new_tokens=config.check_max_new_tokens, tolerance=config.tolerance)
+                                          max_new_tokens=config.check_max_new_tokens, tolerance=config.tolerance,
+                                          precision=config.check_precision)
             return result.as_dict()
 
         context.log.info(f"merging adapter {lora_adapter['adapter_id']} into a {config.dtype} copy of {base_model.model}")
@@ -93,7 +99,8 @@ def merged_model(
     size = sum(p.stat().st_size for p in dest.glob("*.safetensors"))
     (context.log.info if check["passed"] else context.log.error)(
         f"merged_matches_adapter: {'passed' if check['passed'] else 'FAILED'}: max |Δlogit| {check['max_abs_logit_diff']:.2e} "
-        f"(tolerance {check['tolerance']:.0e}), greedy answers identical: {check['greedy_identical']}")
+        f"in {check.get('precision', 'native')} (tolerance {check['tolerance']:.0e}; in the weights' dtype "
+        f"{check.get('max_abs_logit_diff_native') or check['max_abs_logit_diff']:.2e}), greedy answers identical: {check['greedy_identical']}")
     yield Output(
         {"path": str(dest), "merged_id": mid, "verification": check, "adapter_id": lora_adapter["adapter_id"],
          "mlflow_run_id": lora_adapter.get("mlflow_run_id")},
@@ -106,6 +113,8 @@ def merged_model(
             "weights_bytes": size,
             "end_of_turn_id": record.get("end_of_turn_id"),
             "max_abs_logit_diff": check["max_abs_logit_diff"],
+            "max_abs_logit_diff_native": check.get("max_abs_logit_diff_native"),
+            "check_precision": check.get("precision", "native"),
             "greedy_identical": check["greedy_identical"],
         },
     )
@@ -113,10 +122,11 @@ def merged_model(
         check_name="merged_matches_adapter",
         passed=bool(check["passed"]),
         severity=AssetCheckSeverity.ERROR,
-        description=(f"max |Δlogit| {check['max_abs_logit_diff']:.2e} ≤ {check['tolerance']:.0e} and identical greedy answers on "
-                     f"{check['prompts']} prompts") if check["passed"] else
+        description=(f"max |Δlogit| {check['max_abs_logit_diff']:.2e} ({check.get('precision', 'native')}) ≤ {check['tolerance']:.0e} "
+                     f"and identical greedy answers on {check['prompts']} prompts") if check["passed"] else
                     (f"merged model differs from the adapter model: max |Δlogit| {check['max_abs_logit_diff']:.2e} "
                      f"(tolerance {check['tolerance']:.0e}); greedy identical: {check['greedy_identical']}; {check.get('first_mismatch') or ''}"),
         metadata={"max_abs_logit_diff": check["max_abs_logit_diff"], "greedy_identical": check["greedy_identical"],
+                  "max_abs_logit_diff_native": check.get("max_abs_logit_diff_native"), "check_precision": check.get("precision", "native"),
                   "prompts": check["prompts"], "tolerance": check["tolerance"]},
     )

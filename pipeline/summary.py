@@ -64,7 +64,9 @@ def summary(data_dir: str | None = None) -> str:
         v = m["verification"]
         out.append(f"  merged model        {m['path']}")
         out.append(f"  merged_matches_adapter {'passed' if v['passed'] else 'FAILED'}: max |Δlogit| "
-                   f"{v['max_abs_logit_diff']:.1e}, greedy answers identical: {v['greedy_identical']}")
+                   f"{v['max_abs_logit_diff']:.1e} in {v.get('precision', 'native')} "
+                   f"(fp32 arithmetic: {v.get('max_abs_logit_diff_native') or v['max_abs_logit_diff']:.1e}), "
+                   f"greedy answers identical: {v['greedy_identical']}")
     reg = stages / "registered_model.json"
     if reg.is_file():
         g = json.loads(reg.read_text())

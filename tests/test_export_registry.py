@@ -112,6 +112,10 @@ def test_merge_check_passes_on_a_real_merge(tiny_model_dir, adapter_dir, merged)
     result = compare_with_adapter(adapter_model, load_merged(dest), tok, _prompts(tok), max_new_tokens=8)
     assert result.passed, result
     assert result.max_abs_logit_diff < 1e-4 and result.greedy_identical
+    assert result.precision == "float64" and result.max_abs_logit_diff_native is not None
+    assert next(adapter_model.parameters()).dtype == torch.float32  # put back after the float64 pass
+    native = compare_with_adapter(adapter_model, load_merged(dest), tok, _prompts(tok), max_new_tokens=8, precision="native")
+    assert native.max_abs_logit_diff == native.max_abs_logit_diff_native < 1e-4
 
 
 def test_merge_check_fails_on_a_wrong_merge(tiny_model_dir, adapter_dir, merged, tmp_path):
