@@ -126,9 +126,14 @@ def decode_lines(data: bytes) -> tuple[str, str, dict[int, str]]:
                     f"(byte offset {exc.start + len(bom)}: {exc.reason})"
                 ) from None
     head = data[:4096]
-    if len(head) >= 4 and head.count(0) > len(head) // 4:
-        # JSON text never holds raw NUL bytes; this many is UTF-16 (or UTF-32) without a BOM
-        raise FileRejected("looks like UTF-16 without a byte-order mark; save it as UTF-8 or UTF-16 with BOM")
+    nuls = head.count(0)
+    if len(head) >= 4 and nuls > len(head) // 4:
+        # JSON text never holds raw NUL bytes. UTF-16 without a BOM has them on one parity
+        # (the high byte of ASCII characters); anything else is binary data.
+        even = head[0::2].count(0)
+        if max(even, nuls - even) >= 0.9 * nuls:
+            raise FileRejected("looks like UTF-16 without a byte-order mark; save it as UTF-8 or UTF-16 with BOM")
+        raise FileRejected(f"binary data, not text ({nuls} NUL bytes in the first {len(head)} bytes)")
     try:
         return data.decode("utf-8"), "utf-8", {}
     except UnicodeDecodeError as exc:
@@ -185,20 +190,40 @@ def _json_error(exc: Exception) -> str:
     return f"invalid JSON: {msg}"
 
 
+def normalise_line_ends(text: str) -> str:
+    """CRLF and lone CR (old Mac files) become LF. Safe for JSON: a raw CR is only ever whitespace
+    (inside a string it must be escaped), and line numbers stay those an editor shows."""
+    if "\r" not in text:
+        return text
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
 def parse_text(text: str, bad_lines: dict[int, str] | None = None) -> Parsed:
-    """Sniff the format of a decoded file and parse it into values, keeping broken rows as errors."""
+    """Sniff the format of a decoded file and parse it into values, keeping broken rows as errors.
+
+    Keys given twice in one object with different values (which JSON parsers silently resolve
+    to the last) are caught: such a record carries :data:`DUPLICATE_KEYS` and is rejected.
+    """
     bad_lines = bad_lines or {}
+    text = normalise_line_ends(text)
+    parsed = _parse(text, bad_lines, strict_keys=False)
+    if _may_repeat_keys(text, parsed):
+        parsed = _parse(text, bad_lines, strict_keys=True)
+    return parsed
+
+
+def _parse(text: str, bad_lines: dict[int, str], strict_keys: bool) -> Parsed:
     start = _JSON_WS.match(text).end()
     if start == len(text):
         raise FileRejected("empty file" if not text else "file holds only whitespace")
     first = text[start]
     if first == "[":
-        return _parse_array(text, start, bad_lines)
+        return _parse_array(text, start, bad_lines, strict_keys)
     if first == "{":
         try:
-            value, end = _DECODER.raw_decode(text, start)
-        except ValueError:
-            return _parse_lines(text, bad_lines)
+            value, end = (_STRICT_DECODER if strict_keys else _DECODER).raw_decode(text, start)
+        except (ValueError, RecursionError):
+            return _parse_lines(text, bad_lines, strict_keys)
         if _JSON_WS.match(text, end).end() == len(text):
             if isinstance(value, dict) and _looks_like_record(value):
                 parsed = Parsed(format="single JSON object")
@@ -206,20 +231,105 @@ def parse_text(text: str, bad_lines: dict[int, str] | None = None) -> Parsed:
                 parsed.indexes.append(0)
                 parsed.values.append(value)
                 return parsed
-            keys = ", ".join(repr(k) for k in list(value)[:5]) if isinstance(value, dict) else ""
-            raise FileRejected(
-                f"top-level JSON object (keys {keys}) is not a record: expected an array of records or JSON Lines"
-            )
-        return _parse_lines(text, bad_lines)
+            return _parse_wrapper(text, start, value, bad_lines, strict_keys)
+        return _parse_lines(text, bad_lines, strict_keys)
     snippet = text[start : start + 20]
     raise FileRejected(f"not JSON: expected '[' or '{{' at line {text.count(chr(10), 0, start) + 1}, found {snippet!r}")
+
+
+# A key given twice with different values: the record carries this marker key (never a valid
+# field name: it starts with NUL) naming the keys, and is rejected with that reason.
+DUPLICATE_KEYS = "\x00duplicate keys"
+
+
+def _pairs_hook(pairs: list[tuple[str, Any]]) -> dict:
+    out: dict[str, Any] = {}
+    dups: list[str] = []
+    for key, value in pairs:
+        if key in out and out[key] != value and key not in dups:
+            dups.append(key)
+        out[key] = value
+    if dups:
+        out[DUPLICATE_KEYS] = dups
+    return out
+
+
+_STRICT_DECODER = json.JSONDecoder(object_pairs_hook=_pairs_hook)
+
+
+def _may_repeat_keys(text: str, parsed: Parsed) -> bool:
+    """Cheap test: does any field name occur in the text more often than the parsed records (and
+    the broken rows) account for? Then the file is parsed again with duplicate keys caught."""
+    for key in FIELDS:
+        quoted = f'"{key}"'
+        in_text = text.count(quoted)
+        if not in_text:
+            continue
+        held = sum(1 for v in parsed.values if type(v) is dict and key in v)
+        held += sum(e[3].count(quoted) for e in parsed.errors)
+        if in_text > held:
+            return True
+    return False
+
+
+def _repeats_a_key(line: str) -> bool:
+    return any(line.count(f'"{key}"') > 1 for key in FIELDS)
+
+
+def _parse_wrapper(text: str, start: int, value: Any, bad_lines: dict[int, str], strict_keys: bool) -> Parsed:
+    """A top-level object that is not itself a record: ``{"data": [records...], ...}`` (records
+    under the one key that holds a list), or ``{"id1": {record}, "id2": {record}}``."""
+    keys = list(value) if isinstance(value, dict) else []
+    lists = [k for k in keys if isinstance(value[k], list)]
+    members = _members(text, start)
+    if len(lists) == 1 and any(isinstance(v, dict) for v in value[lists[0]]):
+        key = lists[0]
+        pos = [p for k, p, _ in members if k == key][-1]  # the last one, as the parser kept
+        parsed = _parse_array(text, pos, bad_lines, strict_keys, nested=True)
+        others = [k for k in keys if k != key]
+        parsed.format = f"JSON object with the records under {key!r}"
+        parsed.notes.append(
+            f"records read from the top-level key {key!r}"
+            + (f"; other top-level keys ignored: {', '.join(map(repr, others[:5]))}" if others else "")
+        )
+        return parsed
+    if keys and all(isinstance(value[k], dict) and _looks_like_record(value[k]) for k in keys):
+        scan = (_STRICT_DECODER if strict_keys else _DECODER).scan_once
+        parsed = Parsed(format="JSON object of records")
+        for index, (_key, pos, line) in enumerate(members):
+            parsed.lines.append(line)
+            parsed.indexes.append(index)
+            parsed.values.append(scan(text, pos)[0])
+        parsed.notes.append("top-level object of records keyed by id: the keys are ignored")
+        return parsed
+    shown = ", ".join(repr(k) for k in keys[:5])
+    raise FileRejected(
+        f"top-level JSON object (keys {shown}) is not a record and holds no list of records: "
+        "expected an array of records or JSON Lines"
+    )
+
+
+def _members(text: str, start: int) -> list[tuple[str, int, int]]:
+    """(key, position of the value, its line) of each member of the valid JSON object at ``start``."""
+    ws = _JSON_WS.match
+    out = []
+    pos = ws(text, start + 1).end()
+    while pos < len(text) and text[pos] != "}":
+        key, pos = _SCAN(text, pos)
+        pos = ws(text, ws(text, pos).end() + 1).end()  # past the ':'
+        out.append((key, pos, text.count("\n", 0, pos) + 1))
+        _value, end = _SCAN(text, pos)
+        pos = ws(text, end).end()
+        if pos < len(text) and text[pos] == ",":
+            pos = ws(text, pos + 1).end()
+    return out
 
 
 def _looks_like_record(obj: dict) -> bool:
     return any(isinstance(k, str) and k.strip().lower() in ("instruction", "output") for k in obj)
 
 
-def _parse_lines(text: str, bad_lines: dict[int, str]) -> Parsed:
+def _parse_lines(text: str, bad_lines: dict[int, str], strict_keys: bool = False) -> Parsed:
     parsed = Parsed(format="JSON Lines")
     pieces = text.split("\n")
     if pieces and pieces[-1] == "":
@@ -230,34 +340,38 @@ def _parse_lines(text: str, bad_lines: dict[int, str]) -> Parsed:
     loads = orjson.loads
     lines, indexes, values = parsed.lines, parsed.indexes, parsed.values
     for index, i in enumerate(nonblank):
-        try:
-            values.append(loads(pieces[i]))
-        except orjson.JSONDecodeError as exc:
-            reason = bad_lines.get(i + 1) or _lines_reason(pieces[i], exc)
-            parsed.errors.append((i + 1, index, reason, pieces[i]))
+        if i + 1 in bad_lines:
+            parsed.errors.append((i + 1, index, bad_lines[i + 1], pieces[i]))
             continue
+        try:
+            strict = strict_keys and _repeats_a_key(pieces[i])
+            values.append(_STRICT_DECODER.decode(pieces[i]) if strict else loads(pieces[i]))
+        except (ValueError, RecursionError):
+            # orjson refuses NaN, Infinity and lone surrogates, which the standard library reads
+            # (the field checks and validation then reject them with a clear reason); its
+            # messages also name the position and the problem.
+            try:
+                values.append(json.loads(pieces[i]))
+            except ValueError as std_exc:
+                parsed.errors.append((i + 1, index, _json_error(std_exc), pieces[i]))
+                continue
+            except RecursionError:
+                parsed.errors.append((i + 1, index, "invalid JSON: nested too deeply", pieces[i]))
+                continue
         lines.append(i + 1)
         indexes.append(index)
     return parsed
 
 
-def _lines_reason(line: str, exc: Exception) -> str:
-    # orjson's messages are terse; the standard library's name the position and the problem.
-    try:
-        json.loads(line)
-    except ValueError as std_exc:
-        return _json_error(std_exc)
-    except RecursionError:
-        return "invalid JSON: nested too deeply"
-    return _json_error(exc)  # valid for the standard library but not for orjson (NaN, lone surrogate...)
-
-
-def _parse_array(text: str, start: int, bad_lines: dict[int, str]) -> Parsed:
+def _parse_array(text: str, start: int, bad_lines: dict[int, str], strict_keys: bool = False, nested: bool = False) -> Parsed:
     """Element by element, so that one broken element costs that element only.
 
-    After a broken element, parsing resumes at the next line that starts a new object.
+    After a broken element, parsing resumes at the next line that starts a new object. Arrays
+    written one after another (``[...][...]``) are read as one. ``nested``: the array sits inside
+    a top-level object; stop at its closing ``]``.
     """
     parsed = Parsed(format="JSON array")
+    scan = _STRICT_DECODER.scan_once if strict_keys else _SCAN
     n = len(text)
     pos = start + 1
     line = text.count("\n", 0, pos) + 1
@@ -268,13 +382,24 @@ def _parse_array(text: str, start: int, bad_lines: dict[int, str]) -> Parsed:
     while True:
         pos = ws(text, pos).end()
         if pos >= n:
-            line += text.count("\n", last, pos)
-            parsed.errors.append((line, index, "truncated JSON: the array is not closed with ']'", ""))
             parsed.notes.append("array not closed (truncated file?)")
+            if parsed.errors and parsed.errors[-1][1] == index - 1 and not parsed.errors[-1][3].endswith("}"):
+                # the last element is the one cut short: one row, not two
+                e_line, e_index, e_reason, e_raw = parsed.errors[-1]
+                parsed.errors[-1] = (e_line, e_index, f"truncated JSON (the file ends inside this element): {e_reason}", e_raw)
+            else:
+                line += text.count("\n", last, pos)
+                parsed.errors.append((line, index, "truncated JSON: the array is not closed with ']' (rows after this point may be missing)", ""))
             break
         ch = text[pos]
         if ch == "]":
+            if nested:
+                break
             tail = ws(text, pos + 1).end()
+            if tail != n and text[tail] == "[":
+                parsed.notes.append("several JSON arrays one after another: read as one")
+                pos = tail + 1
+                continue
             if tail != n:
                 line += text.count("\n", last, tail)
                 parsed.errors.append((line, index, "invalid JSON: extra text after the closing ']'", clip_raw(text[tail:])))
@@ -282,7 +407,7 @@ def _parse_array(text: str, start: int, bad_lines: dict[int, str]) -> Parsed:
         line += text.count("\n", last, pos)
         last = pos
         try:
-            value, end = _SCAN(text, pos)
+            value, end = scan(text, pos)
         except StopIteration:
             err_end = _error_end(text, pos, resync)
             reason = bad_lines.get(line) or _element_reason(text, pos)
@@ -330,7 +455,8 @@ def _element_reason(text: str, pos: int) -> str:
 
 # -------------------------------------------------------------------------- records
 
-_TYPE_NAMES = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", list: "a list", dict: "an object"}
+_TYPE_NAMES = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", list: "a list",
+               dict: "an object", str: "a string"}
 
 
 def _type_name(v: Any) -> str:
@@ -343,6 +469,9 @@ def _type_name(v: Any) -> str:
 
 def _fields_of(obj: dict) -> tuple[Any, Any, Any] | str:
     """The three fields of one JSON object, or a reason to reject it."""
+    if DUPLICATE_KEYS in obj:
+        dups = [k for k in obj[DUPLICATE_KEYS] if k.strip().lower() in FIELDS] or obj[DUPLICATE_KEYS]
+        return f"key {dups[0]!r} given twice in one record with different values (a JSON parser would silently keep the last)"
     if len(obj) <= 3 and all(k in ("instruction", "input", "output") for k in obj):
         instruction = obj.get("instruction")
         inp = obj.get("input", "")
@@ -352,10 +481,11 @@ def _fields_of(obj: dict) -> tuple[Any, Any, Any] | str:
         explicit = {}
         for key, value in obj.items():
             norm = key.strip().lower()
-            if norm in FIELDS:
-                if norm in explicit and explicit[norm] != value:
-                    return f"keys {norm!r} given twice with different values (key spellings differ)"
-                explicit[norm] = value
+            if norm not in FIELDS:
+                continue
+            if norm in explicit and explicit[norm] != value:
+                return f"keys {norm!r} given twice with different values (key spellings differ)"
+            explicit[norm] = value
         instruction = explicit.get("instruction")
         inp = explicit.get("input", "")
         output = explicit.get("output")
@@ -407,11 +537,14 @@ def _split_fields(parsed: Parsed, rel: str, rejected: list[dict]) -> tuple[list,
         return lines, indexes, ins, inp, out
     cols: tuple[list, list, list, list, list] = ([], [], [], [], [])
     l_col, x_col, i_col, n_col, o_col = cols
+    extra: Counter[str] = Counter()
     for k, ok in enumerate(fast):
         if ok:
             fields = (ins[k], inp[k], out[k])
         else:
             value = values[k]
+            if type(value) is dict:
+                extra.update(key for key in value if key != DUPLICATE_KEYS and key.strip().lower() not in FIELDS)
             fields = _fields_of(value) if type(value) is dict else f"record is {_type_name(value)}, expected a JSON object"
             if type(fields) is str:
                 if parsed.source_lines is not None:
@@ -426,6 +559,9 @@ def _split_fields(parsed: Parsed, rel: str, rejected: list[dict]) -> tuple[list,
         i_col.append(fields[0])
         n_col.append(fields[1])
         o_col.append(fields[2])
+    if extra:
+        shown = ", ".join(f"{key!r} ({n})" for key, n in extra.most_common(8))
+        parsed.notes.append(f"fields other than instruction/input/output ignored: {shown}")
     return cols
 
 
@@ -461,11 +597,11 @@ def ingest_file(path: Path, rel: str) -> FileResult:
         return FileResult(None, rejected, summary)
     summary.format = parsed.format
     summary.blank_lines = parsed.blank_lines
-    summary.notes = sorted(set(parsed.notes))
     for line, index, reason, raw in parsed.errors:
         rejected.append({"source_file": rel, "source_line": line, "source_index": index, "stage": STAGE,
                          "reason": reason, "raw": clip_raw(raw)})
     lines_col, index_col, ins_col, inp_col, out_col = _split_fields(parsed, rel, rejected)
+    summary.notes = sorted(set(parsed.notes))
     del parsed
     rejected.sort(key=lambda r: (r["source_index"], r["source_line"]))
     summary.rows_kept = len(lines_col)
@@ -473,7 +609,6 @@ def ingest_file(path: Path, rel: str) -> FileResult:
     summary.rows_read = summary.rows_kept + summary.rows_rejected
     notes: Counter[str] = Counter()
     table = None
-    has_cr = "\r" in text
     del text
     if lines_col:
         n = len(lines_col)
@@ -484,7 +619,7 @@ def ingest_file(path: Path, rel: str) -> FileResult:
         }
         for name, col in (("instruction", ins_col), ("input", inp_col), ("output", out_col)):
             arr = _to_arrow(col, name, notes)
-            arrays[name] = _normalise_newlines(arr) if has_cr else arr
+            arrays[name] = _normalise_newlines(arr)
         table = pa.table(arrays)
     return FileResult(table, rejected, summary, notes)
 

@@ -58,7 +58,7 @@ def records_as_rejects(records: pd.DataFrame, stage: str, reasons: list[str] | p
     """Turn kept-format rows into rejected rows; ``raw`` is the row's fields as JSON."""
     fields = records[list(FIELDS)]
     raw = [
-        json.dumps(dict(zip(FIELDS, values)), ensure_ascii=False)
+        clip_raw(json.dumps(dict(zip(FIELDS, values)), ensure_ascii=False))
         for values in fields.itertuples(index=False, name=None)
     ]
     out = pd.DataFrame(

@@ -63,7 +63,8 @@ def test_mixed_utf8_and_gb18030_lines_keep_both(raw_dir):
         (b"\xef\xbb\xbf\xff\xfe", "declares utf-8-sig"),
         ("[1]".encode("utf-16-le"), "UTF-16 without a byte-order mark"),
         (b"hello world", "not JSON"),
-        (b'{"data": [{"instruction": "a", "output": "b"}]}', "top-level JSON object"),
+        (b'{"name": "dump", "rows": 2}', "top-level JSON object"),
+        (b"\x89PNG\r\n\x1a\n" + bytes(100), "binary data"),
     ],
 )
 def test_unusable_files_are_rejected_whole_with_a_reason(raw_dir, content, needle):
@@ -102,7 +103,7 @@ def test_non_string_values_reject_the_row_not_the_file(raw_dir):
     assert reasons[4] == "field 'instruction' is an object, expected a string"
     assert reasons[5] == "field 'output' is null"
     assert reasons[6] == "field 'output' is a boolean, expected a string"
-    assert reasons[7].startswith("invalid JSON")
+    assert reasons[7] == "field 'output' is NaN, expected a string"
     assert reasons[8] == "record is a list, expected a JSON object"
     assert reasons[9].startswith("invalid JSON")
     assert set(r.rejected["stage"]) == {"ingest"}
@@ -230,3 +231,36 @@ def test_every_row_is_accounted_for(raw_dir):
     (raw_dir / "c.json").write_bytes(b"\x00\x01\x02garbage")
     r = ingest(raw_dir)
     assert r.stats["rows_read"] == len(r.kept) + len(r.rejected) == 2 + 4
+
+
+def test_records_wrapped_in_a_top_level_object_are_read_with_their_lines(raw_dir):
+    (raw_dir / "w.json").write_text(
+        '{"meta": {"data": [1]},\n "data": [\n  {"instruction": "q1", "output": "a1"},\n  {"instruction": "q2", "output": "a2"}\n ]}'
+    )
+    (raw_dir / "k.json").write_text('{"id1": {"instruction": "q3", "output": "a3"},\n "id2": {"instruction": "q4", "output": "a4"}}')
+    r = ingest(raw_dir)
+    assert r.rejected.empty
+    assert r.kept[["source_file", "instruction", "source_line"]].values.tolist() == [
+        ["k.json", "q3", 1], ["k.json", "q4", 2], ["w.json", "q1", 3], ["w.json", "q2", 4]]
+
+
+def test_duplicate_keys_with_different_values_reject_the_row(raw_dir):
+    (raw_dir / "a.json").write_text('[{"instruction": "q", "output": "a", "output": "b"},\n {"instruction": "q2", "output": "x", "output": "x"}]')
+    (raw_dir / "b.jsonl").write_text('{"instruction": "q3", "instruction": "q4", "output": "y"}\n{"instruction": "q5", "output": "z"}\n')
+    r = ingest(raw_dir)
+    assert r.kept["instruction"].tolist() == ["q2", "q5"]
+    assert r.rejected[["source_file", "source_line"]].values.tolist() == [["a.json", 1], ["b.jsonl", 1]]
+    assert all("given twice in one record with different values" in x for x in r.rejected["reason"])
+
+
+def test_a_truncated_last_element_is_one_rejected_row_not_two(raw_dir):
+    (raw_dir / "t.json").write_text('[{"instruction": "q1", "output": "a1"},\n {"instruction": "q2", "outp')
+    r = ingest(raw_dir)
+    assert r.stats["rows_read"] == 2
+    assert r.rejected["reason"].item().startswith("truncated JSON (the file ends inside this element)")
+
+
+def test_old_mac_line_endings_split_lines(raw_dir):
+    (raw_dir / "m.jsonl").write_bytes(b'{"instruction": "q1", "output": "a1"}\r{"instruction": "q2", "output": "a2"}\r')
+    r = ingest(raw_dir)
+    assert r.kept[["instruction", "source_line"]].values.tolist() == [["q1", 1], ["q2", 2]]
