@@ -17,6 +17,7 @@ from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, Con
 from pydantic import Field
 
 from pipeline.atomic import atomic_dir
+from pipeline.tracking_sync import COMPLETE, attempt, pending
 from pipeline.evaluate import (
     EvalConfig,
     evaluate_models,
@@ -104,13 +105,22 @@ def evaluation_report(
     gate = tuned_beats_base(summary)
     metrics = {f"{m}_{s}_{k}": float(v) for m, splits in summary.items() for s, d in splits.items()
                for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    if not cache_hit and run_id:
-        _log_to_mlflow(mlflow, run_id, folder, metrics, gate)
+    tracking = COMPLETE
+    if run_id and (not cache_hit or pending(folder)):
+        # the evaluation is on disk; if MLflow is away the next materialization sends it
+        tracking = attempt(folder, "evaluation", mlflow.tracking_uri, run_id,
+                           lambda: _log_to_mlflow(mlflow, run_id, folder, metrics, gate))
+        if tracking != COMPLETE:
+            context.log.warning(tracking)
+        elif cache_hit:
+            context.log.info(f"sent the evaluation kept in {folder} to MLflow run {run_id}")
     (context.log.info if gate[0] else context.log.warning)(f"tuned_beats_base: {'passed' if gate[0] else 'FAILED'}: {gate[1]}")
-    link = mlflow.run_link(run_id, mlflow.client().get_run(run_id).info.experiment_id) if run_id else ""
+    link = ""
+    if run_id and tracking == COMPLETE:
+        link = mlflow.run_link(run_id, mlflow.client().get_run(run_id).info.experiment_id)
     yield Output(
         {"path": str(folder), "key": key, "summary": summary, "gate_passed": gate[0], "gate_reason": gate[1],
-         "system_prompt": manifest["system_prompt"], "mlflow_run_id": run_id},
+         "system_prompt": manifest["system_prompt"], "mlflow_run_id": run_id, "mlflow_tracking": tracking},
         metadata={
             "cache_hit": cache_hit,
             "rows": len(table),
@@ -122,6 +132,7 @@ def evaluation_report(
             "tuned_beats_base": gate[0],
             "path": MetadataValue.path(str(folder)),
             "mlflow_run": MetadataValue.url(link) if link else "",
+            "mlflow_tracking": tracking,
         },
     )
     b, t = summary.get("base", {}).get("eval", {}), summary.get("tuned", {}).get("eval", {})

@@ -13,7 +13,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
@@ -23,7 +22,9 @@ from pydantic import Field
 
 from pipeline.atomic import write_bytes_atomic
 from pipeline.model_source import BaseModelInfo
+from pipeline.secrets import redact, redact_params
 from pipeline.tokenization import TokenizedDataset
+from pipeline.tracking_sync import COMPLETE, QUICK_HTTP, attempt, pending, quick_http, send_missing_metrics
 from pipeline.train import TrainSpec, adapter_id, plot_loss_curve, read_metrics
 from resources.data_root import PROJECT_ROOT, DataRoot
 from resources.mlflow_tracking import MlflowTracking
@@ -55,7 +56,10 @@ class LoraAdapterConfig(Config):
     log_every: int = 1
     num_processes: int = Field(1, ge=1, description="Processes (GPUs); > 1 starts a distributed launcher")
     launcher: Literal["auto", "torchrun", "accelerate"] = "auto"
-    accelerate_config: str | None = Field(None, description="accelerate config file (FSDP, DeepSpeed) for `accelerate launch`")
+    accelerate_config: str | None = Field(
+        None, description="accelerate config file (FSDP, DeepSpeed) for `accelerate launch`; relative to the data root"
+    )
+    allow_outside_paths: bool = Field(False, description="accelerate_config may lie outside the data root")
     stop_after_steps: int | None = Field(None, description="Testing: stop the child abruptly after this many steps")
 
 
@@ -90,6 +94,9 @@ def lora_adapter(
     tokenized_dataset: TokenizedDataset,
     base_model: BaseModelInfo,
 ) -> Output[dict]:
+    if config.accelerate_config:
+        resolved = data_root.confine(config.accelerate_config, "lora_adapter.accelerate_config", config.allow_outside_paths)
+        config = config.model_copy(update={"accelerate_config": str(resolved)})
     settings = config.model_dump()
     spec_fields = {k: v for k, v in settings.items() if k in TrainSpec.__dataclass_fields__}
     # the key covers every training setting, the config's and the entry point's own defaults
@@ -102,7 +109,14 @@ def lora_adapter(
         done = json.loads(record.read_text())
         run_id = done["spec"].get("mlflow_run_id")
         context.log.info(f"cache hit: adapter {aid} was trained on the same data, base model and settings (MLflow run {run_id})")
-        return _output(context, mlflow, aid, out_dir, done["result"], run_id, cache_hit=True)
+        tracking = COMPLETE
+        earlier = pending(out_dir)
+        if earlier and run_id:
+            context.log.info(f"sending what MLflow missed since {earlier.get('since')} ({earlier.get('error', '')[:200]})")
+            tracking = attempt(out_dir, "training run", mlflow.tracking_uri, run_id,
+                               lambda: _send_training(mlflow.client(), run_id, out_dir, context.log.info))
+            _report_tracking(context, tracking)
+        return _output(context, mlflow, aid, out_dir, done["result"], run_id, cache_hit=True, tracking=tracking)
 
     mlflow.check_reachable()  # fail before training, naming the URI
     client = mlflow.client()
@@ -117,11 +131,10 @@ def lora_adapter(
         "git.commit": _git_commit(),
         "mlflow.runName": f"lora-{aid}",
     }
-    run = client.create_run(exp_id, tags=tags)
+    run = client.create_run(exp_id, tags=redact_params(tags))
     run_id = run.info.run_id
-    for key, value in settings.items():
+    for key, value in redact_params({**settings, "base_model": base_model.model}).items():
         client.log_param(run_id, key, "None" if value is None else str(value)[:250])
-    client.log_param(run_id, "base_model", base_model.model[:250])
     spec = TrainSpec(
         base_model_path=base_model.path,
         tokenized_path=tokenized_dataset.path,
@@ -139,33 +152,62 @@ def lora_adapter(
     spec.dump(spec_path)
     cmd = launch_command(spec_path, config)
     context.log.info("launching: " + " ".join(cmd))
+    # the child may lose the tracking server mid-training: it keeps going, and so do we
+    child_env = {**QUICK_HTTP, **os.environ, "PYTHONPATH": str(PROJECT_ROOT), "TOKENIZERS_PARALLELISM": "false"}
     try:
-        invocation = pipes_subprocess_client.run(
-            context=context, command=cmd, cwd=str(PROJECT_ROOT),
-            env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "TOKENIZERS_PARALLELISM": "false"},
-        )
+        invocation = pipes_subprocess_client.run(context=context, command=cmd, cwd=str(PROJECT_ROOT), env=child_env)
         result = dict(invocation.get_materialize_result().metadata or {})
         result = {k: getattr(v, "value", v) for k, v in result.items()}
-        metrics = read_metrics(out_dir / "metrics.jsonl")
-        png = plot_loss_curve(metrics)
-        with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / "loss_curve.png").write_bytes(png)
-            client.log_artifact(run_id, str(Path(tmp) / "loss_curve.png"), "plots")
-        client.log_artifacts(run_id, str(out_dir), "adapter")
-        client.set_terminated(run_id, "FINISHED")
     except BaseException as exc:
-        client.set_tag(run_id, "medtune.error", str(exc)[:5000])
-        client.set_terminated(run_id, "FAILED")
+        _mark_failed(context, mlflow, run_id, exc)
         raise
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # the finished adapter supersedes its checkpoints
-    return _output(context, mlflow, aid, out_dir, result, run_id, cache_hit=False, png=png)
+    # the adapter and its metrics are complete on disk; sending them to MLflow may fail on its own
+    png = plot_loss_curve(read_metrics(out_dir / "metrics.jsonl"))
+    write_bytes_atomic(out_dir / "loss_curve.png", png)
+    tracking = attempt(out_dir, "training run", mlflow.tracking_uri, run_id,
+                       lambda: _send_training(client, run_id, out_dir, context.log.info))
+    _report_tracking(context, tracking)
+    return _output(context, mlflow, aid, out_dir, result, run_id, cache_hit=False, png=png, tracking=tracking, exp_id=exp_id)
 
 
-def _output(context, mlflow, aid, out_dir, result, run_id, cache_hit, png=None) -> Output[dict]:
+def _send_training(client, run_id: str, out_dir: Path, log) -> None:
+    """Everything the MLflow run should hold, sent again where missing: idempotent."""
+    sent = send_missing_metrics(client, run_id, read_metrics(out_dir / "metrics.jsonl"))
+    if sent:
+        log(f"sent {sent} metric points MLflow did not have yet (kept in {out_dir / 'metrics.jsonl'})")
+    client.log_artifact(run_id, str(out_dir / "loss_curve.png"), "plots")
+    client.log_artifacts(run_id, str(out_dir), "adapter")
+    client.set_tag(run_id, "medtune.tracking", "complete")
+    client.set_terminated(run_id, "FINISHED")
+
+
+def _mark_failed(context, mlflow, run_id: str, exc: BaseException) -> None:
+    try:
+        with quick_http():
+            client = mlflow.client()
+            client.set_tag(run_id, "medtune.error", redact(exc)[:5000])
+            client.set_terminated(run_id, "FAILED")
+    except Exception as tracking_exc:  # the training's own error is the one to raise
+        context.log.warning(f"could not mark MLflow run {run_id} FAILED ({redact(tracking_exc)[:300]})")
+
+
+def _report_tracking(context, tracking: str) -> None:
+    if tracking == COMPLETE:
+        return
+    context.log.warning(tracking)
+
+
+def _output(context, mlflow, aid, out_dir, result, run_id, cache_hit, png=None, tracking=COMPLETE, exp_id=None) -> Output[dict]:
     if png is None:
         png = plot_loss_curve(read_metrics(out_dir / "metrics.jsonl"))
-    exp_id = mlflow.client().get_run(run_id).info.experiment_id if run_id else ""
-    link = mlflow.run_link(run_id, exp_id) if run_id else ""
+    if run_id and exp_id is None:
+        try:
+            with quick_http():
+                exp_id = mlflow.client().get_run(run_id).info.experiment_id
+        except Exception:  # the link is a convenience; the tracking status below says what failed
+            exp_id = None
+    link = mlflow.run_link(run_id, exp_id) if run_id and exp_id else ""
     curve = out_dir / "loss_curve.png"
     if not curve.is_file():
         write_bytes_atomic(curve, png)
@@ -175,7 +217,8 @@ def _output(context, mlflow, aid, out_dir, result, run_id, cache_hit, png=None) 
         "path": MetadataValue.path(str(out_dir)),
         "mlflow_run_id": run_id or "",
         "mlflow_run": MetadataValue.url(link) if link else "",
-        "mlflow_store": mlflow.tracking_uri,
+        "mlflow_store": redact(mlflow.tracking_uri),
+        "mlflow_tracking": tracking,
         "loss_curve": MetadataValue.md(f"![loss curve](data:image/png;base64,{base64.b64encode(png).decode()})"),
         "loss_curve_png": MetadataValue.path(str(curve)),
     }
@@ -183,4 +226,5 @@ def _output(context, mlflow, aid, out_dir, result, run_id, cache_hit, png=None) 
                 "device", "precision", "trainable_parameters", "resumed_from"):
         if result.get(key) is not None:
             md[key] = result[key]
-    return Output({"adapter_id": aid, "path": str(out_dir), "mlflow_run_id": run_id, **result}, metadata=md)
+    return Output({"adapter_id": aid, "path": str(out_dir), "mlflow_run_id": run_id, "mlflow_tracking": tracking, **result},
+                  metadata=md)

@@ -7,17 +7,47 @@ not run). The new version, linked to the training's run, gets the alias ``challe
 is registered, and the reason shows in the run's log, this asset's metadata and the MLflow run.
 """
 
-from dagster import AssetExecutionContext, Config, MetadataValue, Output, asset
+from dagster import AssetExecutionContext, Config, Failure, MetadataValue, Output, asset
 from pydantic import Field
 
 from pipeline.model_source import BaseModelInfo
 from pipeline.registry import register_merged_model
+from pipeline.secrets import redact
+from pipeline.tracking_sync import COMPLETE, quick_http
 from resources.mlflow_tracking import MlflowTracking
 
 
 class RegisteredModelConfig(Config):
     model_name: str = Field("medtune", description="Name in the MLflow Model Registry")
     max_new_tokens: int = Field(256, gt=0, description="Answer length limit of the registered model's predict()")
+
+
+def _require_complete_tracking(mlflow: MlflowTracking, run_id: str, evaluation_report: dict, merged_model: dict) -> None:
+    """Registering needs the tracking server and a training run that holds everything: otherwise
+    the run fails here, saying that the model is NOT registered, why, and what to do."""
+    where = f"the merged model is ready at {merged_model['path']}"
+    try:
+        with quick_http():
+            mlflow.check_reachable()
+            run = mlflow.client().get_run(run_id)
+    except Exception as exc:
+        raise Failure(
+            description=f"NOT registered: MLflow at {redact(mlflow.tracking_uri)} is unreachable ({redact(exc)[:300]}); "
+                        f"{where}. Materialize again once the server is back: it registers then.",
+            metadata={"registered": False, "mlflow_store": redact(mlflow.tracking_uri)},
+        ) from None
+    missing = []
+    if run.info.status != "FINISHED":
+        missing.append(f"the training's MLflow run {run_id} is {run.info.status}, not FINISHED (its metrics or "
+                       "adapter were not all sent)")
+    if evaluation_report.get("mlflow_tracking", COMPLETE) != COMPLETE:
+        missing.append("the evaluation was not logged to MLflow")
+    if missing:
+        raise Failure(
+            description="NOT registered: " + "; ".join(missing) + f"; {where}. Materialize the pipeline again: "
+                        "lora_adapter and evaluation_report send what MLflow is missing, then this registers.",
+            metadata={"registered": False},
+        )
 
 
 @asset(group_name="model", compute_kind="mlflow", description=__doc__)
@@ -44,7 +74,7 @@ def registered_model(
             mlflow.client().set_tag(run_id, "medtune.registration", f"skipped: {reason}"[:5000])
         return Output({"registered": False, "reason": reason, "name": config.model_name},
                       metadata={"registered": False, "reason": reason, "model_name": config.model_name})
-    mlflow.check_reachable()
+    _require_complete_tracking(mlflow, run_id, evaluation_report, merged_model)
     summary = evaluation_report["summary"]
     tuned, base = summary["tuned"]["eval"], summary["base"]["eval"]
     tags = {

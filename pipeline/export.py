@@ -54,6 +54,9 @@ def merge_adapter(
     )
     if getattr(base.config, "quantization_config", None) is not None:
         raise ExportError(f"{base_path} holds quantized weights: merge onto a 16- or 32-bit copy of the base model")
+    from pipeline.model_source import check_adapter_folder
+
+    check_adapter_folder(adapter_path)
     merged, merge_info = merge_exact(PeftModel.from_pretrained(base, adapter_path))
     tokenizer = AutoTokenizer.from_pretrained(adapter_path, trust_remote_code=trust_remote_code)
     if not getattr(tokenizer, "chat_template", None):

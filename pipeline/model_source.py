@@ -228,7 +228,38 @@ def _hub_download(model: str, revision: str | None, cache_dir: Path) -> Path:
     return Path(path)
 
 
-def resolve_base_model(model: str, models_dir: Path, revision: str | None = None) -> BaseModelInfo:
+def is_local_path(model: str, data_root: Path) -> bool:
+    """``model`` names a local folder (absolute, ``~``, ``./``, or existing under the data root),
+    not the bundled model or a hub id."""
+    if model.startswith(BUNDLED_PREFIX):
+        return False
+    return model.startswith(("/", "~", ".")) or (Path(data_root) / model).exists()
+
+
+def check_remote_code(folder: Path, trust_remote_code: bool) -> None:
+    """A model whose config maps its classes to Python files in the folder (``auto_map``) runs that
+    code when loaded: refuse it unless the config says to trust it."""
+    config = json.loads((folder / "config.json").read_text())
+    if config.get("auto_map") and not trust_remote_code:
+        raise ModelSourceError(
+            f"{folder} needs its own Python code to load (auto_map in config.json: "
+            f"{', '.join(sorted(config['auto_map']))}); MedTune does not run model code unless "
+            "base_model's config sets trust_remote_code: true"
+        )
+
+
+def check_adapter_folder(folder: str | Path) -> None:
+    """An adapter folder must hold safetensors weights; pickle-only adapters are refused."""
+    folder = Path(folder)
+    if not (folder / "adapter_model.safetensors").is_file():
+        pickles = sorted(p.name for p in folder.glob("adapter_model.*"))
+        raise ModelSourceError(
+            f"adapter folder {folder} has no adapter_model.safetensors"
+            + (f" (only {', '.join(pickles)}: pickle weights are not loaded)" if pickles else "")
+        )
+
+
+def resolve_base_model(model: str, models_dir: Path, revision: str | None = None, trust_remote_code: bool = False) -> BaseModelInfo:
     """Make ``model`` available as a local folder and describe it."""
     models_dir = Path(models_dir)
     if model.startswith(BUNDLED_PREFIX):
@@ -248,6 +279,7 @@ def resolve_base_model(model: str, models_dir: Path, revision: str | None = None
         folder = _hub_download(model, revision, models_dir / "hub")
         source = "hub"
     check_folder(folder)
+    check_remote_code(folder, trust_remote_code)
     fingerprint, tok_fp = weights_fingerprint(folder)
     n_params, dtype = safetensors_summary(folder)
     config = json.loads((folder / "config.json").read_text())
@@ -267,4 +299,5 @@ def resolve_base_model(model: str, models_dir: Path, revision: str | None = None
         n_params=n_params,
         dtype=dtype,
         has_chat_template=has_template,
+        trust_remote_code=trust_remote_code,
     )

@@ -137,6 +137,11 @@ class Reporter:
         self.mlflow_error: str | None = None
         if not is_main:
             return
+        if self.metrics_path.is_file() and self.metrics_path.stat().st_size:
+            with open(self.metrics_path, "rb+") as fh:  # a kill mid-line left it unterminated: end it
+                fh.seek(-1, os.SEEK_END)
+                if fh.read(1) != b"\n":
+                    fh.write(b"\n")
         if os.environ.get("DAGSTER_PIPES_CONTEXT"):
             from dagster_pipes import open_dagster_pipes
 
@@ -169,9 +174,10 @@ class Reporter:
                 now = int(time.time() * 1000)
                 self.mlflow.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
             except Exception as exc:  # keep training; the metrics are in metrics.jsonl
-                if self.mlflow_error is None:
-                    self.log(f"WARNING: MLflow logging failed ({exc}); metrics are kept in {self.metrics_path}")
                 self.mlflow_error = str(exc)
+                self.mlflow = None  # no retries at every step: the asset sends what is missing afterwards
+                self.log(f"WARNING: MLflow logging failed at step {step} ({str(exc)[:300]}); training goes on, "
+                         f"metrics are kept in {self.metrics_path} and sent to MLflow when it is reachable again")
 
     def done(self, metadata: dict[str, Any]) -> None:
         if self.pipes is not None:
@@ -420,7 +426,10 @@ def train(spec: TrainSpec) -> dict[str, Any]:
         with atomic_dir(Path(spec.output_dir)) as tmp:
             accelerator.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
-            (tmp / "medtune_training.json").write_text(json.dumps({"spec": asdict(spec), "result": result}, indent=2))
+            from pipeline.secrets import redact_params
+
+            record = {"spec": redact_params(asdict(spec)), "result": result}
+            (tmp / "medtune_training.json").write_text(json.dumps(record, indent=2))
             if report.metrics_path.is_file():
                 (tmp / "metrics.jsonl").write_bytes(report.metrics_path.read_bytes())
         report.log(f"adapter saved to {spec.output_dir} after {step} steps in {elapsed:.0f}s")
@@ -462,7 +471,13 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     p = Path(path)
     if not p.is_file():
         return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    out = []
+    for line in p.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:  # a line cut short by a kill mid-write: the resumed run logs that step again
+            continue
+    return out
 
 
 def plot_loss_curve(metrics: list[dict]) -> bytes:

@@ -16,6 +16,10 @@ def default_data_dir() -> str:
     return str(Path(value).expanduser().resolve()) if value else str(PROJECT_ROOT / "data")
 
 
+class PathOutsideDataRoot(ValueError):
+    """A path from config points outside the data root (and that is not allowed)."""
+
+
 class DataRoot(ConfigurableResource):
     """The data root and the fixed layout under it.
 
@@ -28,6 +32,23 @@ class DataRoot(ConfigurableResource):
     @property
     def root(self) -> Path:
         return Path(self.path)
+
+    def confine(self, value: str, setting: str, allow_outside: bool = False) -> Path:
+        """A path given in config, resolved (relative to the data root, symlinks followed) and
+        refused with :class:`PathOutsideDataRoot` when it lands outside the data root, unless the
+        config explicitly allows it (``allow_outside``)."""
+        raw = Path(value).expanduser()
+        lexical = Path(os.path.normpath(raw if raw.is_absolute() else self.root / raw))
+        resolved = lexical.resolve()
+        root = self.root.resolve()
+        if not allow_outside and not resolved.is_relative_to(root):
+            via = f" (a symlink: it resolves to {resolved})" if lexical.is_relative_to(self.root) or lexical.is_relative_to(root) else ""
+            raise PathOutsideDataRoot(
+                f"{setting}: {value!r} is outside the data root {root}{via}. Put it under the data root, "
+                "or set allow_outside_paths: true in this asset's config to use a path elsewhere."
+            )
+        return resolved
+
 
     @property
     def raw_dir(self) -> Path:

@@ -46,6 +46,17 @@ def demo_records(n: int) -> list[dict]:
     return out
 
 
+def model_in_data_root(model_dir: Path, data_dir: Path) -> str:
+    """Copy the tiny model under the data root (config paths must stay inside it by default) and
+    return its path relative to the data root, the way a user names a local model."""
+    import shutil
+
+    dest = Path(data_dir) / "models" / "local" / Path(model_dir).name
+    if not dest.is_dir():
+        shutil.copytree(model_dir, dest)
+    return dest.relative_to(data_dir).as_posix()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     from pipeline.model_source import build_tiny_model

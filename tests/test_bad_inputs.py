@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 from dagster import DagsterEventType, DagsterInstance, Definitions
 
-from conftest import write_json
+from conftest import model_in_data_root, write_json
 from pipeline.dedup import deduplicate
 from pipeline.ingest import ingest
 from pipeline.validate import validate_records
@@ -106,7 +106,7 @@ def test_the_whole_corpus_through_dagster_completes_and_accounts_for_every_row(t
     defs = Definitions(assets=all_assets, asset_checks=all_asset_checks, jobs=JOBS,
                        resources=make_resources(str(data), f"sqlite:///{tmp_path}/mlflow.db"))
     job = defs.resolve_job_def("prepare_data_job")
-    config = {"ops": {"base_model": {"config": {"model": str(tiny_model_dir)}},
+    config = {"ops": {"base_model": {"config": {"model": model_in_data_root(tiny_model_dir, data)}},
                       "validated_records": {"config": {"max_reject_ratio": 0.9}}}}
     result = job.execute_in_process(run_config=config, instance=DagsterInstance.ephemeral(), raise_on_error=False)
     failures = [e for e in result.all_events if e.event_type == DagsterEventType.STEP_FAILURE]

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 from dagster import DagsterInstance, Definitions
 
-from conftest import INSTR, demo_records, rec, write_json, write_jsonl
+from conftest import INSTR, demo_records, model_in_data_root, rec, write_json, write_jsonl
 from pipeline.definitions import JOBS, all_asset_checks, all_assets, make_resources
 
 DATA_ASSETS = [
@@ -17,7 +17,7 @@ def run(data_dir, model_dir, extra_config=None):
     defs = Definitions(assets=all_assets, asset_checks=all_asset_checks, jobs=JOBS,
                        resources=make_resources(str(data_dir), f"sqlite:///{data_dir}/mlflow.db"))
     job = defs.resolve_job_def("prepare_data_job")
-    config = {"ops": {"base_model": {"config": {"model": str(model_dir)}}, **(extra_config or {})}}
+    config = {"ops": {"base_model": {"config": {"model": model_in_data_root(model_dir, data_dir)}}, **(extra_config or {})}}
     return job.execute_in_process(run_config=config, instance=DagsterInstance.ephemeral(), raise_on_error=False)
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import demo_records, write_json
+from conftest import demo_records, model_in_data_root, write_json
 
 PROJECT = Path(__file__).resolve().parents[1]
 ARTIFACTS = PROJECT / "test-artifacts"
@@ -55,7 +55,7 @@ class Stack:
     dagster: str
     mlflow: str
     data_dir: Path
-    tiny_model: Path
+    tiny_model: str  # relative to the data root
     logs: Path
 
     def graphql(self, query: str, variables: dict | None = None) -> dict:
@@ -111,7 +111,8 @@ def stack(tmp_path_factory, tiny_model_dir):
             assert proc.poll() is None, "pipeline.ui exited:\n" + "".join(lines)
             assert time.monotonic() < deadline, "pipeline.ui not ready in 240 s:\n" + "".join(lines)
             time.sleep(0.5)
-        yield Stack(f"http://127.0.0.1:{dagster_port}", f"http://127.0.0.1:{mlflow_port}", data, tiny_model_dir, logs)
+        model = model_in_data_root(tiny_model_dir, data)
+        yield Stack(f"http://127.0.0.1:{dagster_port}", f"http://127.0.0.1:{mlflow_port}", data, model, logs)
     finally:
         # the same way Ctrl-C stops `make ui`
         try:

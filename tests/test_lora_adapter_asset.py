@@ -6,7 +6,7 @@ import pytest
 from dagster import DagsterInstance, Definitions
 from mlflow.tracking import MlflowClient
 
-from conftest import demo_records, write_json
+from conftest import demo_records, model_in_data_root, write_json
 from pipeline.definitions import JOBS, all_asset_checks, all_assets, make_resources
 
 
@@ -15,7 +15,7 @@ def run(data_dir, tracking_uri, model_dir, **train_config):
                        resources=make_resources(str(data_dir), tracking_uri))
     job = defs.resolve_job_def("full_pipeline_job")
     config = {"ops": {
-        "base_model": {"config": {"model": str(model_dir)}},
+        "base_model": {"config": {"model": model_in_data_root(model_dir, data_dir)}},
         "tokenized_dataset": {"config": {"max_seq_len": 256}},
         "lora_adapter": {"config": {"max_steps": 6, "save_every": 2, "eval_every": 3, "learning_rate": 5e-3,
                                     "precision": "fp32", **train_config}},
