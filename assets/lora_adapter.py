@@ -20,7 +20,7 @@ from typing import Literal
 from dagster import AssetExecutionContext, Config, MetadataValue, Output, PipesSubprocessClient, asset
 from pydantic import Field
 
-from pipeline.atomic import write_bytes_atomic
+from pipeline.atomic import file_lock, write_bytes_atomic
 from pipeline.model_source import BaseModelInfo
 from pipeline.secrets import redact, redact_params
 from pipeline.tokenization import TokenizedDataset
@@ -104,6 +104,16 @@ def lora_adapter(
     aid = adapter_id(tokenized_dataset.key, base_model.fingerprint, training, config.num_processes)
     out_dir = data_root.models_dir / "adapters" / aid
     ckpt_dir = data_root.models_dir / "checkpoints" / aid
+    # one training per adapter at a time, whatever the run queue is set to: a second
+    # materialization of the same adapter waits here, then finds it finished (a cache hit)
+    with file_lock(data_root.models_dir / "checkpoints" / f"{aid}.lock",
+                   on_wait=lambda: context.log.info(f"another process is training adapter {aid}: waiting for it")):
+        return _reuse_or_train(context, config, mlflow, pipes_subprocess_client, tokenized_dataset, base_model,
+                               settings, spec_fields, aid, out_dir, ckpt_dir)
+
+
+def _reuse_or_train(context, config, mlflow, pipes_subprocess_client, tokenized_dataset, base_model,
+                    settings, spec_fields, aid, out_dir, ckpt_dir) -> Output[dict]:
     record = out_dir / "medtune_training.json"
     if record.is_file():
         done = json.loads(record.read_text())

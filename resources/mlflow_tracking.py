@@ -63,7 +63,13 @@ class MlflowTracking(ConfigurableResource):
         if root is None and self.tracking_uri.startswith("sqlite:///"):
             root = str(Path(self.tracking_uri[len("sqlite:///"):]).parent / "artifacts")
         location = Path(root).resolve().as_uri() if root and "://" not in root else root
-        return client.create_experiment(self.experiment, artifact_location=location)
+        try:
+            return client.create_experiment(self.experiment, artifact_location=location)
+        except Exception:  # created by a concurrent run in the meantime?
+            exp = client.get_experiment_by_name(self.experiment)
+            if exp is None:
+                raise
+            return exp.experiment_id
 
     def run_link(self, run_id: str, experiment_id: str) -> str:
         """The run's page: on the tracking server, or on `make mlflow-ui` for a local store."""
