@@ -341,13 +341,13 @@ def load_tuned_model(base_path: str, adapter_path: str, trust_remote_code: bool 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from pipeline.model_source import check_adapter_folder
+
+    check_adapter_folder(adapter_path)
     tokenizer = AutoTokenizer.from_pretrained(adapter_path, trust_remote_code=trust_remote_code)
     base = AutoModelForCausalLM.from_pretrained(
         base_path, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
     )
-    from pipeline.model_source import check_adapter_folder
-
-    check_adapter_folder(adapter_path)
     model = PeftModel.from_pretrained(base, adapter_path)
     model.to(inference_device())
     model.eval()

@@ -245,3 +245,31 @@ def test_3_browser_sees_the_asset_graph_and_the_champion(stack):
         open_registered_model(page, stack.mlflow)
         expect(page.get_by_text("champion").first).to_be_visible(timeout=60000)
         page.screenshot(path=str(ARTIFACTS / "mlflow-model-page.png"), full_page=True)
+
+
+def listening_addresses(port: int) -> set[str]:
+    """Local addresses of the sockets listening on ``port``, read from /proc/net/tcp{,6}."""
+    found = set()
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            addr, hexport = local.split(":")
+            if state == "0A" and int(hexport, 16) == port:  # 0A: LISTEN
+                if width == 8:
+                    found.add(socket.inet_ntop(socket.AF_INET, bytes.fromhex(addr)[::-1]))
+                else:
+                    raw = b"".join(bytes.fromhex(addr[i:i + 8])[::-1] for i in range(0, 32, 8))
+                    found.add(socket.inet_ntop(socket.AF_INET6, raw))
+    return found
+
+
+def test_4_servers_listen_on_loopback_only(stack):
+    for url in (stack.dagster, stack.mlflow):
+        port = int(url.rsplit(":", 1)[1])
+        addresses = listening_addresses(port)
+        assert addresses, f"nothing listens on {port}"
+        assert addresses <= {"127.0.0.1", "::1"}, f"port {port} listens on {addresses}"

@@ -80,3 +80,44 @@ def test_dedup_is_idempotent_and_order_independent(rows, rnd):
     other = deduplicate(frame(shuffled), "keep_all")
     assert sorted(other.kept["record_id"]) == sorted(once.kept["record_id"])
     assert len(once.kept) + len(once.rejected) == len(rows)
+
+
+JSONISH = st.lists(
+    st.sampled_from(['[', ']', '{', '}', ',', ':', '"instruction"', '"input"', '"output"', '"data"', '"答案"', '"\\ud800"',
+                     '"x"', '\n', '\r', ' ', 'NaN', '-Infinity', '1', 'true', 'null', '"', '\\', '\x00', '\ufeff']),
+    max_size=60,
+).map("".join)
+
+
+@FAST
+@given(JSONISH)
+def test_json_shaped_garbage_never_crashes_and_every_row_is_accounted(tmp_path_factory, text):
+    path = tmp_path_factory.mktemp("j") / "x.json"
+    path.write_text(text, encoding="utf-8", errors="surrogatepass")
+    result = ingest_file(path, "x.json")
+    kept = 0 if result.table is None else result.table.num_rows
+    assert result.summary.rows_read == kept + len(result.rejected) >= 1
+
+
+any_text = st.text(alphabet=st.characters(codec=None), max_size=30)  # lone surrogates and controls included
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.fixed_dictionaries({"instruction": any_text, "input": any_text, "output": any_text}), min_size=1, max_size=6))
+def test_validation_and_dedup_take_any_unicode_and_account_for_every_row(tmp_path_factory, records):
+    from pipeline.validate import validate_records
+
+    path = tmp_path_factory.mktemp("u") / "x.json"
+    path.write_text(json.dumps(records), encoding="utf-8")  # \\ud800 escapes: valid JSON, invalid Unicode
+    result = ingest_file(path, "x.json")
+    kept = pd.DataFrame(result.table.to_pylist()) if result.table is not None else None
+    assert result.summary.rows_read == len(records)
+    if kept is None or kept.empty:
+        return
+    valid = validate_records(kept.astype({c: "str" for c in ("instruction", "input", "output")}))
+    assert len(valid.kept) + len(valid.rejected) == len(kept)
+    bad = {*range(0xD800, 0xE000), *range(0x00, 0x09), *range(0x0B, 0x20), 0x7F}
+    for col in ("instruction", "input", "output"):  # nothing invalid got through
+        assert not any(ord(ch) in bad for value in valid.kept[col] for ch in value)
+    dedup = deduplicate(valid.kept, "keep_first")
+    assert len(dedup.kept) + len(dedup.rejected) == len(valid.kept)
