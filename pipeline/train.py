@@ -78,7 +78,9 @@ class TrainSpec:
         return cls(**json.loads(Path(path).read_text()))
 
     def dump(self, path: str | os.PathLike) -> None:
-        Path(path).write_text(json.dumps(asdict(self), indent=2))
+        from pipeline.atomic import write_bytes_atomic
+
+        write_bytes_atomic(path, json.dumps(asdict(self), indent=2).encode())
 
 
 # ------------------------------------------------------------------------------ data
