@@ -50,6 +50,7 @@ $(DAGSTER_HOME)/dagster.yaml: pipeline/dagster.yaml
 # in-process: on 2 cores, steps one after the other beat steps started in processes of their own
 # that then share the cores (evaluation_report and merged_model would run side by side)
 run: setup
+	$(BIN)/python -m pipeline.recover
 	$(BIN)/dagster asset materialize -m pipeline.definitions --select '*' --config-json '{"execution": {"config": {"in_process": {}}}}'
 	$(BIN)/python -m pipeline.summary
 

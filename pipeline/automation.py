@@ -28,6 +28,7 @@ from dagster import (
 
 from pipeline.jobs import full_pipeline_job
 from pipeline.raw_watch import WatchState, decide, raw_fingerprint
+from pipeline.recover import recover_dead_runs
 from resources.data_root import DataRoot
 
 SETTINGS = yaml.safe_load(Path(__file__).with_name("automation.yaml").read_text())
@@ -63,6 +64,10 @@ def built_fingerprint(instance) -> str | None:
     description="Retrain when the content of $MEDTUNE_DATA_DIR/raw/ changes (content hashes, debounced)",
 )
 def raw_data_sensor(context: SensorEvaluationContext, data_root: DataRoot):
+    try:  # a run killed outright would hold the training slot forever: free it (pipeline.recover)
+        recover_dead_runs(context.instance, log=context.log.warning)
+    except Exception as exc:  # never let the clean-up stop the sensor
+        context.log.warning(f"could not check for dead runs: {exc}")
     fingerprint = raw_fingerprint(data_root.raw_dir)
     state = WatchState.load(context.cursor)
     built = built_fingerprint(context.instance) if state.seen is None else None

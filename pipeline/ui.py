@@ -151,6 +151,23 @@ class Servers:
                 pass
 
 
+def recover(home: Path) -> None:
+    """Runs killed outright earlier (their process is gone) would hold the training slot: free it."""
+    from dagster import DagsterInstance
+
+    from pipeline.recover import recover_dead_runs
+
+    ensure_dagster_home(home)
+    try:
+        instance = DagsterInstance.from_config(str(home))
+        try:
+            recover_dead_runs(instance)
+        finally:
+            instance.dispose()
+    except Exception as exc:  # never keep the UIs from starting
+        print(f"WARNING: could not check for dead runs: {exc}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Start the Dagster UI and the MLflow UI together")
     ap.add_argument("--host", default=LOOPBACK, help="bind address (default loopback only)")
@@ -182,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = Path(args.log_dir) if args.log_dir else None
     if log_dir:
         log_dir.mkdir(parents=True, exist_ok=True)
+    recover(servers.dagster_home)
     servers.start(log_dir)
     if log_dir:  # for whoever must clean up after us (the end-to-end tests)
         (log_dir / "pids.json").write_text(json.dumps({n: p.pid for n, p in servers.procs.items()}))

@@ -341,3 +341,55 @@ def test_two_materializations_at_once_hold_the_training_limit_and_corrupt_nothin
     adapters = list((data_dir / "models" / "adapters").iterdir())
     assert len(adapters) == 1 and (adapters[0] / "adapter_model.safetensors").is_file()
     assert "cache hit" in outs[0] + outs[1]  # the second to get the slot found the first one's adapter
+
+
+def test_a_run_killed_outright_frees_its_training_slot_and_the_next_run_resumes(data_dir, tmp_path, tiny_model_dir):
+    """SIGKILL the whole `dagster asset materialize` process group mid-training (no chance to clean
+    up): its pool slot stays claimed until pipeline.recover (make run, make ui and the sensor call
+    it) sees the process is gone; then the next run resumes from the checkpoint."""
+    from dagster import DagsterInstance, DagsterRunStatus
+
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text((PROJECT / "pipeline" / "dagster.yaml").read_text())
+    model = model_in_data_root(tiny_model_dir, data_dir)
+    config = {"execution": {"config": {"in_process": {}}}, "ops": {
+        "base_model": {"config": {"model": model}},
+        "tokenized_dataset": {"config": {"max_seq_len": 256}},
+        "lora_adapter": {"config": {"max_steps": 40, "save_every": 4, "eval_every": 20, "learning_rate": 5e-3, "precision": "fp32"}},
+    }}
+    env = {**os.environ, "DAGSTER_HOME": str(home), "MEDTUNE_DATA_DIR": str(data_dir),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PYTHONPATH": str(PROJECT)}
+    cmd = [str(Path(sys.executable).parent / "dagster"), "asset", "materialize", "-m", "pipeline.definitions", "--select",
+           "raw_records,validated_records,deduplicated_records,rejected_records,alpaca_dataset,base_model,tokenized_dataset,lora_adapter",
+           "--config-json", json.dumps(config)]
+    proc = subprocess.Popen(cmd, cwd=PROJECT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not list((data_dir / "models" / "checkpoints").glob("*/step-8/trainer_state.json")):
+        assert proc.poll() is None and time.monotonic() < deadline, "training never reached its second checkpoint"
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)  # the run and its training child, mid-training
+    proc.wait()
+
+    instance = DagsterInstance.from_config(str(home))
+    (run,) = instance.get_runs()
+    assert run.status == DagsterRunStatus.STARTED  # nobody recorded its end
+    claims = instance.event_log_storage.get_concurrency_info("medtune_training").claimed_slots
+    assert [c.run_id for c in claims] == [run.run_id]  # the slot every later training would wait for
+    instance.dispose()
+
+    recovered = subprocess.run([sys.executable, "-m", "pipeline.recover"], cwd=PROJECT, env=env, capture_output=True, text=True)
+    assert recovered.returncode == 0 and f"recovered run {run.run_id}" in recovered.stdout, recovered.stdout + recovered.stderr
+    instance = DagsterInstance.from_config(str(home))
+    assert instance.get_run_by_id(run.run_id).status == DagsterRunStatus.FAILURE
+    assert instance.event_log_storage.get_concurrency_info("medtune_training").claimed_slots == []
+    instance.dispose()
+
+    again = subprocess.run(cmd, cwd=PROJECT, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "was interrupted: resuming from its latest checkpoint" in again.stdout + again.stderr
+    adapters = list((data_dir / "models" / "adapters").iterdir())
+    assert len(adapters) == 1 and (adapters[0] / "adapter_model.safetensors").is_file()
+    record = json.loads((adapters[0] / "medtune_training.json").read_text())
+    assert record["result"]["steps"] == 40 and record["result"]["resumed_from"] in ("step-8", "step-12", "step-16", "step-20",
+                                                                                   "step-24", "step-28", "step-32", "step-36")
