@@ -17,7 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
 
-from dagster import AssetExecutionContext, Config, MetadataValue, Output, PipesSubprocessClient, asset
+from dagster import AssetExecutionContext, Config, Failure, MetadataValue, Output, PipesSubprocessClient, asset
 from pydantic import Field
 
 from pipeline.atomic import file_lock, write_bytes_atomic
@@ -25,7 +25,7 @@ from pipeline.model_source import BaseModelInfo
 from pipeline.secrets import redact, redact_params
 from pipeline.tokenization import TokenizedDataset
 from pipeline.tracking_sync import COMPLETE, QUICK_HTTP, attempt, pending, quick_http, send_missing_metrics
-from pipeline.train import TrainSpec, adapter_id, plot_loss_curve, read_metrics
+from pipeline.train import ERROR_FILE, TrainSpec, adapter_id, plot_loss_curve, read_metrics
 from resources.data_root import PROJECT_ROOT, DataRoot
 from resources.mlflow_tracking import MlflowTracking
 
@@ -169,7 +169,11 @@ def _reuse_or_train(context, config, mlflow, pipes_subprocess_client, tokenized_
         result = dict(invocation.get_materialize_result().metadata or {})
         result = {k: getattr(v, "value", v) for k, v in result.items()}
     except BaseException as exc:
-        _mark_failed(context, mlflow, run_id, exc)
+        reason = _child_error(ckpt_dir)
+        _mark_failed(context, mlflow, run_id, Exception(reason) if reason else exc)
+        if reason:
+            raise Failure(description=f"training failed: {redact(reason)[:2000]}",
+                          metadata={"checkpoints": MetadataValue.path(str(ckpt_dir))}) from exc
         raise
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # the finished adapter supersedes its checkpoints
     # the adapter and its metrics are complete on disk; sending them to MLflow may fail on its own
@@ -179,6 +183,13 @@ def _reuse_or_train(context, config, mlflow, pipes_subprocess_client, tokenized_
                        lambda: _send_training(client, run_id, out_dir, context.log.info))
     _report_tracking(context, tracking)
     return _output(context, mlflow, aid, out_dir, result, run_id, cache_hit=False, png=png, tracking=tracking, exp_id=exp_id)
+
+
+def _child_error(ckpt_dir: Path) -> str:
+    try:
+        return (ckpt_dir / ERROR_FILE).read_text()[:5000]
+    except OSError:
+        return ""
 
 
 def _send_training(client, run_id: str, out_dir: Path, log) -> None:

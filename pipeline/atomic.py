@@ -55,6 +55,20 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+# I/O failures reported by libraries that do not raise OSError (safetensors and tokenizers are
+# written in Rust and raise their own errors carrying the OS message)
+_IO_MESSAGES = ("No space left on device", "Read-only file system", "Permission denied", "Disk quota exceeded",
+                "File too large", "os error")
+
+
+def _io_error(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) or (isinstance(exc, Exception) and any(m in str(exc) for m in _IO_MESSAGES))
+
+
+def _reason(exc: BaseException) -> str:
+    return (exc.strerror if isinstance(exc, OSError) and exc.strerror else None) or str(exc)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -91,16 +105,12 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
             os.fsync(fh.fileno())
         os.replace(tmp, dest)
         _fsync_dir(parent)
-    except OSError as exc:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        if isinstance(exc, OutputWriteError):
+        if isinstance(exc, OutputWriteError) or not _io_error(exc):
             raise
-        raise OutputWriteError(f"could not write {dest}: {exc.strerror or exc}") from exc
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+        raise OutputWriteError(f"could not write {dest}: {_reason(exc)}") from exc
 
 
 @contextlib.contextmanager
@@ -123,14 +133,11 @@ def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
         else:
             os.replace(tmp, dest)
         _fsync_dir(parent)
-    except OSError as exc:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OutputWriteError):
+        if isinstance(exc, OutputWriteError) or not _io_error(exc):
             raise
-        raise OutputWriteError(f"could not write {dest}: {exc.strerror or exc}") from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        raise OutputWriteError(f"could not write {dest}: {_reason(exc)}") from exc
 
 
 def write_bytes_atomic(dest: str | os.PathLike, data: bytes) -> None:

@@ -393,3 +393,20 @@ def test_a_run_killed_outright_frees_its_training_slot_and_the_next_run_resumes(
     record = json.loads((adapters[0] / "medtune_training.json").read_text())
     assert record["result"]["steps"] == 40 and record["result"]["resumed_from"] in ("step-8", "step-12", "step-16", "step-20",
                                                                                    "step-24", "step-28", "step-32", "step-36")
+
+
+def test_a_full_disk_during_training_fails_with_the_path_and_keeps_no_partial_checkpoint(data_dir, tmp_path, tiny_model_dir):
+    checkpoints = data_dir / "models" / "checkpoints"
+    mount_tmpfs(checkpoints, 48)  # room for the spec and the metrics, not for a checkpoint
+    try:
+        result = run_pipeline(data_dir, f"sqlite:///{tmp_path / 'mlflow.db'}", tiny_model_dir, job="full_pipeline_job",
+                              max_steps=8, save_every=2)
+        assert not result.success
+        message = step_error(result, "lora_adapter")
+        assert "training failed: OutputWriteError: could not write" in message and str(checkpoints) in message, message
+        assert "No space left on device" in message
+        assert not list(checkpoints.rglob(".tmp-*")) and not list(checkpoints.glob("*/step-*"))
+        runs = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_runs(["1"])
+        assert runs[0].info.status == "FAILED" and "No space left" in runs[0].data.tags["medtune.error"]
+    finally:
+        subprocess.run(["umount", "-l", str(checkpoints)], capture_output=True)
