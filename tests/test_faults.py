@@ -410,3 +410,40 @@ def test_a_full_disk_during_training_fails_with_the_path_and_keeps_no_partial_ch
         assert runs[0].info.status == "FAILED" and "No space left" in runs[0].data.tags["medtune.error"]
     finally:
         subprocess.run(["umount", "-l", str(checkpoints)], capture_output=True)
+
+
+MERGER = textwrap.dedent('''
+    import sys
+    from pipeline.export import merge_adapter
+    base, adapter, dest = sys.argv[1:4]
+    for k in range(1, 10_000):
+        merge_adapter(base, adapter, dest, record={"merged_id": f"v{k}"})
+        print(k, flush=True)
+''')
+
+
+def test_a_kill_while_the_merged_model_is_written_leaves_a_loadable_model(tmp_path, tiny_model_dir):
+    """The real exporter (merge_adapter), killed at random moments while it rewrites its folder."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.export import read_export_record
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, use_safetensors=True)
+    n_params = sum(p.numel() for p in base.parameters())
+    adapter = tmp_path / "adapter"
+    get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).save_pretrained(adapter)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(adapter)
+    dest = tmp_path / "merged"
+    rng = random.Random(SEED + 1)
+    for round_ in range(4):
+        proc = subprocess.Popen([sys.executable, "-c", MERGER, str(tiny_model_dir), str(adapter), str(dest)], cwd=PROJECT,
+                                stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(PROJECT)})
+        proc.stdout.readline()  # one complete export exists
+        time.sleep(rng.uniform(0.0, 1.0))
+        proc.kill()
+        proc.wait()
+        assert read_export_record(dest)["merged_id"].startswith("v")  # the record of a complete export
+        model = AutoModelForCausalLM.from_pretrained(dest, dtype=torch.float32, use_safetensors=True)
+        assert sum(p.numel() for p in model.parameters()) == n_params  # complete: every weight there
