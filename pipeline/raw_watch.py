@@ -8,12 +8,13 @@ nothing. A change is acted on only once the folder has been quiet (the same fing
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pipeline.fingerprint import sha256_files
+from pipeline.fingerprint import sha256_file
 from pipeline.ingest import discover_files
 
 EMPTY = "empty"
@@ -24,10 +25,20 @@ def raw_fingerprint(raw_dir: str | os.PathLike) -> str:
     if not raw.is_dir():
         return EMPTY
     files, _refused, _ignored = discover_files(raw)
-    try:
-        return sha256_files(files, raw) if files else EMPTY
-    except OSError:
-        return "unreadable"  # a file vanished or is being replaced: look again on the next tick
+    if not files:
+        return EMPTY
+    h = hashlib.sha256()
+    for path in sorted(files, key=lambda q: q.relative_to(raw).as_posix()):
+        try:
+            digest = sha256_file(path)
+        except FileNotFoundError:
+            return "unreadable"  # vanished or being replaced: look again on the next tick
+        except OSError as exc:
+            # unreadable for good (permissions, I/O error): part of the fingerprint, so it neither
+            # blocks the sensor nor hides the other files; raw_records rejects it with the reason
+            digest = f"unreadable:{exc.errno}"
+        h.update(f"{path.relative_to(raw).as_posix()}\0{digest}\n".encode())
+    return h.hexdigest()
 
 
 @dataclass

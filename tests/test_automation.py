@@ -128,3 +128,30 @@ def test_training_runs_are_limited_to_one():
     schedule = defs.get_schedule_def("periodic_retrain_schedule")
     assert schedule.default_status.value == "STOPPED"
     assert defs.get_sensor_def("raw_data_sensor").default_status.value == "RUNNING"
+
+
+def test_a_file_unreadable_for_good_does_not_stall_the_sensor(tmp_path, monkeypatch):
+    import errno
+
+    import pipeline.raw_watch as rw
+
+    raw = tmp_path / "raw"
+    write_json(raw / "a.json", demo_records(2))
+    write_json(raw / "b.json", demo_records(3))
+    readable = raw_fingerprint(raw)
+    real = rw.sha256_file
+
+    def denied(path):
+        if path.name == "b.json":
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(rw, "sha256_file", denied)
+    fp = raw_fingerprint(raw)
+    assert len(fp) == 64 and fp != readable  # a real fingerprint: the sensor can act, raw_records rejects b.json
+
+    def vanished(path):
+        raise FileNotFoundError(errno.ENOENT, "No such file", str(path))
+
+    monkeypatch.setattr(rw, "sha256_file", vanished)
+    assert raw_fingerprint(raw) == "unreadable"  # being replaced: look again on the next tick
