@@ -43,16 +43,20 @@ def _clean_stale(parent: Path, name: str) -> None:
                 stale.unlink()
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # our own leftovers from an earlier failed attempt
+def pid_exists(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        return True  # it exists, owned by someone else
     return True
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # our own leftovers from an earlier failed attempt
+    return pid_exists(pid)
 
 
 # I/O failures reported by libraries that do not raise OSError (safetensors and tokenizers are

@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.atomic import pid_exists
+
 # a run without any event naming its process is left alone for this long (it may be starting)
 STARTING_GRACE_S = 600
 
@@ -31,12 +33,8 @@ class Recovered:
 
 def _alive(pid: int) -> bool:
     """The process exists and is a Dagster/Python process (a reused pid after a reboot is not)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not pid_exists(pid):
         return False
-    except PermissionError:
-        return True
     cmdline = Path(f"/proc/{pid}/cmdline")
     if cmdline.exists():
         try:

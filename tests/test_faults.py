@@ -293,24 +293,30 @@ def test_disk_full_and_read_only_output_folders_fail_clearly_without_partial_out
         subprocess.run(["umount", "-l", str(processed)], capture_output=True)
 
 
+def materialize_command(data_dir, tmp_path, tiny_model_dir, **train_config):
+    """A `dagster asset materialize` of the data half and lora_adapter on a persistent instance
+    (pipeline/dagster.yaml: the training pool), as `make run` does: (command, environment, home)."""
+    home = tmp_path / "dagster_home"
+    home.mkdir(exist_ok=True)
+    (home / "dagster.yaml").write_text((PROJECT / "pipeline" / "dagster.yaml").read_text())
+    config = {"execution": {"config": {"in_process": {}}}, "ops": {
+        "base_model": {"config": {"model": model_in_data_root(tiny_model_dir, data_dir)}},
+        "tokenized_dataset": {"config": {"max_seq_len": 256}},
+        "lora_adapter": {"config": {"learning_rate": 5e-3, "precision": "fp32", **train_config}},
+    }}
+    env = {**os.environ, "DAGSTER_HOME": str(home), "MEDTUNE_DATA_DIR": str(data_dir),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PYTHONPATH": str(PROJECT)}
+    cmd = [str(Path(sys.executable).parent / "dagster"), "asset", "materialize", "-m", "pipeline.definitions", "--select",
+           "raw_records,validated_records,deduplicated_records,rejected_records,alpaca_dataset,base_model,tokenized_dataset,lora_adapter",
+           "--config-json", json.dumps(config)]
+    return cmd, env, home
+
+
 def test_two_materializations_at_once_hold_the_training_limit_and_corrupt_nothing(data_dir, tmp_path, tiny_model_dir):
     """Two `dagster asset materialize` processes on one instance and one data root, started together."""
     from dagster import DagsterEventType, DagsterInstance
 
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    (home / "dagster.yaml").write_text((PROJECT / "pipeline" / "dagster.yaml").read_text())
-    model = model_in_data_root(tiny_model_dir, data_dir)
-    config = {"execution": {"config": {"in_process": {}}}, "ops": {
-        "base_model": {"config": {"model": model}},
-        "tokenized_dataset": {"config": {"max_seq_len": 256}},
-        "lora_adapter": {"config": {"max_steps": 12, "save_every": 4, "eval_every": 6, "learning_rate": 5e-3, "precision": "fp32"}},
-    }}
-    env = {**os.environ, "DAGSTER_HOME": str(home), "MEDTUNE_DATA_DIR": str(data_dir),
-           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PYTHONPATH": str(PROJECT)}
-    cmd = [str(Path(sys.executable).parent / "dagster"), "asset", "materialize", "-m", "pipeline.definitions",
-           "--select", "raw_records*,base_model,tokenized_dataset,lora_adapter".replace("raw_records*", "raw_records,validated_records,deduplicated_records,rejected_records,alpaca_dataset"),
-           "--config-json", json.dumps(config)]
+    cmd, env, home = materialize_command(data_dir, tmp_path, tiny_model_dir, max_steps=12, save_every=4, eval_every=6)
     # the instance's and the tracking store's tables exist before both start (as with `make ui`)
     DagsterInstance.from_config(str(home)).dispose()
     MlflowClient(env["MLFLOW_TRACKING_URI"]).search_experiments()
@@ -349,20 +355,7 @@ def test_a_run_killed_outright_frees_its_training_slot_and_the_next_run_resumes(
     it) sees the process is gone; then the next run resumes from the checkpoint."""
     from dagster import DagsterInstance, DagsterRunStatus
 
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    (home / "dagster.yaml").write_text((PROJECT / "pipeline" / "dagster.yaml").read_text())
-    model = model_in_data_root(tiny_model_dir, data_dir)
-    config = {"execution": {"config": {"in_process": {}}}, "ops": {
-        "base_model": {"config": {"model": model}},
-        "tokenized_dataset": {"config": {"max_seq_len": 256}},
-        "lora_adapter": {"config": {"max_steps": 40, "save_every": 4, "eval_every": 20, "learning_rate": 5e-3, "precision": "fp32"}},
-    }}
-    env = {**os.environ, "DAGSTER_HOME": str(home), "MEDTUNE_DATA_DIR": str(data_dir),
-           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PYTHONPATH": str(PROJECT)}
-    cmd = [str(Path(sys.executable).parent / "dagster"), "asset", "materialize", "-m", "pipeline.definitions", "--select",
-           "raw_records,validated_records,deduplicated_records,rejected_records,alpaca_dataset,base_model,tokenized_dataset,lora_adapter",
-           "--config-json", json.dumps(config)]
+    cmd, env, home = materialize_command(data_dir, tmp_path, tiny_model_dir, max_steps=40, save_every=4, eval_every=20)
     proc = subprocess.Popen(cmd, cwd=PROJECT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 300
     while not list((data_dir / "models" / "checkpoints").glob("*/step-8/trainer_state.json")):
