@@ -13,11 +13,16 @@ model and split:
 - BLEU-4 on characters (smoothing method 3) and ROUGE-1/2/L F on jieba-segmented words, the
   convention of LLaMA-Factory's Chinese metrics, through nltk and rouge-chinese, on a 0-100 scale;
 - medicine-name hit rate: the medicine named in the reference answer appears in the generated
-  answer. Rows whose reference names no medicine in a known form are "unknown", not misses.
+  answer. Rows whose reference names no medicine in a known form are "unknown", not misses;
+- medicine-choice accuracy and mean rank by likelihood (``pipeline.evaluate_choice``): which of the
+  data set's medicines the model finds most probable as its answer's opening. On eval rows also
+  over the subset whose medicine occurs in training (``seen_medicine_choice_accuracy``): a
+  medicine never trained on cannot be learnt from the data.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
@@ -26,6 +31,7 @@ from typing import Any
 
 import pandas as pd
 
+from pipeline.evaluate_choice import ChoiceSet, choice_scores, rank_of
 from pipeline.tokenization import IGNORE_INDEX, render_prompt
 
 MODELS = ("base", "tuned")
@@ -114,7 +120,7 @@ def answer_losses(model, rows: list[tuple[list[int], list[int]]], pad_id: int, b
     import torch
     import torch.nn.functional as F
 
-    from pipeline.train import collate
+    from pipeline.training.batching import collate_padded as collate
 
     out: list[tuple[float, int]] = []
     with torch.no_grad():
@@ -179,6 +185,8 @@ class EvalConfig:
     train_sample_size: int = 32
     batch_size: int = 8
     seed: int = 42
+    choices: "ChoiceSet | None" = None  # candidate medicines and answer forms; None: no choice scoring
+    train_medicines: frozenset[str] = frozenset()  # medicines named in training answers
 
 
 @dataclass
@@ -228,6 +236,15 @@ def _summarise(table: pd.DataFrame, model: str, split: str, losses: list[tuple[f
     out["name_hit_rate"] = round(float(hits.astype(bool).mean()), 4) if len(hits) else None
     out["name_known_rows"] = int(len(hits))
     out["answer_tokens_mean"] = round(float(table[f"{model}_answer_tokens"].mean()), 2) if len(table) else 0.0
+    if f"{model}_choice_rank" in table:
+        ranks = table[f"{model}_choice_rank"].dropna()
+        out["choice_accuracy"] = round(float((ranks == 1).mean()), 4) if len(ranks) else None
+        out["choice_rank"] = round(float(ranks.mean()), 3) if len(ranks) else None
+        out["choice_rows"] = int(len(ranks))
+        if split == "eval":
+            seen = table.loc[table["medicine_seen_in_training"].astype(bool), f"{model}_choice_rank"].dropna()
+            out["seen_medicine_choice_accuracy"] = round(float((seen == 1).mean()), 4) if len(seen) else None
+            out["seen_medicine_choice_rows"] = int(len(seen))
     return out
 
 
@@ -247,6 +264,10 @@ def evaluate_models(model, tokenizer, rows: pd.DataFrame, config: EvalConfig, st
             "medicine": rows["output"].map(extract_medicine_name),
         }
     )
+    table["medicine_seen_in_training"] = table["medicine"].map(lambda m: bool(m) and m in config.train_medicines)
+    choices = config.choices if config.choices else None
+    gold = [choices.candidates.index(m) if choices and m in choices.candidates else None for m in table["medicine"]]
+    scored = [i for i, g in enumerate(gold) if g is not None]
     losses: dict[str, list[tuple[float, int]]] = {}
     model.eval()
     for name in MODELS:
@@ -267,6 +288,19 @@ def evaluate_models(model, tokenizer, rows: pd.DataFrame, config: EvalConfig, st
             table[f"{name}_{metric}"] = [s[metric] for s in scores]
         new_tokens = sum(len(x) for x in ids)
         log(f"{name} model: {len(prompts)} prompts, {new_tokens} new tokens in {time.perf_counter() - t0:.1f} s")
+        if choices and scored:
+            t0 = time.perf_counter()
+            with (model.disable_adapter() if name == "base" else contextlib.nullcontext()):
+                scores = choice_scores(model, tokenizer, [prompts[i] for i in scored], choices)
+            ranks: list[float | None] = [None] * len(prompts)
+            best: list[str | None] = [None] * len(prompts)
+            for i, sc in zip(scored, scores):
+                ranks[i] = rank_of(sc, gold[i])
+                best[i] = choices.candidates[max(range(len(sc)), key=sc.__getitem__)]
+            table[f"{name}_choice_rank"] = ranks
+            table[f"{name}_choice"] = best
+            log(f"{name} model: scored {len(choices.candidates)} medicines x {len(choices.forms)} answer forms "
+                f"on {len(scored)} prompts in {time.perf_counter() - t0:.1f} s")
     summary: dict[str, dict[str, dict[str, Any]]] = {}
     for name in MODELS:
         summary[name] = {}
@@ -280,31 +314,38 @@ def evaluate_models(model, tokenizer, rows: pd.DataFrame, config: EvalConfig, st
 
 
 def tuned_beats_base(summary: dict[str, dict[str, dict[str, Any]]]) -> tuple[bool, str]:
-    """The registry gate: the tuned model's eval loss below the base model's, and its eval ROUGE-L
-    not lower."""
+    """The registry gate, on held-out rows: the tuned model's answer loss below the base model's,
+    its medicine-choice accuracy not lower (where the data names medicines) and its ROUGE-L not
+    lower."""
     try:
         b, t = summary["base"]["eval"], summary["tuned"]["eval"]
     except KeyError:
         return False, "no eval rows: the tuned model cannot be compared with the base model"
-    reasons = []
+    reasons, said = [], [f"eval loss {b['loss']:.4f} → {t['loss']:.4f}"]
     if not t["loss"] < b["loss"]:
         reasons.append(f"eval loss did not go down (tuned {t['loss']:.4f} vs base {b['loss']:.4f})")
+    if b.get("choice_accuracy") is not None and t.get("choice_accuracy") is not None:
+        said.append(f"choice accuracy {b['choice_accuracy']:.2f} → {t['choice_accuracy']:.2f}")
+        if t["choice_accuracy"] < b["choice_accuracy"]:
+            reasons.append(f"eval medicine-choice accuracy went down (tuned {t['choice_accuracy']:.2f} vs base {b['choice_accuracy']:.2f})")
+    said.append(f"ROUGE-L {b['rouge_l']:.2f} → {t['rouge_l']:.2f}")
     if t["rouge_l"] < b["rouge_l"]:
         reasons.append(f"eval ROUGE-L went down (tuned {t['rouge_l']:.2f} vs base {b['rouge_l']:.2f})")
     if reasons:
         return False, "; ".join(reasons)
-    return True, (f"eval loss {b['loss']:.4f} → {t['loss']:.4f}, ROUGE-L {b['rouge_l']:.2f} → {t['rouge_l']:.2f}")
+    return True, ", ".join(said)
 
 
 def summary_markdown(summary: dict[str, dict[str, dict[str, Any]]]) -> str:
-    cols = ["loss", "perplexity", "bleu_4", "rouge_1", "rouge_2", "rouge_l", "name_hit_rate"]
+    cols = ["loss", "perplexity", "choice_accuracy", "choice_rank", "seen_medicine_choice_accuracy", "bleu_4", "rouge_1",
+            "rouge_2", "rouge_l", "name_hit_rate"]
     lines = ["| split | model | rows | " + " | ".join(cols) + " |", "|" + " --- |" * (len(cols) + 3)]
     for split in SPLITS:
         for model in MODELS:
             s = summary.get(model, {}).get(split)
             if not s:
                 continue
-            vals = ["n/a" if s[c] is None else (f"{s[c]:.4f}" if c in ("loss",) else f"{s[c]:.2f}" if isinstance(s[c], float) else str(s[c])) for c in cols]
+            vals = ["n/a" if s.get(c) is None else (f"{s[c]:.4f}" if c in ("loss",) else f"{s[c]:.2f}" if isinstance(s[c], float) else str(s[c])) for c in cols]
             lines.append(f"| {split} | {model} | {s['rows']} | " + " | ".join(vals) + " |")
     return "\n".join(lines)
 
@@ -314,13 +355,19 @@ def side_by_side_markdown(table: pd.DataFrame, n: int = 5, width: int = 80) -> s
         s = str(x).replace("\n", " ").replace("|", "\\|")
         return s if len(s) <= width else s[: width - 1] + "…"
 
-    lines = ["| split | prompt | reference | base answer | tuned answer | base ROUGE-L | tuned ROUGE-L | name hit base/tuned |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    choice = "base_choice" in table
+    lines = ["| split | prompt | reference | base answer | tuned answer | base ROUGE-L | tuned ROUGE-L | name hit base/tuned |"
+             + (" choice base/tuned (rank) |" if choice else ""),
+             "| --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if choice else "")]
     for _, r in table.head(n).iterrows():
         hit = f"{r['base_name_hit']}/{r['tuned_name_hit']}" if r["medicine"] else "unknown"
+        picks = ""
+        if choice:
+            picks = (f" {cell(r['base_choice'])} ({r['base_choice_rank']:.0f}) / {cell(r['tuned_choice'])} ({r['tuned_choice_rank']:.0f}) |"
+                     if r["base_choice"] else " n/a |")
         lines.append(
             f"| {r['split']} | {cell(r['prompt'])} | {cell(r['reference'])} | {cell(r['base_answer'])} | "
-            f"{cell(r['tuned_answer'])} | {r['base_rouge_l']:.1f} | {r['tuned_rouge_l']:.1f} | {hit} |"
+            f"{cell(r['tuned_answer'])} | {r['base_rouge_l']:.1f} | {r['tuned_rouge_l']:.1f} | {hit} |" + picks
         )
     return "\n".join(lines)
 
@@ -335,8 +382,9 @@ def stop_token_ids(tokenizer) -> list[int]:
     return ids
 
 
-def load_tuned_model(base_path: str, adapter_path: str, trust_remote_code: bool = False):
-    """The base weights (fp32, safetensors only) with the adapter attached, and the adapter's tokenizer."""
+def load_tuned_model(base_path: str, adapter_path: str, trust_remote_code: bool = False, dtype: str = "fp32"):
+    """The base weights (safetensors only; ``dtype`` fp32, bf16 or fp16) with the adapter attached (its
+    weights in the same dtype), and the adapter's tokenizer."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -345,13 +393,26 @@ def load_tuned_model(base_path: str, adapter_path: str, trust_remote_code: bool 
 
     check_adapter_folder(adapter_path)
     tokenizer = AutoTokenizer.from_pretrained(adapter_path, trust_remote_code=trust_remote_code)
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     base = AutoModelForCausalLM.from_pretrained(
-        base_path, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
+        base_path, dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code
     )
-    model = PeftModel.from_pretrained(base, adapter_path)
+    model = PeftModel.from_pretrained(base, adapter_path, autocast_adapter_dtype=False)
+    model.to(dtype=torch_dtype)
     model.to(inference_device())
     model.eval()
     return model, tokenizer
+
+
+def eval_dtype(setting: str) -> str:
+    """``auto``: bf16 where the device computes it natively (the training's own choice), else fp32."""
+    if setting != "auto":
+        return setting
+    import torch
+
+    from pipeline.training.model import resolve_precision
+
+    return "bf16" if resolve_precision("auto", torch.cuda.is_available()) == "bf16" else "fp32"
 
 
 def inference_device() -> str:

@@ -35,6 +35,7 @@ from pipeline.atomic import atomic_dir
 from pipeline.fingerprint import sha256_json
 
 IGNORE_INDEX = -100
+DEFAULT_MAX_SEQ_LEN = 2048
 FORMAT_VERSION = 1
 DEFAULT_SYSTEM_PROMPT = "你是一名中医药知识助手。请根据患者描述的症状，推荐适合的中成药，并说明它的功效与用法。"
 MANIFEST = "manifest.json"
@@ -161,7 +162,7 @@ def tokenize_dataset(
     data_fingerprint: str,
     tokenizer_fingerprint: str,
     out_root: str | os.PathLike,
-    max_seq_len: int = 1024,
+    max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
     system_prompt: str = DEFAULT_SYSTEM_PROMPT,
 ) -> TokenizedDataset:
     """Tokenize the Alpaca table into ``out_root/<key>/{train,eval}.parquet`` (cached by key)."""

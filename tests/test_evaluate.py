@@ -135,8 +135,11 @@ def test_evaluate_models_side_by_side_table(tiny_model_dir, tokenizer, tmp_path)
     assert list(rows["split"]).count("eval") == 2 and list(rows["split"]).count("train_sample") == 2
     again = select_rows(alpaca, {"train": tok[tok.split == "train"], "eval": tok[tok.split == "eval"]}, train_sample_size=2, seed=1)
     assert list(rows["record_id"]) == list(again["record_id"])  # a fixed sample
-    result = evaluate_models(model, tokenizer, rows, EvalConfig(system_prompt="系统", max_new_tokens=6, batch_size=2),
-                             stop_token_ids(tokenizer), log=lambda *_: None)
+    from pipeline.evaluate_choice import ChoiceSet
+
+    cfg = EvalConfig(system_prompt="系统", max_new_tokens=6, batch_size=2, choices=ChoiceSet.from_answers(alpaca["output"].tolist()),
+                     train_medicines=frozenset({"保和丸"}))
+    result = evaluate_models(model, tokenizer, rows, cfg, stop_token_ids(tokenizer), log=lambda *_: None)
     t = result.table
     for col in ("prompt", "reference", "base_answer", "tuned_answer", "base_rouge_l", "tuned_rouge_l", "base_loss", "tuned_loss"):
         assert col in t
@@ -148,3 +151,96 @@ def test_evaluate_models_side_by_side_table(tiny_model_dir, tokenizer, tmp_path)
     assert s["base"]["eval"]["name_known_rows"] == 2  # both eval references name a medicine
     flat = result.flat_metrics()
     assert "base_eval_loss" in flat and "tuned_eval_rouge_l" in flat and "tuned_train_sample_bleu_4" in flat
+    # medicine choice: both eval rows name a medicine (3 candidates); neither eval medicine was trained on
+    assert s["tuned"]["eval"]["choice_rows"] == 2 and 1 <= s["tuned"]["eval"]["choice_rank"] <= 3
+    assert s["tuned"]["eval"]["seen_medicine_choice_rows"] == 0 and s["tuned"]["eval"]["seen_medicine_choice_accuracy"] is None
+    assert {"tuned_eval_choice_accuracy", "base_eval_choice_rank", "tuned_eval_choice_rank"} <= set(flat)
+    assert set(t["tuned_choice"].dropna()) <= {"板蓝根颗粒", "逍遥丸", "保和丸"}
+
+
+# ------------------------------------------------------------------ medicine choice by likelihood
+
+
+def test_answer_forms_and_candidates_are_read_from_the_data():
+    from pipeline.evaluate_choice import ChoiceSet, answer_form
+
+    answers = ["板蓝根颗粒可能适合治疗您的病症。以下是板蓝根颗粒的详细说明书：【功能主治】清热。",
+               "您的病症适用逍遥丸。以下是逍遥丸的详细说明书：【功能主治】疏肝。",
+               "您的病症适用保和丸。以下是保和丸的详细说明书。", "多喝水。"]
+    assert answer_form(answers[0], "板蓝根颗粒") == "{name}可"
+    assert answer_form(answers[1], "逍遥丸") == "您的病症适用{name}。"
+    choices = ChoiceSet.from_answers(answers)
+    assert choices.candidates == sorted(["板蓝根颗粒", "逍遥丸", "保和丸"])
+    assert choices.forms == ["您的病症适用{name}。", "{name}可"]  # most common first
+    assert not ChoiceSet.from_answers(["多喝水。", "板蓝根颗粒可能适合治疗您的病症。"])  # one medicine: no choice
+
+
+def test_scoring_over_the_prompt_cache_equals_full_forwards(tiny, tokenizer):
+    from pipeline.evaluate_choice import score_prompt
+
+    prompt = tokenizer(_prompts(tokenizer, 1)[0], add_special_tokens=False)["input_ids"]
+    def full(c):
+        with torch.no_grad():
+            logp = torch.log_softmax(tiny(torch.tensor([prompt + c])).logits[0].float(), -1)
+        return sum(logp[len(prompt) - 1 + i, t].item() for i, t in enumerate(c))
+
+    for texts in (("板蓝根颗粒可能适合", "您的病症适用逍遥丸。", "好"),  # nothing shared
+                  ("您的病症适用逍遥丸。", "您的病症适用保和丸。", "您的病症适用板蓝根颗粒。", "您的病症适用")):  # a shared start
+        conts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        got = score_prompt(tiny, prompt, conts, batch_size=2)  # two batches, right padding in the first
+        for c, value in zip(conts, got):
+            assert value == pytest.approx(full(c), abs=1e-4)
+
+
+class _Cache:
+    def __init__(self, ids):
+        self.ids = ids
+
+    def batch_repeat_interleave(self, n):
+        self.ids = self.ids.repeat_interleave(n, 0)
+
+
+class _EchoModel(torch.nn.Module):
+    """A model whose preferences we control: it favours, at every position, the tokens that occur in
+    the prompt (by 20 nats each), so the medicine a prompt names is the one it should choose."""
+
+    def __init__(self, vocab):
+        super().__init__()
+        self.vocab = vocab
+        self.device = torch.device("cpu")
+
+    def forward(self, input_ids, attention_mask=None, past_key_values=None, use_cache=True, logits_to_keep=0):
+        prompt = past_key_values.ids if past_key_values is not None else input_ids
+        logits = torch.zeros(input_ids.shape[0], input_ids.shape[1], self.vocab)
+        for b in range(input_ids.shape[0]):
+            logits[b, :, prompt[b].unique()] = 20.0
+        if logits_to_keep:
+            logits = logits[:, -logits_to_keep:]
+        return type("Out", (), {"logits": logits, "past_key_values": _Cache(prompt.clone())})()
+
+
+def test_choice_accuracy_and_rank_follow_the_models_preferences(tokenizer):
+    from pipeline.evaluate_choice import ChoiceSet, choice_scores, rank_of
+
+    meds = ["板蓝根颗粒", "逍遥丸", "藿香正气水", "六味地黄丸"]
+    choices = ChoiceSet(candidates=sorted(meds), forms=["{name}可", "您的病症适用{name}。"])
+    model = _EchoModel(len(tokenizer))
+    prompts = [f"<|im_start|>user\n听说{m}不错<|im_end|>\n<|im_start|>assistant\n" for m in meds]
+    scores = choice_scores(model, tokenizer, prompts, choices)
+    for m, s in zip(meds, scores):
+        assert rank_of(s, choices.candidates.index(m)) == 1  # the named medicine comes first
+        assert choices.candidates[max(range(len(s)), key=s.__getitem__)] == m
+    # a prompt that names another medicine puts the right one lower
+    wrong = choice_scores(model, tokenizer, [prompts[1]], choices)[0]
+    assert rank_of(wrong, choices.candidates.index(meds[0])) > 1
+    # no preference at all: ties do not count as right unless the right one is listed first
+    assert rank_of([0.0, 0.0, 0.0], 2) == 3 and rank_of([0.0, 0.0, 0.0], 0) == 1
+
+
+def test_choice_metrics_in_the_summary_and_the_gate():
+    ok, why = tuned_beats_base({"base": {"eval": {"loss": 2.0, "rouge_l": 5.0, "choice_accuracy": 0.5}},
+                                "tuned": {"eval": {"loss": 1.5, "rouge_l": 6.0, "choice_accuracy": 0.25}}})
+    assert not ok and "choice accuracy went down" in why
+    ok, why = tuned_beats_base({"base": {"eval": {"loss": 2.0, "rouge_l": 5.0, "choice_accuracy": 0.5}},
+                                "tuned": {"eval": {"loss": 1.5, "rouge_l": 6.0, "choice_accuracy": 0.5}}})
+    assert ok and "choice accuracy 0.50 → 0.50" in why

@@ -172,7 +172,7 @@ def test_training_killed_at_random_points_resumes_and_the_adapter_loads(data_dir
         worker.start()
         pid = None
         while worker.is_alive() and pid is None:
-            pid = _child_pid("pipeline.train --spec")
+            pid = _child_pid("pipeline.training --spec")
             time.sleep(0.02)
         if pid is None:
             worker.join()

@@ -1,5 +1,6 @@
-"""LoRA training with the tiny model: the loop itself, resume after a kill, two processes,
-determinism, and the lora_adapter asset with MLflow and the cache."""
+"""LoRA training with the tiny model: the loop itself, exact resume after a kill, two processes,
+determinism and the cache key. (The engine's pieces, packing, chunked loss and precision, are in
+test_training_engine.py.)"""
 
 import json
 import os
@@ -14,7 +15,7 @@ import torch
 
 from conftest import INSTR, demo_records, rec, write_json
 from pipeline.tokenization import tokenize_dataset
-from pipeline.train import TrainSpec, collate, length_grouped_batches, train
+from pipeline.training import TrainSpec, collate, length_grouped_batches, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,8 +36,8 @@ def tokenized(tiny_model_dir, tmp_path_factory):
 
 def spec_for(tmp_path, tiny_model_dir, tokenized, **kw):
     base = dict(base_model_path=str(tiny_model_dir), tokenized_path=tokenized, output_dir=str(tmp_path / "adapter"),
-                checkpoint_dir=str(tmp_path / "ckpt"), max_steps=8, per_device_batch_size=4, learning_rate=5e-3,
-                eval_every=4, save_every=2, warmup_ratio=0.0, lora_dropout=0.0, precision="fp32")
+                checkpoint_dir=str(tmp_path / "ckpt"), max_steps=8, pack_tokens=512, learning_rate=5e-3,
+                eval_every=4, save_every=2, warmup_ratio=0.0, lora_dropout=0.0, precision="fp32", compile=False)
     base.update(kw)
     return TrainSpec(**base)
 
@@ -47,21 +48,24 @@ def adapter_tensors(folder):
     return load_file(Path(folder) / "adapter_model.safetensors")
 
 
-def test_collate_pads_to_a_multiple_of_8_and_masks_padding():
-    batch = collate([([1, 2, 3], [-100, 2, 3]), ([4] * 10, [-100] * 5 + [4] * 5)], pad_id=0)
+def test_collate_padded_pads_to_a_multiple_of_8_and_masks_padding():
+    batch = collate_padded([([1, 2, 3], [-100, 2, 3]), ([4] * 10, [-100] * 5 + [4] * 5)], pad_id=0)
     assert batch["input_ids"].shape == (2, 16)
     assert batch["labels"][0, 3:].eq(-100).all() and batch["attention_mask"][0].sum() == 3
     assert batch["labels"][1, :5].eq(-100).all() and batch["labels"][1, 5:10].eq(4).all()
 
 
-def test_length_grouping_keeps_similar_lengths_together_and_is_seeded():
-    lengths = [5, 500, 6, 480, 7, 510, 8, 490]
-    a = length_grouped_batches(lengths, 2, seed=1, epoch=0)
-    assert a == length_grouped_batches(lengths, 2, seed=1, epoch=0)
-    assert sorted(i for b in a for i in b) == list(range(8))
-    for b in a:
-        assert max(lengths[i] for i in b) - min(lengths[i] for i in b) < 100
-    assert a != length_grouped_batches(lengths, 2, seed=1, epoch=1) or True  # order may repeat on tiny inputs
+def test_the_epoch_plan_packs_to_the_budget_is_seeded_and_uses_every_row_once():
+    lengths = [300, 120, 500, 80, 260, 410, 90, 700, 30, 220]
+    plan = plan_epoch(lengths, seed=1, epoch=0, packing=True, pack_tokens=600, batch_size=1)
+    assert plan == plan_epoch(lengths, seed=1, epoch=0, packing=True, pack_tokens=600, batch_size=1)
+    assert sorted(i for b in plan for i in b) == list(range(len(lengths)))
+    for b in plan:  # a step holds rows up to the budget; a row longer than the budget goes alone
+        assert sum(lengths[i] for i in b) <= 600 or len(b) == 1
+    assert [len(b) for b in plan] != [1] * len(lengths)
+    assert plan != plan_epoch(lengths, seed=1, epoch=1, packing=True, pack_tokens=600, batch_size=1)
+    rows = plan_epoch(lengths, seed=1, epoch=0, packing=False, pack_tokens=600, batch_size=3)
+    assert [len(b) for b in rows] == [3, 3, 3, 1] and sorted(i for b in rows for i in b) == list(range(10))
 
 
 def test_tiny_model_learns_and_the_adapter_changes_the_model(tmp_path, tiny_model_dir, tokenized):
@@ -99,7 +103,7 @@ def test_same_seed_gives_the_same_adapter(tmp_path, tiny_model_dir, tokenized):
 def run_child(spec: TrainSpec, path: Path, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
     """Run the training entry point; on a timeout the whole process group (launcher and workers) is killed."""
     spec.dump(path)
-    cmd = (launcher or [sys.executable]) + ["-m", "pipeline.train", "--spec", str(path)]
+    cmd = (launcher or [sys.executable]) + ["-m", "pipeline.training", "--spec", str(path)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=300)
@@ -110,8 +114,13 @@ def run_child(spec: TrainSpec, path: Path, launcher: list[str] | None = None) ->
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-def test_killed_training_resumes_from_its_checkpoint(tmp_path, tiny_model_dir, tokenized):
-    spec = spec_for(tmp_path, tiny_model_dir, tokenized, max_steps=8, save_every=2, stop_after_steps=5)
+def test_killed_training_resumes_exactly_where_it_stopped(tmp_path, tiny_model_dir, tokenized):
+    """Packed steps and dropout on: killed after step 5 (checkpoints at 2 and 4), resumed from step 4,
+    the adapter is bit for bit the one an uninterrupted training gives."""
+    settings = dict(max_steps=8, save_every=2, lora_dropout=0.1, pack_tokens=300)
+    whole = train(spec_for(tmp_path / "whole", tiny_model_dir, tokenized, **settings))
+    assert whole["steps"] == 8
+    spec = spec_for(tmp_path, tiny_model_dir, tokenized, stop_after_steps=5, **settings)
     killed = run_child(spec, tmp_path / "spec.json")
     assert killed.returncode == 3, killed.stderr[-2000:]
     assert not (tmp_path / "adapter").exists()  # nothing half-written where the next step reads
@@ -122,7 +131,8 @@ def test_killed_training_resumes_from_its_checkpoint(tmp_path, tiny_model_dir, t
     assert "resuming from checkpoint" in resumed.stdout and "step-4" in resumed.stdout
     result = json.loads(resumed.stdout.split("RESULT ", 1)[1].splitlines()[0])
     assert result["steps"] == 8 and result["resumed_from"] == "step-4"
-    assert adapter_tensors(tmp_path / "adapter")
+    a, b = adapter_tensors(tmp_path / "adapter"), adapter_tensors(tmp_path / "whole" / "adapter")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_two_cpu_processes_train_one_adapter(tmp_path, tiny_model_dir, tokenized):
@@ -144,7 +154,7 @@ def test_two_cpu_processes_train_one_adapter(tmp_path, tiny_model_dir, tokenized
 def test_adapter_id_covers_every_training_setting():
     from dataclasses import asdict
 
-    from pipeline.train import TRAINING_KEYS, adapter_id
+    from pipeline.training import TRAINING_KEYS, adapter_id
 
     spec = asdict(TrainSpec(base_model_path="", tokenized_path="", output_dir="", checkpoint_dir=""))
     base = adapter_id("data", "weights", spec, 1)
