@@ -11,8 +11,8 @@ The forms are read from the data, not written here: each answer's opening up to 
 name and the character after it, with the name taken out ("{name}可", "您的病症适用{name}。" in the
 real data); forms that open at least ``min_share`` of the answers are kept.
 
-One prompt and form cost one forward of the prompt and of the tokens every candidate opening
-shares (their KV cache kept), and one batched forward of the rest of the openings over that cache.
+One prompt costs one forward of the prompt; each form, one forward of the tokens all its openings
+share over the prompt's KV cache, and one batched forward of the rest of the openings.
 """
 
 from __future__ import annotations
@@ -55,9 +55,21 @@ class ChoiceSet:
         return len(self.candidates) >= 2 and bool(self.forms)
 
 
-def score_prompt(model, prompt_ids: list[int], continuations: list[list[int]], batch_size: int = 32) -> list[float]:
-    """log P(continuation | prompt) for each continuation. The prompt and the continuations' common
-    first tokens run once; the cache is repeated for the rest of each continuation."""
+def score_prompt(model, prompt_ids: list[int], forms: list[list[list[int]]], batch_size: int = 64) -> list[list[float]]:
+    """log P(continuation | prompt) for every continuation of every form ([form][continuation]).
+
+    The prompt runs once; for each form, the tokens all its continuations share run once over the
+    prompt's cache, and the rest of each continuation in a batch over a copy of that cache."""
+    import torch
+
+    device = model.device
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=True, logits_to_keep=1)
+        after_prompt = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+        return [_score_form(model, out.past_key_values, after_prompt, len(prompt_ids), conts, batch_size) for conts in forms]
+
+
+def _score_form(model, prompt_cache, after_prompt, prompt_len: int, continuations: list[list[int]], batch_size: int) -> list[float]:
     import os
 
     import torch
@@ -66,31 +78,34 @@ def score_prompt(model, prompt_ids: list[int], continuations: list[list[int]], b
     common = list(os.path.commonprefix(continuations))
     if any(len(c) == len(common) for c in continuations):
         common = common[:-1]  # every continuation keeps at least one token of its own
-    context = prompt_ids + common
-    with torch.no_grad():
-        out = model(input_ids=torch.tensor([context], device=device), use_cache=True, logits_to_keep=len(common) + 1)
-        logp = torch.log_softmax(out.logits[0].float(), dim=-1)  # predictions for common[0:] and the next token
-        shared = sum(logp[i, t].item() for i, t in enumerate(common))
-        first = logp[-1]
-        scores: list[float] = []
-        for start in range(0, len(continuations), batch_size):
-            rests = [c[len(common) :] for c in continuations[start : start + batch_size]]
-            width = max(len(r) for r in rests)
-            ids = torch.zeros((len(rests), width), dtype=torch.long, device=device)
-            mask = torch.zeros((len(rests), len(context) + width), dtype=torch.long, device=device)
-            mask[:, : len(context)] = 1
+    cache = copy.deepcopy(prompt_cache)
+    shared, first = 0.0, after_prompt
+    if common:
+        out = model(input_ids=torch.tensor([common], device=device), past_key_values=cache, use_cache=True)
+        logp = torch.log_softmax(out.logits[0].float(), dim=-1)  # predictions for common[1:] and the next token
+        shared = after_prompt[common[0]].item() + sum(logp[i, t].item() for i, t in enumerate(common[1:]))
+        first, cache = logp[-1], out.past_key_values
+    context = prompt_len + len(common)
+    scores: list[float] = []
+    for start in range(0, len(continuations), batch_size):
+        rests = [c[len(common) :] for c in continuations[start : start + batch_size]]
+        totals = [shared + first[r[0]].item() for r in rests]
+        width = max(len(r) for r in rests)
+        if width > 1:
+            ids = torch.zeros((len(rests), width - 1), dtype=torch.long, device=device)
+            mask = torch.zeros((len(rests), context + width - 1), dtype=torch.long, device=device)
+            mask[:, :context] = 1
             for k, r in enumerate(rests):
-                ids[k, : len(r)] = torch.tensor(r, device=device)
-                mask[k, len(context) : len(context) + len(r)] = 1
-            totals = [shared + first[r[0]].item() for r in rests]
-            if width > 1:
-                cache = copy.deepcopy(out.past_key_values)
-                cache.batch_repeat_interleave(len(rests))
-                logits = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], past_key_values=cache, use_cache=True).logits
-                steps = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
-                for k, r in enumerate(rests):
-                    totals[k] += steps[k, : len(r) - 1].sum().item()
-            scores.extend(totals)
+                ids[k, : len(r) - 1] = torch.tensor(r[:-1], device=device)
+                mask[k, context : context + len(r) - 1] = 1
+            batch_cache = copy.deepcopy(cache)
+            batch_cache.batch_repeat_interleave(len(rests))
+            logits = model(input_ids=ids, attention_mask=mask, past_key_values=batch_cache, use_cache=True).logits
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            for k, r in enumerate(rests):
+                if len(r) > 1:
+                    totals[k] += logp[k, torch.arange(len(r) - 1, device=device), torch.tensor(r[1:], device=device)].sum().item()
+        scores.extend(totals)
     return scores
 
 
@@ -100,8 +115,7 @@ def choice_scores(model, tokenizer, prompts: list[str], choices: ChoiceSet) -> l
                 for f in choices.forms]
     out = []
     for prompt in prompts:
-        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        per_form = [score_prompt(model, ids, conts) for conts in openings]
+        per_form = score_prompt(model, tokenizer(prompt, add_special_tokens=False)["input_ids"], openings)
         out.append([_logsumexp([scores[i] for scores in per_form]) for i in range(len(choices.candidates))])
     return out
 

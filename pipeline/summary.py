@@ -50,12 +50,16 @@ def summary(data_dir: str | None = None) -> str:
             f"  training            {a.get('steps')} steps in {a.get('train_seconds')} s on {a.get('device')} "
             f"({a.get('precision')}), {losses}"
         )
+        if a.get("steady_tokens_per_s"):
+            out.append(f"                      {a['steady_tokens_per_s']:,.0f} tokens/s, {a.get('achieved_tflops')} TFLOP/s of a "
+                       f"{a.get('matmul_peak_tflops')} TFLOP/s matmul peak (MFU {a.get('mfu')})")
         out.append(f"  adapter             {a['path']}")
         out.append(f"  MLflow run          {a.get('mlflow_run_id')}  (make mlflow-ui, or mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db)")
     report = stages / "evaluation_report.json"
     if report.is_file():
         r = json.loads(report.read_text())
-        out.append("  base vs tuned       (answer-token loss; BLEU-4 on characters, ROUGE on jieba words, 0-100)")
+        out.append("  base vs tuned       (answer-token loss; medicine choice by likelihood: top-1 accuracy and mean rank;")
+        out.append("                      BLEU-4 on characters, ROUGE on jieba words, 0-100)")
         out.extend("    " + line for line in _metrics_table(r["summary"]))
         out.append(f"  tuned_beats_base    {'passed' if r['gate_passed'] else 'FAILED'}: {r['gate_reason']}")
     merged = stages / "merged_model.json"
@@ -81,15 +85,18 @@ def summary(data_dir: str | None = None) -> str:
 
 
 def _metrics_table(summary: dict) -> list[str]:
-    cols = ["loss", "perplexity", "bleu_4", "rouge_1", "rouge_2", "rouge_l", "name_hit_rate"]
-    lines = [f"{'split':<13}{'model':<7}{'rows':>5}" + "".join(f"{c:>14}" for c in cols)]
+    cols = ["loss", "choice_accuracy", "choice_rank", "bleu_4", "rouge_l", "name_hit_rate"]
+    lines = [f"{'split':<13}{'model':<7}{'rows':>5}" + "".join(f"{c:>16}" for c in cols)]
     for split in ("eval", "train_sample"):
         for model in ("base", "tuned"):
             s = summary.get(model, {}).get(split)
             if not s:
                 continue
-            cells = "".join(f"{'n/a' if s[c] is None else format(s[c], '.4f' if c == 'loss' else '.2f'):>14}" for c in cols)
+            cells = "".join(f"{'n/a' if s.get(c) is None else format(s[c], '.4f' if c == 'loss' else '.2f'):>16}" for c in cols)
             lines.append(f"{split:<13}{model:<7}{s['rows']:>5}{cells}")
+            if split == "eval" and s.get("seen_medicine_choice_rows"):
+                lines.append(f"{'':<13}{'':<7}{'':>5}  choice accuracy on the {s['seen_medicine_choice_rows']} eval rows whose "
+                             f"medicine is trained on: {s['seen_medicine_choice_accuracy']:.2f}")
     return lines
 
 

@@ -187,7 +187,7 @@ def test_scoring_over_the_prompt_cache_equals_full_forwards(tiny, tokenizer):
     for texts in (("板蓝根颗粒可能适合", "您的病症适用逍遥丸。", "好"),  # nothing shared
                   ("您的病症适用逍遥丸。", "您的病症适用保和丸。", "您的病症适用板蓝根颗粒。", "您的病症适用")):  # a shared start
         conts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-        got = score_prompt(tiny, prompt, conts, batch_size=2)  # two batches, right padding in the first
+        (got,) = score_prompt(tiny, prompt, [conts], batch_size=2)  # two batches, right padding in the first
         for c, value in zip(conts, got):
             assert value == pytest.approx(full(c), abs=1e-4)
 

@@ -15,7 +15,8 @@ import torch
 
 from conftest import INSTR, demo_records, rec, write_json
 from pipeline.tokenization import tokenize_dataset
-from pipeline.training import TrainSpec, collate, length_grouped_batches, train
+from pipeline.training import TrainSpec, train
+from pipeline.training.batching import collate_padded, plan_epoch
 
 ROOT = Path(__file__).resolve().parents[1]
 

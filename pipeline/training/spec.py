@@ -12,25 +12,30 @@ from typing import Any
 
 @dataclass
 class TrainSpec:
+    """Every training setting and its default, declared once: the ``lora_adapter`` asset's config
+    takes its defaults from here. The defaults are the offline CPU demo's, chosen by the measured
+    sweep in the README ("Choosing the defaults"); GPU presets change them."""
+
     base_model_path: str
     tokenized_path: str
     output_dir: str  # the finished adapter goes here (atomically)
     checkpoint_dir: str  # step-N/ folders
     r: int = 16
     lora_alpha: int = 32
-    lora_dropout: float = 0.05
+    lora_dropout: float = 0.0
     target_modules: str = "all-linear"
-    learning_rate: float = 2e-4
+    learning_rate: float = 1e-3
     warmup_ratio: float = 0.1
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    epochs: float = 2.0
-    # packing (default): each step takes rows, shortest-first within length groups, until the next
-    # would pass pack_tokens; without packing, per_device_batch_size rows. Either way the rows are laid
-    # end to end without padding and attend only to themselves (pipeline.training.attention).
-    packing: bool = True
+    epochs: float = 1.0
+    # with packing each step takes rows (in a seeded shuffled order) until the next would pass
+    # pack_tokens; without, per_device_batch_size rows. Either way the rows are laid end to end
+    # without padding and attend only to themselves (pipeline.training.attention). The CPU demo
+    # trains one row a step: the number of steps each case is seen in decides what it learns.
+    packing: bool = False
     pack_tokens: int = 4096
-    per_device_batch_size: int = 4
+    per_device_batch_size: int = 1
     gradient_accumulation_steps: int = 1
     max_steps: int | None = None
     seed: int = 42
@@ -38,16 +43,16 @@ class TrainSpec:
     # The answer's opening (its first opening_tokens tokens, where the answer names its medicine):
     # each epoch also trains opening_repeats copies of every row cut there. A cut copy ends without
     # an end-of-turn token, so nothing in it teaches the model to stop early.
-    opening_tokens: int = 0
-    opening_repeats: int = 0
+    opening_tokens: int = 32
+    opening_repeats: int = 3
     precision: str = "auto"  # auto | bf16 | fp16 | fp32: the frozen base weights' dtype and the autocast dtype
     gradient_checkpointing: bool | None = None  # None: on for GPU, off for CPU
     attn_implementation: str = "auto"  # auto: packed rows (SDPA per row); or flash_attention_2 where installed
     compile: bool | None = None  # torch.compile the MLPs and norms; None: on for CPU (measured faster), off for GPU
     logits_chunk_tokens: int = 1024  # supervised positions projected onto the vocabulary at a time
-    log_every: int = 1
-    eval_every: int = 10
-    save_every: int = 10
+    log_every: int = 5
+    eval_every: int = 50
+    save_every: int = 50
     trust_remote_code: bool = False
     mlflow_tracking_uri: str | None = None
     mlflow_run_id: str | None = None
