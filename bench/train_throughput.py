@@ -106,7 +106,7 @@ def run_pipeline(model_path: str, rows: list[dict], work: Path, overrides: dict)
     ds = tokenize_dataset(df, tok, data_fingerprint="bench", tokenizer_fingerprint="bench", out_root=work / "tok",
                           max_seq_len=overrides.pop("max_seq_len", DEFAULT_MAX_SEQ_LEN))
     # TrainSpec's defaults are the lora_adapter asset's defaults (one source); a preset or --set on top
-    settings = dict(epochs=1, max_steps=None, eval_every=10**6, save_every=10**6, log_every=10**6)
+    settings = dict(max_steps=None, eval_every=10**6, save_every=10**6, log_every=10**6)
     settings.update(overrides)
     spec = TrainSpec(base_model_path=model_path, tokenized_path=ds.path, output_dir=str(work / "adapter"),
                      checkpoint_dir=str(work / "ckpt"), **settings)
@@ -184,6 +184,7 @@ def main() -> None:
     ap.add_argument("--tokenizer", help="with --shape: a folder with a tokenizer (default: the bundled SmolLM2 one)")
     ap.add_argument("--preset", help="a preset under pipeline/presets/ (its lora_adapter and tokenized_dataset settings)")
     ap.add_argument("--set", default="{}", help='JSON of training settings over the defaults, e.g. \'{"pack_tokens": 32768}\'')
+    ap.add_argument("--epochs", type=float, default=1.0, help="passes of the pipeline's training over the rows (the recipe: one)")
     ap.add_argument("--skip-recipe", action="store_true")
     ap.add_argument("--child", choices=["pipeline", "recipe"])
     ap.add_argument("--model-path")
@@ -196,7 +197,7 @@ def main() -> None:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     overrides = preset_settings(args.preset) if args.preset else {}
-    overrides.update(json.loads(args.set))
+    overrides.update(epochs=args.epochs, **json.loads(args.set))
     with tempfile.TemporaryDirectory() as tmp:
         model_path = resolve_model(args.model, args.shape, args.tokenizer, Path(tmp))
         rows = load_rows(args.rows, Path(args.data))

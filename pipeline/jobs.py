@@ -19,7 +19,7 @@ import yaml
 from dagster import AssetSelection, define_asset_job
 
 PRESETS_DIR = Path(__file__).with_name("presets")
-PRESETS = ("cpu-demo", "gpu-qwen2.5-1.5b", "seed-qwen1.5-1.8b")
+PRESETS = ("cpu-demo", "cpu-thorough", "gpu-qwen2.5-1.5b", "seed-qwen1.5-1.8b")
 TRAINING_TAG = "medtune/training"
 
 

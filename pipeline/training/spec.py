@@ -44,7 +44,7 @@ class TrainSpec:
     # each epoch also trains opening_repeats copies of every row cut there. A cut copy ends without
     # an end-of-turn token, so nothing in it teaches the model to stop early.
     opening_tokens: int = 32
-    opening_repeats: int = 3
+    opening_repeats: int = 2
     precision: str = "auto"  # auto | bf16 | fp16 | fp32: the frozen base weights' dtype and the autocast dtype
     gradient_checkpointing: bool | None = None  # None: on for GPU, off for CPU
     attn_implementation: str = "auto"  # auto: packed rows (SDPA per row); or flash_attention_2 where installed
