@@ -18,7 +18,7 @@ def run(data_dir, tracking_uri, model_dir, **train_config):
         "base_model": {"config": {"model": model_in_data_root(model_dir, data_dir)}},
         "tokenized_dataset": {"config": {"max_seq_len": 256}},
         "lora_adapter": {"config": {"max_steps": 6, "save_every": 2, "eval_every": 3, "learning_rate": 5e-3,
-                                    "precision": "fp32", **train_config}},
+                                    "precision": "fp32", "log_every": 1, **train_config}},
     }}
     return job.execute_in_process(run_config=config, instance=DagsterInstance.ephemeral(), raise_on_error=False)
 

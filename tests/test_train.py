@@ -38,7 +38,7 @@ def tokenized(tiny_model_dir, tmp_path_factory):
 def spec_for(tmp_path, tiny_model_dir, tokenized, **kw):
     base = dict(base_model_path=str(tiny_model_dir), tokenized_path=tokenized, output_dir=str(tmp_path / "adapter"),
                 checkpoint_dir=str(tmp_path / "ckpt"), max_steps=8, pack_tokens=512, learning_rate=5e-3,
-                eval_every=4, save_every=2, warmup_ratio=0.0, lora_dropout=0.0, precision="fp32", compile=False)
+                eval_every=4, save_every=2, warmup_ratio=0.0, lora_dropout=0.0, precision="fp32", compile=False, log_every=1)
     base.update(kw)
     return TrainSpec(**base)
 
