@@ -106,7 +106,8 @@ def run_pipeline(model_path: str, rows: list[dict], work: Path, overrides: dict)
     ds = tokenize_dataset(df, tok, data_fingerprint="bench", tokenizer_fingerprint="bench", out_root=work / "tok",
                           max_seq_len=overrides.pop("max_seq_len", DEFAULT_MAX_SEQ_LEN))
     # TrainSpec's defaults are the lora_adapter asset's defaults (one source); a preset or --set on top
-    settings = dict(max_steps=None, eval_every=10**6, save_every=10**6, log_every=10**6)
+    # one pass over each row, as the recipe makes (no opening copies), unless a preset or --set asks for them
+    settings = dict(max_steps=None, eval_every=10**6, save_every=10**6, log_every=10**6, opening_repeats=0)
     settings.update(overrides)
     spec = TrainSpec(base_model_path=model_path, tokenized_path=ds.path, output_dir=str(work / "adapter"),
                      checkpoint_dir=str(work / "ckpt"), **settings)
@@ -115,7 +116,7 @@ def run_pipeline(model_path: str, rows: list[dict], work: Path, overrides: dict)
             "tokens_per_s": r["steady_tokens_per_s"], "rows_per_s": r["steady_rows_per_s"], "steady_steps": r["steady_steps"],
             "flops_per_token": r["flops_per_token"], "achieved_tflops": r["achieved_tflops"],
             "peak_tflops": r["matmul_peak_tflops"], "mfu": r["mfu"], "precision": r["precision"],
-            "attention": r["attention"], "settings": {k: settings[k] for k in ("packing", "pack_tokens", "compile", "r", "lora_dropout")}}
+            "attention": r["attention"], "settings": {k: settings.get(k, getattr(spec, k)) for k in ("packing", "pack_tokens", "compile", "r", "lora_dropout", "opening_repeats")}}
 
 
 def run_recipe(model_path: str, rows: list[dict], work: Path, overrides: dict) -> dict:
