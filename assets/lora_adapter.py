@@ -56,7 +56,6 @@ class LoraAdapterConfig(Config):
     gradient_accumulation_steps: int = _default("gradient_accumulation_steps")
     max_steps: int | None = None
     seed: int = _default("seed")
-    max_seq_len: int = _default("max_seq_len")
     opening_tokens: int = Field(_default("opening_tokens"), ge=0,
                                 description="The answer's opening: its first N tokens (where it names the medicine)")
     opening_repeats: int = Field(_default("opening_repeats"), ge=0,
@@ -114,7 +113,8 @@ def lora_adapter(
     if config.accelerate_config:
         resolved = data_root.confine(config.accelerate_config, "lora_adapter.accelerate_config", config.allow_outside_paths)
         config = config.model_copy(update={"accelerate_config": str(resolved)})
-    settings = config.model_dump()
+    # the rows' length is tokenized_dataset's setting: read from its manifest, never asked again
+    settings = {**config.model_dump(), "max_seq_len": tokenized_dataset.max_seq_len}
     spec_fields = {k: v for k, v in settings.items() if k in TrainSpec.__dataclass_fields__}
     # the key covers every training setting, the config's and the entry point's own defaults
     training = asdict(TrainSpec(base_model_path="", tokenized_path="", output_dir="", checkpoint_dir="", **spec_fields))

@@ -11,7 +11,7 @@ from dagster import AssetExecutionContext, Config, MetadataValue, Output, asset
 from pydantic import Field
 
 from pipeline.model_source import BaseModelInfo, load_tokenizer
-from pipeline.tokenization import DEFAULT_SYSTEM_PROMPT, TokenizedDataset, tokenize_dataset
+from pipeline.tokenization import DEFAULT_SYSTEM_PROMPT, IGNORE_INDEX, TokenizedDataset, tokenize_dataset
 from resources.data_root import DataRoot
 
 
@@ -25,10 +25,10 @@ def _example_markdown(tokenizer, ds: TokenizedDataset) -> str:
         df = ds.load(split)
         if len(df):
             ids, labels = list(df.iloc[0]["input_ids"]), list(df.iloc[0]["labels"])
-            first = next(i for i, t in enumerate(labels) if t != -100)
+            first = next(i for i, t in enumerate(labels) if t != IGNORE_INDEX)
             prompt = tokenizer.decode(ids[:first]).replace("\n", "⏎")
             answer = tokenizer.decode(ids[first:]).replace("\n", "⏎")
-            return f"**prompt (masked, -100)**\n\n```\n{prompt[-300:]}\n```\n\n**supervised**\n\n```\n{answer[:300]}\n```"
+            return f"**prompt (masked, {IGNORE_INDEX})**\n\n```\n{prompt[-300:]}\n```\n\n**supervised**\n\n```\n{answer[:300]}\n```"
     return "_no rows_"
 
 

@@ -112,6 +112,9 @@ def run_pipeline(model_path: str, rows: list[dict], work: Path, overrides: dict)
     spec = TrainSpec(base_model_path=model_path, tokenized_path=ds.path, output_dir=str(work / "adapter"),
                      checkpoint_dir=str(work / "ckpt"), **settings)
     r = train(spec)
+    if r["steady_tokens_per_s"] is None:
+        raise SystemExit(f"{r['steps']} step(s): too few for the steady figures, which start after the first step "
+                         "(it carries compilation and warm-up); give more --rows or --epochs")
     return {"rows": len(rows), "steps": r["steps"], "seconds": r["train_seconds"], "tokens": r["trained_tokens"],
             "tokens_per_s": r["steady_tokens_per_s"], "rows_per_s": r["steady_rows_per_s"], "steady_steps": r["steady_steps"],
             "flops_per_token": r["flops_per_token"], "achieved_tflops": r["achieved_tflops"],

@@ -32,7 +32,7 @@ from typing import Any
 import pandas as pd
 
 from pipeline.evaluate_choice import ChoiceSet, choice_scores, rank_of
-from pipeline.tokenization import IGNORE_INDEX, render_prompt
+from pipeline.tokenization import IGNORE_INDEX, pad_token_id, render_prompt
 
 MODELS = ("base", "tuned")
 SPLITS = ("eval", "train_sample")
@@ -142,7 +142,7 @@ def generate_greedy(model, tokenizer, prompts: list[str], *, max_new_tokens: int
     with left padding; prompts of similar length are batched together."""
     import torch
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    pad_id = pad_token_id(tokenizer, stop_ids[0])
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     results: list[list[int]] = [[] for _ in prompts]
@@ -181,9 +181,10 @@ def generate_greedy(model, tokenizer, prompts: list[str], *, max_new_tokens: int
 @dataclass
 class EvalConfig:
     system_prompt: str
-    max_new_tokens: int = 128
-    train_sample_size: int = 32
-    batch_size: int = 8
+    # the defaults of the evaluation_report asset's config (declared here once, read there)
+    max_new_tokens: int = 64  # greedy answer length limit (stops earlier at the end-of-turn token)
+    train_sample_size: int = 16  # train rows added to the eval rows, a fixed sample
+    batch_size: int = 64  # prompts per generation batch (left padding)
     seed: int = 42
     choices: "ChoiceSet | None" = None  # candidate medicines and answer forms; None: no choice scoring
     train_medicines: frozenset[str] = frozenset()  # medicines named in training answers
@@ -252,7 +253,7 @@ def evaluate_models(model, tokenizer, rows: pd.DataFrame, config: EvalConfig, st
     """Run both models (``model`` is a PeftModel; its adapter is switched off for "base")."""
     import time
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    pad_id = pad_token_id(tokenizer, stop_ids[0])
     prompts = [render_prompt(tokenizer, i, x, config.system_prompt) for i, x in zip(rows["instruction"], rows["input"])]
     pairs = list(zip(rows["input_ids"].map(list), rows["labels"].map(list)))
     table = pd.DataFrame(

@@ -45,7 +45,7 @@ def merge_adapter(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from pipeline.tokenization import end_of_turn_id
+    from pipeline.tokenization import end_of_turn_id, pad_token_id
 
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ExportError(f"merge dtype must be float32, bfloat16 or float16 (never quantized), not {dtype!r}")
@@ -62,7 +62,7 @@ def merge_adapter(
     if not getattr(tokenizer, "chat_template", None):
         raise ExportError(f"the adapter's tokenizer in {adapter_path} has no chat template")
     eot = end_of_turn_id(tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot
+    pad = pad_token_id(tokenizer, eot)
     merged.config.eos_token_id = eot
     merged.config.pad_token_id = pad
     gen = GenerationConfig.from_model_config(merged.config)

@@ -59,6 +59,12 @@ def render_prompt(tokenizer, instruction: str, inp: str, system_prompt: str) -> 
     )
 
 
+def pad_token_id(tokenizer, fallback: int) -> int:
+    """The tokenizer's pad token, or ``fallback`` (the end-of-turn token) where it has none: padding
+    is masked out of attention and loss, so which id fills it does not matter, only that it exists."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else fallback
+
+
 def end_of_turn_id(tokenizer) -> int:
     """The special token the template puts right after an assistant answer (e.g. <|im_end|>)."""
     probe = "MEDTUNE_PROBE"
@@ -134,6 +140,12 @@ class TokenizedDataset:
 
     def load(self, split: str) -> pd.DataFrame:
         return pd.read_parquet(self.split_path(split))
+
+    @property
+    def max_seq_len(self) -> int:
+        """The length the rows were cut to (the manifest's): training reads it from here, it is not
+        a setting of its own."""
+        return int(json.loads((Path(self.path) / MANIFEST).read_text())["max_seq_len"])
 
 
 def _stats(table: pd.DataFrame, skipped: list[str]) -> dict[str, Any]:

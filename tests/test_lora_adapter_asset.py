@@ -6,7 +6,7 @@ import pytest
 from dagster import DagsterInstance, Definitions
 from mlflow.tracking import MlflowClient
 
-from conftest import demo_records, model_in_data_root, write_json
+from conftest import demo_records, model_in_data_root, rec, write_json
 from pipeline.definitions import JOBS, all_asset_checks, all_assets, make_resources
 
 
@@ -116,3 +116,36 @@ def test_unreachable_tracking_server_fails_before_training(data_dir, tiny_model_
     failure = next(e for e in result.all_events if e.is_step_failure and e.step_key == "lora_adapter")
     assert uri in str(failure.event_specific_data.error)
     assert not (data_dir / "models" / "checkpoints").exists() or not list((data_dir / "models" / "checkpoints").glob("*/step-*"))
+
+
+def test_training_takes_the_row_length_from_the_tokenized_dataset(tmp_path, tiny_model_dir):
+    """max_seq_len is tokenized_dataset's setting alone: set longer than training's old default
+    (2048), the training trains the whole rows, end-of-turn label included."""
+    import json
+    from pathlib import Path
+
+    import pandas as pd
+    from dagster import AssetSelection, materialize
+
+    long_answer = "板蓝根颗粒可能适合治疗您的病症。以下是板蓝根颗粒的详细说明书：" + "【功能主治】清热解毒，凉血利咽。" * 90
+    records = demo_records(6) + [rec(f"长病例{i}：咽喉肿痛，口干。", long_answer) for i in range(4)]
+    write_json(tmp_path / "data" / "raw" / "demo.json", records)
+    data_dir = tmp_path / "data"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = materialize(
+        all_assets, selection=AssetSelection.assets("lora_adapter").upstream(),
+        resources=make_resources(str(data_dir), uri), instance=DagsterInstance.ephemeral(),
+        run_config={"ops": {
+            "base_model": {"config": {"model": model_in_data_root(tiny_model_dir, data_dir)}},
+            "tokenized_dataset": {"config": {"max_seq_len": 3500}},
+            "lora_adapter": {"config": {"precision": "fp32", "opening_repeats": 0, "epochs": 1, "compile": False}},
+        }})
+    assert result.success
+    tokenized = Path(result.asset_materializations_for_node("tokenized_dataset")[0].metadata["path"].value)
+    manifest = json.loads((tokenized / "manifest.json").read_text())
+    train = pd.read_parquet(tokenized / "train.parquet")
+    assert train["length"].max() > 2048 and not train["truncated"].any()
+    assert all(labels[-1] == manifest["end_of_turn_id"] for labels in train["labels"])
+    done = json.loads((Path(meta(result, "path")) / "medtune_training.json").read_text())
+    assert done["spec"]["max_seq_len"] == 3500
+    assert done["result"]["trained_tokens"] == int(train["length"].sum())  # every train row whole, once

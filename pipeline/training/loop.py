@@ -16,6 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from pipeline.tokenization import IGNORE_INDEX
 from pipeline.training.batching import Batch, flatten, load_rows, plan_epoch, with_openings
 from pipeline.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from pipeline.training.report import Reporter, Throughput
@@ -96,7 +97,7 @@ def train(spec: TrainSpec) -> dict[str, Any]:
 
     steps_per_epoch = len(epoch_groups(0))
     total_steps = spec.max_steps or max(1, math.ceil(steps_per_epoch * spec.epochs))
-    supervised = sum(sum(1 for t in r[1][1:] if t != -100) for r in train_rows)
+    supervised = sum(sum(1 for t in r[1][1:] if t != IGNORE_INDEX) for r in train_rows)
     flops = training_flops_per_token(peft_model.config, context=mean_context(lengths),
                                      supervised_share=supervised / sum(lengths), adapter_params=trainable)
     peak = matmul_peak_flops(DTYPES[precision], "cuda" if on_gpu else "cpu") if accelerator.is_main_process else 0.0

@@ -39,7 +39,7 @@ class TrainSpec:
     gradient_accumulation_steps: int = 1
     max_steps: int | None = None
     seed: int = 42
-    max_seq_len: int = 2048
+    max_seq_len: int = 2048  # not a training setting: the asset passes the tokenized dataset's (its manifest)
     # The answer's opening (its first opening_tokens tokens, where the answer names its medicine):
     # each epoch also trains opening_repeats copies of every row cut there. A cut copy ends without
     # an end-of-turn token, so nothing in it teaches the model to stop early.
