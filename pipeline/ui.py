@@ -10,8 +10,8 @@ it, the MLflow server reads the same file). The end-to-end tests start the serve
 same module.
 
 Shutdown: both servers start in sessions of their own with SIGINT and SIGTERM reset to their
-defaults (``dagster dev`` started in the background of a shell would ignore them and hang, see
-NOTES), and Ctrl-C or SIGTERM here sends SIGTERM to each server's whole process group, then
+defaults (``dagster dev`` started in the background of a non-interactive shell inherits them
+ignored and would hang), and Ctrl-C or SIGTERM here sends SIGTERM to each server's whole process group, then
 SIGKILL to what is left after a grace period.
 """
 

@@ -1,0 +1,68 @@
+"""The README and docs/ have no dead references: every relative link resolves (its #anchor to a
+heading of the page it points at), and every project path they mention exists."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+PROJECT = Path(__file__).resolve().parents[1]
+PAGES = [PROJECT / "README.md", *sorted((PROJECT / "docs").glob("*.md"))]
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+# a path into the project's own folders, wherever it is written (prose, inline code, code blocks)
+PATH = re.compile(r"(?<![\w/.$<-])((?:pipeline|assets|resources|tests|bench|docs|\.ci|data/raw)/[\w./-]*[\w/]|"
+                  r"(?:Makefile|pyproject\.toml|constraints\.txt|workspace\.yaml)\b)")
+MODULE = re.compile(r"`((?:pipeline|assets|resources)(?:\.\w+)+)`")
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"[`*_]{2,}|`", "", heading.strip().lower())
+    text = re.sub(r"[^\w\- ]", "", text)
+    return text.replace(" ", "-")
+
+
+def anchors(page: Path) -> set[str]:
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+    return {slug(m.group(1)) for m in re.finditer(r"^#+\s+(.*)$", text, flags=re.M)}
+
+
+def test_the_slug_follows_github():
+    assert slug("Training (`lora_adapter`)") == "training-lora_adapter"
+    assert slug("Living with it: `make ui`, the sensor, the schedule, presets") == \
+        "living-with-it-make-ui-the-sensor-the-schedule-presets"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(PROJECT)))
+def test_every_relative_link_resolves(page):
+    broken = []
+    for target in LINK.findall(page.read_text()):
+        if re.match(r"[a-z]+:", target):
+            continue  # http(s), mailto: not ours to check offline
+        path, _, anchor = target.partition("#")
+        dest = (page.parent / path).resolve() if path else page
+        if not dest.exists():
+            broken.append(f"{target}: no such file")
+        elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
+            broken.append(f"{target}: no heading with anchor #{anchor} in {dest.name}")
+    assert not broken, f"{page.name}: " + "; ".join(broken)
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(PROJECT)))
+def test_every_project_path_and_module_mentioned_exists(page):
+    text = re.sub(r"https?://\S+", "", page.read_text())
+    missing = sorted({p for p in PATH.findall(text) if not (PROJECT / p).exists()})
+    for module in MODULE.findall(text):
+        base = PROJECT / module.replace(".", "/")
+        if not (base.with_suffix(".py").exists() or (base / "__init__.py").exists()):
+            missing.append(module)
+    assert not missing, f"{page.name} mentions what does not exist: {missing}"
+
+
+def test_the_readme_is_a_front_door():
+    lines = (PROJECT / "README.md").read_text().splitlines()
+    assert len(lines) <= 150, f"README.md has {len(lines)} lines: reference material belongs in docs/"
+    text = "\n".join(lines)
+    assert "make run" in text and "make test" in text
+    for page in PAGES[1:]:
+        assert f"(docs/{page.name})" in text, f"README does not link docs/{page.name}"
