@@ -50,22 +50,22 @@ $(DAGSTER_HOME)/dagster.yaml: pipeline/dagster.yaml
 # in-process: on 2 cores, steps one after the other beat steps started in processes of their own
 # that then share the cores (evaluation_report and merged_model would run side by side)
 run: setup
-	$(BIN)/python -m pipeline.recover
+	$(BIN)/python -m pipeline.ops.recover
 	$(BIN)/dagster asset materialize -m pipeline.definitions --select '*' --config-json '{"execution": {"config": {"in_process": {}}}}'
-	$(BIN)/python -m pipeline.summary
+	$(BIN)/python -m pipeline.ops.summary
 
 test: setup
 	$(BIN)/python -m pytest
 
 ui: setup
-	$(BIN)/python -m pipeline.ui --host 127.0.0.1 --dagster-port 3000 --mlflow-port 5000
+	$(BIN)/python -m pipeline.ops.ui --host 127.0.0.1 --dagster-port 3000 --mlflow-port 5000
 
 mlflow-ui: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow/mlflow.db --host 127.0.0.1 --port 5000 --workers 1
 
 # with `make ui` running: the README's screenshots from the real UIs
 screenshots: setup
-	$(BIN)/python -m pipeline.screenshots --dagster http://127.0.0.1:3000 --mlflow http://127.0.0.1:5000 --out docs/screenshots
+	$(BIN)/python -m pipeline.ops.screenshots --dagster http://127.0.0.1:3000 --mlflow http://127.0.0.1:5000 --out docs/screenshots
 
 bench: setup
 	$(BIN)/python bench/data_throughput.py

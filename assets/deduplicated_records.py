@@ -1,4 +1,4 @@
-"""Asset ``deduplicated_records``: exact duplicates removed, prompt conflicts handled (``pipeline.dedup``)."""
+"""Asset ``deduplicated_records``: exact duplicates removed, prompt conflicts handled (``pipeline.stages.deduplicated_records``)."""
 
 
 from typing import Literal
@@ -6,8 +6,8 @@ from typing import Literal
 from dagster import AssetExecutionContext, Config, MetadataValue, Output, asset
 from pydantic import Field
 
-from pipeline.dedup import deduplicate
-from pipeline.records import FIELDS, StageResult, preview_markdown
+from pipeline.stages.deduplicated_records import deduplicate
+from pipeline.core.records import FIELDS, StageResult, preview_markdown
 
 
 class DeduplicatedRecordsConfig(Config):

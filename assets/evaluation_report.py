@@ -1,4 +1,4 @@
-"""Asset ``evaluation_report``: the base model against the tuned one on the same prompts (``pipeline.evaluate``).
+"""Asset ``evaluation_report``: the base model against the tuned one on the same prompts (``pipeline.stages.evaluation_report``).
 
 Every eval row plus a fixed sample of train rows; loss and perplexity on answer tokens, medicine-
 choice accuracy and mean rank by likelihood (every medicine the data names, in the data's answer
@@ -19,9 +19,9 @@ import pandas as pd
 from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, Config, MetadataValue, Output, asset
 from pydantic import Field
 
-from pipeline.atomic import atomic_dir
-from pipeline.tracking_sync import COMPLETE, attempt, pending
-from pipeline.evaluate import (
+from pipeline.core.atomic import atomic_dir
+from pipeline.core.tracking_sync import COMPLETE, attempt, pending
+from pipeline.stages.evaluation_report import (
     EvalConfig,
     eval_dtype,
     extract_medicine_name,
@@ -33,10 +33,10 @@ from pipeline.evaluate import (
     summary_markdown,
     tuned_beats_base,
 )
-from pipeline.evaluate_choice import ChoiceSet
-from pipeline.fingerprint import sha256_json
-from pipeline.model_source import BaseModelInfo
-from pipeline.tokenization import MANIFEST, TokenizedDataset
+from pipeline.stages.evaluation_report.choice import ChoiceSet
+from pipeline.core.fingerprint import sha256_json
+from pipeline.stages.base_model import BaseModelInfo
+from pipeline.stages.tokenized_dataset import MANIFEST, TokenizedDataset
 from resources.data_root import DataRoot
 from resources.mlflow_tracking import MlflowTracking
 
@@ -74,6 +74,12 @@ def _log_to_mlflow(mlflow: MlflowTracking, run_id: str, folder: Path, metrics: d
     client.set_tag(run_id, "medtune.tuned_beats_base_reason", gate[1][:5000])
 
 
+def evaluation_key(config: EvaluationReportConfig, adapter_id: str, tokenized_key: str, alpaca_fingerprint: str) -> str:
+    """The evaluation's cache key: adapter, data and every setting but the preview length."""
+    settings = {k: v for k, v in config.model_dump().items() if k != "preview_rows"}
+    return sha256_json({"format": EVAL_FORMAT, "adapter": adapter_id, "data": tokenized_key, "alpaca": alpaca_fingerprint, **settings})
+
+
 @asset(
     group_name="model",
     compute_kind="pytorch",
@@ -93,8 +99,7 @@ def evaluation_report(
 ):
     manifest = json.loads((Path(tokenized_dataset.path) / MANIFEST).read_text())
     settings = config.model_dump()
-    key = sha256_json({"format": EVAL_FORMAT, "adapter": lora_adapter["adapter_id"], "data": tokenized_dataset.key,
-                       "alpaca": alpaca_dataset["data_fingerprint"], **{k: v for k, v in settings.items() if k != "preview_rows"}})
+    key = evaluation_key(config, lora_adapter["adapter_id"], tokenized_dataset.key, alpaca_dataset["data_fingerprint"])
     folder = data_root.models_dir / "evaluations" / key[:16]
     run_id = lora_adapter.get("mlflow_run_id")
     cache_hit = (folder / "summary.json").is_file()

@@ -1,4 +1,4 @@
-"""Asset ``lora_adapter``: LoRA training in a child process started through Dagster Pipes (``pipeline.training``).
+"""Asset ``lora_adapter``: LoRA training in a child process started through Dagster Pipes (``pipeline.stages.lora_adapter``).
 
 One process by default; with ``num_processes`` > 1 (or several GPUs) the same entry point runs
 under ``torchrun`` (DDP), or under ``accelerate launch`` with ``accelerate_config`` for FSDP or
@@ -20,12 +20,12 @@ from typing import Literal
 from dagster import AssetExecutionContext, Config, Failure, MetadataValue, Output, PipesSubprocessClient, asset
 from pydantic import Field
 
-from pipeline.atomic import file_lock, write_bytes_atomic
-from pipeline.model_source import BaseModelInfo
-from pipeline.secrets import redact, redact_params
-from pipeline.tokenization import TokenizedDataset
-from pipeline.tracking_sync import COMPLETE, QUICK_HTTP, attempt, pending, quick_http, send_missing_metrics
-from pipeline.training import ERROR_FILE, TrainSpec, adapter_id, plot_loss_curve, read_metrics
+from pipeline.core.atomic import file_lock, write_bytes_atomic
+from pipeline.stages.base_model import BaseModelInfo
+from pipeline.core.secrets import redact, redact_params
+from pipeline.stages.tokenized_dataset import TokenizedDataset
+from pipeline.core.tracking_sync import COMPLETE, QUICK_HTTP, attempt, pending, quick_http, send_missing_metrics
+from pipeline.stages.lora_adapter import ERROR_FILE, TrainSpec, adapter_id, plot_loss_curve, read_metrics
 from resources.data_root import PROJECT_ROOT, DataRoot
 from resources.mlflow_tracking import MlflowTracking
 
@@ -90,14 +90,24 @@ def _git_commit() -> str:
 def launch_command(spec_path: Path, config: LoraAdapterConfig) -> list[str]:
     n = config.num_processes
     if n <= 1 and config.launcher == "auto":
-        return [sys.executable, "-m", "pipeline.training", "--spec", str(spec_path)]
+        return [sys.executable, "-m", "pipeline.stages.lora_adapter", "--spec", str(spec_path)]
     bindir = Path(sys.executable).parent
     if config.launcher == "accelerate" or (config.launcher == "auto" and config.accelerate_config):
         cmd = [str(bindir / "accelerate"), "launch", "--num_processes", str(n)]
         if config.accelerate_config:
             cmd += ["--config_file", config.accelerate_config]
-        return [*cmd, "-m", "pipeline.training", "--spec", str(spec_path)]
-    return [str(bindir / "torchrun"), "--standalone", "--nproc_per_node", str(n), "-m", "pipeline.training", "--spec", str(spec_path)]
+        return [*cmd, "-m", "pipeline.stages.lora_adapter", "--spec", str(spec_path)]
+    return [str(bindir / "torchrun"), "--standalone", "--nproc_per_node", str(n), "-m", "pipeline.stages.lora_adapter", "--spec", str(spec_path)]
+
+
+def training_key(config: LoraAdapterConfig, tokenized_key: str, max_seq_len: int, base_fingerprint: str) -> tuple[str, dict, dict]:
+    """The adapter's id (its cache key), the settings as logged, and the training child's fields."""
+    # the rows' length is tokenized_dataset's setting: read from its manifest, never asked again
+    settings = {**config.model_dump(), "max_seq_len": max_seq_len}
+    spec_fields = {k: v for k, v in settings.items() if k in TrainSpec.__dataclass_fields__}
+    # the key covers every training setting, the config's and the entry point's own defaults
+    training = asdict(TrainSpec(base_model_path="", tokenized_path="", output_dir="", checkpoint_dir="", **spec_fields))
+    return adapter_id(tokenized_key, base_fingerprint, training, config.num_processes), settings, spec_fields
 
 
 @asset(group_name="model", compute_kind="pytorch", description=__doc__, pool=TRAINING_POOL)
@@ -113,12 +123,7 @@ def lora_adapter(
     if config.accelerate_config:
         resolved = data_root.confine(config.accelerate_config, "lora_adapter.accelerate_config", config.allow_outside_paths)
         config = config.model_copy(update={"accelerate_config": str(resolved)})
-    # the rows' length is tokenized_dataset's setting: read from its manifest, never asked again
-    settings = {**config.model_dump(), "max_seq_len": tokenized_dataset.max_seq_len}
-    spec_fields = {k: v for k, v in settings.items() if k in TrainSpec.__dataclass_fields__}
-    # the key covers every training setting, the config's and the entry point's own defaults
-    training = asdict(TrainSpec(base_model_path="", tokenized_path="", output_dir="", checkpoint_dir="", **spec_fields))
-    aid = adapter_id(tokenized_dataset.key, base_model.fingerprint, training, config.num_processes)
+    aid, settings, spec_fields = training_key(config, tokenized_dataset.key, tokenized_dataset.max_seq_len, base_model.fingerprint)
     out_dir = data_root.models_dir / "adapters" / aid
     ckpt_dir = data_root.models_dir / "checkpoints" / aid
     # one training per adapter at a time, whatever the run queue is set to: a second

@@ -1,4 +1,4 @@
-"""Asset ``merged_model``: the adapter merged into a 32-bit (or 16-bit) copy of the base weights (``pipeline.export``).
+"""Asset ``merged_model``: the adapter merged into a 32-bit (or 16-bit) copy of the base weights (``pipeline.stages.merged_model``).
 
 Written under ``$MEDTUNE_DATA_DIR/models/merged/<id>/`` through a temporary folder renamed into
 place: safetensors (sharded when large), config, tokenizer with its chat template, and a
@@ -25,11 +25,11 @@ from dagster import (
 )
 from pydantic import Field
 
-from pipeline.evaluate import load_tuned_model
-from pipeline.export import DEFAULT_TOLERANCE, compare_with_adapter, load_merged, merge_adapter, read_export_record
-from pipeline.fingerprint import sha256_json
-from pipeline.model_source import BaseModelInfo
-from pipeline.tokenization import MANIFEST, TokenizedDataset, render_prompt
+from pipeline.stages.evaluation_report import load_tuned_model
+from pipeline.stages.merged_model import DEFAULT_TOLERANCE, compare_with_adapter, load_merged, merge_adapter, read_export_record
+from pipeline.core.fingerprint import sha256_json
+from pipeline.stages.base_model import BaseModelInfo
+from pipeline.stages.tokenized_dataset import MANIFEST, TokenizedDataset, render_prompt
 from resources.data_root import DataRoot
 
 EXPORT_FORMAT = 2  # 2: float64 merge, float64 check
@@ -54,6 +54,11 @@ def _check_prompts(alpaca_path: str, tokenizer, system_prompt: str, n: int) -> l
     return [render_prompt(tokenizer, i, x, system_prompt) for i, x in zip(rows["instruction"], rows["input"])]
 
 
+def merged_key(config: MergedModelConfig, adapter_id: str, base_fingerprint: str) -> str:
+    """The merged model's id (its folder): adapter, base weights and every export setting."""
+    return sha256_json({"format": EXPORT_FORMAT, "adapter": adapter_id, "base": base_fingerprint, **config.model_dump()})[:16]
+
+
 @asset(
     group_name="model",
     compute_kind="safetensors",
@@ -70,8 +75,7 @@ def merged_model(
     alpaca_dataset: dict,
     tokenized_dataset: TokenizedDataset,
 ):
-    settings = config.model_dump()
-    mid = sha256_json({"format": EXPORT_FORMAT, "adapter": lora_adapter["adapter_id"], "base": base_model.fingerprint, **settings})[:16]
+    mid = merged_key(config, lora_adapter["adapter_id"], base_model.fingerprint)
     dest = data_root.models_dir / "merged" / mid
     record = read_export_record(dest)
     cache_hit = bool(record and record.get("verification", {}).get("passed"))

@@ -1,11 +1,11 @@
-"""Asset ``raw_records``: every raw JSON / JSON Lines file read into rows (``pipeline.ingest``)."""
+"""Asset ``raw_records``: every raw JSON / JSON Lines file read into rows (``pipeline.stages.raw_records``)."""
 
 
 from dagster import AssetExecutionContext, MetadataValue, Output, asset
 
-from pipeline.ingest import ingest
-from pipeline.raw_watch import raw_fingerprint
-from pipeline.records import FIELDS, StageResult, preview_markdown
+from pipeline.stages.raw_records import ingest
+from pipeline.stages.raw_records import raw_fingerprint
+from pipeline.core.records import FIELDS, StageResult, preview_markdown
 from resources.data_root import DataRoot
 
 

@@ -1,4 +1,4 @@
-"""Asset ``registered_model``: the merged model in the MLflow Model Registry (``pipeline.registry``).
+"""Asset ``registered_model``: the merged model in the MLflow Model Registry (``pipeline.stages.registered_model``).
 
 Registered only when both gates pass: ``tuned_beats_base`` (from ``evaluation_report``) and
 ``merged_matches_adapter`` (a blocking check on ``merged_model``: when it fails this asset does
@@ -10,10 +10,10 @@ is registered, and the reason shows in the run's log, this asset's metadata and 
 from dagster import AssetExecutionContext, Config, Failure, MetadataValue, Output, asset
 from pydantic import Field
 
-from pipeline.model_source import BaseModelInfo
-from pipeline.registry import register_merged_model
-from pipeline.secrets import redact
-from pipeline.tracking_sync import COMPLETE, quick_http
+from pipeline.stages.base_model import BaseModelInfo
+from pipeline.stages.registered_model import register_merged_model
+from pipeline.core.secrets import redact
+from pipeline.core.tracking_sync import COMPLETE, quick_http
 from resources.mlflow_tracking import MlflowTracking
 
 

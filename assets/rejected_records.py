@@ -5,29 +5,12 @@ are concatenated in stage order, each stage's rows in source order.
 """
 
 
-import pandas as pd
 from dagster import AssetExecutionContext, MetadataValue, Output, asset
 
-from pipeline.records import StageResult, preview_markdown, rejects_frame
-from pipeline.split import write_parquet
+from pipeline.core.records import StageResult, preview_markdown
+from pipeline.stages.alpaca_dataset import write_parquet
+from pipeline.stages.rejected_records import collect_rejected, reasons_markdown
 from resources.data_root import DataRoot
-
-
-def reasons_markdown(rejected: pd.DataFrame, limit: int = 15) -> str:
-    if rejected.empty:
-        return "_nothing rejected_"
-    # group reasons by their general form: the text before the first ':' or '(' of each part
-    kinds = rejected["reason"].str.replace(r" \(.*$| of .*:\d+.*$", "", regex=True).str.slice(0, 90)
-    table = (
-        pd.DataFrame({"stage": rejected["stage"], "reason": kinds})
-        .value_counts()
-        .reset_index(name="rows")
-        .head(limit)
-    )
-    lines = ["| stage | reason | rows |", "|---|---|---|"]
-    for stage, reason, rows in table.itertuples(index=False, name=None):
-        lines.append(f"| {stage} | {str(reason).replace('|', '/')} | {rows} |")
-    return "\n".join(lines)
 
 
 @asset(group_name="data", compute_kind="parquet", description=__doc__)
@@ -38,8 +21,7 @@ def rejected_records(
     validated_records: StageResult,
     deduplicated_records: StageResult,
 ) -> Output[dict]:
-    parts = [raw_records.rejected, validated_records.rejected, deduplicated_records.rejected]
-    rejected = pd.concat([rejects_frame(), *parts], ignore_index=True).astype(rejects_frame().dtypes.to_dict())
+    rejected = collect_rejected([raw_records.rejected, validated_records.rejected, deduplicated_records.rejected])
     path = write_parquet(rejected, data_root.rejected_path)
     by_stage = rejected["stage"].value_counts().to_dict()
     context.log.info(f"{len(rejected)} rejected rows written to {path}: {by_stage}")

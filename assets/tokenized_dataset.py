@@ -1,4 +1,4 @@
-"""Asset ``tokenized_dataset``: chat-template tokens with prompt-masked labels (``pipeline.tokenization``).
+"""Asset ``tokenized_dataset``: chat-template tokens with prompt-masked labels (``pipeline.stages.tokenized_dataset``).
 
 Stored under ``$MEDTUNE_DATA_DIR/processed/tokenized/<key>/{train,eval}.parquet``; the key
 covers the data, tokenizer, chat template, ``max_seq_len`` and system prompt, so unchanged
@@ -10,8 +10,8 @@ import pandas as pd
 from dagster import AssetExecutionContext, Config, MetadataValue, Output, asset
 from pydantic import Field
 
-from pipeline.model_source import BaseModelInfo, load_tokenizer
-from pipeline.tokenization import DEFAULT_SYSTEM_PROMPT, IGNORE_INDEX, TokenizedDataset, tokenize_dataset
+from pipeline.stages.base_model import BaseModelInfo, load_tokenizer
+from pipeline.stages.tokenized_dataset import DEFAULT_SYSTEM_PROMPT, IGNORE_INDEX, TokenizedDataset, tokenize_dataset
 from resources.data_root import DataRoot
 
 

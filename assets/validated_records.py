@@ -1,4 +1,4 @@
-"""Asset ``validated_records``: the Great Expectations suite over ingested rows (``pipeline.validate``).
+"""Asset ``validated_records``: the Great Expectations suite over ingested rows (``pipeline.stages.validated_records``).
 
 Its blocking check ``reject_ratio_within_limit`` stops the run when the share of rows rejected
 so far (ingest + validation) is over ``max_reject_ratio`` or no valid row is left.
@@ -8,8 +8,8 @@ so far (ingest + validation) is over ``max_reject_ratio`` or no valid row is lef
 from dagster import AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, AssetExecutionContext, Config, MetadataValue, Output, asset
 from pydantic import Field
 
-from pipeline.records import FIELDS, StageResult, preview_markdown
-from pipeline.validate import Bounds, validate_records
+from pipeline.core.records import FIELDS, StageResult, preview_markdown
+from pipeline.stages.validated_records import Bounds, validate_records
 
 CHECK = "reject_ratio_within_limit"
 

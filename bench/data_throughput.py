@@ -119,11 +119,11 @@ def run_pipeline(raw: Path, out: Path) -> dict:
     t0 = time.perf_counter()
     import pandas as pd
 
-    from pipeline.dedup import deduplicate
-    from pipeline.ingest import ingest
-    from pipeline.records import rejects_frame
-    from pipeline.split import build_alpaca, write_parquet
-    from pipeline.validate import validate_records
+    from pipeline.stages.deduplicated_records import deduplicate
+    from pipeline.stages.raw_records import ingest
+    from pipeline.core.records import rejects_frame
+    from pipeline.stages.alpaca_dataset import build_alpaca, write_parquet
+    from pipeline.stages.validated_records import validate_records
     import great_expectations  # noqa: F401  (import cost reported apart)
 
     imports = time.perf_counter() - t0
@@ -153,7 +153,7 @@ def run_naive(raw: Path, out: Path) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.validate import CONTROL_CHARS_REGEX, INVALID_UNICODE_REGEX, NOT_BLANK_REGEX, WHITESPACE
+    from pipeline.stages.validated_records import CONTROL_CHARS_REGEX, INVALID_UNICODE_REGEX, NOT_BLANK_REGEX, WHITESPACE
 
     imports = time.perf_counter() - t0
     t = time.perf_counter()

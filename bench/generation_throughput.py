@@ -1,4 +1,4 @@
-"""Benchmark: batched greedy generation (``pipeline.evaluate.generate_greedy``, left padding)
+"""Benchmark: batched greedy generation (``pipeline.stages.evaluation_report.generate_greedy``, left padding)
 against one prompt at a time, on the same prompts and the same model, side by side in one run.
 
     python bench/generation_throughput.py [--prompts 16] [--batch-size 8] [--max-new-tokens 128]
@@ -23,11 +23,11 @@ sys.path.insert(0, str(ROOT))
 
 
 def demo_prompts(tokenizer, n: int) -> list[str]:
-    from pipeline.dedup import deduplicate
-    from pipeline.ingest import ingest
-    from pipeline.split import build_alpaca
-    from pipeline.tokenization import DEFAULT_SYSTEM_PROMPT, render_prompt
-    from pipeline.validate import validate_records
+    from pipeline.stages.deduplicated_records import deduplicate
+    from pipeline.stages.raw_records import ingest
+    from pipeline.stages.alpaca_dataset import build_alpaca
+    from pipeline.stages.tokenized_dataset import DEFAULT_SYSTEM_PROMPT, render_prompt
+    from pipeline.stages.validated_records import validate_records
 
     alpaca = build_alpaca(deduplicate(validate_records(ingest(ROOT / "data" / "raw").kept).kept).kept)
     alpaca = alpaca.sort_values("split").head(n)  # eval rows first, then train rows
@@ -45,8 +45,8 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.evaluate import generate_greedy, stop_token_ids
-    from pipeline.model_source import resolve_base_model
+    from pipeline.stages.evaluation_report import generate_greedy, stop_token_ids
+    from pipeline.stages.base_model import resolve_base_model
     from resources.data_root import DataRoot, default_data_dir
 
     path = resolve_base_model(args.model, DataRoot(path=default_data_dir()).models_dir).path

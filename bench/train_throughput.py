@@ -5,11 +5,11 @@
 
 Printed, all measured in this run (these machines differ by 2x, and a shared one by the minute):
 
-* the model's training FLOPs per token, from its config (``pipeline.training.flops``: linear layers
+* the model's training FLOPs per token, from its config (``pipeline.stages.lora_adapter.flops``: linear layers
   forward and input gradients, causal attention, the vocabulary projection at supervised positions,
   the adapters);
 * the bf16 and fp32 peaks of a 2048 (CPU) or 8192 (GPU) square matrix multiply;
-* ``pipeline``: ``pipeline.training`` with the ``lora_adapter`` defaults, one epoch over the rows,
+* ``pipeline``: ``pipeline.stages.lora_adapter`` with the ``lora_adapter`` defaults, one epoch over the rows,
   in a child process: tokens/s and rows/s of the steady steps (from the end of the first step, which
   carries compilation), achieved FLOP/s and MFU = achieved ÷ the bf16 peak (fp32 where the device
   has no bf16) measured in that child just before it trains;
@@ -64,11 +64,11 @@ def resolve_model(model: str, shape: str | None, tokenizer: str | None, work: Pa
         if tokenizer:
             AutoTokenizer.from_pretrained(tokenizer).save_pretrained(folder)
         else:
-            from pipeline.model_source import load_bundled_tokenizer
+            from pipeline.stages.base_model import load_bundled_tokenizer
 
             load_bundled_tokenizer().save_pretrained(folder)
         return str(folder)
-    from pipeline.model_source import resolve_base_model
+    from pipeline.stages.base_model import resolve_base_model
     from resources.data_root import DataRoot, default_data_dir
 
     return resolve_base_model(model, DataRoot(path=default_data_dir()).models_dir).path
@@ -77,7 +77,7 @@ def resolve_model(model: str, shape: str | None, tokenizer: str | None, work: Pa
 def preset_settings(name: str) -> dict:
     import yaml
 
-    from pipeline.training import TrainSpec
+    from pipeline.stages.lora_adapter import TrainSpec
 
     ops = yaml.safe_load((ROOT / "pipeline" / "presets" / f"{name}.yaml").read_text())["ops"]
     train = {k: v for k, v in ops.get("lora_adapter", {}).get("config", {}).items() if k in TrainSpec.__dataclass_fields__}
@@ -88,7 +88,7 @@ def preset_settings(name: str) -> dict:
 def peaks(device: str) -> dict[str, float]:
     import torch
 
-    from pipeline.training.flops import matmul_peak_flops
+    from pipeline.stages.lora_adapter.flops import matmul_peak_flops
 
     n = 2048 if device == "cpu" else 8192
     return {"bf16": matmul_peak_flops(torch.bfloat16, device, n), "fp32": matmul_peak_flops(torch.float32, device, n)}
@@ -98,8 +98,8 @@ def run_pipeline(model_path: str, rows: list[dict], work: Path, overrides: dict)
     import pandas as pd
     from transformers import AutoTokenizer
 
-    from pipeline.tokenization import DEFAULT_MAX_SEQ_LEN, tokenize_dataset
-    from pipeline.training import TrainSpec, train
+    from pipeline.stages.tokenized_dataset import DEFAULT_MAX_SEQ_LEN, tokenize_dataset
+    from pipeline.stages.lora_adapter import TrainSpec, train
 
     tok = AutoTokenizer.from_pretrained(model_path)
     df = pd.DataFrame(rows).assign(split="train", record_id=[f"r{i}" for i in range(len(rows))])

@@ -17,8 +17,8 @@ from assets import (
     tokenized_dataset,
     validated_records,
 )
-from pipeline.automation import periodic_retrain_schedule, raw_data_sensor
-from pipeline.jobs import JOBS, full_pipeline_job, prepare_data_job, train_job  # noqa: F401
+from pipeline.ops.automation import periodic_retrain_schedule, raw_data_sensor
+from pipeline.ops.jobs import JOBS, full_pipeline_job, prepare_data_job, train_job  # noqa: F401
 from resources import DataRoot, MlflowTracking, StageIOManager, default_data_dir
 
 ASSET_MODULES = [

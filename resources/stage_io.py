@@ -1,6 +1,6 @@
 """IO manager for the data stages: Parquet for tables, JSON for small descriptors.
 
-A :class:`~pipeline.records.StageResult` is stored as a folder ``<asset>/`` holding
+A :class:`~pipeline.core.records.StageResult` is stored as a folder ``<asset>/`` holding
 ``kept.parquet``, ``rejected.parquet`` and ``stats.json``; anything else as ``<asset>.json``.
 Both are written to a temporary name and renamed into place, so a failed step never leaves a
 half-written output for the next step to read.
@@ -15,9 +15,9 @@ from typing import Any
 import pandas as pd
 from dagster import ConfigurableIOManager, InputContext, OutputContext, ResourceDependency
 
-from pipeline.atomic import atomic_dir, write_bytes_atomic
-from pipeline.records import StageResult
-from pipeline.split import to_arrow
+from pipeline.core.atomic import atomic_dir, write_bytes_atomic
+from pipeline.core.records import StageResult
+from pipeline.stages.alpaca_dataset import to_arrow
 from resources.data_root import DataRoot
 
 import pyarrow.parquet as pq

@@ -59,7 +59,7 @@ def model_in_data_root(model_dir: Path, data_dir: Path) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from pipeline.model_source import build_tiny_model
+    from pipeline.stages.base_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama", seed=0)
 

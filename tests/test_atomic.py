@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from pipeline.atomic import OutputWriteError, atomic_dir, atomic_path
+from pipeline.core.atomic import OutputWriteError, atomic_dir, atomic_path
 
 
 def test_failed_file_write_keeps_the_previous_version(tmp_path):
@@ -51,7 +51,7 @@ def test_disk_full_or_read_only_names_the_path_and_keeps_the_old_file(tmp_path, 
     def failing_replace(src, dst):
         raise OSError(err, os.strerror(err))
 
-    monkeypatch.setattr("pipeline.atomic.os.replace", failing_replace)
+    monkeypatch.setattr("pipeline.core.atomic.os.replace", failing_replace)
     with pytest.raises(OutputWriteError, match=f"could not write {dest}: {os.strerror(err)}"):
         with atomic_path(dest) as tmp:
             tmp.write_text("new")

@@ -10,7 +10,7 @@ import yaml
 from dagster import DagsterInstance, build_sensor_context, validate_run_config
 
 from conftest import demo_records, write_json
-from pipeline.raw_watch import EMPTY, WatchState, decide, raw_fingerprint
+from pipeline.ops.raw_watch import EMPTY, WatchState, decide, raw_fingerprint
 
 
 def test_fingerprint_is_content_not_mtime(raw_dir):
@@ -67,7 +67,7 @@ def test_cursor_round_trip_and_garbage():
 
 
 def test_sensor_requests_one_run_keyed_by_fingerprint(tmp_path, monkeypatch):
-    from pipeline import automation
+    from pipeline.ops import automation
     from pipeline.definitions import defs
     from resources.data_root import DataRoot
 
@@ -101,7 +101,7 @@ def test_sensor_requests_one_run_keyed_by_fingerprint(tmp_path, monkeypatch):
 
 def test_presets_validate_against_the_jobs():
     from pipeline.definitions import defs
-    from pipeline.jobs import PRESETS, load_preset, preset_job_name
+    from pipeline.ops.jobs import PRESETS, load_preset, preset_job_name
 
     job = defs.resolve_job_def("full_pipeline_job")
     for name in PRESETS:
@@ -133,7 +133,7 @@ def test_training_runs_are_limited_to_one():
 def test_a_file_unreadable_for_good_does_not_stall_the_sensor(tmp_path, monkeypatch):
     import errno
 
-    import pipeline.raw_watch as rw
+    import pipeline.stages.raw_records.files as rw
 
     raw = tmp_path / "raw"
     write_json(raw / "a.json", demo_records(2))

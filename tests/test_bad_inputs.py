@@ -18,9 +18,9 @@ import pytest
 from dagster import DagsterEventType, DagsterInstance, Definitions
 
 from conftest import model_in_data_root, write_json
-from pipeline.dedup import deduplicate
-from pipeline.ingest import ingest
-from pipeline.validate import validate_records
+from pipeline.stages.deduplicated_records import deduplicate
+from pipeline.stages.raw_records import ingest
+from pipeline.stages.validated_records import validate_records
 
 CORPUS = Path(__file__).parent / "fixtures" / "bad_inputs"
 EXPECTED = json.loads((CORPUS / "expected.json").read_text(encoding="utf-8"))

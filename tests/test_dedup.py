@@ -1,7 +1,7 @@
 import pandas as pd
 import pytest
 
-from pipeline.dedup import deduplicate, normalize_array, normalize_text, stable_id
+from pipeline.stages.deduplicated_records import deduplicate, normalize_array, normalize_text, stable_id
 
 
 def frame(rows, file="f.json"):

@@ -1,4 +1,4 @@
-"""End to end against the real servers, started the way `make ui` starts them (``pipeline.ui``):
+"""End to end against the real servers, started the way `make ui` starts them (``pipeline.ops.ui``):
 `dagster dev` (webserver + daemon) and an MLflow server on free loopback ports, with temporary
 homes, data dir and store; the tiny model.
 
@@ -91,7 +91,7 @@ def stack(tmp_path_factory, tiny_model_dir):
     env = {**os.environ, "DAGSTER_HOME": str(root / "dagster_home"), "MEDTUNE_DATA_DIR": str(data),
            "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow' / 'mlflow.db'}"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.ui", "--dagster-port", str(dagster_port), "--mlflow-port", str(mlflow_port),
+        [sys.executable, "-m", "pipeline.ops.ui", "--dagster-port", str(dagster_port), "--mlflow-port", str(mlflow_port),
          "--log-dir", str(logs)],
         cwd=PROJECT, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
@@ -108,8 +108,8 @@ def stack(tmp_path_factory, tiny_model_dir):
     try:
         deadline = time.monotonic() + 240
         while not ready.is_set():
-            assert proc.poll() is None, "pipeline.ui exited:\n" + "".join(lines)
-            assert time.monotonic() < deadline, "pipeline.ui not ready in 240 s:\n" + "".join(lines)
+            assert proc.poll() is None, "pipeline.ops.ui exited:\n" + "".join(lines)
+            assert time.monotonic() < deadline, "pipeline.ops.ui not ready in 240 s:\n" + "".join(lines)
             time.sleep(0.5)
         model = model_in_data_root(tiny_model_dir, data)
         yield Stack(f"http://127.0.0.1:{dagster_port}", f"http://127.0.0.1:{mlflow_port}", data, model, logs)
@@ -226,7 +226,7 @@ def test_2_sensor_retrains_once_per_content_change(stack):
 def test_3_browser_sees_the_asset_graph_and_the_champion(stack):
     from playwright.sync_api import expect
 
-    from pipeline.screenshots import browser_page, graph_node_names, open_asset, open_asset_graph, open_registered_model
+    from pipeline.ops.screenshots import browser_page, graph_node_names, open_asset, open_asset_graph, open_registered_model
 
     ARTIFACTS.mkdir(exist_ok=True)
     with browser_page() as page:

@@ -8,21 +8,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from pipeline.evaluate import (
-    answer_losses,
-    bleu4_chars,
-    evaluate_models,
-    EvalConfig,
-    extract_medicine_name,
-    generate_greedy,
-    name_hit,
-    rouge_words,
-    select_rows,
-    stop_token_ids,
-    text_scores,
-    tuned_beats_base,
-)
-from pipeline.tokenization import render_prompt, tokenize_rows
+from pipeline.stages.evaluation_report import EvalConfig, evaluate_models, select_rows, tuned_beats_base
+from pipeline.stages.evaluation_report.generation import answer_losses, generate_greedy, stop_token_ids
+from pipeline.stages.evaluation_report.metrics import bleu4_chars, extract_medicine_name, name_hit, rouge_words, text_scores
+from pipeline.stages.tokenized_dataset import render_prompt, tokenize_rows
 
 REAL_FORMS = [
     ("香砂六君丸可能适合治疗您的病症。以下是香砂六君丸的详细说明书：【主要成分】木香、砂仁。", "香砂六君丸"),
@@ -135,7 +124,7 @@ def test_evaluate_models_side_by_side_table(tiny_model_dir, tokenizer, tmp_path)
     assert list(rows["split"]).count("eval") == 2 and list(rows["split"]).count("train_sample") == 2
     again = select_rows(alpaca, {"train": tok[tok.split == "train"], "eval": tok[tok.split == "eval"]}, train_sample_size=2, seed=1)
     assert list(rows["record_id"]) == list(again["record_id"])  # a fixed sample
-    from pipeline.evaluate_choice import ChoiceSet
+    from pipeline.stages.evaluation_report.choice import ChoiceSet
 
     cfg = EvalConfig(system_prompt="系统", max_new_tokens=6, batch_size=2, choices=ChoiceSet.from_answers(alpaca["output"].tolist()),
                      train_medicines=frozenset({"保和丸"}))
@@ -162,7 +151,7 @@ def test_evaluate_models_side_by_side_table(tiny_model_dir, tokenizer, tmp_path)
 
 
 def test_answer_forms_and_candidates_are_read_from_the_data():
-    from pipeline.evaluate_choice import ChoiceSet, answer_form
+    from pipeline.stages.evaluation_report.choice import ChoiceSet, answer_form
 
     answers = ["板蓝根颗粒可能适合治疗您的病症。以下是板蓝根颗粒的详细说明书：【功能主治】清热。",
                "您的病症适用逍遥丸。以下是逍遥丸的详细说明书：【功能主治】疏肝。",
@@ -176,7 +165,7 @@ def test_answer_forms_and_candidates_are_read_from_the_data():
 
 
 def test_scoring_over_the_prompt_cache_equals_full_forwards(tiny, tokenizer):
-    from pipeline.evaluate_choice import score_prompt
+    from pipeline.stages.evaluation_report.choice import score_prompt
 
     prompt = tokenizer(_prompts(tokenizer, 1)[0], add_special_tokens=False)["input_ids"]
     def full(c):
@@ -220,7 +209,7 @@ class _EchoModel(torch.nn.Module):
 
 
 def test_choice_accuracy_and_rank_follow_the_models_preferences(tokenizer):
-    from pipeline.evaluate_choice import ChoiceSet, choice_scores, rank_of
+    from pipeline.stages.evaluation_report.choice import ChoiceSet, choice_scores, rank_of
 
     meds = ["板蓝根颗粒", "逍遥丸", "藿香正气水", "六味地黄丸"]
     choices = ChoiceSet(candidates=sorted(meds), forms=["{name}可", "您的病症适用{name}。"])

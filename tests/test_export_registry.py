@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from pipeline.evaluate import load_tuned_model
-from pipeline.export import compare_with_adapter, load_merged, merge_adapter, merge_exact, read_export_record
-from pipeline.tokenization import end_of_turn_id, render_prompt
+from pipeline.stages.evaluation_report import load_tuned_model
+from pipeline.stages.merged_model import compare_with_adapter, load_merged, merge_adapter, merge_exact, read_export_record
+from pipeline.stages.tokenized_dataset import end_of_turn_id, render_prompt
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +137,7 @@ def test_merge_check_fails_on_a_wrong_merge(tiny_model_dir, adapter_dir, merged,
 
 
 def test_merge_refuses_quantized_or_odd_dtypes(tiny_model_dir, adapter_dir, tmp_path):
-    from pipeline.export import ExportError
+    from pipeline.stages.merged_model import ExportError
 
     with pytest.raises(ExportError, match="never quantized"):
         merge_adapter(str(tiny_model_dir), str(adapter_dir), tmp_path / "x", dtype="int8")
@@ -160,7 +160,7 @@ def test_registry_aliases_move_only_when_they_should(merged, tmp_path):
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from pipeline.registry import register_merged_model
+    from pipeline.stages.registered_model import register_merged_model
 
     dest, _ = merged
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

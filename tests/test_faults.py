@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import demo_records, model_in_data_root, write_json
 from pipeline.definitions import JOBS, all_asset_checks, all_assets, make_resources
-from pipeline.tracking_sync import PENDING
+from pipeline.core.tracking_sync import PENDING
 
 PROJECT = Path(__file__).resolve().parents[1]
 SEED = int(os.environ.get("MEDTUNE_FAULT_SEED", time.time_ns() % 100_000))
@@ -172,7 +172,7 @@ def test_training_killed_at_random_points_resumes_and_the_adapter_loads(data_dir
         worker.start()
         pid = None
         while worker.is_alive() and pid is None:
-            pid = _child_pid("pipeline.training --spec")
+            pid = _child_pid("pipeline.stages.lora_adapter --spec")
             time.sleep(0.02)
         if pid is None:
             worker.join()
@@ -205,8 +205,8 @@ WRITER = textwrap.dedent('''
     import pandas as pd
     import numpy as np
     from safetensors.numpy import save_file
-    from pipeline.atomic import atomic_dir
-    from pipeline.split import write_parquet
+    from pipeline.core.atomic import atomic_dir
+    from pipeline.stages.alpaca_dataset import write_parquet
     out = Path(sys.argv[1])
     for k in range(1, 10_000):
         write_parquet(pd.DataFrame({"version": [k] * 200_000, "x": np.arange(200_000)}), out / "alpaca.parquet")
@@ -351,7 +351,7 @@ def test_two_materializations_at_once_hold_the_training_limit_and_corrupt_nothin
 
 def test_a_run_killed_outright_frees_its_training_slot_and_the_next_run_resumes(data_dir, tmp_path, tiny_model_dir):
     """SIGKILL the whole `dagster asset materialize` process group mid-training (no chance to clean
-    up): its pool slot stays claimed until pipeline.recover (make run, make ui and the sensor call
+    up): its pool slot stays claimed until pipeline.ops.recover (make run, make ui and the sensor call
     it) sees the process is gone; then the next run resumes from the checkpoint."""
     from dagster import DagsterInstance, DagsterRunStatus
 
@@ -371,7 +371,7 @@ def test_a_run_killed_outright_frees_its_training_slot_and_the_next_run_resumes(
     assert [c.run_id for c in claims] == [run.run_id]  # the slot every later training would wait for
     instance.dispose()
 
-    recovered = subprocess.run([sys.executable, "-m", "pipeline.recover"], cwd=PROJECT, env=env, capture_output=True, text=True)
+    recovered = subprocess.run([sys.executable, "-m", "pipeline.ops.recover"], cwd=PROJECT, env=env, capture_output=True, text=True)
     assert recovered.returncode == 0 and f"recovered run {run.run_id}" in recovered.stdout, recovered.stdout + recovered.stderr
     instance = DagsterInstance.from_config(str(home))
     assert instance.get_run_by_id(run.run_id).status == DagsterRunStatus.FAILURE
@@ -407,7 +407,7 @@ def test_a_full_disk_during_training_fails_with_the_path_and_keeps_no_partial_ch
 
 MERGER = textwrap.dedent('''
     import sys
-    from pipeline.export import merge_adapter
+    from pipeline.stages.merged_model import merge_adapter
     base, adapter, dest = sys.argv[1:4]
     for k in range(1, 10_000):
         merge_adapter(base, adapter, dest, record={"merged_id": f"v{k}"})
@@ -421,7 +421,7 @@ def test_a_kill_while_the_merged_model_is_written_leaves_a_loadable_model(tmp_pa
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.export import read_export_record
+    from pipeline.stages.merged_model import read_export_record
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, use_safetensors=True)
     n_params = sum(p.numel() for p in base.parameters())

@@ -4,7 +4,7 @@ import os
 import pytest
 
 from conftest import INSTR, rec, write_json, write_jsonl
-from pipeline.ingest import FileRejected, decode_lines, ingest, parse_text
+from pipeline.stages.raw_records import FileRejected, decode_lines, ingest, parse_text
 
 
 def test_reads_arrays_and_json_lines_recursively_in_sorted_order(raw_dir):

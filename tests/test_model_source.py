@@ -3,7 +3,7 @@ import shutil
 
 import pytest
 
-from pipeline.model_source import (
+from pipeline.stages.base_model import (
     DEFAULT_MODEL,
     ModelSourceError,
     check_folder,

@@ -7,8 +7,8 @@ import pandas as pd
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.dedup import deduplicate, normalize_array, normalize_text
-from pipeline.ingest import FileRejected, ingest_file, parse_text
+from pipeline.stages.deduplicated_records import deduplicate, normalize_array, normalize_text
+from pipeline.stages.raw_records import FileRejected, ingest_file, parse_text
 
 texts = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40)
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -105,7 +105,7 @@ any_text = st.text(alphabet=st.characters(codec=None), max_size=30)  # lone surr
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.fixed_dictionaries({"instruction": any_text, "input": any_text, "output": any_text}), min_size=1, max_size=6))
 def test_validation_and_dedup_take_any_unicode_and_account_for_every_row(tmp_path_factory, records):
-    from pipeline.validate import validate_records
+    from pipeline.stages.validated_records import validate_records
 
     path = tmp_path_factory.mktemp("u") / "x.json"
     path.write_text(json.dumps(records), encoding="utf-8")  # \\ud800 escapes: valid JSON, invalid Unicode

@@ -13,8 +13,8 @@ import pytest
 from dagster import DagsterInstance, materialize
 
 from assets.base_model import base_model
-from pipeline.model_source import ModelSourceError, check_adapter_folder, resolve_base_model
-from pipeline.secrets import MASK, redact, redact_params
+from pipeline.stages.base_model import ModelSourceError, check_adapter_folder, resolve_base_model
+from pipeline.core.secrets import MASK, redact, redact_params
 from resources.data_root import DataRoot, PathOutsideDataRoot
 
 
@@ -88,7 +88,7 @@ def test_pickle_weights_are_never_loaded(tmp_path, tiny_model_dir):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.evaluate import load_tuned_model
+    from pipeline.stages.evaluation_report import load_tuned_model
 
     folder = tmp_path / "with-pickle"
     shutil.copytree(tiny_model_dir, folder)
@@ -132,7 +132,7 @@ def test_no_config_field_takes_a_secret():
     from dagster import Config, ConfigurableResource
 
     from pipeline.definitions import make_resources
-    from pipeline.secrets import SECRET_NAME
+    from pipeline.core.secrets import SECRET_NAME
 
     import pipeline.definitions  # noqa: F401  (imports every asset module)
 

@@ -3,7 +3,7 @@ import hashlib
 import pandas as pd
 import pyarrow.parquet as pq
 
-from pipeline.split import assign_split, build_alpaca, write_parquet
+from pipeline.stages.alpaca_dataset import assign_split, build_alpaca, write_parquet
 
 
 def ids(n, salt=""):

@@ -3,7 +3,7 @@ import json
 import pandas as pd
 import pytest
 
-from pipeline.tokenization import (
+from pipeline.stages.tokenized_dataset import (
     DEFAULT_SYSTEM_PROMPT,
     IGNORE_INDEX,
     cache_key,

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from conftest import INSTR, demo_records, rec, write_json
-from pipeline.tokenization import tokenize_dataset
-from pipeline.training import TrainSpec, train
-from pipeline.training.batching import collate_padded, plan_epoch
+from pipeline.stages.tokenized_dataset import tokenize_dataset
+from pipeline.stages.lora_adapter import TrainSpec, train
+from pipeline.stages.lora_adapter.batching import collate_padded, plan_epoch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -104,7 +104,7 @@ def test_same_seed_gives_the_same_adapter(tmp_path, tiny_model_dir, tokenized):
 def run_child(spec: TrainSpec, path: Path, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
     """Run the training entry point; on a timeout the whole process group (launcher and workers) is killed."""
     spec.dump(path)
-    cmd = (launcher or [sys.executable]) + ["-m", "pipeline.training", "--spec", str(path)]
+    cmd = (launcher or [sys.executable]) + ["-m", "pipeline.stages.lora_adapter", "--spec", str(path)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=300)
@@ -155,7 +155,7 @@ def test_two_cpu_processes_train_one_adapter(tmp_path, tiny_model_dir, tokenized
 def test_adapter_id_covers_every_training_setting():
     from dataclasses import asdict
 
-    from pipeline.training import TRAINING_KEYS, adapter_id
+    from pipeline.stages.lora_adapter import TRAINING_KEYS, adapter_id
 
     spec = asdict(TrainSpec(base_model_path="", tokenized_path="", output_dir="", checkpoint_dir=""))
     base = adapter_id("data", "weights", spec, 1)

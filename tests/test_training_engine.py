@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from conftest import demo_records
-from pipeline.tokenization import tokenize_rows
-from pipeline.training.batching import collate_padded, flatten
-from pipeline.training.loss import LinearCrossEntropy, token_losses
-from pipeline.training.spec import TrainSpec
+from pipeline.stages.tokenized_dataset import tokenize_rows
+from pipeline.stages.lora_adapter.batching import collate_padded, flatten
+from pipeline.stages.lora_adapter.loss import LinearCrossEntropy, token_losses
+from pipeline.stages.lora_adapter.spec import TrainSpec
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def rows(tokenizer):
 
 
 def load(tiny_model_dir, precision="fp32", attn="auto"):
-    from pipeline.training.model import SupervisedLM, load_for_training
+    from pipeline.stages.lora_adapter.model import SupervisedLM, load_for_training
 
     spec = TrainSpec(base_model_path=str(tiny_model_dir), tokenized_path="", output_dir="", checkpoint_dir="",
                      lora_dropout=0.0, precision=precision, attn_implementation=attn)
@@ -116,7 +116,7 @@ def test_packing_matches_transformers_flattening_collator_through_sdpa(tiny_mode
 
 
 def test_no_token_attends_across_rows(tiny_model_dir, rows, monkeypatch):
-    from pipeline.training import attention
+    from pipeline.stages.lora_adapter import attention
 
     model = load(tiny_model_dir)
     seen = []
@@ -147,7 +147,7 @@ def test_no_token_attends_across_rows(tiny_model_dir, rows, monkeypatch):
 
 
 def test_packed_attention_refuses_a_mask_rather_than_ignore_it():
-    from pipeline.training.attention import packed_attention
+    from pipeline.stages.lora_adapter.attention import packed_attention
 
     q = torch.zeros(1, 2, 4, 8)
     with pytest.raises(ValueError, match="without a mask"):
@@ -180,7 +180,7 @@ def test_targets_never_cross_into_the_next_row(rows):
 
 
 def test_opening_copies_are_cut_after_the_opening_and_never_end_the_turn(rows):
-    from pipeline.training.batching import with_openings
+    from pipeline.stages.lora_adapter.batching import with_openings
 
     out = with_openings(rows[:3], opening_tokens=4, repeats=2)
     assert out[:3] == rows[:3] and len(out) == 3 + 2 * 3

@@ -1,7 +1,7 @@
 import pandas as pd
 import pytest
 
-from pipeline.validate import Bounds, validate_records
+from pipeline.stages.validated_records import Bounds, validate_records
 
 
 def frame(rows):

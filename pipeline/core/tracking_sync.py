@@ -1,0 +1,100 @@
+"""MLflow logging that survives the tracking server going away.
+
+Training and evaluation keep everything they log on local disk first (``metrics.jsonl``, the
+adapter folder, the evaluation folder). Sending it to MLflow is a separate, repeatable step: if it
+fails, a ``mlflow_pending.json`` marker is written next to the local results, the asset says so in
+its log and metadata, and the next materialization sends what is missing (metrics by key and
+step, so nothing is logged twice) before it reports success.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from pipeline.core.atomic import write_bytes_atomic
+from pipeline.core.secrets import redact
+
+PENDING = "mlflow_pending.json"
+COMPLETE = "complete"
+
+# A server that is down should cost seconds, not MLflow's default of 7 retries with backoff.
+QUICK_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+              "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+
+
+@contextlib.contextmanager
+def quick_http() -> Iterator[None]:
+    """Short MLflow HTTP retries for the duration (unless the user set their own)."""
+    saved = {k: os.environ.get(k) for k in QUICK_HTTP}
+    for k, v in QUICK_HTTP.items():
+        os.environ.setdefault(k, v)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+
+
+def pending(folder: str | os.PathLike) -> dict | None:
+    p = Path(folder) / PENDING
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError):
+        return {"error": "unreadable marker"}
+
+
+def attempt(folder: str | os.PathLike, what: str, tracking_uri: str, run_id: str, send: Callable[[], None]) -> str:
+    """Run ``send`` (the MLflow calls); return :data:`COMPLETE`, or a message saying what failed and
+    where the results are kept, after writing the pending marker so the next run retries."""
+    folder = Path(folder)
+    try:
+        with quick_http():
+            send()
+    except Exception as exc:  # any tracking failure: the local results stay the truth
+        earlier = pending(folder) or {}
+        marker = {"what": what, "tracking_uri": redact(tracking_uri), "run_id": run_id,
+                  "error": redact(f"{type(exc).__name__}: {exc}")[:2000],
+                  "since": earlier.get("since") or time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        write_bytes_atomic(folder / PENDING, json.dumps(marker, indent=2).encode())
+        return (f"FAILED: could not log the {what} to MLflow at {redact(tracking_uri)} ({marker['error'][:300]}). "
+                f"The results are kept in {folder}; the next materialization sends them to run {run_id}.")
+    with contextlib.suppress(FileNotFoundError):
+        (folder / PENDING).unlink()
+    return COMPLETE
+
+
+def last_values(metrics: list[dict]) -> dict[tuple[str, int], tuple[float, int]]:
+    """(key, step) -> (value, time in ms), the last record winning (a resumed training repeats steps)."""
+    out: dict[tuple[str, int], tuple[float, int]] = {}
+    for m in metrics:
+        step, t = int(m.get("step", 0)), int(float(m.get("time", 0)) * 1000)
+        for k, v in m.items():
+            if k in ("step", "time") or not isinstance(v, (int, float)) or isinstance(v, bool):
+                continue
+            if v != v or abs(v) == float("inf"):
+                continue
+            out[(k, step)] = (float(v), t)
+    return out
+
+
+def send_missing_metrics(client: Any, run_id: str, metrics: list[dict]) -> int:
+    """Log the (key, step) points MLflow does not hold yet; returns how many were sent."""
+    from mlflow.entities import Metric
+
+    wanted = last_values(metrics)
+    have: set[tuple[str, int]] = set()
+    for key in {k for k, _ in wanted}:
+        have |= {(key, m.step) for m in client.get_metric_history(run_id, key)}
+    missing = [Metric(k, v, t, s) for (k, s), (v, t) in sorted(wanted.items()) if (k, s) not in have]
+    for i in range(0, len(missing), 900):  # MLflow takes at most 1000 metrics per batch
+        client.log_batch(run_id, metrics=missing[i : i + 900])
+    return len(missing)

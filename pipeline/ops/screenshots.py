@@ -1,0 +1,111 @@
+"""Screenshots of the real UIs in Debian's Chromium, driven by Playwright (no browser download).
+
+The end-to-end tests use these steps (and assert on what the pages show); ``make screenshots``
+takes the README's pictures from a running ``make ui``:
+
+    python -m pipeline.ops.screenshots --dagster http://127.0.0.1:3000 --mlflow http://127.0.0.1:5000 --out docs/screenshots
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+# Chromium on a machine without a network: no background connections, no sandbox as root
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+GROUPS = ("model", "data")
+
+
+def chromium_path() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not path:
+        raise RuntimeError("Debian's chromium is missing: `make setup` installs it (apt-get install chromium)")
+    return path
+
+
+@contextmanager
+def browser_page(width: int = 1800, height: int = 1100):
+    from playwright.sync_api import sync_playwright
+
+    with tempfile.TemporaryDirectory(prefix="medtune-chromium-") as profile, sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(
+            profile, executable_path=chromium_path(), args=CHROMIUM_FLAGS, headless=True,
+            viewport={"width": width, "height": height},
+        )
+        try:
+            yield context.pages[0] if context.pages else context.new_page()
+        finally:
+            context.close()
+
+
+def open_asset_graph(page, dagster_url: str) -> None:
+    """The global asset lineage with every group expanded, in the graph and in the asset tree."""
+    page.goto(dagster_url + "/asset-groups", wait_until="networkidle")
+    try:
+        page.get_by_role("button", name="Skip").click(timeout=5000)  # "Join the Dagster community"
+    except Exception:  # the dialog did not show
+        pass
+    page.get_by_role("button", name="settings", exact=True).click()
+    page.get_by_role("menuitem", name="Expand all groups").click()
+    page.keyboard.press("Escape")
+    for group in GROUPS:
+        row = page.locator("[class*=AssetSidebarNode_itemContainer]").filter(has=page.locator(f'[title="{group}"]'))
+        row.locator("button").first.click()
+    page.wait_for_timeout(1000)
+
+
+def graph_node_names(page) -> list[str]:
+    # the zoomed-out graph shortens long names in the middle ("deduplica…_records")
+    return page.locator("[class*=AssetNode_assetName]").all_inner_texts()
+
+
+def open_asset(page, dagster_url: str, asset: str) -> None:
+    page.goto(f"{dagster_url}/assets/{asset}", wait_until="networkidle")
+
+
+def open_registered_model(page, mlflow_url: str, name: str = "medtune") -> None:
+    page.goto(f"{mlflow_url}/#/models/{name}", wait_until="load")  # the MLflow UI polls: never network-idle
+    page.get_by_text("Version 1").first.wait_for(timeout=60000)
+    close = page.get_by_role("button", name="Close")  # the assistant side panel, where it opens
+    if close.count():
+        try:
+            close.first.click(timeout=2000)
+        except Exception:
+            pass
+
+
+def take_all(dagster_url: str, mlflow_url: str, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    shots = []
+    with browser_page() as page:
+        open_asset_graph(page, dagster_url)
+        shots.append(out / "dagster-asset-graph.png")
+        page.screenshot(path=str(shots[-1]))
+        open_asset(page, dagster_url, "evaluation_report")
+        page.get_by_text("side_by_side").first.wait_for(timeout=60000)
+        shots.append(out / "dagster-evaluation-report.png")
+        page.screenshot(path=str(shots[-1]))
+        open_registered_model(page, mlflow_url)
+        page.wait_for_timeout(1500)
+        shots.append(out / "mlflow-model-page.png")
+        page.screenshot(path=str(shots[-1]))
+    return shots
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dagster", default="http://127.0.0.1:3000")
+    ap.add_argument("--mlflow", default="http://127.0.0.1:5000")
+    ap.add_argument("--out", default="docs/screenshots")
+    args = ap.parse_args(argv)
+    for path in take_all(args.dagster, args.mlflow, Path(args.out)):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,241 @@
+"""Stage (asset ``evaluation_report``): the base model against the tuned one, on the same prompts.
+
+"Tuned" is the base weights with the adapter attached; "base" is the same object with the adapter
+switched off (``PeftModel.disable_adapter``), so both see exactly the same base weights, the
+training chat template and the training system prompt.
+
+Rows: every eval-split row, plus a fixed sample of train rows (what the model absorbed). For each
+model and split:
+
+- loss and perplexity on the answer tokens only (the tokenized dataset's labels);
+- greedy answers (no sampling, ``max_new_tokens``, stop at the end-of-turn token), generated in
+  batches with left padding;
+- BLEU-4 on characters (smoothing method 3) and ROUGE-1/2/L F on jieba-segmented words, the
+  convention of LLaMA-Factory's Chinese metrics, through nltk and rouge-chinese, on a 0-100 scale;
+- medicine-name hit rate: the medicine named in the reference answer appears in the generated
+  answer. Rows whose reference names no medicine in a known form are "unknown", not misses;
+- medicine-choice accuracy and mean rank by likelihood (``pipeline.stages.evaluation_report.choice``): which of the
+  data set's medicines the model finds most probable as its answer's opening. On eval rows also
+  over the subset whose medicine occurs in training (``seen_medicine_choice_accuracy``): a
+  medicine never trained on cannot be learnt from the data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from pipeline.stages.evaluation_report.choice import ChoiceSet, choice_scores, rank_of
+from pipeline.stages.evaluation_report.generation import (answer_losses, eval_dtype, generate_greedy, inference_device,
+                                                         load_tuned_model, stop_token_ids)
+from pipeline.stages.evaluation_report.metrics import NAME_PATTERNS, extract_medicine_name, name_hit, text_scores
+from pipeline.stages.tokenized_dataset import pad_token_id, render_prompt
+
+__all__ = ["EvalConfig", "EvaluationResult", "NAME_PATTERNS", "answer_losses", "eval_dtype", "evaluate_models",
+           "extract_medicine_name", "generate_greedy", "inference_device", "load_tuned_model", "name_hit",
+           "select_rows", "side_by_side_markdown", "stop_token_ids", "summary_markdown", "text_scores", "tuned_beats_base"]
+
+MODELS = ("base", "tuned")
+SPLITS = ("eval", "train_sample")
+TEXT_METRICS = ("bleu_4", "rouge_1", "rouge_2", "rouge_l")
+
+# ------------------------------------------------------------------------ report
+
+
+@dataclass
+class EvalConfig:
+    system_prompt: str
+    # the defaults of the evaluation_report asset's config (declared here once, read there)
+    max_new_tokens: int = 64  # greedy answer length limit (stops earlier at the end-of-turn token)
+    train_sample_size: int = 16  # train rows added to the eval rows, a fixed sample
+    batch_size: int = 64  # prompts per generation batch (left padding)
+    seed: int = 42
+    choices: "ChoiceSet | None" = None  # candidate medicines and answer forms; None: no choice scoring
+    train_medicines: frozenset[str] = frozenset()  # medicines named in training answers
+
+
+@dataclass
+class EvaluationResult:
+    table: pd.DataFrame  # one row per prompt, both models side by side
+    summary: dict[str, dict[str, dict[str, Any]]]  # model -> split -> metric -> value
+    rows_by_split: dict[str, int] = field(default_factory=dict)
+
+    def flat_metrics(self) -> dict[str, float]:
+        """``base_eval_loss``, ``tuned_eval_rouge_l``, ... (the MLflow metric names)."""
+        out = {}
+        for model, splits in self.summary.items():
+            for split, metrics in splits.items():
+                for name, value in metrics.items():
+                    if isinstance(value, (int, float)) and value is not None and not isinstance(value, bool):
+                        out[f"{model}_{split}_{name}"] = float(value)
+        return out
+
+
+def select_rows(alpaca: pd.DataFrame, tokenized: dict[str, pd.DataFrame], train_sample_size: int, seed: int) -> pd.DataFrame:
+    """Every eval row plus a fixed sample of train rows (the same sample for the same data and seed),
+    joined with their tokenized ids and labels."""
+    frames = []
+    ev = tokenized["eval"][["record_id", "input_ids", "labels"]].assign(split="eval")
+    frames.append(ev)
+    tr = tokenized["train"][["record_id", "input_ids", "labels"]]
+    if train_sample_size > 0 and len(tr):
+        tr = tr.sort_values("record_id").sample(n=min(train_sample_size, len(tr)), random_state=seed)
+        frames.append(tr.assign(split="train_sample"))
+    rows = pd.concat(frames, ignore_index=True)
+    text = alpaca.set_index("record_id")[["instruction", "input", "output"]]
+    return rows.join(text, on="record_id")
+
+
+def _summarise(table: pd.DataFrame, model: str, split: str, losses: list[tuple[float, int]]) -> dict[str, Any]:
+    total = sum(l for l, _ in losses)
+    tokens = sum(n for _, n in losses)
+    loss = total / tokens if tokens else float("nan")
+    hits = table[f"{model}_name_hit"].dropna()
+    out: dict[str, Any] = {
+        "rows": int(len(table)),
+        "loss": round(loss, 6),
+        "perplexity": round(math.exp(loss), 4) if tokens and loss < 50 else float("inf"),
+    }
+    for name in TEXT_METRICS:
+        out[name] = round(float(table[f"{model}_{name}"].mean()), 4) if len(table) else 0.0
+    out["name_hit_rate"] = round(float(hits.astype(bool).mean()), 4) if len(hits) else None
+    out["name_known_rows"] = int(len(hits))
+    out["answer_tokens_mean"] = round(float(table[f"{model}_answer_tokens"].mean()), 2) if len(table) else 0.0
+    if f"{model}_choice_rank" in table:
+        ranks = table[f"{model}_choice_rank"].dropna()
+        out["choice_accuracy"] = round(float((ranks == 1).mean()), 4) if len(ranks) else None
+        out["choice_rank"] = round(float(ranks.mean()), 3) if len(ranks) else None
+        out["choice_rows"] = int(len(ranks))
+        if split == "eval":
+            seen = table.loc[table["medicine_seen_in_training"].astype(bool), f"{model}_choice_rank"].dropna()
+            out["seen_medicine_choice_accuracy"] = round(float((seen == 1).mean()), 4) if len(seen) else None
+            out["seen_medicine_choice_rows"] = int(len(seen))
+    return out
+
+
+def evaluate_models(model, tokenizer, rows: pd.DataFrame, config: EvalConfig, stop_ids: list[int], log=print) -> EvaluationResult:
+    """Run both models (``model`` is a PeftModel; its adapter is switched off for "base")."""
+    import time
+
+    pad_id = pad_token_id(tokenizer, stop_ids[0])
+    prompts = [render_prompt(tokenizer, i, x, config.system_prompt) for i, x in zip(rows["instruction"], rows["input"])]
+    pairs = list(zip(rows["input_ids"].map(list), rows["labels"].map(list)))
+    table = pd.DataFrame(
+        {
+            "record_id": rows["record_id"],
+            "split": rows["split"],
+            "prompt": [f"{i}\n{x}" if x else i for i, x in zip(rows["instruction"], rows["input"])],
+            "reference": rows["output"],
+            "medicine": rows["output"].map(extract_medicine_name),
+        }
+    )
+    table["medicine_seen_in_training"] = table["medicine"].map(lambda m: bool(m) and m in config.train_medicines)
+    choices = config.choices if config.choices else None
+    gold = [choices.candidates.index(m) if choices and m in choices.candidates else None for m in table["medicine"]]
+    scored = [i for i, g in enumerate(gold) if g is not None]
+    losses: dict[str, list[tuple[float, int]]] = {}
+    model.eval()
+    for name in MODELS:
+        t0 = time.perf_counter()
+        if name == "base":
+            with model.disable_adapter():
+                losses[name] = answer_losses(model, pairs, pad_id)
+                ids = generate_greedy(model, tokenizer, prompts, max_new_tokens=config.max_new_tokens, stop_ids=stop_ids, batch_size=config.batch_size)
+        else:
+            losses[name] = answer_losses(model, pairs, pad_id)
+            ids = generate_greedy(model, tokenizer, prompts, max_new_tokens=config.max_new_tokens, stop_ids=stop_ids, batch_size=config.batch_size)
+        answers = tokenizer.batch_decode(ids, skip_special_tokens=True)
+        table[f"{name}_answer"] = [a.strip() for a in answers]
+        table[f"{name}_answer_tokens"] = [len(x) for x in ids]
+        table[f"{name}_loss"] = [round(l / n, 6) if n else float("nan") for l, n in losses[name]]
+        scores = [text_scores(a, r) for a, r in zip(table[f"{name}_answer"], table["reference"])]
+        for metric in (*TEXT_METRICS, "name_hit"):
+            table[f"{name}_{metric}"] = [s[metric] for s in scores]
+        new_tokens = sum(len(x) for x in ids)
+        log(f"{name} model: {len(prompts)} prompts, {new_tokens} new tokens in {time.perf_counter() - t0:.1f} s")
+        if choices and scored:
+            t0 = time.perf_counter()
+            with (model.disable_adapter() if name == "base" else contextlib.nullcontext()):
+                scores = choice_scores(model, tokenizer, [prompts[i] for i in scored], choices)
+            ranks: list[float | None] = [None] * len(prompts)
+            best: list[str | None] = [None] * len(prompts)
+            for i, sc in zip(scored, scores):
+                ranks[i] = rank_of(sc, gold[i])
+                best[i] = choices.candidates[max(range(len(sc)), key=sc.__getitem__)]
+            table[f"{name}_choice_rank"] = ranks
+            table[f"{name}_choice"] = best
+            log(f"{name} model: scored {len(choices.candidates)} medicines x {len(choices.forms)} answer forms "
+                f"on {len(scored)} prompts in {time.perf_counter() - t0:.1f} s")
+    summary: dict[str, dict[str, dict[str, Any]]] = {}
+    for name in MODELS:
+        summary[name] = {}
+        for split in SPLITS:
+            mask = (table["split"] == split).to_numpy()
+            if not mask.any():
+                continue
+            split_losses = [l for l, m in zip(losses[name], mask) if m]
+            summary[name][split] = _summarise(table[mask], name, split, split_losses)
+    return EvaluationResult(table, summary, {s: int((table["split"] == s).sum()) for s in SPLITS})
+
+
+def tuned_beats_base(summary: dict[str, dict[str, dict[str, Any]]]) -> tuple[bool, str]:
+    """The registry gate, on held-out rows: the tuned model's answer loss below the base model's,
+    its medicine-choice accuracy not lower (where the data names medicines) and its ROUGE-L not
+    lower."""
+    try:
+        b, t = summary["base"]["eval"], summary["tuned"]["eval"]
+    except KeyError:
+        return False, "no eval rows: the tuned model cannot be compared with the base model"
+    reasons, said = [], [f"eval loss {b['loss']:.4f} → {t['loss']:.4f}"]
+    if not t["loss"] < b["loss"]:
+        reasons.append(f"eval loss did not go down (tuned {t['loss']:.4f} vs base {b['loss']:.4f})")
+    if b.get("choice_accuracy") is not None and t.get("choice_accuracy") is not None:
+        said.append(f"choice accuracy {b['choice_accuracy']:.2f} → {t['choice_accuracy']:.2f}")
+        if t["choice_accuracy"] < b["choice_accuracy"]:
+            reasons.append(f"eval medicine-choice accuracy went down (tuned {t['choice_accuracy']:.2f} vs base {b['choice_accuracy']:.2f})")
+    said.append(f"ROUGE-L {b['rouge_l']:.2f} → {t['rouge_l']:.2f}")
+    if t["rouge_l"] < b["rouge_l"]:
+        reasons.append(f"eval ROUGE-L went down (tuned {t['rouge_l']:.2f} vs base {b['rouge_l']:.2f})")
+    if reasons:
+        return False, "; ".join(reasons)
+    return True, ", ".join(said)
+
+
+def summary_markdown(summary: dict[str, dict[str, dict[str, Any]]]) -> str:
+    cols = ["loss", "perplexity", "choice_accuracy", "choice_rank", "seen_medicine_choice_accuracy", "bleu_4", "rouge_1",
+            "rouge_2", "rouge_l", "name_hit_rate"]
+    lines = ["| split | model | rows | " + " | ".join(cols) + " |", "|" + " --- |" * (len(cols) + 3)]
+    for split in SPLITS:
+        for model in MODELS:
+            s = summary.get(model, {}).get(split)
+            if not s:
+                continue
+            vals = ["n/a" if s.get(c) is None else (f"{s[c]:.4f}" if c in ("loss",) else f"{s[c]:.2f}" if isinstance(s[c], float) else str(s[c])) for c in cols]
+            lines.append(f"| {split} | {model} | {s['rows']} | " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
+def side_by_side_markdown(table: pd.DataFrame, n: int = 5, width: int = 80) -> str:
+    def cell(x: Any) -> str:
+        s = str(x).replace("\n", " ").replace("|", "\\|")
+        return s if len(s) <= width else s[: width - 1] + "…"
+
+    choice = "base_choice" in table
+    lines = ["| split | prompt | reference | base answer | tuned answer | base ROUGE-L | tuned ROUGE-L | name hit base/tuned |"
+             + (" choice base/tuned (rank) |" if choice else ""),
+             "| --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if choice else "")]
+    for _, r in table.head(n).iterrows():
+        hit = f"{r['base_name_hit']}/{r['tuned_name_hit']}" if r["medicine"] else "unknown"
+        picks = ""
+        if choice:
+            picks = (f" {cell(r['base_choice'])} ({r['base_choice_rank']:.0f}) / {cell(r['tuned_choice'])} ({r['tuned_choice_rank']:.0f}) |"
+                     if r["base_choice"] else " n/a |")
+        lines.append(
+            f"| {r['split']} | {cell(r['prompt'])} | {cell(r['reference'])} | {cell(r['base_answer'])} | "
+            f"{cell(r['tuned_answer'])} | {r['base_rouge_l']:.1f} | {r['tuned_rouge_l']:.1f} | {hit} |" + picks
+        )
+    return "\n".join(lines)

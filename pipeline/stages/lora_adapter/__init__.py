@@ -1,0 +1,31 @@
+"""Stage (asset ``lora_adapter``): LoRA fine-tuning, as a child process the asset starts.
+
+    python -m pipeline.stages.lora_adapter --spec spec.json                          # one process
+    torchrun --nproc_per_node 2 -m pipeline.stages.lora_adapter --spec spec.json      # DDP (gloo on CPU, NCCL on GPU)
+    accelerate launch --config_file fsdp.yaml -m pipeline.stages.lora_adapter --spec spec.json
+
+The spec (written by the asset) names the tokenized dataset, the base model, the output and
+checkpoint folders and the training settings. The package, one concern a module:
+
+- ``spec``: the settings (``TrainSpec``) and the cache key of a training (``adapter_id``);
+- ``batching``: which rows each step takes (packed to a token budget), laid end to end without padding;
+- ``attention``: attention that keeps every packed row to itself;
+- ``loss``: cross-entropy at supervised positions only, the vocabulary projection in chunks;
+- ``model``: the base model in its training precision with the LoRA adapter;
+- ``loop``: the training loop (resume, evaluation, checkpoints, progress);
+- ``checkpoint``, ``report``: checkpoints written atomically; progress to Pipes, stdout, MLflow;
+- ``flops``: FLOPs per token from the model's config and the matmul peak, for MFU.
+"""
+
+from pipeline.stages.lora_adapter.report import plot_loss_curve, read_metrics
+from pipeline.stages.lora_adapter.spec import TRAINING_KEYS, TrainSpec, adapter_id
+
+ERROR_FILE = "error.txt"
+
+__all__ = ["ERROR_FILE", "TRAINING_KEYS", "TrainSpec", "adapter_id", "plot_loss_curve", "read_metrics", "train"]
+
+
+def train(spec: TrainSpec) -> dict:
+    from pipeline.stages.lora_adapter.loop import train as _train
+
+    return _train(spec)

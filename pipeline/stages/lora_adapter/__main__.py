@@ -1,0 +1,34 @@
+"""``python -m pipeline.stages.lora_adapter --spec spec.json``: the lora_adapter asset's child process."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from pipeline.stages.lora_adapter import ERROR_FILE, TrainSpec, train
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="MedTune LoRA training (the lora_adapter asset's child process)")
+    ap.add_argument("--spec", required=True, help="JSON file with the TrainSpec")
+    args = ap.parse_args(argv)
+    spec = TrainSpec.load(args.spec)
+    error_file = Path(spec.checkpoint_dir) / ERROR_FILE
+    error_file.unlink(missing_ok=True)
+    try:
+        train(spec)
+    except Exception as exc:
+        # the asset reads this and fails with the reason, not just "exited with code 1"
+        if os.environ.get("RANK", "0") == "0":
+            try:
+                error_file.write_text(f"{type(exc).__name__}: {exc}")
+            except OSError:
+                pass
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""The training child's settings (``TrainSpec``), written by the ``lora_adapter`` asset as JSON, and
+the cache key of a training (``adapter_id``)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class TrainSpec:
+    """Every training setting and its default, declared once: the ``lora_adapter`` asset's config
+    takes its defaults from here. The defaults are the offline CPU demo's, chosen by the measured
+    sweep in the README ("Choosing the defaults"); GPU presets change them."""
+
+    base_model_path: str
+    tokenized_path: str
+    output_dir: str  # the finished adapter goes here (atomically)
+    checkpoint_dir: str  # step-N/ folders
+    r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    target_modules: str = "all-linear"
+    learning_rate: float = 1e-3
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    epochs: float = 1.0
+    # with packing each step takes rows (in a seeded shuffled order) until the next would pass
+    # pack_tokens; without, per_device_batch_size rows. Either way the rows are laid end to end
+    # without padding and attend only to themselves (pipeline.stages.lora_adapter.attention). The CPU demo
+    # trains one row a step: the number of steps each case is seen in decides what it learns.
+    packing: bool = False
+    pack_tokens: int = 4096
+    per_device_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    max_steps: int | None = None
+    seed: int = 42
+    max_seq_len: int = 2048  # not a training setting: the asset passes the tokenized dataset's (its manifest)
+    # The answer's opening (its first opening_tokens tokens, where the answer names its medicine):
+    # each epoch also trains opening_repeats copies of every row cut there. A cut copy ends without
+    # an end-of-turn token, so nothing in it teaches the model to stop early.
+    opening_tokens: int = 32
+    opening_repeats: int = 2
+    precision: str = "auto"  # auto | bf16 | fp16 | fp32: the frozen base weights' dtype and the autocast dtype
+    gradient_checkpointing: bool | None = None  # None: on for GPU, off for CPU
+    attn_implementation: str = "auto"  # auto: packed rows (SDPA per row); or flash_attention_2 where installed
+    compile: bool | None = None  # torch.compile the MLPs and norms; None: on for CPU (measured faster), off for GPU
+    logits_chunk_tokens: int = 1024  # supervised positions projected onto the vocabulary at a time
+    log_every: int = 5
+    eval_every: int = 50
+    save_every: int = 50
+    trust_remote_code: bool = False
+    mlflow_tracking_uri: str | None = None
+    mlflow_run_id: str | None = None
+    stop_after_steps: int | None = None  # tests: stop (as if killed) after this many steps
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "TrainSpec":
+        return cls(**json.loads(Path(path).read_text()))
+
+    def dump(self, path: str | os.PathLike) -> None:
+        from pipeline.core.atomic import write_bytes_atomic
+
+        write_bytes_atomic(path, json.dumps(asdict(self), indent=2).encode())
+
+
+# Settings that change what is trained (locations, logging, speed-only switches and test hooks do not).
+TRAINING_KEYS = (
+    "r", "lora_alpha", "lora_dropout", "target_modules", "learning_rate", "warmup_ratio", "weight_decay",
+    "max_grad_norm", "epochs", "packing", "pack_tokens", "per_device_batch_size", "gradient_accumulation_steps",
+    "max_steps", "seed", "max_seq_len", "opening_tokens", "opening_repeats", "precision",
+    "gradient_checkpointing", "attn_implementation", "compile",
+)
+# Bump when the same settings would train differently (the engine changed what a step computes).
+ENGINE_VERSION = 2
+
+
+def adapter_id(data_fingerprint: str, base_fingerprint: str, settings: dict[str, Any], processes: int) -> str:
+    """The cache key of a training: same data, base weights and settings → same adapter."""
+    from pipeline.core.fingerprint import sha256_json
+
+    chosen = {k: settings[k] for k in TRAINING_KEYS if k in settings}
+    return sha256_json({"engine": ENGINE_VERSION, "data": data_fingerprint, "base": base_fingerprint,
+                        "settings": chosen, "processes": processes})[:16]

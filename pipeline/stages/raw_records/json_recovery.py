@@ -1,0 +1,302 @@
+"""JSON arrays, JSON Lines and single objects, parsed so that a broken line or array element
+rejects that row only, with positions for every value and reasons for every break."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from pipeline.core.records import FIELDS, clip_raw
+from pipeline.stages.raw_records.decoding import FileRejected
+
+_JSON_WS = re.compile(r"[ \t\n\r]*")
+_DECODER = json.JSONDecoder()
+_SCAN = _DECODER.scan_once
+
+
+@dataclass
+
+
+class Parsed:
+    """Parsed JSON values of one file with their positions (1-based line, 0-based index)."""
+
+    lines: list[int] = field(default_factory=list)
+    indexes: list[int] = field(default_factory=list)
+    values: list[Any] = field(default_factory=list)
+    source_lines: list[str] | None = None  # JSON Lines: the file's lines, for rejected rows' text
+    errors: list[tuple[int, int, str, str]] = field(default_factory=list)  # (line, index, reason, raw)
+    format: str = ""
+    blank_lines: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def _json_error(exc: Exception) -> str:
+    msg = str(exc)
+    return f"invalid JSON: {msg}"
+
+
+def normalise_line_ends(text: str) -> str:
+    """CRLF and lone CR (old Mac files) become LF. Safe for JSON: a raw CR is only ever whitespace
+    (inside a string it must be escaped), and line numbers stay those an editor shows."""
+    if "\r" not in text:
+        return text
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def parse_text(text: str, bad_lines: dict[int, str] | None = None) -> Parsed:
+    """Sniff the format of a decoded file and parse it into values, keeping broken rows as errors.
+
+    Keys given twice in one object with different values (which JSON parsers silently resolve
+    to the last) are caught: such a record carries :data:`DUPLICATE_KEYS` and is rejected.
+    """
+    bad_lines = bad_lines or {}
+    text = normalise_line_ends(text)
+    parsed = _parse(text, bad_lines, strict_keys=False)
+    if _may_repeat_keys(text, parsed):
+        parsed = _parse(text, bad_lines, strict_keys=True)
+    return parsed
+
+
+def _parse(text: str, bad_lines: dict[int, str], strict_keys: bool) -> Parsed:
+    start = _JSON_WS.match(text).end()
+    if start == len(text):
+        raise FileRejected("empty file" if not text else "file holds only whitespace")
+    first = text[start]
+    if first == "[":
+        return _parse_array(text, start, bad_lines, strict_keys)
+    if first == "{":
+        try:
+            value, end = (_STRICT_DECODER if strict_keys else _DECODER).raw_decode(text, start)
+        except (ValueError, RecursionError):
+            return _parse_lines(text, bad_lines, strict_keys)
+        if _JSON_WS.match(text, end).end() == len(text):
+            if isinstance(value, dict) and _looks_like_record(value):
+                parsed = Parsed(format="single JSON object")
+                parsed.lines.append(text.count("\n", 0, start) + 1)
+                parsed.indexes.append(0)
+                parsed.values.append(value)
+                return parsed
+            return _parse_wrapper(text, start, value, bad_lines, strict_keys)
+        return _parse_lines(text, bad_lines, strict_keys)
+    snippet = text[start : start + 20]
+    raise FileRejected(f"not JSON: expected '[' or '{{' at line {text.count(chr(10), 0, start) + 1}, found {snippet!r}")
+
+
+# A key given twice with different values: the record carries this marker key (never a valid
+# field name: it starts with NUL) naming the keys, and is rejected with that reason.
+DUPLICATE_KEYS = "\x00duplicate keys"
+
+
+def _pairs_hook(pairs: list[tuple[str, Any]]) -> dict:
+    out: dict[str, Any] = {}
+    dups: list[str] = []
+    for key, value in pairs:
+        if key in out and out[key] != value and key not in dups:
+            dups.append(key)
+        out[key] = value
+    if dups:
+        out[DUPLICATE_KEYS] = dups
+    return out
+
+
+_STRICT_DECODER = json.JSONDecoder(object_pairs_hook=_pairs_hook)
+
+
+def _may_repeat_keys(text: str, parsed: Parsed) -> bool:
+    """Cheap test: does any field name occur in the text more often than the parsed records (and
+    the broken rows) account for? Then the file is parsed again with duplicate keys caught."""
+    for key in FIELDS:
+        quoted = f'"{key}"'
+        in_text = text.count(quoted)
+        if not in_text:
+            continue
+        held = sum(1 for v in parsed.values if type(v) is dict and key in v)
+        held += sum(e[3].count(quoted) for e in parsed.errors)
+        if in_text > held:
+            return True
+    return False
+
+
+def _repeats_a_key(line: str) -> bool:
+    return any(line.count(f'"{key}"') > 1 for key in FIELDS)
+
+
+def _parse_wrapper(text: str, start: int, value: Any, bad_lines: dict[int, str], strict_keys: bool) -> Parsed:
+    """A top-level object that is not itself a record: ``{"data": [records...], ...}`` (records
+    under the one key that holds a list), or ``{"id1": {record}, "id2": {record}}``."""
+    keys = list(value) if isinstance(value, dict) else []
+    lists = [k for k in keys if isinstance(value[k], list)]
+    members = _members(text, start)
+    if len(lists) == 1 and any(isinstance(v, dict) for v in value[lists[0]]):
+        key = lists[0]
+        pos = [p for k, p, _ in members if k == key][-1]  # the last one, as the parser kept
+        parsed = _parse_array(text, pos, bad_lines, strict_keys, nested=True)
+        others = [k for k in keys if k != key]
+        parsed.format = f"JSON object with the records under {key!r}"
+        parsed.notes.append(
+            f"records read from the top-level key {key!r}"
+            + (f"; other top-level keys ignored: {', '.join(map(repr, others[:5]))}" if others else "")
+        )
+        return parsed
+    if keys and all(isinstance(value[k], dict) and _looks_like_record(value[k]) for k in keys):
+        scan = (_STRICT_DECODER if strict_keys else _DECODER).scan_once
+        parsed = Parsed(format="JSON object of records")
+        for index, (_key, pos, line) in enumerate(members):
+            parsed.lines.append(line)
+            parsed.indexes.append(index)
+            parsed.values.append(scan(text, pos)[0])
+        parsed.notes.append("top-level object of records keyed by id: the keys are ignored")
+        return parsed
+    shown = ", ".join(repr(k) for k in keys[:5])
+    raise FileRejected(
+        f"top-level JSON object (keys {shown}) is not a record and holds no list of records: "
+        "expected an array of records or JSON Lines"
+    )
+
+
+def _members(text: str, start: int) -> list[tuple[str, int, int]]:
+    """(key, position of the value, its line) of each member of the valid JSON object at ``start``."""
+    ws = _JSON_WS.match
+    out = []
+    pos = ws(text, start + 1).end()
+    while pos < len(text) and text[pos] != "}":
+        key, pos = _SCAN(text, pos)
+        pos = ws(text, ws(text, pos).end() + 1).end()  # past the ':'
+        out.append((key, pos, text.count("\n", 0, pos) + 1))
+        _value, end = _SCAN(text, pos)
+        pos = ws(text, end).end()
+        if pos < len(text) and text[pos] == ",":
+            pos = ws(text, pos + 1).end()
+    return out
+
+
+def _looks_like_record(obj: dict) -> bool:
+    return any(isinstance(k, str) and k.strip().lower() in ("instruction", "output") for k in obj)
+
+
+def _parse_lines(text: str, bad_lines: dict[int, str], strict_keys: bool = False) -> Parsed:
+    parsed = Parsed(format="JSON Lines")
+    pieces = text.split("\n")
+    if pieces and pieces[-1] == "":
+        pieces.pop()  # the newline that ends the last line does not open another one
+    nonblank = [i for i, line in enumerate(pieces) if line and not line.isspace()]
+    parsed.blank_lines = len(pieces) - len(nonblank)
+    parsed.source_lines = pieces
+    loads = orjson.loads
+    lines, indexes, values = parsed.lines, parsed.indexes, parsed.values
+    for index, i in enumerate(nonblank):
+        if i + 1 in bad_lines:
+            parsed.errors.append((i + 1, index, bad_lines[i + 1], pieces[i]))
+            continue
+        try:
+            strict = strict_keys and _repeats_a_key(pieces[i])
+            values.append(_STRICT_DECODER.decode(pieces[i]) if strict else loads(pieces[i]))
+        except (ValueError, RecursionError):
+            # orjson refuses NaN, Infinity and lone surrogates, which the standard library reads
+            # (the field checks and validation then reject them with a clear reason); its
+            # messages also name the position and the problem.
+            try:
+                values.append(json.loads(pieces[i]))
+            except ValueError as std_exc:
+                parsed.errors.append((i + 1, index, _json_error(std_exc), pieces[i]))
+                continue
+            except RecursionError:
+                parsed.errors.append((i + 1, index, "invalid JSON: nested too deeply", pieces[i]))
+                continue
+        lines.append(i + 1)
+        indexes.append(index)
+    return parsed
+
+
+def _parse_array(text: str, start: int, bad_lines: dict[int, str], strict_keys: bool = False, nested: bool = False) -> Parsed:
+    """Element by element, so that one broken element costs that element only.
+
+    After a broken element, parsing resumes at the next line that starts a new object. Arrays
+    written one after another (``[...][...]``) are read as one. ``nested``: the array sits inside
+    a top-level object; stop at its closing ``]``.
+    """
+    parsed = Parsed(format="JSON array")
+    scan = _STRICT_DECODER.scan_once if strict_keys else _SCAN
+    n = len(text)
+    pos = start + 1
+    line = text.count("\n", 0, pos) + 1
+    last = pos
+    index = 0
+    resync = re.compile(r"\n[ \t\r]*\{")
+    ws = _JSON_WS.match
+    while True:
+        pos = ws(text, pos).end()
+        if pos >= n:
+            parsed.notes.append("array not closed (truncated file?)")
+            if parsed.errors and parsed.errors[-1][1] == index - 1 and not parsed.errors[-1][3].endswith("}"):
+                # the last element is the one cut short: one row, not two
+                e_line, e_index, e_reason, e_raw = parsed.errors[-1]
+                parsed.errors[-1] = (e_line, e_index, f"truncated JSON (the file ends inside this element): {e_reason}", e_raw)
+            else:
+                line += text.count("\n", last, pos)
+                parsed.errors.append((line, index, "truncated JSON: the array is not closed with ']' (rows after this point may be missing)", ""))
+            break
+        ch = text[pos]
+        if ch == "]":
+            if nested:
+                break
+            tail = ws(text, pos + 1).end()
+            if tail != n and text[tail] == "[":
+                parsed.notes.append("several JSON arrays one after another: read as one")
+                pos = tail + 1
+                continue
+            if tail != n:
+                line += text.count("\n", last, tail)
+                parsed.errors.append((line, index, "invalid JSON: extra text after the closing ']'", clip_raw(text[tail:])))
+            break
+        line += text.count("\n", last, pos)
+        last = pos
+        try:
+            value, end = scan(text, pos)
+        except StopIteration:
+            err_end = _error_end(text, pos, resync)
+            reason = bad_lines.get(line) or _element_reason(text, pos)
+            parsed.errors.append((line, index, reason, clip_raw(text[pos:err_end].rstrip(", \t\r\n"))))
+            index += 1
+            pos = err_end
+            continue
+        except (ValueError, RecursionError) as exc:
+            err_end = _error_end(text, pos, resync)
+            reason = bad_lines.get(line) or (
+                _json_error(exc) if isinstance(exc, ValueError) else "invalid JSON: nested too deeply"
+            )
+            parsed.errors.append((line, index, reason, clip_raw(text[pos:err_end].rstrip(", \t\r\n"))))
+            index += 1
+            pos = err_end
+            continue
+        parsed.lines.append(line)
+        parsed.indexes.append(index)
+        parsed.values.append(value)
+        index += 1
+        pos = ws(text, end).end()
+        if pos < n and text[pos] == ",":
+            nxt = ws(text, pos + 1).end()
+            if nxt < n and text[nxt] == "]":
+                parsed.notes.append("trailing comma before ']' tolerated")
+            pos = nxt
+        elif pos < n and text[pos] not in "]":
+            # a missing comma between elements: carry on from here and let the next element tell
+            parsed.notes.append(f"missing ',' after the element at line {line} tolerated")
+    return parsed
+
+
+def _error_end(text: str, pos: int, resync: re.Pattern) -> int:
+    m = resync.search(text, pos + 1)
+    return m.start() + 1 if m else len(text)
+
+
+def _element_reason(text: str, pos: int) -> str:
+    try:
+        _DECODER.raw_decode(text, pos)
+    except ValueError as exc:
+        return _json_error(exc)
+    return "invalid JSON value"

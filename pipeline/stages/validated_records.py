@@ -1,0 +1,199 @@
+"""Stage 2 (asset ``validated_records``): a Great Expectations suite over the ingested rows.
+
+The suite (GX Core 1.x, pandas engine) checks, for ``instruction``, ``input`` and ``output``:
+the column exists; ``instruction`` and ``output`` are not null and not blank after trimming;
+lengths lie within configured bounds; no control characters other than newline and tab; valid
+Unicode (no lone surrogates, which ingestion turns into U+FFFD, no U+FFFD replacement
+characters left by an earlier bad decode, no noncharacters U+FFFE / U+FFFF).
+
+GX's ``COMPLETE`` result format lists the failing row indexes of each expectation; each failing
+row is rejected with every expectation it failed. The regular expressions are written without
+``\\s`` or ``\\u`` escapes so that pandas runs them in pyarrow's RE2 engine, not row by row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+
+from pipeline.core.records import FIELDS, StageResult, records_as_rejects
+
+STAGE = "validate"
+
+# Characters Python's str.strip() removes, plus zero-width space and BOM (invisible "blank").
+WHITESPACE = (
+    "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000-\u200a\u200b\u2028\u2029\u202f\u205f\u3000\ufeff"
+)
+NOT_BLANK_REGEX = f"[^{WHITESPACE}]"
+# C0 controls except tab (0x09) and newline (0x0a), DEL, and C1 controls.
+CONTROL_CHARS_REGEX = "[\x00-\x08\x0b-\x1f\x7f-\x9f]"
+INVALID_UNICODE_REGEX = "[\ufffd\ufffe\uffff]"
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """Length bounds in characters, per field."""
+
+    min_instruction_chars: int = 1
+    max_instruction_chars: int = 4_000
+    max_input_chars: int = 16_000
+    min_output_chars: int = 1
+    max_output_chars: int = 16_000
+
+
+@dataclass
+class ExpectationOutcome:
+    expectation: str
+    column: str | None
+    description: str
+    success: bool
+    unexpected_count: int
+    examples: list[str]
+
+
+def _describe(kind: str, column: str, kwargs: dict[str, Any]) -> str:
+    if kind == "expect_column_to_exist":
+        return "column exists"
+    if kind == "expect_column_values_to_not_be_null":
+        return "not missing (null)"
+    if kind == "expect_column_values_to_match_regex":
+        return "not blank after trimming"
+    if kind == "expect_column_value_lengths_to_be_between":
+        return f"length between {kwargs.get('min_value')} and {kwargs.get('max_value')} characters"
+    if kind == "expect_column_values_to_not_match_regex":
+        if kwargs.get("regex") == CONTROL_CHARS_REGEX:
+            return "no control characters other than newline and tab"
+        return "valid Unicode (no lone surrogate, U+FFFD or noncharacter)"
+    return kind
+
+
+def build_expectations(bounds: Bounds, columns: tuple[str, ...] = FIELDS) -> list[Any]:
+    """The suite, column by column (each column's expectations together)."""
+    import great_expectations.expectations as gxe
+
+    lengths = {
+        "instruction": (bounds.min_instruction_chars, bounds.max_instruction_chars),
+        "input": (0, bounds.max_input_chars),
+        "output": (bounds.min_output_chars, bounds.max_output_chars),
+    }
+    suite: list[Any] = []
+    for c in columns:
+        suite.append(gxe.ExpectColumnToExist(column=c))
+        if c in ("instruction", "output"):
+            suite.append(gxe.ExpectColumnValuesToNotBeNull(column=c))
+            suite.append(gxe.ExpectColumnValuesToMatchRegex(column=c, regex=NOT_BLANK_REGEX))
+        lo, hi = lengths[c]
+        suite.append(gxe.ExpectColumnValueLengthsToBeBetween(column=c, min_value=lo, max_value=hi))
+        suite.append(gxe.ExpectColumnValuesToNotMatchRegex(column=c, regex=CONTROL_CHARS_REGEX))
+        suite.append(gxe.ExpectColumnValuesToNotMatchRegex(column=c, regex=INVALID_UNICODE_REGEX))
+    return suite
+
+
+@contextlib.contextmanager
+def _quiet_gx() -> Iterator[None]:
+    """GX fingerprints the whole frame only to label the batch (it already skips this for large
+    frames); on arrow-backed strings that costs more than the validation itself, so we lower its
+    threshold for the call. Our own data fingerprints are recorded with every artifact instead."""
+    from great_expectations.execution_engine import pandas_execution_engine as engine
+
+    old = engine.HASH_THRESHOLD
+    engine.HASH_THRESHOLD = 0
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        engine.HASH_THRESHOLD = old
+
+
+def run_suite(df: pd.DataFrame, bounds: Bounds, examples: int = 3) -> tuple[list[ExpectationOutcome], dict[int, list[str]]]:
+    """Run the suite; returns each expectation's outcome and ``{row position: [reasons]}``.
+
+    GX runs once per column on a one-column frame: its pandas engine copies the whole frame
+    for each expectation's null filter, so narrow frames make it several times faster on
+    large inputs. The expectations and their results are the same.
+    """
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    frame = df.reset_index(drop=True)
+    ctx = gx.get_context(mode="ephemeral")
+    ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
+    source = ctx.data_sources.add_pandas("medtune")
+    outcomes: list[ExpectationOutcome] = []
+    reasons: dict[int, list[str]] = {}
+    for column in FIELDS:
+        batch_def = source.add_dataframe_asset(f"records_{column}").add_batch_definition_whole_dataframe("all")
+        suite = ctx.suites.add(gx.ExpectationSuite(name=f"alpaca_records_{column}"))
+        for expectation in build_expectations(bounds, (column,)):
+            suite.add_expectation(expectation)
+        definition = ctx.validation_definitions.add(
+            gx.ValidationDefinition(name=f"validate_{column}", data=batch_def, suite=suite)
+        )
+        part = frame[[column]] if column in frame.columns else frame.iloc[:, :0]
+        with _quiet_gx():
+            result = definition.run(
+                batch_parameters={"dataframe": part},
+                result_format={"result_format": "COMPLETE", "partial_unexpected_count": examples,
+                               "return_unexpected_index_query": False},
+            )
+        for r in result.results:
+            cfg = r.expectation_config
+            kind = cfg.type
+            if kind == "expect_column_to_exist" and not r.success:
+                raise ValueError(f"required column {column!r} is missing from the records")
+            info = r.exception_info or {}
+            if info.get("raised_exception"):
+                raise RuntimeError(f"expectation {kind} on {column!r} could not run: {info.get('exception_message')}")
+            res = r.result or {}
+            description = _describe(kind, column, cfg.kwargs)
+            for idx in res.get("unexpected_index_list") or []:
+                reasons.setdefault(int(idx), []).append(f"{column}: {description} [{kind}]")
+            shown = [_short(v) for v in (res.get("partial_unexpected_list") or [])[:examples]]
+            outcomes.append(
+                ExpectationOutcome(kind, column, description, bool(r.success), int(res.get("unexpected_count") or 0), shown)
+            )
+    return outcomes, reasons
+
+
+def _short(v: Any, width: int = 40) -> str:
+    s = repr(v) if not isinstance(v, str) else repr(v)[1:-1]
+    return s if len(s) <= width else s[: width - 1] + "…"
+
+
+def validate_records(df: pd.DataFrame, bounds: Bounds | None = None) -> StageResult:
+    """Split ingested rows into those that pass the suite and those that fail (with reasons)."""
+    bounds = bounds or Bounds()
+    frame = df.reset_index(drop=True)
+    outcomes, reasons = run_suite(frame, bounds)
+    bad = sorted(reasons)
+    mask = pd.Series(False, index=frame.index)
+    mask.iloc[bad] = True
+    rejected = records_as_rejects(frame.iloc[bad], STAGE, ["; ".join(reasons[i]) for i in bad])
+    kept = frame[~mask.to_numpy()].reset_index(drop=True)
+    stats = {
+        "rows_in": len(frame),
+        "rows_kept": len(kept),
+        "rows_rejected": len(rejected),
+        "expectations": [o.__dict__ for o in outcomes],
+        "report_markdown": report_markdown(outcomes),
+    }
+    return StageResult(kept=kept, rejected=rejected, stats=stats)
+
+
+def report_markdown(outcomes: list[ExpectationOutcome]) -> str:
+    lines = ["| expectation | column | rule | result | unexpected | examples |", "|---|---|---|---|---|---|"]
+    for o in outcomes:
+        ex = ", ".join(f"`{e}`" for e in o.examples).replace("|", "\\|")
+        lines.append(
+            f"| {o.expectation} | {o.column or ''} | {o.description} | {'✅ pass' if o.success else '❌ fail'} "
+            f"| {o.unexpected_count} | {ex} |"
+        )
+    return "\n".join(lines)

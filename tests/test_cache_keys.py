@@ -1,0 +1,32 @@
+"""Cache keys stay put: for unchanged data and settings, tokenization, training, evaluation and
+export compute the keys they computed before the layout moved (values recorded from the commit
+before the move), so a `make run` on a data folder from before retrains and re-exports nothing.
+A change that means to invalidate caches changes a format or engine version and these literals."""
+
+from assets.evaluation_report import EvaluationReportConfig, evaluation_key
+from assets.lora_adapter import LoraAdapterConfig, training_key
+from assets.merged_model import MergedModelConfig, merged_key
+from pipeline.stages.tokenized_dataset import DEFAULT_SYSTEM_PROMPT, cache_key
+
+TOKENIZED = "0c5589f19a57dfac6fa2d24079d429f0314a7388eee7bf5b59f301925d357605"
+ADAPTER = "fca23461038536e8"
+EVALUATION = "1959920af721a539"
+MERGED = "cf867ee86ccc5c50"
+
+
+def test_the_default_keys_are_those_from_before_the_move():
+    assert cache_key("data-fp", "tokenizer-fp", "{{ template }}", 2048, DEFAULT_SYSTEM_PROMPT) == TOKENIZED
+    aid, settings, _ = training_key(LoraAdapterConfig(), TOKENIZED, 2048, "base-fp")
+    assert aid == ADAPTER and settings["max_seq_len"] == 2048
+    assert evaluation_key(EvaluationReportConfig(), aid, TOKENIZED, "alpaca-fp")[:16] == EVALUATION
+    assert merged_key(MergedModelConfig(), aid, "base-fp") == MERGED
+
+
+def test_every_setting_and_input_moves_the_training_key():
+    aid = training_key(LoraAdapterConfig(), TOKENIZED, 2048, "base-fp")[0]
+    assert training_key(LoraAdapterConfig(learning_rate=2e-3), TOKENIZED, 2048, "base-fp")[0] != aid
+    assert training_key(LoraAdapterConfig(), TOKENIZED, 4096, "base-fp")[0] != aid
+    assert training_key(LoraAdapterConfig(), "other", 2048, "base-fp")[0] != aid
+    assert training_key(LoraAdapterConfig(), TOKENIZED, 2048, "other")[0] != aid
+    # where it logs and how often it saves are not part of what it learns
+    assert training_key(LoraAdapterConfig(log_every=1, eval_every=7, save_every=9), TOKENIZED, 2048, "base-fp")[0] == aid

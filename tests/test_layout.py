@@ -1,0 +1,64 @@
+"""The layout shows the pipeline: each asset's logic sits in a stage module of the same name,
+imports only point down (ops → stages → core), and modules stay small enough to read."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PROJECT = Path(__file__).resolve().parents[1]
+ASSETS = sorted(p.stem for p in (PROJECT / "assets").glob("*.py") if p.stem != "__init__")
+MAX_LINES = 320  # "about 300"
+
+
+def imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module)
+    return out
+
+
+def modules(folder: str) -> list[Path]:
+    return sorted((PROJECT / folder).rglob("*.py"))
+
+
+@pytest.mark.parametrize("name", ASSETS)
+def test_every_asset_has_a_stage_of_its_name(name):
+    stage = PROJECT / "pipeline" / "stages"
+    assert (stage / f"{name}.py").is_file() or (stage / name / "__init__.py").is_file(), \
+        f"assets/{name}.py has no pipeline/stages/{name}.py or pipeline/stages/{name}/"
+    assert any(m.startswith(f"pipeline.stages.{name}") for m in imports(PROJECT / "assets" / f"{name}.py")), \
+        f"assets/{name}.py does not use its stage"
+
+
+@pytest.mark.parametrize("folder, forbidden", [
+    ("pipeline/core", ("pipeline.stages", "pipeline.ops", "pipeline.definitions", "assets", "dagster")),
+    ("pipeline/stages", ("pipeline.ops", "pipeline.definitions", "assets", "dagster.")),
+    ("assets", ("pipeline.ops", "pipeline.definitions")),
+])
+def test_imports_only_point_down(folder, forbidden):
+    wrong = [f"{p.relative_to(PROJECT)} imports {m}" for p in modules(folder) for m in sorted(imports(p))
+             if any(m == f.rstrip(".") or m.startswith(f if f.endswith(".") else f + ".") for f in forbidden)]
+    assert not wrong, wrong
+
+
+def test_stages_run_without_dagster():
+    """Stage modules may use dagster_pipes (the training child's channel), never Dagster itself."""
+    wrong = [f"{p.relative_to(PROJECT)}" for p in modules("pipeline/stages") if "dagster" in imports(p)]
+    assert not wrong, wrong
+
+
+def test_modules_stay_readable():
+    """No module above about 300 lines unless its opening says why it reads better whole."""
+    long = []
+    for folder in ("pipeline", "assets", "resources"):
+        for p in modules(folder):
+            n = len(p.read_text().splitlines())
+            doc = ast.get_docstring(ast.parse(p.read_text())) or ""
+            if n > MAX_LINES and "reads better whole" not in doc:
+                long.append(f"{p.relative_to(PROJECT)}: {n} lines")
+    assert not long, long
