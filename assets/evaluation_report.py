@@ -19,6 +19,7 @@ import pandas as pd
 from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, Config, MetadataValue, Output, asset
 from pydantic import Field
 
+from pipeline.core.cache import is_complete, keyed_folder
 from pipeline.core.atomic import atomic_dir
 from pipeline.core.tracking_sync import COMPLETE, attempt, pending
 from pipeline.stages.evaluation_report import (
@@ -100,9 +101,9 @@ def evaluation_report(
     manifest = json.loads((Path(tokenized_dataset.path) / MANIFEST).read_text())
     settings = config.model_dump()
     key = evaluation_key(config, lora_adapter["adapter_id"], tokenized_dataset.key, alpaca_dataset["data_fingerprint"])
-    folder = data_root.models_dir / "evaluations" / key[:16]
+    folder = keyed_folder(data_root.models_dir / "evaluations", key)
     run_id = lora_adapter.get("mlflow_run_id")
-    cache_hit = (folder / "summary.json").is_file()
+    cache_hit = is_complete(folder, "summary.json")
     if cache_hit:
         context.log.info(f"cache hit: this adapter was already evaluated with these settings ({folder})")
         summary = json.loads((folder / "summary.json").read_text())["summary"]

@@ -20,12 +20,13 @@ from typing import Literal
 from dagster import AssetExecutionContext, Config, Failure, MetadataValue, Output, PipesSubprocessClient, asset
 from pydantic import Field
 
+from pipeline.core.cache import is_complete, keyed_folder
 from pipeline.core.atomic import file_lock, write_bytes_atomic
 from pipeline.stages.base_model import BaseModelInfo
 from pipeline.core.secrets import redact, redact_params
 from pipeline.stages.tokenized_dataset import TokenizedDataset
 from pipeline.core.tracking_sync import COMPLETE, QUICK_HTTP, attempt, pending, quick_http, send_missing_metrics
-from pipeline.stages.lora_adapter import ERROR_FILE, TrainSpec, adapter_id, plot_loss_curve, read_metrics
+from pipeline.stages.lora_adapter import ERROR_FILE, TRAINING_RECORD, TrainSpec, adapter_id, plot_loss_curve, read_metrics
 from resources.data_root import PROJECT_ROOT, DataRoot
 from resources.mlflow_tracking import MlflowTracking
 
@@ -54,7 +55,7 @@ class LoraAdapterConfig(Config):
     pack_tokens: int = Field(_default("pack_tokens"), gt=0, description="Token budget of one step and process when packing")
     per_device_batch_size: int = Field(_default("per_device_batch_size"), gt=0, description="Rows per step and process without packing")
     gradient_accumulation_steps: int = _default("gradient_accumulation_steps")
-    max_steps: int | None = None
+    max_steps: int | None = Field(_default("max_steps"), description="Stop after this many optimizer steps (default: the epochs decide)")
     seed: int = _default("seed")
     opening_tokens: int = Field(_default("opening_tokens"), ge=0,
                                 description="The answer's opening: its first N tokens (where it names the medicine)")
@@ -62,10 +63,10 @@ class LoraAdapterConfig(Config):
                                  description="Extra copies of every row cut after its opening, trained each epoch")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         _default("precision"), description="Dtype of the frozen base weights and of autocast (auto: bf16 where supported)")
-    gradient_checkpointing: bool | None = Field(None, description="Default: on for GPU, off for CPU")
+    gradient_checkpointing: bool | None = Field(_default("gradient_checkpointing"), description="Default: on for GPU, off for CPU")
     attn_implementation: str = Field(_default("attn_implementation"),
                                      description='"auto": packed rows, SDPA per row; or "flash_attention_2" where installed, "sdpa", "eager"')
-    compile: bool | None = Field(None, description="torch.compile the MLPs and norms; default: on for CPU (measured faster), off for GPU (not measured)")
+    compile: bool | None = Field(_default("compile"), description="torch.compile the MLPs and norms; default: on for CPU (measured faster), off for GPU (not measured)")
     logits_chunk_tokens: int = Field(_default("logits_chunk_tokens"), gt=0, description="Positions projected onto the vocabulary at a time")
     eval_every: int = _default("eval_every")
     save_every: int = _default("save_every")
@@ -76,7 +77,7 @@ class LoraAdapterConfig(Config):
         None, description="accelerate config file (FSDP, DeepSpeed) for `accelerate launch`; relative to the data root"
     )
     allow_outside_paths: bool = Field(False, description="accelerate_config may lie outside the data root")
-    stop_after_steps: int | None = Field(None, description="Testing: stop the child abruptly after this many steps")
+    stop_after_steps: int | None = Field(_default("stop_after_steps"), description="Testing: stop the child abruptly after this many steps")
 
 
 def _git_commit() -> str:
@@ -124,8 +125,8 @@ def lora_adapter(
         resolved = data_root.confine(config.accelerate_config, "lora_adapter.accelerate_config", config.allow_outside_paths)
         config = config.model_copy(update={"accelerate_config": str(resolved)})
     aid, settings, spec_fields = training_key(config, tokenized_dataset.key, tokenized_dataset.max_seq_len, base_model.fingerprint)
-    out_dir = data_root.models_dir / "adapters" / aid
-    ckpt_dir = data_root.models_dir / "checkpoints" / aid
+    out_dir = keyed_folder(data_root.models_dir / "adapters", aid)
+    ckpt_dir = keyed_folder(data_root.models_dir / "checkpoints", aid)
     # one training per adapter at a time, whatever the run queue is set to: a second
     # materialization of the same adapter waits here, then finds it finished (a cache hit)
     with file_lock(data_root.models_dir / "checkpoints" / f"{aid}.lock",
@@ -136,9 +137,8 @@ def lora_adapter(
 
 def _reuse_or_train(context, config, mlflow, pipes_subprocess_client, tokenized_dataset, base_model,
                     settings, spec_fields, aid, out_dir, ckpt_dir) -> Output[dict]:
-    record = out_dir / "medtune_training.json"
-    if record.is_file():
-        done = json.loads(record.read_text())
+    if is_complete(out_dir, TRAINING_RECORD):
+        done = json.loads((out_dir / TRAINING_RECORD).read_text())
         run_id = done["spec"].get("mlflow_run_id")
         context.log.info(f"cache hit: adapter {aid} was trained on the same data, base model and settings (MLflow run {run_id})")
         tracking = COMPLETE

@@ -27,6 +27,7 @@ from pydantic import Field
 
 from pipeline.stages.evaluation_report import load_tuned_model
 from pipeline.stages.merged_model import DEFAULT_TOLERANCE, compare_with_adapter, load_merged, merge_adapter, read_export_record
+from pipeline.core.cache import KEY_CHARS, keyed_folder
 from pipeline.core.fingerprint import sha256_json
 from pipeline.stages.base_model import BaseModelInfo
 from pipeline.stages.tokenized_dataset import MANIFEST, TokenizedDataset, render_prompt
@@ -56,7 +57,7 @@ def _check_prompts(alpaca_path: str, tokenizer, system_prompt: str, n: int) -> l
 
 def merged_key(config: MergedModelConfig, adapter_id: str, base_fingerprint: str) -> str:
     """The merged model's id (its folder): adapter, base weights and every export setting."""
-    return sha256_json({"format": EXPORT_FORMAT, "adapter": adapter_id, "base": base_fingerprint, **config.model_dump()})[:16]
+    return sha256_json({"format": EXPORT_FORMAT, "adapter": adapter_id, "base": base_fingerprint, **config.model_dump()})[:KEY_CHARS]
 
 
 @asset(
@@ -76,7 +77,7 @@ def merged_model(
     tokenized_dataset: TokenizedDataset,
 ):
     mid = merged_key(config, lora_adapter["adapter_id"], base_model.fingerprint)
-    dest = data_root.models_dir / "merged" / mid
+    dest = keyed_folder(data_root.models_dir / "merged", mid)
     record = read_export_record(dest)
     cache_hit = bool(record and record.get("verification", {}).get("passed"))
     if cache_hit:

@@ -62,3 +62,23 @@ def test_modules_stay_readable():
             if n > MAX_LINES and "reads better whole" not in doc:
                 long.append(f"{p.relative_to(PROJECT)}: {n} lines")
     assert not long, long
+
+
+def test_asset_configs_take_their_defaults_from_the_stage():
+    """One source for every setting: where the asset's config and the stage's settings share a name,
+    the default is the same (the config reads it from the stage)."""
+    from dataclasses import MISSING, fields
+
+    from assets.evaluation_report import EvaluationReportConfig
+    from assets.lora_adapter import LoraAdapterConfig
+    from pipeline.stages.evaluation_report import EvalConfig
+    from pipeline.stages.lora_adapter import TrainSpec
+
+    for config, stage in ((LoraAdapterConfig, TrainSpec), (EvaluationReportConfig, EvalConfig)):
+        shared = [f for f in fields(stage) if f.name in config.model_fields and f.default is not MISSING]
+        assert shared, (config, stage)
+        differ = {f.name: (config.model_fields[f.name].default, f.default) for f in shared
+                  if config.model_fields[f.name].default != f.default}
+        assert not differ, f"{config.__name__} vs {stage.__name__}: {differ}"
+    # the rows' length is the tokenized dataset's alone
+    assert "max_seq_len" not in LoraAdapterConfig.model_fields

@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.core.cache import is_complete, keyed_folder
 from pipeline.core.atomic import atomic_dir
 from pipeline.core.fingerprint import sha256_json
 
@@ -179,12 +180,12 @@ def tokenize_dataset(
 ) -> TokenizedDataset:
     """Tokenize the Alpaca table into ``out_root/<key>/{train,eval}.parquet`` (cached by key)."""
     key = cache_key(data_fingerprint, tokenizer_fingerprint, tokenizer.chat_template, max_seq_len, system_prompt)
-    dest = Path(out_root) / key[:16]
+    dest = keyed_folder(out_root, key)
     manifest_path = dest / MANIFEST
-    if manifest_path.is_file():
+    if is_complete(dest, MANIFEST, *(f"{s}.parquet" for s in SPLITS)):
         try:
             manifest = json.loads(manifest_path.read_text())
-            if manifest.get("key") == key and all((dest / f"{s}.parquet").is_file() for s in SPLITS):
+            if manifest.get("key") == key:
                 return TokenizedDataset(str(dest), key, True, manifest["stats"])
         except (OSError, ValueError):
             pass  # unreadable cache entry: rebuild it

@@ -20,7 +20,7 @@ from pipeline.stages.tokenized_dataset import IGNORE_INDEX
 from pipeline.stages.lora_adapter.batching import Batch, flatten, load_rows, plan_epoch, with_openings
 from pipeline.stages.lora_adapter.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from pipeline.stages.lora_adapter.report import Reporter, Throughput
-from pipeline.stages.lora_adapter.spec import TrainSpec
+from pipeline.stages.lora_adapter.spec import TRAINING_RECORD, TrainSpec
 
 
 def step_groups(plan: list[list[int]], per_step: int) -> list[list[list[int]]]:
@@ -230,7 +230,7 @@ def train(spec: TrainSpec) -> dict[str, Any]:
             accelerator.unwrap_model(model).peft_model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             record = {"spec": redact_params(asdict(spec)), "result": result}
-            (tmp / "medtune_training.json").write_text(json.dumps(record, indent=2))
+            (tmp / TRAINING_RECORD).write_text(json.dumps(record, indent=2))
             if report.metrics_path.is_file():
                 (tmp / "metrics.jsonl").write_bytes(report.metrics_path.read_bytes())
         report.log(f"adapter saved to {spec.output_dir} after {step} steps in {elapsed:.0f}s")

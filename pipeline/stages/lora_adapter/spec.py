@@ -78,6 +78,7 @@ TRAINING_KEYS = (
 )
 # Bump when the same settings would train differently (the engine changed what a step computes).
 ENGINE_VERSION = 2
+TRAINING_RECORD = "medtune_training.json"  # written last into the adapter folder: the training finished
 
 
 def adapter_id(data_fingerprint: str, base_fingerprint: str, settings: dict[str, Any], processes: int) -> str:
