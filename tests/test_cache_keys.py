@@ -16,7 +16,9 @@ MERGED = "cf867ee86ccc5c50"
 
 def test_the_default_keys_are_those_from_before_the_move():
     assert cache_key("data-fp", "tokenizer-fp", "{{ template }}", 2048, DEFAULT_SYSTEM_PROMPT) == TOKENIZED
-    aid, settings, _ = training_key(LoraAdapterConfig(), TOKENIZED, 2048, "base-fp")
+    # the move kept every default; r and alpha changed after it (16 / 32 then): pinned at those values
+    before = LoraAdapterConfig(r=16, lora_alpha=32)
+    aid, settings, _ = training_key(before, TOKENIZED, 2048, "base-fp")
     assert aid == ADAPTER and settings["max_seq_len"] == 2048
     assert evaluation_key(EvaluationReportConfig(), aid, TOKENIZED, "alpaca-fp")[:16] == EVALUATION
     assert merged_key(MergedModelConfig(), aid, "base-fp") == MERGED

@@ -20,8 +20,8 @@ class TrainSpec:
     tokenized_path: str
     output_dir: str  # the finished adapter goes here (atomically)
     checkpoint_dir: str  # step-N/ folders
-    r: int = 16
-    lora_alpha: int = 32
+    r: int = 64  # measured: held-out loss 1.90 -> 1.61 (real sample), 1.27 -> 1.15 (demo) against r 16, same speed
+    lora_alpha: int = 128  # alpha / r = 2
     lora_dropout: float = 0.0
     target_modules: str = "all-linear"
     learning_rate: float = 1e-3
