@@ -139,8 +139,9 @@ def run_config(stack: Stack) -> dict:
         "ops": {
             "base_model": {"config": {"model": str(stack.tiny_model)}},
             "tokenized_dataset": {"config": {"max_seq_len": 256}},
+            # r 16: on the tiny model (hidden size 64) the default r 64 is full rank and lr 5e-3 overshoots
             "lora_adapter": {"config": {"max_steps": 6, "save_every": 3, "eval_every": 3, "learning_rate": 5e-3,
-                                        "precision": "fp32"}},
+                                        "precision": "fp32", "r": 16, "lora_alpha": 32}},
             "evaluation_report": {"config": {"max_new_tokens": 8, "train_sample_size": 4}},
         },
     }

@@ -43,7 +43,7 @@ def run_pipeline(data_dir, tracking_uri, model_dir, job="full_pipeline_job", **t
         "base_model": {"config": {"model": model_in_data_root(model_dir, data_dir)}},
         "tokenized_dataset": {"config": {"max_seq_len": 256}},
         "lora_adapter": {"config": {"max_steps": 6, "save_every": 2, "eval_every": 3, "learning_rate": 5e-3,
-                                    "precision": "fp32", "log_every": 1, **train_config}},
+                                    "precision": "fp32", "log_every": 1, "r": 16, "lora_alpha": 32, **train_config}},
         "evaluation_report": {"config": {"max_new_tokens": 8, "train_sample_size": 4}},
     }}
     job_def = defs.resolve_job_def(job)
@@ -302,7 +302,7 @@ def materialize_command(data_dir, tmp_path, tiny_model_dir, **train_config):
     config = {"execution": {"config": {"in_process": {}}}, "ops": {
         "base_model": {"config": {"model": model_in_data_root(tiny_model_dir, data_dir)}},
         "tokenized_dataset": {"config": {"max_seq_len": 256}},
-        "lora_adapter": {"config": {"learning_rate": 5e-3, "precision": "fp32", "log_every": 1, **train_config}},
+        "lora_adapter": {"config": {"learning_rate": 5e-3, "precision": "fp32", "log_every": 1, "r": 16, "lora_alpha": 32, **train_config}},
     }}
     env = {**os.environ, "DAGSTER_HOME": str(home), "MEDTUNE_DATA_DIR": str(data_dir),
            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PYTHONPATH": str(PROJECT)}

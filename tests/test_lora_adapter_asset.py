@@ -18,7 +18,7 @@ def run(data_dir, tracking_uri, model_dir, **train_config):
         "base_model": {"config": {"model": model_in_data_root(model_dir, data_dir)}},
         "tokenized_dataset": {"config": {"max_seq_len": 256}},
         "lora_adapter": {"config": {"max_steps": 6, "save_every": 2, "eval_every": 3, "learning_rate": 5e-3,
-                                    "precision": "fp32", "log_every": 1, **train_config}},
+                                    "precision": "fp32", "log_every": 1, "r": 16, "lora_alpha": 32, **train_config}},
     }}
     return job.execute_in_process(run_config=config, instance=DagsterInstance.ephemeral(), raise_on_error=False)
 
@@ -54,7 +54,7 @@ def test_train_track_resume_and_cache(data_dir, tmp_path, tiny_model_dir):
     run_id = meta(resumed, "mlflow_run_id")
     r = client.get_run(run_id)
     assert r.info.status == "FINISHED"
-    assert r.data.params["r"] == "16" and r.data.params["target_modules"] == "all-linear"
+    assert r.data.params["r"] == "16" and r.data.params["lora_alpha"] == "32" and r.data.params["target_modules"] == "all-linear"
     assert r.data.params["learning_rate"] == "0.005"
     for tag in ("dagster.run_id", "dagster.asset_key", "medtune.data_fingerprint", "medtune.base_model_fingerprint", "git.commit"):
         assert tag in r.data.tags

@@ -10,7 +10,10 @@ from hypothesis import strategies as st
 from pipeline.stages.deduplicated_records import deduplicate, normalize_array, normalize_text
 from pipeline.stages.raw_records import FileRejected, ingest_file, parse_text
 
-texts = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40)
+# Code points Python's Unicode database (14.0 on Python 3.11) assigns: pyarrow's utf8proc knows a
+# newer Unicode, so for a character assigned since (e.g. U+1CCD6, NFKC "A" in Unicode 16) the two
+# normalisations rightly differ; the reference (Python) cannot speak for those.
+texts = st.text(alphabet=st.characters(blacklist_categories=("Cs", "Cn")), max_size=40)
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
