@@ -58,6 +58,7 @@ def test_mixed_utf8_and_gb18030_lines_keep_both(raw_dir):
     [
         (b"", "empty file"),
         (b"  \n\t \n", "only whitespace"),
+        (b" [ ]\n", "the JSON array holds no records"),
         (bytes(range(128, 256)) * 4, "not valid UTF-8"),
         (b"\xff\xfe\x00\x00[]", "UTF-32"),
         (b"\xef\xbb\xbf\xff\xfe", "declares utf-8-sig"),

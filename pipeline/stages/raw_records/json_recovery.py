@@ -67,7 +67,10 @@ def _parse(text: str, bad_lines: dict[int, str], strict_keys: bool) -> Parsed:
         raise FileRejected("empty file" if not text else "file holds only whitespace")
     first = text[start]
     if first == "[":
-        return _parse_array(text, start, bad_lines, strict_keys)
+        parsed = _parse_array(text, start, bad_lines, strict_keys)
+        if not parsed.values and not parsed.errors:
+            raise FileRejected("the JSON array holds no records")  # said, not silently nothing
+        return parsed
     if first == "{":
         try:
             value, end = (_STRICT_DECODER if strict_keys else _DECODER).raw_decode(text, start)
