@@ -10,7 +10,9 @@ FLOPs of one trained token, for a decoder-only transformer with a frozen base an
   number of earlier tokens a token attends to), backward twice that;
 * the vocabulary projection ``d·V``, forward and input gradient, at supervised positions only
   (the step skips the others; ``nominal`` counts it at every position, as the usual 4·N does);
-* the adapters: ``6·P`` (forward, input and weight gradients) for their ``P`` parameters.
+* the adapters: ``6·P`` (forward, input and weight gradients) for their ``P`` parameters;
+* full fine-tuning (``full=True``): every linear layer and the vocabulary projection also compute
+  their weight gradients, ``6·M`` and ``6·d·V`` instead of ``4·``, and there are no adapters.
 
 MFU = achieved FLOP/s ÷ the peak of a large matrix multiply in the compute dtype, measured in the
 same process (these CPUs differ from machine to machine by 2x, and a shared machine by the minute).
@@ -43,12 +45,14 @@ def mean_context(row_lengths: list[int]) -> float:
     return sum(n * (n + 1) / 2 for n in row_lengths) / total if total else 0.0
 
 
-def training_flops_per_token(config, *, context: float, supervised_share: float, adapter_params: int) -> dict[str, float]:
+def training_flops_per_token(config, *, context: float, supervised_share: float, adapter_params: int,
+                             full: bool = False) -> dict[str, float]:
     s = config_shape(config)
-    linear = 4 * s["layers"] * linear_weights_per_layer(s)
+    passes = 6 if full else 4
+    linear = passes * s["layers"] * linear_weights_per_layer(s)
     attention = 12 * s["layers"] * context * s["heads"] * s["head_dim"]
-    head = 4 * s["hidden"] * s["vocab"]
-    adapters = 6 * adapter_params
+    head = passes * s["hidden"] * s["vocab"]
+    adapters = 0 if full else 6 * adapter_params
     return {
         "linear": linear,
         "attention": attention,

@@ -65,7 +65,10 @@ def train(spec: TrainSpec) -> dict[str, Any]:
     from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
 
     from pipeline.stages.lora_adapter.flops import matmul_peak_flops, mean_context, training_flops_per_token
-    from pipeline.stages.lora_adapter.model import DTYPES, SupervisedLM, load_for_training, resolve_precision
+    from pipeline.stages.lora_adapter.methods import (PISSA_INIT, after_optimizer_step, extra_loss, make_optimizer,
+                                                      optimizer_name)
+    from pipeline.stages.lora_adapter.model import (DTYPES, SupervisedLM, causal_lm_of, load_for_training, resolve_precision,
+                                                    save_pissa_init, save_trained, trainable_parameters)
 
     on_gpu = torch.cuda.is_available()
     precision = resolve_precision(spec.precision, on_gpu)
@@ -76,10 +79,6 @@ def train(spec: TrainSpec) -> dict[str, Any]:
     torch.use_deterministic_algorithms(not on_gpu, warn_only=True)
 
     tokenizer = AutoTokenizer.from_pretrained(spec.base_model_path, trust_remote_code=spec.trust_remote_code)
-    peft_model, attn, checkpointing = load_for_training(spec, precision, on_gpu)
-    model = SupervisedLM(peft_model, attn, spec.logits_chunk_tokens)
-    trainable, total_params = peft_model.get_nb_trainable_parameters()
-
     train_rows = load_rows(spec.tokenized_path, "train", spec.max_seq_len)
     eval_rows = load_rows(spec.tokenized_path, "eval", spec.max_seq_len)
     if not train_rows:
@@ -97,25 +96,34 @@ def train(spec: TrainSpec) -> dict[str, Any]:
 
     steps_per_epoch = len(epoch_groups(0))
     total_steps = spec.max_steps or max(1, math.ceil(steps_per_epoch * spec.epochs))
+
+    method = spec.method
+    peft_model, attn, checkpointing = load_for_training(spec, precision, on_gpu, total_steps)
+    model = SupervisedLM(peft_model, attn, spec.logits_chunk_tokens, method)
+    trainable, total_params = trainable_parameters(peft_model)
+    ckpt_root = Path(spec.checkpoint_dir)
+    if method == "pissa" and accelerator.is_main_process:
+        save_pissa_init(peft_model, ckpt_root / PISSA_INIT)
+
     supervised = sum(sum(1 for t in r[1][1:] if t != IGNORE_INDEX) for r in train_rows)
-    flops = training_flops_per_token(peft_model.config, context=mean_context(lengths),
-                                     supervised_share=supervised / sum(lengths), adapter_params=trainable)
+    flops = training_flops_per_token(causal_lm_of(peft_model).config, context=mean_context(lengths),
+                                     supervised_share=supervised / sum(lengths), adapter_params=trainable,
+                                     full=method == "full")
     peak = matmul_peak_flops(DTYPES[precision], "cuda" if on_gpu else "cpu") if accelerator.is_main_process else 0.0
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay, fused=on_gpu or None)
+    optimizer = make_optimizer(spec, params, on_gpu)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(total_steps * spec.warmup_ratio), total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
 
-    ckpt_root = Path(spec.checkpoint_dir)
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "tokens": 0}
     resumed_from, ckpt = None, latest_checkpoint(ckpt_root)
     if ckpt is not None:
-        state = load_checkpoint(ckpt, accelerator.unwrap_model(model).peft_model, optimizer, scheduler)
+        state = load_checkpoint(ckpt, accelerator.unwrap_model(model).peft_model, optimizer, scheduler, method)
         resumed_from = ckpt.name
         report.log(f"resuming from checkpoint {ckpt} (step {state['step']} of {total_steps})")
     report.log(
-        f"training {trainable:,} LoRA parameters of {total_params:,} on {n_rows} rows "
+        f"training {trainable:,} parameters of {total_params:,} ({method}, optimizer {optimizer_name(spec)}) on {n_rows} rows "
         f"(+{len(train_rows) - n_rows} answer openings, {len(eval_rows)} eval), "
         f"{world} process(es) on {accelerator.device}, {precision} base weights, attention {attn}, "
         f"{'packed to ' + str(spec.pack_tokens) + ' tokens' if spec.packing else str(spec.per_device_batch_size) + ' rows'} "
@@ -147,12 +155,16 @@ def train(spec: TrainSpec) -> dict[str, Any]:
                 batch = batch.to(accelerator.device)
                 with accelerator.accumulate(model):
                     loss = forward_losses(model, batch).mean()
+                    regulariser = extra_loss(peft_model, method)
+                    if regulariser is not None:
+                        loss = loss + regulariser
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         grad_norm = accelerator.clip_grad_norm_(params, spec.max_grad_norm)
                     optimizer.step()
                     if accelerator.sync_gradients:
                         scheduler.step()
+                        after_optimizer_step(peft_model, method, step + 1)
                     optimizer.zero_grad(set_to_none=True)
                 loss_sum += loss.detach() / spec.gradient_accumulation_steps
             speed.step_done(step_tokens, step_rows)
@@ -181,7 +193,7 @@ def train(spec: TrainSpec) -> dict[str, Any]:
                 with speed.excluding():
                     accelerator.wait_for_everyone()
                     if accelerator.is_main_process:
-                        save_checkpoint(ckpt_root / f"step-{step}", accelerator.unwrap_model(model).peft_model, optimizer, scheduler, state)
+                        save_checkpoint(ckpt_root / f"step-{step}", accelerator.unwrap_model(model).peft_model, optimizer, scheduler, state, method)
                         report.log(f"checkpoint saved at step {step}")
             if spec.stop_after_steps and step >= spec.stop_after_steps and step < total_steps:
                 report.log(f"stopping at step {step} as asked (stop_after_steps)")
@@ -216,7 +228,10 @@ def train(spec: TrainSpec) -> dict[str, Any]:
         "precision": precision,
         "attention": attn,
         "gradient_checkpointing": checkpointing,
+        "method": method,
+        "optimizer": optimizer_name(spec),
         "trainable_parameters": trainable,
+        "total_parameters": total_params,
         "resumed_from": resumed_from,
         "adapter_path": spec.output_dir,
     }
@@ -227,8 +242,9 @@ def train(spec: TrainSpec) -> dict[str, Any]:
         from pipeline.core.secrets import redact_params
 
         with atomic_dir(Path(spec.output_dir)) as tmp:
-            accelerator.unwrap_model(model).peft_model.save_pretrained(tmp, safe_serialization=True)
+            save_trained(accelerator.unwrap_model(model).peft_model, tmp, method, ckpt_root)
             tokenizer.save_pretrained(tmp)
+            result["adapter_bytes"] = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
             record = {"spec": redact_params(asdict(spec)), "result": result}
             (tmp / TRAINING_RECORD).write_text(json.dumps(record, indent=2))
             if report.metrics_path.is_file():

@@ -20,10 +20,20 @@ class TrainSpec:
     tokenized_path: str
     output_dir: str  # the finished adapter goes here (atomically)
     checkpoint_dir: str  # step-N/ folders
+    method: str = "lora"  # see pipeline.stages.lora_adapter.methods: lora dora rslora pissa loha lokr adalora ia3 prompt_tuning prefix_tuning p_tuning full
     r: int = 64  # measured: held-out loss 1.90 -> 1.61 (real sample), 1.27 -> 1.15 (demo) against r 16, same speed
     lora_alpha: int = 128  # alpha / r = 2
     lora_dropout: float = 0.0
     target_modules: str = "all-linear"
+    # method-specific settings (read only by the methods that name them)
+    num_virtual_tokens: int = 20  # prompt_tuning, prefix_tuning, p_tuning
+    prompt_encoder_hidden_size: int = 128  # p_tuning's MLP
+    adalora_init_r: int | None = None  # adalora: starting rank (None: 1.5 x r); r is the target rank
+    adalora_tinit: float = 0.1  # adalora: share of the steps before the rank budget starts to fall
+    adalora_tfinal: float = 0.2  # adalora: share of the steps at the end with ranks fixed
+    adalora_delta_t: int = 10  # adalora: steps between two rank reallocations
+    adalora_orth_reg_weight: float = 0.5
+    optimizer: str = "auto"  # auto (adamw; adafactor for full) | adamw | adafactor | adamw_8bit
     learning_rate: float = 1e-3
     warmup_ratio: float = 0.1
     weight_decay: float = 0.0
@@ -76,6 +86,12 @@ TRAINING_KEYS = (
     "max_steps", "seed", "max_seq_len", "opening_tokens", "opening_repeats", "precision",
     "gradient_checkpointing", "attn_implementation", "compile",
 )
+# Settings added after keys were in use: part of the key only when they differ from their default,
+# so a LoRA training keeps the key (and the cached adapter) it had before they existed.
+METHOD_KEYS = (
+    "method", "num_virtual_tokens", "prompt_encoder_hidden_size", "adalora_init_r", "adalora_tinit", "adalora_tfinal",
+    "adalora_delta_t", "adalora_orth_reg_weight", "optimizer",
+)
 # Bump when the same settings would train differently (the engine changed what a step computes).
 ENGINE_VERSION = 2
 TRAINING_RECORD = "medtune_training.json"  # written last into the adapter folder: the training finished
@@ -86,5 +102,7 @@ def adapter_id(data_fingerprint: str, base_fingerprint: str, settings: dict[str,
     from pipeline.core.fingerprint import sha256_json
 
     chosen = {k: settings[k] for k in TRAINING_KEYS if k in settings}
+    fields = TrainSpec.__dataclass_fields__
+    chosen.update({k: settings[k] for k in METHOD_KEYS if k in settings and settings[k] != fields[k].default})
     return sha256_json({"engine": ENGINE_VERSION, "data": data_fingerprint, "base": base_fingerprint,
                         "settings": chosen, "processes": processes})[:16]
