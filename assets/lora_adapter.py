@@ -1,4 +1,4 @@
-"""Asset ``lora_adapter``: LoRA training in a child process started through Dagster Pipes (``pipeline.stages.lora_adapter``).
+"""Asset ``lora_adapter``: fine-tuning (LoRA by default; ``method`` picks another) in a child process started through Dagster Pipes (``pipeline.stages.lora_adapter``).
 
 One process by default; with ``num_processes`` > 1 (or several GPUs) the same entry point runs
 under ``torchrun`` (DDP), or under ``accelerate launch`` with ``accelerate_config`` for FSDP or
@@ -27,6 +27,7 @@ from pipeline.core.secrets import redact, redact_params
 from pipeline.stages.tokenized_dataset import TokenizedDataset
 from pipeline.core.tracking_sync import COMPLETE, QUICK_HTTP, attempt, pending, quick_http, send_missing_metrics
 from pipeline.stages.lora_adapter import ERROR_FILE, TRAINING_RECORD, TrainSpec, adapter_id, plot_loss_curve, read_metrics
+from pipeline.stages.lora_adapter.methods import METHODS
 from resources.data_root import PROJECT_ROOT, DataRoot
 from resources.mlflow_tracking import MlflowTracking
 
@@ -41,8 +42,19 @@ def _default(name: str):
 
 
 class LoraAdapterConfig(Config):
-    r: int = _default("r")
-    lora_alpha: int = _default("lora_alpha")
+    method: Literal[METHODS] = Field(_default("method"), description="Fine-tuning method: " + ", ".join(METHODS)
+                                     + " (see pipeline/stages/lora_adapter/methods.py)")
+    r: int = Field(_default("r"), gt=0, description="Rank (LoRA family, LoHa, LoKr; AdaLoRA's target rank)")
+    lora_alpha: int = Field(_default("lora_alpha"), description="Scaling numerator (LoRA family, LoHa, LoKr, AdaLoRA)")
+    num_virtual_tokens: int = Field(_default("num_virtual_tokens"), gt=0, description="prompt_tuning, prefix_tuning, p_tuning")
+    prompt_encoder_hidden_size: int = Field(_default("prompt_encoder_hidden_size"), gt=0, description="p_tuning's MLP width")
+    adalora_init_r: int | None = Field(_default("adalora_init_r"), description="adalora: starting rank (default 1.5 x r)")
+    adalora_tinit: float = Field(_default("adalora_tinit"), ge=0, lt=1, description="adalora: share of steps before ranks start to fall")
+    adalora_tfinal: float = Field(_default("adalora_tfinal"), ge=0, lt=1, description="adalora: share of steps at the end with ranks fixed")
+    adalora_delta_t: int = Field(_default("adalora_delta_t"), gt=0, description="adalora: steps between rank reallocations")
+    adalora_orth_reg_weight: float = Field(_default("adalora_orth_reg_weight"), ge=0)
+    optimizer: Literal["auto", "adamw", "adafactor", "adamw_8bit"] = Field(
+        _default("optimizer"), description="auto: AdamW for adapters, Adafactor for full (its states fit beside the model)")
     lora_dropout: float = Field(_default("lora_dropout"), description="Dropout on the adapters' input (0: measured 25% faster on CPU)")
     target_modules: str = Field(_default("target_modules"), description='"all-linear" or a comma-separated list such as "q_proj,v_proj"')
     learning_rate: float = _default("learning_rate")
@@ -161,7 +173,8 @@ def _reuse_or_train(context, config, mlflow, pipes_subprocess_client, tokenized_
         "medtune.base_model_fingerprint": base_model.fingerprint,
         "medtune.adapter_id": aid,
         "git.commit": _git_commit(),
-        "mlflow.runName": f"lora-{aid}",
+        "mlflow.runName": f"{config.method}-{aid}",
+        "medtune.method": config.method,
     }
     run = client.create_run(exp_id, tags=redact_params(tags))
     run_id = run.info.run_id
@@ -267,7 +280,8 @@ def _output(context, mlflow, aid, out_dir, result, run_id, cache_hit, png=None, 
     }
     for key in ("steps", "train_seconds", "final_train_loss", "first_eval_loss", "final_eval_loss", "trained_tokens",
                 "steady_tokens_per_s", "steady_rows_per_s", "flops_per_token", "achieved_tflops", "matmul_peak_tflops", "mfu",
-                "processes", "device", "precision", "attention", "trainable_parameters", "resumed_from"):
+                "processes", "device", "precision", "attention", "method", "optimizer", "trainable_parameters",
+                "total_parameters", "adapter_bytes", "resumed_from"):
         if result.get(key) is not None:
             md[key] = result[key]
     return Output({"adapter_id": aid, "path": str(out_dir), "mlflow_run_id": run_id, "mlflow_tracking": tracking, **result},

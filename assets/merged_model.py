@@ -6,6 +6,10 @@ generation config whose end-of-sequence id is the end-of-turn token. Loads with 
 ``AutoModelForCausalLM`` / ``AutoTokenizer`` (no peft); what vLLM or TGI would serve.
 Blocking check ``merged_matches_adapter``: the merged model's logits equal the adapter model's
 within the tolerance (fp32) on a handful of eval prompts, and their greedy answers are identical.
+
+A ``full`` fine-tuning's export is the trained model itself (same fixes, same check against the
+trained model as evaluated). Prompt-learning adapters (prompt, prefix, P-tuning) cannot be merged:
+nothing is written, the metadata says so, and ``registered_model`` registers the adapter with its base.
 """
 
 import json
@@ -26,6 +30,8 @@ from dagster import (
 from pydantic import Field
 
 from pipeline.stages.evaluation_report import load_tuned_model
+from pipeline.stages.lora_adapter.inference import trained_method
+from pipeline.stages.lora_adapter.methods import is_prompt_learning
 from pipeline.stages.merged_model import DEFAULT_TOLERANCE, compare_with_adapter, load_merged, merge_adapter, read_export_record
 from pipeline.core.cache import KEY_CHARS, keyed_folder
 from pipeline.core.fingerprint import sha256_json
@@ -77,6 +83,10 @@ def merged_model(
     tokenized_dataset: TokenizedDataset,
 ):
     mid = merged_key(config, lora_adapter["adapter_id"], base_model.fingerprint)
+    method = lora_adapter.get("method") or trained_method(lora_adapter["path"])
+    if is_prompt_learning(method):
+        yield from _not_mergeable(context, method, mid, lora_adapter, base_model)
+        return
     dest = keyed_folder(data_root.models_dir / "merged", mid)
     record = read_export_record(dest)
     cache_hit = bool(record and record.get("verification", {}).get("passed"))
@@ -107,10 +117,13 @@ def merged_model(
         f"in {check.get('precision', 'native')} (tolerance {check['tolerance']:.0e}; in the weights' dtype "
         f"{check.get('max_abs_logit_diff_native') or check['max_abs_logit_diff']:.2e}), greedy answers identical: {check['greedy_identical']}")
     yield Output(
-        {"path": str(dest), "merged_id": mid, "verification": check, "adapter_id": lora_adapter["adapter_id"],
+        {"path": str(dest), "merged_id": mid, "mergeable": True, "method": method, "verification": check,
+         "adapter_id": lora_adapter["adapter_id"],
          "mlflow_run_id": lora_adapter.get("mlflow_run_id")},
         metadata={
             "cache_hit": cache_hit,
+            "mergeable": True,
+            "method": method,
             "merged_id": mid,
             "path": MetadataValue.path(str(dest)),
             "dtype": config.dtype,
@@ -135,3 +148,19 @@ def merged_model(
                   "max_abs_logit_diff_native": check.get("max_abs_logit_diff_native"), "check_precision": check.get("precision", "native"),
                   "prompts": check["prompts"], "tolerance": check["tolerance"]},
     )
+
+
+def _not_mergeable(context, method: str, mid: str, lora_adapter: dict, base_model: BaseModelInfo):
+    reason = (f"{method} cannot be merged into the base weights: it adds virtual tokens, not weight updates, so it "
+              f"is served as adapter + base (registered_model logs both)")
+    context.log.info(reason)
+    yield Output(
+        {"path": None, "merged_id": mid, "mergeable": False, "method": method, "reason": reason,
+         "adapter_path": lora_adapter["path"], "base_model_path": base_model.path,
+         "verification": {"passed": True, "applicable": False, "reason": reason},
+         "adapter_id": lora_adapter["adapter_id"], "mlflow_run_id": lora_adapter.get("mlflow_run_id")},
+        metadata={"mergeable": False, "method": method, "reason": reason, "merged_id": mid,
+                  "adapter_path": MetadataValue.path(lora_adapter["path"])},
+    )
+    yield AssetCheckResult(check_name="merged_matches_adapter", passed=True, severity=AssetCheckSeverity.WARN,
+                           description=f"not applicable: {reason}", metadata={"applicable": False, "method": method})

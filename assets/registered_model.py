@@ -25,7 +25,8 @@ class RegisteredModelConfig(Config):
 def _require_complete_tracking(mlflow: MlflowTracking, run_id: str, evaluation_report: dict, merged_model: dict) -> None:
     """Registering needs the tracking server and a training run that holds everything: otherwise
     the run fails here, saying that the model is NOT registered, why, and what to do."""
-    where = f"the merged model is ready at {merged_model['path']}"
+    where = (f"the merged model is ready at {merged_model['path']}" if merged_model.get("path")
+             else f"the adapter is ready at {merged_model.get('adapter_path')}")
     try:
         with quick_http():
             mlflow.check_reachable()
@@ -92,6 +93,7 @@ def registered_model(
         mlflow.tracking_uri, name=config.model_name, merged_dir=merged_model["path"], merged_id=merged_model["merged_id"],
         run_id=run_id, score=float(tuned["rouge_l"]), tags=tags, system_prompt=evaluation_report["system_prompt"],
         max_new_tokens=config.max_new_tokens,
+        adapter_dir=merged_model.get("adapter_path"), base_dir=merged_model.get("base_model_path"),
     )
     what = "already registered as" if reg.reused else "registered as"
     champ = ("took the alias champion" + (f" from version {reg.previous_champion} (ROUGE-L {reg.previous_champion_score:.2f})"

@@ -40,24 +40,38 @@ def merge_adapter(
     verify=None,
 ) -> dict[str, Any]:
     """Merge and write ``dest`` atomically. ``verify(tmp_folder) -> dict`` runs on the finished
-    files before they are moved into place; its result is stored in the export record."""
+    files before they are moved into place; its result is stored in the export record.
+
+    For a ``full`` training ``adapter_path`` holds the trained model itself: it is the export (in
+    ``dtype``, with the same end-of-turn and template fixes). Prompt-learning adapters cannot be
+    merged (they add virtual tokens, not weights): :class:`ExportError`."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+    from pipeline.stages.lora_adapter.inference import trained_method
+    from pipeline.stages.lora_adapter.methods import MERGEABLE
     from pipeline.stages.tokenized_dataset import end_of_turn_id, pad_token_id
 
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ExportError(f"merge dtype must be float32, bfloat16 or float16 (never quantized), not {dtype!r}")
+    method = trained_method(adapter_path)
+    if method != "full" and method not in MERGEABLE:
+        raise ExportError(f"a {method} adapter cannot be merged into the base weights (it adds virtual tokens, not "
+                          f"weight updates): serve it as adapter + base")
     base = AutoModelForCausalLM.from_pretrained(
-        base_path, dtype=getattr(torch, dtype), use_safetensors=True, trust_remote_code=trust_remote_code
+        adapter_path if method == "full" else base_path, dtype=getattr(torch, dtype), use_safetensors=True,
+        trust_remote_code=trust_remote_code,
     )
     if getattr(base.config, "quantization_config", None) is not None:
         raise ExportError(f"{base_path} holds quantized weights: merge onto a 16- or 32-bit copy of the base model")
     from pipeline.stages.base_model import check_adapter_folder
 
-    check_adapter_folder(adapter_path)
-    merged, merge_info = merge_exact(PeftModel.from_pretrained(base, adapter_path))
+    if method == "full":
+        merged, merge_info = base, {"method": "full fine-tuning: the trained model is the export"}
+    else:
+        check_adapter_folder(adapter_path)
+        merged, merge_info = merge_exact(PeftModel.from_pretrained(base, adapter_path))
     tokenizer = AutoTokenizer.from_pretrained(adapter_path, trust_remote_code=trust_remote_code)
     if not getattr(tokenizer, "chat_template", None):
         raise ExportError(f"the adapter's tokenizer in {adapter_path} has no chat template")
@@ -95,18 +109,23 @@ def merge_exact(peft_model):
     rounding twice; measured on SmolLM2-135M (logits up to ~40) that alone moved the merged model's
     logits 1.4e-4 from the adapter model's, while the correctly rounded merge is 9.1e-5 away, the
     same order as the fp32 adapter model's own distance from an fp64 computation (6.9e-5). Layers
-    this does not cover (DoRA, embeddings, convolutions, fan-in-fan-out) use peft's merge."""
+    this does not cover (DoRA, AdaLoRA, LoHa, LoKr, IA3, embeddings, convolutions, fan-in-fan-out)
+    use their own peft merge."""
     import torch
+    from peft.tuners.adalora import AdaLoraLayer
     from peft.tuners.lora import LoraLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
     exact = peft_merged = 0
     for module in peft_model.modules():
-        if not isinstance(module, LoraLayer) or module.merged:
+        if not isinstance(module, BaseTunerLayer) or module.merged:
             continue
         base_layer = module.get_base_layer()
         for name in module.active_adapters:
             plain = (
-                name in module.lora_A
+                isinstance(module, LoraLayer)
+                and not isinstance(module, AdaLoraLayer)
+                and name in module.lora_A
                 and isinstance(base_layer, torch.nn.Linear)
                 and not module.use_dora.get(name, False)
                 and not getattr(module, "fan_in_fan_out", False)

@@ -84,24 +84,16 @@ def stop_token_ids(tokenizer) -> list[int]:
 
 
 def load_tuned_model(base_path: str, adapter_path: str, trust_remote_code: bool = False, dtype: str = "fp32"):
-    """The base weights (safetensors only; ``dtype`` fp32, bf16 or fp16) with the adapter attached (its
-    weights in the same dtype), and the adapter's tokenizer."""
+    """The trained model over its base (safetensors only; ``dtype`` fp32, bf16 or fp16), whatever the
+    method (``pipeline.stages.lora_adapter.inference``): its ``disable_adapter()`` gives the base
+    model. Returns the model and the training's tokenizer."""
     import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.stages.base_model import check_adapter_folder
+    from pipeline.stages.lora_adapter.inference import load_trained
 
-    check_adapter_folder(adapter_path)
-    tokenizer = AutoTokenizer.from_pretrained(adapter_path, trust_remote_code=trust_remote_code)
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    base = AutoModelForCausalLM.from_pretrained(
-        base_path, dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code
-    )
-    model = PeftModel.from_pretrained(base, adapter_path, autocast_adapter_dtype=False)
-    model.to(dtype=torch_dtype)
-    model.to(inference_device())
-    model.eval()
+    model, tokenizer, _ = load_trained(base_path, adapter_path, trust_remote_code=trust_remote_code, dtype=torch_dtype,
+                                       device=inference_device())
     return model, tokenizer
 
 

@@ -5,6 +5,9 @@ logged to its training's MLflow run as a pyfunc model (the merged folder as an a
 wrapper in ``pipeline/stages/registered_model/serving.py``), registered under a name (default ``medtune``) and given the
 alias ``challenger``. It takes ``champion`` when its eval ROUGE-L beats the current champion's, or
 when there is no champion. The same merged model registered twice reuses its version.
+
+A prompt-learning adapter cannot be merged: it is logged with its base model (two artifacts,
+``base`` and ``adapter``), and the pyfunc loads both (peft's own generation).
 """
 
 from __future__ import annotations
@@ -91,14 +94,17 @@ def register_merged_model(
     tracking_uri: str,
     *,
     name: str,
-    merged_dir: str,
+    merged_dir: str | None,
     merged_id: str,
     run_id: str,
     score: float,
     tags: dict[str, str],
     system_prompt: str,
     max_new_tokens: int = 256,
+    adapter_dir: str | None = None,
+    base_dir: str | None = None,
 ) -> Registration:
+    """Register ``merged_dir``; or, where there is no merged model, ``adapter_dir`` over ``base_dir``."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -108,12 +114,18 @@ def register_merged_model(
     if version is None:
         with _uris(tracking_uri):
             with mlflow.start_run(run_id=run_id):
+                if merged_dir is not None:
+                    artifacts, requirements = {"model": str(merged_dir)}, PIP_REQUIREMENTS
+                elif adapter_dir and base_dir:
+                    artifacts, requirements = {"base": str(base_dir), "adapter": str(adapter_dir)}, [*PIP_REQUIREMENTS, "peft"]
+                else:
+                    raise ValueError("register a merged model folder, or an adapter folder with its base model folder")
                 info = mlflow.pyfunc.log_model(
-                    name="merged_model",
+                    name="merged_model" if merged_dir is not None else "adapter_model",
                     python_model=str(SERVING_FILE),
-                    artifacts={"model": str(merged_dir)},
+                    artifacts=artifacts,
                     model_config={"system_prompt": system_prompt, "max_new_tokens": max_new_tokens},
-                    pip_requirements=PIP_REQUIREMENTS,
+                    pip_requirements=requirements,
                 )
             all_tags = {**tags, MERGED_TAG: merged_id, SCORE_TAG: f"{score:.6f}"}
             version = mlflow.register_model(info.model_uri, name, tags=all_tags)

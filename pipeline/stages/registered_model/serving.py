@@ -4,6 +4,8 @@ transformers, not this project).
 
 ``predict`` takes a list of questions (or a DataFrame with ``prompt``, or ``instruction`` and
 ``input``) and returns greedy answers in the training chat template with its system prompt.
+A model logged as ``base`` + ``adapter`` (a prompt-learning adapter, which cannot be merged) loads
+the base and attaches the adapter with peft.
 """
 
 import mlflow
@@ -16,13 +18,22 @@ class MedTuneChatModel(PythonModel):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        folder = context.artifacts["model"]
         config = context.model_config or {}
         self.system_prompt = config.get("system_prompt", "")
         self.max_new_tokens = int(config.get("max_new_tokens", 256))
+        if "adapter" in context.artifacts:
+            from peft import PeftModel
+
+            folder = context.artifacts["adapter"]
+            base = AutoModelForCausalLM.from_pretrained(context.artifacts["base"], dtype=torch.float32, use_safetensors=True)
+            self.model = PeftModel.from_pretrained(base, folder)
+            self.generation_config = base.generation_config
+        else:
+            folder = context.artifacts["model"]
+            self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True)
+            self.generation_config = self.model.generation_config
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.tokenizer.padding_side = "left"
-        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True)
         self.model.eval()
 
     def _questions(self, model_input):
@@ -39,7 +50,7 @@ class MedTuneChatModel(PythonModel):
         import torch
 
         answers = []
-        gen = self.model.generation_config
+        gen = self.generation_config
         for q in self._questions(model_input):
             messages = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else [])
             messages.append({"role": "user", "content": q})
@@ -48,7 +59,9 @@ class MedTuneChatModel(PythonModel):
             with torch.no_grad():
                 out = self.model.generate(**ids, max_new_tokens=self.max_new_tokens, do_sample=False,
                                           eos_token_id=gen.eos_token_id, pad_token_id=gen.pad_token_id)
-            answers.append(self.tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+            # peft's prompt-learning generate may return the new tokens only, or the prompt and them
+            new = out[0, ids["input_ids"].shape[1]:] if out.shape[1] > ids["input_ids"].shape[1] else out[0]
+            answers.append(self.tokenizer.decode(new, skip_special_tokens=True).strip())
         return answers
 
 
