@@ -19,11 +19,13 @@ export DO_NOT_TRACK := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 
-.PHONY: setup run test ui mlflow-ui screenshots bench clean help
+.PHONY: setup run sweep ask test ui mlflow-ui screenshots bench clean help
 
 help:
 	@echo "make run    set up, then materialize the whole pipeline on the demo data (offline default model)"
 	@echo "make test   set up, then run the test suite"
+	@echo "make sweep  set up, then run a sweep (default pipeline/presets/sweep-cpu.yaml: every method side by side)"
+	@echo "make ask Q='...' MODELS='base champion'  ask the base model, adapters, the merged model or the champion"
 	@echo "make ui     set up, then start the Dagster UI (http://127.0.0.1:3000) and the MLflow UI (http://127.0.0.1:5000); Ctrl-C stops both"
 	@echo "make mlflow-ui  the MLflow UI on http://127.0.0.1:5000 over the project's store"
 	@echo "make bench  set up, then run the benchmarks under bench/"
@@ -51,8 +53,18 @@ $(DAGSTER_HOME)/dagster.yaml: pipeline/dagster.yaml
 # that then share the cores (evaluation_report and merged_model would run side by side)
 run: setup
 	$(BIN)/python -m pipeline.ops.recover
-	$(BIN)/dagster asset materialize -m pipeline.definitions --select '*' --config-json '{"execution": {"config": {"in_process": {}}}}'
+	$(BIN)/dagster job execute -m pipeline.definitions -j full_pipeline_job --config-json '{"execution": {"config": {"in_process": {}}}}'
 	$(BIN)/python -m pipeline.ops.summary
+
+# every fine-tuning method side by side (pipeline/presets/sweep-cpu.yaml: under 30 minutes here); SWEEP=other.yaml
+SWEEP ?= pipeline/presets/sweep-cpu.yaml
+sweep: setup
+	$(BIN)/python -m pipeline.ops.sweep $(SWEEP)
+
+# make ask Q="咳嗽，咽喉肿痛，该用什么中成药？" MODELS="base champion"
+MODELS ?= base champion
+ask: setup
+	$(BIN)/python -m pipeline.ask "$(Q)" $(foreach m,$(MODELS),--model $(m))
 
 test: setup
 	$(BIN)/python -m pytest

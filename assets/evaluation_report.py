@@ -98,41 +98,9 @@ def evaluation_report(
     base_model: BaseModelInfo,
     lora_adapter: dict,
 ):
-    manifest = json.loads((Path(tokenized_dataset.path) / MANIFEST).read_text())
-    settings = config.model_dump()
-    key = evaluation_key(config, lora_adapter["adapter_id"], tokenized_dataset.key, alpaca_dataset["data_fingerprint"])
-    folder = keyed_folder(data_root.models_dir / "evaluations", key)
     run_id = lora_adapter.get("mlflow_run_id")
-    cache_hit = is_complete(folder, "summary.json")
-    if cache_hit:
-        context.log.info(f"cache hit: this adapter was already evaluated with these settings ({folder})")
-        summary = json.loads((folder / "summary.json").read_text())["summary"]
-        table = pd.read_json(folder / "evaluation.json", orient="records")
-    else:
-        alpaca = pd.read_parquet(alpaca_dataset["path"])
-        rows = select_rows(alpaca, {s: tokenized_dataset.load(s) for s in ("train", "eval")}, config.train_sample_size, config.seed)
-        context.log.info(f"evaluating base and tuned models on {int((rows['split'] == 'eval').sum())} eval rows "
-                         f"and {int((rows['split'] == 'train_sample').sum())} sampled train rows")
-        dtype = eval_dtype(config.dtype)
-        model, tokenizer = load_tuned_model(base_model.path, lora_adapter["path"], base_model.trust_remote_code, dtype)
-        context.log.info(f"evaluating in {dtype}")
-        choices = ChoiceSet.from_answers(alpaca["output"].tolist()) if config.choice_scoring else None
-        if choices:
-            context.log.info(f"medicine choice: {len(choices.candidates)} candidate medicines, answer forms {choices.forms}")
-        elif config.choice_scoring:
-            context.log.warning("medicine choice not scored: the answers name fewer than two medicines in a known form")
-        train_medicines = frozenset(alpaca.loc[alpaca["split"] == "train", "output"].map(extract_medicine_name).dropna())
-        eval_cfg = EvalConfig(system_prompt=manifest["system_prompt"], max_new_tokens=config.max_new_tokens,
-                              train_sample_size=config.train_sample_size, batch_size=config.batch_size, seed=config.seed,
-                              choices=choices or None, train_medicines=train_medicines)
-        result = evaluate_models(model, tokenizer, rows, eval_cfg, stop_token_ids(tokenizer), log=context.log.info)
-        summary, table = result.summary, result.table
-        with atomic_dir(folder) as tmp:
-            table.to_csv(tmp / "evaluation.csv", index=False)
-            table.to_json(tmp / "evaluation.json", orient="records", force_ascii=False, indent=1)
-            (tmp / "summary.json").write_text(json.dumps(
-                {"summary": summary, "metrics": result.flat_metrics(), "adapter_id": lora_adapter["adapter_id"],
-                 "settings": settings, "system_prompt": manifest["system_prompt"]}, ensure_ascii=False, indent=2))
+    folder, key, summary, table, cache_hit, manifest = evaluate_or_reuse(
+        context.log, config, data_root, alpaca_dataset, tokenized_dataset, base_model, lora_adapter)
     gate = tuned_beats_base(summary)
     metrics = {f"{m}_{s}_{k}": float(v) for m, splits in summary.items() for s, d in splits.items()
                for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -180,3 +148,44 @@ def evaluation_report(
 
 def _num(value) -> float:
     return float("nan") if value is None else float(value)
+
+
+def evaluate_or_reuse(log, config: EvaluationReportConfig, data_root: DataRoot, alpaca_dataset: dict,
+                      tokenized_dataset: TokenizedDataset, base_model: BaseModelInfo, lora_adapter: dict):
+    """The evaluation of ``lora_adapter`` with ``config``: computed, or read back from its keyed folder.
+    Returns (folder, key, summary, table, cache_hit, tokenized manifest). (Sweep trials call it too.)"""
+    manifest = json.loads((Path(tokenized_dataset.path) / MANIFEST).read_text())
+    settings = config.model_dump()
+    key = evaluation_key(config, lora_adapter["adapter_id"], tokenized_dataset.key, alpaca_dataset["data_fingerprint"])
+    folder = keyed_folder(data_root.models_dir / "evaluations", key)
+    cache_hit = is_complete(folder, "summary.json")
+    if cache_hit:
+        log.info(f"cache hit: this adapter was already evaluated with these settings ({folder})")
+        summary = json.loads((folder / "summary.json").read_text())["summary"]
+        table = pd.read_json(folder / "evaluation.json", orient="records")
+    else:
+        alpaca = pd.read_parquet(alpaca_dataset["path"])
+        rows = select_rows(alpaca, {s: tokenized_dataset.load(s) for s in ("train", "eval")}, config.train_sample_size, config.seed)
+        log.info(f"evaluating base and tuned models on {int((rows['split'] == 'eval').sum())} eval rows "
+                         f"and {int((rows['split'] == 'train_sample').sum())} sampled train rows")
+        dtype = eval_dtype(config.dtype)
+        model, tokenizer = load_tuned_model(base_model.path, lora_adapter["path"], base_model.trust_remote_code, dtype)
+        log.info(f"evaluating in {dtype}")
+        choices = ChoiceSet.from_answers(alpaca["output"].tolist()) if config.choice_scoring else None
+        if choices:
+            log.info(f"medicine choice: {len(choices.candidates)} candidate medicines, answer forms {choices.forms}")
+        elif config.choice_scoring:
+            log.warning("medicine choice not scored: the answers name fewer than two medicines in a known form")
+        train_medicines = frozenset(alpaca.loc[alpaca["split"] == "train", "output"].map(extract_medicine_name).dropna())
+        eval_cfg = EvalConfig(system_prompt=manifest["system_prompt"], max_new_tokens=config.max_new_tokens,
+                              train_sample_size=config.train_sample_size, batch_size=config.batch_size, seed=config.seed,
+                              choices=choices or None, train_medicines=train_medicines)
+        result = evaluate_models(model, tokenizer, rows, eval_cfg, stop_token_ids(tokenizer), log=log.info)
+        summary, table = result.summary, result.table
+        with atomic_dir(folder) as tmp:
+            table.to_csv(tmp / "evaluation.csv", index=False)
+            table.to_json(tmp / "evaluation.json", orient="records", force_ascii=False, indent=1)
+            (tmp / "summary.json").write_text(json.dumps(
+                {"summary": summary, "metrics": result.flat_metrics(), "adapter_id": lora_adapter["adapter_id"],
+                 "settings": settings, "system_prompt": manifest["system_prompt"]}, ensure_ascii=False, indent=2))
+    return folder, key, summary, table, cache_hit, manifest

@@ -133,6 +133,14 @@ def lora_adapter(
     tokenized_dataset: TokenizedDataset,
     base_model: BaseModelInfo,
 ) -> Output[dict]:
+    return train_or_reuse(context, config, data_root, mlflow, pipes_subprocess_client, tokenized_dataset, base_model)
+
+
+def train_or_reuse(context, config: LoraAdapterConfig, data_root: DataRoot, mlflow: MlflowTracking,
+                   pipes_subprocess_client: PipesSubprocessClient, tokenized_dataset: TokenizedDataset,
+                   base_model: BaseModelInfo, extra_tags: dict[str, str] | None = None) -> Output[dict]:
+    """The adapter of ``config`` on these inputs: reused when already trained, else trained in a
+    child process (resuming an interrupted training). Sweep trials call it too."""
     if config.accelerate_config:
         resolved = data_root.confine(config.accelerate_config, "lora_adapter.accelerate_config", config.allow_outside_paths)
         config = config.model_copy(update={"accelerate_config": str(resolved)})
@@ -144,11 +152,11 @@ def lora_adapter(
     with file_lock(data_root.models_dir / "checkpoints" / f"{aid}.lock",
                    on_wait=lambda: context.log.info(f"another process is training adapter {aid}: waiting for it")):
         return _reuse_or_train(context, config, mlflow, pipes_subprocess_client, tokenized_dataset, base_model,
-                               settings, spec_fields, aid, out_dir, ckpt_dir)
+                               settings, spec_fields, aid, out_dir, ckpt_dir, extra_tags or {})
 
 
 def _reuse_or_train(context, config, mlflow, pipes_subprocess_client, tokenized_dataset, base_model,
-                    settings, spec_fields, aid, out_dir, ckpt_dir) -> Output[dict]:
+                    settings, spec_fields, aid, out_dir, ckpt_dir, extra_tags) -> Output[dict]:
     if is_complete(out_dir, TRAINING_RECORD):
         done = json.loads((out_dir / TRAINING_RECORD).read_text())
         run_id = done["spec"].get("mlflow_run_id")
@@ -175,6 +183,7 @@ def _reuse_or_train(context, config, mlflow, pipes_subprocess_client, tokenized_
         "git.commit": _git_commit(),
         "mlflow.runName": f"{config.method}-{aid}",
         "medtune.method": config.method,
+        **extra_tags,
     }
     run = client.create_run(exp_id, tags=redact_params(tags))
     run_id = run.info.run_id
@@ -281,7 +290,7 @@ def _output(context, mlflow, aid, out_dir, result, run_id, cache_hit, png=None, 
     for key in ("steps", "train_seconds", "final_train_loss", "first_eval_loss", "final_eval_loss", "trained_tokens",
                 "steady_tokens_per_s", "steady_rows_per_s", "flops_per_token", "achieved_tflops", "matmul_peak_tflops", "mfu",
                 "processes", "device", "precision", "attention", "method", "optimizer", "trainable_parameters",
-                "total_parameters", "adapter_bytes", "resumed_from"):
+                "total_parameters", "adapter_bytes", "peak_rss_mb", "peak_gpu_mb", "resumed_from"):
         if result.get(key) is not None:
             md[key] = result[key]
     return Output({"adapter_id": aid, "path": str(out_dir), "mlflow_run_id": run_id, "mlflow_tracking": tracking, **result},

@@ -14,6 +14,9 @@ from assets import (
     raw_records,
     registered_model,
     rejected_records,
+    sweep_comparison,
+    sweep_plan,
+    sweep_trial,
     tokenized_dataset,
     validated_records,
 )
@@ -33,6 +36,9 @@ ASSET_MODULES = [
     evaluation_report,
     merged_model,
     registered_model,
+    sweep_plan,
+    sweep_trial,
+    sweep_comparison,
 ]
 
 

@@ -35,6 +35,7 @@ def preset_job_name(name: str) -> str:
 
 
 DATA_SELECTION = AssetSelection.groups("data") | AssetSelection.assets("base_model")
+PIPELINE_SELECTION = AssetSelection.all() - AssetSelection.groups("sweep")  # the sweep's trials are partitions
 TRAIN_SELECTION = AssetSelection.assets("lora_adapter").downstream()
 TRAINING_TAGS = {TRAINING_TAG: "true"}
 
@@ -49,14 +50,14 @@ train_job = define_asset_job(
 )
 full_pipeline_job = define_asset_job(
     "full_pipeline_job",
-    selection=AssetSelection.all(),
+    selection=PIPELINE_SELECTION,
     tags=TRAINING_TAGS,
     description="Everything, from the raw files to the registered model (preset cpu-demo: the Config defaults)",
 )
 preset_jobs = [
     define_asset_job(
         preset_job_name(name),
-        selection=AssetSelection.all(),
+        selection=PIPELINE_SELECTION,
         config=load_preset(name),
         tags={**TRAINING_TAGS, "medtune/preset": name},
         description=f"full_pipeline_job with the {name} preset (pipeline/presets/{name}.yaml)",
@@ -64,4 +65,14 @@ preset_jobs = [
     for name in PRESETS
     if name != "cpu-demo"
 ]
-JOBS = [prepare_data_job, train_job, full_pipeline_job, *preset_jobs]
+# a sweep (pipeline.ops.sweep runs the three in turn; in the UI: the plan, a backfill of the trials, the comparison)
+sweep_plan_job = define_asset_job(
+    "sweep_plan_job", selection=DATA_SELECTION | AssetSelection.assets("sweep_plan"),
+    description="The data a sweep trains on, and the sweep's plan (its trials become sweep_trial partitions)")
+sweep_trial_job = define_asset_job(
+    "sweep_trial_job", selection=AssetSelection.assets("sweep_trial"), tags=TRAINING_TAGS,
+    description="Sweep trials (one partition each): train and evaluate")
+sweep_comparison_job = define_asset_job(
+    "sweep_comparison_job", selection=AssetSelection.assets("sweep_comparison"),
+    description="The sweep's trials side by side (table and plots, also on the MLflow parent run)")
+JOBS = [prepare_data_job, train_job, full_pipeline_job, *preset_jobs, sweep_plan_job, sweep_trial_job, sweep_comparison_job]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import resource
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -234,6 +235,9 @@ def train(spec: TrainSpec) -> dict[str, Any]:
         "total_parameters": total_params,
         "resumed_from": resumed_from,
         "adapter_path": spec.output_dir,
+        # the process's peak resident memory (CPU: weights, activations, optimizer states) and the GPU's
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if on_gpu else None,
     }
     if accelerator.is_main_process:
         import json

@@ -48,7 +48,7 @@ def resolve_attention(attn_implementation: str, method: str = "lora") -> str:
     return "sdpa" if is_prompt_learning(method) else PACKED_ATTENTION
 
 
-def load_for_training(spec, precision: str, on_gpu: bool, total_steps: int):
+def load_for_training(spec, precision: str, on_gpu: bool, total_steps: int = 1):
     """The base model with a fresh adapter of ``spec.method`` (or, for ``full``, the model itself with
     every weight trainable, kept in fp32 as master weights), ready for :class:`SupervisedLM`."""
     from peft import get_peft_model
