@@ -53,7 +53,7 @@ $(DAGSTER_HOME)/dagster.yaml: pipeline/dagster.yaml
 # that then share the cores (evaluation_report and merged_model would run side by side)
 run: setup
 	$(BIN)/python -m pipeline.ops.recover
-	$(BIN)/dagster job execute -m pipeline.definitions -j full_pipeline_job --config-json '{"execution": {"config": {"in_process": {}}}}'
+	$(BIN)/dagster asset materialize -m pipeline.definitions --select 'not group:sweep' --config-json '{"execution": {"config": {"in_process": {}}}}'
 	$(BIN)/python -m pipeline.ops.summary
 
 # every fine-tuning method side by side (pipeline/presets/sweep-cpu.yaml: under 30 minutes here); SWEEP=other.yaml

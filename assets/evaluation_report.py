@@ -19,8 +19,8 @@ import pandas as pd
 from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, Config, MetadataValue, Output, asset
 from pydantic import Field
 
-from pipeline.core.cache import is_complete, keyed_folder
-from pipeline.core.atomic import atomic_dir
+from pipeline.core.cache import KEY_CHARS, is_complete, keyed_folder
+from pipeline.core.atomic import atomic_dir, write_bytes_atomic
 from pipeline.core.tracking_sync import COMPLETE, attempt, pending
 from pipeline.stages.evaluation_report import (
     EvalConfig,
@@ -180,8 +180,14 @@ def evaluate_or_reuse(log, config: EvaluationReportConfig, data_root: DataRoot, 
         eval_cfg = EvalConfig(system_prompt=manifest["system_prompt"], max_new_tokens=config.max_new_tokens,
                               train_sample_size=config.train_sample_size, batch_size=config.batch_size, seed=config.seed,
                               choices=choices or None, train_medicines=train_medicines)
-        result = evaluate_models(model, tokenizer, rows, eval_cfg, stop_token_ids(tokenizer), log=log.info)
+        # the base model's half depends on the base weights, the rows and the settings, not on the
+        # adapter: kept apart and reused by the next adapter (a sweep's trials, a retraining)
+        base_file = data_root.models_dir / "evaluations" / f"base-{sha256_json({'format': EVAL_FORMAT, 'base': base_model.fingerprint, 'data': tokenized_dataset.key, 'alpaca': alpaca_dataset['data_fingerprint'], **settings})[:KEY_CHARS]}.json"
+        earlier = json.loads(base_file.read_text()) if base_file.is_file() else None
+        result = evaluate_models(model, tokenizer, rows, eval_cfg, stop_token_ids(tokenizer), log=log.info, base=earlier)
         summary, table = result.summary, result.table
+        if earlier is None:
+            write_bytes_atomic(base_file, json.dumps(result.base, ensure_ascii=False, default=_plain).encode())
         with atomic_dir(folder) as tmp:
             table.to_csv(tmp / "evaluation.csv", index=False)
             table.to_json(tmp / "evaluation.json", orient="records", force_ascii=False, indent=1)
@@ -189,3 +195,8 @@ def evaluate_or_reuse(log, config: EvaluationReportConfig, data_root: DataRoot, 
                 {"summary": summary, "metrics": result.flat_metrics(), "adapter_id": lora_adapter["adapter_id"],
                  "settings": settings, "system_prompt": manifest["system_prompt"]}, ensure_ascii=False, indent=2))
     return folder, key, summary, table, cache_hit, manifest
+
+
+def _plain(value):
+    """numpy scalars in the table (ranks, counts) as plain JSON numbers."""
+    return value.item() if hasattr(value, "item") else str(value)

@@ -27,6 +27,7 @@ from pipeline.core.secrets import redact, redact_params
 from pipeline.stages.tokenized_dataset import TokenizedDataset
 from pipeline.core.tracking_sync import COMPLETE, QUICK_HTTP, attempt, pending, quick_http, send_missing_metrics
 from pipeline.stages.lora_adapter import ERROR_FILE, TRAINING_RECORD, TrainSpec, adapter_id, plot_loss_curve, read_metrics
+from pipeline.stages.lora_adapter.distributed import LaunchError, check_accelerate_config, preset_path
 from pipeline.stages.lora_adapter.methods import METHODS
 from resources.data_root import PROJECT_ROOT, DataRoot
 from resources.mlflow_tracking import MlflowTracking
@@ -53,6 +54,8 @@ class LoraAdapterConfig(Config):
     adalora_tfinal: float = Field(_default("adalora_tfinal"), ge=0, lt=1, description="adalora: share of steps at the end with ranks fixed")
     adalora_delta_t: int = Field(_default("adalora_delta_t"), gt=0, description="adalora: steps between rank reallocations")
     adalora_orth_reg_weight: float = Field(_default("adalora_orth_reg_weight"), ge=0)
+    quantization: Literal["none", "nf4"] = Field(_default("quantization"), description="nf4: QLoRA, the frozen base in 4-bit NF4 (bitsandbytes, CUDA only); "
+                                                 "export still merges into the full-precision base")
     optimizer: Literal["auto", "adamw", "adafactor", "adamw_8bit"] = Field(
         _default("optimizer"), description="auto: AdamW for adapters, Adafactor for full (its states fit beside the model)")
     lora_dropout: float = Field(_default("lora_dropout"), description="Dropout on the adapters' input (0: measured 25% faster on CPU)")
@@ -86,7 +89,8 @@ class LoraAdapterConfig(Config):
     num_processes: int = Field(1, ge=1, description="Processes (GPUs); > 1 starts a distributed launcher")
     launcher: Literal["auto", "torchrun", "accelerate"] = "auto"
     accelerate_config: str | None = Field(
-        None, description="accelerate config file (FSDP, DeepSpeed) for `accelerate launch`; relative to the data root"
+        None, description="accelerate config for `accelerate launch`: a preset (fsdp, deepspeed-zero2, deepspeed-zero3: "
+                          "pipeline/presets/accelerate/) or a file, relative to the data root"
     )
     allow_outside_paths: bool = Field(False, description="accelerate_config may lie outside the data root")
     stop_after_steps: int | None = Field(_default("stop_after_steps"), description="Testing: stop the child abruptly after this many steps")
@@ -142,7 +146,15 @@ def train_or_reuse(context, config: LoraAdapterConfig, data_root: DataRoot, mlfl
     """The adapter of ``config`` on these inputs: reused when already trained, else trained in a
     child process (resuming an interrupted training). Sweep trials call it too."""
     if config.accelerate_config:
-        resolved = data_root.confine(config.accelerate_config, "lora_adapter.accelerate_config", config.allow_outside_paths)
+        resolved = preset_path(config.accelerate_config) or data_root.confine(
+            config.accelerate_config, "lora_adapter.accelerate_config", config.allow_outside_paths)
+        try:
+            import torch
+
+            kind = check_accelerate_config(resolved, on_gpu=torch.cuda.is_available())
+        except LaunchError as exc:
+            raise Failure(description=f"not launched: {exc}") from None
+        context.log.info(f"accelerate config {resolved} ({kind})")
         config = config.model_copy(update={"accelerate_config": str(resolved)})
     aid, settings, spec_fields = training_key(config, tokenized_dataset.key, tokenized_dataset.max_seq_len, base_model.fingerprint)
     out_dir = keyed_folder(data_root.models_dir / "adapters", aid)

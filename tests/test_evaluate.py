@@ -138,6 +138,23 @@ def test_evaluate_models_side_by_side_table(tiny_model_dir, tokenizer, tmp_path)
     assert s["base"]["eval"]["rows"] == 2 and s["tuned"]["train_sample"]["rows"] == 2
     assert s["base"]["eval"]["perplexity"] == pytest.approx(math.exp(s["base"]["eval"]["loss"]), rel=1e-3)
     assert s["base"]["eval"]["name_known_rows"] == 2  # both eval references name a medicine
+    # the base half, kept, is reused for another adapter over the same base: the base model is not
+    # run again (a model whose base answers differently proves it), and the tuned half is its own
+    import json
+
+    kept = json.loads(json.dumps(result.base, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
+    torch.manual_seed(1)
+    other_base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, use_safetensors=True)
+    with torch.no_grad():
+        for p in other_base.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    other = get_peft_model(other_base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    second = evaluate_models(other, tokenizer, rows, cfg, stop_token_ids(tokenizer), log=lambda *_: None, base=kept)
+    assert second.summary["base"] == s["base"]
+    assert second.table["base_loss"].tolist() == t["base_loss"].tolist()
+    assert second.table["tuned_loss"].tolist() != t["tuned_loss"].tolist()
+    fresh = evaluate_models(other, tokenizer, rows, cfg, stop_token_ids(tokenizer), log=lambda *_: None)
+    assert fresh.summary["base"]["eval"]["loss"] != s["base"]["eval"]["loss"]  # without it, the base would differ
     flat = result.flat_metrics()
     assert "base_eval_loss" in flat and "tuned_eval_rouge_l" in flat and "tuned_train_sample_bleu_4" in flat
     # medicine choice: both eval rows name a medicine (3 candidates); neither eval medicine was trained on

@@ -3,7 +3,7 @@
 Presets show in the Dagster launchpad as jobs of their own (``full_pipeline_job`` is the
 ``cpu-demo`` preset); on the command line pass the YAML file:
 
-    dagster asset materialize -m pipeline.definitions --select '*' -c pipeline/presets/gpu-qwen2.5-1.5b.yaml
+    dagster asset materialize -m pipeline.definitions --select 'not group:sweep' -c pipeline/presets/gpu-qwen2.5-1.5b.yaml
     dagster job launch -m pipeline.definitions -j full_pipeline_job -c pipeline/presets/seed-qwen1.5-1.8b.yaml
 
 Every job that trains carries the run tag ``medtune/training``; the instance's run queue lets one
@@ -19,7 +19,7 @@ import yaml
 from dagster import AssetSelection, define_asset_job
 
 PRESETS_DIR = Path(__file__).parents[1] / "presets"
-PRESETS = ("cpu-demo", "cpu-thorough", "gpu-qwen2.5-1.5b", "seed-qwen1.5-1.8b")
+PRESETS = ("cpu-demo", "cpu-thorough", "gpu-qwen2.5-1.5b", "gpu-qwen2.5-1.5b-qlora", "seed-qwen1.5-1.8b")
 TRAINING_TAG = "medtune/training"
 
 

@@ -63,6 +63,7 @@ class EvaluationResult:
     table: pd.DataFrame  # one row per prompt, both models side by side
     summary: dict[str, dict[str, dict[str, Any]]]  # model -> split -> metric -> value
     rows_by_split: dict[str, int] = field(default_factory=dict)
+    base: dict | None = None  # the base model's part, reusable for another adapter over the same base
 
     def flat_metrics(self) -> dict[str, float]:
         """``base_eval_loss``, ``tuned_eval_rouge_l``, ... (the MLflow metric names)."""
@@ -117,8 +118,11 @@ def _summarise(table: pd.DataFrame, model: str, split: str, losses: list[tuple[f
     return out
 
 
-def evaluate_models(model, tokenizer, rows: pd.DataFrame, config: EvalConfig, stop_ids: list[int], log=print) -> EvaluationResult:
-    """Run both models (``model`` is a PeftModel; its adapter is switched off for "base")."""
+def evaluate_models(model, tokenizer, rows: pd.DataFrame, config: EvalConfig, stop_ids: list[int], log=print,
+                    base: dict | None = None) -> EvaluationResult:
+    """Run both models (``model`` is a PeftModel; its adapter is switched off for "base"). ``base``:
+    the base model's part of an earlier evaluation of the same rows and settings (:func:`base_part`),
+    used instead of running the base model again."""
     import time
 
     pad_id = pad_token_id(tokenizer, stop_ids[0])
@@ -141,6 +145,12 @@ def evaluate_models(model, tokenizer, rows: pd.DataFrame, config: EvalConfig, st
     model.eval()
     for name in MODELS:
         t0 = time.perf_counter()
+        if name == "base" and base is not None and base.get("record_id") == table["record_id"].tolist():
+            for column, values in base["columns"].items():
+                table[column] = values
+            losses[name] = [tuple(x) for x in base["losses"]]
+            log("base model: its answers, losses and choices for these rows and settings reused (same base weights)")
+            continue
         if name == "base":
             with model.disable_adapter():
                 losses[name] = answer_losses(model, pairs, pad_id)
@@ -179,7 +189,10 @@ def evaluate_models(model, tokenizer, rows: pd.DataFrame, config: EvalConfig, st
                 continue
             split_losses = [l for l, m in zip(losses[name], mask) if m]
             summary[name][split] = _summarise(table[mask], name, split, split_losses)
-    return EvaluationResult(table, summary, {s: int((table["split"] == s).sum()) for s in SPLITS})
+    result = EvaluationResult(table, summary, {s: int((table["split"] == s).sum()) for s in SPLITS})
+    result.base = {"record_id": table["record_id"].tolist(), "losses": [list(x) for x in losses["base"]],
+                   "columns": {c: table[c].tolist() for c in table.columns if c.startswith("base_")}}
+    return result
 
 
 def tuned_beats_base(summary: dict[str, dict[str, dict[str, Any]]]) -> tuple[bool, str]:

@@ -185,3 +185,27 @@ def virtual_prefix(peft_model, batch_size: int = 1):
     prompts = peft_model.get_prompt(batch_size=batch_size)
     prompts = prompts.to(decoder.get_input_embeddings().weight.dtype)
     return decoder(inputs_embeds=prompts, use_cache=True).past_key_values
+
+
+def quantization_config(spec, precision: str, on_gpu: bool):
+    """QLoRA's base: 4-bit NF4 weights with double quantization, computing in the training dtype
+    (bitsandbytes). Only the frozen base is quantized; export merges into the full-precision base.
+    None when ``quantization`` is ``none``; a clear refusal where it cannot run."""
+    if spec.quantization == "none":
+        return None
+    if spec.quantization != "nf4":
+        raise MethodError(f"unknown quantization {spec.quantization!r}; choose none or nf4")
+    if spec.method in PROMPT_LEARNING or spec.method == "full":
+        raise MethodError(f"quantization nf4 is QLoRA: it trains adapters over a frozen 4-bit base, not {spec.method}")
+    if not on_gpu:
+        raise MethodError("quantization nf4 (QLoRA) needs a CUDA GPU: bitsandbytes' 4-bit training kernels run there; "
+                          "on this machine train over the full-precision base (quantization: none)")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise MethodError("quantization nf4 (QLoRA) needs bitsandbytes: pip install bitsandbytes") from exc
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32))

@@ -55,18 +55,30 @@ def load_for_training(spec, precision: str, on_gpu: bool, total_steps: int = 1):
     from peft.tuners.tuners_utils import BaseTunerLayer
     from transformers import AutoModelForCausalLM
 
-    from pipeline.stages.lora_adapter.methods import MethodError, check_method, is_prompt_learning, peft_config
+    from pipeline.stages.lora_adapter.methods import (MethodError, check_method, is_prompt_learning, peft_config,
+                                                      quantization_config)
 
     method = check_method(spec.method)
     attn = resolve_attention(spec.attn_implementation, method)
+    quantized = quantization_config(spec, precision, on_gpu)
+    extra = {}
+    if quantized is not None:
+        import os
+
+        extra = {"quantization_config": quantized, "device_map": {"": int(os.environ.get("LOCAL_RANK", 0))}}
     model = AutoModelForCausalLM.from_pretrained(
         spec.base_model_path,
         dtype=torch.float32 if method == "full" else DTYPES[precision],
         use_safetensors=True,
         trust_remote_code=spec.trust_remote_code,
         attn_implementation=attn,
+        **extra,
     )
     model.config.use_cache = False
+    if quantized is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)  # checkpointing: below
     if is_prompt_learning(method) and spec.gradient_checkpointing:
         raise MethodError(f"{method} runs the inputs over its virtual tokens' cache, which gradient checkpointing "
                           f"does not keep: set gradient_checkpointing to false")

@@ -33,6 +33,7 @@ class TrainSpec:
     adalora_tfinal: float = 0.2  # adalora: share of the steps at the end with ranks fixed
     adalora_delta_t: int = 10  # adalora: steps between two rank reallocations
     adalora_orth_reg_weight: float = 0.5
+    quantization: str = "none"  # none | nf4 (QLoRA: the frozen base in 4-bit NF4 through bitsandbytes; CUDA only)
     optimizer: str = "auto"  # auto (adamw; adafactor for full) | adamw | adafactor | adamw_8bit
     learning_rate: float = 1e-3
     warmup_ratio: float = 0.1
@@ -90,7 +91,7 @@ TRAINING_KEYS = (
 # so a LoRA training keeps the key (and the cached adapter) it had before they existed.
 METHOD_KEYS = (
     "method", "num_virtual_tokens", "prompt_encoder_hidden_size", "adalora_init_r", "adalora_tinit", "adalora_tfinal",
-    "adalora_delta_t", "adalora_orth_reg_weight", "optimizer",
+    "adalora_delta_t", "adalora_orth_reg_weight", "optimizer", "quantization",
 )
 # Bump when the same settings would train differently (the engine changed what a step computes).
 ENGINE_VERSION = 2
