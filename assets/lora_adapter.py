@@ -28,6 +28,7 @@ from pipeline.stages.tokenized_dataset import TokenizedDataset
 from pipeline.core.tracking_sync import COMPLETE, QUICK_HTTP, attempt, pending, quick_http, send_missing_metrics
 from pipeline.stages.lora_adapter import ERROR_FILE, TRAINING_RECORD, TrainSpec, adapter_id, plot_loss_curve, read_metrics
 from pipeline.stages.lora_adapter.distributed import LaunchError, check_accelerate_config, preset_path
+from pipeline.stages.lora_adapter.distributed import launch_command as stage_launch_command
 from pipeline.stages.lora_adapter.methods import METHODS
 from resources.data_root import PROJECT_ROOT, DataRoot
 from resources.mlflow_tracking import MlflowTracking
@@ -88,6 +89,9 @@ class LoraAdapterConfig(Config):
     log_every: int = _default("log_every")
     num_processes: int = Field(1, ge=1, description="Processes (GPUs); > 1 starts a distributed launcher")
     launcher: Literal["auto", "torchrun", "accelerate"] = "auto"
+    num_nodes: int = Field(1, ge=1, description="Machines; each runs this launcher with its node_rank (torchrun/accelerate)")
+    node_rank: int = Field(0, ge=0, description="This machine's rank among num_nodes (0: the one that reports)")
+    rdzv_endpoint: str | None = Field(None, description="HOST:PORT where the nodes meet (node 0's address); needed for num_nodes > 1")
     accelerate_config: str | None = Field(
         None, description="accelerate config for `accelerate launch`: a preset (fsdp, deepspeed-zero2, deepspeed-zero3: "
                           "pipeline/presets/accelerate/) or a file, relative to the data root"
@@ -104,17 +108,10 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def launch_command(spec_path: Path, config: LoraAdapterConfig) -> list[str]:
-    n = config.num_processes
-    if n <= 1 and config.launcher == "auto":
-        return [sys.executable, "-m", "pipeline.stages.lora_adapter", "--spec", str(spec_path)]
-    bindir = Path(sys.executable).parent
-    if config.launcher == "accelerate" or (config.launcher == "auto" and config.accelerate_config):
-        cmd = [str(bindir / "accelerate"), "launch", "--num_processes", str(n)]
-        if config.accelerate_config:
-            cmd += ["--config_file", config.accelerate_config]
-        return [*cmd, "-m", "pipeline.stages.lora_adapter", "--spec", str(spec_path)]
-    return [str(bindir / "torchrun"), "--standalone", "--nproc_per_node", str(n), "-m", "pipeline.stages.lora_adapter", "--spec", str(spec_path)]
+def launch_command(spec_path: Path, config: LoraAdapterConfig, run_id: str = "medtune") -> list[str]:
+    return stage_launch_command(spec_path, num_processes=config.num_processes, launcher=config.launcher,
+                                accelerate_config=config.accelerate_config, num_nodes=config.num_nodes,
+                                node_rank=config.node_rank, rdzv_endpoint=config.rdzv_endpoint, run_id=run_id)
 
 
 def training_key(config: LoraAdapterConfig, tokenized_key: str, max_seq_len: int, base_fingerprint: str) -> tuple[str, dict, dict]:
@@ -124,7 +121,7 @@ def training_key(config: LoraAdapterConfig, tokenized_key: str, max_seq_len: int
     spec_fields = {k: v for k, v in settings.items() if k in TrainSpec.__dataclass_fields__}
     # the key covers every training setting, the config's and the entry point's own defaults
     training = asdict(TrainSpec(base_model_path="", tokenized_path="", output_dir="", checkpoint_dir="", **spec_fields))
-    return adapter_id(tokenized_key, base_fingerprint, training, config.num_processes), settings, spec_fields
+    return adapter_id(tokenized_key, base_fingerprint, training, config.num_processes * config.num_nodes), settings, spec_fields
 
 
 @asset(group_name="model", compute_kind="pytorch", description=__doc__, pool=TRAINING_POOL)
@@ -216,7 +213,10 @@ def _reuse_or_train(context, config, mlflow, pipes_subprocess_client, tokenized_
         context.log.info(f"an earlier training of adapter {aid} was interrupted: resuming from its latest checkpoint in {ckpt_dir}")
     spec_path = ckpt_dir / "spec.json"
     spec.dump(spec_path)
-    cmd = launch_command(spec_path, config)
+    try:
+        cmd = launch_command(spec_path, config, run_id=aid)
+    except LaunchError as exc:
+        raise Failure(description=f"not launched: {exc}") from None
     context.log.info("launching: " + " ".join(cmd))
     # the child may lose the tracking server mid-training: it keeps going, and so do we
     child_env = {**QUICK_HTTP, **os.environ, "PYTHONPATH": str(PROJECT_ROOT), "TOKENIZERS_PARALLELISM": "false"}

@@ -26,7 +26,9 @@ def sweep_comparison(context: AssetExecutionContext, data_root: DataRoot, mlflow
     records = [r if r.get("status") == "pending" or r.get("settings") == plan["trials"][r["label"]]
                else {"label": r["label"], "status": "pending"}  # a record from an earlier plan's trial of that name
                for r in read_records(folder, list(plan["trials"]))]
-    table = comparison_table(records)
+    from assets.lora_adapter import LoraAdapterConfig
+
+    table = comparison_table(records, LoraAdapterConfig().model_dump())
     png = comparison_plot(table)
     best = best_trial(table)
     md = table_markdown(table)

@@ -174,3 +174,36 @@ def test_an_unknown_method_and_checkpointed_prompt_learning_are_refused(tiny_mod
         train(spec_for(tmp_path, tiny_model_dir, tokenized, "qlora"))
     with pytest.raises(MethodError, match="gradient checkpointing"):
         train(spec_for(tmp_path, tiny_model_dir, tokenized, "prefix_tuning", gradient_checkpointing=True))
+
+
+def test_a_prompt_learning_adapter_registers_with_its_base_and_the_pyfunc_answers_as_it_does(trained, tiny_model_dir, tmp_path):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.stages.evaluation_report import stop_token_ids
+    from pipeline.stages.lora_adapter.inference import load_trained
+    from pipeline.stages.registered_model import register_merged_model
+    from pipeline.stages.tokenized_dataset import render_prompt
+
+    root, _ = trained("prompt_tuning")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri, registry_uri=uri)
+    exp = client.create_experiment("medtune", artifact_location=(tmp_path / "artifacts").as_uri())
+    run_id = client.create_run(exp).info.run_id
+    reg = register_merged_model(uri, name="medtune", merged_dir=None, merged_id="pt", run_id=run_id, score=1.0, tags={},
+                                system_prompt="你是助手。", max_new_tokens=8, adapter_dir=str(root / "out"),
+                                base_dir=str(tiny_model_dir))
+    assert reg.became_champion
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    question = "病例：咳嗽发热三天，咽喉肿痛。"
+    (answer,) = mlflow.pyfunc.load_model("models:/medtune@champion").predict([question])
+    model, tok, _ = load_trained(str(tiny_model_dir), str(root / "out"))
+    ids = tok(render_prompt(tok, question, "", "你是助手。"), add_special_tokens=False, return_tensors="pt")["input_ids"]
+    stops = stop_token_ids(tok)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, max_new_tokens=8, do_sample=False, eos_token_id=stops, pad_token_id=stops[0])
+    assert answer == tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    with pytest.raises(ValueError, match="adapter folder with its base"):
+        register_merged_model(uri, name="medtune", merged_dir=None, merged_id="x", run_id=run_id, score=1.0, tags={},
+                              system_prompt="", adapter_dir=str(root / "out"))

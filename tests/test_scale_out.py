@@ -42,7 +42,7 @@ def test_an_accelerate_preset_launches_through_accelerate_with_its_file():
     from assets.lora_adapter import LoraAdapterConfig, launch_command
 
     config = LoraAdapterConfig(num_processes=4, accelerate_config=str(preset_path("fsdp")))
-    cmd = launch_command(__import__("pathlib").Path("/tmp/spec.json"), config)
+    cmd = launch_command(__import__("pathlib").Path("/tmp/spec.json"), config, run_id="x")
     assert cmd[0].endswith("accelerate") and cmd[1:4] == ["launch", "--num_processes", "4"]
     assert cmd[4:6] == ["--config_file", str(preset_path("fsdp"))]
     assert cmd[-4:] == ["-m", "pipeline.stages.lora_adapter", "--spec", "/tmp/spec.json"]

@@ -60,9 +60,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline.definitions import defs
 
+    from pipeline.ops.recover import recover_dead_runs
+
     run_config = yaml.safe_load(Path(args.preset).read_text()) or {}
     t0 = time.perf_counter()
     with DagsterInstance.get() as instance:
+        # a run killed outright keeps its training slot: freed first, or every trial would wait for it
+        recover_dead_runs(instance)
         out = run_sweep(defs, run_config, instance)
     comparison = out["comparison"]
     print((Path(comparison["path"]) / "comparison.md").read_text())

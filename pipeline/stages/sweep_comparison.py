@@ -17,10 +17,11 @@ COLUMNS = ["trial", "status", "method", "r", "learning_rate", "eval_loss", "base
            "peak_gpu_mb", "error"]
 
 
-def comparison_table(records: list[dict[str, Any]]) -> pd.DataFrame:
+def comparison_table(records: list[dict[str, Any]], defaults: dict[str, Any] | None = None) -> pd.DataFrame:
+    """One row per trial; ``defaults`` (the training settings' defaults) fill what a trial leaves unset."""
     rows = []
     for rec in records:
-        s, f = rec.get("settings", {}), rec.get("figures", {})
+        s, f = {**(defaults or {}), **rec.get("settings", {})}, rec.get("figures", {})
         size = f.get("adapter_bytes")
         rows.append({
             "trial": rec["label"],

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import resource
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -22,6 +21,20 @@ from pipeline.stages.lora_adapter.batching import Batch, flatten, load_rows, pla
 from pipeline.stages.lora_adapter.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from pipeline.stages.lora_adapter.report import Reporter, Throughput
 from pipeline.stages.lora_adapter.spec import TRAINING_RECORD, TrainSpec
+
+
+def peak_rss_mb() -> float | None:
+    """This process's peak resident set (``VmHWM``). Not ``getrusage``'s ``ru_maxrss``: Linux carries that
+    across ``exec``, so a child started by a large process (Dagster) would report its parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def step_groups(plan: list[list[int]], per_step: int) -> list[list[list[int]]]:
@@ -235,8 +248,8 @@ def train(spec: TrainSpec) -> dict[str, Any]:
         "total_parameters": total_params,
         "resumed_from": resumed_from,
         "adapter_path": spec.output_dir,
-        # the process's peak resident memory (CPU: weights, activations, optimizer states) and the GPU's
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        # this process's peak resident memory (weights, activations, optimizer states) and the GPU's
+        "peak_rss_mb": peak_rss_mb(),
         "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if on_gpu else None,
     }
     if accelerator.is_main_process:
