@@ -17,7 +17,7 @@ from pathlib import Path
 # Chromium on a machine without a network: no background connections, no sandbox as root
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-GROUPS = ("model", "data")
+GROUPS = ("model", "data", "sweep")
 
 
 def chromium_path() -> str:

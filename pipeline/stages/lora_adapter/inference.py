@@ -155,6 +155,8 @@ def load_trained(base_path: str, folder: str, *, trust_remote_code: bool = False
     from pipeline.stages.lora_adapter.methods import is_prompt_learning
 
     method = trained_method(folder)
+    if method != "full":
+        check_adapter_folder(folder)  # safetensors only, checked before anything in the folder is read
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
 
     def load(path):
@@ -163,7 +165,6 @@ def load_trained(base_path: str, folder: str, *, trust_remote_code: bool = False
     if method == "full":
         model = FullModel(load(folder), load(base_path))
     else:
-        check_adapter_folder(folder)
         model = PeftModel.from_pretrained(load(base_path), folder, autocast_adapter_dtype=False)
         model.to(dtype=dtype)
         if is_prompt_learning(method):
