@@ -6,7 +6,7 @@ Written to ``$MEDTUNE_DATA_DIR/processed/alpaca.parquet`` (zstd). Checks:
 """
 
 
-import pandas as pd
+import numpy as np
 from dagster import (
     AssetCheckResult,
     AssetCheckSeverity,
@@ -20,9 +20,10 @@ from dagster import (
 )
 from pydantic import Field
 
+from pipeline.core.chunks import count_rows, head, iter_batches
 from pipeline.core.fingerprint import sha256_file
-from pipeline.core.records import StageResult, preview_markdown
-from pipeline.stages.alpaca_dataset import build_alpaca, write_parquet
+from pipeline.core.records import StagedRows, preview_markdown
+from pipeline.stages.alpaca_dataset import write_alpaca
 from resources.data_root import DataRoot
 
 
@@ -32,23 +33,22 @@ class AlpacaDatasetConfig(Config):
 
 @asset(group_name="data", compute_kind="parquet", description=__doc__)
 def alpaca_dataset(
-    context: AssetExecutionContext, config: AlpacaDatasetConfig, data_root: DataRoot, deduplicated_records: StageResult
+    context: AssetExecutionContext, config: AlpacaDatasetConfig, data_root: DataRoot, deduplicated_records: StagedRows
 ) -> Output[dict]:
-    table = build_alpaca(deduplicated_records.kept, config.eval_fraction)
-    path = write_parquet(table, data_root.alpaca_path)
+    path = data_root.alpaca_path
+    counts = write_alpaca(deduplicated_records, path, config.eval_fraction, data_root.chunk_rows)
     fingerprint = sha256_file(path)
-    counts = table["split"].value_counts().to_dict()
-    context.log.info(f"{len(table)} rows written to {path} (train {counts.get('train', 0)}, eval {counts.get('eval', 0)})")
+    context.log.info(f"{counts['rows']} rows written to {path} (train {counts['train']}, eval {counts['eval']})")
     return Output(
-        {"path": str(path), "rows": len(table), "train": int(counts.get("train", 0)),
-         "eval": int(counts.get("eval", 0)), "data_fingerprint": fingerprint},
+        {"path": str(path), "rows": counts["rows"], "train": counts["train"],
+         "eval": counts["eval"], "data_fingerprint": fingerprint},
         metadata={
-            "rows": len(table),
+            "rows": counts["rows"],
             "train_rows": int(counts.get("train", 0)),
             "eval_rows": int(counts.get("eval", 0)),
             "eval_fraction": config.eval_fraction,
             "data_fingerprint": fingerprint,
-            "preview": MetadataValue.md(preview_markdown(table, ["record_id", "split", "instruction", "input", "output"])),
+            "preview": MetadataValue.md(preview_markdown(head(path), ["record_id", "split", "instruction", "input", "output"])),
             "path": MetadataValue.path(str(path)),
         },
     )
@@ -60,10 +60,10 @@ def alpaca_dataset(
     blocking=True,
     description="Every row read is in alpaca.parquet or rejected.parquet, exactly once",
 )
-def every_row_accounted_for(alpaca_dataset: dict, raw_records: StageResult, rejected_records: dict) -> AssetCheckResult:
-    read = len(raw_records.kept) + len(raw_records.rejected)
-    kept = len(pd.read_parquet(alpaca_dataset["path"], columns=["record_id"]))
-    rejected = len(pd.read_parquet(rejected_records["path"], columns=["stage"]))
+def every_row_accounted_for(alpaca_dataset: dict, raw_records: StagedRows, rejected_records: dict) -> AssetCheckResult:
+    read = raw_records.n_kept + raw_records.n_rejected
+    kept = count_rows(alpaca_dataset["path"])
+    rejected = count_rows(rejected_records["path"])
     return AssetCheckResult(
         passed=read == kept + rejected,
         severity=AssetCheckSeverity.ERROR,
@@ -75,7 +75,15 @@ def every_row_accounted_for(alpaca_dataset: dict, raw_records: StageResult, reje
 
 @asset_check(asset=alpaca_dataset, blocking=True, description="No normalised prompt sits in both train and eval")
 def no_prompt_in_both_splits(alpaca_dataset: dict) -> AssetCheckResult:
-    df = pd.read_parquet(alpaca_dataset["path"], columns=["prompt_id", "split"])
-    both = df.groupby("prompt_id")["split"].nunique()
-    leaks = int((both > 1).sum())
-    return AssetCheckResult(passed=leaks == 0, metadata={"prompts_in_both_splits": leaks, "prompts": len(both)})
+    keys = {"train": [], "eval": []}
+    for table in iter_batches(alpaca_dataset["path"], columns=["prompt_id", "split"]):
+        ids = table.column("prompt_id").to_pylist()
+        splits = table.column("split").to_pylist()
+        for split in keys:  # 128-bit prompt keys as two 64-bit halves: 16 bytes a row, any row count
+            sel = [p for p, s in zip(ids, splits) if s == split]
+            keys[split].append(np.array([(int(p[:16], 16), int(p[16:], 16)) for p in sel], dtype=np.uint64).reshape(-1, 2))
+    train, held = (np.unique(np.concatenate(keys[s]), axis=0) for s in ("train", "eval"))
+    both = np.concatenate([train, held])
+    leaks = len(both) - len(np.unique(both, axis=0))
+    prompts = len(train) + len(held) - leaks
+    return AssetCheckResult(passed=leaks == 0, metadata={"prompts_in_both_splits": leaks, "prompts": prompts})

@@ -6,8 +6,10 @@ from typing import Literal
 from dagster import AssetExecutionContext, Config, MetadataValue, Output, asset
 from pydantic import Field
 
-from pipeline.stages.deduplicated_records import deduplicate
-from pipeline.core.records import FIELDS, StageResult, preview_markdown
+from pipeline.core.chunks import head
+from pipeline.core.records import FIELDS, StagedRows, preview_markdown
+from pipeline.stages.deduplicated_records import deduplicate_to
+from resources.data_root import DataRoot
 
 
 class DeduplicatedRecordsConfig(Config):
@@ -31,9 +33,10 @@ def conflicts_markdown(groups: list[dict], limit: int = 20) -> str:
 
 @asset(group_name="data", compute_kind="python", description=__doc__)
 def deduplicated_records(
-    context: AssetExecutionContext, config: DeduplicatedRecordsConfig, validated_records: StageResult
-) -> Output[StageResult]:
-    result = deduplicate(validated_records.kept, config.conflict_policy)
+    context: AssetExecutionContext, config: DeduplicatedRecordsConfig, data_root: DataRoot, validated_records: StagedRows
+) -> Output[StagedRows]:
+    result = deduplicate_to(validated_records, data_root.stage_dir("deduplicated_records"), config.conflict_policy,
+                            data_root.chunk_rows)
     s = result.stats
     context.log.info(
         f"{s['rows_in']} rows in: {s['duplicates_removed']} duplicates removed, {s['conflict_groups']} conflict groups "
@@ -50,9 +53,10 @@ def deduplicated_records(
             "conflict_rows": s["conflict_rows"],
             "conflicts_rejected": s["conflicts_rejected"],
             "conflicts": MetadataValue.md(conflicts_markdown(s["conflicts"])),
-            "preview": MetadataValue.md(preview_markdown(result.kept, ["record_id", "source_file", "source_line", *FIELDS])),
+            "preview": MetadataValue.md(preview_markdown(head(result.kept_path), ["record_id", "source_file", "source_line", *FIELDS])),
             "rejected_preview": MetadataValue.md(
-                preview_markdown(result.rejected, ["source_file", "source_line", "reason"], width=100)
+                preview_markdown(head(result.rejected_path), ["source_file", "source_line", "reason"], width=100)
             ),
+            "stage_output": MetadataValue.path(result.folder),
         },
     )

@@ -11,7 +11,6 @@ and the settings are unchanged.
 """
 
 import json
-import tempfile
 from pathlib import Path
 from typing import Literal
 

@@ -3,9 +3,9 @@
 
 from dagster import AssetExecutionContext, MetadataValue, Output, asset
 
-from pipeline.stages.raw_records import ingest
-from pipeline.stages.raw_records import raw_fingerprint
-from pipeline.core.records import FIELDS, StageResult, preview_markdown
+from pipeline.core.chunks import head
+from pipeline.core.records import FIELDS, StagedRows, preview_markdown
+from pipeline.stages.raw_records import ingest_to, raw_fingerprint
 from resources.data_root import DataRoot
 
 
@@ -23,8 +23,8 @@ def files_markdown(files: list[dict]) -> str:
 
 
 @asset(group_name="data", compute_kind="python", description=__doc__)
-def raw_records(context: AssetExecutionContext, data_root: DataRoot) -> Output[StageResult]:
-    result = ingest(data_root.raw_dir)
+def raw_records(context: AssetExecutionContext, data_root: DataRoot) -> Output[StagedRows]:
+    result = ingest_to(data_root.raw_dir, data_root.stage_dir("raw_records"), data_root.chunk_rows)
     s = result.stats
     context.log.info(
         f"read {s['files_read']} files from {data_root.raw_dir}: {s['rows_read']} rows, "
@@ -42,10 +42,11 @@ def raw_records(context: AssetExecutionContext, data_root: DataRoot) -> Output[S
             "files_read": s["files_read"],
             "files_rejected": s["files_rejected"],
             "files": MetadataValue.md(files_markdown(s["files"])),
-            "preview": MetadataValue.md(preview_markdown(result.kept, ["source_file", "source_line", *FIELDS])),
+            "preview": MetadataValue.md(preview_markdown(head(result.kept_path), ["source_file", "source_line", *FIELDS])),
             "rejected_preview": MetadataValue.md(
-                preview_markdown(result.rejected, ["source_file", "source_line", "reason"], width=100)
+                preview_markdown(head(result.rejected_path), ["source_file", "source_line", "reason"], width=100)
             ),
+            "stage_output": MetadataValue.path(result.folder),
             "raw_dir": MetadataValue.path(str(data_root.raw_dir)),
             # the content fingerprint raw_data_sensor compares with (paths + content hashes)
             "raw_fingerprint": raw_fingerprint(data_root.raw_dir),

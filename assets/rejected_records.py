@@ -7,9 +7,9 @@ are concatenated in stage order, each stage's rows in source order.
 
 from dagster import AssetExecutionContext, MetadataValue, Output, asset
 
-from pipeline.core.records import StageResult, preview_markdown
-from pipeline.stages.alpaca_dataset import write_parquet
-from pipeline.stages.rejected_records import collect_rejected, reasons_markdown
+from pipeline.core.chunks import head
+from pipeline.core.records import StagedRows, preview_markdown
+from pipeline.stages.rejected_records import write_rejected
 from resources.data_root import DataRoot
 
 
@@ -17,22 +17,22 @@ from resources.data_root import DataRoot
 def rejected_records(
     context: AssetExecutionContext,
     data_root: DataRoot,
-    raw_records: StageResult,
-    validated_records: StageResult,
-    deduplicated_records: StageResult,
+    raw_records: StagedRows,
+    validated_records: StagedRows,
+    deduplicated_records: StagedRows,
 ) -> Output[dict]:
-    rejected = collect_rejected([raw_records.rejected, validated_records.rejected, deduplicated_records.rejected])
-    path = write_parquet(rejected, data_root.rejected_path)
-    by_stage = rejected["stage"].value_counts().to_dict()
-    context.log.info(f"{len(rejected)} rejected rows written to {path}: {by_stage}")
+    path = data_root.rejected_path
+    written = write_rejected([raw_records, validated_records, deduplicated_records], path, data_root.chunk_rows)
+    by_stage = written["by_stage"]
+    context.log.info(f"{written['rows']} rejected rows written to {path}: {by_stage}")
     return Output(
-        {"path": str(path), "rows": len(rejected), "by_stage": by_stage},
+        {"path": str(path), "rows": written["rows"], "by_stage": by_stage},
         metadata={
-            "rows": len(rejected),
+            "rows": written["rows"],
             **{f"rows_{stage}": int(by_stage.get(stage, 0)) for stage in ("ingest", "validate", "dedup")},
-            "reasons": MetadataValue.md(reasons_markdown(rejected)),
+            "reasons": MetadataValue.md(written["reasons"]),
             "preview": MetadataValue.md(
-                preview_markdown(rejected, ["source_file", "source_line", "stage", "reason"], n=10, width=90)
+                preview_markdown(head(path, 10), ["source_file", "source_line", "stage", "reason"], n=10, width=90)
             ),
             "path": MetadataValue.path(str(path)),
         },

@@ -8,8 +8,10 @@ so far (ingest + validation) is over ``max_reject_ratio`` or no valid row is lef
 from dagster import AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, AssetExecutionContext, Config, MetadataValue, Output, asset
 from pydantic import Field
 
-from pipeline.core.records import FIELDS, StageResult, preview_markdown
-from pipeline.stages.validated_records import Bounds, validate_records
+from pipeline.core.chunks import head
+from pipeline.core.records import FIELDS, StagedRows, preview_markdown
+from pipeline.stages.validated_records import Bounds, validate_to
+from resources.data_root import DataRoot
 
 CHECK = "reject_ratio_within_limit"
 
@@ -30,7 +32,8 @@ class ValidatedRecordsConfig(Config):
     check_specs=[AssetCheckSpec(CHECK, asset="validated_records", blocking=True,
                                 description="Rejected share of rows read ≤ max_reject_ratio, and some valid row left")],
 )
-def validated_records(context: AssetExecutionContext, config: ValidatedRecordsConfig, raw_records: StageResult):
+def validated_records(context: AssetExecutionContext, config: ValidatedRecordsConfig, data_root: DataRoot,
+                      raw_records: StagedRows):
     bounds = Bounds(
         min_instruction_chars=config.min_instruction_chars,
         max_instruction_chars=config.max_instruction_chars,
@@ -38,26 +41,27 @@ def validated_records(context: AssetExecutionContext, config: ValidatedRecordsCo
         min_output_chars=config.min_output_chars,
         max_output_chars=config.max_output_chars,
     )
-    result = validate_records(raw_records.kept, bounds)
-    n_read = len(raw_records.kept) + len(raw_records.rejected)
-    n_rejected = len(raw_records.rejected) + result.n_rejected
+    result = validate_to(raw_records, data_root.stage_dir("validated_records"), bounds, data_root.chunk_rows)
+    n_read = raw_records.n_kept + raw_records.n_rejected
+    n_rejected = raw_records.n_rejected + result.n_rejected
     ratio = n_rejected / n_read if n_read else 1.0
     failed = [o for o in result.stats["expectations"] if not o["success"]]
     context.log.info(
-        f"validated {len(raw_records.kept)} rows: {result.n_kept} pass, {result.n_rejected} fail "
+        f"validated {raw_records.n_kept} rows: {result.n_kept} pass, {result.n_rejected} fail "
         f"({len(failed)} expectations with failures)"
     )
     yield Output(
         result,
         metadata={
-            "rows_in": len(raw_records.kept),
+            "rows_in": raw_records.n_kept,
             "rows_kept": result.n_kept,
             "rows_rejected": result.n_rejected,
             "expectations": MetadataValue.md(result.stats["report_markdown"]),
-            "preview": MetadataValue.md(preview_markdown(result.kept, ["source_file", "source_line", *FIELDS])),
+            "preview": MetadataValue.md(preview_markdown(head(result.kept_path), ["source_file", "source_line", *FIELDS])),
             "rejected_preview": MetadataValue.md(
-                preview_markdown(result.rejected, ["source_file", "source_line", "reason"], width=100)
+                preview_markdown(head(result.rejected_path), ["source_file", "source_line", "reason"], width=100)
             ),
+            "stage_output": MetadataValue.path(result.folder),
         },
     )
     passed = ratio <= config.max_reject_ratio and result.n_kept > 0

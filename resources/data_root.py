@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 from dagster import ConfigurableResource
+from pydantic import Field
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 ENV_VAR = "MEDTUNE_DATA_DIR"
@@ -28,6 +29,10 @@ class DataRoot(ConfigurableResource):
     """
 
     path: str
+    chunk_rows: int = Field(
+        100_000, gt=0,
+        description="Rows the data stages hold in memory at once (they stream; memory does not grow with the data)",
+    )
 
     @property
     def root(self) -> Path:
@@ -61,6 +66,10 @@ class DataRoot(ConfigurableResource):
     @property
     def stages_dir(self) -> Path:
         return self.processed_dir / "stages"
+
+    def stage_dir(self, asset: str) -> Path:
+        """Where a data stage's rows lie (``kept.arrow``, ``rejected.arrow``, ``stats.json``)."""
+        return self.stages_dir / asset
 
     @property
     def tokenized_dir(self) -> Path:

@@ -1,9 +1,10 @@
 """IO manager for the data stages: Parquet for tables, JSON for small descriptors.
 
-A :class:`~pipeline.core.records.StageResult` is stored as a folder ``<asset>/`` holding
-``kept.parquet``, ``rejected.parquet`` and ``stats.json``; anything else as ``<asset>.json``.
-Both are written to a temporary name and renamed into place, so a failed step never leaves a
-half-written output for the next step to read.
+A data stage writes its own folder ``<asset>/`` (``kept.arrow``, ``rejected.arrow``,
+``stats.json``: :class:`~pipeline.core.records.StagedRows`, written chunk by chunk and renamed
+into place whole by the stage); the IO manager hands the next stage a pointer to it. Anything
+else is stored as ``<asset>.json``, written to a temporary name and renamed into place, so a
+failed step never leaves a half-written output for the next step to read.
 """
 
 
@@ -12,15 +13,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 from dagster import ConfigurableIOManager, InputContext, OutputContext, ResourceDependency
 
-from pipeline.core.atomic import atomic_dir, write_bytes_atomic
-from pipeline.core.records import StageResult
-from pipeline.stages.alpaca_dataset import to_arrow
+from pipeline.core.atomic import write_bytes_atomic
+from pipeline.core.records import KEPT_FILE, StagedRows
 from resources.data_root import DataRoot
-
-import pyarrow.parquet as pq
 
 
 class StageIOManager(ConfigurableIOManager):
@@ -32,13 +29,10 @@ class StageIOManager(ConfigurableIOManager):
 
     def handle_output(self, context: OutputContext, obj: Any) -> None:
         base = self._base(context)
-        if isinstance(obj, StageResult):
-            with atomic_dir(base) as tmp:
-                pq.write_table(to_arrow(obj.kept), tmp / "kept.parquet", compression="zstd")
-                pq.write_table(to_arrow(obj.rejected), tmp / "rejected.parquet", compression="zstd")
-                (tmp / "stats.json").write_text(json.dumps(obj.stats, ensure_ascii=False, indent=1, default=str))
-            context.add_output_metadata({"stage_output": str(base)})
-            return
+        if isinstance(obj, StagedRows):
+            if Path(obj.folder).resolve() != base.resolve():
+                raise ValueError(f"{context.asset_key.to_user_string()} wrote its rows to {obj.folder}, not {base}")
+            return  # the stage wrote its folder itself, chunk by chunk
         if dataclasses.is_dataclass(obj):
             payload = {"__dataclass__": f"{type(obj).__module__}:{type(obj).__qualname__}", **dataclasses.asdict(obj)}
         else:
@@ -48,12 +42,10 @@ class StageIOManager(ConfigurableIOManager):
     def load_input(self, context: InputContext) -> Any:
         base = self._base(context.upstream_output)
         if base.is_dir():
-            stats = json.loads((base / "stats.json").read_text())
-            return StageResult(
-                kept=pd.read_parquet(base / "kept.parquet"),
-                rejected=pd.read_parquet(base / "rejected.parquet"),
-                stats=stats,
-            )
+            if not (base / KEPT_FILE).is_file():
+                raise FileNotFoundError(f"{base} was written by an older MedTune (no {KEPT_FILE}): "
+                                        f"materialize {context.upstream_output.asset_key.to_user_string()} again")
+            return StagedRows.load(base)
         path = base.with_suffix(".json")
         if not path.is_file():
             raise FileNotFoundError(f"{context.upstream_output.asset_key.to_user_string()} has not been materialized ({path} missing)")

@@ -108,3 +108,109 @@ def preview_markdown(df: pd.DataFrame, columns: list[str] | None = None, n: int 
     for row in head.itertuples(index=False, name=None):
         lines.append("| " + " | ".join(cell(v) for v in row) + " |")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- staged rows
+# Between the data assets rows travel as files, a chunk at a time (``pipeline.core.chunks``):
+# each stage writes ``kept.arrow``, ``rejected.arrow`` and ``stats.json`` into its folder under
+# ``processed/stages/`` and hands on a :class:`StagedRows` that points at them.
+
+KEPT_FILE = "kept.arrow"
+REJECTED_FILE = "rejected.arrow"
+STATS_FILE = "stats.json"
+
+
+@dataclass
+class StagedRows:
+    """A data stage's output on disk: kept rows, rejected rows (both read a chunk at a time) and
+    the stage's figures (``rows_kept`` and ``rows_rejected`` among them)."""
+
+    folder: str
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def kept_path(self):
+        from pathlib import Path
+
+        return Path(self.folder) / KEPT_FILE
+
+    @property
+    def rejected_path(self):
+        from pathlib import Path
+
+        return Path(self.folder) / REJECTED_FILE
+
+    @property
+    def n_kept(self) -> int:
+        return int(self.stats["rows_kept"])
+
+    @property
+    def n_rejected(self) -> int:
+        return int(self.stats["rows_rejected"])
+
+    def iter_kept(self, rows: int | None = None, columns: list[str] | None = None):
+        from pipeline.core.chunks import CHUNK_ROWS, iter_chunks
+
+        return iter_chunks(self.kept_path, rows or CHUNK_ROWS, columns)
+
+    def iter_rejected(self, rows: int | None = None):
+        from pipeline.core.chunks import CHUNK_ROWS, iter_chunks
+
+        return iter_chunks(self.rejected_path, rows or CHUNK_ROWS)
+
+    def read_kept(self) -> pd.DataFrame:
+        from pipeline.core.chunks import read_table
+
+        return read_table(self.kept_path)
+
+    def read_rejected(self) -> pd.DataFrame:
+        from pipeline.core.chunks import read_table
+
+        return read_table(self.rejected_path).astype(REJECT_DTYPES)
+
+    @classmethod
+    def load(cls, folder) -> "StagedRows":
+        from pathlib import Path
+
+        folder = Path(folder)
+        if not (folder / KEPT_FILE).is_file():
+            raise FileNotFoundError(f"{folder} holds no {KEPT_FILE}: materialize this stage again")
+        return cls(str(folder), json.loads((folder / STATS_FILE).read_text()))
+
+
+class StageSink:
+    """The open writers of a stage's output folder (see :func:`stage_output`)."""
+
+    def __init__(self, tmp, kept_empty: pd.DataFrame, chunk_rows: int):
+        from pipeline.core.chunks import ChunkWriter
+
+        self.tmp = tmp
+        self.kept = ChunkWriter(tmp / KEPT_FILE, "arrow", empty=kept_empty, chunk_rows=chunk_rows)
+        self.rejected = ChunkWriter(tmp / REJECTED_FILE, "arrow", empty=rejects_frame(), chunk_rows=chunk_rows)
+        self.stats: dict[str, Any] = {}
+
+
+def stage_output(folder, kept_empty: pd.DataFrame, chunk_rows: int):
+    """Context manager: a stage writes its kept and rejected chunks and sets ``stats``; on success
+    the folder replaces the previous one whole, on failure the previous one stays as it was."""
+    import contextlib
+
+    from pipeline.core.atomic import atomic_dir
+
+    @contextlib.contextmanager
+    def _cm():
+        with atomic_dir(folder) as tmp:
+            sink = StageSink(tmp, kept_empty, chunk_rows)
+            try:
+                yield sink
+                sink.kept.close()
+                sink.rejected.close()
+                (tmp / STATS_FILE).write_text(json.dumps(sink.stats, ensure_ascii=False, indent=1, default=str))
+            except BaseException as exc:
+                raised = [sink.kept._abort(type(exc), exc, None), sink.rejected._abort(type(exc), exc, None)]
+                named = [r for r in raised if r is not None and r is not exc]
+                if named:
+                    raise named[0] from exc  # the write error, naming the file
+                raise
+
+    return _cm()

@@ -21,9 +21,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.core.atomic import atomic_path
+from pipeline.core.chunks import CHUNK_ROWS, PARQUET_SETTINGS, ROW_GROUP_SIZE, ChunkWriter, to_arrow
 
 ALPACA_COLUMNS = ("record_id", "prompt_id", "instruction", "input", "output", "split", "source_file", "source_line")
-ROW_GROUP_SIZE = 100_000
 
 
 def bucket(prompt_ids: pd.Series) -> np.ndarray:
@@ -32,39 +32,59 @@ def bucket(prompt_ids: pd.Series) -> np.ndarray:
     return np.array([int(p[:16], 16) for p in ids], dtype=np.float64) / 2.0**64
 
 
-def assign_split(prompt_ids: pd.Series, eval_fraction: float) -> np.ndarray:
+def split_rule(b: np.ndarray, eval_fraction: float, lowest: float | None, highest: float | None, distinct: int) -> np.ndarray:
+    """``True`` where a row is eval: its bucket under ``eval_fraction``; with two or more distinct
+    prompts, the prompt with the smallest bucket (``lowest``, over all rows) is eval if none
+    would be, and the one with the largest (``highest``) is train if all would be eval."""
     if not 0.0 <= eval_fraction < 1.0:
         raise ValueError(f"eval_fraction must be in [0, 1), not {eval_fraction}")
-    b = bucket(prompt_ids)
     is_eval = b < eval_fraction
-    distinct = pd.unique(prompt_ids)
-    if eval_fraction > 0 and len(distinct) >= 2:
-        if not is_eval.any():
-            is_eval |= b == b.min()
-        if is_eval.all():
-            is_eval &= b != b.max()
+    if eval_fraction > 0 and distinct >= 2 and lowest is not None:
+        if not lowest < eval_fraction:  # no row of the whole table is eval
+            is_eval |= b == lowest
+        if highest < eval_fraction:  # every row is eval
+            is_eval &= b != highest
+    return is_eval
+
+
+def assign_split(prompt_ids: pd.Series, eval_fraction: float) -> np.ndarray:
+    b = bucket(prompt_ids)
+    lowest, highest = (float(b.min()), float(b.max())) if len(b) else (None, None)
+    is_eval = split_rule(b, eval_fraction, lowest, highest, len(pd.unique(prompt_ids)))
     return np.where(is_eval, "eval", "train")
 
 
-def build_alpaca(records: pd.DataFrame, eval_fraction: float = 0.1) -> pd.DataFrame:
+def build_alpaca(records: pd.DataFrame, eval_fraction: float = 0.1, is_eval: np.ndarray | None = None) -> pd.DataFrame:
     """The Alpaca table from deduplicated records (which carry ``record_id`` and ``prompt_id``)."""
     df = records.reset_index(drop=True)
     out = pd.DataFrame({c: df[c] for c in ALPACA_COLUMNS if c != "split"})
-    out.insert(5, "split", pd.Series(assign_split(df["prompt_id"], eval_fraction), dtype="str"))
+    split = assign_split(df["prompt_id"], eval_fraction) if is_eval is None else np.where(is_eval, "eval", "train")
+    out.insert(5, "split", pd.Series(split, dtype="str"))
     return out
 
 
-def to_arrow(df: pd.DataFrame) -> pa.Table:
-    """Arrow table with plain ``string`` columns (readable everywhere); ``large_string`` is
-    kept only where a column is too large for 32-bit offsets."""
-    table = pa.Table.from_pandas(df, preserve_index=False)
-    fields = []
-    for f in table.schema:
-        fields.append(pa.field(f.name, pa.string()) if pa.types.is_large_string(f.type) else f)
-    try:
-        return table.cast(pa.schema(fields, metadata=table.schema.metadata))
-    except (pa.ArrowInvalid, pa.ArrowCapacityError):
-        return table
+def empty_alpaca() -> pd.DataFrame:
+    from pipeline.core.records import empty_records
+
+    base = empty_records()
+    return pd.DataFrame({c: base[c] if c in base else pd.Series([], dtype="str") for c in ALPACA_COLUMNS})
+
+
+def write_alpaca(rows, path: str | os.PathLike, eval_fraction: float = 0.1, chunk_rows: int = CHUNK_ROWS) -> dict:
+    """The Alpaca Parquet from a deduplicated stage (:class:`~pipeline.core.records.StagedRows`),
+    chunk by chunk: byte-identical to ``write_parquet(build_alpaca(all rows))``. Returns the counts."""
+    buckets = rows.stats.get("prompt_buckets") or {}
+    counts = {"train": 0, "eval": 0}
+    with ChunkWriter(path, "parquet", empty=empty_alpaca()) as out:
+        for chunk in rows.iter_kept(chunk_rows):
+            is_eval = split_rule(bucket(chunk["prompt_id"]), eval_fraction, buckets.get("min"), buckets.get("max"),
+                                 int(buckets.get("distinct_prompts", 0)))
+            out.write(build_alpaca(chunk, eval_fraction, is_eval))
+            n_eval = int(is_eval.sum())
+            counts["eval"] += n_eval
+            counts["train"] += len(chunk) - n_eval
+    counts["rows"] = counts["train"] + counts["eval"]
+    return counts
 
 
 def write_parquet(table: pa.Table | pd.DataFrame, path: str | os.PathLike) -> Path:
@@ -73,12 +93,5 @@ def write_parquet(table: pa.Table | pd.DataFrame, path: str | os.PathLike) -> Pa
         table = to_arrow(table)
     path = Path(path)
     with atomic_path(path) as tmp:
-        pq.write_table(
-            table,
-            tmp,
-            compression="zstd",
-            row_group_size=ROW_GROUP_SIZE,
-            write_statistics=True,
-            store_schema=True,
-        )
+        pq.write_table(table, tmp, row_group_size=ROW_GROUP_SIZE, **PARQUET_SETTINGS)
     return path

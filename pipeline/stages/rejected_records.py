@@ -6,8 +6,11 @@ order, with file, line, stage and reason (the layout of ``pipeline.core.records.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pandas as pd
 
+from pipeline.core.chunks import CHUNK_ROWS, ChunkWriter
 from pipeline.core.records import rejects_frame
 
 
@@ -16,19 +19,39 @@ def collect_rejected(parts: list[pd.DataFrame]) -> pd.DataFrame:
     return pd.concat([rejects_frame(), *parts], ignore_index=True).astype(rejects_frame().dtypes.to_dict())
 
 
+def write_rejected(stages, path, chunk_rows: int = CHUNK_ROWS) -> dict:
+    """:func:`collect_rejected` of the stages (:class:`~pipeline.core.records.StagedRows`), written
+    chunk by chunk to ``path``: byte-identical to writing the collected table at once. Returns the
+    rows per stage and the most frequent reasons (``reasons_markdown``'s table, over every row)."""
+    by_stage: dict[str, int] = {}
+    kinds: Counter[tuple[str, str]] = Counter()
+    with ChunkWriter(path, "parquet", empty=rejects_frame()) as out:
+        for staged in stages:
+            for chunk in staged.iter_rejected(chunk_rows):
+                chunk = collect_rejected([chunk])
+                out.write(chunk)
+                for stage, n in chunk["stage"].value_counts().items():
+                    by_stage[stage] = by_stage.get(stage, 0) + int(n)
+                kinds.update(zip(chunk["stage"], _kinds(chunk["reason"])))
+    return {"rows": sum(by_stage.values()), "by_stage": by_stage, "reasons": _kinds_markdown(kinds)}
+
+
+def _kinds(reasons: pd.Series) -> pd.Series:
+    """A reason's general form: the text before its details (a row's position, the values)."""
+    return reasons.str.replace(r" \(.*$| of .*:\d+.*$", "", regex=True).str.slice(0, 90)
+
+
+def _kinds_markdown(kinds: Counter, limit: int = 15) -> str:
+    if not kinds:
+        return "_nothing rejected_"
+    lines = ["| stage | reason | rows |", "|---|---|---|"]
+    for (stage, reason), rows in sorted(kinds.items(), key=lambda kv: -kv[1])[:limit]:
+        lines.append(f"| {stage} | {str(reason).replace('|', '/')} | {rows} |")
+    return "\n".join(lines)
+
+
 def reasons_markdown(rejected: pd.DataFrame, limit: int = 15) -> str:
     """Rows per stage and kind of reason (the text before a reason's details), most frequent first."""
     if rejected.empty:
         return "_nothing rejected_"
-    # group reasons by their general form: the text before the first ':' or '(' of each part
-    kinds = rejected["reason"].str.replace(r" \(.*$| of .*:\d+.*$", "", regex=True).str.slice(0, 90)
-    table = (
-        pd.DataFrame({"stage": rejected["stage"], "reason": kinds})
-        .value_counts()
-        .reset_index(name="rows")
-        .head(limit)
-    )
-    lines = ["| stage | reason | rows |", "|---|---|---|"]
-    for stage, reason, rows in table.itertuples(index=False, name=None):
-        lines.append(f"| {stage} | {str(reason).replace('|', '/')} | {rows} |")
-    return "\n".join(lines)
+    return _kinds_markdown(Counter(zip(rejected["stage"], _kinds(rejected["reason"]))), limit)

@@ -20,9 +20,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
-from pipeline.core.records import FIELDS, StageResult, records_as_rejects
+from pipeline.core.chunks import CHUNK_ROWS
+from pipeline.core.records import FIELDS, StagedRows, StageResult, empty_records, records_as_rejects, stage_output
 
 STAGE = "validate"
 
@@ -112,55 +114,83 @@ def _quiet_gx() -> Iterator[None]:
         engine.HASH_THRESHOLD = old
 
 
-def run_suite(df: pd.DataFrame, bounds: Bounds, examples: int = 3) -> tuple[list[ExpectationOutcome], dict[int, list[str]]]:
-    """Run the suite; returns each expectation's outcome and ``{row position: [reasons]}``.
+class Suite:
+    """The suite, built once (a GX ephemeral context, one validation definition per column) and
+    run on any number of frames: the streamed stage runs it once per chunk.
 
     GX runs once per column on a one-column frame: its pandas engine copies the whole frame
     for each expectation's null filter, so narrow frames make it several times faster on
     large inputs. The expectations and their results are the same.
     """
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-    import great_expectations as gx
-    from great_expectations.data_context.types.base import ProgressBarsConfig
 
-    frame = df.reset_index(drop=True)
-    ctx = gx.get_context(mode="ephemeral")
-    ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
-    source = ctx.data_sources.add_pandas("medtune")
-    outcomes: list[ExpectationOutcome] = []
-    reasons: dict[int, list[str]] = {}
-    for column in FIELDS:
-        batch_def = source.add_dataframe_asset(f"records_{column}").add_batch_definition_whole_dataframe("all")
-        suite = ctx.suites.add(gx.ExpectationSuite(name=f"alpaca_records_{column}"))
-        for expectation in build_expectations(bounds, (column,)):
-            suite.add_expectation(expectation)
-        definition = ctx.validation_definitions.add(
-            gx.ValidationDefinition(name=f"validate_{column}", data=batch_def, suite=suite)
-        )
-        part = frame[[column]] if column in frame.columns else frame.iloc[:, :0]
-        with _quiet_gx():
-            result = definition.run(
-                batch_parameters={"dataframe": part},
-                result_format={"result_format": "COMPLETE", "partial_unexpected_count": examples,
-                               "return_unexpected_index_query": False},
+    def __init__(self, bounds: Bounds, examples: int = 3):
+        os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+        import great_expectations as gx
+        from great_expectations.data_context.types.base import ProgressBarsConfig
+
+        self.examples = examples
+        ctx = gx.get_context(mode="ephemeral")
+        ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
+        source = ctx.data_sources.add_pandas("medtune")
+        self.definitions = []
+        for column in FIELDS:
+            batch_def = source.add_dataframe_asset(f"records_{column}").add_batch_definition_whole_dataframe("all")
+            suite = ctx.suites.add(gx.ExpectationSuite(name=f"alpaca_records_{column}"))
+            for expectation in build_expectations(bounds, (column,)):
+                suite.add_expectation(expectation)
+            definition = ctx.validation_definitions.add(
+                gx.ValidationDefinition(name=f"validate_{column}", data=batch_def, suite=suite)
             )
-        for r in result.results:
-            cfg = r.expectation_config
-            kind = cfg.type
-            if kind == "expect_column_to_exist" and not r.success:
-                raise ValueError(f"required column {column!r} is missing from the records")
-            info = r.exception_info or {}
-            if info.get("raised_exception"):
-                raise RuntimeError(f"expectation {kind} on {column!r} could not run: {info.get('exception_message')}")
-            res = r.result or {}
-            description = _describe(kind, column, cfg.kwargs)
-            for idx in res.get("unexpected_index_list") or []:
-                reasons.setdefault(int(idx), []).append(f"{column}: {description} [{kind}]")
-            shown = [_short(v) for v in (res.get("partial_unexpected_list") or [])[:examples]]
-            outcomes.append(
-                ExpectationOutcome(kind, column, description, bool(r.success), int(res.get("unexpected_count") or 0), shown)
-            )
-    return outcomes, reasons
+            self.definitions.append((column, definition))
+
+    def run(self, df: pd.DataFrame) -> tuple[list[ExpectationOutcome], dict[int, list[str]]]:
+        """Each expectation's outcome and ``{row position: [reasons]}`` for one frame."""
+        frame = df.reset_index(drop=True)
+        examples = self.examples
+        outcomes: list[ExpectationOutcome] = []
+        reasons: dict[int, list[str]] = {}
+        for column, definition in self.definitions:
+            part = frame[[column]] if column in frame.columns else frame.iloc[:, :0]
+            with _quiet_gx():
+                result = definition.run(
+                    batch_parameters={"dataframe": part},
+                    result_format={"result_format": "COMPLETE", "partial_unexpected_count": examples,
+                                   "return_unexpected_index_query": False},
+                )
+            for r in result.results:
+                cfg = r.expectation_config
+                kind = cfg.type
+                if kind == "expect_column_to_exist" and not r.success:
+                    raise ValueError(f"required column {column!r} is missing from the records")
+                info = r.exception_info or {}
+                if info.get("raised_exception"):
+                    raise RuntimeError(f"expectation {kind} on {column!r} could not run: {info.get('exception_message')}")
+                res = r.result or {}
+                description = _describe(kind, column, cfg.kwargs)
+                for idx in res.get("unexpected_index_list") or []:
+                    reasons.setdefault(int(idx), []).append(f"{column}: {description} [{kind}]")
+                shown = [_short(v) for v in (res.get("partial_unexpected_list") or [])[:examples]]
+                outcomes.append(
+                    ExpectationOutcome(kind, column, description, bool(r.success), int(res.get("unexpected_count") or 0), shown)
+                )
+        return outcomes, reasons
+
+
+def run_suite(df: pd.DataFrame, bounds: Bounds, examples: int = 3) -> tuple[list[ExpectationOutcome], dict[int, list[str]]]:
+    """Run the suite once on ``df``: each expectation's outcome and ``{row position: [reasons]}``."""
+    return Suite(bounds, examples).run(df)
+
+
+def merge_outcomes(total: list[ExpectationOutcome] | None, part: list[ExpectationOutcome], examples: int = 3) -> list[ExpectationOutcome]:
+    """Outcomes of consecutive chunks as the outcome of the whole: counts added, examples in
+    row order, a pass only where every chunk passed."""
+    if total is None:
+        return [ExpectationOutcome(**o.__dict__) for o in part]
+    for t, p in zip(total, part, strict=True):
+        t.success = t.success and p.success
+        t.unexpected_count += p.unexpected_count
+        t.examples = (t.examples + p.examples)[:examples]
+    return total
 
 
 def _short(v: Any, width: int = 40) -> str:
@@ -168,24 +198,51 @@ def _short(v: Any, width: int = 40) -> str:
     return s if len(s) <= width else s[: width - 1] + "…"
 
 
-def validate_records(df: pd.DataFrame, bounds: Bounds | None = None) -> StageResult:
-    """Split ingested rows into those that pass the suite and those that fail (with reasons)."""
-    bounds = bounds or Bounds()
-    frame = df.reset_index(drop=True)
-    outcomes, reasons = run_suite(frame, bounds)
+def _apply(frame: pd.DataFrame, reasons: dict[int, list[str]]) -> tuple[pd.DataFrame, pd.DataFrame]:
     bad = sorted(reasons)
-    mask = pd.Series(False, index=frame.index)
-    mask.iloc[bad] = True
+    mask = np.zeros(len(frame), dtype=bool)
+    mask[bad] = True
     rejected = records_as_rejects(frame.iloc[bad], STAGE, ["; ".join(reasons[i]) for i in bad])
-    kept = frame[~mask.to_numpy()].reset_index(drop=True)
-    stats = {
-        "rows_in": len(frame),
-        "rows_kept": len(kept),
-        "rows_rejected": len(rejected),
+    return frame[~mask].reset_index(drop=True), rejected
+
+
+def _stats(rows_in: int, rows_kept: int, rows_rejected: int, outcomes: list[ExpectationOutcome]) -> dict:
+    return {
+        "rows_in": rows_in,
+        "rows_kept": rows_kept,
+        "rows_rejected": rows_rejected,
         "expectations": [o.__dict__ for o in outcomes],
         "report_markdown": report_markdown(outcomes),
     }
-    return StageResult(kept=kept, rejected=rejected, stats=stats)
+
+
+def validate_records(df: pd.DataFrame, bounds: Bounds | None = None) -> StageResult:
+    """Split ingested rows into those that pass the suite and those that fail (with reasons)."""
+    frame = df.reset_index(drop=True)
+    outcomes, reasons = run_suite(frame, bounds or Bounds())
+    kept, rejected = _apply(frame, reasons)
+    return StageResult(kept=kept, rejected=rejected, stats=_stats(len(frame), len(kept), len(rejected), outcomes))
+
+
+def validate_to(rows: StagedRows, folder: str | os.PathLike, bounds: Bounds | None = None,
+                chunk_rows: int = CHUNK_ROWS) -> StagedRows:
+    """:func:`validate_records`, streamed: the suite runs on each chunk of ``rows`` and the
+    results add up to one report; kept and rejected rows go to ``folder`` chunk by chunk."""
+    suite = Suite(bounds or Bounds())
+    total: list[ExpectationOutcome] | None = None
+    rows_in = 0
+    with stage_output(folder, empty_records(), chunk_rows) as out:
+        for chunk in rows.iter_kept(chunk_rows):
+            outcomes, reasons = suite.run(chunk)
+            kept, rejected = _apply(chunk, reasons)
+            out.kept.write(kept)
+            out.rejected.write(rejected)
+            total = merge_outcomes(total, outcomes, suite.examples)
+            rows_in += len(chunk)
+        if total is None:  # no rows: the report still lists every expectation
+            total, _ = suite.run(empty_records())
+        out.stats = _stats(rows_in, out.kept.rows, out.rejected.rows, total)
+    return StagedRows(str(folder), out.stats)
 
 
 def report_markdown(outcomes: list[ExpectationOutcome]) -> str:

@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 
-from pipeline.core.records import FIELDS, clip_raw
+from pipeline.core.records import FIELDS
 from pipeline.stages.raw_records.decoding import FileRejected
 
 _JSON_WS = re.compile(r"[ \t\n\r]*")
@@ -28,6 +28,7 @@ class Parsed:
     indexes: list[int] = field(default_factory=list)
     values: list[Any] = field(default_factory=list)
     source_lines: list[str] | None = None  # JSON Lines: the file's lines, for rejected rows' text
+    line_base: int = 0  # lines of the file before ``source_lines[0]`` (a file read in blocks)
     errors: list[tuple[int, int, str, str]] = field(default_factory=list)  # (line, index, reason, raw)
     format: str = ""
     blank_lines: int = 0
@@ -216,90 +217,7 @@ def _parse_lines(text: str, bad_lines: dict[int, str], strict_keys: bool = False
 
 
 def _parse_array(text: str, start: int, bad_lines: dict[int, str], strict_keys: bool = False, nested: bool = False) -> Parsed:
-    """Element by element, so that one broken element costs that element only.
+    """The array at ``start``, element by element (``arrays.iter_array`` over the whole text)."""
+    from pipeline.stages.raw_records.arrays import Window, iter_array
 
-    After a broken element, parsing resumes at the next line that starts a new object. Arrays
-    written one after another (``[...][...]``) are read as one. ``nested``: the array sits inside
-    a top-level object; stop at its closing ``]``.
-    """
-    parsed = Parsed(format="JSON array")
-    scan = _STRICT_DECODER.scan_once if strict_keys else _SCAN
-    n = len(text)
-    pos = start + 1
-    line = text.count("\n", 0, pos) + 1
-    last = pos
-    index = 0
-    resync = re.compile(r"\n[ \t\r]*\{")
-    ws = _JSON_WS.match
-    while True:
-        pos = ws(text, pos).end()
-        if pos >= n:
-            parsed.notes.append("array not closed (truncated file?)")
-            if parsed.errors and parsed.errors[-1][1] == index - 1 and not parsed.errors[-1][3].endswith("}"):
-                # the last element is the one cut short: one row, not two
-                e_line, e_index, e_reason, e_raw = parsed.errors[-1]
-                parsed.errors[-1] = (e_line, e_index, f"truncated JSON (the file ends inside this element): {e_reason}", e_raw)
-            else:
-                line += text.count("\n", last, pos)
-                parsed.errors.append((line, index, "truncated JSON: the array is not closed with ']' (rows after this point may be missing)", ""))
-            break
-        ch = text[pos]
-        if ch == "]":
-            if nested:
-                break
-            tail = ws(text, pos + 1).end()
-            if tail != n and text[tail] == "[":
-                parsed.notes.append("several JSON arrays one after another: read as one")
-                pos = tail + 1
-                continue
-            if tail != n:
-                line += text.count("\n", last, tail)
-                parsed.errors.append((line, index, "invalid JSON: extra text after the closing ']'", clip_raw(text[tail:])))
-            break
-        line += text.count("\n", last, pos)
-        last = pos
-        try:
-            value, end = scan(text, pos)
-        except StopIteration:
-            err_end = _error_end(text, pos, resync)
-            reason = bad_lines.get(line) or _element_reason(text, pos)
-            parsed.errors.append((line, index, reason, clip_raw(text[pos:err_end].rstrip(", \t\r\n"))))
-            index += 1
-            pos = err_end
-            continue
-        except (ValueError, RecursionError) as exc:
-            err_end = _error_end(text, pos, resync)
-            reason = bad_lines.get(line) or (
-                _json_error(exc) if isinstance(exc, ValueError) else "invalid JSON: nested too deeply"
-            )
-            parsed.errors.append((line, index, reason, clip_raw(text[pos:err_end].rstrip(", \t\r\n"))))
-            index += 1
-            pos = err_end
-            continue
-        parsed.lines.append(line)
-        parsed.indexes.append(index)
-        parsed.values.append(value)
-        index += 1
-        pos = ws(text, end).end()
-        if pos < n and text[pos] == ",":
-            nxt = ws(text, pos + 1).end()
-            if nxt < n and text[nxt] == "]":
-                parsed.notes.append("trailing comma before ']' tolerated")
-            pos = nxt
-        elif pos < n and text[pos] not in "]":
-            # a missing comma between elements: carry on from here and let the next element tell
-            parsed.notes.append(f"missing ',' after the element at line {line} tolerated")
-    return parsed
-
-
-def _error_end(text: str, pos: int, resync: re.Pattern) -> int:
-    m = resync.search(text, pos + 1)
-    return m.start() + 1 if m else len(text)
-
-
-def _element_reason(text: str, pos: int) -> str:
-    try:
-        _DECODER.raw_decode(text, pos)
-    except ValueError as exc:
-        return _json_error(exc)
-    return "invalid JSON value"
+    return next(iter_array(Window(text), start, bad_lines, strict_keys, nested))

@@ -1,0 +1,122 @@
+"""Keys of the ``deduplicated_records`` stage: the normalisation rows are compared under, and
+fixed-size (128-bit) hashes of the normalised prompt and of the whole triple.
+
+Normalisation (for comparison only; the stored text is left as written): Unicode NFKC, every
+run of whitespace collapsed to one space, trimmed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import unicodedata
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.stages.validated_records import WHITESPACE
+
+SEP = "\x1f"  # unit separator: a control character, which validation never lets through
+
+_WS_RUN_RE2 = f"[{WHITESPACE}]+"
+_WS_RUN_PY = re.compile(f"[{WHITESPACE}]+")
+# Rows the whitespace rule changes: any whitespace but a plain space, two spaces in a row, or a
+# space at either end.
+_WS_NEEDS_WORK = "[" + WHITESPACE.replace(" ", "") + "]|  |^ | $"
+_CHUNK = 131_072
+
+
+def normalize_text(text: str) -> str:
+    """Reference (row-at-a-time) normalisation; :func:`normalize_array` is the vectorised one."""
+    return _WS_RUN_PY.sub(" ", unicodedata.normalize("NFKC", text)).strip(" ")
+
+
+# pyarrow 25's utf8_normalize never composes (its "NFKC" returns NFKD: U+00D9 comes back as
+# U followed by U+0300). Rows that then hold a combining mark or a Hangul jamo are composed again
+# with Python's unicodedata, which gives true NFKC; the rest (almost all) are already NFKC.
+_NEEDS_COMPOSITION = r"[\p{M}\x{1100}-\x{11FF}\x{A960}-\x{A97F}\x{D7B0}-\x{D7FF}]"
+
+
+def _nfkc(arr: pa.Array) -> pa.Array:
+    arr = pc.utf8_normalize(arr, form="NFKC")
+    needs = pc.fill_null(pc.match_substring_regex(arr, pattern=_NEEDS_COMPOSITION), False)
+    if pc.any(needs).as_py():
+        fixed = [None if v is None else unicodedata.normalize("NFKC", v) for v in arr.filter(needs).to_pylist()]
+        arr = pc.replace_with_mask(arr, needs, pa.array(fixed, type=arr.type))
+    return arr
+
+
+def _normalize_chunk(arr: pa.Array) -> pa.Array:
+    arr = _nfkc(arr)
+    # The regex replacement is the slow part, so it runs only on rows that need it.
+    needs = pc.fill_null(pc.match_substring_regex(arr, pattern=_WS_NEEDS_WORK), False)
+    if pc.any(needs).as_py():
+        fixed = pc.replace_substring_regex(arr.filter(needs), pattern=_WS_RUN_RE2, replacement=" ")
+        arr = pc.replace_with_mask(arr, needs, pc.utf8_trim(fixed, characters=" "))
+    return arr
+
+
+def _normalize_plain(arr: pa.Array) -> pa.Array:
+    """Arrow kernels release the GIL: large columns are normalised in chunks on every core."""
+    if len(arr) <= _CHUNK or (os.cpu_count() or 1) == 1:
+        return _normalize_chunk(arr)
+    from concurrent.futures import ThreadPoolExecutor
+
+    chunks = [arr.slice(i, _CHUNK) for i in range(0, len(arr), _CHUNK)]
+    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
+        parts = list(pool.map(_normalize_chunk, chunks))
+    return pa.concat_arrays(parts)
+
+
+def normalize_array(values: pa.Array | pa.ChunkedArray | pd.Series) -> pa.Array:
+    """NFKC, whitespace runs to one space, trimmed; vectorised in Arrow.
+
+    A column with few distinct values (an instruction shared by every row, say) is
+    dictionary-encoded first, so each distinct value is normalised once.
+    """
+    arr = pa.array(values) if isinstance(values, pd.Series) else values
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    arr = arr.cast(pa.large_string())
+    sample = arr.slice(0, 10_000)
+    if len(arr) > 1000 and len(pc.unique(sample)) < len(sample) // 4:
+        encoded = pc.dictionary_encode(arr)
+        return pc.take(_normalize_plain(encoded.dictionary), encoded.indices)
+    return _normalize_plain(arr)
+
+
+def _digests(values: pa.Array) -> np.ndarray:
+    """The first 128 bits of the SHA-256 of each string's UTF-8 bytes (read straight from the Arrow
+    buffers), as an ``(n, 2)`` array of big-endian halves: fixed-size keys for any number of rows."""
+    values = values.cast(pa.large_string())
+    _validity, offsets_buf, data_buf = values.buffers()
+    offsets = np.frombuffer(offsets_buf, dtype=np.int64)[values.offset : values.offset + len(values) + 1].tolist()
+    data = memoryview(data_buf) if data_buf is not None else memoryview(b"")
+    sha = hashlib.sha256
+    joined = b"".join([sha(data[a:b]).digest()[:16] for a, b in zip(offsets[:-1], offsets[1:])])
+    return np.frombuffer(joined, dtype=">u8").astype(np.uint64).reshape(-1, 2)
+
+
+def hex_ids(keys: np.ndarray) -> list[str]:
+    """32 hex digits of each 128-bit key (``record_id``, ``prompt_id``)."""
+    return [f"{h:016x}{l:016x}" for h, l in zip(keys[:, 0].tolist(), keys[:, 1].tolist())]
+
+
+def stable_id(*parts: str) -> str:
+    """The id :func:`deduplicate` gives to already-normalised parts (for tests and tools)."""
+    return hashlib.sha256(SEP.join(parts).encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def chunk_keys(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """``(triple keys, prompt keys)`` of a frame's rows: 128-bit hashes of the normalised
+    instruction + input + output and of the normalised instruction + input."""
+    norm = {c: normalize_array(frame[c].astype("str")) for c in ("instruction", "input", "output")}
+    sep = pa.scalar(SEP, pa.large_string())
+    prompt = pc.binary_join_element_wise(norm["instruction"], norm["input"], sep)
+    triple = pc.binary_join_element_wise(prompt, norm["output"], sep)
+    return _digests(triple), _digests(prompt)
+
+

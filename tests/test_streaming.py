@@ -1,0 +1,135 @@
+"""The data stages stream (issue 15, section 1): the same input gives byte-identical
+``alpaca.parquet`` and ``rejected.parquet`` whatever the chunk size, whether large files are read
+in blocks or whole, through the plain functions and through Dagster, and identical to what the
+stages wrote before they streamed (the digests below were taken from that version, commit 8e7f2ec,
+on the same inputs)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from dagster import DagsterInstance, materialize
+
+from conftest import demo_records, rec, write_json, write_jsonl
+from pipeline.core.chunks import ChunkWriter, iter_chunks
+from pipeline.core.records import StagedRows
+from pipeline.definitions import all_asset_checks, all_assets, make_resources
+from pipeline.stages.alpaca_dataset import build_alpaca, write_alpaca, write_parquet
+from pipeline.stages.deduplicated_records import deduplicate, deduplicate_to
+from pipeline.stages.raw_records import ingest, ingest_to
+from pipeline.stages.rejected_records import collect_rejected, write_rejected
+from pipeline.stages.validated_records import validate_records, validate_to
+from resources import DataRoot, StageIOManager
+
+PROJECT = Path(__file__).resolve().parents[1]
+CORPUS = PROJECT / "tests" / "fixtures" / "bad_inputs"
+# sha256 of (alpaca.parquet, rejected.parquet) written by the in-memory stages before streaming
+BEFORE = {
+    "demo": ("5b6df88488fb1d022fc9bc1a76252cb83b2125cd4eb5fc77c934e267b64d94c0",
+             "dd99c601bdb07b0d235f2b73bdeb25a0f7316f482c72b44bdd69cb9c1670415b"),
+    "bad_inputs": ("193b4e406fb32ad033f82e6cb98eaf159a5ebfe1ea2db1c22c394bb9eb491d53",
+                   "1a44e31d49082cae630eb75c9a00d4c3b938bed9b97465314815f24c11d4ab0e"),
+}
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def corpus(name: str, tmp_path: Path) -> Path:
+    raw = tmp_path / name / "raw"
+    if name == "demo":
+        shutil.copytree(PROJECT / "data" / "raw", raw)
+    else:
+        shutil.copytree(CORPUS, raw, ignore=shutil.ignore_patterns("_*", "expected.json"))
+    return raw
+
+
+def streamed(raw: Path, out: Path, chunk_rows: int, stream_over: int, block_bytes: int) -> tuple[str, str, StagedRows]:
+    st = out / "stages"
+    r = ingest_to(raw, st / "raw_records", chunk_rows, stream_over=stream_over, block_bytes=block_bytes)
+    v = validate_to(r, st / "validated_records", chunk_rows=chunk_rows)
+    d = deduplicate_to(v, st / "deduplicated_records", chunk_rows=chunk_rows)
+    write_alpaca(d, out / "alpaca.parquet", 0.1, chunk_rows)
+    write_rejected([r, v, d], out / "rejected.parquet", chunk_rows)
+    return sha(out / "alpaca.parquet"), sha(out / "rejected.parquet"), r
+
+
+def in_memory(raw: Path, out: Path) -> tuple[str, str]:
+    r = ingest(raw)
+    v = validate_records(r.kept)
+    d = deduplicate(v.kept)
+    write_parquet(build_alpaca(d.kept, 0.1), out / "alpaca.parquet")
+    write_parquet(collect_rejected([r.rejected, v.rejected, d.rejected]), out / "rejected.parquet")
+    return sha(out / "alpaca.parquet"), sha(out / "rejected.parquet")
+
+
+@pytest.mark.parametrize("name", sorted(BEFORE))
+def test_outputs_are_byte_identical_to_before_streaming(name, tmp_path):
+    raw = corpus(name, tmp_path)
+    assert in_memory(raw, tmp_path / "mem") == BEFORE[name]
+    # chunks of 3 rows and every file read in blocks of one line; then the defaults
+    for chunk_rows, stream_over, block_bytes in ((3, 0, 1), (7, 0, 200), (100_000, 64 << 20, 8 << 20)):
+        out = tmp_path / f"s{chunk_rows}"
+        alpaca, rejected, staged = streamed(raw, out, chunk_rows, stream_over, block_bytes)
+        assert (alpaca, rejected) == BEFORE[name], (chunk_rows, stream_over, block_bytes)
+        # and the per-file summaries (encodings, formats, notes, counts) are those of reading whole
+        assert staged.stats["files"] == json.loads(json.dumps(ingest(raw).stats["files"], default=str))
+
+
+def test_large_files_are_read_in_blocks_with_the_same_rows(tmp_path):
+    """A JSON Lines and a JSON array file over the streaming size, with broken rows, duplicate keys,
+    CRLF line ends and a UTF-8 BOM, read in blocks of 97 bytes: rows, reasons and positions
+    (including the line and column in JSON error messages) are those of reading them whole."""
+    raw = tmp_path / "raw"
+    recs = demo_records(60)
+    lines = [json.dumps(r, ensure_ascii=False) for r in recs]
+    lines[5] = lines[5][:-9]  # a broken line
+    lines[9] = '{"instruction": "a", "instruction": "b", "output": "c"}'  # a key given twice
+    lines.insert(12, "")
+    (raw).mkdir()
+    (raw / "big.jsonl").write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode())
+    arr = json.dumps(recs[:40], ensure_ascii=False, indent=1)
+    arr = arr.replace('"output": "逍遥丸', '"output": 逍遥丸', 1)  # a broken element mid-file
+    arr = arr[:-2] + ",\n]"  # a trailing comma
+    (raw / "big.json").write_text(arr, encoding="utf-8")
+    write_jsonl(raw / "small.jsonl", [rec("头痛", "川芎茶调散")])
+    whole = ingest(raw)
+    staged = ingest_to(raw, tmp_path / "st", 4, stream_over=1000, block_bytes=97)
+    pd.testing.assert_frame_equal(staged.read_kept(), whole.kept)
+    pd.testing.assert_frame_equal(staged.read_rejected(), whole.rejected)
+    assert staged.stats["files"] == json.loads(json.dumps(whole.stats["files"], default=str))
+    reasons = " ".join(whole.rejected["reason"])
+    assert "line" in reasons and "column" in reasons and "given twice" in reasons  # the cases were hit
+
+
+def test_dagster_materializes_the_same_bytes_in_small_chunks(tmp_path):
+    raw = corpus("bad_inputs", tmp_path)
+    root = DataRoot(path=str(raw.parent), chunk_rows=5)
+    resources = {**make_resources(str(raw.parent), f"sqlite:///{tmp_path}/mlflow.db"),
+                 "data_root": root, "io_manager": StageIOManager(data_root=root)}
+    result = materialize([*all_assets, *all_asset_checks], selection=["raw_records", "validated_records", "deduplicated_records",
+                                                "rejected_records", "alpaca_dataset"],
+                         resources=resources, instance=DagsterInstance.ephemeral())
+    assert result.success
+    assert (sha(root.alpaca_path), sha(root.rejected_path)) == BEFORE["bad_inputs"]
+    # the stage folders hold Arrow files in batches of chunk_rows, and the outputs' row counts add up
+    staged = StagedRows.load(root.stage_dir("raw_records"))
+    assert max(len(c) for c in iter_chunks(staged.kept_path, rows=10**9)) == 5
+    checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+    assert checks["every_row_accounted_for"] and checks["no_prompt_in_both_splits"]
+
+
+def test_a_failed_write_leaves_the_previous_file(tmp_path):
+    path = tmp_path / "t.parquet"
+    write_parquet(pd.DataFrame({"a": ["old"]}), path)
+    with pytest.raises(RuntimeError), ChunkWriter(path) as out:
+        out.write(pd.DataFrame({"a": ["new"] * 150_000}))  # a whole row group is written first
+        raise RuntimeError("stop")
+    assert pd.read_parquet(path)["a"].tolist() == ["old"]
+    assert [p.name for p in tmp_path.iterdir()] == ["t.parquet"]
