@@ -19,7 +19,7 @@ export DO_NOT_TRACK := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 
-.PHONY: setup run sweep ask test ui mlflow-ui screenshots bench clean help
+.PHONY: setup run sweep ask test ui mlflow-ui screenshots bench bench-data clean help
 
 help:
 	@echo "make run    set up, then materialize the whole pipeline on the demo data (offline default model)"
@@ -28,7 +28,7 @@ help:
 	@echo "make ask Q='...' MODELS='base champion'  ask the base model, adapters, the merged model or the champion"
 	@echo "make ui     set up, then start the Dagster UI (http://127.0.0.1:3000) and the MLflow UI (http://127.0.0.1:5000); Ctrl-C stops both"
 	@echo "make mlflow-ui  the MLflow UI on http://127.0.0.1:5000 over the project's store"
-	@echo "make bench  set up, then run the benchmarks under bench/"
+	@echo "make bench  set up, then run the benchmarks under bench/ (make bench-data: the data one alone, BENCH_ROWS=10000000)"
 
 setup: $(STAMP) $(DAGSTER_HOME)/dagster.yaml $(CHROMIUM)
 
@@ -79,8 +79,14 @@ mlflow-ui: setup
 screenshots: setup
 	$(BIN)/python -m pipeline.ops.screenshots --dagster http://127.0.0.1:3000 --mlflow http://127.0.0.1:5000 --out docs/screenshots
 
-bench: setup
-	$(BIN)/python bench/data_throughput.py
+# the data bench at 10 million rows (about 5 GB of generated input under /tmp; BENCH_ROWS=1000000 for a quick one)
+BENCH_ROWS ?= 10000000
+bench: bench-data
+	$(BIN)/python bench/train_throughput.py
+	$(BIN)/python bench/generation_throughput.py
+
+bench-data: setup
+	$(BIN)/python bench/data_throughput.py --rows $(BENCH_ROWS)
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/generation_throughput.py
 
