@@ -210,7 +210,7 @@ def deduplicate(df: pd.DataFrame, conflict_policy: ConflictPolicy = "keep_first"
 def deduplicate_to(rows: StagedRows, folder: str | os.PathLike, conflict_policy: ConflictPolicy = "keep_first",
                    chunk_rows: int = CHUNK_ROWS) -> StagedRows:
     """:func:`deduplicate`, streamed in two passes over ``rows``: the first keeps only each row's
-    two 128-bit keys and its source (28 bytes a row), the second writes the rows out."""
+    two 128-bit keys and its source (44 bytes a row), the second writes the rows out."""
     _check_policy(conflict_policy)
     triples, prompts = [], []
     sources = Sources()
