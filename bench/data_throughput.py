@@ -26,7 +26,7 @@ import argparse
 import json
 import os
 import random
-import resource
+
 import subprocess
 import sys
 import tempfile
@@ -125,6 +125,7 @@ def run_pipeline(raw: Path, out: Path) -> dict:
     from pipeline.stages.raw_records import ingest_to
     from pipeline.stages.rejected_records import write_rejected
     from pipeline.stages.validated_records import validate_to
+    from pipeline.stages.raw_records.workers import peak_rss_mb
     import great_expectations  # noqa: F401  (import cost reported apart)
 
     imports = time.perf_counter() - t0
@@ -146,16 +147,8 @@ def run_pipeline(raw: Path, out: Path) -> dict:
     rejected = timed("rejected", lambda: write_rejected([raw_rows, valid, dedup], out / "rejected.parquet"))
     elapsed = time.perf_counter() - t
     return {"seconds": elapsed, "imports_s": imports, "stages_s": stages, "peak_rss_after_mb": rss,
+            "workers": raw_rows.stats["workers"], "workers_peak_rss_mb": raw_rows.stats["workers_peak_rss_mb"],
             "rows_read": raw_rows.stats["rows_read"], "rows_kept": counts["rows"], "rows_rejected": rejected["rows"]}
-
-
-def peak_rss_mb() -> float:
-    """This process's own peak resident set (VmHWM), in MB."""
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_naive(raw: Path, out: Path) -> dict:
@@ -250,9 +243,15 @@ def run_naive(raw: Path, out: Path) -> dict:
 
 
 def child(which: str, raw: str, out: str) -> None:
+    from pipeline.stages.raw_records.workers import peak_rss_mb
+
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     result = (run_pipeline if which == "pipeline" else run_naive)(Path(raw), Path(out))
-    result["peak_rss_mb"] = peak_rss_mb()
+    result["own_peak_rss_mb"] = peak_rss_mb()
+    result.setdefault("workers_peak_rss_mb", [])
+    # with ingest's worker processes: their peaks added to this process's (an upper bound of the
+    # memory in use at any one time)
+    result["peak_rss_mb"] = result["own_peak_rss_mb"] + sum(result.get("workers_peak_rss_mb") or [])
     print("RESULT " + json.dumps(result))
 
 
@@ -289,13 +288,15 @@ def main() -> None:
               f"{args.files} files, {gen['bytes'] / 1e6:.0f} MB, in {time.perf_counter() - t:.1f} s", flush=True)
         pipe = measure("pipeline", raw, out)
         pipe_rps = pipe["rows_read"] / pipe["seconds"]
-        print(f"pipeline: {pipe['seconds']:.1f} s, {pipe_rps:,.0f} rows/s, peak RSS {pipe['peak_rss_mb']:.0f} MB, "
+        print(f"pipeline: {pipe['seconds']:.1f} s, {pipe_rps:,.0f} rows/s, peak RSS {pipe['peak_rss_mb']:.0f} MB "
+              f"(this process {pipe['own_peak_rss_mb']:.0f} MB + {pipe['workers']} ingest workers {pipe['workers_peak_rss_mb']} MB), "
               f"stages {pipe['stages_s']} (s), peak RSS after each {pipe['peak_rss_after_mb']} (MB), "
               f"imports {pipe['imports_s']:.1f} s", flush=True)
         summary = {
             "rows": gen["rows"], "files": args.files, "input_mb": round(gen["bytes"] / 1e6, 1),
             "pipeline_seconds": round(pipe["seconds"], 1), "pipeline_rows_per_s": round(pipe_rps),
             "pipeline_peak_rss_mb": round(pipe["peak_rss_mb"]), "pipeline_stages_s": pipe["stages_s"],
+            "pipeline_own_peak_rss_mb": round(pipe["own_peak_rss_mb"]), "pipeline_workers_peak_rss_mb": pipe["workers_peak_rss_mb"],
             "pipeline_rows_kept": pipe["rows_kept"], "pipeline_rows_rejected": pipe["rows_rejected"],
         }
         if gen["rows"] <= args.naive_max_rows:

@@ -27,6 +27,7 @@ _WS_RUN_PY = re.compile(f"[{WHITESPACE}]+")
 # space at either end.
 _WS_NEEDS_WORK = "[" + WHITESPACE.replace(" ", "") + "]|  |^ | $"
 _CHUNK = 131_072
+_PARALLEL_ROWS = 8_192
 
 
 def normalize_text(text: str) -> str:
@@ -60,12 +61,14 @@ def _normalize_chunk(arr: pa.Array) -> pa.Array:
 
 
 def _normalize_plain(arr: pa.Array) -> pa.Array:
-    """Arrow kernels release the GIL: large columns are normalised in chunks on every core."""
-    if len(arr) <= _CHUNK or (os.cpu_count() or 1) == 1:
+    """Arrow kernels release the GIL: a column is normalised in slices on every core."""
+    cpus = os.cpu_count() or 1
+    if len(arr) <= _PARALLEL_ROWS or cpus == 1:
         return _normalize_chunk(arr)
     from concurrent.futures import ThreadPoolExecutor
 
-    chunks = [arr.slice(i, _CHUNK) for i in range(0, len(arr), _CHUNK)]
+    step = min(_CHUNK, -(-len(arr) // cpus))
+    chunks = [arr.slice(i, step) for i in range(0, len(arr), step)]
     with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
         parts = list(pool.map(_normalize_chunk, chunks))
     return pa.concat_arrays(parts)
@@ -100,9 +103,12 @@ def _digests(values: pa.Array) -> np.ndarray:
     return np.frombuffer(joined, dtype=">u8").astype(np.uint64).reshape(-1, 2)
 
 
-def hex_ids(keys: np.ndarray) -> list[str]:
-    """32 hex digits of each 128-bit key (``record_id``, ``prompt_id``)."""
-    return [f"{h:016x}{l:016x}" for h, l in zip(keys[:, 0].tolist(), keys[:, 1].tolist())]
+def hex_ids(keys: np.ndarray) -> np.ndarray:
+    """32 hex digits of each 128-bit key (``record_id``, ``prompt_id``), as a numpy string array."""
+    if not len(keys):
+        return np.array([], dtype="U32")
+    text = np.ascontiguousarray(keys, dtype=">u8").tobytes().hex().encode("ascii")
+    return np.frombuffer(text, dtype="S32").astype("U32")
 
 
 def stable_id(*parts: str) -> str:

@@ -13,9 +13,10 @@ import re
 from collections.abc import Iterator
 
 from pipeline.core.records import clip_raw
-from pipeline.stages.raw_records.json_recovery import _JSON_WS, _SCAN, _STRICT_DECODER, Parsed, _repeats_a_key
+from pipeline.stages.raw_records.json_recovery import _JSON_WS, _SCAN, _STRICT_DECODER, Parsed
 
 _DECODER = json.JSONDecoder()
+_Q_INSTRUCTION, _Q_INPUT, _Q_OUTPUT = '"instruction"', '"input"', '"output"'
 _RESYNC = re.compile(r"\n[ \t\r]*\{")
 # a window drops the text it has parsed once that much lies behind the parser
 _COMPACT_CHARS = 1 << 22
@@ -76,6 +77,10 @@ def iter_array(win: Window, start: int, bad_lines: dict[int, str], strict_keys: 
     closing ``]``. Notes are shared by all pieces (one list)."""
     notes: list[str] = []
     parsed = Parsed(format="JSON array", notes=notes)
+    # Read whole, the caller parses again with strict keys when the text holds a key more often
+    # than its records do (``json_recovery._may_repeat_keys``); read in blocks, each element is
+    # checked as it is read.
+    check_keys = not strict_keys and not win.eof
     scan = _STRICT_DECODER.scan_once if strict_keys else _SCAN
     ws = _JSON_WS.match
     text = win.text
@@ -145,11 +150,13 @@ def iter_array(win: Window, start: int, bad_lines: dict[int, str], strict_keys: 
             break
         line += text.count("\n", last, pos)
         last = pos
+        count = text.count
         try:
             value, end = scan(text, pos)
             if end >= n and grow():
                 continue  # a value that ends where the window does may go on in the next block
-            if not strict_keys and _repeats_a_key(text[pos:end]):
+            if check_keys and (count(_Q_INSTRUCTION, pos, end) > 1 or count(_Q_INPUT, pos, end) > 1
+                               or count(_Q_OUTPUT, pos, end) > 1):
                 value = _STRICT_DECODER.scan_once(text, pos)[0]  # a key given twice is caught
         except StopIteration:
             pos = reject(bad_lines.get(line) or _element_reason(win, text, pos))
