@@ -14,8 +14,10 @@ then times, each in its own child process and one after the other in this run:
   normalisation, SHA-256 ids, exact dedup, conflicts, hash split), then the same Parquet write.
 
 Both count rows read from the time the first file is opened to the time the last Parquet file is
-written; imports are excluded and reported apart. Peak RSS is each child's own high-water mark
-(``VmHWM``: ``ru_maxrss`` would carry the parent's across ``exec``). The baseline holds every row
+written; imports are excluded and reported apart. Peak RSS: the resident memory of the child and
+its worker processes together, sampled every 20 ms, or the child's own high-water mark (``VmHWM``;
+``ru_maxrss`` would carry the parent's across ``exec``) where that is higher; each process's own
+peak is printed too, and their sum (an upper bound: the workers' peaks come before the child's). The baseline holds every row
 in memory, so it is skipped above ``--naive-max-rows``. Prints a last line of JSON with ``rows``,
 ``pipeline_rows_per_s``, ``pipeline_peak_rss_mb`` and, when the baseline ran, its figures and the ratio.
 """
@@ -249,21 +251,53 @@ def child(which: str, raw: str, out: str) -> None:
     result = (run_pipeline if which == "pipeline" else run_naive)(Path(raw), Path(out))
     result["own_peak_rss_mb"] = peak_rss_mb()
     result.setdefault("workers_peak_rss_mb", [])
-    # with ingest's worker processes: their peaks added to this process's (an upper bound of the
-    # memory in use at any one time)
-    result["peak_rss_mb"] = result["own_peak_rss_mb"] + sum(result.get("workers_peak_rss_mb") or [])
     print("RESULT " + json.dumps(result))
 
 
+def _tree_rss_mb(pid: int) -> float:
+    """Resident memory of a process and all its descendants at this moment, in MB."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/status") as fh:
+                total += next((int(line.split()[1]) for line in fh if line.startswith("VmRSS:")), 0)
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as fh:
+                    todo.extend(int(c) for c in fh.read().split())
+        except (OSError, ValueError):
+            continue
+    return total / 1024
+
+
 def measure(which: str, raw: Path, out: Path) -> dict:
-    proc = subprocess.run(
+    """Run one side in a child process; besides each process's own peak (VmHWM), sample the memory
+    of the child and its workers together every 20 ms (the peak of their sum)."""
+    import threading
+
+    proc = subprocess.Popen(
         [sys.executable, __file__, "--child", which, "--raw", str(raw), "--out", str(out)],
-        capture_output=True, text=True, check=False,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-    for line in proc.stdout.splitlines():
+    peak = [0.0]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.02):
+            peak[0] = max(peak[0], _tree_rss_mb(proc.pid))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    stdout, stderr = proc.communicate()
+    done.set()
+    sampler.join()
+    for line in stdout.splitlines():
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    raise RuntimeError(f"{which} run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+            result = json.loads(line[len("RESULT "):])
+            result["tree_peak_rss_mb"] = peak[0]
+            result["peak_rss_mb"] = max(peak[0], result["own_peak_rss_mb"])
+            return result
+    raise RuntimeError(f"{which} run failed:\n{stdout[-2000:]}\n{stderr[-4000:]}")
 
 
 def main() -> None:
@@ -289,7 +323,8 @@ def main() -> None:
         pipe = measure("pipeline", raw, out)
         pipe_rps = pipe["rows_read"] / pipe["seconds"]
         print(f"pipeline: {pipe['seconds']:.1f} s, {pipe_rps:,.0f} rows/s, peak RSS {pipe['peak_rss_mb']:.0f} MB "
-              f"(this process {pipe['own_peak_rss_mb']:.0f} MB + {pipe['workers']} ingest workers {pipe['workers_peak_rss_mb']} MB), "
+              f"(process and its workers together, sampled every 20 ms; own peaks: this process "
+              f"{pipe['own_peak_rss_mb']:.0f} MB, {pipe['workers']} ingest workers {pipe['workers_peak_rss_mb']} MB), "
               f"stages {pipe['stages_s']} (s), peak RSS after each {pipe['peak_rss_after_mb']} (MB), "
               f"imports {pipe['imports_s']:.1f} s", flush=True)
         summary = {
@@ -297,6 +332,7 @@ def main() -> None:
             "pipeline_seconds": round(pipe["seconds"], 1), "pipeline_rows_per_s": round(pipe_rps),
             "pipeline_peak_rss_mb": round(pipe["peak_rss_mb"]), "pipeline_stages_s": pipe["stages_s"],
             "pipeline_own_peak_rss_mb": round(pipe["own_peak_rss_mb"]), "pipeline_workers_peak_rss_mb": pipe["workers_peak_rss_mb"],
+            "pipeline_workers_plus_own_peak_rss_mb": round(pipe["own_peak_rss_mb"] + sum(pipe["workers_peak_rss_mb"])),
             "pipeline_rows_kept": pipe["rows_kept"], "pipeline_rows_rejected": pipe["rows_rejected"],
         }
         if gen["rows"] <= args.naive_max_rows:

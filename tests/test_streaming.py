@@ -106,6 +106,13 @@ def test_large_files_are_read_in_blocks_with_the_same_rows(tmp_path):
     assert staged.stats["files"] == json.loads(json.dumps(whole.stats["files"], default=str))
     reasons = " ".join(whole.rejected["reason"])
     assert "line" in reasons and "column" in reasons and "given twice" in reasons  # the cases were hit
+    # read by two worker processes (as on a large corpus), the parts appended in file order
+    parallel = ingest_to(raw, tmp_path / "st2", 4, stream_over=1000, block_bytes=97, workers=2)
+    assert parallel.stats["workers"] == 2 and len(parallel.stats["workers_peak_rss_mb"]) == 2
+    pd.testing.assert_frame_equal(parallel.read_kept(), whole.kept)
+    pd.testing.assert_frame_equal(parallel.read_rejected(), whole.rejected)
+    assert parallel.stats["files"] == staged.stats["files"]
+    assert not list((tmp_path / "st2").glob("part-*"))  # the parts are gone
 
 
 def test_dagster_materializes_the_same_bytes_in_small_chunks(tmp_path):

@@ -43,48 +43,57 @@ def first_of_group(keys: np.ndarray) -> np.ndarray:
     n = len(keys)
     if n == 0:
         return np.zeros(0, dtype=np.int64)
+    # written for a small peak: a few arrays of 8 bytes a row at a time, reused in place
     order = np.lexsort((keys[:, 1], keys[:, 0]))
-    sk = keys[order]
-    starts = np.ones(n, dtype=bool)
-    starts[1:] = (sk[1:, 0] != sk[:-1, 0]) | (sk[1:, 1] != sk[:-1, 1])
-    run_start = np.maximum.accumulate(np.where(starts, np.arange(n), 0))
+    starts = np.empty(n, dtype=bool)
+    starts[0] = True
+    half = np.take(keys[:, 0], order)
+    np.not_equal(half[1:], half[:-1], out=starts[1:])
+    np.take(keys[:, 1], order, out=half)
+    starts[1:] |= half[1:] != half[:-1]
+    del half
+    run = np.arange(n, dtype=np.int64)
+    run[~starts] = 0
+    del starts
+    np.maximum.accumulate(run, out=run)
+    np.take(order, run, out=run)
     first = np.empty(n, dtype=np.int64)
-    first[order] = order[run_start]
+    first[order] = run
     return first
 
 
 class Sources:
     """``file:line`` of any row seen so far, from compact arrays (a file number and a line per row)."""
 
-    def __init__(self) -> None:
+    def __init__(self, n: int) -> None:
         self.files: list[str] = []
         self._ids: dict[str, int] = {}
-        self.file_ids: list[np.ndarray] = []
-        self.lines: list[np.ndarray] = []
+        self.file_ids = np.zeros(n, dtype=np.int32)
+        self.lines = np.zeros(n, dtype=np.int64)
 
-    def add(self, frame: pd.DataFrame) -> None:
+    def add(self, frame: pd.DataFrame, offset: int = 0) -> None:
         codes, uniques = pd.factorize(frame["source_file"].astype("str"), sort=False)
         mapping = np.array([self._ids.setdefault(f, len(self._ids)) for f in uniques], dtype=np.int32)
         self.files = list(self._ids)
-        self.file_ids.append(mapping[codes] if len(codes) else np.zeros(0, dtype=np.int32))
-        self.lines.append(frame["source_line"].to_numpy(dtype=np.int64))
-
-    def freeze(self) -> None:
-        self.file_ids = [np.concatenate(self.file_ids)] if self.file_ids else [np.zeros(0, dtype=np.int32)]
-        self.lines = [np.concatenate(self.lines)] if self.lines else [np.zeros(0, dtype=np.int64)]
+        if len(codes):
+            self.file_ids[offset : offset + len(codes)] = mapping[codes]
+            self.lines[offset : offset + len(codes)] = frame["source_line"].to_numpy(dtype=np.int64)
 
     def where(self, rows) -> list[str]:
-        fid, line = self.file_ids[0], self.lines[0]
-        return [f"{self.files[fid[r]]}:{line[r]}" for r in rows]
+        return [f"{self.files[self.file_ids[r]]}:{self.lines[r]}" for r in rows]
 
 
 def decide(triple: np.ndarray, prompt: np.ndarray, sources: Sources, conflict_policy: ConflictPolicy) -> tuple[dict[int, str], np.ndarray, list[dict], dict]:
-    """Which rows go, and why: ``(reasons by row, first row of each row's triple, conflict groups,
-    counts)``. Works on the keys alone, so any number of rows fits in memory."""
+    """Which rows go, and why: ``(reasons by row, (duplicate rows, the first row of each one's
+    triple), conflict groups, counts)``. Works on the keys alone, so any number of rows fits in memory."""
     n = len(triple)
     first = first_of_group(triple)
     is_dup = first != np.arange(n)
     n_dups = int(is_dup.sum())
+    # only the duplicates' first rows are needed later (a few percent of the rows)
+    dup_rows = np.flatnonzero(is_dup)
+    dups = (dup_rows, first[dup_rows])
+    del first
     # conflicts among the remaining rows: same normalised prompt, different answers
     rest = np.flatnonzero(~is_dup)
     pfirst = rest[first_of_group(prompt[rest])] if len(rest) else rest
@@ -120,14 +129,14 @@ def decide(triple: np.ndarray, prompt: np.ndarray, sources: Sources, conflict_po
     counts = {"duplicates_removed": n_dups, "conflict_groups": len(groups), "conflict_rows": conflict_rows,
               "conflicts_rejected": len(reasons), "kept": kept,
               "distinct_prompts": int(len(np.unique(pfirst[kept[rest]])))}
-    return reasons, first, groups, counts
+    return reasons, dups, groups, counts
 
 
 def _dup_reason(where: str) -> str:
     return f"duplicate of {where} (same instruction, input and output after normalisation)"
 
 
-def _chunk_output(frame: pd.DataFrame, offset: int, triple: np.ndarray, prompt: np.ndarray, first: np.ndarray,
+def _chunk_output(frame: pd.DataFrame, offset: int, triple: np.ndarray, prompt: np.ndarray, dups: tuple[np.ndarray, np.ndarray],
                   reasons: dict[int, str], kept: np.ndarray, sources: Sources, heads: dict[int, dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """One chunk's kept rows (with ``record_id`` and ``prompt_id``) and rejected rows."""
     n = len(frame)
@@ -137,7 +146,10 @@ def _chunk_output(frame: pd.DataFrame, offset: int, triple: np.ndarray, prompt: 
         r = head - offset
         heads[head]["prompt"] = str(frame.at[r, "input"] or frame.at[r, "instruction"])[:80]
     bad = rows[~keep]
-    dup_first = first[bad]
+    dup_rows, dup_heads = dups
+    at = np.minimum(np.searchsorted(dup_rows, bad), max(len(dup_rows) - 1, 0))
+    hit = dup_rows[at] == bad if len(dup_rows) else np.zeros(len(bad), dtype=bool)
+    dup_first = np.where(hit, dup_heads[at] if len(dup_rows) else bad, bad)
     dup_where = sources.where(dup_first[dup_first != bad].tolist())
     it = iter(dup_where)
     why = [_dup_reason(next(it)) if f != b else reasons[int(b)] for b, f in zip(bad.tolist(), dup_first.tolist())]
@@ -195,12 +207,11 @@ def deduplicate(df: pd.DataFrame, conflict_policy: ConflictPolicy = "keep_first"
     _check_policy(conflict_policy)
     frame = df.reset_index(drop=True)
     triple, prompt = chunk_keys(frame)
-    sources = Sources()
+    sources = Sources(len(frame))
     sources.add(frame)
-    sources.freeze()
-    reasons, first, groups, counts = decide(triple, prompt, sources, conflict_policy)
+    reasons, dups, groups, counts = decide(triple, prompt, sources, conflict_policy)
     heads = {g["_head"]: g for g in groups}
-    kept, rejected = _chunk_output(frame, 0, triple, prompt, first, reasons, counts["kept"], sources, heads)
+    kept, rejected = _chunk_output(frame, 0, triple, prompt, dups, reasons, counts["kept"], sources, heads)
     buckets = _Buckets(counts["distinct_prompts"])
     buckets.add(kept["prompt_id"])
     stats = _stats(len(frame), len(kept), counts, conflict_policy, groups, buckets.stats())
@@ -212,18 +223,20 @@ def deduplicate_to(rows: StagedRows, folder: str | os.PathLike, conflict_policy:
     """:func:`deduplicate`, streamed in two passes over ``rows``: the first keeps only each row's
     two 128-bit keys and its source (44 bytes a row), the second writes the rows out."""
     _check_policy(conflict_policy)
-    triples, prompts = [], []
-    sources = Sources()
+    n = rows.n_kept
+    triple = np.empty((n, 2), dtype=np.uint64)  # filled in place: no second copy when joining chunks
+    prompt = np.empty((n, 2), dtype=np.uint64)
+    sources = Sources(n)
+    offset = 0
     for chunk in rows.iter_kept(chunk_rows):
         t, p = chunk_keys(chunk)
-        triples.append(t)
-        prompts.append(p)
-        sources.add(chunk)
-    triple = np.concatenate(triples) if triples else np.zeros((0, 2), dtype=np.uint64)
-    prompt = np.concatenate(prompts) if prompts else np.zeros((0, 2), dtype=np.uint64)
-    del triples, prompts
-    sources.freeze()
-    reasons, first, groups, counts = decide(triple, prompt, sources, conflict_policy)
+        triple[offset : offset + len(chunk)] = t
+        prompt[offset : offset + len(chunk)] = p
+        sources.add(chunk, offset)
+        offset += len(chunk)
+    if offset != n:
+        raise RuntimeError(f"{rows.kept_path} holds {offset} rows, its stage said {n}")
+    reasons, dups, groups, counts = decide(triple, prompt, sources, conflict_policy)
     heads = {g["_head"]: g for g in groups}
     buckets = _Buckets(counts["distinct_prompts"])
     offset = 0
@@ -232,7 +245,7 @@ def deduplicate_to(rows: StagedRows, folder: str | os.PathLike, conflict_policy:
     empty.insert(1, "prompt_id", pd.Series([], dtype="str"))
     with stage_output(folder, empty, chunk_rows) as out:
         for chunk in rows.iter_kept(chunk_rows):
-            kept, rejected = _chunk_output(chunk, offset, triple, prompt, first, reasons, counts["kept"], sources, heads)
+            kept, rejected = _chunk_output(chunk, offset, triple, prompt, dups, reasons, counts["kept"], sources, heads)
             out.kept.write(kept)
             out.rejected.write(rejected)
             buckets.add(kept["prompt_id"])
