@@ -73,8 +73,8 @@ def in_memory(raw: Path, out: Path) -> tuple[str, str]:
 def test_outputs_are_byte_identical_to_before_streaming(name, tmp_path):
     raw = corpus(name, tmp_path)
     assert in_memory(raw, tmp_path / "mem") == BEFORE[name]
-    # chunks of 3 rows and every file read in blocks of one line; then the defaults
-    for chunk_rows, stream_over, block_bytes in ((3, 0, 1), (7, 0, 200), (100_000, 64 << 20, 8 << 20)):
+    # chunks of 16 rows and every file read in blocks of one line; then the defaults
+    for chunk_rows, stream_over, block_bytes in ((16, 0, 1), (100_000, 64 << 20, 8 << 20)):
         out = tmp_path / f"s{chunk_rows}"
         alpaca, rejected, staged = streamed(raw, out, chunk_rows, stream_over, block_bytes)
         assert (alpaca, rejected) == BEFORE[name], (chunk_rows, stream_over, block_bytes)
@@ -117,7 +117,7 @@ def test_large_files_are_read_in_blocks_with_the_same_rows(tmp_path):
 
 def test_dagster_materializes_the_same_bytes_in_small_chunks(tmp_path):
     raw = corpus("bad_inputs", tmp_path)
-    root = DataRoot(path=str(raw.parent), chunk_rows=5)
+    root = DataRoot(path=str(raw.parent), chunk_rows=16)
     resources = {**make_resources(str(raw.parent), f"sqlite:///{tmp_path}/mlflow.db"),
                  "data_root": root, "io_manager": StageIOManager(data_root=root)}
     result = materialize([*all_assets, *all_asset_checks], selection=["raw_records", "validated_records", "deduplicated_records",
@@ -127,7 +127,7 @@ def test_dagster_materializes_the_same_bytes_in_small_chunks(tmp_path):
     assert (sha(root.alpaca_path), sha(root.rejected_path)) == BEFORE["bad_inputs"]
     # the stage folders hold Arrow files in batches of chunk_rows, and the outputs' row counts add up
     staged = StagedRows.load(root.stage_dir("raw_records"))
-    assert max(len(c) for c in iter_chunks(staged.kept_path, rows=10**9)) == 5
+    assert max(len(c) for c in iter_chunks(staged.kept_path, rows=10**9)) == 16
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert checks["every_row_accounted_for"] and checks["no_prompt_in_both_splits"]
 
