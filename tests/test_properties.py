@@ -124,3 +124,34 @@ def test_validation_and_dedup_take_any_unicode_and_account_for_every_row(tmp_pat
         assert not any(ord(ch) in bad for value in valid.kept[col] for ch in value)
     dedup = deduplicate(valid.kept, "keep_first")
     assert len(dedup.kept) + len(dedup.rejected) == len(valid.kept)
+
+
+fragments = st.sampled_from([
+    '{"instruction": "问", "input": "", "output": "答"}', '{"instruction":"长 文本","input":"x","output":"答案"}',
+    '{"instruction": "a", "instruction": "b", "output": "c"}', '{"instruction": "a", "output": "c"', '{"output": 1}',
+    "[", "]", ",", "\n", "\r\n", " ", '"text"', "{", "}", '{"Instruction ": "k", "output": "v", "extra": 1}',
+    '{"instruction": "a\\"q", "output": "\\u4e2d"}', "NaN", "// note", "\r", '[{"instruction": "n", "output": "m"}]',
+    '{"instruction": "' + "很长的问题" * 30 + '", "output": "' + "答" * 80 + '"}', "\ufeff",
+])
+
+
+@FAST
+@given(st.lists(fragments, min_size=1, max_size=30), st.integers(min_value=1, max_value=64),
+       st.integers(min_value=1, max_value=4), st.booleans())
+def test_a_file_read_in_blocks_gives_what_reading_it_whole_gives(tmp_path_factory, parts, block_bytes, piece_rows, bom):
+    """Any JSON-ish text, JSON Lines or array, read through the block window (``stream_over=0``,
+    blocks of 1-64 bytes): the same rows, rejected rows (reasons with their line and column) and
+    summary as reading the file whole."""
+    import pyarrow as pa
+
+    from pipeline.stages.raw_records.blocks import iter_file
+
+    path = tmp_path_factory.mktemp("b") / "x.json"
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + "".join(parts).encode("utf-8"))
+    whole = ingest_file(path, "x.json")
+    pieces = list(iter_file(path, "x.json", stream_over=0, block_bytes=block_bytes, piece_rows=piece_rows))
+    tables = [p.table for p in pieces if p.table is not None]
+    got = pa.concat_tables(tables).to_pylist() if tables else []
+    assert got == (whole.table.to_pylist() if whole.table is not None else [])
+    assert [r for p in pieces for r in p.rejected] == whole.rejected
+    assert pieces[-1].summary == whole.summary

@@ -82,10 +82,14 @@ def test_outputs_are_byte_identical_to_before_streaming(name, tmp_path):
         assert staged.stats["files"] == json.loads(json.dumps(ingest(raw).stats["files"], default=str))
 
 
-def test_large_files_are_read_in_blocks_with_the_same_rows(tmp_path):
+def test_large_files_are_read_in_blocks_with_the_same_rows(tmp_path, monkeypatch):
     """A JSON Lines and a JSON array file over the streaming size, with broken rows, duplicate keys,
-    CRLF line ends and a UTF-8 BOM, read in blocks of 97 bytes: rows, reasons and positions
-    (including the line and column in JSON error messages) are those of reading them whole."""
+    CRLF line ends and a UTF-8 BOM, read in blocks of 97 bytes, the window dropping what it has
+    parsed every 300 characters: rows, reasons and positions (including the line and column in
+    JSON error messages) are those of reading them whole."""
+    import pipeline.stages.raw_records.arrays as arrays
+
+    monkeypatch.setattr(arrays, "_COMPACT_CHARS", 300)
     raw = tmp_path / "raw"
     recs = demo_records(60)
     lines = [json.dumps(r, ensure_ascii=False) for r in recs]

@@ -7,11 +7,17 @@ rejected it, a human-readable ``reason`` and the original row as text (``raw``).
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from pipeline.core.atomic import atomic_dir
+from pipeline.core.chunks import CHUNK_ROWS, ChunkWriter, iter_chunks, read_table
 
 FIELDS = ("instruction", "input", "output")
 REJECT_COLUMNS = ("source_file", "source_line", "source_index", "stage", "reason", "raw")
@@ -129,15 +135,11 @@ class StagedRows:
     stats: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def kept_path(self):
-        from pathlib import Path
-
+    def kept_path(self) -> Path:
         return Path(self.folder) / KEPT_FILE
 
     @property
-    def rejected_path(self):
-        from pathlib import Path
-
+    def rejected_path(self) -> Path:
         return Path(self.folder) / REJECTED_FILE
 
     @property
@@ -148,30 +150,20 @@ class StagedRows:
     def n_rejected(self) -> int:
         return int(self.stats["rows_rejected"])
 
-    def iter_kept(self, rows: int | None = None, columns: list[str] | None = None):
-        from pipeline.core.chunks import CHUNK_ROWS, iter_chunks
-
+    def iter_kept(self, rows: int | None = None, columns: list[str] | None = None) -> Iterator[pd.DataFrame]:
         return iter_chunks(self.kept_path, rows or CHUNK_ROWS, columns)
 
-    def iter_rejected(self, rows: int | None = None):
-        from pipeline.core.chunks import CHUNK_ROWS, iter_chunks
-
+    def iter_rejected(self, rows: int | None = None) -> Iterator[pd.DataFrame]:
         return iter_chunks(self.rejected_path, rows or CHUNK_ROWS)
 
     def read_kept(self) -> pd.DataFrame:
-        from pipeline.core.chunks import read_table
-
         return read_table(self.kept_path)
 
     def read_rejected(self) -> pd.DataFrame:
-        from pipeline.core.chunks import read_table
-
         return read_table(self.rejected_path).astype(REJECT_DTYPES)
 
     @classmethod
-    def load(cls, folder) -> "StagedRows":
-        from pathlib import Path
-
+    def load(cls, folder) -> StagedRows:
         folder = Path(folder)
         if not (folder / KEPT_FILE).is_file():
             raise FileNotFoundError(f"{folder} holds no {KEPT_FILE}: materialize this stage again")
@@ -181,36 +173,28 @@ class StagedRows:
 class StageSink:
     """The open writers of a stage's output folder (see :func:`stage_output`)."""
 
-    def __init__(self, tmp, kept_empty: pd.DataFrame, chunk_rows: int):
-        from pipeline.core.chunks import ChunkWriter
-
+    def __init__(self, tmp: Path, kept_empty: pd.DataFrame, chunk_rows: int):
         self.tmp = tmp
         self.kept = ChunkWriter(tmp / KEPT_FILE, "arrow", empty=kept_empty, chunk_rows=chunk_rows)
         self.rejected = ChunkWriter(tmp / REJECTED_FILE, "arrow", empty=rejects_frame(), chunk_rows=chunk_rows)
         self.stats: dict[str, Any] = {}
 
 
-def stage_output(folder, kept_empty: pd.DataFrame, chunk_rows: int):
-    """Context manager: a stage writes its kept and rejected chunks and sets ``stats``; on success
-    the folder replaces the previous one whole, on failure the previous one stays as it was."""
-    import contextlib
-
-    from pipeline.core.atomic import atomic_dir
-
-    @contextlib.contextmanager
-    def _cm():
-        with atomic_dir(folder) as tmp:
-            sink = StageSink(tmp, kept_empty, chunk_rows)
-            try:
-                yield sink
-                sink.kept.close()
-                sink.rejected.close()
-                (tmp / STATS_FILE).write_text(json.dumps(sink.stats, ensure_ascii=False, indent=1, default=str))
-            except BaseException as exc:
-                raised = [sink.kept._abort(type(exc), exc, None), sink.rejected._abort(type(exc), exc, None)]
-                named = [r for r in raised if r is not None and r is not exc]
-                if named:
-                    raise named[0] from exc  # the write error, naming the file
-                raise
-
-    return _cm()
+@contextlib.contextmanager
+def stage_output(folder, kept_empty: pd.DataFrame, chunk_rows: int) -> Iterator[StageSink]:
+    """A stage writes its kept and rejected chunks and sets ``stats``; on success the folder
+    replaces the previous one whole, on failure the previous one stays as it was."""
+    # the writers close inside the folder before it is renamed into place
+    with atomic_dir(folder) as tmp:
+        sink = StageSink(tmp, kept_empty, chunk_rows)
+        try:
+            yield sink
+            sink.kept.close()
+            sink.rejected.close()
+            (tmp / STATS_FILE).write_text(json.dumps(sink.stats, ensure_ascii=False, indent=1, default=str))
+        except BaseException as exc:
+            raised = [sink.kept._abort(type(exc), exc, None), sink.rejected._abort(type(exc), exc, None)]
+            named = [r for r in raised if r is not None and r is not exc]
+            if named:
+                raise named[0] from exc  # the write error, naming the file
+            raise

@@ -158,7 +158,12 @@ def iter_array(win: Window, start: int, bad_lines: dict[int, str], strict_keys: 
             if check_keys and (count(_Q_INSTRUCTION, pos, end) > 1 or count(_Q_INPUT, pos, end) > 1
                                or count(_Q_OUTPUT, pos, end) > 1):
                 value = _STRICT_DECODER.scan_once(text, pos)[0]  # a key given twice is caught
-        except StopIteration:
+        except StopIteration as stop:
+            # no value where one should be: at the window's end (even inside a nested value) that
+            # may only be where this block stops
+            if not win.eof and isinstance(stop.value, int) and stop.value >= n - 64:
+                grow()
+                continue
             pos = reject(bad_lines.get(line) or _element_reason(win, text, pos))
             continue
         except (ValueError, RecursionError) as exc:

@@ -24,7 +24,8 @@ import pyarrow as pa
 
 from pipeline.stages.raw_records.arrays import Window, iter_array
 from pipeline.stages.raw_records.json_recovery import _JSON_WS, _may_repeat_keys, _parse_lines, normalise_line_ends
-from pipeline.stages.raw_records.rows import STAGE, FileResult, FileSummary, extra_fields_note, ingest_file, rows_of
+from pipeline.stages.raw_records.rows import (STAGE, FileResult, FileSummary, _file_preview, extra_fields_note, ingest_file,
+                                             rows_of)
 
 STREAM_BYTES = 64 << 20  # files above this size are read in blocks
 BLOCK_BYTES = 8 << 20
@@ -77,7 +78,8 @@ def _format(path: Path, block_bytes: int) -> str | None:
         return None
     if not all(_is_utf8(b) for b in read_blocks(path, block_bytes)):
         return None
-    text = next(_texts(path, block_bytes), "")
+    texts = _texts(path, block_bytes)
+    text = next(texts, "")
     start = _JSON_WS.match(text).end()
     if text[start:start + 1] == "[":
         return "array"
@@ -86,9 +88,17 @@ def _format(path: Path, block_bytes: int) -> str | None:
         if end < 0:
             return None
         try:
-            return "lines" if isinstance(orjson.loads(text[start:end]), dict) else None
+            if not isinstance(orjson.loads(text[start:end]), dict):
+                return None
         except orjson.JSONDecodeError:
             return None
+        # one object and nothing after it is a single-record file, not JSON Lines
+        after = text[end:]
+        while not after.strip():
+            after = next(texts, None)
+            if after is None:
+                return None
+        return "lines"
     return None
 
 
@@ -125,8 +135,9 @@ def iter_file(path: Path, rel: str, stream_over: int = STREAM_BYTES, block_bytes
     if kind == "array" and summary.rows_kept + summary.rows_rejected == 0:
         summary.error = "the JSON array holds no records"
         summary.rows_rejected = 1
+        summary.format, summary.notes = "", []  # as for any file rejected whole
         rejected = [{"source_file": rel, "source_line": None, "source_index": None, "stage": STAGE,
-                     "reason": f"file rejected: {summary.error}", "raw": ""}]
+                     "reason": f"file rejected: {summary.error}", "raw": _file_preview(path)}]
     else:
         rejected = []
     summary.rows_read = summary.rows_kept + summary.rows_rejected
