@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from dagster import DagsterInstance, materialize
 
-from conftest import demo_records, rec, write_json, write_jsonl
+from conftest import demo_records, rec, write_jsonl
 from pipeline.core.chunks import ChunkWriter, iter_chunks
 from pipeline.core.records import StagedRows
 from pipeline.definitions import all_asset_checks, all_assets, make_resources
@@ -50,11 +50,13 @@ def corpus(name: str, tmp_path: Path) -> Path:
     return raw
 
 
-def streamed(raw: Path, out: Path, chunk_rows: int, stream_over: int, block_bytes: int) -> tuple[str, str, StagedRows]:
+def streamed(raw: Path, out: Path, chunk_rows: int, stream_over: int, block_bytes: int,
+             workers: int | None = None) -> tuple[str, str, StagedRows]:
     st = out / "stages"
-    r = ingest_to(raw, st / "raw_records", chunk_rows, stream_over=stream_over, block_bytes=block_bytes)
-    v = validate_to(r, st / "validated_records", chunk_rows=chunk_rows)
-    d = deduplicate_to(v, st / "deduplicated_records", chunk_rows=chunk_rows)
+    r = ingest_to(raw, st / "raw_records", chunk_rows, stream_over=stream_over, block_bytes=block_bytes, workers=workers)
+    v = validate_to(r, st / "validated_records", chunk_rows=chunk_rows, workers=workers)
+    d = deduplicate_to(v, st / "deduplicated_records", chunk_rows=chunk_rows, workers=workers)
+    assert {r.stats["workers"], v.stats["workers"], d.stats["workers"]} == {workers or 1}
     write_alpaca(d, out / "alpaca.parquet", 0.1, chunk_rows)
     write_rejected([r, v, d], out / "rejected.parquet", chunk_rows)
     return sha(out / "alpaca.parquet"), sha(out / "rejected.parquet"), r
@@ -73,11 +75,12 @@ def in_memory(raw: Path, out: Path) -> tuple[str, str]:
 def test_outputs_are_byte_identical_to_before_streaming(name, tmp_path):
     raw = corpus(name, tmp_path)
     assert in_memory(raw, tmp_path / "mem") == BEFORE[name]
-    # chunks of 16 rows and every file read in blocks of one line; then the defaults
-    for chunk_rows, stream_over, block_bytes in ((16, 0, 1), (100_000, 64 << 20, 8 << 20)):
-        out = tmp_path / f"s{chunk_rows}"
-        alpaca, rejected, staged = streamed(raw, out, chunk_rows, stream_over, block_bytes)
-        assert (alpaca, rejected) == BEFORE[name], (chunk_rows, stream_over, block_bytes)
+    # chunks of 16 rows and every file read in blocks of one line, in one process and with two
+    # worker processes per stage (as on a large corpus); then the defaults
+    for chunk_rows, stream_over, block_bytes, workers in ((16, 0, 1, None), (16, 0, 1, 2), (100_000, 64 << 20, 8 << 20, None)):
+        out = tmp_path / f"s{chunk_rows}-{workers}"
+        alpaca, rejected, staged = streamed(raw, out, chunk_rows, stream_over, block_bytes, workers)
+        assert (alpaca, rejected) == BEFORE[name], (chunk_rows, stream_over, block_bytes, workers)
         # and the per-file summaries (encodings, formats, notes, counts) are those of reading whole
         assert staged.stats["files"] == json.loads(json.dumps(ingest(raw).stats["files"], default=str))
 

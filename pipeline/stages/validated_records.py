@@ -14,6 +14,7 @@ row is rejected with every expectation it failed. The regular expressions are wr
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import warnings
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.core.chunks import CHUNK_ROWS
+from pipeline.core.pool import map_batches, read_batch, workers_for
 from pipeline.core.records import FIELDS, StagedRows, StageResult, empty_records, records_as_rejects, stage_output
 
 STAGE = "validate"
@@ -225,24 +227,44 @@ def validate_records(df: pd.DataFrame, bounds: Bounds | None = None) -> StageRes
 
 
 def validate_to(rows: StagedRows, folder: str | os.PathLike, bounds: Bounds | None = None,
-                chunk_rows: int = CHUNK_ROWS) -> StagedRows:
+                chunk_rows: int = CHUNK_ROWS, workers: int | None = None) -> StagedRows:
     """:func:`validate_records`, streamed: the suite runs on each chunk of ``rows`` and the
-    results add up to one report; kept and rejected rows go to ``folder`` chunk by chunk."""
-    suite = Suite(bounds or Bounds())
+    results add up to one report; kept and rejected rows go to ``folder`` chunk by chunk. On
+    2,000,000 rows or more the suite runs in one worker process per core (``pipeline.core.pool``),
+    which send back only the reasons; ``workers`` sets how many."""
+    bounds = bounds or Bounds()
+    n_workers = workers_for(rows.n_kept, workers)
+    suite = Suite(bounds) if n_workers == 1 else None
     total: list[ExpectationOutcome] | None = None
     rows_in = 0
+    if n_workers == 1:
+        results = ((chunk, *suite.run(chunk)) for chunk in rows.iter_kept(chunk_rows))
+    else:
+        results = ((read_batch(rows.kept_path, i), *done) for i, done in
+                   enumerate(map_batches(rows.kept_path, _run_batch, (dataclasses.asdict(bounds),), n_workers)))
     with stage_output(folder, empty_records(), chunk_rows) as out:
-        for chunk in rows.iter_kept(chunk_rows):
-            outcomes, reasons = suite.run(chunk)
+        for chunk, outcomes, reasons in results:
             kept, rejected = _apply(chunk, reasons)
             out.kept.write(kept)
             out.rejected.write(rejected)
-            total = merge_outcomes(total, outcomes, suite.examples)
+            total = merge_outcomes(total, outcomes)
             rows_in += len(chunk)
         if total is None:  # no rows: the report still lists every expectation
-            total, _ = suite.run(empty_records())
+            total, _ = (suite or Suite(bounds)).run(empty_records())
         out.stats = _stats(rows_in, out.kept.rows, out.rejected.rows, total)
+        out.stats["workers"] = n_workers
     return StagedRows(str(folder), out.stats)
+
+
+_SUITES: dict[tuple, Suite] = {}
+
+
+def _run_batch(path: str, index: int, bounds: dict) -> tuple[list[ExpectationOutcome], dict[int, list[str]]]:
+    """In a worker: the suite (built once per process) on batch ``index`` of ``path``."""
+    key = tuple(sorted(bounds.items()))
+    if key not in _SUITES:
+        _SUITES[key] = Suite(Bounds(**bounds))
+    return _SUITES[key].run(read_batch(path, index))
 
 
 def report_markdown(outcomes: list[ExpectationOutcome]) -> str:

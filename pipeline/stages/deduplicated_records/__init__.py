@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.core.chunks import CHUNK_ROWS
+from pipeline.core.pool import map_batches, read_batch, workers_for
 from pipeline.core.records import StagedRows, StageResult, empty_records, records_as_rejects, stage_output
 from pipeline.stages.deduplicated_records.keys import SEP, chunk_keys, hex_ids, normalize_array, normalize_text, stable_id
 
@@ -72,15 +73,29 @@ class Sources:
         self.lines = np.zeros(n, dtype=np.int64)
 
     def add(self, frame: pd.DataFrame, offset: int = 0) -> None:
-        codes, uniques = pd.factorize(frame["source_file"].astype("str"), sort=False)
-        mapping = np.array([self._ids.setdefault(f, len(self._ids)) for f in uniques], dtype=np.int32)
+        self.add_codes(*source_codes(frame), offset)
+
+    def add_codes(self, files: list[str], codes: np.ndarray, lines: np.ndarray, offset: int) -> None:
+        mapping = np.array([self._ids.setdefault(f, len(self._ids)) for f in files], dtype=np.int32)
         self.files = list(self._ids)
         if len(codes):
             self.file_ids[offset : offset + len(codes)] = mapping[codes]
-            self.lines[offset : offset + len(codes)] = frame["source_line"].to_numpy(dtype=np.int64)
+            self.lines[offset : offset + len(codes)] = lines
 
     def where(self, rows) -> list[str]:
         return [f"{self.files[self.file_ids[r]]}:{self.lines[r]}" for r in rows]
+
+
+def source_codes(frame: pd.DataFrame) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """A chunk's files (each once), each row's file as a number into them, and its line."""
+    codes, uniques = pd.factorize(frame["source_file"].astype("str"), sort=False)
+    return list(uniques), codes.astype(np.int32), frame["source_line"].to_numpy(dtype=np.int64)
+
+
+def _keys_batch(path: str, index: int) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray, np.ndarray]:
+    """In a worker: the first pass on batch ``index`` of ``path`` (keys and sources, 44 bytes a row)."""
+    frame = read_batch(path, index)
+    return (*chunk_keys(frame), *source_codes(frame))
 
 
 def decide(triple: np.ndarray, prompt: np.ndarray, sources: Sources, conflict_policy: ConflictPolicy) -> tuple[dict[int, str], np.ndarray, list[dict], dict]:
@@ -219,21 +234,26 @@ def deduplicate(df: pd.DataFrame, conflict_policy: ConflictPolicy = "keep_first"
 
 
 def deduplicate_to(rows: StagedRows, folder: str | os.PathLike, conflict_policy: ConflictPolicy = "keep_first",
-                   chunk_rows: int = CHUNK_ROWS) -> StagedRows:
+                   chunk_rows: int = CHUNK_ROWS, workers: int | None = None) -> StagedRows:
     """:func:`deduplicate`, streamed in two passes over ``rows``: the first keeps only each row's
-    two 128-bit keys and its source (44 bytes a row), the second writes the rows out."""
+    two 128-bit keys and its source (44 bytes a row), computed on 2,000,000 rows or more by one
+    worker process per core (``workers`` sets how many); the second writes the rows out."""
     _check_policy(conflict_policy)
     n = rows.n_kept
     triple = np.empty((n, 2), dtype=np.uint64)  # filled in place: no second copy when joining chunks
     prompt = np.empty((n, 2), dtype=np.uint64)
     sources = Sources(n)
     offset = 0
-    for chunk in rows.iter_kept(chunk_rows):
-        t, p = chunk_keys(chunk)
-        triple[offset : offset + len(chunk)] = t
-        prompt[offset : offset + len(chunk)] = p
-        sources.add(chunk, offset)
-        offset += len(chunk)
+    n_workers = workers_for(n, workers)
+    if n_workers == 1:
+        firsts = ((*chunk_keys(chunk), *source_codes(chunk)) for chunk in rows.iter_kept(chunk_rows))
+    else:
+        firsts = map_batches(rows.kept_path, _keys_batch, (), n_workers)
+    for t, p, files, codes, lines in firsts:
+        triple[offset : offset + len(t)] = t
+        prompt[offset : offset + len(t)] = p
+        sources.add_codes(files, codes, lines, offset)
+        offset += len(t)
     if offset != n:
         raise RuntimeError(f"{rows.kept_path} holds {offset} rows, its stage said {n}")
     reasons, dups, groups, counts = decide(triple, prompt, sources, conflict_policy)
@@ -251,4 +271,5 @@ def deduplicate_to(rows: StagedRows, folder: str | os.PathLike, conflict_policy:
             buckets.add(kept["prompt_id"])
             offset += len(chunk)
         out.stats = _stats(offset, out.kept.rows, counts, conflict_policy, groups, buckets.stats())
+        out.stats["workers"] = n_workers
     return StagedRows(str(folder), out.stats)
