@@ -1,8 +1,9 @@
 """Asset ``alpaca_dataset``: the clean Alpaca-format Parquet with a stable train/eval split (``pipeline.stages.alpaca_dataset``).
 
 Written to ``$MEDTUNE_DATA_DIR/processed/alpaca.parquet`` (zstd). Checks:
-``every_row_accounted_for`` (rows read = rows here + rows in ``rejected_records``) and
-``no_prompt_in_both_splits``.
+``every_row_accounted_for`` (rows read = rows here + rows in ``rejected_records``),
+``no_prompt_in_both_splits`` and ``no_near_twin_across_splits`` (no held-out prompt has a near
+duplicate in train, found afresh from the file).
 """
 
 
@@ -23,7 +24,7 @@ from pydantic import Field
 from pipeline.core.chunks import count_rows, head, iter_batches
 from pipeline.core.fingerprint import sha256_file
 from pipeline.core.records import StagedRows, preview_markdown
-from pipeline.stages.alpaca_dataset import write_alpaca
+from pipeline.stages.alpaca_dataset import near_twins_across_splits, write_alpaca
 from resources.data_root import DataRoot
 
 
@@ -38,15 +39,20 @@ def alpaca_dataset(
     path = data_root.alpaca_path
     counts = write_alpaca(deduplicated_records, path, config.eval_fraction, data_root.chunk_rows)
     fingerprint = sha256_file(path)
-    context.log.info(f"{counts['rows']} rows written to {path} (train {counts['train']}, eval {counts['eval']})")
+    context.log.info(f"{counts['rows']} rows written to {path} (train {counts['train']}, eval {counts['eval']}; "
+                     f"{counts['near_duplicate_groups_kept_together']} near-duplicate groups kept in one split, "
+                     f"{counts['rows_moved_to_their_group_split']} rows moved to their group's split)")
     return Output(
         {"path": str(path), "rows": counts["rows"], "train": counts["train"],
-         "eval": counts["eval"], "data_fingerprint": fingerprint},
+         "eval": counts["eval"], "data_fingerprint": fingerprint,
+         "near_duplicate_threshold": deduplicated_records.stats.get("near_duplicate_threshold")},
         metadata={
             "rows": counts["rows"],
             "train_rows": int(counts.get("train", 0)),
             "eval_rows": int(counts.get("eval", 0)),
             "eval_fraction": config.eval_fraction,
+            "near_duplicate_groups_kept_together": counts["near_duplicate_groups_kept_together"],
+            "rows_moved_to_their_group_split": counts["rows_moved_to_their_group_split"],
             "data_fingerprint": fingerprint,
             "preview": MetadataValue.md(preview_markdown(head(path), ["record_id", "split", "instruction", "input", "output"])),
             "path": MetadataValue.path(str(path)),
@@ -87,3 +93,20 @@ def no_prompt_in_both_splits(alpaca_dataset: dict) -> AssetCheckResult:
     leaks = len(both) - len(np.unique(both, axis=0))
     prompts = len(train) + len(held) - leaks
     return AssetCheckResult(passed=leaks == 0, metadata={"prompts_in_both_splits": leaks, "prompts": prompts})
+
+
+@asset_check(asset=alpaca_dataset, blocking=True,
+             description="No held-out prompt has a near duplicate in train (MinHash LSH over the file, as deduplicated_records finds them)")
+def no_near_twin_across_splits(alpaca_dataset: dict) -> AssetCheckResult:
+    from pipeline.stages.deduplicated_records import NEAR_THRESHOLD
+
+    threshold = alpaca_dataset.get("near_duplicate_threshold") or NEAR_THRESHOLD
+    found = near_twins_across_splits(alpaca_dataset["path"], threshold)
+    examples = "; ".join(f"eval {a} ~ train {b}" for a, b in found["examples"])
+    return AssetCheckResult(
+        passed=found["groups"] == 0,
+        description="no near twins across splits" if not found["groups"]
+        else f"{found['held_out_rows']} held-out rows have a near twin in train ({found['groups']} groups), e.g. {examples}",
+        metadata={"groups_across_splits": found["groups"], "held_out_rows_with_twin_in_train": found["held_out_rows"],
+                  "near_duplicate_threshold": threshold},
+    )

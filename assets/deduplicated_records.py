@@ -1,4 +1,4 @@
-"""Asset ``deduplicated_records``: exact duplicates removed, prompt conflicts handled (``pipeline.stages.deduplicated_records``)."""
+"""Asset ``deduplicated_records``: exact duplicates removed, prompt conflicts and near-duplicate prompts handled (``pipeline.stages.deduplicated_records``)."""
 
 
 from typing import Literal
@@ -8,7 +8,7 @@ from pydantic import Field
 
 from pipeline.core.chunks import head
 from pipeline.core.records import FIELDS, StagedRows, preview_markdown
-from pipeline.stages.deduplicated_records import deduplicate_to
+from pipeline.stages.deduplicated_records import NEAR_THRESHOLD, deduplicate_to
 from resources.data_root import DataRoot
 
 
@@ -17,6 +17,28 @@ class DeduplicatedRecordsConfig(Config):
         "keep_first",
         description="Rows with the same prompt but different answers: keep the first, keep all, or drop all",
     )
+    near_duplicate_policy: Literal["report", "drop"] = Field(
+        "report",
+        description="Prompts that differ only slightly (MinHash LSH): report the groups and keep every row "
+        "(alpaca_dataset keeps each group in one split), or drop all but the first prompt of each group",
+    )
+    near_duplicate_threshold: float = Field(
+        NEAR_THRESHOLD, gt=0.0, lt=1.0,
+        description="Jaccard similarity of the prompts' character bigrams (punctuation and spacing ignored) "
+        "at which MinHash LSH calls two prompts near duplicates",
+    )
+
+
+def near_markdown(groups: list[dict], total: int, limit: int = 20) -> str:
+    if not groups:
+        return "_no near-duplicate prompts_"
+    lines = ["| rows | kept | lowest similarity | sources | prompt |", "|---|---|---|---|---|"]
+    for g in groups[:limit]:
+        prompt = g["prompt"].replace("|", "/").replace("\n", " ")
+        lines.append(f"| {g['rows']} | {g['kept']} | {g['similarity']} | {', '.join(g['sources'])} | {prompt} |")
+    if total > limit:
+        lines.append(f"| … | | | {total - limit} more groups | |")
+    return "\n".join(lines)
 
 
 def conflicts_markdown(groups: list[dict], limit: int = 20) -> str:
@@ -36,11 +58,14 @@ def deduplicated_records(
     context: AssetExecutionContext, config: DeduplicatedRecordsConfig, data_root: DataRoot, validated_records: StagedRows
 ) -> Output[StagedRows]:
     result = deduplicate_to(validated_records, data_root.stage_dir("deduplicated_records"), config.conflict_policy,
-                            data_root.chunk_rows)
+                            data_root.chunk_rows, near_duplicate_policy=config.near_duplicate_policy,
+                            near_duplicate_threshold=config.near_duplicate_threshold)
     s = result.stats
     context.log.info(
         f"{s['rows_in']} rows in: {s['duplicates_removed']} duplicates removed, {s['conflict_groups']} conflict groups "
-        f"({s['conflict_rows']} rows, policy {s['conflict_policy']}, {s['conflicts_rejected']} rejected), {s['rows_kept']} kept"
+        f"({s['conflict_rows']} rows, policy {s['conflict_policy']}, {s['conflicts_rejected']} rejected), "
+        f"{s['near_duplicate_groups']} near-duplicate groups ({s['near_duplicate_rows']} rows, policy {s['near_duplicate_policy']}, "
+        f"{s['near_duplicates_rejected']} rejected), {s['rows_kept']} kept"
     )
     return Output(
         result,
@@ -53,6 +78,12 @@ def deduplicated_records(
             "conflict_rows": s["conflict_rows"],
             "conflicts_rejected": s["conflicts_rejected"],
             "conflicts": MetadataValue.md(conflicts_markdown(s["conflicts"])),
+            "near_duplicate_policy": s["near_duplicate_policy"],
+            "near_duplicate_threshold": s["near_duplicate_threshold"],
+            "near_duplicate_groups": s["near_duplicate_groups"],
+            "near_duplicate_rows": s["near_duplicate_rows"],
+            "near_duplicates_rejected": s["near_duplicates_rejected"],
+            "near_duplicates": MetadataValue.md(near_markdown(s["near_duplicates"], s["near_duplicate_groups"])),
             "preview": MetadataValue.md(preview_markdown(head(result.kept_path), ["record_id", "source_file", "source_line", *FIELDS])),
             "rejected_preview": MetadataValue.md(
                 preview_markdown(head(result.rejected_path), ["source_file", "source_line", "reason"], width=100)

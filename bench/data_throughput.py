@@ -3,7 +3,8 @@
     python bench/data_throughput.py [--rows 1000000] [--files 8] [--naive-max-rows 1000000]
 
 Generates N synthetic Chinese patent-medicine records (2% duplicates or whitespace / full-width
-variants of earlier rows, 1% bad rows of several kinds) as JSON Lines and JSON array files,
+variants of earlier rows, 1% near duplicates: an earlier case re-posted with one character or
+punctuation mark changed, 1% bad rows of several kinds) as JSON Lines and JSON array files,
 then times, each in its own child process and one after the other in this run:
 
 * ``pipeline``: ``ingest_to`` → ``validate_to`` (Great Expectations, per chunk) →
@@ -11,7 +12,9 @@ then times, each in its own child process and one after the other in this run:
   with the stages' files between them (streamed: chunks of 100,000 rows, large files in blocks);
 * ``naive``: ``json.load`` / ``json.loads`` per line plus a Python loop per row with the same
   checks (types, blank, lengths, control characters, invalid Unicode, NFKC + whitespace
-  normalisation, SHA-256 ids, exact dedup, conflicts, hash split), then the same Parquet write.
+  normalisation, SHA-256 ids, exact dedup, conflicts, near duplicates with one datasketch
+  ``MinHash`` per row in an in-memory ``MinHashLSH``, hash split by near group), then the same
+  Parquet write.
 
 Both count rows read from the time the first file is opened to the time the last Parquet file is
 written; imports are excluded and reported apart. Peak RSS: the resident memory of the child and
@@ -82,12 +85,20 @@ def variant(rng: random.Random, rec: dict) -> dict:
     return {**rec, "output": rec["output"].translate(str.maketrans("0123456789", "０１２３４５６７８９"))}
 
 
+def near_variant(rng: random.Random, rec: dict) -> dict:
+    text = rec["input"]
+    if rng.random() < 0.5:
+        return {**rec, "input": text.replace("，", "、", 1).replace("。", "！")}  # punctuation
+    i = rng.randrange(len(text))
+    return {**rec, "input": text[:i] + rng.choice(SYMPTOMS)[0] + text[i + 1:]}  # one character
+
+
 def generate(raw: Path, rows: int, files: int, seed: int) -> dict:
     rng = random.Random(seed)
     raw.mkdir(parents=True, exist_ok=True)
     kept: list[dict] = []
     per_file = -(-rows // files)
-    counts = {"rows": 0, "duplicates": 0, "bad": 0}
+    counts = {"rows": 0, "duplicates": 0, "near_duplicates": 0, "bad": 0}
     for f in range(files):
         as_array = f % 4 == 3  # one file in four is a JSON array, the others JSON Lines
         items: list = []
@@ -99,6 +110,9 @@ def generate(raw: Path, rows: int, files: int, seed: int) -> dict:
             elif r < 0.03:
                 items.append(bad_record(rng, make_record(rng, counts["rows"])))
                 counts["bad"] += 1
+            elif r < 0.04 and kept:
+                items.append(near_variant(rng, rng.choice(kept)))
+                counts["near_duplicates"] += 1
             else:
                 rec = make_record(rng, counts["rows"])
                 items.append(rec)
@@ -150,7 +164,9 @@ def run_pipeline(raw: Path, out: Path) -> dict:
     elapsed = time.perf_counter() - t
     return {"seconds": elapsed, "imports_s": imports, "stages_s": stages, "peak_rss_after_mb": rss,
             "workers": raw_rows.stats["workers"], "workers_peak_rss_mb": raw_rows.stats["workers_peak_rss_mb"],
-            "rows_read": raw_rows.stats["rows_read"], "rows_kept": counts["rows"], "rows_rejected": rejected["rows"]}
+            "rows_read": raw_rows.stats["rows_read"], "rows_kept": counts["rows"], "rows_rejected": rejected["rows"],
+            "near_duplicate_groups": dedup.stats["near_duplicate_groups"], "near_duplicate_rows": dedup.stats["near_duplicate_rows"],
+            "dedup_s": dedup.stats["seconds"]}
 
 
 def run_naive(raw: Path, out: Path) -> dict:
@@ -163,6 +179,9 @@ def run_naive(raw: Path, out: Path) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from datasketch import MinHash, MinHashLSH
+
+    from pipeline.stages.deduplicated_records import NEAR_THRESHOLD
     from pipeline.stages.validated_records import CONTROL_CHARS_REGEX, INVALID_UNICODE_REGEX, NOT_BLANK_REGEX, WHITESPACE
 
     imports = time.perf_counter() - t0
@@ -176,6 +195,8 @@ def run_naive(raw: Path, out: Path) -> dict:
     def norm(s: str) -> str:
         return ws.sub(" ", unicodedata.normalize("NFKC", s)).strip(" ")
 
+    lsh = MinHashLSH(threshold=NEAR_THRESHOLD, num_perm=128)
+    group_of: dict[int, str] = {}  # row → its near group's first prompt_id
     kept, rejected = [], []
     seen: dict[str, int] = {}
     prompts: dict[str, int] = {}
@@ -233,9 +254,16 @@ def run_naive(raw: Path, out: Path) -> dict:
             seen[triple] = n_read
             prompts[prompt] = n_read
             pid = hashlib.sha256(prompt.encode()).hexdigest()[:32]
+            text = "".join(c for c in prompt.lower() if c.isalnum())
+            m = MinHash(num_perm=128)
+            m.update_batch([text[i : i + 2].encode() for i in range(max(1, len(text) - 1))])
+            twins = lsh.query(m)
+            group_of[n_read] = group_of[min(twins)] if twins else pid
+            lsh.insert(n_read, m)
+            gid = group_of[n_read]
             kept.append({
                 "record_id": hashlib.sha256(triple.encode()).hexdigest()[:32], "prompt_id": pid,
-                **fields, "split": "eval" if int(pid[:16], 16) / 2.0**64 < 0.1 else "train",
+                **fields, "split": "eval" if int(gid[:16], 16) / 2.0**64 < 0.1 else "train",
                 "source_file": rel, "source_line": lineno,
             })
     pq.write_table(pa.Table.from_pylist(kept), out / "alpaca_naive.parquet", compression="zstd")
@@ -318,7 +346,7 @@ def main() -> None:
         out.mkdir()
         t = time.perf_counter()
         gen = generate(raw, args.rows, args.files, args.seed)
-        print(f"generated {gen['rows']:,} rows ({gen['duplicates']:,} duplicates, {gen['bad']:,} bad) in "
+        print(f"generated {gen['rows']:,} rows ({gen['duplicates']:,} duplicates, {gen['near_duplicates']:,} near duplicates, {gen['bad']:,} bad) in "
               f"{args.files} files, {gen['bytes'] / 1e6:.0f} MB, in {time.perf_counter() - t:.1f} s", flush=True)
         pipe = measure("pipeline", raw, out)
         pipe_rps = pipe["rows_read"] / pipe["seconds"]
@@ -334,6 +362,8 @@ def main() -> None:
             "pipeline_own_peak_rss_mb": round(pipe["own_peak_rss_mb"]), "pipeline_workers_peak_rss_mb": pipe["workers_peak_rss_mb"],
             "pipeline_workers_plus_own_peak_rss_mb": round(pipe["own_peak_rss_mb"] + sum(pipe["workers_peak_rss_mb"])),
             "pipeline_rows_kept": pipe["rows_kept"], "pipeline_rows_rejected": pipe["rows_rejected"],
+            "pipeline_near_duplicate_groups": pipe["near_duplicate_groups"], "pipeline_near_duplicate_rows": pipe["near_duplicate_rows"],
+            "pipeline_dedup_s": pipe["dedup_s"],
         }
         if gen["rows"] <= args.naive_max_rows:
             naive = measure("naive", raw, out)

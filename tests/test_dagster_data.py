@@ -54,7 +54,8 @@ def test_materializes_every_data_asset_and_accounts_for_every_row(data_dir, tiny
     materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
     assert materialized == set(DATA_ASSETS)
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
-    assert checks == {"reject_ratio_within_limit": True, "every_row_accounted_for": True, "no_prompt_in_both_splits": True}
+    assert checks == {"reject_ratio_within_limit": True, "every_row_accounted_for": True, "no_prompt_in_both_splits": True,
+                      "no_near_twin_across_splits": True}
 
     alpaca = pd.read_parquet(data_dir / "processed" / "alpaca.parquet")
     rejected = pd.read_parquet(data_dir / "processed" / "rejected.parquet")

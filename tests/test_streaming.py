@@ -28,11 +28,15 @@ from resources import DataRoot, StageIOManager
 
 PROJECT = Path(__file__).resolve().parents[1]
 CORPUS = PROJECT / "tests" / "fixtures" / "bad_inputs"
-# sha256 of (alpaca.parquet, rejected.parquet) written by the in-memory stages before streaming
+# sha256 of (alpaca.parquet, rejected.parquet) written by the in-memory stages before streaming.
+# One deliberate change since: near-duplicate prompts share a split (section 2), which moves rows of
+# the bad-input corpus (its rows are numbered cases, "病例<file>-0", "-1", …, near duplicates of each
+# other); its alpaca digest before that was 193b4e40…491d53, and
+# test_only_near_duplicates_moved_split checks that the rows that moved are exactly such rows.
 BEFORE = {
     "demo": ("5b6df88488fb1d022fc9bc1a76252cb83b2125cd4eb5fc77c934e267b64d94c0",
              "dd99c601bdb07b0d235f2b73bdeb25a0f7316f482c72b44bdd69cb9c1670415b"),
-    "bad_inputs": ("193b4e406fb32ad033f82e6cb98eaf159a5ebfe1ea2db1c22c394bb9eb491d53",
+    "bad_inputs": ("ea2ef30848921d45e06d32719f8e22580847c3040a827d33247b02ebad40f7ea",
                    "1a44e31d49082cae630eb75c9a00d4c3b938bed9b97465314815f24c11d4ab0e"),
 }
 
@@ -69,6 +73,19 @@ def in_memory(raw: Path, out: Path) -> tuple[str, str]:
     write_parquet(build_alpaca(d.kept, 0.1), out / "alpaca.parquet")
     write_parquet(collect_rejected([r.rejected, v.rejected, d.rejected]), out / "rejected.parquet")
     return sha(out / "alpaca.parquet"), sha(out / "rejected.parquet")
+
+
+def test_only_near_duplicates_moved_split(tmp_path):
+    """Splitting by prompt alone reproduces the digest from before; splitting by near group moves
+    only rows of near-duplicate groups."""
+    raw = corpus("bad_inputs", tmp_path)
+    d = deduplicate(validate_records(ingest(raw).kept).kept)
+    by_prompt = build_alpaca(d.kept.drop(columns="near_group_id"), 0.1)
+    write_parquet(by_prompt, tmp_path / "by_prompt.parquet")
+    assert sha(tmp_path / "by_prompt.parquet") == "193b4e406fb32ad033f82e6cb98eaf159a5ebfe1ea2db1c22c394bb9eb491d53"
+    moved = (build_alpaca(d.kept, 0.1)["split"] != by_prompt["split"]).to_numpy()
+    assert moved.any()
+    assert (d.kept["near_group_id"] != d.kept["prompt_id"]).to_numpy()[moved].all()
 
 
 @pytest.mark.parametrize("name", sorted(BEFORE))

@@ -9,6 +9,12 @@ Rows whose normalised prompt (instruction + input) is equal but whose answers di
 *conflicts*, handled by ``conflict_policy``: ``keep_first`` (default) keeps the first in source
 order, ``keep_all`` keeps them all, ``drop`` rejects every row of the conflict.
 
+Prompts that are not equal but near (MinHash LSH on character shingles, ``near.py``) form
+*near-duplicate groups*, handled by ``near_duplicate_policy``: ``report`` (default) keeps them and
+lists them, ``drop`` keeps the rows with each group's first prompt and rejects the others. Kept
+rows carry ``near_group_id``, the ``prompt_id`` of their group's first row (their own when they are
+in no group), which ``alpaca_dataset`` splits by, so a group never straddles train and eval.
+
 Each kept row gets ``record_id`` (a stable hash of the normalised triple) and ``prompt_id``
 (a stable hash of the normalised prompt), both 32 hex digits of SHA-256.
 
@@ -20,6 +26,8 @@ exact dedup fits any number of rows), a second pass writes the rows out.
 from __future__ import annotations
 
 import os
+import time
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -28,79 +36,42 @@ import pandas as pd
 from pipeline.core.chunks import CHUNK_ROWS
 from pipeline.core.pool import map_batches, read_batch, workers_for
 from pipeline.core.records import StagedRows, StageResult, empty_records, records_as_rejects, stage_output
-from pipeline.stages.deduplicated_records.keys import SEP, chunk_keys, hex_ids, normalize_array, normalize_text, stable_id
+from pipeline.stages.deduplicated_records import near
+from pipeline.stages.deduplicated_records.keys import (SEP, chunk_keys, first_of_group, hex_ids, normalize_array, normalize_text,
+                                                       prompt_keys, stable_id)
+from pipeline.stages.deduplicated_records.sources import Sources, source_codes
 
-__all__ = ["CONFLICT_POLICIES", "SEP", "chunk_keys", "decide", "deduplicate", "deduplicate_to", "first_of_group",
+__all__ = ["CONFLICT_POLICIES", "NEAR_POLICIES", "SEP", "chunk_keys", "decide", "deduplicate", "deduplicate_to", "first_of_group",
            "hex_ids", "normalize_array", "normalize_text", "stable_id"]
 
 STAGE = "dedup"
 ConflictPolicy = Literal["keep_first", "keep_all", "drop"]
 CONFLICT_POLICIES = ("keep_first", "keep_all", "drop")
+NearPolicy = Literal["report", "drop"]
+NEAR_POLICIES = ("report", "drop")
+NEAR_THRESHOLD = 0.85  # Jaccard of character bigrams; see docs/data.md for how it was chosen
 
 
-def first_of_group(keys: np.ndarray) -> np.ndarray:
-    """For each row, the position of the first row (in order) with the same key. A stable sort
-    keeps equal keys in row order, so each run's first element is its earliest row."""
-    n = len(keys)
-    if n == 0:
-        return np.zeros(0, dtype=np.int64)
-    # written for a small peak: a few arrays of 8 bytes a row at a time, reused in place
-    order = np.lexsort((keys[:, 1], keys[:, 0]))
-    starts = np.empty(n, dtype=bool)
-    starts[0] = True
-    half = np.take(keys[:, 0], order)
-    np.not_equal(half[1:], half[:-1], out=starts[1:])
-    np.take(keys[:, 1], order, out=half)
-    starts[1:] |= half[1:] != half[:-1]
-    del half
-    run = np.arange(n, dtype=np.int64)
-    run[~starts] = 0
-    del starts
-    np.maximum.accumulate(run, out=run)
-    np.take(order, run, out=run)
-    first = np.empty(n, dtype=np.int64)
-    first[order] = run
-    return first
+def first_pass(frame: pd.DataFrame, threshold: float) -> tuple:
+    """A chunk's keys, LSH band keys, sketches and sources: ``(triple, prompt, bands, sketches, files,
+    file codes, lines)``."""
+    triple, prompt, text = prompt_keys(frame)
+    sig, has = near.signatures(text)
+    bands = near.band_keys(sig, has, *near.lsh_bands(threshold))
+    return (triple, prompt, bands, near.sketch(sig), *source_codes(frame))
 
 
-class Sources:
-    """``file:line`` of any row seen so far, from compact arrays (a file number and a line per row)."""
-
-    def __init__(self, n: int) -> None:
-        self.files: list[str] = []
-        self._ids: dict[str, int] = {}
-        self.file_ids = np.zeros(n, dtype=np.int32)
-        self.lines = np.zeros(n, dtype=np.int64)
-
-    def add(self, frame: pd.DataFrame, offset: int = 0) -> None:
-        self.add_codes(*source_codes(frame), offset)
-
-    def add_codes(self, files: list[str], codes: np.ndarray, lines: np.ndarray, offset: int) -> None:
-        mapping = np.array([self._ids.setdefault(f, len(self._ids)) for f in files], dtype=np.int32)
-        self.files = list(self._ids)
-        if len(codes):
-            self.file_ids[offset : offset + len(codes)] = mapping[codes]
-            self.lines[offset : offset + len(codes)] = lines
-
-    def where(self, rows) -> list[str]:
-        return [f"{self.files[self.file_ids[r]]}:{self.lines[r]}" for r in rows]
+def _first_pass_batch(path: str, index: int, threshold: float) -> tuple:
+    """In a worker: the first pass on batch ``index`` of ``path`` (what it sends back: 44 bytes a
+    row, 4 per band and 64 of sketch)."""
+    return first_pass(read_batch(path, index), threshold)
 
 
-def source_codes(frame: pd.DataFrame) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """A chunk's files (each once), each row's file as a number into them, and its line."""
-    codes, uniques = pd.factorize(frame["source_file"].astype("str"), sort=False)
-    return list(uniques), codes.astype(np.int32), frame["source_line"].to_numpy(dtype=np.int64)
-
-
-def _keys_batch(path: str, index: int) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray, np.ndarray]:
-    """In a worker: the first pass on batch ``index`` of ``path`` (keys and sources, 44 bytes a row)."""
-    frame = read_batch(path, index)
-    return (*chunk_keys(frame), *source_codes(frame))
-
-
-def decide(triple: np.ndarray, prompt: np.ndarray, sources: Sources, conflict_policy: ConflictPolicy) -> tuple[dict[int, str], np.ndarray, list[dict], dict]:
+def decide(triple: np.ndarray, prompt: np.ndarray, sources: Sources, conflict_policy: ConflictPolicy,
+           bands: np.ndarray, sketches: near.Sketches, near_policy: NearPolicy = "report", threshold: float = NEAR_THRESHOLD) -> tuple[dict[int, str], np.ndarray, list[dict], dict]:
     """Which rows go, and why: ``(reasons by row, (duplicate rows, the first row of each one's
-    triple), conflict groups, counts)``. Works on the keys alone, so any number of rows fits in memory."""
+    triple), conflict groups, counts)``; ``counts["near"]`` holds the near-duplicate groups and the
+    grouped rows kept. Works on the keys alone, so any number of rows fits in memory."""
     n = len(triple)
     first = first_of_group(triple)
     is_dup = first != np.arange(n)
@@ -141,9 +112,19 @@ def decide(triple: np.ndarray, prompt: np.ndarray, sources: Sources, conflict_po
     kept = np.ones(n, dtype=bool)
     kept[is_dup] = False
     kept[list(reasons)] = False
+    n_conflicts = len(reasons)
+    near_reasons, grouped, near_groups, near_counts = near.near_decisions(bands, sketches, prompt, kept, sources.where,
+                                                                          near_policy, threshold)
+    kept[list(near_reasons)] = False
+    reasons.update(near_reasons)
+    # what alpaca_dataset splits by: a prompt's first row, or its near group's first row
+    split_of = np.arange(n, dtype=np.int64)
+    split_of[rest] = pfirst
+    split_of[grouped[0]] = grouped[1]
     counts = {"duplicates_removed": n_dups, "conflict_groups": len(groups), "conflict_rows": conflict_rows,
-              "conflicts_rejected": len(reasons), "kept": kept,
-              "distinct_prompts": int(len(np.unique(pfirst[kept[rest]])))}
+              "conflicts_rejected": n_conflicts, "kept": kept,
+              "distinct_prompts": int(len(near.sorted_unique(split_of[kept]))),
+              "near": {"grouped": grouped, "groups": near_groups, "policy": near_policy, "threshold": threshold, **near_counts}}
     return reasons, dups, groups, counts
 
 
@@ -151,15 +132,34 @@ def _dup_reason(where: str) -> str:
     return f"duplicate of {where} (same instruction, input and output after normalisation)"
 
 
+def _norm_prompt(frame: pd.DataFrame, r: int) -> str:
+    return normalize_text(str(frame.at[r, "instruction"])) + SEP + normalize_text(str(frame.at[r, "input"]))
+
+
+def _near_shown(frame: pd.DataFrame, offset: int, groups: list[dict]) -> None:
+    """The listed near-duplicate groups' first prompt and how similar their rows are (exact Jaccard
+    of the shingles, the lowest against the first row), as their rows go by."""
+    for g in groups:
+        for m in [m for m in g["_members"] if offset <= m < offset + len(frame)]:
+            r = m - offset
+            if m == g["_head"]:
+                g["prompt"] = str(frame.at[r, "input"] or frame.at[r, "instruction"])[:80]
+                g["_text"] = _norm_prompt(frame, r)
+            else:
+                j = round(near.jaccard(g["_text"], _norm_prompt(frame, r)), 3)
+                g["similarity"] = j if g["similarity"] is None else min(g["similarity"], j)
+
+
 def _chunk_output(frame: pd.DataFrame, offset: int, triple: np.ndarray, prompt: np.ndarray, dups: tuple[np.ndarray, np.ndarray],
-                  reasons: dict[int, str], kept: np.ndarray, sources: Sources, heads: dict[int, dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """One chunk's kept rows (with ``record_id`` and ``prompt_id``) and rejected rows."""
+                  reasons: dict[int, str], counts: dict, sources: Sources, heads: dict[int, dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One chunk's kept rows (with ``record_id``, ``prompt_id`` and ``near_group_id``) and rejected rows."""
     n = len(frame)
     rows = np.arange(offset, offset + n)
-    keep = kept[offset : offset + n]
+    keep = counts["kept"][offset : offset + n]
     for head in [h for h in heads if offset <= h < offset + n]:
         r = head - offset
         heads[head]["prompt"] = str(frame.at[r, "input"] or frame.at[r, "instruction"])[:80]
+    _near_shown(frame, offset, counts["near"]["groups"])
     bad = rows[~keep]
     dup_rows, dup_heads = dups
     at = np.minimum(np.searchsorted(dup_rows, bad), max(len(dup_rows) - 1, 0))
@@ -173,6 +173,10 @@ def _chunk_output(frame: pd.DataFrame, offset: int, triple: np.ndarray, prompt: 
     idx = rows[keep]
     out.insert(0, "record_id", pd.Series(hex_ids(triple[idx]), dtype="str"))
     out.insert(1, "prompt_id", pd.Series(hex_ids(prompt[idx]), dtype="str"))
+    grouped, group_head = counts["near"]["grouped"]
+    at = np.minimum(np.searchsorted(grouped, idx), max(len(grouped) - 1, 0))
+    split_row = np.where(grouped[at] == idx, group_head[at], idx) if len(grouped) else idx
+    out["near_group_id"] = pd.Series(hex_ids(prompt[split_row]), dtype="str")
     return out, rejected
 
 
@@ -187,13 +191,23 @@ def _stats(n: int, kept_rows: int, counts: dict, conflict_policy: str, groups: l
         "conflict_rows": counts["conflict_rows"],
         "conflicts_rejected": counts["conflicts_rejected"],
         "conflicts": [{k: v for k, v in g.items() if k != "_head"} for g in groups],
+        "near_duplicate_policy": counts["near"]["policy"],
+        "near_duplicate_threshold": counts["near"]["threshold"],
+        "near_duplicate_groups": counts["near"]["near_duplicate_groups"],
+        "near_duplicate_rows": counts["near"]["near_duplicate_rows"],
+        "near_duplicates_rejected": counts["near"]["near_duplicates_rejected"],
+        "near_duplicates": [{k: v for k, v in g.items() if not k.startswith("_")} for g in counts["near"]["groups"]],
         "prompt_buckets": buckets,
     }
 
 
-def _check_policy(conflict_policy: str) -> None:
+def _check_policy(conflict_policy: str, near_policy: str, threshold: float) -> None:
     if conflict_policy not in CONFLICT_POLICIES:
         raise ValueError(f"conflict_policy must be one of {CONFLICT_POLICIES}, not {conflict_policy!r}")
+    if near_policy not in NEAR_POLICIES:
+        raise ValueError(f"near_duplicate_policy must be one of {NEAR_POLICIES}, not {near_policy!r}")
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"near_duplicate_threshold must be between 0 and 1, not {threshold}")
 
 
 class _Buckets:
@@ -217,59 +231,79 @@ class _Buckets:
                 "distinct_prompts": self.distinct}
 
 
-def deduplicate(df: pd.DataFrame, conflict_policy: ConflictPolicy = "keep_first") -> StageResult:
-    """Exact duplicates removed and conflicts handled, in memory (:func:`deduplicate_to` streams)."""
-    _check_policy(conflict_policy)
+def deduplicate(df: pd.DataFrame, conflict_policy: ConflictPolicy = "keep_first", near_duplicate_policy: NearPolicy = "report",
+                near_duplicate_threshold: float = NEAR_THRESHOLD) -> StageResult:
+    """Exact duplicates removed, conflicts and near duplicates handled, in memory (:func:`deduplicate_to` streams)."""
+    _check_policy(conflict_policy, near_duplicate_policy, near_duplicate_threshold)
     frame = df.reset_index(drop=True)
-    triple, prompt = chunk_keys(frame)
+    triple, prompt, bands, sketches, *codes = first_pass(frame, near_duplicate_threshold)
     sources = Sources(len(frame))
-    sources.add(frame)
-    reasons, dups, groups, counts = decide(triple, prompt, sources, conflict_policy)
+    sources.add_codes(*codes, 0)
+    held = near.Sketches()
+    held.add(sketches)
+    reasons, dups, groups, counts = decide(triple, prompt, sources, conflict_policy, bands, held, near_duplicate_policy,
+                                           near_duplicate_threshold)
     heads = {g["_head"]: g for g in groups}
-    kept, rejected = _chunk_output(frame, 0, triple, prompt, dups, reasons, counts["kept"], sources, heads)
+    kept, rejected = _chunk_output(frame, 0, triple, prompt, dups, reasons, counts, sources, heads)
     buckets = _Buckets(counts["distinct_prompts"])
-    buckets.add(kept["prompt_id"])
+    buckets.add(kept["near_group_id"])
     stats = _stats(len(frame), len(kept), counts, conflict_policy, groups, buckets.stats())
     return StageResult(kept=kept, rejected=rejected, stats=stats)
 
 
 def deduplicate_to(rows: StagedRows, folder: str | os.PathLike, conflict_policy: ConflictPolicy = "keep_first",
-                   chunk_rows: int = CHUNK_ROWS, workers: int | None = None) -> StagedRows:
+                   chunk_rows: int = CHUNK_ROWS, workers: int | None = None, near_duplicate_policy: NearPolicy = "report",
+                   near_duplicate_threshold: float = NEAR_THRESHOLD) -> StagedRows:
     """:func:`deduplicate`, streamed in two passes over ``rows``: the first keeps only each row's
-    two 128-bit keys and its source (44 bytes a row), computed on 2,000,000 rows or more by one
-    worker process per core (``workers`` sets how many); the second writes the rows out."""
-    _check_policy(conflict_policy)
+    two 128-bit keys, its source and its LSH band keys (44 bytes a row and 4 a band; the sketches
+    that check candidate pairs, 64 bytes a row, go to a file beside ``folder``, deleted after), computed on 2,000,000
+    rows or more by one worker process per core (``workers`` sets how many); the second writes the
+    rows out."""
+    _check_policy(conflict_policy, near_duplicate_policy, near_duplicate_threshold)
     n = rows.n_kept
     triple = np.empty((n, 2), dtype=np.uint64)  # filled in place: no second copy when joining chunks
     prompt = np.empty((n, 2), dtype=np.uint64)
+    bands = np.empty((n, near.lsh_bands(near_duplicate_threshold)[0]), dtype=np.uint32)
     sources = Sources(n)
     offset = 0
+    started = time.perf_counter()
     n_workers = workers_for(n, workers)
     if n_workers == 1:
-        firsts = ((*chunk_keys(chunk), *source_codes(chunk)) for chunk in rows.iter_kept(chunk_rows))
+        firsts = (first_pass(chunk, near_duplicate_threshold) for chunk in rows.iter_kept(chunk_rows))
     else:
-        firsts = map_batches(rows.kept_path, _keys_batch, (), n_workers)
-    for t, p, files, codes, lines in firsts:
-        triple[offset : offset + len(t)] = t
-        prompt[offset : offset + len(t)] = p
-        sources.add_codes(files, codes, lines, offset)
-        offset += len(t)
-    if offset != n:
-        raise RuntimeError(f"{rows.kept_path} holds {offset} rows, its stage said {n}")
-    reasons, dups, groups, counts = decide(triple, prompt, sources, conflict_policy)
+        firsts = map_batches(rows.kept_path, _first_pass_batch, (near_duplicate_threshold,), n_workers)
+    Path(folder).parent.mkdir(parents=True, exist_ok=True)
+    with near.Sketches(Path(folder).parent / f".{Path(folder).name}.{os.getpid()}.sketches") as sketches:
+        for t, p, b, sk, files, codes, lines in firsts:
+            triple[offset : offset + len(t)] = t
+            prompt[offset : offset + len(t)] = p
+            bands[offset : offset + len(t)] = b
+            sketches.add(sk)
+            sources.add_codes(files, codes, lines, offset)
+            offset += len(t)
+        if offset != n:
+            raise RuntimeError(f"{rows.kept_path} holds {offset} rows, its stage said {n}")
+        clock = {"first_pass": time.perf_counter() - started}
+        reasons, dups, groups, counts = decide(triple, prompt, sources, conflict_policy, bands, sketches,
+                                               near_duplicate_policy, near_duplicate_threshold)
+    del bands
     heads = {g["_head"]: g for g in groups}
     buckets = _Buckets(counts["distinct_prompts"])
     offset = 0
     empty = empty_records()
     empty.insert(0, "record_id", pd.Series([], dtype="str"))
     empty.insert(1, "prompt_id", pd.Series([], dtype="str"))
+    empty["near_group_id"] = pd.Series([], dtype="str")
+    clock["decide"] = time.perf_counter() - started - clock["first_pass"]
     with stage_output(folder, empty, chunk_rows) as out:
         for chunk in rows.iter_kept(chunk_rows):
-            kept, rejected = _chunk_output(chunk, offset, triple, prompt, dups, reasons, counts["kept"], sources, heads)
+            kept, rejected = _chunk_output(chunk, offset, triple, prompt, dups, reasons, counts, sources, heads)
             out.kept.write(kept)
             out.rejected.write(rejected)
-            buckets.add(kept["prompt_id"])
+            buckets.add(kept["near_group_id"])
             offset += len(chunk)
         out.stats = _stats(offset, out.kept.rows, counts, conflict_policy, groups, buckets.stats())
         out.stats["workers"] = n_workers
+        clock["write"] = time.perf_counter() - started - clock["first_pass"] - clock["decide"]
+        out.stats["seconds"] = {k: round(v, 2) for k, v in clock.items()}
     return StagedRows(str(folder), out.stats)

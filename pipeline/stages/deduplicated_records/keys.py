@@ -119,10 +119,38 @@ def stable_id(*parts: str) -> str:
 def chunk_keys(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """``(triple keys, prompt keys)`` of a frame's rows: 128-bit hashes of the normalised
     instruction + input + output and of the normalised instruction + input."""
+    return prompt_keys(frame)[:2]
+
+
+def prompt_keys(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, pa.Array]:
+    """:func:`chunk_keys` and the normalised prompts themselves (instruction, ``SEP``, input)."""
     norm = {c: normalize_array(frame[c].astype("str")) for c in ("instruction", "input", "output")}
     sep = pa.scalar(SEP, pa.large_string())
     prompt = pc.binary_join_element_wise(norm["instruction"], norm["input"], sep)
     triple = pc.binary_join_element_wise(prompt, norm["output"], sep)
-    return _digests(triple), _digests(prompt)
+    return _digests(triple), _digests(prompt), prompt
 
 
+def first_of_group(keys: np.ndarray) -> np.ndarray:
+    """For each row, the position of the first row (in order) with the same key. A stable sort
+    keeps equal keys in row order, so each run's first element is its earliest row."""
+    n = len(keys)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    # written for a small peak: a few arrays of 8 bytes a row at a time, reused in place
+    order = np.lexsort((keys[:, 1], keys[:, 0]))
+    starts = np.empty(n, dtype=bool)
+    starts[0] = True
+    half = np.take(keys[:, 0], order)
+    np.not_equal(half[1:], half[:-1], out=starts[1:])
+    np.take(keys[:, 1], order, out=half)
+    starts[1:] |= half[1:] != half[:-1]
+    del half
+    run = np.arange(n, dtype=np.int64)
+    run[~starts] = 0
+    del starts
+    np.maximum.accumulate(run, out=run)
+    np.take(order, run, out=run)
+    first = np.empty(n, dtype=np.int64)
+    first[order] = run
+    return first
