@@ -18,8 +18,8 @@ from pipeline.core.records import StagedRows
 from pipeline.stages.alpaca_dataset import build_alpaca, near_twins_across_splits, write_alpaca, write_parquet
 from pipeline.stages.deduplicated_records import NEAR_THRESHOLD, deduplicate, deduplicate_to
 from pipeline.stages.deduplicated_records.keys import prompt_keys
-from pipeline.stages.deduplicated_records.near import (NUM_PERM, WEIGHTS, Sketches, band_keys, lsh_bands,
-                                                       near_groups, shingle_hash, signatures, sketch)
+from pipeline.stages.deduplicated_records.minhash import NUM_PERM, WEIGHTS, band_keys, lsh_bands, shingle_hash, signatures
+from pipeline.stages.deduplicated_records.near import Sketches, near_groups, sketch
 from pipeline.stages.raw_records import ingest_to
 from pipeline.stages.validated_records import validate_to
 
@@ -232,3 +232,27 @@ def test_prompt_keys_text_is_what_is_compared():
     f = frame([rec("腹胀", "甲", instruction="问题"), rec("腹胀", "完全不同的回答", instruction="问题")])
     text = prompt_keys(f)[2]
     assert text.to_pylist() == ["问题\x1f腹胀"] * 2
+
+
+def test_through_dagster_groups_are_reported_kept_together_and_dropped_on_request(tmp_path, tiny_model_dir):
+    from test_dagster_data import meta, run
+
+    distinct = list({r["output"]: r for r in reversed(many_cases(12, seed=9))}.values())[::-1]  # no planted copies
+    assert len(distinct) == 12
+    twins = [rec(distinct[3]["input"].replace("，", "、"), "另一个答案"), rec(distinct[7]["input"].replace("，", " "), "答案7")]
+    write_jsonl(tmp_path / "data" / "raw" / "cases.jsonl", distinct + twins)
+    result = run(tmp_path / "data", tiny_model_dir)
+    assert result.success
+    assert meta(result, "deduplicated_records", "near_duplicate_groups") == 2
+    assert "cases.jsonl:4, cases.jsonl:13" in meta(result, "deduplicated_records", "near_duplicates")
+    assert meta(result, "alpaca_dataset", "near_duplicate_groups_kept_together") == 2
+    checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+    assert checks["no_near_twin_across_splits"] is True
+    alpaca = pd.read_parquet(tmp_path / "data" / "processed" / "alpaca.parquet").set_index("source_line")
+    assert alpaca.at[4, "split"] == alpaca.at[13, "split"] and alpaca.at[8, "split"] == alpaca.at[14, "split"]
+
+    dropped = run(tmp_path / "data", tiny_model_dir, {"deduplicated_records": {"config": {"near_duplicate_policy": "drop"}}})
+    assert dropped.success
+    rejected = pd.read_parquet(tmp_path / "data" / "processed" / "rejected.parquet").set_index("source_line")
+    assert sorted(rejected.index) == [13, 14]
+    assert rejected.at[13, "reason"].startswith("near duplicate of cases.jsonl:4")

@@ -110,7 +110,8 @@ def near_twins_across_splits(path: str | os.PathLike, threshold: float, chunk_ro
     as ``deduplicated_records``, over every row of the file, streamed): ``{"groups": groups with rows in
     both splits, "rows", "held_out_rows": their eval rows, "examples": [(eval file:line, train file:line)]}``."""
     from pipeline.stages.deduplicated_records.keys import prompt_keys
-    from pipeline.stages.deduplicated_records.near import Sketches, band_keys, lsh_bands, near_groups, signatures, sketch
+    from pipeline.stages.deduplicated_records.minhash import band_keys, lsh_bands, signatures
+    from pipeline.stages.deduplicated_records.near import Sketches, near_groups, sketch
 
     path = Path(path)
     bands, evals = [], []

@@ -36,7 +36,7 @@ import pandas as pd
 from pipeline.core.chunks import CHUNK_ROWS
 from pipeline.core.pool import map_batches, read_batch, workers_for
 from pipeline.core.records import StagedRows, StageResult, empty_records, records_as_rejects, stage_output
-from pipeline.stages.deduplicated_records import near
+from pipeline.stages.deduplicated_records import minhash, near
 from pipeline.stages.deduplicated_records.keys import (SEP, chunk_keys, first_of_group, hex_ids, normalize_array, normalize_text,
                                                        prompt_keys, stable_id)
 from pipeline.stages.deduplicated_records.sources import Sources, source_codes
@@ -56,8 +56,8 @@ def first_pass(frame: pd.DataFrame, threshold: float) -> tuple:
     """A chunk's keys, LSH band keys, sketches and sources: ``(triple, prompt, bands, sketches, files,
     file codes, lines)``."""
     triple, prompt, text = prompt_keys(frame)
-    sig, has = near.signatures(text)
-    bands = near.band_keys(sig, has, *near.lsh_bands(threshold))
+    sig, has = minhash.signatures(text)
+    bands = minhash.band_keys(sig, has, *minhash.lsh_bands(threshold))
     return (triple, prompt, bands, near.sketch(sig), *source_codes(frame))
 
 
@@ -263,7 +263,7 @@ def deduplicate_to(rows: StagedRows, folder: str | os.PathLike, conflict_policy:
     n = rows.n_kept
     triple = np.empty((n, 2), dtype=np.uint64)  # filled in place: no second copy when joining chunks
     prompt = np.empty((n, 2), dtype=np.uint64)
-    bands = np.empty((n, near.lsh_bands(near_duplicate_threshold)[0]), dtype=np.uint32)
+    bands = np.empty((n, minhash.lsh_bands(near_duplicate_threshold)[0]), dtype=np.uint32)
     sources = Sources(n)
     offset = 0
     started = time.perf_counter()
