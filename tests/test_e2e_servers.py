@@ -1,13 +1,19 @@
 """End to end against the real servers, started the way `make ui` starts them (``pipeline.ops.ui``):
 `dagster dev` (webserver + daemon) and an MLflow server on free loopback ports, with temporary
-homes, data dir and store; the tiny model.
+homes, data dir and artifact folder, the Dagster instance and the MLflow store on a real PostgreSQL
+server (``MEDTUNE_POSTGRES_URL``, the ``postgres`` fixture); the tiny model.
 
 1. launch full_pipeline_job through Dagster's GraphQL API and poll it to success; check through the
    MLflow REST API the run, its metrics, the adapter artifact and the registered version's alias;
 2. drop a new data file: the sensor launches exactly one run, which registers a new version;
    rewrite a file with the same content: no run;
 3. a real headless Chromium (Playwright, Debian's browser) loads the asset graph and the MLflow
-   model page; screenshots are saved under ``test-artifacts/``.
+   model page; screenshots are saved under ``test-artifacts/``;
+4. the servers listen on loopback only;
+5. a second Dagster webserver (another home, as on a teammate's machine) over the same PostgreSQL
+   instance sees the same runs, and the runs and MLflow's records are rows in PostgreSQL;
+6. two trainings requested at once, one through each webserver, run one at a time.
+The default `make ui` (SQLite files) starts and stops cleanly (test_7).
 
 Every server is stopped at the end, also when a test fails.
 """
@@ -51,6 +57,23 @@ def port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def graphql(base: str, query: str, variables: dict | None = None) -> dict:
+    body = json.dumps({"query": query, "variables": variables or {}}).encode()
+    req = urllib.request.Request(base + "/graphql", data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        out = json.loads(resp.read())
+    assert "errors" not in out, out
+    return out["data"]
+
+
+def wait_until_ready(proc: subprocess.Popen, ready: threading.Event, lines: list[str], timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready.is_set():
+        assert proc.poll() is None, "pipeline.ops.ui exited:\n" + "".join(lines)
+        assert time.monotonic() < deadline, f"pipeline.ops.ui not ready in {timeout:.0f} s:\n" + "".join(lines)
+        time.sleep(0.5)
+
+
 @dataclass
 class Stack:
     dagster: str
@@ -58,14 +81,12 @@ class Stack:
     data_dir: Path
     tiny_model: str  # relative to the data root
     logs: Path
+    env: dict
+    root: Path
+    postgres: object  # tests/pg_server.PostgresServer
 
     def graphql(self, query: str, variables: dict | None = None) -> dict:
-        body = json.dumps({"query": query, "variables": variables or {}}).encode()
-        req = urllib.request.Request(self.dagster + "/graphql", data=body, headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            out = json.loads(resp.read())
-        assert "errors" not in out, out
-        return out["data"]
+        return graphql(self.dagster, query, variables)
 
     def mlflow_get(self, endpoint: str, **params) -> dict:
         url = f"{self.mlflow}/api/2.0/mlflow/{endpoint}?{urllib.parse.urlencode(params)}"
@@ -82,15 +103,7 @@ class Stack:
         return "\n".join(f"--- {p.name}\n" + p.read_text(errors="replace")[-3000:] for p in sorted(self.logs.glob("*.log")))
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory, tiny_model_dir):
-    root = tmp_path_factory.mktemp("e2e")
-    data = root / "data"
-    write_json(data / "raw" / "demo.json", demo_records(24))
-    logs = root / "logs"
-    dagster_port, mlflow_port = free_port(), free_port()
-    env = {**os.environ, "DAGSTER_HOME": str(root / "dagster_home"), "MEDTUNE_DATA_DIR": str(data),
-           "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow' / 'mlflow.db'}"}
+def start_ui(env: dict, logs: Path, dagster_port: int, mlflow_port: int) -> tuple[subprocess.Popen, threading.Event, list[str]]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeline.ops.ui", "--dagster-port", str(dagster_port), "--mlflow-port", str(mlflow_port),
          "--log-dir", str(logs)],
@@ -106,28 +119,44 @@ def stack(tmp_path_factory, tiny_model_dir):
                 ready.set()
 
     threading.Thread(target=reader, daemon=True).start()
+    return proc, ready, lines
+
+
+def stop_ui(proc: subprocess.Popen, logs: Path, ports: tuple[int, ...]) -> bool:
+    """Stop it the way Ctrl-C stops `make ui`; True when nothing listens on ``ports`` afterwards."""
     try:
-        deadline = time.monotonic() + 240
-        while not ready.is_set():
-            assert proc.poll() is None, "pipeline.ops.ui exited:\n" + "".join(lines)
-            assert time.monotonic() < deadline, "pipeline.ops.ui not ready in 240 s:\n" + "".join(lines)
-            time.sleep(0.5)
-        model = model_in_data_root(tiny_model_dir, data)
-        yield Stack(f"http://127.0.0.1:{dagster_port}", f"http://127.0.0.1:{mlflow_port}", data, model, logs)
-    finally:
-        # the same way Ctrl-C stops `make ui`
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=60)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    pids = json.loads((logs / "pids.json").read_text()) if (logs / "pids.json").is_file() else {}
+    for pid in [proc.pid, *pids.values()]:
         try:
-            os.killpg(proc.pid, signal.SIGINT)
-            proc.wait(timeout=60)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(pid, signal.SIGKILL)  # nothing should be left; make sure
+        except (ProcessLookupError, PermissionError):
             pass
-        pids = json.loads((logs / "pids.json").read_text()) if (logs / "pids.json").is_file() else {}
-        for pid in [proc.pid, *pids.values()]:
-            try:
-                os.killpg(pid, signal.SIGKILL)  # nothing should be left; make sure
-            except (ProcessLookupError, PermissionError):
-                pass
-        stopped = not port_open(dagster_port) and not port_open(mlflow_port)
+    return not any(port_open(p) for p in ports)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, tiny_model_dir, postgres):
+    root = tmp_path_factory.mktemp("e2e")
+    data = root / "data"
+    write_json(data / "raw" / "demo.json", demo_records(24))
+    logs = root / "logs"
+    dagster_port, mlflow_port = free_port(), free_port()
+    postgres.create_database("e2e")
+    env = {**os.environ, "DAGSTER_HOME": str(root / "dagster_home"), "MEDTUNE_DATA_DIR": str(data),
+           "MEDTUNE_POSTGRES_URL": postgres.url("e2e"), "MEDTUNE_ARTIFACT_ROOT": str(root / "shared-artifacts")}
+    env.pop("MLFLOW_TRACKING_URI")  # the conftest's SQLite store; here MEDTUNE_POSTGRES_URL chooses
+    proc, ready, lines = start_ui(env, logs, dagster_port, mlflow_port)
+    try:
+        wait_until_ready(proc, ready, lines)
+        model = model_in_data_root(tiny_model_dir, data)
+        yield Stack(f"http://127.0.0.1:{dagster_port}", f"http://127.0.0.1:{mlflow_port}", data, model, logs,
+                    env, root, postgres)
+    finally:
+        stopped = stop_ui(proc, logs, (dagster_port, mlflow_port))
         ARTIFACTS.mkdir(exist_ok=True)
         for p in logs.glob("*.log"):
             shutil.copyfile(p, ARTIFACTS / f"e2e-{p.name}")
@@ -277,3 +306,90 @@ def test_4_servers_listen_on_loopback_only(stack):
         addresses = listening_addresses(port)
         assert addresses, f"nothing listens on {port}"
         assert addresses <= {"127.0.0.1", "::1"}, f"port {port} listens on {addresses}"
+
+
+@pytest.fixture(scope="module")
+def second_webserver(stack):
+    """A teammate's Dagster webserver: its own home, the same PostgreSQL instance (Dagster runs one daemon
+    per instance: the stack's)."""
+    from pipeline.ops.instance import ensure_dagster_home
+
+    env = {**stack.env, "DAGSTER_HOME": str(stack.root / "dagster_home_b")}
+    ensure_dagster_home(stack.root / "dagster_home_b", env)
+    port = free_port()
+    with open(stack.logs / "webserver-b.log", "ab") as log:
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "dagster-webserver"), "-w", str(PROJECT / "workspace.yaml"),
+                                 "-h", "127.0.0.1", "-p", str(port)], cwd=PROJECT, env=env, start_new_session=True,
+                                stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, "the second webserver exited\n" + stack.log_tail()
+            try:
+                with urllib.request.urlopen(url + "/server_info", timeout=2):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "the second webserver was not ready in 180 s\n" + stack.log_tail()
+                time.sleep(0.5)
+        yield url
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(proc.pid, sig)
+                proc.wait(timeout=20)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+
+
+RUNS = "query { runsOrError { ... on Runs { results { runId status startTime endTime } } } }"
+INSTANCE = "query { instance { info } }"
+
+
+def test_5_a_second_webserver_sees_the_same_runs_kept_in_postgresql(stack, second_webserver):
+    runs_a = graphql(stack.dagster, RUNS)["runsOrError"]["results"]
+    runs_b = graphql(second_webserver, RUNS)["runsOrError"]["results"]
+    assert len(runs_a) >= 2 and runs_a == runs_b  # the manual run and the sensor's
+    for base in (stack.dagster, second_webserver):
+        assert "PostgresRunStorage" in (graphql(base, INSTANCE)["instance"]["info"] or "")
+    # the rows are in PostgreSQL, nothing in SQLite files
+    assert {r for (r,) in stack.postgres.query("e2e", "SELECT run_id FROM runs")} == {r["runId"] for r in runs_a}
+    (finished,) = stack.postgres.query("e2e_mlflow", "SELECT count(*) FROM runs WHERE status = 'FINISHED'")
+    assert finished[0] >= 2
+    assert stack.postgres.query("e2e_mlflow", "SELECT name FROM registered_models") == [("medtune",)]
+    assert not list(stack.root.rglob("*.db")), list(stack.root.rglob("*.db"))
+    assert list((stack.root / "shared-artifacts").rglob("adapter_model.safetensors"))  # artifacts on the shared path
+
+
+def test_6_two_trainings_requested_at_once_run_one_at_a_time(stack, second_webserver):
+    launched = []
+    for seed, base in ((11, stack.dagster), (12, second_webserver)):  # different seeds: two real trainings
+        params = {"selector": {"repositoryLocationName": "medtune", "repositoryName": "__repository__",
+                               "jobName": "train_job", "assetSelection": [{"path": ["lora_adapter"]}]},
+                  "runConfigData": {"execution": {"config": {"in_process": {}}},
+                                    "ops": {"lora_adapter": {"config": {**run_config(stack)["ops"]["lora_adapter"]["config"],
+                                                                        "max_steps": 2, "seed": seed}}}}}
+        out = graphql(base, LAUNCH, {"params": params})["launchRun"]
+        assert out["__typename"] == "LaunchRunSuccess", out
+        launched.append(out["run"]["runId"])
+    for run_id in launched:
+        assert wait_for_run(stack, run_id) == "SUCCESS", stack.log_tail()
+    runs = {r["runId"]: r for r in graphql(second_webserver, RUNS)["runsOrError"]["results"]}
+    (a0, a1), (b0, b1) = sorted((runs[r]["startTime"], runs[r]["endTime"]) for r in launched)
+    assert a1 <= b0, f"the two training runs overlapped: {a0}-{a1} and {b0}-{b1}"
+
+
+def test_7_the_default_make_ui_on_sqlite_files_starts_and_stops(tmp_path):
+    logs = tmp_path / "logs"
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "home"), "MEDTUNE_DATA_DIR": str(tmp_path / "data"),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"}
+    ports = free_port(), free_port()
+    proc, ready, lines = start_ui(env, logs, *ports)
+    try:
+        wait_until_ready(proc, ready, lines)
+        assert any("SQLite files in the home" in line for line in lines), lines
+        assert "storage:" not in (tmp_path / "home" / "dagster.yaml").read_text()
+        assert graphql(f"http://127.0.0.1:{ports[0]}", RUNS)["runsOrError"]["results"] == []
+        assert (tmp_path / "mlflow" / "mlflow.db").is_file()
+    finally:
+        assert stop_ui(proc, logs, ports), "a server is still listening after the shutdown"

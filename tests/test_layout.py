@@ -2,6 +2,7 @@
 imports only point down (ops → stages → core), and modules stay small enough to read."""
 
 import ast
+import functools
 import gc
 from pathlib import Path
 
@@ -12,16 +13,23 @@ ASSETS = sorted(p.stem for p in (PROJECT / "assets").glob("*.py") if p.stem != "
 MAX_LINES = 320  # "about 300"
 
 
-def parse(path: Path) -> ast.Module:
-    """``ast.parse`` with the garbage collector held off: on CPython 3.11 a finaliser that runs during
-    the parse (an earlier test's pooled SQLite connection being reset) raises "SystemError: AST
-    constructor recursion depth mismatch" (CPython gh-106905), as CI once saw."""
+@functools.cache
+def _all_parsed() -> dict[Path, ast.Module]:
+    """Every module parsed once, with the garbage collector held off: on CPython 3.11 a finaliser that
+    runs during a parse (an earlier test's pooled SQLite connection being reset) raises "SystemError:
+    AST constructor recursion depth mismatch" (CPython gh-106905), as CI once saw. One collection
+    before all of them: one per file, late in the session with a large heap, took minutes."""
+    files = [p for folder in ("pipeline", "assets", "resources") for p in sorted((PROJECT / folder).rglob("*.py"))]
     gc.collect()
     gc.disable()
     try:
-        return ast.parse(path.read_text())
+        return {p: ast.parse(p.read_text()) for p in files}
     finally:
         gc.enable()
+
+
+def parse(path: Path) -> ast.Module:
+    return _all_parsed()[path]
 
 
 def imports(path: Path) -> set[str]:

@@ -8,17 +8,23 @@ slots. ``make run`` and ``make ui`` call it before they start; ``raw_data_sensor
 tick, so a run killed while ``make ui`` is up does not block the next one either.
 
 The training itself resumes from its latest checkpoint when the asset is materialized again.
+
+On an instance that several machines share (PostgreSQL, ``MEDTUNE_POSTGRES_URL``) a pid means
+something only on the host that ran it: there a run is judged only by the host named in its
+``medtune/host`` tag (``lora_adapter`` sets it), and runs of other hosts are left alone.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.core.atomic import pid_exists
+from pipeline.core.stores import RUN_HOST_TAG
 
 # a run without any event naming its process is left alone for this long (it may be starting)
 STARTING_GRACE_S = 600
@@ -63,7 +69,10 @@ def recover_dead_runs(instance, log=print) -> list[Recovered]:
 
     live = (DagsterRunStatus.STARTED, DagsterRunStatus.STARTING, DagsterRunStatus.CANCELING)
     recovered: list[Recovered] = []
+    shared = not _local_storage(instance)
     for run in instance.get_runs(filters=RunsFilter(statuses=list(live))):
+        if shared and run.tags.get(RUN_HOST_TAG) != socket.gethostname():
+            continue  # another machine's run (or not yet known where): its pid means nothing here
         pid = _run_pid(instance, run.run_id)
         if pid is None:
             record = instance.get_run_record_by_id(run.run_id)
@@ -90,6 +99,11 @@ def recover_dead_runs(instance, log=print) -> list[Recovered]:
                 instance.event_log_storage.free_concurrency_slots_for_run(claim.run_id)
                 log(f"freed the {pool} slot still held by ended run {claim.run_id}")
     return recovered
+
+
+def _local_storage(instance) -> bool:
+    """Runs kept in SQLite files or in memory: one machine's, by construction."""
+    return type(instance.run_storage).__name__.startswith(("Sqlite", "InMemory"))
 
 
 def _pools(instance) -> list[str]:

@@ -4,10 +4,11 @@ MLflow tracking server over the project's store, both on loopback, stopped toget
     python -m pipeline.ops.ui [--host 127.0.0.1] [--dagster-port 3000] [--mlflow-port 5000]
 
 Locations come from the environment: ``DAGSTER_HOME`` (default ``.dagster_home/``, the instance
-settings copied from ``pipeline/dagster.yaml`` when missing), ``MEDTUNE_DATA_DIR`` and
-``MLFLOW_TRACKING_URI`` (a SQLite store, default ``mlflow/mlflow.db``; the Dagster runs write to
-it, the MLflow server reads the same file). The end-to-end tests start the servers through this
-same module.
+settings written by ``pipeline.ops.instance``), ``MEDTUNE_DATA_DIR``, and the stores
+(``pipeline/core/stores.py``): SQLite files by default (``mlflow/mlflow.db``; the Dagster runs write
+to it, the MLflow server reads the same file), or one PostgreSQL server for the Dagster instance and
+the MLflow store when ``MEDTUNE_POSTGRES_URL`` is set. The end-to-end tests start the servers through
+this same module.
 
 Shutdown: both servers start in sessions of their own with SIGINT and SIGTERM reset to their
 defaults (``dagster dev`` started in the background of a non-interactive shell inherits them
@@ -20,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -30,6 +30,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.core.stores import artifact_root
+from pipeline.ops.instance import ensure_dagster_home, ensure_stores
 from resources.data_root import PROJECT_ROOT, default_data_dir
 from resources.mlflow_tracking import default_tracking_uri
 
@@ -41,18 +43,9 @@ def _reset_signals() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def ensure_dagster_home(home: Path) -> Path:
-    home.mkdir(parents=True, exist_ok=True)
-    settings = home / "dagster.yaml"
-    if not settings.is_file():
-        shutil.copyfile(Path(__file__).parents[1] / "dagster.yaml", settings)
-    return home
-
-
-def sqlite_path(uri: str) -> Path:
-    if not uri.startswith("sqlite:///"):
-        raise SystemExit(f"make ui serves a local SQLite MLflow store; MLFLOW_TRACKING_URI is {uri!r} (a server already?)")
-    return Path(uri[len("sqlite:///"):])
+def check_store(uri: str) -> None:
+    if not uri.startswith(("sqlite:///", "postgresql")):
+        raise SystemExit(f"make ui serves a SQLite or PostgreSQL MLflow store; MLFLOW_TRACKING_URI is {uri!r} (a server already?)")
 
 
 @dataclass
@@ -89,13 +82,13 @@ class Servers:
 
     def start(self, log_dir: Path | None = None) -> None:
         bindir = Path(sys.executable).parent
-        ensure_dagster_home(self.dagster_home)
-        store = sqlite_path(self.tracking_uri)
-        store.parent.mkdir(parents=True, exist_ok=True)
-        artifacts = store.parent / "artifacts"
+        check_store(self.tracking_uri)
+        ensure_stores(self.dagster_home, self.env(), log=lambda line: print(line, flush=True))
+        if self.tracking_uri.startswith("sqlite:///"):
+            Path(self.tracking_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         commands = {
             "mlflow": [str(bindir / "mlflow"), "server", "--backend-store-uri", self.tracking_uri,
-                       "--default-artifact-root", artifacts.resolve().as_uri(), "--host", self.host,
+                       "--default-artifact-root", artifact_root(self.tracking_uri, self.env()), "--host", self.host,
                        "--port", str(self.mlflow_port), "--workers", "1"],
             "dagster": [str(bindir / "dagster"), "dev", "-w", str(PROJECT_ROOT / "workspace.yaml"),
                         "-h", self.host, "-p", str(self.dagster_port)],

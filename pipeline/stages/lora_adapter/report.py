@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipeline.core.secrets import MASK
+
 
 class Reporter:
     """Progress to Dagster Pipes (if this process runs under it) or stdout; metrics to MLflow."""
@@ -35,7 +37,10 @@ class Reporter:
         if spec.mlflow_run_id:
             from mlflow.tracking import MlflowClient
 
-            self.mlflow = MlflowClient(spec.mlflow_tracking_uri)
+            uri = spec.mlflow_tracking_uri
+            if uri and MASK in uri:  # the spec on disk names no password: the launcher passes the URI in the environment
+                uri = os.environ.get("MLFLOW_TRACKING_URI", uri)
+            self.mlflow = MlflowClient(uri)
             self.run_id = spec.mlflow_run_id
 
     def log(self, msg: str) -> None:
