@@ -91,8 +91,6 @@ bench: bench-data
 
 bench-data: setup
 	$(BIN)/python bench/data_throughput.py --rows $(BENCH_ROWS)
-	$(BIN)/python bench/train_throughput.py
-	$(BIN)/python bench/generation_throughput.py
 
 clean:
 	rm -rf data/processed data/models .dagster_home
