@@ -20,7 +20,7 @@ from pydantic import Field
 
 from pipeline.core.cache import KEY_CHARS, is_complete, keyed_folder
 from pipeline.core.atomic import atomic_dir, write_bytes_atomic
-from pipeline.core.tracking_sync import COMPLETE, attempt, pending
+from pipeline.core.tracking_sync import COMPLETE, attempt, pending, quick_http
 from pipeline.stages.evaluation_report import (
     EvalConfig,
     eval_dtype,
@@ -80,6 +80,15 @@ def evaluation_key(config: EvaluationReportConfig, adapter_id: str, tokenized_ke
     return sha256_json({"format": EVAL_FORMAT, "adapter": adapter_id, "data": tokenized_key, "alpaca": alpaca_fingerprint, **settings})
 
 
+def _run_lacks_evaluation(mlflow: MlflowTracking, run_id: str) -> bool:
+    """A kept evaluation whose MLflow run has none of it (a run copied into a new store): send it."""
+    try:
+        with quick_http():
+            return "tuned_eval_loss" not in mlflow.client().get_run(run_id).data.metrics
+    except Exception:  # the sending that follows says what failed
+        return True
+
+
 @asset(
     group_name="model",
     compute_kind="pytorch",
@@ -104,7 +113,7 @@ def evaluation_report(
     metrics = {f"{m}_{s}_{k}": float(v) for m, splits in summary.items() for s, d in splits.items()
                for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     tracking = COMPLETE
-    if run_id and (not cache_hit or pending(folder)):
+    if run_id and (not cache_hit or pending(folder) or _run_lacks_evaluation(mlflow, run_id)):
         # the evaluation is on disk; if MLflow is away the next materialization sends it
         tracking = attempt(folder, "evaluation", mlflow.tracking_uri, run_id,
                            lambda: _log_to_mlflow(mlflow, run_id, folder, metrics, gate))

@@ -8,6 +8,7 @@ the same inputs resumes from its latest checkpoint.
 """
 
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -26,7 +27,7 @@ from pipeline.stages.base_model import BaseModelInfo
 from pipeline.core.secrets import redact, redact_params
 from pipeline.core.stores import RUN_HOST_TAG
 from pipeline.stages.tokenized_dataset import TokenizedDataset
-from pipeline.core.tracking_sync import COMPLETE, QUICK_HTTP, attempt, pending, quick_http, send_missing_metrics
+from pipeline.core.tracking_sync import COMPLETE, COPIED_FROM_TAG, QUICK_HTTP, attempt, known_run, pending, quick_http, send_training
 from pipeline.stages.lora_adapter import ERROR_FILE, TRAINING_RECORD, TrainSpec, adapter_id, plot_loss_curve, read_metrics
 from pipeline.stages.lora_adapter.distributed import LaunchError, check_accelerate_config, preset_path
 from pipeline.stages.lora_adapter.distributed import launch_command as stage_launch_command
@@ -182,32 +183,23 @@ def _reuse_or_train(context, config, mlflow, pipes_subprocess_client, tokenized_
         context.log.info(f"cache hit: adapter {aid} was trained on the same data, base model and settings (MLflow run {run_id})")
         tracking = COMPLETE
         earlier = pending(out_dir)
+        if run_id and not earlier:
+            found = known_run(mlflow.client(), run_id, aid, context.log.warning)
+            if found is None:  # trained under another MLflow store (a team's new one): a copy of the run here
+                context.log.info(f"MLflow run {run_id} is not in {redact(mlflow.tracking_uri)}: copying the training's record there")
+                earlier = {"since": "the adapter was trained", "error": f"run {run_id} is in another store"}
+                found = _start_run(context, config, mlflow, settings, aid, tokenized_dataset, base_model,
+                                   {**extra_tags, COPIED_FROM_TAG: run_id})
+            run_id = found
         if earlier and run_id:
             context.log.info(f"sending what MLflow missed since {earlier.get('since')} ({earlier.get('error', '')[:200]})")
             tracking = attempt(out_dir, "training run", mlflow.tracking_uri, run_id,
-                               lambda: _send_training(mlflow.client(), run_id, out_dir, context.log.info))
+                               lambda: send_training(mlflow.client(), run_id, out_dir, read_metrics(out_dir / "metrics.jsonl"), context.log.info))
             _report_tracking(context, tracking)
         return _output(context, mlflow, aid, out_dir, done["result"], run_id, cache_hit=True, tracking=tracking)
 
     mlflow.check_reachable()  # fail before training, naming the URI
-    client = mlflow.client()
-    exp_id = mlflow.experiment_id()
-    tags = {
-        "dagster.run_id": context.run.run_id,
-        "dagster.asset_key": context.asset_key.to_user_string(),
-        "medtune.data_fingerprint": tokenized_dataset.key,
-        "medtune.base_model": base_model.model,
-        "medtune.base_model_fingerprint": base_model.fingerprint,
-        "medtune.adapter_id": aid,
-        "git.commit": _git_commit(),
-        "mlflow.runName": f"{config.method}-{aid}",
-        "medtune.method": config.method,
-        **extra_tags,
-    }
-    run = client.create_run(exp_id, tags=redact_params(tags))
-    run_id = run.info.run_id
-    for key, value in redact_params({**settings, "base_model": base_model.model}).items():
-        client.log_param(run_id, key, "None" if value is None else str(value)[:250])
+    run_id = _start_run(context, config, mlflow, settings, aid, tokenized_dataset, base_model, extra_tags)
     spec = TrainSpec(
         base_model_path=base_model.path,
         tokenized_path=tokenized_dataset.path,
@@ -244,12 +236,12 @@ def _reuse_or_train(context, config, mlflow, pipes_subprocess_client, tokenized_
         raise
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # the finished adapter supersedes its checkpoints
     # the adapter and its metrics are complete on disk; sending them to MLflow may fail on its own
-    png = plot_loss_curve(read_metrics(out_dir / "metrics.jsonl"))
-    write_bytes_atomic(out_dir / "loss_curve.png", png)
+    metrics = read_metrics(out_dir / "metrics.jsonl")
+    write_bytes_atomic(out_dir / "loss_curve.png", png := plot_loss_curve(metrics))
     tracking = attempt(out_dir, "training run", mlflow.tracking_uri, run_id,
-                       lambda: _send_training(client, run_id, out_dir, context.log.info))
+                       lambda: send_training(mlflow.client(), run_id, out_dir, metrics, context.log.info))
     _report_tracking(context, tracking)
-    return _output(context, mlflow, aid, out_dir, result, run_id, cache_hit=False, png=png, tracking=tracking, exp_id=exp_id)
+    return _output(context, mlflow, aid, out_dir, result, run_id, cache_hit=False, png=png, tracking=tracking)
 
 
 def _child_error(ckpt_dir: Path) -> str:
@@ -259,15 +251,25 @@ def _child_error(ckpt_dir: Path) -> str:
         return ""
 
 
-def _send_training(client, run_id: str, out_dir: Path, log) -> None:
-    """Everything the MLflow run should hold, sent again where missing: idempotent."""
-    sent = send_missing_metrics(client, run_id, read_metrics(out_dir / "metrics.jsonl"))
-    if sent:
-        log(f"sent {sent} metric points MLflow did not have yet (kept in {out_dir / 'metrics.jsonl'})")
-    client.log_artifact(run_id, str(out_dir / "loss_curve.png"), "plots")
-    client.log_artifacts(run_id, str(out_dir), "adapter")
-    client.set_tag(run_id, "medtune.tracking", "complete")
-    client.set_terminated(run_id, "FINISHED")
+def _start_run(context, config, mlflow, settings, aid, tokenized_dataset, base_model, extra_tags) -> str:
+    """A new MLflow run for adapter ``aid``: its tags (Dagster run, fingerprints, commit) and settings."""
+    client = mlflow.client()
+    tags = {
+        "dagster.run_id": context.run.run_id,
+        "dagster.asset_key": context.asset_key.to_user_string(),
+        "medtune.data_fingerprint": tokenized_dataset.key,
+        "medtune.base_model": base_model.model,
+        "medtune.base_model_fingerprint": base_model.fingerprint,
+        "medtune.adapter_id": aid,
+        "git.commit": _git_commit(),
+        "mlflow.runName": f"{config.method}-{aid}",
+        "medtune.method": config.method,
+        **extra_tags,
+    }
+    run_id = client.create_run(mlflow.experiment_id(), tags=redact_params(tags)).info.run_id
+    for key, value in redact_params({**settings, "base_model": base_model.model}).items():
+        client.log_param(run_id, key, "None" if value is None else str(value)[:250])
+    return run_id
 
 
 def _mark_failed(context, mlflow, run_id: str, exc: BaseException) -> None:
@@ -281,20 +283,16 @@ def _mark_failed(context, mlflow, run_id: str, exc: BaseException) -> None:
 
 
 def _report_tracking(context, tracking: str) -> None:
-    if tracking == COMPLETE:
-        return
-    context.log.warning(tracking)
+    if tracking != COMPLETE:
+        context.log.warning(tracking)
 
 
-def _output(context, mlflow, aid, out_dir, result, run_id, cache_hit, png=None, tracking=COMPLETE, exp_id=None) -> Output[dict]:
+def _output(context, mlflow, aid, out_dir, result, run_id, cache_hit, png=None, tracking=COMPLETE) -> Output[dict]:
     if png is None:
         png = plot_loss_curve(read_metrics(out_dir / "metrics.jsonl"))
-    if run_id and exp_id is None:
-        try:
-            with quick_http():
-                exp_id = mlflow.client().get_run(run_id).info.experiment_id
-        except Exception:  # the link is a convenience; the tracking status below says what failed
-            exp_id = None
+    exp_id = None
+    with contextlib.suppress(Exception), quick_http():  # the link is a convenience; the tracking status says what failed
+        exp_id = mlflow.client().get_run(run_id).info.experiment_id if run_id else None
     link = mlflow.run_link(run_id, exp_id) if run_id and exp_id else ""
     curve = out_dir / "loss_curve.png"
     if not curve.is_file():

@@ -90,6 +90,23 @@ def test_train_track_resume_and_cache(data_dir, tmp_path, tiny_model_dir):
     assert meta(again, "version", "registered_model") == version.version or str(meta(again, "version", "registered_model")) == str(version.version)
     assert len(client.search_model_versions("name = 'medtune'")) == 1  # nothing registered twice
 
+    # the same data folder under another MLflow store (a team's new one): the cached adapter is not
+    # trained again; its run is copied there whole, evaluated, registered; a second time reuses the copy
+    uri2 = f"sqlite:///{tmp_path / 'team.db'}"
+    moved = run(data_dir, uri2, tiny_model_dir)
+    assert moved.success and meta(moved, "cache_hit") is True and meta(moved, "cache_hit", "evaluation_report") is True
+    team = MlflowClient(uri2, registry_uri=uri2)
+    copy_id = meta(moved, "mlflow_run_id")
+    copy = team.get_run(copy_id)
+    assert copy_id != run_id and copy.data.tags["medtune.copied_from_run"] == run_id and copy.info.status == "FINISHED"
+    assert copy.data.params == client.get_run(run_id).data.params
+    assert [m.value for m in team.get_metric_history(copy_id, "train_loss")] == [m.value for m in losses]
+    assert copy.data.metrics["tuned_eval_loss"] == r.data.metrics["tuned_eval_loss"]
+    assert "adapter/adapter_model.safetensors" in {a.path for a in team.list_artifacts(copy_id, "adapter")}
+    assert team.get_model_version_by_alias("medtune", "champion").run_id == copy_id
+    assert meta(run(data_dir, uri2, tiny_model_dir), "mlflow_run_id") == copy_id
+    assert len(team.search_runs([copy.info.experiment_id])) == 1
+
 
 def test_a_failed_gate_registers_nothing_and_says_why(data_dir, tmp_path, tiny_model_dir):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -21,6 +21,8 @@ from pipeline.core.atomic import write_bytes_atomic
 from pipeline.core.secrets import redact
 
 PENDING = "mlflow_pending.json"
+# on a copy of a training's MLflow run made in another store: the run it was copied from
+COPIED_FROM_TAG = "medtune.copied_from_run"
 COMPLETE = "complete"
 
 # A server that is down should cost seconds, not MLflow's default of 7 retries with backoff.
@@ -98,3 +100,39 @@ def send_missing_metrics(client: Any, run_id: str, metrics: list[dict]) -> int:
     for i in range(0, len(missing), 900):  # MLflow takes at most 1000 metrics per batch
         client.log_batch(run_id, metrics=missing[i : i + 900])
     return len(missing)
+
+
+def send_training(client, run_id: str, out_dir: Path, metrics: list[dict], log) -> None:
+    """Everything a training's MLflow run should hold (``metrics``: its ``metrics.jsonl``, the adapter
+    folder, the loss curve), sent again where missing: idempotent."""
+    sent = send_missing_metrics(client, run_id, metrics)
+    if sent:
+        log(f"sent {sent} metric points MLflow did not have yet (kept in {out_dir / 'metrics.jsonl'})")
+    client.log_artifact(run_id, str(out_dir / "loss_curve.png"), "plots")
+    client.log_artifacts(run_id, str(out_dir), "adapter")
+    client.set_tag(run_id, "medtune.tracking", "complete")
+    client.set_terminated(run_id, "FINISHED")
+
+
+def known_run(client, run_id: str, adapter_id: str, warn) -> str | None:
+    """The MLflow run of a cached adapter in this store: ``run_id`` when the store has it, else a complete
+    copy made earlier (tagged with the adapter id and the run it copies), else None. When the store
+    cannot be asked, ``run_id`` (the sending that follows says what failed)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        with quick_http():
+            client.get_run(run_id)
+            return run_id
+    except MlflowException as exc:
+        if "RESOURCE_DOES_NOT_EXIST" not in str(getattr(exc, "error_code", "")) and "not found" not in str(exc):
+            warn(f"could not look MLflow run {run_id} up ({redact(exc)[:300]})")
+            return run_id
+    except Exception as exc:
+        warn(f"could not look MLflow run {run_id} up ({redact(exc)[:300]})")
+        return run_id
+    copies = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        filter_string=f"tags.`medtune.adapter_id` = '{adapter_id}' and tags.`{COPIED_FROM_TAG}` = '{run_id}' "
+                      "and tags.`medtune.tracking` = 'complete'", max_results=1)
+    return copies[0].info.run_id if copies else None

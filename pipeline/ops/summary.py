@@ -7,7 +7,9 @@ import sys
 
 import pandas as pd
 
+from pipeline.core.secrets import redact
 from resources.data_root import DataRoot, default_data_dir
+from resources.mlflow_tracking import default_tracking_uri
 
 
 def summary(data_dir: str | None = None) -> str:
@@ -54,7 +56,7 @@ def summary(data_dir: str | None = None) -> str:
             out.append(f"                      {a['steady_tokens_per_s']:,.0f} tokens/s, {a.get('achieved_tflops')} TFLOP/s of a "
                        f"{a.get('matmul_peak_tflops')} TFLOP/s matmul peak (MFU {a.get('mfu')})")
         out.append(f"  adapter             {a['path']}")
-        out.append(f"  MLflow run          {a.get('mlflow_run_id')}  (make mlflow-ui, or mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db)")
+        out.append(f"  MLflow run          {a.get('mlflow_run_id')}  (make mlflow-ui; store {redact(default_tracking_uri())})")
     report = stages / "evaluation_report.json"
     if report.is_file():
         r = json.loads(report.read_text())
