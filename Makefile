@@ -18,6 +18,10 @@ export GX_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
+# a team's PostgreSQL (docs/scale-out.md): dagster.yaml names no password, libpq reads PGPASSWORD
+ifneq ($(strip $(MEDTUNE_POSTGRES_URL)),)
+export PGPASSWORD ?= $(shell $(PYTHON) -c 'import sys, urllib.parse as u; print(u.unquote(u.urlsplit(sys.argv[1]).password or ""))' '$(MEDTUNE_POSTGRES_URL)')
+endif
 
 .PHONY: setup postgresql run sweep ask test ui mlflow-ui screenshots bench bench-data clean help
 
@@ -76,8 +80,8 @@ ui: setup
 	$(BIN)/python -m pipeline.ops.ui --host 127.0.0.1 --dagster-port 3000 --mlflow-port 5000
 
 mlflow-ui: setup
-	$(BIN)/mlflow ui --backend-store-uri "$$($(BIN)/python -c 'from resources.mlflow_tracking import default_tracking_uri as u; print(u())')" \
-	  --host 127.0.0.1 --port 5000 --workers 1
+	MLFLOW_BACKEND_STORE_URI="$$($(BIN)/python -c 'from resources.mlflow_tracking import default_tracking_uri as u; print(u())')" \
+	  $(BIN)/mlflow ui --host 127.0.0.1 --port 5000 --workers 1
 
 # with `make ui` running: the README's screenshots from the real UIs
 screenshots: setup

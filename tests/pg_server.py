@@ -1,6 +1,7 @@
 """A real PostgreSQL server for the tests: Debian's ``postgresql`` package (``make test`` installs it
 when missing), a cluster made by ``initdb`` in a temporary data directory, listening on a free
-loopback port only, trust authentication for its one role, stopped and deleted at the end.
+loopback port only, its one role logging in with a password over TCP (SCRAM), stopped and deleted
+at the end.
 
 PostgreSQL refuses to run as root: as root the cluster belongs to the ``postgres`` system user.
 """
@@ -10,11 +11,12 @@ from __future__ import annotations
 import glob
 import os
 import pwd
+import secrets
 import shutil
 import socket
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -41,9 +43,10 @@ class PostgresServer:
     port: int
     bin: Path
     user: str = "medtune"
+    password: str = field(default_factory=lambda: "pw-" + secrets.token_hex(8))
 
     def url(self, database: str = "medtune") -> str:
-        return f"postgresql://{self.user}@127.0.0.1:{self.port}/{database}"
+        return f"postgresql://{self.user}:{self.password}@127.0.0.1:{self.port}/{database}"
 
     def _run(self, *cmd: str) -> subprocess.CompletedProcess:
         as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
@@ -51,11 +54,15 @@ class PostgresServer:
 
     def start(self) -> None:
         data = self.root / "data"
+        pwfile = self.root / "pwfile"
+        pwfile.write_text(self.password + "\n")
         if os.geteuid() == 0:
             pw = pwd.getpwnam("postgres")
-            os.chown(self.root, pw.pw_uid, pw.pw_gid)
-        done = self._run(str(self.bin / "initdb"), "-D", str(data), "-U", self.user, "-A", "trust", "-E", "UTF8",
-                         "--no-locale", "--no-sync")
+            for path in (self.root, pwfile):
+                os.chown(path, pw.pw_uid, pw.pw_gid)
+        done = self._run(str(self.bin / "initdb"), "-D", str(data), "-U", self.user, "--pwfile", str(pwfile),
+                         "--auth-local", "trust", "--auth-host", "scram-sha-256", "-E", "UTF8", "--no-locale", "--no-sync")
+        pwfile.unlink()
         if done.returncode:
             raise RuntimeError(f"initdb failed: {done.stdout}{done.stderr}")
         options = (f"-h 127.0.0.1 -p {self.port} -k {self.root} -c fsync=off -c synchronous_commit=off "

@@ -314,7 +314,8 @@ def second_webserver(stack):
     per instance: the stack's)."""
     from pipeline.ops.instance import ensure_dagster_home
 
-    env = {**stack.env, "DAGSTER_HOME": str(stack.root / "dagster_home_b")}
+    # started by hand, as a teammate would: the instance settings name no password, libpq reads PGPASSWORD
+    env = {**stack.env, "DAGSTER_HOME": str(stack.root / "dagster_home_b"), "PGPASSWORD": stack.postgres.password}
     ensure_dagster_home(stack.root / "dagster_home_b", env)
     port = free_port()
     with open(stack.logs / "webserver-b.log", "ab") as log:
@@ -358,6 +359,8 @@ def test_5_a_second_webserver_sees_the_same_runs_kept_in_postgresql(stack, secon
     assert finished[0] >= 2
     assert stack.postgres.query("e2e_mlflow", "SELECT name FROM registered_models") == [("medtune",)]
     assert not list(stack.root.rglob("*.db")), list(stack.root.rglob("*.db"))
+    for home in ("dagster_home", "dagster_home_b"):  # the server wants a password; no file holds it
+        assert stack.postgres.password not in (stack.root / home / "dagster.yaml").read_text()
     assert list((stack.root / "shared-artifacts").rglob("adapter_model.safetensors"))  # artifacts on the shared path
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.core.stores import (DAGSTER_HEADER, StoreConfigError, artifact_root, dagster_settings, mlflow_database_url,
-                                  postgres_url, tracking_uri)
+from pipeline.core.stores import (DAGSTER_HEADER, StoreConfigError, artifact_root, dagster_settings, libpq_env,
+                                  mlflow_database_url, postgres_url, tracking_uri)
 from pipeline.ops.instance import TEMPLATE, ensure_dagster_home
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -26,14 +26,17 @@ def test_the_url_switches_both_stores_and_each_tools_own_setting_wins():
     assert tracking_uri({"MEDTUNE_POSTGRES_URL": URL}) == "postgresql+psycopg2://team:s3cret@db.internal:5432/medtune_mlflow"
     assert tracking_uri({"MEDTUNE_POSTGRES_URL": URL, "MLFLOW_TRACKING_URI": "http://mlflow:5000"}) == "http://mlflow:5000"
     assert "storage:" not in dagster_settings(TEMPLATE.read_text(), {})
-    settings = yaml.safe_load(dagster_settings(TEMPLATE.read_text(), {"MEDTUNE_POSTGRES_URL": URL + "?sslmode=require"}))
+    text = dagster_settings(TEMPLATE.read_text(), {"MEDTUNE_POSTGRES_URL": URL + "?sslmode=require"})
+    settings = yaml.safe_load(text)
     assert settings["storage"]["postgres"]["postgres_db"] == {
-        "scheme": "postgresql+psycopg2", "username": "team", "password": "s3cret", "hostname": "db.internal", "port": 5432,
+        "scheme": "postgresql+psycopg2", "username": "team", "hostname": "db.internal", "port": 5432,
         "db_name": "medtune", "params": {"sslmode": "require"}}
     assert settings["concurrency"] == yaml.safe_load(TEMPLATE.read_text())["concurrency"]
-    # the password the standard libpq way (PGPASSWORD, ~/.pgpass): none in the file
-    plain = yaml.safe_load(dagster_settings(TEMPLATE.read_text(), {"MEDTUNE_POSTGRES_URL": "postgresql://team@db/medtune"}))
-    assert "password" not in plain["storage"]["postgres"]["postgres_db"]
+    # no password in the file (nor in the instance settings the UI shows): libpq reads PGPASSWORD
+    assert "s3cret" not in text
+    assert libpq_env({"MEDTUNE_POSTGRES_URL": URL}) == {"PGPASSWORD": "s3cret"}
+    assert libpq_env({"MEDTUNE_POSTGRES_URL": URL, "PGPASSWORD": "own"}) == {}
+    assert libpq_env({"MEDTUNE_POSTGRES_URL": "postgresql://team@db/medtune"}) == libpq_env({}) == {}
     assert mlflow_database_url("postgresql://u@h/team%20db") == "postgresql+psycopg2://u@h/team%20db_mlflow"
 
 
@@ -61,7 +64,7 @@ def test_the_instance_settings_follow_the_environment_but_never_replace_a_users_
     settings = home / "dagster.yaml"
     assert settings.read_text().startswith(DAGSTER_HEADER) and "storage:" not in settings.read_text()
     ensure_dagster_home(home, {"MEDTUNE_POSTGRES_URL": URL})  # switched on later: rewritten
-    assert "postgres:" in settings.read_text() and settings.stat().st_mode & 0o777 == 0o600
+    assert "postgres:" in settings.read_text()
     ensure_dagster_home(home, {})  # and off again
     assert "storage:" not in settings.read_text()
     settings.write_text("telemetry:\n  enabled: false\n")  # the user's own
@@ -83,6 +86,8 @@ def test_instance_and_mlflow_store_live_on_the_server(postgres, tmp_path, monkey
     assert "created the MLflow store's database" in done.stdout and "PostgreSQL" in done.stdout
 
     monkeypatch.setenv("MEDTUNE_POSTGRES_URL", postgres.url())
+    assert postgres.password not in (tmp_path / "home" / "dagster.yaml").read_text()
+    monkeypatch.setenv("PGPASSWORD", postgres.password)  # the settings name no password: libpq reads it here
     instance = DagsterInstance.from_config(str(tmp_path / "home"))
     try:
         assert type(instance.run_storage).__name__ == "PostgresRunStorage"
@@ -123,6 +128,7 @@ def test_on_a_shared_instance_recovery_judges_only_this_hosts_runs(postgres, tmp
     from pipeline.ops.recover import recover_dead_runs
 
     monkeypatch.setenv("MEDTUNE_POSTGRES_URL", postgres.url())
+    monkeypatch.setenv("PGPASSWORD", postgres.password)
     ensure_dagster_home(tmp_path / "home")
     gone = subprocess.Popen(["true"])
     gone.wait()  # a pid that no longer runs

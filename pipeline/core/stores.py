@@ -4,9 +4,10 @@ one PostgreSQL server that a team shares.
     export MEDTUNE_POSTGRES_URL=postgresql://medtune:secret@db.internal:5432/medtune
 
 switches both. The Dagster instance (runs, event logs, schedules, sensor ticks, pool slots) uses that
-database (``$DAGSTER_HOME/dagster.yaml`` gets a ``storage: postgres`` section naming the server; a
-password is best left out of the URL and given the standard libpq way, ``PGPASSWORD`` or
-``~/.pgpass``; one in the URL is written there, in a file only its owner may read). The MLflow tracking store and model
+database (``$DAGSTER_HOME/dagster.yaml`` gets a ``storage: postgres`` section naming the server, never
+the password: Dagster's processes find it the standard libpq way, in ``PGPASSWORD`` or ``~/.pgpass``;
+``make`` and ``pipeline.ops.ui`` set ``PGPASSWORD`` from the URL when it carries one, so the password
+is in no file and not in the instance settings the Dagster UI shows). The MLflow tracking store and model
 registry use the database of the same name with ``_mlflow`` appended, on the same server (created
 when missing and the role may): both tools name a table ``runs`` and ``alembic_version``, so they
 cannot share one database.
@@ -105,13 +106,20 @@ def dagster_settings(template: str, env: Mapping[str, str] = os.environ) -> str:
         return text
     parts = urllib.parse.urlsplit(url)
     fields = {"scheme": DRIVER_SCHEME, "username": urllib.parse.unquote(parts.username or ""),
-              "password": urllib.parse.unquote(parts.password or ""), "hostname": parts.hostname,
-              "port": parts.port or 5432, "db_name": database_name(url)}
+              "hostname": parts.hostname, "port": parts.port or 5432, "db_name": database_name(url)}
     if parts.query:
         fields["params"] = dict(urllib.parse.parse_qsl(parts.query))
     storage = {"storage": {"postgres": {"postgres_db": {k: v for k, v in fields.items() if v != ""}}}}
     return (text + "\n# MEDTUNE_POSTGRES_URL was set when this file was written: runs, events, schedules and pool\n"
             "# slots live in this PostgreSQL database (pipeline/core/stores.py)\n" + yaml.safe_dump(storage, sort_keys=False))
+
+
+def libpq_env(env: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """``PGPASSWORD`` from ``MEDTUNE_POSTGRES_URL`` when the URL carries a password and it is not set yet:
+    what Dagster's processes need, since their settings name no password."""
+    url = postgres_url(env)
+    password = urllib.parse.unquote(urllib.parse.urlsplit(url).password or "") if url else ""
+    return {"PGPASSWORD": password} if password and not env.get("PGPASSWORD") else {}
 
 
 def ensure_database(url: str, timeout_s: int = 10) -> bool:

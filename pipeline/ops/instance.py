@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import urllib.parse
 from pathlib import Path
 
 from pipeline.core.atomic import write_bytes_atomic
@@ -32,7 +33,6 @@ def ensure_dagster_home(home: Path, env=os.environ) -> Path:
         if current == wanted or not ours:
             return home
     write_bytes_atomic(settings, wanted.encode())
-    settings.chmod(0o600)  # it may name a password (better: PGPASSWORD or ~/.pgpass)
     return home
 
 
@@ -45,6 +45,9 @@ def ensure_stores(home: Path, env=os.environ, log=print) -> None:
             log(f"created the MLflow store's database: {redact(uri)}")
     log(f"Dagster instance {home} ({'PostgreSQL ' + redact(pg) if pg else 'SQLite files in the home'}); "
         f"MLflow store {redact(uri)}")
+    if pg and urllib.parse.urlsplit(pg).password and not env.get("PGPASSWORD"):
+        log("the instance settings name no password: Dagster commands you start yourself need PGPASSWORD "
+            "(or ~/.pgpass); make and pipeline.ops.ui set it from MEDTUNE_POSTGRES_URL")
 
 
 def main() -> int:

@@ -30,7 +30,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.core.stores import artifact_root
+from pipeline.core.stores import artifact_root, libpq_env
 from pipeline.ops.instance import ensure_dagster_home, ensure_stores
 from resources.data_root import PROJECT_ROOT, default_data_dir
 from resources.mlflow_tracking import default_tracking_uri
@@ -72,6 +72,7 @@ class Servers:
             "DAGSTER_HOME": str(self.dagster_home),
             "MEDTUNE_DATA_DIR": str(self.data_dir),
             "MLFLOW_TRACKING_URI": self.tracking_uri,
+            "MLFLOW_BACKEND_STORE_URI": self.tracking_uri,
             "MEDTUNE_MLFLOW_UI_URL": self.mlflow_url,
             "PYTHONPATH": str(PROJECT_ROOT),
             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
@@ -87,8 +88,8 @@ class Servers:
         if self.tracking_uri.startswith("sqlite:///"):
             Path(self.tracking_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         commands = {
-            "mlflow": [str(bindir / "mlflow"), "server", "--backend-store-uri", self.tracking_uri,
-                       "--default-artifact-root", artifact_root(self.tracking_uri, self.env()), "--host", self.host,
+            # the store's URI in the environment (MLFLOW_BACKEND_STORE_URI): a password stays out of `ps`
+            "mlflow": [str(bindir / "mlflow"), "server", "--default-artifact-root", artifact_root(self.tracking_uri, self.env()), "--host", self.host,
                        "--port", str(self.mlflow_port), "--workers", "1"],
             "dagster": [str(bindir / "dagster"), "dev", "-w", str(PROJECT_ROOT / "workspace.yaml"),
                         "-h", self.host, "-p", str(self.dagster_port)],
@@ -168,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mlflow-port", type=int, default=5000)
     ap.add_argument("--log-dir", default=None, help="write the servers' output there instead of this terminal")
     args = ap.parse_args(argv)
+    os.environ.update(libpq_env())  # the instance settings name no password; libpq reads PGPASSWORD
     servers = Servers(
         host=args.host,
         dagster_port=args.dagster_port,
