@@ -23,6 +23,7 @@ from pydantic import Field
 
 from pipeline.core.cache import is_complete, keyed_folder
 from pipeline.core.atomic import file_lock, write_bytes_atomic
+from pipeline.core.pool_limit import machine_slot
 from pipeline.stages.base_model import BaseModelInfo
 from pipeline.core.secrets import redact, redact_params
 from pipeline.core.stores import RUN_HOST_TAG
@@ -111,9 +112,8 @@ def _git_commit() -> str:
 
 
 def launch_command(spec_path: Path, config: LoraAdapterConfig, run_id: str = "medtune") -> list[str]:
-    return stage_launch_command(spec_path, num_processes=config.num_processes, launcher=config.launcher,
-                                accelerate_config=config.accelerate_config, num_nodes=config.num_nodes,
-                                node_rank=config.node_rank, rdzv_endpoint=config.rdzv_endpoint, run_id=run_id)
+    names = ("num_processes", "launcher", "accelerate_config", "num_nodes", "node_rank", "rdzv_endpoint")
+    return stage_launch_command(spec_path, run_id=run_id, **{name: getattr(config, name) for name in names})
 
 
 def training_key(config: LoraAdapterConfig, tokenized_key: str, max_seq_len: int, base_fingerprint: str) -> tuple[str, dict, dict]:
@@ -167,37 +167,40 @@ def train_or_reuse(context, config: LoraAdapterConfig, data_root: DataRoot, mlfl
     aid, settings, spec_fields = training_key(config, tokenized_dataset.key, tokenized_dataset.max_seq_len, base_model.fingerprint)
     out_dir = keyed_folder(data_root.models_dir / "adapters", aid)
     ckpt_dir = keyed_folder(data_root.models_dir / "checkpoints", aid)
-    # one training per adapter at a time, whatever the run queue is set to: a second
-    # materialization of the same adapter waits here, then finds it finished (a cache hit)
+    # one training per adapter at a time: a second materialization waits here, then finds it done (cache hit)
     with file_lock(data_root.models_dir / "checkpoints" / f"{aid}.lock",
                    on_wait=lambda: context.log.info(f"another process is training adapter {aid}: waiting for it")):
-        return _reuse_or_train(context, config, mlflow, pipes_subprocess_client, tokenized_dataset, base_model,
-                               settings, spec_fields, aid, out_dir, ckpt_dir, extra_tags or {})
+        if is_complete(out_dir, TRAINING_RECORD):
+            return _reuse(context, config, mlflow, tokenized_dataset, base_model, settings, aid, out_dir, extra_tags or {})
+        with machine_slot(context.instance, TRAINING_POOL, context.log.info):  # see pipeline/core/pool_limit.py
+            return _train(context, config, mlflow, pipes_subprocess_client, tokenized_dataset, base_model,
+                          settings, spec_fields, aid, out_dir, ckpt_dir, extra_tags or {})
 
 
-def _reuse_or_train(context, config, mlflow, pipes_subprocess_client, tokenized_dataset, base_model,
-                    settings, spec_fields, aid, out_dir, ckpt_dir, extra_tags) -> Output[dict]:
-    if is_complete(out_dir, TRAINING_RECORD):
-        done = json.loads((out_dir / TRAINING_RECORD).read_text())
-        run_id = done["spec"].get("mlflow_run_id")
-        context.log.info(f"cache hit: adapter {aid} was trained on the same data, base model and settings (MLflow run {run_id})")
-        tracking = COMPLETE
-        earlier = pending(out_dir)
-        if run_id and not earlier:
-            found = known_run(mlflow.client(), run_id, aid, context.log.warning)
-            if found is None:  # trained under another MLflow store (a team's new one): a copy of the run here
-                context.log.info(f"MLflow run {run_id} is not in {redact(mlflow.tracking_uri)}: copying the training's record there")
-                earlier = {"since": "the adapter was trained", "error": f"run {run_id} is in another store"}
-                found = _start_run(context, config, mlflow, settings, aid, tokenized_dataset, base_model,
-                                   {**extra_tags, COPIED_FROM_TAG: run_id})
-            run_id = found
-        if earlier and run_id:
-            context.log.info(f"sending what MLflow missed since {earlier.get('since')} ({earlier.get('error', '')[:200]})")
-            tracking = attempt(out_dir, "training run", mlflow.tracking_uri, run_id,
-                               lambda: send_training(mlflow.client(), run_id, out_dir, read_metrics(out_dir / "metrics.jsonl"), context.log.info))
-            _report_tracking(context, tracking)
-        return _output(context, mlflow, aid, out_dir, done["result"], run_id, cache_hit=True, tracking=tracking)
+def _reuse(context, config, mlflow, tokenized_dataset, base_model, settings, aid, out_dir, extra_tags) -> Output[dict]:
+    done = json.loads((out_dir / TRAINING_RECORD).read_text())
+    run_id = done["spec"].get("mlflow_run_id")
+    context.log.info(f"cache hit: adapter {aid} was trained on the same data, base model and settings (MLflow run {run_id})")
+    tracking = COMPLETE
+    earlier = pending(out_dir)
+    if run_id and not earlier:
+        found = known_run(mlflow.client(), run_id, aid, context.log.warning)
+        if found is None:  # trained under another MLflow store (a team's new one): a copy of the run here
+            context.log.info(f"MLflow run {run_id} is not in {redact(mlflow.tracking_uri)}: copying the training's record there")
+            earlier = {"since": "the adapter was trained", "error": f"run {run_id} is in another store"}
+            found = _start_run(context, config, mlflow, settings, aid, tokenized_dataset, base_model,
+                               {**extra_tags, COPIED_FROM_TAG: run_id})
+        run_id = found
+    if earlier and run_id:
+        context.log.info(f"sending what MLflow missed since {earlier.get('since')} ({earlier.get('error', '')[:200]})")
+        tracking = attempt(out_dir, "training run", mlflow.tracking_uri, run_id,
+                           lambda: send_training(mlflow.client(), run_id, out_dir, read_metrics(out_dir / "metrics.jsonl"), context.log.info))
+        _report_tracking(context, tracking)
+    return _output(context, mlflow, aid, out_dir, done["result"], run_id, cache_hit=True, tracking=tracking)
 
+
+def _train(context, config, mlflow, pipes_subprocess_client, tokenized_dataset, base_model,
+           settings, spec_fields, aid, out_dir, ckpt_dir, extra_tags) -> Output[dict]:
     mlflow.check_reachable()  # fail before training, naming the URI
     run_id = _start_run(context, config, mlflow, settings, aid, tokenized_dataset, base_model, extra_tags)
     spec = TrainSpec(
@@ -245,10 +248,9 @@ def _reuse_or_train(context, config, mlflow, pipes_subprocess_client, tokenized_
 
 
 def _child_error(ckpt_dir: Path) -> str:
-    try:
+    with contextlib.suppress(OSError):
         return (ckpt_dir / ERROR_FILE).read_text()[:5000]
-    except OSError:
-        return ""
+    return ""
 
 
 def _start_run(context, config, mlflow, settings, aid, tokenized_dataset, base_model, extra_tags) -> str:

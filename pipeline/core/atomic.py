@@ -168,3 +168,38 @@ def file_lock(path: str | os.PathLike, on_wait=None) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def file_semaphore(folder: str | os.PathLike, slots: int, on_wait=None, poll_s: float = 0.2) -> Iterator[int]:
+    """At most ``slots`` holders at once between processes: one ``flock`` per slot file in
+    ``folder``; yields the slot's number. Released by the kernel when a holder dies, like
+    ``file_lock``. ``on_wait`` is called once if every slot is taken."""
+    import fcntl
+    import time
+
+    if slots < 1:
+        raise ValueError(f"a semaphore needs at least one slot, not {slots}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    handles = [open(folder / f"slot-{i}.lock", "a") for i in range(slots)]
+    try:
+        waited = False
+        while True:
+            for i, fh in enumerate(handles):
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue
+                try:
+                    yield i
+                finally:
+                    fcntl.flock(fh, fcntl.LOCK_UN)
+                return
+            if not waited and on_wait is not None:
+                on_wait()
+            waited = True
+            time.sleep(poll_s)
+    finally:
+        for fh in handles:
+            fh.close()
