@@ -1,11 +1,12 @@
 """A Dagster pool's limit, held on this machine by lock files as well.
 
-Dagster's SQLite storage claims a pool slot with a read and then a write (no row lock), so two
-runs that reach a pooled step in the same instant can both get the one slot: CI saw two
-trainings overlap that way. ``machine_slot`` takes one of the pool's ``limit`` lock files
-(``pipeline.core.atomic.file_semaphore``) under the instance's home, so at most ``limit`` holders
-run at once on this machine whatever the storage did; on PostgreSQL, Dagster's own row locks hold
-the limit across machines.
+Dagster (1.13) claims a pool slot with a read and then a write: ``SELECT ... FOR UPDATE`` of a free
+slot, then ``UPDATE ... WHERE id = ?`` without checking the slot is still free. SQLite ignores
+``FOR UPDATE`` and dagster-postgres runs both in autocommit mode, so two runs that reach a pooled
+step in the same instant can both get the one slot: CI saw two trainings overlap that way (SQLite).
+``machine_slot`` takes one of the pool's ``limit`` lock files (``pipeline.core.atomic.file_semaphore``)
+under the instance's home, so at most ``limit`` holders run at once on this machine, whatever the
+storage did. Across machines sharing one instance the window stays Dagster's.
 """
 
 from __future__ import annotations
