@@ -23,7 +23,7 @@ from pydantic import Field
 
 from pipeline.core.cache import is_complete, keyed_folder
 from pipeline.core.atomic import file_lock, write_bytes_atomic
-from pipeline.core.pool_limit import machine_slot
+from pipeline.core.pool_limit import pool_slot
 from pipeline.stages.base_model import BaseModelInfo
 from pipeline.core.secrets import redact, redact_params
 from pipeline.core.stores import RUN_HOST_TAG
@@ -172,7 +172,7 @@ def train_or_reuse(context, config: LoraAdapterConfig, data_root: DataRoot, mlfl
                    on_wait=lambda: context.log.info(f"another process is training adapter {aid}: waiting for it")):
         if is_complete(out_dir, TRAINING_RECORD):
             return _reuse(context, config, mlflow, tokenized_dataset, base_model, settings, aid, out_dir, extra_tags or {})
-        with machine_slot(context.instance, TRAINING_POOL, context.log.info):  # see pipeline/core/pool_limit.py
+        with pool_slot(context.instance, TRAINING_POOL, context.log.info):  # see pipeline/core/pool_limit.py
             return _train(context, config, mlflow, pipes_subprocess_client, tokenized_dataset, base_model,
                           settings, spec_fields, aid, out_dir, ckpt_dir, extra_tags or {})
 

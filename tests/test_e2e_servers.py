@@ -380,6 +380,10 @@ def test_6_two_trainings_requested_at_once_run_one_at_a_time(stack, second_webse
     runs = {r["runId"]: r for r in graphql(second_webserver, RUNS)["runsOrError"]["results"]}
     (a0, a1), (b0, b1) = sorted((runs[r]["startTime"], runs[r]["endTime"]) for r in launched)
     assert a1 <= b0, f"the two training runs overlapped: {a0}-{a1} and {b0}-{b1}"
+    # each training also held the pool's slot as a PostgreSQL advisory lock (pipeline/core/pool_limit.py)
+    held = stack.postgres.query("e2e", "SELECT run_id FROM event_logs WHERE step_key = 'lora_adapter' AND event LIKE "
+                                       "'%holding medtune_training slot 1 of 1 among the instance''s machines (PostgreSQL advisory lock)%'")
+    assert set(launched) <= {r for (r,) in held}, held  # (the earlier tests' trainings held it too)
 
 
 def test_7_the_default_make_ui_on_sqlite_files_starts_and_stops(tmp_path):

@@ -1,5 +1,6 @@
-"""The training pool's limit held on this machine by lock files (pipeline/core/pool_limit.py), under
-Dagster's SQLite storage, whose slot claim two runs can win in the same instant."""
+"""The training pool's limit held by locks as well as by Dagster's slot claim, which two runs can win
+in the same instant (pipeline/core/pool_limit.py): lock files on one machine (SQLite instance),
+PostgreSQL advisory locks across the machines that share a PostgreSQL instance."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.core.atomic import file_semaphore
-from pipeline.core.pool_limit import machine_slot, pool_limit
+from pipeline.core.pool_limit import pool_limit, pool_slot
+from pipeline.ops.instance import ensure_dagster_home
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -97,7 +99,7 @@ def test_a_semaphore_needs_a_slot(tmp_path):
             pass
 
 
-def test_machine_slot_holds_the_limit_the_instance_sets(tmp_path):
+def test_a_pool_slot_on_sqlite_is_a_lock_file_under_the_instance_home(tmp_path):
     """The project's instance settings (pipeline/dagster.yaml: the training pool's limit 1): the slot
     files live under the instance's home, the log says what was held, waited for and released."""
     from dagster import DagsterInstance
@@ -109,7 +111,7 @@ def test_machine_slot_holds_the_limit_the_instance_sets(tmp_path):
     try:
         assert pool_limit(instance, "medtune_training") == 1
         said = []
-        with machine_slot(instance, "medtune_training", said.append) as slot:
+        with pool_slot(instance, "medtune_training", said.append) as slot:
             assert slot == 0
             folder = home / "pool_slots" / "medtune_training"
             # another process asking for the pool's one slot now waits
@@ -136,8 +138,58 @@ def test_a_pool_without_a_limit_takes_no_slot(tmp_path):
     instance = DagsterInstance.from_config(str(home))
     try:
         said = []
-        with machine_slot(instance, "medtune_training", said.append) as slot:
+        with pool_slot(instance, "medtune_training", said.append) as slot:
             assert slot is None
         assert said == [] and not (home / "pool_slots").exists()
     finally:
         instance.dispose()
+
+
+PG_HOLDER = textwrap.dedent("""
+    import sys, time
+    from dagster import DagsterInstance
+    from pipeline.core.pool_limit import pool_slot
+    instance = DagsterInstance.from_config(sys.argv[1])
+    with pool_slot(instance, "medtune_training", lambda line: print(line, flush=True)):
+        print("held", flush=True)
+        time.sleep(600)
+""")
+
+
+def test_on_postgresql_the_limit_holds_across_the_machines_sharing_the_instance(postgres, tmp_path, monkeypatch):
+    """Two homes on one PostgreSQL instance, as two machines have: while one holds the training slot
+    the other waits (no lock file could see that); killing the holder frees the slot."""
+    import threading
+
+    from dagster import DagsterInstance
+
+    monkeypatch.setenv("MEDTUNE_POSTGRES_URL", postgres.url())
+    monkeypatch.setenv("PGPASSWORD", postgres.password)  # the settings name no password: libpq reads it
+    here, there = tmp_path / "here", tmp_path / "there"
+    for home in (here, there):
+        ensure_dagster_home(home)
+    holder = subprocess.Popen([sys.executable, "-c", PG_HOLDER, str(there)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(PROJECT)})
+    killer = threading.Timer(0, lambda: None)
+    instance = DagsterInstance.from_config(str(here))
+    try:
+        lines = [holder.stdout.readline().strip() for _ in range(2)]
+        assert lines == ["holding medtune_training slot 1 of 1 among the instance's machines (PostgreSQL advisory lock)",
+                         "held"], lines
+        killer = threading.Timer(1.5, holder.kill)
+        killer.start()
+        said = []
+        start = time.monotonic()
+        with pool_slot(instance, "medtune_training", said.append) as slot:
+            waited = time.monotonic() - start
+            assert slot == 0
+    finally:
+        killer.cancel()
+        holder.kill()
+        holder.wait()
+        instance.dispose()
+    assert said == ["all 1 medtune_training slot(s) among the instance's machines (PostgreSQL advisory lock) are taken: waiting",
+                    "holding medtune_training slot 1 of 1 among the instance's machines (PostgreSQL advisory lock)",
+                    "released medtune_training slot 1 of 1"]
+    assert 1.4 < waited < 60  # the server dropped the dead holder's lock with its connection
+    assert not (here / "pool_slots").exists() and not (there / "pool_slots").exists()

@@ -1,17 +1,24 @@
-"""A Dagster pool's limit, held on this machine by lock files as well.
+"""A Dagster pool's limit, held by locks as well: lock files on one machine, advisory locks on a
+shared PostgreSQL instance.
 
 Dagster (1.13) claims a pool slot with a read and then a write: ``SELECT ... FOR UPDATE`` of a free
 slot, then ``UPDATE ... WHERE id = ?`` without checking the slot is still free. SQLite ignores
 ``FOR UPDATE`` and dagster-postgres runs both in autocommit mode, so two runs that reach a pooled
 step in the same instant can both get the one slot: CI saw two trainings overlap that way (SQLite).
-``machine_slot`` takes one of the pool's ``limit`` lock files (``pipeline.core.atomic.file_semaphore``)
-under the instance's home, so at most ``limit`` holders run at once on this machine, whatever the
-storage did. Across machines sharing one instance the window stays Dagster's.
+``pool_slot`` therefore also takes one of ``limit`` locks, released when the holder's process dies:
+
+- SQLite instance (one machine): ``flock`` files under ``$DAGSTER_HOME/pool_slots/<pool>/``
+  (``pipeline.core.atomic.file_semaphore``);
+- PostgreSQL instance (a team's, several machines): session advisory locks on the instance's own
+  database (``pg_try_advisory_lock(pool key, slot)`` on a connection held while training), so the
+  limit holds across every machine that shares the instance.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,16 +33,68 @@ def pool_limit(instance, pool: str) -> int | None:
         return None
 
 
+def postgres_url(instance) -> str | None:
+    """The instance's PostgreSQL URL (as dagster-postgres connects: a password, if any, from libpq's
+    PGPASSWORD or ~/.pgpass), or None for any other storage."""
+    url = getattr(instance.event_log_storage, "postgres_url", None)
+    return url if isinstance(url, str) and url.startswith("postgres") else None
+
+
+def advisory_key(pool: str) -> int:
+    """The advisory lock class of a pool: a stable 31-bit number from its name."""
+    return zlib.crc32(f"medtune pool {pool}".encode()) & 0x7FFFFFFF
+
+
 @contextlib.contextmanager
-def machine_slot(instance, pool: str, log) -> Iterator[int | None]:
-    """Hold one of the pool's slots on this machine; yields its number (None: the pool has no limit)."""
+def advisory_semaphore(url: str, key: int, slots: int, on_wait=None, poll_s: float = 0.5) -> Iterator[int]:
+    """At most ``slots`` holders at once among every client of the PostgreSQL server at ``url``:
+    session advisory locks ``(key, 0..slots-1)``; yields the slot's number. The server drops a
+    lock when its connection ends, so a dead holder frees its slot."""
+    import sqlalchemy as sa
+    from sqlalchemy.pool import NullPool
+
+    if slots < 1:
+        raise ValueError(f"a semaphore needs at least one slot, not {slots}")
+    engine = sa.create_engine(url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            waited = False
+            while True:
+                for i in range(slots):
+                    if conn.execute(sa.text("SELECT pg_try_advisory_lock(:k, :i)"), {"k": key, "i": i}).scalar():
+                        try:
+                            yield i
+                        finally:
+                            with contextlib.suppress(Exception):  # a lost connection has dropped it already
+                                conn.execute(sa.text("SELECT pg_advisory_unlock(:k, :i)"), {"k": key, "i": i})
+                        return
+                if not waited and on_wait is not None:
+                    on_wait()
+                waited = True
+                time.sleep(poll_s)
+    finally:
+        engine.dispose()
+
+
+@contextlib.contextmanager
+def pool_slot(instance, pool: str, log) -> Iterator[int | None]:
+    """Hold one of the pool's slots; yields its number (None: the pool has no limit)."""
     limit = pool_limit(instance, pool)
     if not limit:
         yield None
         return
-    folder = Path(instance.root_directory) / "pool_slots" / pool
-    with file_semaphore(folder, limit, on_wait=lambda: log(f"all {limit} {pool} slot(s) of this machine are taken: waiting")) as slot:
-        log(f"holding {pool} slot {slot + 1} of {limit} on this machine")
+    url = postgres_url(instance)
+    where = "among the instance's machines (PostgreSQL advisory lock)" if url else "on this machine"
+
+    def on_wait():
+        log(f"all {limit} {pool} slot(s) {where} are taken: waiting")
+
+    if url:
+        held = advisory_semaphore(url, advisory_key(pool), limit, on_wait=on_wait)
+    else:
+        held = file_semaphore(Path(instance.root_directory) / "pool_slots" / pool, limit, on_wait=on_wait)
+    with held as slot:
+        log(f"holding {pool} slot {slot + 1} of {limit} {where}")
         try:
             yield slot
         finally:
