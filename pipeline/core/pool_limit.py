@@ -11,7 +11,9 @@ step in the same instant can both get the one slot: CI saw two trainings overlap
   (``pipeline.core.atomic.file_semaphore``);
 - PostgreSQL instance (a team's, several machines): session advisory locks on the instance's own
   database (``pg_try_advisory_lock(pool key, slot)`` on a connection held while training), so the
-  limit holds across every machine that shares the instance.
+  limit holds across every machine that shares the instance. A holder whose connection to the
+  server drops mid-training loses its lock with the session (the training goes on; another may
+  start): the window is then Dagster's own again.
 """
 
 from __future__ import annotations
