@@ -94,6 +94,20 @@ def test_batched_generation_equals_one_at_a_time(tiny, tokenizer):
     assert all(len(x) > 0 for x in single)  # the tiny model does answer something
 
 
+def test_greedy_decoding_over_stacked_caches_equals_transformers_generate(tiny, tokenizer):
+    """The stage's own decoding loop (prefill alone, caches stacked with left padding, fp32) gives
+    what transformers' greedy ``generate`` gives for each prompt alone."""
+    prompts = _prompts(tokenizer, 5)
+    stops = stop_token_ids(tokenizer)
+    ours = generate_greedy(tiny, tokenizer, prompts, max_new_tokens=10, stop_ids=stops, batch_size=5)
+    for prompt, got in zip(prompts, ours):
+        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            ref = tiny.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
+                                eos_token_id=stops, pad_token_id=stops[0])[0, ids.shape[1]:].tolist()
+        assert got == ref[: next((k for k, t in enumerate(ref) if t in stops), len(ref))]
+
+
 def test_per_row_answer_loss_equals_the_models_own_loss(tiny, tokenizer):
     rows = tokenize_rows(tokenizer, ["问"] * 3, ["短", "长一些的输入" * 3, ""], ["板蓝根颗粒", "六味地黄丸滋阴补肾", "好"], "系统", 256)
     pairs = [(r.input_ids, r.labels) for r in rows]
@@ -199,11 +213,16 @@ def test_scoring_over_the_prompt_cache_equals_full_forwards(tiny, tokenizer):
 
 
 class _Cache:
+    """The token ids run so far, with the cache calls the scoring makes."""
+
     def __init__(self, ids):
         self.ids = ids
 
-    def batch_repeat_interleave(self, n):
-        self.ids = self.ids.repeat_interleave(n, 0)
+    def get_seq_length(self):
+        return self.ids.shape[1]
+
+    def crop(self, n):
+        self.ids = self.ids[:, :n]
 
 
 class _EchoModel(torch.nn.Module):
@@ -215,14 +234,16 @@ class _EchoModel(torch.nn.Module):
         self.vocab = vocab
         self.device = torch.device("cpu")
 
-    def forward(self, input_ids, attention_mask=None, past_key_values=None, use_cache=True, logits_to_keep=0):
+    def forward(self, input_ids, attention_mask=None, past_key_values=None, use_cache=True, logits_to_keep=0, position_ids=None):
         prompt = past_key_values.ids if past_key_values is not None else input_ids
         logits = torch.zeros(input_ids.shape[0], input_ids.shape[1], self.vocab)
         for b in range(input_ids.shape[0]):
             logits[b, :, prompt[b].unique()] = 20.0
         if logits_to_keep:
             logits = logits[:, -logits_to_keep:]
-        return type("Out", (), {"logits": logits, "past_key_values": _Cache(prompt.clone())})()
+        cache = past_key_values or _Cache(input_ids[:, :0])
+        cache.ids = torch.cat([cache.ids, input_ids], dim=1)
+        return type("Out", (), {"logits": logits, "past_key_values": cache})()
 
 
 def test_choice_accuracy_and_rank_follow_the_models_preferences(tokenizer):

@@ -119,6 +119,15 @@ def test_each_method_evaluates_against_its_base_and_exports(method, trained, tin
     assert mean(answer_losses(plain, rows, pad)) == pytest.approx(base, rel=1e-5)
     assert generate_greedy(plain, tok, prompts, max_new_tokens=4, stop_ids=stop_token_ids(tok)) == base_answers
     assert tuned != pytest.approx(base, rel=1e-4)
+    # the evaluation's decoding over stacked caches answers as the model's own generate, whatever the method
+    stops = stop_token_ids(tok)
+    ours = generate_greedy(model, tok, prompts, max_new_tokens=6, stop_ids=stops, batch_size=2)
+    for prompt, got in zip(prompts, ours):
+        ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            ref = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                                 eos_token_id=stops, pad_token_id=stops[0])[0, ids.shape[1]:].tolist()
+        assert got == ref[: next((k for k, t in enumerate(ref) if t in stops), len(ref))]
 
     dest = tmp_path / "export"
     check = lambda folder: compare_with_adapter(model, load_merged(folder), tok, prompts, max_new_tokens=8).as_dict()  # noqa: E731

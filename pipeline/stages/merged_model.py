@@ -101,6 +101,27 @@ def merge_adapter(
     return info
 
 
+def is_plain_lora(module, name: str) -> bool:
+    """A LoRA layer whose delta is ``scaling · B @ A`` on a ``Linear`` (not DoRA, AdaLoRA, fan-in-fan-out)."""
+    import torch
+    from peft.tuners.adalora import AdaLoraLayer
+    from peft.tuners.lora import LoraLayer
+
+    return (isinstance(module, LoraLayer) and not isinstance(module, AdaLoraLayer) and name in module.lora_A
+            and isinstance(module.get_base_layer(), torch.nn.Linear) and not module.use_dora.get(name, False)
+            and not getattr(module, "fan_in_fan_out", False) and not getattr(module, "lora_bias", {}).get(name, False))
+
+
+def exact_lora_weight(module, name: str):
+    """``W + scaling · B @ A`` computed in float64 and rounded once to ``W``'s dtype (a new tensor)."""
+    import torch
+
+    weight = module.get_base_layer().weight.detach()
+    a = module.lora_A[name].weight.detach().to(weight.device, torch.float64)
+    b = module.lora_B[name].weight.detach().to(weight.device, torch.float64)
+    return (weight.to(torch.float64) + (b @ a) * float(module.scaling[name])).to(weight.dtype)
+
+
 def merge_exact(peft_model):
     """Merge every LoRA layer as ``W + scaling * B @ A`` computed in float64 and rounded once to the
     weight's dtype, then drop the LoRA modules; returns ``(model, info)``.
@@ -112,34 +133,20 @@ def merge_exact(peft_model):
     this does not cover (DoRA, AdaLoRA, LoHa, LoKr, IA3, embeddings, convolutions, fan-in-fan-out)
     use their own peft merge."""
     import torch
-    from peft.tuners.adalora import AdaLoraLayer
-    from peft.tuners.lora import LoraLayer
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     exact = peft_merged = 0
     for module in peft_model.modules():
         if not isinstance(module, BaseTunerLayer) or module.merged:
             continue
-        base_layer = module.get_base_layer()
         for name in module.active_adapters:
-            plain = (
-                isinstance(module, LoraLayer)
-                and not isinstance(module, AdaLoraLayer)
-                and name in module.lora_A
-                and isinstance(base_layer, torch.nn.Linear)
-                and not module.use_dora.get(name, False)
-                and not getattr(module, "fan_in_fan_out", False)
-            )
-            if not plain:
+            if not is_plain_lora(module, name):
                 module.merge(adapter_names=[name])
                 peft_merged += 1
                 continue
-            weight = base_layer.weight
-            a = module.lora_A[name].weight.detach().to(torch.float64)
-            b = module.lora_B[name].weight.detach().to(torch.float64)
-            exact_weight = weight.detach().to(torch.float64) + (b @ a) * float(module.scaling[name])
+            merged = exact_lora_weight(module, name)
             with torch.no_grad():
-                weight.copy_(exact_weight.to(weight.dtype))
+                module.get_base_layer().weight.copy_(merged)
             exact += 1
     model = peft_model.unload()  # the base layers now hold the merged weights
     return model, {"method": "float64, rounded once", "layers_exact": exact, "layers_peft": peft_merged}

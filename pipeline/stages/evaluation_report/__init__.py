@@ -22,16 +22,15 @@ model and split:
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
 
-from pipeline.stages.evaluation_report.choice import ChoiceSet, choice_scores, rank_of
+from pipeline.stages.evaluation_report.choice import ChoiceSet, combine_forms, openings_ids, rank_of, score_prefilled
 from pipeline.stages.evaluation_report.generation import (answer_losses, eval_dtype, generate_greedy, inference_device,
-                                                         load_tuned_model, stop_token_ids)
+                                                         load_tuned_model, lora_merged, prompt_length, stop_token_ids)
 from pipeline.stages.evaluation_report.metrics import NAME_PATTERNS, extract_medicine_name, name_hit, text_scores
 from pipeline.stages.tokenized_dataset import pad_token_id, render_prompt
 
@@ -123,11 +122,9 @@ def evaluate_models(model, tokenizer, rows: pd.DataFrame, config: EvalConfig, st
     """Run both models (``model`` is a PeftModel; its adapter is switched off for "base"). ``base``:
     the base model's part of an earlier evaluation of the same rows and settings (:func:`base_part`),
     used instead of running the base model again."""
-    import time
-
     pad_id = pad_token_id(tokenizer, stop_ids[0])
     prompts = [render_prompt(tokenizer, i, x, config.system_prompt) for i, x in zip(rows["instruction"], rows["input"])]
-    pairs = list(zip(rows["input_ids"].map(list), rows["labels"].map(list)))
+    pairs = [([int(t) for t in i], [int(t) for t in l]) for i, l in zip(rows["input_ids"], rows["labels"])]
     table = pd.DataFrame(
         {
             "record_id": rows["record_id"],
@@ -142,22 +139,21 @@ def evaluate_models(model, tokenizer, rows: pd.DataFrame, config: EvalConfig, st
     gold = [choices.candidates.index(m) if choices and m in choices.candidates else None for m in table["medicine"]]
     scored = [i for i, g in enumerate(gold) if g is not None]
     losses: dict[str, list[tuple[float, int]]] = {}
+    openings = openings_ids(tokenizer, choices) if choices and scored else None
     model.eval()
     for name in MODELS:
-        t0 = time.perf_counter()
         if name == "base" and base is not None and base.get("record_id") == table["record_id"].tolist():
             for column, values in base["columns"].items():
                 table[column] = values
             losses[name] = [tuple(x) for x in base["losses"]]
             log("base model: its answers, losses and choices for these rows and settings reused (same base weights)")
             continue
-        if name == "base":
-            with model.disable_adapter():
-                losses[name] = answer_losses(model, pairs, pad_id)
-                ids = generate_greedy(model, tokenizer, prompts, max_new_tokens=config.max_new_tokens, stop_ids=stop_ids, batch_size=config.batch_size)
-        else:
-            losses[name] = answer_losses(model, pairs, pad_id)
-            ids = generate_greedy(model, tokenizer, prompts, max_new_tokens=config.max_new_tokens, stop_ids=stop_ids, batch_size=config.batch_size)
+        # the base: the adapter switched off; the tuned model: plain LoRA layers as merged weights
+        with (model.disable_adapter() if name == "base" else lora_merged(model)):
+            run = run_model(model, pairs, openings if openings else None, set(scored), max_new_tokens=config.max_new_tokens,
+                            stop_ids=stop_ids, pad_id=pad_id, batch_size=config.batch_size, log=log, name=name)
+        losses[name] = run["losses"]
+        ids = run["answers"]
         answers = tokenizer.batch_decode(ids, skip_special_tokens=True)
         table[f"{name}_answer"] = [a.strip() for a in answers]
         table[f"{name}_answer_tokens"] = [len(x) for x in ids]
@@ -165,21 +161,15 @@ def evaluate_models(model, tokenizer, rows: pd.DataFrame, config: EvalConfig, st
         scores = [text_scores(a, r) for a, r in zip(table[f"{name}_answer"], table["reference"])]
         for metric in (*TEXT_METRICS, "name_hit"):
             table[f"{name}_{metric}"] = [s[metric] for s in scores]
-        new_tokens = sum(len(x) for x in ids)
-        log(f"{name} model: {len(prompts)} prompts, {new_tokens} new tokens in {time.perf_counter() - t0:.1f} s")
-        if choices and scored:
-            t0 = time.perf_counter()
-            with (model.disable_adapter() if name == "base" else contextlib.nullcontext()):
-                scores = choice_scores(model, tokenizer, [prompts[i] for i in scored], choices)
+        if openings:
             ranks: list[float | None] = [None] * len(prompts)
             best: list[str | None] = [None] * len(prompts)
-            for i, sc in zip(scored, scores):
+            for i in scored:
+                sc = combine_forms(run["choices"][i])
                 ranks[i] = rank_of(sc, gold[i])
                 best[i] = choices.candidates[max(range(len(sc)), key=sc.__getitem__)]
             table[f"{name}_choice_rank"] = ranks
             table[f"{name}_choice"] = best
-            log(f"{name} model: scored {len(choices.candidates)} medicines x {len(choices.forms)} answer forms "
-                f"on {len(scored)} prompts in {time.perf_counter() - t0:.1f} s")
     summary: dict[str, dict[str, dict[str, Any]]] = {}
     for name in MODELS:
         summary[name] = {}
@@ -193,6 +183,50 @@ def evaluate_models(model, tokenizer, rows: pd.DataFrame, config: EvalConfig, st
     result.base = {"record_id": table["record_id"].tolist(), "losses": [list(x) for x in losses["base"]],
                    "columns": {c: table[c].tolist() for c in table.columns if c.startswith("base_")}}
     return result
+
+
+def run_model(model, rows: list[tuple[list[int], list[int]]], openings: list[list[list[int]]] | None, scored: set[int], *,
+              max_new_tokens: int, stop_ids: list[int], pad_id: int, batch_size: int, log=print, name: str = "model") -> dict[str, Any]:
+    """One model over the evaluated rows (tokenized prompt + answer), ``batch_size`` rows at a time:
+    each row's forward gives its answer loss, its prompt's cache and first greedy token; the rows in
+    ``scored`` have every medicine opening scored over that cache (``choice.score_prefilled``);
+    then the batch decodes together. Logs each batch: rows done, phase times, new tokens/s, ETA."""
+    import time
+
+    from pipeline.stages.evaluation_report.generation import Progress, decode_greedy, prefill
+
+    order = sorted(range(len(rows)), key=lambda i: -prompt_length(rows[i][1]))  # similar prompt lengths together
+    losses: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
+    answers: list[list[int]] = [[] for _ in rows]
+    choices: dict[int, list[list[float]]] = {}
+    times = {"prefill": 0.0, "choice": 0.0, "decode": 0.0}
+    tokens = {"prefill": 0, "choice": 0, "decode": 0}
+    progress = Progress(log, f"{name} model", len(rows), every=5.0)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        ready = []
+        for i in idx:
+            t0 = time.perf_counter()
+            row = prefill(model, list(rows[i][0]), list(rows[i][1]))
+            times["prefill"] += time.perf_counter() - t0
+            tokens["prefill"] += len(rows[i][0])
+            losses[i] = (row.loss, row.tokens)
+            if openings and i in scored:
+                t0 = time.perf_counter()
+                choices[i] = score_prefilled(model, row, openings)
+                times["choice"] += time.perf_counter() - t0
+            ready.append(row)
+            progress(start + len(ready), f"prefill {times['prefill']:.1f} s, choice {times['choice']:.1f} s")
+        t0 = time.perf_counter()
+        new = decode_greedy(model, ready, max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id)
+        times["decode"] += time.perf_counter() - t0
+        for i, a in zip(idx, new):
+            answers[i] = a
+        tokens["decode"] += sum(len(a) for a in new)
+        log(f"{name} model: {start + len(idx)}/{len(rows)} rows; {tokens['decode']} new tokens in {times['decode']:.1f} s "
+            f"({tokens['decode'] / max(times['decode'], 1e-9):.1f} tokens/s); answer losses over {tokens['prefill']} tokens in "
+            f"{times['prefill']:.1f} s; choice scoring {times['choice']:.1f} s")
+    return {"losses": losses, "answers": answers, "choices": choices, "times": times, "tokens": tokens}
 
 
 def tuned_beats_base(summary: dict[str, dict[str, dict[str, Any]]]) -> tuple[bool, str]:

@@ -11,13 +11,16 @@ The forms are read from the data, not written here: each answer's opening up to 
 name and the character after it, with the name taken out ("{name}可", "您的病症适用{name}。" in the
 real data); forms that open at least ``min_share`` of the answers are kept.
 
-One prompt costs one forward of the prompt; each form, one forward of the tokens all its openings
-share over the prompt's KV cache, and one batched forward of the rest of the openings.
+One prompt costs one forward of the prompt (in the evaluation, the forward that also gives the
+answer loss and the first generated token) and one forward of a token tree over its KV cache: every
+opening of every form laid into a trie, so that tokens several openings share (a form's words, a
+name's common start) run once, each tree token attending to the prompt and to its own ancestors
+only (a 4D mask; position ids continue the prompt's). No copy of the prompt's cache is made: the
+tree's entries are cropped off again afterwards.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -55,69 +58,113 @@ class ChoiceSet:
         return len(self.candidates) >= 2 and bool(self.forms)
 
 
-def score_prompt(model, prompt_ids: list[int], forms: list[list[list[int]]], batch_size: int = 64) -> list[list[float]]:
-    """log P(continuation | prompt) for every continuation of every form ([form][continuation]).
+def score_prompt(model, prompt_ids: list[int], forms: list[list[list[int]]], batch_size: int = 1024) -> list[list[float]]:
+    """log P(continuation | prompt) for every continuation of every form ([form][continuation])."""
+    from pipeline.stages.evaluation_report.generation import prefill
 
-    The prompt runs once; for each form, the tokens all its continuations share run once over the
-    prompt's cache, and the rest of each continuation in a batch over a copy of that cache."""
+    return score_prefilled(model, prefill(model, prompt_ids), forms, max_nodes=batch_size)
+
+
+def score_prefilled(model, row, forms: list[list[list[int]]], max_nodes: int = 512) -> list[list[float]]:
+    """``score_prompt`` over a prompt already run (:class:`generation.Prefilled`): its cache is used
+    as it is and left as it was."""
+    flat = [c for conts in forms for c in conts]
+    order = sorted(range(len(flat)), key=lambda i: flat[i])  # shared starts side by side
+    by_index: dict[int, float] = {}
+    group: list[int] = []
+    prefixes: set[tuple[int, ...]] = set()
+    for i in order:  # trees of at most max_nodes tokens (the mask is nodes x (prompt + nodes))
+        new = {tuple(flat[i][:k]) for k in range(1, len(flat[i]))} - prefixes
+        if group and len(prefixes) + len(new) > max_nodes:
+            by_index.update(zip(group, _score_tree(model, row, [flat[j] for j in group])))
+            group, prefixes = [], set()
+            new = {tuple(flat[i][:k]) for k in range(1, len(flat[i]))}
+        group.append(i)
+        prefixes |= new
+    if group:
+        by_index.update(zip(group, _score_tree(model, row, [flat[j] for j in group])))
+    scores = [by_index[i] for i in range(len(flat))]
+    out, k = [], 0
+    for conts in forms:
+        out.append(scores[k : k + len(conts)])
+        k += len(conts)
+    return out
+
+
+def _score_tree(model, row, continuations: list[list[int]]) -> list[float]:
     import torch
 
+    from pipeline.stages.evaluation_report.generation import crop_to
+
+    if any(not c for c in continuations):
+        raise ValueError("an empty continuation cannot be scored")
+    # the trie of every continuation's tokens but its last (the last is only predicted, never run)
+    tokens, parents, depth = [], [], []
+    children: list[dict[int, int]] = [{}]  # 0: the prompt's end
+    paths = []
+    for c in continuations:
+        at, path = 0, []
+        for t in c[:-1]:
+            nxt = children[at].get(t)
+            if nxt is None:
+                tokens.append(t)
+                parents.append(at)
+                depth.append(1 + (depth[at - 1] if at else 0))
+                children.append({})
+                nxt = len(tokens)
+                children[at][t] = nxt
+            at = nxt
+            path.append(at)
+        paths.append(path)
+    scores = [float(row.after_prompt[c[0]]) for c in continuations]
+    if not tokens:
+        return scores
+    n, context = len(tokens), row.length
     device = model.device
+    dtype = getattr(model, "dtype", torch.float32)
+    rows_, cols_ = [], []
+    for j in range(1, n + 1):  # each tree token sees itself and its ancestors
+        at = j
+        while at:
+            rows_.append(j - 1)
+            cols_.append(context + at - 1)
+            at = parents[at - 1]
+    mask = torch.full((1, 1, n, context + n), torch.finfo(dtype).min, dtype=dtype)
+    mask[..., :context] = 0
+    mask[0, 0, torch.tensor(rows_), torch.tensor(cols_)] = 0
+    ids = torch.tensor([tokens], device=device)
+    positions = torch.tensor([[context + d - 1 for d in depth]], device=device)
     with torch.no_grad():
-        out = model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=True, logits_to_keep=1)
-        after_prompt = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
-        return [_score_form(model, out.past_key_values, after_prompt, len(prompt_ids), conts, batch_size) for conts in forms]
-
-
-def _score_form(model, prompt_cache, after_prompt, prompt_len: int, continuations: list[list[int]], batch_size: int) -> list[float]:
-    import os
-
-    import torch
-
-    device = model.device
-    common = list(os.path.commonprefix(continuations))
-    if any(len(c) == len(common) for c in continuations):
-        common = common[:-1]  # every continuation keeps at least one token of its own
-    cache = copy.deepcopy(prompt_cache)
-    shared, first = 0.0, after_prompt
-    if common:
-        out = model(input_ids=torch.tensor([common], device=device), past_key_values=cache, use_cache=True)
-        logp = torch.log_softmax(out.logits[0].float(), dim=-1)  # predictions for common[1:] and the next token
-        shared = after_prompt[common[0]].item() + sum(logp[i, t].item() for i, t in enumerate(common[1:]))
-        first, cache = logp[-1], out.past_key_values
-    context = prompt_len + len(common)
-    scores: list[float] = []
-    for start in range(0, len(continuations), batch_size):
-        rests = [c[len(common) :] for c in continuations[start : start + batch_size]]
-        totals = [shared + first[r[0]].item() for r in rests]
-        width = max(len(r) for r in rests)
-        if width > 1:
-            ids = torch.zeros((len(rests), width - 1), dtype=torch.long, device=device)
-            mask = torch.zeros((len(rests), context + width - 1), dtype=torch.long, device=device)
-            mask[:, :context] = 1
-            for k, r in enumerate(rests):
-                ids[k, : len(r) - 1] = torch.tensor(r[:-1], device=device)
-                mask[k, context : context + len(r) - 1] = 1
-            batch_cache = copy.deepcopy(cache)
-            batch_cache.batch_repeat_interleave(len(rests))
-            logits = model(input_ids=ids, attention_mask=mask, past_key_values=batch_cache, use_cache=True).logits
-            logp = torch.log_softmax(logits.float(), dim=-1)
-            for k, r in enumerate(rests):
-                if len(r) > 1:
-                    totals[k] += logp[k, torch.arange(len(r) - 1, device=device), torch.tensor(r[1:], device=device)].sum().item()
-        scores.extend(totals)
+        logits = model(input_ids=ids, attention_mask=mask.to(device), position_ids=positions, past_key_values=row.cache,
+                       use_cache=True).logits[0]
+        crop_to(row.cache, context)  # the prompt's cache as it was
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        at = torch.tensor([j - 1 for path in paths for j in path])
+        nxt = torch.tensor([t for c in continuations for t in c[1:]])
+        picked = logp[at.to(logp.device), nxt.to(logp.device)].tolist()
+        k = 0
+        for i, path in enumerate(paths):
+            scores[i] += sum(picked[k : k + len(path)])
+            k += len(path)
     return scores
 
 
 def choice_scores(model, tokenizer, prompts: list[str], choices: ChoiceSet) -> list[list[float]]:
     """[prompt][candidate]: log-sum-exp over the forms of log P(opening naming the candidate | prompt)."""
-    openings = [[tokenizer(f.format(name=m), add_special_tokens=False)["input_ids"] for m in choices.candidates]
-                for f in choices.forms]
-    out = []
-    for prompt in prompts:
-        per_form = score_prompt(model, tokenizer(prompt, add_special_tokens=False)["input_ids"], openings)
-        out.append([_logsumexp([scores[i] for scores in per_form]) for i in range(len(choices.candidates))])
-    return out
+    openings = openings_ids(tokenizer, choices)
+    return [combine_forms(score_prompt(model, tokenizer(prompt, add_special_tokens=False)["input_ids"], openings))
+            for prompt in prompts]
+
+
+def openings_ids(tokenizer, choices: ChoiceSet) -> list[list[list[int]]]:
+    """[form][candidate]: the token ids of each form's opening naming each candidate."""
+    return [[tokenizer(f.format(name=m), add_special_tokens=False)["input_ids"] for m in choices.candidates]
+            for f in choices.forms]
+
+
+def combine_forms(per_form: list[list[float]]) -> list[float]:
+    """[candidate]: log-sum-exp of a candidate's scores over the forms."""
+    return [_logsumexp([scores[i] for scores in per_form]) for i in range(len(per_form[0]))]
 
 
 def _logsumexp(xs: list[float]) -> float:

@@ -72,9 +72,12 @@ class PromptLearningModel(torch.nn.Module):
         finally:
             self._disabled = False
 
-    def _mask(self, attention_mask):
-        if attention_mask is None:
-            return None
+    def _mask(self, attention_mask, total: int | None = None):
+        """A 2D mask over the real tokens only, extended over the virtual tokens; a mask that already
+        covers ``total`` positions (the cache's, virtual tokens included, and the inputs) or a 4D
+        mask is the caller's own and kept as it is."""
+        if attention_mask is None or attention_mask.dim() != 2 or attention_mask.shape[1] == total:
+            return attention_mask
         ones = attention_mask.new_ones((attention_mask.shape[0], self.n_virtual))
         return torch.cat([ones, attention_mask], dim=1)
 
@@ -86,7 +89,8 @@ class PromptLearningModel(torch.nn.Module):
 
         if past_key_values is None:
             past_key_values = virtual_prefix(self.peft_model, input_ids.shape[0])
-        return self.base(input_ids=input_ids, attention_mask=self._mask(attention_mask), past_key_values=past_key_values,
+        total = past_key_values.get_seq_length() + input_ids.shape[1]
+        return self.base(input_ids=input_ids, attention_mask=self._mask(attention_mask, total), past_key_values=past_key_values,
                          use_cache=True, **kwargs)
 
     def generate(self, input_ids, attention_mask=None, **kwargs):
