@@ -84,7 +84,86 @@ def test_merge_rounds_once_from_float64(tiny_model_dir, adapter_dir, merged):
     saved = load_file(str(merged[0] / "model.safetensors"))
     for key, value in expected.items():
         assert torch.equal(saved[key], value), key
-    assert merged[1]["merge"]["layers_exact"] == len(expected)
+    assert merged[1]["merge"]["layers_merged"] == len(expected)
+    layers = merged[1]["verification"]["layers"]
+    assert layers["passed"] and layers["layers_checked"] == len(expected) and layers["worst_ratio_to_rounding_bound"] <= 1.0
+
+
+def _planted(folder, tmp_path, name, key, value):
+    import shutil
+
+    wrong = tmp_path / name
+    shutil.copytree(folder, wrong)
+    weights = load_file(wrong / "model.safetensors")
+    if value is None:
+        del weights[key]
+    else:
+        weights[key] = value.to(weights[key].dtype).contiguous()
+    save_file(weights, wrong / "model.safetensors", metadata={"format": "pt"})
+    return wrong
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_layer_proof_catches_each_planted_wrong_merge(tiny_model_dir, adapter_dir, tmp_path, dtype):
+    """The layer-by-layer proof passes a real merge (in fp32 and in bf16) and fails, naming the layer,
+    on a scaled delta, a layer left as in the base, a transposed delta, and a missing tensor."""
+    from pipeline.stages.merged_model import merge_streamed, verify_layers
+
+    good = tmp_path / "good"
+    good.mkdir()
+    info, refs = merge_streamed(str(tiny_model_dir), good, adapter_path=str(adapter_dir), dtype=dtype)
+    assert info["linear_layers"] == len(refs) >= 7
+    result = verify_layers(good, refs, dtype, info["linear_layers"])
+    assert result["passed"], result
+    if dtype != "float32":
+        return  # the plants below need a delta larger than the weights' rounding: fp32
+    base = load_file(tiny_model_dir / "model.safetensors")
+    merged = load_file(good / "model.safetensors")
+    key = next(k for k in merged if k.endswith("layers.0.self_attn.q_proj.weight"))
+    assert merged[key].shape[0] == merged[key].shape[1]  # square: a transposed delta has the right shape
+    delta = merged[key].double() - base[key].double()
+    plants = {"scaled": base[key].double() + 2 * delta, "missing": base[key].double(),
+              "transposed": base[key].double() + delta.T, "absent": None}
+    for name, value in plants.items():
+        result = verify_layers(_planted(good, tmp_path, name, key, value), refs, dtype, info["linear_layers"])
+        assert not result["passed"], name
+        assert key in result["failures"][0], (name, result["failures"])
+
+
+def test_a_wrong_merge_is_recorded_failed_before_anything_is_registered(tiny_model_dir, adapter_dir, tmp_path, monkeypatch):
+    """A merge that gets a layer wrong (here every delta doubled) is written with a failed
+    verification: the blocking asset check then stops registered_model."""
+    import pipeline.stages.merged_model as mm
+
+    real = mm._merge_layer
+
+    def doubled(module, weight, seed, probes):
+        merged, ref = real(module, weight, seed, probes)
+        return 2 * merged - weight.to(merged.dtype), ref
+
+    monkeypatch.setattr(mm, "_merge_layer", doubled)
+    info = merge_adapter(str(tiny_model_dir), str(adapter_dir), tmp_path / "bad")
+    assert not info["verification"]["passed"] and not info["verification"]["layers"]["passed"]
+    assert read_export_record(tmp_path / "bad")["verification"]["passed"] is False
+
+
+def test_streamed_merge_holds_one_tensor_at_a_time(tiny_model_dir, tmp_path):
+    """The streamed reader and writer: shards planned from the names, dtypes and shapes, written a
+    tensor at a time, read back equal; several shards get an index."""
+    from pipeline.core.safetensors_stream import INDEX, FolderReader, FolderWriter
+
+    reader = FolderReader(tiny_model_dir)
+    plan = [(n, *reader.meta(n)) for n in reader.names()]
+    writer = FolderWriter(tmp_path, plan, max_shard_size="1MB")
+    for name, _, _ in plan:
+        writer.write(name, reader.get(name))
+    files = writer.close()
+    assert len(files) > 2 and INDEX in files
+    again = FolderReader(tmp_path)
+    assert sorted(again.names()) == sorted(reader.names())
+    assert all(torch.equal(again.get(n), reader.get(n)) for n in reader.names())
+    with pytest.raises(ValueError, match="out of order"):
+        FolderWriter(tmp_path / "x", plan).write(plan[1][0], reader.get(plan[1][0]))
 
 
 def test_merged_model_loads_with_peft_not_installed(merged):

@@ -72,11 +72,10 @@ def summary(data_dir: str | None = None) -> str:
             out.append(f"  merged model        none: {m['reason']}")
         else:
             out.append(f"  merged model        {m['path']}")
-        if "max_abs_logit_diff" in v:
-            out.append(f"  merged_matches_adapter {'passed' if v['passed'] else 'FAILED'}: max |Δlogit| "
-                       f"{v['max_abs_logit_diff']:.1e} in {v.get('precision', 'native')} "
-                       f"(fp32 arithmetic: {v.get('max_abs_logit_diff_native') or v['max_abs_logit_diff']:.1e}), "
-                       f"greedy answers identical: {v['greedy_identical']}")
+        if v.get("applicable", True):
+            from assets.merged_model import describe_check
+
+            out.append(f"  merged_matches_adapter {'passed' if v['passed'] else 'FAILED'}: {describe_check(v)}")
     reg = stages / "registered_model.json"
     if reg.is_file():
         g = json.loads(reg.read_text())
