@@ -3,7 +3,9 @@
 Registered only when both gates pass: ``tuned_beats_base`` (from ``evaluation_report``) and
 ``merged_matches_adapter`` (a blocking check on ``merged_model``: when it fails this asset does
 not run). The new version, linked to the training's run, gets the alias ``challenger``; it takes
-``champion`` if its eval ROUGE-L beats the champion's (or there is none). When a gate fails nothing
+``champion`` when there is none or when it wins by ``promote_on`` (default: held-out loss must not
+rise, then medicine-choice accuracy over the evaluated rows, then held-out ROUGE-L); the version's
+description in MLflow gives the rule and the figures that decided. When a gate fails nothing
 is registered, and the reason shows in the run's log, this asset's metadata and the MLflow run.
 """
 
@@ -11,7 +13,7 @@ from dagster import AssetExecutionContext, Config, Failure, MetadataValue, Outpu
 from pydantic import Field
 
 from pipeline.stages.base_model import BaseModelInfo
-from pipeline.stages.registered_model import register_merged_model
+from pipeline.stages.registered_model import DEFAULT_PROMOTE_ON, FIGURE_TAGS, register_merged_model
 from pipeline.core.secrets import redact
 from pipeline.core.tracking_sync import COMPLETE, quick_http
 from resources.mlflow_tracking import MlflowTracking
@@ -20,6 +22,22 @@ from resources.mlflow_tracking import MlflowTracking
 class RegisteredModelConfig(Config):
     model_name: str = Field("medtune", description="Name in the MLflow Model Registry")
     max_new_tokens: int = Field(256, gt=0, description="Answer length limit of the registered model's predict()")
+    promote_on: list[str] = Field(list(DEFAULT_PROMOTE_ON), description="When a new version takes champion: criteria in order, "
+                                  "from " + ", ".join(FIGURE_TAGS) + ". eval_loss is a guard (must not rise); of the others "
+                                  "(higher is better) the first that differs decides; a tie keeps the champion")
+
+
+def version_figures(summary: dict) -> dict[str, float | None]:
+    """What a version is judged on: held-out loss and ROUGE-L, and medicine-choice accuracy over every
+    evaluated row where the data names a medicine (held-out and sampled training rows together)."""
+    tuned = summary["tuned"]
+    rows = correct = 0.0
+    for split in tuned.values():
+        if split.get("choice_accuracy") is not None and split.get("choice_rows"):
+            rows += split["choice_rows"]
+            correct += split["choice_accuracy"] * split["choice_rows"]
+    return {"eval_loss": float(tuned["eval"]["loss"]), "choice_accuracy": round(correct / rows, 6) if rows else None,
+            "rouge_l": float(tuned["eval"]["rouge_l"])}
 
 
 def _require_complete_tracking(mlflow: MlflowTracking, run_id: str, evaluation_report: dict, merged_model: dict) -> None:
@@ -91,14 +109,14 @@ def registered_model(
     }
     reg = register_merged_model(
         mlflow.tracking_uri, name=config.model_name, merged_dir=merged_model["path"], merged_id=merged_model["merged_id"],
-        run_id=run_id, score=float(tuned["rouge_l"]), tags=tags, system_prompt=evaluation_report["system_prompt"],
-        max_new_tokens=config.max_new_tokens,
+        run_id=run_id, figures=version_figures(summary), tags=tags, system_prompt=evaluation_report["system_prompt"],
+        max_new_tokens=config.max_new_tokens, promote_on=config.promote_on,
         adapter_dir=merged_model.get("adapter_path"), base_dir=merged_model.get("base_model_path"),
     )
     what = "already registered as" if reg.reused else "registered as"
-    champ = ("took the alias champion" + (f" from version {reg.previous_champion} (ROUGE-L {reg.previous_champion_score:.2f})"
-             if reg.previous_champion else " (there was no champion)")) if reg.became_champion else (
-        f"champion stays with version {reg.previous_champion} (ROUGE-L {reg.previous_champion_score})")
+    champ = (f"took the alias champion" + (f" from version {reg.previous_champion}" if reg.previous_champion else "")
+             + f": {reg.decided_by}") if reg.became_champion else (
+        f"champion stays with version {reg.previous_champion}: {reg.decided_by}")
     context.log.info(f"{what} {reg.name} version {reg.version} ({', '.join(reg.aliases) or 'no aliases'}); {champ}")
     mlflow.client().set_tag(run_id, "medtune.registration", f"{reg.name} version {reg.version}")
     return Output(
@@ -113,5 +131,7 @@ def registered_model(
             "model_uri": reg.model_uri,
             "champion_uri": MetadataValue.text(f"models:/{reg.name}@champion"),
             "tuned_eval_rouge_l": float(tuned["rouge_l"]),
+            "promote_on": ", ".join(config.promote_on),
+            "decided_by": reg.decided_by,
         },
     )

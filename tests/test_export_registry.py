@@ -246,12 +246,12 @@ def test_registry_aliases_move_only_when_they_should(merged, tmp_path):
     client = MlflowClient(uri, registry_uri=uri)
     exp = client.create_experiment("medtune", artifact_location=(tmp_path / "artifacts").as_uri())
 
-    def register(merged_id, score):
+    def register(merged_id, score, **figures):
         run_id = client.create_run(exp).info.run_id
         client.set_terminated(run_id, "FINISHED")
         return register_merged_model(uri, name="medtune", merged_dir=str(dest), merged_id=merged_id, run_id=run_id,
-                                     score=score, tags={"medtune.data_fingerprint": "abc"}, system_prompt="系统",
-                                     max_new_tokens=4), run_id
+                                     figures={"rouge_l": score, **figures}, tags={"medtune.data_fingerprint": "abc"},
+                                     system_prompt="系统", max_new_tokens=4), run_id
 
     first, run1 = register("a", 10.0)
     assert first.version == "1" and first.became_champion and first.aliases == ["challenger", "champion"]
@@ -276,6 +276,16 @@ def test_registry_aliases_move_only_when_they_should(merged, tmp_path):
     assert str(client.get_model_version_by_alias("medtune", "champion").version) == "4"
     assert str(client.get_model_version_by_alias("medtune", "challenger").version) == "4"
     assert len(client.search_model_versions("name = 'medtune'")) == 4
+    # the default rule: held-out loss must not rise, then choice accuracy, then ROUGE-L
+    client.set_model_version_tag("medtune", "4", "medtune.eval_loss", "1.50")
+    client.set_model_version_tag("medtune", "4", "medtune.choice_accuracy", "0.10")
+    learns, _ = register("e", 9.0, eval_loss=1.40, choice_accuracy=0.90)  # lower ROUGE-L, but it learnt the choice
+    assert learns.became_champion and "choice_accuracy" in learns.decided_by
+    description = client.get_model_version("medtune", learns.version).description
+    assert "promote_on = eval_loss, choice_accuracy, rouge_l" in description and "choice_accuracy 0.9000" in description
+    worse_loss, _ = register("f", 30.0, eval_loss=1.60, choice_accuracy=1.0)  # better at everything but held-out loss
+    assert not worse_loss.became_champion and "eval_loss" in worse_loss.decided_by
+    assert str(client.get_model_version_by_alias("medtune", "champion").version) == learns.version
 
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)

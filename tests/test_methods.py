@@ -199,7 +199,7 @@ def test_a_prompt_learning_adapter_registers_with_its_base_and_the_pyfunc_answer
     client = MlflowClient(uri, registry_uri=uri)
     exp = client.create_experiment("medtune", artifact_location=(tmp_path / "artifacts").as_uri())
     run_id = client.create_run(exp).info.run_id
-    reg = register_merged_model(uri, name="medtune", merged_dir=None, merged_id="pt", run_id=run_id, score=1.0, tags={},
+    reg = register_merged_model(uri, name="medtune", merged_dir=None, merged_id="pt", run_id=run_id, figures={"rouge_l": 1.0}, tags={},
                                 system_prompt="你是助手。", max_new_tokens=8, adapter_dir=str(root / "out"),
                                 base_dir=str(tiny_model_dir))
     assert reg.became_champion
@@ -214,5 +214,5 @@ def test_a_prompt_learning_adapter_registers_with_its_base_and_the_pyfunc_answer
         out = model.generate(input_ids=ids, max_new_tokens=8, do_sample=False, eos_token_id=stops, pad_token_id=stops[0])
     assert answer == tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
     with pytest.raises(ValueError, match="adapter folder with its base"):
-        register_merged_model(uri, name="medtune", merged_dir=None, merged_id="x", run_id=run_id, score=1.0, tags={},
+        register_merged_model(uri, name="medtune", merged_dir=None, merged_id="x", run_id=run_id, figures={"rouge_l": 1.0}, tags={},
                               system_prompt="", adapter_dir=str(root / "out"))

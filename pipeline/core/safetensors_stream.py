@@ -29,6 +29,19 @@ INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 
 
+def release_memory() -> None:
+    """Give freed heap memory back to the system (glibc's ``malloc_trim``). Tensors of a few to a few
+    tens of MB, freed one after another, stay in glibc's heap between the sizes it returns at once:
+    measured on a 1.5B merge, RSS grew by about one tensor per layer to 4 GB without it, 1.1 GB with."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to give back this way
+        pass
+
+
 def read_header(path: str | os.PathLike) -> tuple[dict, int]:
     """(header without ``__metadata__``, byte offset where the data starts)."""
     with open(path, "rb") as f:

@@ -252,7 +252,7 @@ def merge_streamed(source_path: str, dest: str | os.PathLike, *, adapter_path: s
 
     import torch
 
-    from pipeline.core.safetensors_stream import FolderReader, FolderWriter
+    from pipeline.core.safetensors_stream import FolderReader, FolderWriter, release_memory
 
     out_dtype = getattr(torch, dtype)
     reader = FolderReader(source_path)
@@ -276,6 +276,7 @@ def merge_streamed(source_path: str, dest: str | os.PathLike, *, adapter_path: s
             tensor = merged
         writer.write(name, tensor.to(plan[k][1]))
         del tensor
+        release_memory()
         if log and (time.perf_counter() - last > 10 or k + 1 == len(writer.order)):
             last = time.perf_counter()
             done = reader.bytes_read + writer.bytes_written
@@ -297,7 +298,7 @@ def verify_layers(folder: str | os.PathLike, references: list[LayerReference], d
     smaller than the weights' own rounding is, by construction, not representable."""
     import torch
 
-    from pipeline.core.safetensors_stream import FolderReader
+    from pipeline.core.safetensors_stream import FolderReader, release_memory
 
     reader = FolderReader(folder)
     eps = torch.finfo(getattr(torch, dtype)).eps
@@ -317,6 +318,8 @@ def verify_layers(folder: str | os.PathLike, references: list[LayerReference], d
             worst, worst_layer = ratio, ref.key
         if ratio > 1.0:
             failures.append(f"{ref.key}: merged weight off by {ratio:.3g}x the rounding bound")
+        del w, got, bound
+        release_memory()
     if expected_layers is not None and len(references) != expected_layers:
         failures.append(f"{len(references)} layers checked, the adapter adapts {expected_layers}")
     return {"layers_checked": len(references), "worst_ratio_to_rounding_bound": worst, "worst_layer": worst_layer,

@@ -3,8 +3,10 @@
 A merged model that passed both gates (``tuned_beats_base`` and ``merged_matches_adapter``) is
 logged to its training's MLflow run as a pyfunc model (the merged folder as an artifact, the
 wrapper in ``pipeline/stages/registered_model/serving.py``), registered under a name (default ``medtune``) and given the
-alias ``challenger``. It takes ``champion`` when its eval ROUGE-L beats the current champion's, or
-when there is no champion. The same merged model registered twice reuses its version.
+alias ``challenger``. It takes ``champion`` when there is none, or when it wins by the rule
+``promote_on`` (default: held-out loss must not rise, then the medicine-choice accuracy over the
+evaluated rows, then held-out ROUGE-L: :func:`decide_champion`); the version's description says
+the rule and the figures that decided. The same merged model registered twice reuses its version.
 
 A prompt-learning adapter cannot be merged: it is logged with its base model (two artifacts,
 ``base`` and ``adapter``), and the pyfunc loads both (peft's own generation).
@@ -21,6 +23,12 @@ from typing import Any
 CHALLENGER = "challenger"
 CHAMPION = "champion"
 SCORE_TAG = "medtune.eval_rouge_l"
+# the figures a version is judged on, as tags of the version (a champion registered before a figure
+# existed simply lacks it: that criterion is then skipped)
+FIGURE_TAGS = {"eval_loss": "medtune.eval_loss", "choice_accuracy": "medtune.choice_accuracy", "rouge_l": SCORE_TAG}
+LOWER_IS_BETTER = {"eval_loss"}
+GUARDS = {"eval_loss"}  # must not get worse; never decides by improving
+DEFAULT_PROMOTE_ON = ("eval_loss", "choice_accuracy", "rouge_l")
 MERGED_TAG = "medtune.merged_id"
 SERVING_FILE = Path(__file__).with_name("serving.py")
 PIP_REQUIREMENTS = ["torch", "transformers", "safetensors", "pandas"]
@@ -34,8 +42,9 @@ class Registration:
     aliases: list[str]
     became_champion: bool
     previous_champion: str | None
-    previous_champion_score: float | None
+    previous_champion_score: float | None  # its ROUGE-L
     reused: bool
+    decided_by: str = ""  # what decide_champion said
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -85,9 +94,33 @@ def existing_version(client, name: str, merged_id: str):
     return None
 
 
-def decide_champion(score: float, champion_score: float | None) -> bool:
-    """The new version takes ``champion`` when there is none or it scores strictly higher."""
-    return champion_score is None or score > champion_score
+def decide_champion(new: dict[str, float | None], champion: dict[str, float | None] | None,
+                    promote_on: tuple[str, ...] | list[str] = DEFAULT_PROMOTE_ON) -> tuple[bool, str]:
+    """Whether the new version takes ``champion``, and why. No champion: it does. Otherwise the
+    criteria in ``promote_on`` are read in order: a guard (``eval_loss``) that got worse keeps the
+    champion; any other criterion (higher is better) that differs decides; a figure either side
+    lacks is skipped; all equal keeps the champion (a tie does not beat it)."""
+    if champion is None:
+        return True, "there was no champion"
+    unknown = [c for c in promote_on if c not in FIGURE_TAGS]
+    if unknown:
+        raise ValueError(f"promote_on: unknown criteria {unknown}; choose from {sorted(FIGURE_TAGS)}")
+    for criterion in promote_on:
+        a, b = new.get(criterion), champion.get(criterion)
+        if a is None or b is None or a == b:
+            continue
+        better = a < b if criterion in LOWER_IS_BETTER else a > b
+        said = f"{criterion} {a:.4f} vs the champion's {b:.4f}"
+        if criterion in GUARDS:
+            if not better:
+                return False, f"{said}: it must not get worse"
+            continue
+        return better, said
+    return False, "no criterion of " + ", ".join(promote_on) + " separates it from the champion"
+
+
+def _figures(tags: dict[str, str]) -> dict[str, float | None]:
+    return {k: float(tags[t]) if tags.get(t) not in (None, "", "None") else None for k, t in FIGURE_TAGS.items()}
 
 
 def register_merged_model(
@@ -97,14 +130,17 @@ def register_merged_model(
     merged_dir: str | None,
     merged_id: str,
     run_id: str,
-    score: float,
+    figures: dict[str, float | None],
     tags: dict[str, str],
     system_prompt: str,
     max_new_tokens: int = 256,
     adapter_dir: str | None = None,
     base_dir: str | None = None,
+    promote_on: tuple[str, ...] | list[str] = DEFAULT_PROMOTE_ON,
 ) -> Registration:
-    """Register ``merged_dir``; or, where there is no merged model, ``adapter_dir`` over ``base_dir``."""
+    """Register ``merged_dir``; or, where there is no merged model, ``adapter_dir`` over ``base_dir``.
+    ``figures``: the version's ``eval_loss``, ``choice_accuracy`` and ``rouge_l`` (None where not
+    measured), judged against the champion's by ``promote_on``."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -127,18 +163,27 @@ def register_merged_model(
                     model_config={"system_prompt": system_prompt, "max_new_tokens": max_new_tokens},
                     pip_requirements=requirements,
                 )
-            all_tags = {**tags, MERGED_TAG: merged_id, SCORE_TAG: f"{score:.6f}"}
-            version = mlflow.register_model(info.model_uri, name, tags=all_tags)
+            figure_tags = {t: "" if figures.get(k) is None else f"{figures[k]:.6f}" for k, t in FIGURE_TAGS.items()}
+            version = mlflow.register_model(info.model_uri, name, tags={**tags, MERGED_TAG: merged_id, **figure_tags})
     v = str(version.version)
-    score = float((version.tags or {}).get(SCORE_TAG, score))
+    mine = _figures(version.tags or {})
     champion = _alias_version(client, name, CHAMPION)
     champ_version = str(champion.version) if champion is not None else None
-    champ_score = float(champion.tags.get(SCORE_TAG)) if champion is not None and champion.tags.get(SCORE_TAG) else None
+    champ_figures = _figures(champion.tags or {}) if champion is not None else None
     if not reused:
         client.set_registered_model_alias(name, CHALLENGER, v)
-    became = False
-    if champ_version != v and decide_champion(score, champ_score):
-        client.set_registered_model_alias(name, CHAMPION, v)
-        became = True
+    became, why = False, "it is the champion already" if champ_version == v else ""
+    if champ_version != v:
+        became, why = decide_champion(mine, champ_figures, promote_on)
+        if became:
+            client.set_registered_model_alias(name, CHAMPION, v)
+    if not reused:
+        shown = ", ".join(f"{k} {'n/a' if x is None else f'{x:.4f}'}" for k, x in mine.items())
+        verdict = (f"took champion ({why})" if became else f"stayed challenger; champion: version {champ_version} ({why})")
+        client.update_model_version(name, v, description=(
+            f"Held-out figures: {shown}. Promotion rule promote_on = {', '.join(promote_on)} (a guard: eval_loss must "
+            f"not rise; then the first criterion that differs decides, higher is better). Against the champion at "
+            f"registration: {verdict}."))
     aliases = sorted(client.get_model_version(name, v).aliases)
-    return Registration(name, v, f"models:/{name}/{v}", aliases, became, champ_version, champ_score, reused)
+    champ_score = champ_figures.get("rouge_l") if champ_figures else None
+    return Registration(name, v, f"models:/{name}/{v}", aliases, became, champ_version, champ_score, reused, why)
