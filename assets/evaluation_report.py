@@ -38,6 +38,10 @@ from pipeline.core.fingerprint import sha256_json
 from pipeline.stages.base_model import BaseModelInfo
 from pipeline.stages.tokenized_dataset import MANIFEST, TokenizedDataset
 from resources.data_root import DataRoot
+
+# evaluation_report and merged_model one at a time (pipeline/dagster.yaml: limit 1): side by side on
+# 2 cores each ran several times slower (a run started from the UI uses the multiprocess executor)
+INFERENCE_POOL = "medtune_inference"
 from resources.mlflow_tracking import MlflowTracking
 
 EVAL_FORMAT = 2
@@ -93,6 +97,7 @@ def _run_lacks_evaluation(mlflow: MlflowTracking, run_id: str) -> bool:
     group_name="model",
     compute_kind="pytorch",
     description=__doc__,
+    pool=INFERENCE_POOL,
     check_specs=[AssetCheckSpec("tuned_beats_base", asset="evaluation_report",
                                 description="On held-out rows: tuned loss below the base model's, medicine-choice accuracy and ROUGE-L not lower")],
 )

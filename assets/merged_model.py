@@ -44,6 +44,8 @@ from pipeline.stages.base_model import BaseModelInfo
 from pipeline.stages.tokenized_dataset import MANIFEST, TokenizedDataset, render_prompt
 from resources.data_root import DataRoot
 
+from assets.evaluation_report import INFERENCE_POOL
+
 EXPORT_FORMAT = 3  # 2: float64 merge, float64 check; 3: streamed merge, layer-wise proof, end-to-end in the weights' dtype
 
 
@@ -77,6 +79,7 @@ def merged_key(config: MergedModelConfig, adapter_id: str, base_fingerprint: str
     group_name="model",
     compute_kind="safetensors",
     description=__doc__,
+    pool=INFERENCE_POOL,
     check_specs=[AssetCheckSpec("merged_matches_adapter", asset="merged_model", blocking=True,
                                 description="Merged logits equal the adapter model's (max abs diff, float64 over the fp32 weights) and greedy answers are identical")],
 )

@@ -222,7 +222,7 @@ def _merge_layer(module, weight, seed: int, probes: int):
     own = [(param, param.dtype) for name, param in module.named_parameters() if not name.startswith("base_layer")]
     for param, _ in own:
         param.data = param.data.to(torch.float64)
-    base_layer.weight = torch.nn.Parameter(weight.to(torch.float64), requires_grad=False)
+    base_layer.weight = torch.nn.Parameter(weight.to(torch.float64), requires_grad=False)  # no copy when float64 already
     bias = getattr(base_layer, "bias", None)
     if bias is not None:
         base_layer.bias = None  # the merge leaves the bias as it is; the proof compares weights' products
@@ -270,7 +270,10 @@ def merge_streamed(source_path: str, dest: str | os.PathLike, *, adapter_path: s
     for k, name in enumerate(writer.order):
         tensor = reader.get(name)
         if name in layers:
-            merged, ref = _merge_layer(layers[name], tensor, seed=k, probes=probes)
+            weight = tensor.to(torch.float64)
+            del tensor  # the stored copy is not needed beside the float64 one
+            merged, ref = _merge_layer(layers[name], weight, seed=k, probes=probes)
+            del weight
             if ref is not None:
                 references.append(LayerReference(name, ref[0], ref[1]))
             tensor = merged
