@@ -138,8 +138,9 @@ def test_a_wrong_merge_is_recorded_failed_before_anything_is_registered(tiny_mod
     real = mm._merge_layer
 
     def doubled(module, weight, seed, probes):
+        base = weight.clone()  # the merge works in place
         merged, ref = real(module, weight, seed, probes)
-        return 2 * merged - weight.to(merged.dtype), ref
+        return 2 * merged - base, ref
 
     monkeypatch.setattr(mm, "_merge_layer", doubled)
     info = merge_adapter(str(tiny_model_dir), str(adapter_dir), tmp_path / "bad")
