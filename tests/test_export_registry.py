@@ -135,14 +135,19 @@ def test_a_wrong_merge_is_recorded_failed_before_anything_is_registered(tiny_mod
     verification: the blocking asset check then stops registered_model."""
     import pipeline.stages.merged_model as mm
 
-    real = mm._merge_layer
+    real, real_plain = mm._merge_layer, mm._merge_plain_lora
 
     def doubled(module, weight, seed, probes):
         base = weight.clone()  # the merge works in place
         merged, ref = real(module, weight, seed, probes)
         return 2 * merged - base, ref
 
+    def doubled_plain(module, name, weight, out_dtype, seed, probes):
+        merged, ref = real_plain(module, name, weight, out_dtype, seed, probes)
+        return (2 * merged.double() - weight.double()).to(out_dtype), ref
+
     monkeypatch.setattr(mm, "_merge_layer", doubled)
+    monkeypatch.setattr(mm, "_merge_plain_lora", doubled_plain)
     info = merge_adapter(str(tiny_model_dir), str(adapter_dir), tmp_path / "bad")
     assert not info["verification"]["passed"] and not info["verification"]["layers"]["passed"]
     assert read_export_record(tmp_path / "bad")["verification"]["passed"] is False

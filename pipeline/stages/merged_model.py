@@ -242,6 +242,38 @@ def _merge_layer(module, weight, seed: int, probes: int):
     return merged, reference
 
 
+ROW_CHUNK = 1024  # rows of a weight converted to float64 at a time (a few MB: stays in the CPU's caches)
+
+
+def _merge_plain_lora(module, name: str, weight, out_dtype, seed: int, probes: int):
+    """A plain LoRA layer (:func:`is_plain_lora`) merged ``ROW_CHUNK`` rows at a time: each block of
+    the stored weight in float64 plus ``(B[rows] @ A) · scaling`` (peft's ``get_delta_weight``, in
+    its order of operations), rounded once to ``out_dtype``. The reference outputs are the stored
+    weight's product plus peft's own adapter branch (``lora_B(lora_A(x)) · scaling``, float64). Memory:
+    the output tensor and one block, never the layer in float64."""
+    import torch
+
+    a = module.lora_A[name].weight.detach().to(torch.float64)
+    b = module.lora_B[name].weight.detach().to(torch.float64)
+    scaling = float(module.scaling[name])
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((probes, weight.shape[1]), generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        lora_a, lora_b = module.lora_A[name], module.lora_B[name]
+        dtypes = (lora_a.weight.dtype, lora_b.weight.dtype)
+        lora_a.to(torch.float64), lora_b.to(torch.float64)
+        outputs = lora_b(lora_a(x)) * scaling
+        lora_a.to(dtypes[0]), lora_b.to(dtypes[1])
+    merged = torch.empty(weight.shape, dtype=out_dtype)
+    for start in range(0, weight.shape[0], ROW_CHUNK):
+        rows = slice(start, start + ROW_CHUNK)
+        block = weight[rows].to(torch.float64)
+        outputs[:, rows] += x @ block.T
+        block += (b[rows] @ a) * scaling
+        merged[rows] = block.to(out_dtype)
+    return merged, (x, outputs)
+
+
 def merge_streamed(source_path: str, dest: str | os.PathLike, *, adapter_path: str | None, dtype: str = "float32",
                    max_shard_size: str = "2GB", trust_remote_code: bool = False, probes: int = 2, log=None) -> tuple[dict[str, Any], list[LayerReference]]:
     """Write ``source_path``'s weights into ``dest`` one tensor at a time, in ``dtype``, each adapted
@@ -269,11 +301,15 @@ def merge_streamed(source_path: str, dest: str | os.PathLike, *, adapter_path: s
     start, last = time.perf_counter(), 0.0
     for k, name in enumerate(writer.order):
         tensor = reader.get(name)
-        if name in layers:
+        module = layers.get(name)
+        if module is not None and len(module.active_adapters) == 1 and is_plain_lora(module, module.active_adapters[0]):
+            merged, ref = _merge_plain_lora(module, module.active_adapters[0], tensor, plan[k][1], seed=k, probes=probes)
+        elif module is not None:
             weight = tensor.to(torch.float64)
             del tensor  # the stored copy is not needed beside the float64 one
-            merged, ref = _merge_layer(layers[name], weight, seed=k, probes=probes)
+            merged, ref = _merge_layer(module, weight, seed=k, probes=probes)
             del weight
+        if module is not None:
             if ref is not None:
                 references.append(LayerReference(name, ref[0], ref[1]))
             tensor = merged
@@ -310,12 +346,18 @@ def verify_layers(folder: str | os.PathLike, references: list[LayerReference], d
         if ref.key not in reader.entries:
             failures.append(f"{ref.key}: missing from the merged files")
             continue
-        w = reader.get(ref.key).to(torch.float64)
+        w = reader.get(ref.key)
         if list(w.shape) != [ref.outputs.shape[1], ref.inputs.shape[1]]:
             failures.append(f"{ref.key}: shape {list(w.shape)}, expected {[ref.outputs.shape[1], ref.inputs.shape[1]]}")
             continue
-        got = ref.inputs @ w.T
-        bound = eps * (ref.inputs.abs() @ w.abs().T) + 1e-12
+        got = torch.empty_like(ref.outputs)
+        bound = torch.empty_like(ref.outputs)
+        for start in range(0, w.shape[0], ROW_CHUNK):  # a block of rows in float64 at a time
+            rows = slice(start, start + ROW_CHUNK)
+            block = w[rows].to(torch.float64)
+            got[:, rows] = ref.inputs @ block.T
+            bound[:, rows] = ref.inputs.abs() @ block.abs_().T
+        bound = eps * bound + 1e-12
         ratio = float(((got - ref.outputs).abs() / bound).max())
         if ratio > worst:
             worst, worst_layer = ratio, ref.key
