@@ -44,7 +44,7 @@ from resources.data_root import DataRoot
 INFERENCE_POOL = "medtune_inference"
 from resources.mlflow_tracking import MlflowTracking
 
-EVAL_FORMAT = 2
+EVAL_FORMAT = 3  # 3: one forward per row, choice over a token trie, the tuned LoRA model merged for the pass
 
 
 def _default(name: str):
@@ -55,8 +55,8 @@ def _default(name: str):
 class EvaluationReportConfig(Config):
     max_new_tokens: int = Field(_default("max_new_tokens"), gt=0, description="Greedy answer length limit (stops earlier at the end-of-turn token); 64 keeps the CPU demo near 2 minutes")
     train_sample_size: int = Field(_default("train_sample_size"), ge=0, description="Train rows added to the eval rows, a fixed sample (what the model absorbed)")
-    batch_size: int = Field(_default("batch_size"), gt=0, description="Prompts per generation batch (left padding; the CPU demo's 39 prompts in one batch: "
-                                                  "32 measured 1.65x faster than 8 there)")
+    batch_size: int = Field(_default("batch_size"), gt=0, description="Rows decoded together (their prompt caches stacked with left padding); "
+                                                  "each row's own forward gives its loss, cache and medicine-choice scores first")
     seed: int = _default("seed")
     dtype: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="Weights for both models while evaluating; auto: bf16 where the CPU or GPU supports it "
