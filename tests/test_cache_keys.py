@@ -10,14 +10,17 @@ from pipeline.stages.tokenized_dataset import DEFAULT_SYSTEM_PROMPT, cache_key
 
 TOKENIZED = "0c5589f19a57dfac6fa2d24079d429f0314a7388eee7bf5b59f301925d357605"
 ADAPTER = "fca23461038536e8"
-EVALUATION = "1959920af721a539"
-MERGED = "cf867ee86ccc5c50"
+# evaluation format 3 and export format 3 (2026-12-03: a new evaluation design, the streamed merge
+# and its layer-wise proof) changed these on purpose; before: 1959920af721a539 / cf867ee86ccc5c50
+EVALUATION = "3d7ade9ff8dac8bd"
+MERGED = "a99101a8d958801e"
 
 
 def test_the_default_keys_are_those_from_before_the_move():
     assert cache_key("data-fp", "tokenizer-fp", "{{ template }}", 2048, DEFAULT_SYSTEM_PROMPT) == TOKENIZED
-    # the move kept every default; r and alpha changed after it (16 / 32 then): pinned at those values
-    before = LoraAdapterConfig(r=16, lora_alpha=32)
+    # the move kept every default; r and alpha changed after it (16 / 32 then), epochs and
+    # opening_repeats later (1 / 2 then): pinned at those values
+    before = LoraAdapterConfig(r=16, lora_alpha=32, epochs=1.0, opening_repeats=2)
     aid, settings, _ = training_key(before, TOKENIZED, 2048, "base-fp")
     assert aid == ADAPTER and settings["max_seq_len"] == 2048
     assert evaluation_key(EvaluationReportConfig(), aid, TOKENIZED, "alpaca-fp")[:16] == EVALUATION

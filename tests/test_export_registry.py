@@ -133,7 +133,7 @@ def test_layer_proof_catches_each_planted_wrong_merge(tiny_model_dir, adapter_di
 def test_a_wrong_merge_is_recorded_failed_before_anything_is_registered(tiny_model_dir, adapter_dir, tmp_path, monkeypatch):
     """A merge that gets a layer wrong (here every delta doubled) is written with a failed
     verification: the blocking asset check then stops registered_model."""
-    import pipeline.stages.merged_model as mm
+    import pipeline.stages.merged_model.streamed as mm
 
     real, real_plain = mm._merge_layer, mm._merge_plain_lora
 
