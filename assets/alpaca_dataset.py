@@ -37,7 +37,7 @@ def alpaca_dataset(
     context: AssetExecutionContext, config: AlpacaDatasetConfig, data_root: DataRoot, deduplicated_records: StagedRows
 ) -> Output[dict]:
     path = data_root.alpaca_path
-    counts = write_alpaca(deduplicated_records, path, config.eval_fraction, data_root.chunk_rows)
+    counts = write_alpaca(deduplicated_records, path, config.eval_fraction, data_root.chunk_rows, log=context.log.info)
     fingerprint = sha256_file(path)
     context.log.info(f"{counts['rows']} rows written to {path} (train {counts['train']}, eval {counts['eval']}; "
                      f"{counts['near_duplicate_groups_kept_together']} near-duplicate groups kept in one split, "

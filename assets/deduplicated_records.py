@@ -7,6 +7,7 @@ from dagster import AssetExecutionContext, Config, MetadataValue, Output, asset
 from pydantic import Field
 
 from pipeline.core.chunks import head
+from pipeline.core.markdown import table
 from pipeline.core.records import FIELDS, StagedRows, preview_markdown
 from pipeline.stages.deduplicated_records import NEAR_THRESHOLD, deduplicate_to
 from resources.data_root import DataRoot
@@ -32,25 +33,19 @@ class DeduplicatedRecordsConfig(Config):
 def near_markdown(groups: list[dict], total: int, limit: int = 20) -> str:
     if not groups:
         return "_no near-duplicate prompts_"
-    lines = ["| rows | kept | lowest similarity | sources | prompt |", "|---|---|---|---|---|"]
-    for g in groups[:limit]:
-        prompt = g["prompt"].replace("|", "/").replace("\n", " ")
-        lines.append(f"| {g['rows']} | {g['kept']} | {g['similarity']} | {', '.join(g['sources'])} | {prompt} |")
+    rows = [(g["rows"], g["kept"], g["similarity"], ", ".join(g["sources"]), g["prompt"]) for g in groups[:limit]]
     if total > limit:
-        lines.append(f"| … | | | {total - limit} more groups | |")
-    return "\n".join(lines)
+        rows.append(("…", "", "", f"{total - limit} more groups", ""))
+    return table(["rows", "kept", "lowest similarity", "sources", "prompt"], rows)
 
 
 def conflicts_markdown(groups: list[dict], limit: int = 20) -> str:
     if not groups:
         return "_no conflicts_"
-    lines = ["| rows | kept | sources | prompt |", "|---|---|---|---|"]
-    for g in groups[:limit]:
-        prompt = g["prompt"].replace("|", "/").replace("\n", " ")
-        lines.append(f"| {g['rows']} | {g['kept']} | {', '.join(g['sources'][:6])} | {prompt} |")
+    rows = [(g["rows"], g["kept"], ", ".join(g["sources"][:6]), g["prompt"]) for g in groups[:limit]]
     if len(groups) > limit:
-        lines.append(f"| … | | {len(groups) - limit} more groups | |")
-    return "\n".join(lines)
+        rows.append(("…", "", f"{len(groups) - limit} more groups", ""))
+    return table(["rows", "kept", "sources", "prompt"], rows)
 
 
 @asset(group_name="data", compute_kind="python", description=__doc__)
@@ -59,7 +54,7 @@ def deduplicated_records(
 ) -> Output[StagedRows]:
     result = deduplicate_to(validated_records, data_root.stage_dir("deduplicated_records"), config.conflict_policy,
                             data_root.chunk_rows, near_duplicate_policy=config.near_duplicate_policy,
-                            near_duplicate_threshold=config.near_duplicate_threshold)
+                            near_duplicate_threshold=config.near_duplicate_threshold, log=context.log.info)
     s = result.stats
     context.log.info(
         f"{s['rows_in']} rows in: {s['duplicates_removed']} duplicates removed, {s['conflict_groups']} conflict groups "

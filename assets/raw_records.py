@@ -10,21 +10,20 @@ from resources.data_root import DataRoot
 
 
 def files_markdown(files: list[dict]) -> str:
-    lines = ["| file | encoding | format | read | kept | rejected | notes |", "|---|---|---|---|---|---|---|"]
+    from pipeline.core.markdown import table
+
+    rows = []
     for f in files:
         notes = "; ".join([*(f.get("notes") or []), *([f"**rejected**: {f['error']}"] if f.get("error") else [])])
         if f.get("blank_lines"):
             notes = "; ".join(filter(None, [notes, f"{f['blank_lines']} blank lines skipped"]))
-        lines.append(
-            f"| {f['source_file']} | {f.get('encoding') or ''} | {f.get('format') or ''} | {f['rows_read']} "
-            f"| {f['rows_kept']} | {f['rows_rejected']} | {notes.replace('|', '/')} |"
-        )
-    return "\n".join(lines)
+        rows.append([f["source_file"], f.get("encoding"), f.get("format"), f["rows_read"], f["rows_kept"], f["rows_rejected"], notes])
+    return table(["file", "encoding", "format", "read", "kept", "rejected", "notes"], rows)
 
 
 @asset(group_name="data", compute_kind="python", description=__doc__)
 def raw_records(context: AssetExecutionContext, data_root: DataRoot) -> Output[StagedRows]:
-    result = ingest_to(data_root.raw_dir, data_root.stage_dir("raw_records"), data_root.chunk_rows)
+    result = ingest_to(data_root.raw_dir, data_root.stage_dir("raw_records"), data_root.chunk_rows, log=context.log.info)
     s = result.stats
     context.log.info(
         f"read {s['files_read']} files from {data_root.raw_dir}: {s['rows_read']} rows, "

@@ -22,7 +22,7 @@ def rejected_records(
     deduplicated_records: StagedRows,
 ) -> Output[dict]:
     path = data_root.rejected_path
-    written = write_rejected([raw_records, validated_records, deduplicated_records], path, data_root.chunk_rows)
+    written = write_rejected([raw_records, validated_records, deduplicated_records], path, data_root.chunk_rows, log=context.log.info)
     by_stage = written["by_stage"]
     context.log.info(f"{written['rows']} rejected rows written to {path}: {by_stage}")
     return Output(

@@ -15,6 +15,7 @@ from pydantic import Field, ValidationError
 
 from assets.lora_adapter import LoraAdapterConfig
 from pipeline.core.atomic import write_bytes_atomic
+from pipeline.core.markdown import table
 from pipeline.core.fingerprint import sha256_json
 from pipeline.stages.sweep_plan import PARTITIONS, SweepError, check_name, expand, partition_key
 from resources.data_root import DataRoot
@@ -92,11 +93,11 @@ def sweep_plan(context: AssetExecutionContext, config: SweepPlanConfig, data_roo
     write_bytes_atomic(folder / PLAN, json.dumps({**plan, "fingerprint": fingerprint, "parent_run_id": parent},
                                                  ensure_ascii=False, indent=1).encode())
     exp_id = client.get_run(parent).info.experiment_id
-    rows = "\n".join(f"| {k} | {json.dumps(t.settings)} |" for k, t in zip(keys, trials))
+    plan_table = table(["partition", "settings"], [(k, json.dumps(t.settings)) for k, t in zip(keys, trials)])
     return Output(
         {"name": name, "partition_keys": keys, "parent_run_id": parent, "fingerprint": fingerprint},
         metadata={"sweep": name, "trials": len(trials), "fingerprint": fingerprint,
-                  "plan": MetadataValue.md("| partition | settings |\n|---|---|\n" + rows),
+                  "plan": MetadataValue.md(plan_table),
                   "removed_partitions": ", ".join(stale), "path": MetadataValue.path(str(folder / PLAN)),
                   "mlflow_parent_run": MetadataValue.url(mlflow.run_link(parent, exp_id))},
     )

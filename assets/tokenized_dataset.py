@@ -50,6 +50,7 @@ def tokenized_dataset(
         out_root=data_root.tokenized_dir,
         max_seq_len=config.max_seq_len,
         system_prompt=config.system_prompt,
+        log=context.log.info,
     )
     s = ds.stats
     context.log.info(

@@ -1,10 +1,11 @@
 """Benchmark: raw JSON → ``alpaca_dataset`` through the functions the assets use, against a naive baseline.
 
-    python bench/data_throughput.py [--rows 1000000] [--files 8] [--naive-max-rows 1000000]
+    python bench/data_throughput.py [--rows 1000000] [--files 8] [--minified] [--naive-max-rows 1000000]
 
 Generates N synthetic Chinese patent-medicine records (2% duplicates or whitespace / full-width
 variants of earlier rows, 1% near duplicates: an earlier case re-posted with one character or
-punctuation mark changed, 1% bad rows of several kinds) as JSON Lines and JSON array files,
+punctuation mark changed, 1% bad rows of several kinds) as JSON Lines and JSON array files
+(``--minified``: every file a JSON array on a single line, as ``json.dump`` writes by default),
 then times, each in its own child process and one after the other in this run:
 
 * ``pipeline``: ``ingest_to`` → ``validate_to`` (Great Expectations, per chunk) →
@@ -93,14 +94,14 @@ def near_variant(rng: random.Random, rec: dict) -> dict:
     return {**rec, "input": text[:i] + rng.choice(SYMPTOMS)[0] + text[i + 1:]}  # one character
 
 
-def generate(raw: Path, rows: int, files: int, seed: int) -> dict:
+def generate(raw: Path, rows: int, files: int, seed: int, minified: bool = False) -> dict:
     rng = random.Random(seed)
     raw.mkdir(parents=True, exist_ok=True)
     kept: list[dict] = []
     per_file = -(-rows // files)
     counts = {"rows": 0, "duplicates": 0, "near_duplicates": 0, "bad": 0}
     for f in range(files):
-        as_array = f % 4 == 3  # one file in four is a JSON array, the others JSON Lines
+        as_array = minified or f % 4 == 3  # one file in four is a JSON array, the others JSON Lines
         items: list = []
         for _ in range(min(per_file, rows - counts["rows"])):
             r = rng.random()
@@ -123,7 +124,7 @@ def generate(raw: Path, rows: int, files: int, seed: int) -> dict:
         with open(path, "w", encoding="utf-8") as fh:
             if as_array:
                 items = [i if isinstance(i, dict) else {"broken": i} for i in items]
-                json.dump(items, fh, ensure_ascii=False, indent=1)
+                json.dump(items, fh, ensure_ascii=False, indent=None if minified else 1)  # minified: one line
             else:
                 for i in items:
                     fh.write((i if isinstance(i, str) else json.dumps(i, ensure_ascii=False)) + "\n")
@@ -333,6 +334,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--files", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--minified", action="store_true", help="every file a JSON array on one line (as json.dump writes it)")
     ap.add_argument("--naive-max-rows", type=int, default=1_000_000, help="skip the in-memory baseline above this")
     ap.add_argument("--child", choices=["pipeline", "naive"])
     ap.add_argument("--raw")
@@ -345,7 +347,7 @@ def main() -> None:
         raw, out = Path(tmp) / "raw", Path(tmp) / "out"
         out.mkdir()
         t = time.perf_counter()
-        gen = generate(raw, args.rows, args.files, args.seed)
+        gen = generate(raw, args.rows, args.files, args.seed, args.minified)
         print(f"generated {gen['rows']:,} rows ({gen['duplicates']:,} duplicates, {gen['near_duplicates']:,} near duplicates, {gen['bad']:,} bad) in "
               f"{args.files} files, {gen['bytes'] / 1e6:.0f} MB, in {time.perf_counter() - t:.1f} s", flush=True)
         pipe = measure("pipeline", raw, out)
@@ -356,7 +358,7 @@ def main() -> None:
               f"stages {pipe['stages_s']} (s), peak RSS after each {pipe['peak_rss_after_mb']} (MB), "
               f"imports {pipe['imports_s']:.1f} s", flush=True)
         summary = {
-            "rows": gen["rows"], "files": args.files, "input_mb": round(gen["bytes"] / 1e6, 1),
+            "rows": gen["rows"], "files": args.files, "layout": "minified arrays" if args.minified else "JSON Lines + pretty arrays", "input_mb": round(gen["bytes"] / 1e6, 1),
             "pipeline_seconds": round(pipe["seconds"], 1), "pipeline_rows_per_s": round(pipe_rps),
             "pipeline_peak_rss_mb": round(pipe["peak_rss_mb"]), "pipeline_stages_s": pipe["stages_s"],
             "pipeline_own_peak_rss_mb": round(pipe["own_peak_rss_mb"]), "pipeline_workers_peak_rss_mb": pipe["workers_peak_rss_mb"],

@@ -1,4 +1,4 @@
-"""IO manager for the data stages: Parquet for tables, JSON for small descriptors.
+"""IO manager for the data stages: Arrow IPC files for tables (a stage folder), JSON for small descriptors.
 
 A data stage writes its own folder ``<asset>/`` (``kept.arrow``, ``rejected.arrow``,
 ``stats.json``: :class:`~pipeline.core.records.StagedRows`, written chunk by chunk and renamed

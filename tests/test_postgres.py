@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from pipeline.core.stores import (DAGSTER_HEADER, StoreConfigError, artifact_root, dagster_settings, libpq_env,
-                                  mlflow_database_url, postgres_url, tracking_uri)
+                                  mlflow_database_url, configured_postgres_url, tracking_uri)
 from pipeline.ops.instance import TEMPLATE, ensure_dagster_home
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -47,7 +47,7 @@ def test_the_url_switches_both_stores_and_each_tools_own_setting_wins():
 ])
 def test_a_wrong_url_is_named_without_its_password(bad, says):
     with pytest.raises(StoreConfigError, match=says) as err:
-        postgres_url({"MEDTUNE_POSTGRES_URL": bad})
+        configured_postgres_url({"MEDTUNE_POSTGRES_URL": bad})
     assert "MEDTUNE_POSTGRES_URL" in str(err.value) and ":pw@" not in str(err.value)
 
 

@@ -164,3 +164,84 @@ def test_a_failed_write_leaves_the_previous_file(tmp_path):
         raise RuntimeError("stop")
     assert pd.read_parquet(path)["a"].tolist() == ["old"]
     assert [p.name for p in tmp_path.iterdir()] == ["t.parquet"]
+
+
+def _minified_pretty_lines(tmp_path: Path) -> dict[str, Path]:
+    """The same records, some broken, as a one-line array, a pretty-printed array and JSON Lines."""
+    recs: list = demo_records(40)
+    recs[3] = "not an object"
+    recs[11] = {"instruction": "a", "output": ["not", "text"]}
+    texts = [json.dumps(r, ensure_ascii=False) for r in recs]
+    texts[6] = texts[6][:-9]  # an element cut inside a string
+    texts[20] = texts[20].replace('"output": "', '"output": ', 1)  # a value without its opening quote
+    folders = {}
+    for name in ("minified", "pretty", "lines"):
+        folders[name] = tmp_path / name / "raw"
+        folders[name].mkdir(parents=True)
+    (folders["minified"] / "x.json").write_text("[" + ",".join(texts) + "]", encoding="utf-8")
+    pretty = ",\n".join("  " + t.replace('", "', '",\n    "') for t in texts)
+    (folders["pretty"] / "x.json").write_text("[\n" + pretty + "\n]\n", encoding="utf-8")
+    (folders["lines"] / "x.json").write_text("\n".join(texts) + "\n", encoding="utf-8")
+    return folders
+
+
+def test_a_minified_array_gives_the_rows_of_a_pretty_array_and_of_json_lines(tmp_path, monkeypatch):
+    """Issue 22: blocks are cut anywhere, so a one-line array is read in many small blocks (its
+    window never holding the file) and gives the same rows and the same rejected rows (same
+    positions in the array, same kind of reason) as the pretty-printed array and JSON Lines."""
+    import pipeline.stages.raw_records.arrays as arrays
+
+    monkeypatch.setattr(arrays, "_COMPACT_CHARS", 300)
+    widest = [0]
+    extend = arrays.Window.extend
+
+    def watched(self):
+        grew = extend(self)
+        widest[0] = max(widest[0], len(self.text))
+        return grew
+
+    monkeypatch.setattr(arrays.Window, "extend", watched)
+    got = {}
+    for name, raw in _minified_pretty_lines(tmp_path).items():
+        widest[0] = 0
+        staged = ingest_to(raw, tmp_path / name / "st", 8, stream_over=0, block_bytes=53)
+        kept = staged.read_kept().drop(columns=["source_line"])
+        rejected = staged.read_rejected()
+        reasons = [(i, r.split(":")[0]) for i, r in zip(rejected["source_index"], rejected["reason"])]
+        got[name] = (kept, reasons)
+        if name == "minified":
+            size = (raw / "x.json").stat().st_size
+            assert 0 < widest[0] < size // 8, (widest[0], size)  # the window slid along the line
+    assert len(got["lines"][0]) == 36 and [i for i, _ in got["lines"][1]] == [3, 6, 11, 20]
+    for name in ("minified", "pretty"):
+        pd.testing.assert_frame_equal(got[name][0], got["lines"][0])
+        assert got[name][1] == got["lines"][1], name
+    # whole-file reading of the minified array agrees with the streamed one
+    whole = ingest_to(tmp_path / "minified" / "raw", tmp_path / "whole", 8)
+    pd.testing.assert_frame_equal(whole.read_kept().drop(columns=["source_line"]), got["minified"][0])
+
+
+def test_characters_and_crlf_split_between_blocks(tmp_path):
+    """Every block size from 1 to 9 bytes cuts 2-, 3- and 4-byte UTF-8 characters and CR LF pairs
+    somewhere: the decoded text is the file's, and the rows and rejections equal reading it whole."""
+    from pipeline.stages.raw_records.blocks import _is_utf8_file, _texts, iter_file
+    from pipeline.stages.raw_records.rows import ingest_file
+
+    recs = [rec(f"病例{i}：咳嗽 ü é 𝄞 {i}", f"板蓝根颗粒 ✓ 𠀀 {i}") for i in range(12)]
+    lines = [json.dumps(r, ensure_ascii=False) for r in recs]
+    lines[4] = lines[4][:-5]
+    data = b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n"
+    path = tmp_path / "x.jsonl"
+    path.write_bytes(data)
+    expected = data[3:].decode().replace("\r\n", "\n")
+    whole = ingest_file(path, "x.jsonl")
+    assert len(whole.rejected) == 1 and whole.table.num_rows == 11
+    for block in range(1, 10):
+        assert "".join(_texts(path, block)) == expected, block
+        assert _is_utf8_file(path, block)
+        pieces = list(iter_file(path, "x.jsonl", stream_over=0, block_bytes=block))
+        assert pd.concat([p.table.to_pandas() for p in pieces if p.table is not None]).reset_index(drop=True).equals(
+            whole.table.to_pandas()), block
+        assert [r for p in pieces for r in p.rejected] == whole.rejected
+    path.write_bytes(data[:-40] + b"\xe4\xb8" + data[-40:])  # a character cut short inside the file
+    assert not any(_is_utf8_file(path, block) for block in range(1, 10))

@@ -116,22 +116,24 @@ def run_child(spec: TrainSpec, path: Path, launcher: list[str] | None = None) ->
 
 
 def test_killed_training_resumes_exactly_where_it_stopped(tmp_path, tiny_model_dir, tokenized):
-    """Packed steps and dropout on: killed after step 5 (checkpoints at 2 and 4), resumed from step 4,
-    the adapter is bit for bit the one an uninterrupted training gives."""
+    """Packed steps and dropout on: killed after step 7 (checkpoints at 2, 4 and 6; the two newest
+    kept, ``save_total_limit`` 2), resumed from step 6, the adapter is bit for bit the one an
+    uninterrupted training gives."""
     settings = dict(max_steps=8, save_every=2, lora_dropout=0.1, pack_tokens=300)
     whole = train(spec_for(tmp_path / "whole", tiny_model_dir, tokenized, **settings))
     assert whole["steps"] == 8
-    spec = spec_for(tmp_path, tiny_model_dir, tokenized, stop_after_steps=5, **settings)
+    spec = spec_for(tmp_path, tiny_model_dir, tokenized, stop_after_steps=7, **settings)
     killed = run_child(spec, tmp_path / "spec.json")
     assert killed.returncode == 3, killed.stderr[-2000:]
     assert not (tmp_path / "adapter").exists()  # nothing half-written where the next step reads
-    assert sorted(p.name for p in (tmp_path / "ckpt").glob("step-*")) == ["step-2", "step-4"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if "step-" in p.name) == ["step-4", "step-6"]
+    assert "checkpoint saved at step 6 (removed step-2)" in killed.stdout + killed.stderr
     spec.stop_after_steps = None
     resumed = run_child(spec, tmp_path / "spec.json")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resuming from checkpoint" in resumed.stdout and "step-4" in resumed.stdout
+    assert "resuming from checkpoint" in resumed.stdout and "step-6" in resumed.stdout
     result = json.loads(resumed.stdout.split("RESULT ", 1)[1].splitlines()[0])
-    assert result["steps"] == 8 and result["resumed_from"] == "step-4"
+    assert result["steps"] == 8 and result["resumed_from"] == "step-6"
     a, b = adapter_tensors(tmp_path / "adapter"), adapter_tensors(tmp_path / "whole" / "adapter")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -150,6 +152,32 @@ def test_two_cpu_processes_train_one_adapter(tmp_path, tiny_model_dir, tokenized
 
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "adapter")
     assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) == result["trainable_parameters"]
+
+
+def test_two_processes_killed_and_resumed_train_what_an_uninterrupted_run_trains(tmp_path, tiny_model_dir, tokenized):
+    """DDP on gloo, two CPU processes, dropout on: each process draws its own dropout masks (its rows
+    differ), so each process's random state is saved and restored as its own. Killed after step 5
+    (checkpoints at 2 and 4), resumed from step 4: the adapter equals the uninterrupted two-process
+    run's bit for bit."""
+    from pipeline.stages.lora_adapter.checkpoint import complete_checkpoints
+
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2"]
+    settings = dict(max_steps=6, save_every=2, lora_dropout=0.1, pack_tokens=300, eval_every=100)
+    whole = run_child(spec_for(tmp_path / "whole", tiny_model_dir, tokenized, **settings), tmp_path / "whole.json", torchrun)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    spec = spec_for(tmp_path, tiny_model_dir, tokenized, stop_after_steps=5, **settings)
+    killed = run_child(spec, tmp_path / "spec.json", torchrun)
+    assert killed.returncode != 0 and not (tmp_path / "adapter").exists()
+    assert [p.name for p in complete_checkpoints(tmp_path / "ckpt")] == ["step-2", "step-4"]
+    rng = torch.load(tmp_path / "ckpt" / "step-4" / "rng.pt", weights_only=True)
+    assert rng["processes"] == 2 and not torch.equal(rng["states"][0]["torch"], rng["states"][1]["torch"])
+    spec.stop_after_steps = None
+    resumed = run_child(spec, tmp_path / "spec.json", torchrun)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    result = json.loads(resumed.stdout.split("RESULT ", 1)[1].splitlines()[0])
+    assert result["processes"] == 2 and result["resumed_from"] == "step-4" and result["steps"] == 6
+    a, b = adapter_tensors(tmp_path / "adapter"), adapter_tensors(tmp_path / "whole" / "adapter")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_adapter_id_covers_every_training_setting():

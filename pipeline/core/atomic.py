@@ -151,23 +151,24 @@ def write_bytes_atomic(dest: str | os.PathLike, data: bytes) -> None:
 
 @contextlib.contextmanager
 def file_lock(path: str | os.PathLike, on_wait=None) -> Iterator[None]:
-    """An exclusive lock between processes (``flock`` on ``path``); the kernel releases it if the
-    holder dies, so a killed run never leaves it stuck. ``on_wait`` is called once if it must wait."""
-    import fcntl
+    """An exclusive lock between processes (``filelock.FileLock``: ``flock`` on ``path`` here); the
+    kernel releases it if the holder dies, so a killed run never leaves it stuck. ``on_wait`` is
+    called once if it must wait."""
+    from filelock import FileLock, Timeout
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if on_wait is not None:
-                on_wait()
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    lock = FileLock(path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        if on_wait is not None:
+            on_wait()
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 @contextlib.contextmanager

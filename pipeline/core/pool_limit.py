@@ -35,7 +35,7 @@ def pool_limit(instance, pool: str) -> int | None:
         return None
 
 
-def postgres_url(instance) -> str | None:
+def instance_postgres_url(instance) -> str | None:
     """The instance's PostgreSQL URL (as dagster-postgres connects: a password, if any, from libpq's
     PGPASSWORD or ~/.pgpass), or None for any other storage."""
     url = getattr(instance.event_log_storage, "postgres_url", None)
@@ -85,7 +85,7 @@ def pool_slot(instance, pool: str, log) -> Iterator[int | None]:
     if not limit:
         yield None
         return
-    url = postgres_url(instance)
+    url = instance_postgres_url(instance)
     where = "among the instance's machines (PostgreSQL advisory lock)" if url else "on this machine"
 
     def on_wait():

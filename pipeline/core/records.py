@@ -101,19 +101,10 @@ def preview_markdown(df: pd.DataFrame, columns: list[str] | None = None, n: int 
     """A short Markdown table of the first rows, long text clipped, for Dagster metadata."""
     if df.empty:
         return "_no rows_"
+    from pipeline.core.markdown import table
+
     cols = columns or list(df.columns)
-    head = df[cols].head(n)
-
-    def cell(v: Any) -> str:
-        if v is None or (isinstance(v, float) and pd.isna(v)) or v is pd.NA:
-            return ""
-        s = str(v).replace("\r", " ").replace("\n", " ").replace("|", "\\|")
-        return s if len(s) <= width else s[: width - 1] + "…"
-
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for row in head.itertuples(index=False, name=None):
-        lines.append("| " + " | ".join(cell(v) for v in row) + " |")
-    return "\n".join(lines)
+    return table(cols, df[cols].head(n).itertuples(index=False, name=None), width)
 
 
 # ----------------------------------------------------------------------------- staged rows
@@ -198,3 +189,26 @@ def stage_output(folder, kept_empty: pd.DataFrame, chunk_rows: int) -> Iterator[
             if named:
                 raise named[0] from exc  # the write error, naming the file
             raise
+
+
+@contextlib.contextmanager
+def in_memory(stage, *inputs: pd.DataFrame, **kwargs) -> Iterator[StageResult]:
+    """A streamed stage run on DataFrames, its output read back: ``stage(*staged_inputs, folder,
+    **kwargs)`` in a temporary folder. The in-memory ``ingest`` / ``validate_records`` /
+    ``deduplicate`` are this, so tests and tools run exactly the code the assets run."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="medtune-stage-") as tmp:
+        staged = [staged_from_frame(df, Path(tmp) / f"input-{i}") for i, df in enumerate(inputs)]
+        out = stage(*staged, Path(tmp) / "output", **kwargs)
+        yield StageResult(kept=out.read_kept(), rejected=out.read_rejected(), stats=out.stats)
+
+
+def staged_from_frame(df: pd.DataFrame, folder, chunk_rows: int = CHUNK_ROWS) -> StagedRows:
+    """Rows held in a DataFrame as a stage's output folder (kept rows only), for a stage to read."""
+    frame = df.reset_index(drop=True)
+    with stage_output(folder, frame.iloc[:0], chunk_rows) as out:
+        out.kept.write(frame)
+        out.stats = {"rows_kept": len(frame), "rows_rejected": 0}
+    return StagedRows(str(folder), out.stats)
+

@@ -47,7 +47,7 @@ class StoreConfigError(ValueError):
     """A store location that cannot work; the message says which variable and why."""
 
 
-def postgres_url(env: Mapping[str, str] = os.environ) -> str | None:
+def configured_postgres_url(env: Mapping[str, str] = os.environ) -> str | None:
     """``MEDTUNE_POSTGRES_URL``, checked: a ``postgresql://`` URL that names a database; None when unset."""
     url = (env.get(POSTGRES_ENV) or "").strip()
     if not url:
@@ -83,7 +83,7 @@ def tracking_uri(env: Mapping[str, str] = os.environ) -> str:
     """MLflow's store: ``MLFLOW_TRACKING_URI``, else the PostgreSQL one, else ``mlflow/mlflow.db``."""
     if env.get("MLFLOW_TRACKING_URI"):
         return env["MLFLOW_TRACKING_URI"]
-    pg = postgres_url(env)
+    pg = configured_postgres_url(env)
     return mlflow_database_url(pg) if pg else DEFAULT_SQLITE_URI
 
 
@@ -101,7 +101,7 @@ def dagster_settings(template: str, env: Mapping[str, str] = os.environ) -> str:
     """The text of ``$DAGSTER_HOME/dagster.yaml``: the project's template, plus PostgreSQL storage when
     ``MEDTUNE_POSTGRES_URL`` is set."""
     text = DAGSTER_HEADER + "\n" + template.rstrip() + "\n"
-    url = postgres_url(env)
+    url = configured_postgres_url(env)
     if not url:
         return text
     parts = urllib.parse.urlsplit(url)
@@ -117,7 +117,7 @@ def dagster_settings(template: str, env: Mapping[str, str] = os.environ) -> str:
 def libpq_env(env: Mapping[str, str] = os.environ) -> dict[str, str]:
     """``PGPASSWORD`` from ``MEDTUNE_POSTGRES_URL`` when the URL carries a password and it is not set yet:
     what Dagster's processes need, since their settings name no password."""
-    url = postgres_url(env)
+    url = configured_postgres_url(env)
     password = urllib.parse.unquote(urllib.parse.urlsplit(url).password or "") if url else ""
     return {"PGPASSWORD": password} if password and not env.get("PGPASSWORD") else {}
 

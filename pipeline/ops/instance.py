@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pipeline.core.atomic import write_bytes_atomic
 from pipeline.core.secrets import redact
-from pipeline.core.stores import DAGSTER_HEADER, dagster_settings, ensure_database, postgres_url, tracking_uri
+from pipeline.core.stores import DAGSTER_HEADER, dagster_settings, ensure_database, configured_postgres_url, tracking_uri
 
 TEMPLATE = Path(__file__).parents[1] / "dagster.yaml"
 
@@ -38,7 +38,7 @@ def ensure_dagster_home(home: Path, env=os.environ) -> Path:
 
 def ensure_stores(home: Path, env=os.environ, log=print) -> None:
     ensure_dagster_home(home, env)
-    pg = postgres_url(env)
+    pg = configured_postgres_url(env)
     uri = tracking_uri(env)
     if pg and uri.startswith("postgresql"):
         if ensure_database(uri):

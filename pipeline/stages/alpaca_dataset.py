@@ -73,9 +73,13 @@ def empty_alpaca() -> pd.DataFrame:
     return pd.DataFrame({c: base[c] if c in base else pd.Series([], dtype="str") for c in ALPACA_COLUMNS})
 
 
-def write_alpaca(rows, path: str | os.PathLike, eval_fraction: float = 0.1, chunk_rows: int = CHUNK_ROWS) -> dict:
+def write_alpaca(rows, path: str | os.PathLike, eval_fraction: float = 0.1, chunk_rows: int = CHUNK_ROWS, log=None) -> dict:
     """The Alpaca Parquet from a deduplicated stage (:class:`~pipeline.core.records.StagedRows`),
-    chunk by chunk: byte-identical to ``write_parquet(build_alpaca(all rows))``. Returns the counts."""
+    chunk by chunk: byte-identical to ``write_parquet(build_alpaca(all rows))``. Returns the counts.
+    ``log``: a progress line every few seconds."""
+    from pipeline.core.progress import Progress
+
+    progress = Progress(log, "alpaca_dataset", rows.n_kept, every=5.0)
     buckets = rows.stats.get("prompt_buckets") or {}
     rule = (eval_fraction, buckets.get("min"), buckets.get("max"), int(buckets.get("distinct_prompts", 0)))
     counts = {"train": 0, "eval": 0, "rows_moved_to_their_group_split": 0}
@@ -90,6 +94,7 @@ def write_alpaca(rows, path: str | os.PathLike, eval_fraction: float = 0.1, chun
             if grouped.any():  # where a prompt's own bucket would have put it on the other side
                 own = split_rule(bucket(chunk["prompt_id"][grouped]), *rule)
                 counts["rows_moved_to_their_group_split"] += int((own != is_eval[grouped]).sum())
+            progress(counts["train"] + counts["eval"])
     counts["rows"] = counts["train"] + counts["eval"]
     counts["near_duplicate_groups_kept_together"] = int(rows.stats.get("near_duplicate_groups", 0))
     return counts

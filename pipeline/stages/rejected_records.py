@@ -19,12 +19,15 @@ def collect_rejected(parts: list[pd.DataFrame]) -> pd.DataFrame:
     return pd.concat([rejects_frame(), *parts], ignore_index=True).astype(rejects_frame().dtypes.to_dict())
 
 
-def write_rejected(stages, path, chunk_rows: int = CHUNK_ROWS) -> dict:
+def write_rejected(stages, path, chunk_rows: int = CHUNK_ROWS, log=None) -> dict:
     """:func:`collect_rejected` of the stages (:class:`~pipeline.core.records.StagedRows`), written
     chunk by chunk to ``path``: byte-identical to writing the collected table at once. Returns the
     rows per stage and the most frequent reasons (``reasons_markdown``'s table, over every row)."""
+    from pipeline.core.progress import Progress
+
     by_stage: dict[str, int] = {}
     kinds: Counter[tuple[str, str]] = Counter()
+    progress = Progress(log, "rejected_records", sum(s.n_rejected for s in stages), every=5.0)
     with ChunkWriter(path, "parquet", empty=rejects_frame()) as out:
         for staged in stages:
             for chunk in staged.iter_rejected(chunk_rows):
@@ -33,6 +36,7 @@ def write_rejected(stages, path, chunk_rows: int = CHUNK_ROWS) -> dict:
                 for stage, n in chunk["stage"].value_counts().items():
                     by_stage[stage] = by_stage.get(stage, 0) + int(n)
                 kinds.update(zip(chunk["stage"], _kinds(chunk["reason"])))
+                progress(sum(by_stage.values()))
     return {"rows": sum(by_stage.values()), "by_stage": by_stage, "reasons": _kinds_markdown(kinds)}
 
 
@@ -44,10 +48,10 @@ def _kinds(reasons: pd.Series) -> pd.Series:
 def _kinds_markdown(kinds: Counter, limit: int = 15) -> str:
     if not kinds:
         return "_nothing rejected_"
-    lines = ["| stage | reason | rows |", "|---|---|---|"]
-    for (stage, reason), rows in sorted(kinds.items(), key=lambda kv: -kv[1])[:limit]:
-        lines.append(f"| {stage} | {str(reason).replace('|', '/')} | {rows} |")
-    return "\n".join(lines)
+    from pipeline.core.markdown import table
+
+    return table(["stage", "reason", "rows"],
+                 [(stage, reason, rows) for (stage, reason), rows in sorted(kinds.items(), key=lambda kv: -kv[1])[:limit]])
 
 
 def reasons_markdown(rejected: pd.DataFrame, limit: int = 15) -> str:

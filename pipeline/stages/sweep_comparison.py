@@ -51,17 +51,13 @@ def best_trial(table: pd.DataFrame) -> str | None:
 
 
 def table_markdown(table: pd.DataFrame) -> str:
-    def cell(v):
-        if v is None or (isinstance(v, float) and v != v):
-            return ""
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return str(v).replace("|", "/").replace("\n", " ")
+    from pipeline.core.markdown import table as markdown_table
+
+    def value(v):
+        return f"{v:.4g}" if isinstance(v, float) and v == v else v
 
     cols = [c for c in COLUMNS if c != "error" or table["error"].astype(bool).any()]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(cell(r[c]) for c in cols) + " |" for _, r in table.iterrows()]
-    return "\n".join(lines)
+    return markdown_table(cols, [[value(r[c]) for c in cols] for _, r in table.iterrows()])
 
 
 def comparison_plot(table: pd.DataFrame) -> bytes:

@@ -168,6 +168,9 @@ def _stats(table: pd.DataFrame, skipped: list[str]) -> dict[str, Any]:
     }
 
 
+TOKENIZE_BLOCK = 2_000  # rows between progress lines
+
+
 def tokenize_dataset(
     alpaca: pd.DataFrame,
     tokenizer,
@@ -177,8 +180,12 @@ def tokenize_dataset(
     out_root: str | os.PathLike,
     max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
     system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+    log=None,
 ) -> TokenizedDataset:
-    """Tokenize the Alpaca table into ``out_root/<key>/{train,eval}.parquet`` (cached by key)."""
+    """Tokenize the Alpaca table into ``out_root/<key>/{train,eval}.parquet`` (cached by key).
+    ``log``: a progress line every few seconds (rows tokenized, rows/s, time left)."""
+    from pipeline.core.progress import Progress
+
     key = cache_key(data_fingerprint, tokenizer_fingerprint, tokenizer.chat_template, max_seq_len, system_prompt)
     dest = keyed_folder(out_root, key)
     manifest_path = dest / MANIFEST
@@ -189,14 +196,13 @@ def tokenize_dataset(
                 return TokenizedDataset(str(dest), key, True, manifest["stats"])
         except (OSError, ValueError):
             pass  # unreadable cache entry: rebuild it
-    rows = tokenize_rows(
-        tokenizer,
-        alpaca["instruction"].tolist(),
-        alpaca["input"].tolist(),
-        alpaca["output"].tolist(),
-        system_prompt,
-        max_seq_len,
-    )
+    progress = Progress(log, "tokenized_dataset", len(alpaca), every=5.0)
+    rows = []
+    for start in range(0, len(alpaca), TOKENIZE_BLOCK):  # each row on its own: blocks only pace the progress lines
+        part = alpaca.iloc[start : start + TOKENIZE_BLOCK]
+        rows += tokenize_rows(tokenizer, part["instruction"].tolist(), part["input"].tolist(), part["output"].tolist(),
+                              system_prompt, max_seq_len)
+        progress(len(rows))
     keep = [r is not None for r in rows]
     skipped = alpaca.loc[[not k for k in keep], "record_id"].tolist()
     kept_rows = [r for r in rows if r is not None]

@@ -26,7 +26,7 @@ import pandas as pd
 
 from pipeline.core.chunks import CHUNK_ROWS
 from pipeline.core.pool import map_batches, read_batch, workers_for
-from pipeline.core.records import FIELDS, StagedRows, StageResult, empty_records, records_as_rejects, stage_output
+from pipeline.core.records import FIELDS, StagedRows, StageResult, empty_records, in_memory, records_as_rejects, stage_output
 
 STAGE = "validate"
 
@@ -219,20 +219,23 @@ def _stats(rows_in: int, rows_kept: int, rows_rejected: int, outcomes: list[Expe
 
 
 def validate_records(df: pd.DataFrame, bounds: Bounds | None = None) -> StageResult:
-    """Split ingested rows into those that pass the suite and those that fail (with reasons)."""
-    frame = df.reset_index(drop=True)
-    outcomes, reasons = run_suite(frame, bounds or Bounds())
-    kept, rejected = _apply(frame, reasons)
-    return StageResult(kept=kept, rejected=rejected, stats=_stats(len(frame), len(kept), len(rejected), outcomes))
+    """Split ingested rows into those that pass the suite and those that fail (with reasons), in
+    memory: the asset's own :func:`validate_to` over a temporary folder (one code path)."""
+    with in_memory(validate_to, df, bounds=bounds) as result:
+        return result
 
 
 def validate_to(rows: StagedRows, folder: str | os.PathLike, bounds: Bounds | None = None,
-                chunk_rows: int = CHUNK_ROWS, workers: int | None = None) -> StagedRows:
+                chunk_rows: int = CHUNK_ROWS, workers: int | None = None, log=None) -> StagedRows:
     """:func:`validate_records`, streamed: the suite runs on each chunk of ``rows`` and the
     results add up to one report; kept and rejected rows go to ``folder`` chunk by chunk. On
     2,000,000 rows or more the suite runs in one worker process per core (``pipeline.core.pool``),
-    which send back only the reasons; ``workers`` sets how many."""
+    which send back only the reasons; ``workers`` sets how many. ``log``: a progress line every few
+    seconds (rows checked, rows/s, time left)."""
+    from pipeline.core.progress import Progress
+
     bounds = bounds or Bounds()
+    progress = Progress(log, "validated_records", rows.n_kept, every=5.0)
     n_workers = workers_for(rows.n_kept, workers)
     suite = Suite(bounds) if n_workers == 1 else None
     total: list[ExpectationOutcome] | None = None
@@ -249,6 +252,7 @@ def validate_to(rows: StagedRows, folder: str | os.PathLike, bounds: Bounds | No
             out.rejected.write(rejected)
             total = merge_outcomes(total, outcomes)
             rows_in += len(chunk)
+            progress(rows_in)
         if total is None:  # no rows: the report still lists every expectation
             total, _ = (suite or Suite(bounds)).run(empty_records())
         out.stats = _stats(rows_in, out.kept.rows, out.rejected.rows, total)
@@ -268,11 +272,8 @@ def _run_batch(path: str, index: int, bounds: dict) -> tuple[list[ExpectationOut
 
 
 def report_markdown(outcomes: list[ExpectationOutcome]) -> str:
-    lines = ["| expectation | column | rule | result | unexpected | examples |", "|---|---|---|---|---|---|"]
-    for o in outcomes:
-        ex = ", ".join(f"`{e}`" for e in o.examples).replace("|", "\\|")
-        lines.append(
-            f"| {o.expectation} | {o.column or ''} | {o.description} | {'✅ pass' if o.success else '❌ fail'} "
-            f"| {o.unexpected_count} | {ex} |"
-        )
-    return "\n".join(lines)
+    from pipeline.core.markdown import table
+
+    return table(["expectation", "column", "rule", "result", "unexpected", "examples"],
+                 [(o.expectation, o.column, o.description, "✅ pass" if o.success else "❌ fail", o.unexpected_count,
+                   ", ".join(f"`{e}`" for e in o.examples)) for o in outcomes])

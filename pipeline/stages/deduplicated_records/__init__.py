@@ -35,7 +35,7 @@ import pandas as pd
 
 from pipeline.core.chunks import CHUNK_ROWS
 from pipeline.core.pool import map_batches, read_batch, workers_for
-from pipeline.core.records import StagedRows, StageResult, empty_records, records_as_rejects, stage_output
+from pipeline.core.records import StagedRows, StageResult, empty_records, in_memory, records_as_rejects, stage_output
 from pipeline.stages.deduplicated_records import minhash, near
 from pipeline.stages.deduplicated_records.keys import (SEP, chunk_keys, first_of_group, hex_ids, normalize_array, normalize_text,
                                                        prompt_keys, stable_id)
@@ -233,32 +233,24 @@ class _Buckets:
 
 def deduplicate(df: pd.DataFrame, conflict_policy: ConflictPolicy = "keep_first", near_duplicate_policy: NearPolicy = "report",
                 near_duplicate_threshold: float = NEAR_THRESHOLD) -> StageResult:
-    """Exact duplicates removed, conflicts and near duplicates handled, in memory (:func:`deduplicate_to` streams)."""
+    """Exact duplicates removed, conflicts and near duplicates handled, in memory: the asset's own
+    :func:`deduplicate_to` over a temporary folder (one code path)."""
     _check_policy(conflict_policy, near_duplicate_policy, near_duplicate_threshold)
-    frame = df.reset_index(drop=True)
-    triple, prompt, bands, sketches, *codes = first_pass(frame, near_duplicate_threshold)
-    sources = Sources(len(frame))
-    sources.add_codes(*codes, 0)
-    held = near.Sketches()
-    held.add(sketches)
-    reasons, dups, groups, counts = decide(triple, prompt, sources, conflict_policy, bands, held, near_duplicate_policy,
-                                           near_duplicate_threshold)
-    heads = {g["_head"]: g for g in groups}
-    kept, rejected = _chunk_output(frame, 0, triple, prompt, dups, reasons, counts, sources, heads)
-    buckets = _Buckets(counts["distinct_prompts"])
-    buckets.add(kept["near_group_id"])
-    stats = _stats(len(frame), len(kept), counts, conflict_policy, groups, buckets.stats())
-    return StageResult(kept=kept, rejected=rejected, stats=stats)
+    with in_memory(deduplicate_to, df, conflict_policy=conflict_policy, near_duplicate_policy=near_duplicate_policy,
+                   near_duplicate_threshold=near_duplicate_threshold) as result:
+        return result
 
 
 def deduplicate_to(rows: StagedRows, folder: str | os.PathLike, conflict_policy: ConflictPolicy = "keep_first",
                    chunk_rows: int = CHUNK_ROWS, workers: int | None = None, near_duplicate_policy: NearPolicy = "report",
-                   near_duplicate_threshold: float = NEAR_THRESHOLD) -> StagedRows:
+                   near_duplicate_threshold: float = NEAR_THRESHOLD, log=None) -> StagedRows:
     """:func:`deduplicate`, streamed in two passes over ``rows``: the first keeps only each row's
     two 128-bit keys, its source and its LSH band keys (44 bytes a row and 4 a band; the sketches
     that check candidate pairs, 64 bytes a row, go to a file beside ``folder``, deleted after), computed on 2,000,000
     rows or more by one worker process per core (``workers`` sets how many); the second writes the
-    rows out."""
+    rows out. ``log``: a progress line every few seconds in each pass (rows done, rows/s, time left)."""
+    from pipeline.core.progress import Progress
+
     _check_policy(conflict_policy, near_duplicate_policy, near_duplicate_threshold)
     n = rows.n_kept
     triple = np.empty((n, 2), dtype=np.uint64)  # filled in place: no second copy when joining chunks
@@ -273,6 +265,7 @@ def deduplicate_to(rows: StagedRows, folder: str | os.PathLike, conflict_policy:
     else:
         firsts = map_batches(rows.kept_path, _first_pass_batch, (near_duplicate_threshold,), n_workers)
     Path(folder).parent.mkdir(parents=True, exist_ok=True)
+    first = Progress(log, "deduplicated_records: keys and sketches", n, every=5.0)
     with near.Sketches(Path(folder).parent / f".{Path(folder).name}.{os.getpid()}.sketches") as sketches:
         for t, p, b, sk, files, codes, lines in firsts:
             triple[offset : offset + len(t)] = t
@@ -281,6 +274,7 @@ def deduplicate_to(rows: StagedRows, folder: str | os.PathLike, conflict_policy:
             sketches.add(sk)
             sources.add_codes(files, codes, lines, offset)
             offset += len(t)
+            first(offset)
         if offset != n:
             raise RuntimeError(f"{rows.kept_path} holds {offset} rows, its stage said {n}")
         clock = {"first_pass": time.perf_counter() - started}
@@ -295,6 +289,7 @@ def deduplicate_to(rows: StagedRows, folder: str | os.PathLike, conflict_policy:
     empty.insert(1, "prompt_id", pd.Series([], dtype="str"))
     empty["near_group_id"] = pd.Series([], dtype="str")
     clock["decide"] = time.perf_counter() - started - clock["first_pass"]
+    second = Progress(log, "deduplicated_records: writing", n, every=5.0)
     with stage_output(folder, empty, chunk_rows) as out:
         for chunk in rows.iter_kept(chunk_rows):
             kept, rejected = _chunk_output(chunk, offset, triple, prompt, dups, reasons, counts, sources, heads)
@@ -302,6 +297,7 @@ def deduplicate_to(rows: StagedRows, folder: str | os.PathLike, conflict_policy:
             out.rejected.write(rejected)
             buckets.add(kept["near_group_id"])
             offset += len(chunk)
+            second(offset)
         out.stats = _stats(offset, out.kept.rows, counts, conflict_policy, groups, buckets.stats())
         out.stats["workers"] = n_workers
         clock["write"] = time.perf_counter() - started - clock["first_pass"] - clock["decide"]

@@ -255,34 +255,31 @@ def tuned_beats_base(summary: dict[str, dict[str, dict[str, Any]]]) -> tuple[boo
 def summary_markdown(summary: dict[str, dict[str, dict[str, Any]]]) -> str:
     cols = ["loss", "perplexity", "choice_accuracy", "choice_rank", "seen_medicine_choice_accuracy", "bleu_4", "rouge_1",
             "rouge_2", "rouge_l", "name_hit_rate"]
-    lines = ["| split | model | rows | " + " | ".join(cols) + " |", "|" + " --- |" * (len(cols) + 3)]
+    from pipeline.core.markdown import table
+
+    rows = []
     for split in SPLITS:
         for model in MODELS:
             s = summary.get(model, {}).get(split)
             if not s:
                 continue
             vals = ["n/a" if s.get(c) is None else (f"{s[c]:.4f}" if c in ("loss",) else f"{s[c]:.2f}" if isinstance(s[c], float) else str(s[c])) for c in cols]
-            lines.append(f"| {split} | {model} | {s['rows']} | " + " | ".join(vals) + " |")
-    return "\n".join(lines)
+            rows.append([split, model, s["rows"], *vals])
+    return table(["split", "model", "rows", *cols], rows)
 
 
 def side_by_side_markdown(table: pd.DataFrame, n: int = 5, width: int = 80) -> str:
-    def cell(x: Any) -> str:
-        s = str(x).replace("\n", " ").replace("|", "\\|")
-        return s if len(s) <= width else s[: width - 1] + "…"
+    from pipeline.core.markdown import table as markdown_table
 
     choice = "base_choice" in table
-    lines = ["| split | prompt | reference | base answer | tuned answer | base ROUGE-L | tuned ROUGE-L | name hit base/tuned |"
-             + (" choice base/tuned (rank) |" if choice else ""),
-             "| --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if choice else "")]
+    header = ["split", "prompt", "reference", "base answer", "tuned answer", "base ROUGE-L", "tuned ROUGE-L",
+              "name hit base/tuned"] + (["choice base/tuned (rank)"] if choice else [])
+    rows = []
     for _, r in table.head(n).iterrows():
-        hit = f"{r['base_name_hit']}/{r['tuned_name_hit']}" if r["medicine"] else "unknown"
-        picks = ""
+        row = [r["split"], r["prompt"], r["reference"], r["base_answer"], r["tuned_answer"], f"{r['base_rouge_l']:.1f}",
+               f"{r['tuned_rouge_l']:.1f}", f"{r['base_name_hit']}/{r['tuned_name_hit']}" if r["medicine"] else "unknown"]
         if choice:
-            picks = (f" {cell(r['base_choice'])} ({r['base_choice_rank']:.0f}) / {cell(r['tuned_choice'])} ({r['tuned_choice_rank']:.0f}) |"
-                     if r["base_choice"] else " n/a |")
-        lines.append(
-            f"| {r['split']} | {cell(r['prompt'])} | {cell(r['reference'])} | {cell(r['base_answer'])} | "
-            f"{cell(r['tuned_answer'])} | {r['base_rouge_l']:.1f} | {r['tuned_rouge_l']:.1f} | {hit} |" + picks
-        )
-    return "\n".join(lines)
+            row.append(f"{r['base_choice']} ({r['base_choice_rank']:.0f}) / {r['tuned_choice']} ({r['tuned_choice_rank']:.0f})"
+                       if r["base_choice"] else "n/a")
+        rows.append(row)
+    return markdown_table(header, rows, width)

@@ -15,9 +15,9 @@ decoding (a test compares them, and with ``model.generate``).
 from __future__ import annotations
 
 import contextlib
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from pipeline.core.progress import Progress  # noqa: F401 (the evaluation's progress lines)
 from pipeline.stages.tokenized_dataset import IGNORE_INDEX
 
 
@@ -150,30 +150,6 @@ def answer_losses(model, rows: list[tuple[list[int], list[int]]], pad_id: int | 
         r = prefill(model, list(ids), list(labels))
         out.append((r.loss, r.tokens))
     return out
-
-
-@dataclass
-class Progress:
-    """Logs how far a phase has come, at most every ``every`` seconds, with its rate and ETA."""
-
-    log: object
-    what: str
-    total: int
-    unit: str = "rows"
-    every: float = 10.0
-    start: float = field(default_factory=time.perf_counter)
-    last: float = 0.0
-
-    def __call__(self, done: int, extra: str = "") -> None:
-        now = time.perf_counter()
-        if done < self.total and now - self.last < self.every:
-            return
-        self.last = now
-        spent = now - self.start
-        rate = done / spent if spent > 0 else 0.0
-        eta = (self.total - done) / rate if rate > 0 else 0.0
-        self.log(f"{self.what}: {done}/{self.total} {self.unit}, {rate:.2f} {self.unit}/s, {spent:.0f} s"
-                 + (f", about {eta:.0f} s left" if done < self.total else "") + (f"; {extra}" if extra else ""))
 
 
 @contextlib.contextmanager

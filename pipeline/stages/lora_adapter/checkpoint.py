@@ -1,68 +1,175 @@
-"""Checkpoints: adapter weights, optimizer, scheduler, RNG state and the position in the data,
-written atomically; ``trainer_state.json`` is written last and marks a checkpoint complete."""
+"""Checkpoints: adapter weights, optimizer, scheduler, every process's RNG state and the position
+in the data, written atomically; ``trainer_state.json`` is written last and marks a checkpoint
+complete. Only the newest ``keep`` complete checkpoints stay (the older ones are removed once a
+new one is complete, never before).
+
+With several processes every process calls :func:`save_checkpoint`: where the processes hold
+shards of the model (FSDP, DeepSpeed ZeRO) gathering the weights takes all of them, and each
+process's random state (and, sharded, its optimizer state) is sent to the main process, which
+writes the checkpoint alone. DDP and one process are what run on this machine (tested with two
+CPU processes); the FSDP and DeepSpeed branches follow accelerate's documented calls and were
+never run here (``docs/training.md``)."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
+
+from pipeline.core.atomic import TMP_PREFIX
+
+WEIGHTS = "adapter_model.safetensors"
+RNG = "rng.pt"
+
+
+def complete_checkpoints(checkpoint_dir: Path) -> list[Path]:
+    """Complete checkpoints (``trainer_state.json`` written), oldest first."""
+    done = [p for p in checkpoint_dir.glob("step-*") if (p / "trainer_state.json").is_file()]
+    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
 
 
 def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
-    done = [p for p in checkpoint_dir.glob("step-*") if (p / "trainer_state.json").is_file()]
-    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+    done = complete_checkpoints(checkpoint_dir)
+    return done[-1] if done else None
 
 
-def trained_weights(model, method: str) -> dict:
-    """The weights a training changes: the adapter's (peft's state dict), or every trainable one for ``full``."""
+def rotate_checkpoints(checkpoint_dir: Path, keep: int) -> list[str]:
+    """Remove all but the newest ``keep`` complete checkpoints; returns the names removed. A folder
+    being written is not a complete checkpoint and is never touched."""
+    done = complete_checkpoints(checkpoint_dir)
+    removed = done[: max(len(done) - max(keep, 1), 0)]
+    for path in removed:
+        trash = path.with_name(f"{TMP_PREFIX}{path.name}.removed")  # gone from the list at once
+        path.rename(trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    return [p.name for p in removed]
+
+
+def sharded(accelerator) -> bool:
+    """Do the processes hold shards of the model and optimizer (FSDP, DeepSpeed) rather than copies?"""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def gathered_state_dict(accelerator, model) -> dict | None:
+    """The PeftModel's whole state dict where the processes hold shards of it: every process must
+    call this (accelerate gathers the shards); the main process gets the dict. None where each
+    process holds the whole model (one process, DDP): the model's own state dict is complete."""
+    if not sharded(accelerator):
+        return None
+    full = accelerator.get_state_dict(model)
+    if not accelerator.is_main_process:
+        return None
+    return {k.removeprefix("peft_model."): v for k, v in full.items()}
+
+
+def trained_weights(model, method: str, state_dict: dict | None = None) -> dict:
+    """The weights a training changes: the adapter's (peft's state dict), or every trainable one for
+    ``full``; from ``state_dict`` (the gathered whole model) where given."""
     from peft import get_peft_model_state_dict
 
     if method == "full":
-        return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        source = state_dict if state_dict is not None else dict(model.named_parameters())
+        return {n: source[n].detach().cpu().contiguous() for n in names}
+    weights = get_peft_model_state_dict(model, state_dict=state_dict)
+    return {k: v.detach().cpu().contiguous() for k, v in weights.items()}
 
 
-def save_checkpoint(path: Path, model, optimizer, scheduler, state: dict, method: str = "lora") -> None:
+def _rng_state() -> dict:
     import torch
+
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()  # this process's device
+    return rng
+
+
+def _to_cpu(obj):
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def save_checkpoint(path: Path, accelerator, model, optimizer, scheduler, state: dict, method: str = "lora",
+                    keep: int | None = None) -> list[str]:
+    """Every process calls this. Writes ``path`` (from the main process, atomically), then keeps the
+    newest ``keep`` checkpoints beside it. Returns the names of the checkpoints removed."""
+    import torch
+    from accelerate.utils import gather_object
     from safetensors.torch import save_file
 
     from pipeline.core.atomic import atomic_dir
     from pipeline.stages.lora_adapter.methods import method_state
 
-    with atomic_dir(path) as tmp:
-        save_file(trained_weights(model, method), tmp / "adapter_model.safetensors")
-        extra = method_state(model, method)
-        if extra:
-            torch.save(extra, tmp / "method_state.pt")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, tmp / "rng.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))  # written last: marks it complete
+    world = accelerator.num_processes
+    full = gathered_state_dict(accelerator, model)  # every process takes part where sharded
+    bare = accelerator.unwrap_model(model).peft_model
+    rngs = gather_object([_rng_state()]) if world > 1 else [_rng_state()]
+    if sharded(accelerator):  # each process holds its own part of the optimizer's state
+        optimizers = gather_object([_to_cpu(optimizer.state_dict())]) if world > 1 else [optimizer.state_dict()]
+    else:  # the same on every process
+        optimizers = [optimizer.state_dict()]
+    removed: list[str] = []
+    if accelerator.is_main_process:
+        with atomic_dir(path) as tmp:
+            save_file(trained_weights(bare, method, full), tmp / WEIGHTS)
+            extra = method_state(bare, method)
+            if extra:
+                torch.save(extra, tmp / "method_state.pt")
+            torch.save({"processes": world, "sharded": sharded(accelerator), "states": optimizers}, tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            torch.save({"processes": world, "states": rngs}, tmp / RNG)
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))  # written last: marks it complete
+        if keep:
+            removed = rotate_checkpoints(path.parent, keep)
+    accelerator.wait_for_everyone()
+    return removed
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, method: str = "lora") -> dict:
+def load_checkpoint(path: Path, accelerator, model, optimizer, scheduler, method: str = "lora") -> dict:
+    """Every process calls this: the weights, the optimizer (this process's part where sharded), the
+    scheduler and this process's own random state."""
     import torch
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     from pipeline.stages.lora_adapter.methods import load_method_state
 
-    weights = load_file(path / "adapter_model.safetensors")
+    bare = accelerator.unwrap_model(model).peft_model
+    rank, world = accelerator.process_index, accelerator.num_processes
+    weights = load_file(path / WEIGHTS)
     if method == "full":
-        missing = set(weights) - {n for n, _ in model.named_parameters()}
+        missing = set(weights) - {n for n, _ in bare.named_parameters()}
         if missing:
             raise ValueError(f"checkpoint {path} holds weights the model lacks: {sorted(missing)[:5]}")
-        model.load_state_dict(weights, strict=False)
+        bare.load_state_dict(weights, strict=False)
     else:
-        set_peft_model_state_dict(model, weights)
+        set_peft_model_state_dict(bare, weights)
     if (path / "method_state.pt").is_file():
-        load_method_state(model, method, torch.load(path / "method_state.pt", weights_only=True))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        load_method_state(bare, method, torch.load(path / "method_state.pt", weights_only=True))
+    saved = torch.load(path / "optimizer.pt", weights_only=True)
+    if "states" not in saved:  # a checkpoint written before per-process states
+        saved = {"processes": 1, "sharded": False, "states": [saved]}
+    if saved["sharded"] and saved["processes"] != world:
+        raise ValueError(f"checkpoint {path} holds the optimizer sharded over {saved['processes']} processes; "
+                         f"resume it with {saved['processes']}, not {world}")
+    optimizer.load_state_dict(saved["states"][rank if saved["sharded"] else 0])
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    rng = torch.load(path / "rng.pt", weights_only=True)
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    rng = torch.load(path / RNG, weights_only=True)
+    states = rng["states"] if "states" in rng else [rng]
+    if len(states) != world:
+        raise ValueError(f"checkpoint {path} was written by {len(states)} process(es); resuming it exactly needs "
+                         f"the same number, not {world} (remove {path.parent} to start over)")
+    mine = states[rank]
+    torch.set_rng_state(mine["torch"])
+    if "cuda" in mine and torch.cuda.is_available():
+        torch.cuda.set_rng_state(mine["cuda"])
     return json.loads((path / "trainer_state.json").read_text())

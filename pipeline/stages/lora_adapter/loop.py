@@ -18,7 +18,7 @@ from typing import Any
 
 from pipeline.stages.tokenized_dataset import IGNORE_INDEX
 from pipeline.stages.lora_adapter.batching import Batch, flatten, load_rows, plan_epoch, with_openings
-from pipeline.stages.lora_adapter.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from pipeline.stages.lora_adapter.checkpoint import gathered_state_dict, latest_checkpoint, load_checkpoint, save_checkpoint
 from pipeline.stages.lora_adapter.report import Reporter, Throughput
 from pipeline.stages.lora_adapter.spec import TRAINING_RECORD, TrainSpec
 
@@ -133,7 +133,7 @@ def train(spec: TrainSpec) -> dict[str, Any]:
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "tokens": 0}
     resumed_from, ckpt = None, latest_checkpoint(ckpt_root)
     if ckpt is not None:
-        state = load_checkpoint(ckpt, accelerator.unwrap_model(model).peft_model, optimizer, scheduler, method)
+        state = load_checkpoint(ckpt, accelerator, model, optimizer, scheduler, method)
         resumed_from = ckpt.name
         report.log(f"resuming from checkpoint {ckpt} (step {state['step']} of {total_steps})")
     report.log(
@@ -204,11 +204,10 @@ def train(spec: TrainSpec) -> dict[str, Any]:
                 report.metrics({"eval_loss": last_eval}, step=step)
                 report.log(f"step {step}/{total_steps} eval_loss {last_eval:.4f}")
             if step % spec.save_every == 0 and step < total_steps:
-                with speed.excluding():
-                    accelerator.wait_for_everyone()
-                    if accelerator.is_main_process:
-                        save_checkpoint(ckpt_root / f"step-{step}", accelerator.unwrap_model(model).peft_model, optimizer, scheduler, state, method)
-                        report.log(f"checkpoint saved at step {step}")
+                with speed.excluding():  # every process takes part; the main one writes
+                    removed = save_checkpoint(ckpt_root / f"step-{step}", accelerator, model, optimizer, scheduler, state,
+                                              method, keep=spec.save_total_limit)
+                    report.log(f"checkpoint saved at step {step}" + (f" (removed {', '.join(removed)})" if removed else ""))
             if spec.stop_after_steps and step >= spec.stop_after_steps and step < total_steps:
                 report.log(f"stopping at step {step} as asked (stop_after_steps)")
                 os._exit(3)  # like a kill: no cleanup, no final save
@@ -252,6 +251,7 @@ def train(spec: TrainSpec) -> dict[str, Any]:
         "peak_rss_mb": peak_rss_mb(),
         "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if on_gpu else None,
     }
+    full = gathered_state_dict(accelerator, model)  # every process takes part where the model is sharded
     if accelerator.is_main_process:
         import json
 
@@ -259,7 +259,7 @@ def train(spec: TrainSpec) -> dict[str, Any]:
         from pipeline.core.secrets import redact_params
 
         with atomic_dir(Path(spec.output_dir)) as tmp:
-            save_trained(accelerator.unwrap_model(model).peft_model, tmp, method, ckpt_root)
+            save_trained(accelerator.unwrap_model(model).peft_model, tmp, method, ckpt_root, state_dict=full)
             tokenizer.save_pretrained(tmp)
             result["adapter_bytes"] = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
             record = {"spec": redact_params(asdict(spec)), "result": result}

@@ -174,17 +174,19 @@ def save_pissa_init(peft_model, folder: Path) -> None:
             config.init_lora_weights = "pissa"
 
 
-def save_trained(model, folder: Path, method: str, checkpoint_dir: Path) -> None:
+def save_trained(model, folder: Path, method: str, checkpoint_dir: Path, state_dict: dict | None = None) -> None:
     """The training's output: an adapter folder (peft's format; for PiSSA converted to apply to the
-    original base weights), or for ``full`` the whole model (safetensors, fp32)."""
+    original base weights), or for ``full`` the whole model (safetensors, fp32). ``state_dict``: the
+    whole model's, gathered from the processes that hold its shards (FSDP, DeepSpeed)."""
     from pipeline.stages.lora_adapter.methods import PISSA_INIT
 
+    given = {} if state_dict is None else {"state_dict": state_dict}
     if method == "full":
         model.config.use_cache = True
-        model.save_pretrained(folder, safe_serialization=True)
+        model.save_pretrained(folder, safe_serialization=True, **given)
         return
     if method == "pissa":
         model.save_pretrained(folder, safe_serialization=True,
-                              path_initial_model_for_weight_conversion=str(checkpoint_dir / PISSA_INIT))
+                              path_initial_model_for_weight_conversion=str(checkpoint_dir / PISSA_INIT), **given)
         return
-    model.save_pretrained(folder, safe_serialization=True)
+    model.save_pretrained(folder, safe_serialization=True, **given)

@@ -223,8 +223,8 @@ def compare_with_adapter(
     adapter_model.eval()
     merged_model.eval()
     stops = stop_token_ids(tokenizer)
-    ga = generate_greedy(adapter_model, tokenizer, prompts, max_new_tokens=max_new_tokens, stop_ids=stops, batch_size=1)
-    gm = generate_greedy(merged_model, tokenizer, prompts, max_new_tokens=max_new_tokens, stop_ids=stops, batch_size=1)
+    ga = generate_greedy(adapter_model, tokenizer, prompts, max_new_tokens=max_new_tokens, stop_ids=stops, batch_size=len(prompts))
+    gm = generate_greedy(merged_model, tokenizer, prompts, max_new_tokens=max_new_tokens, stop_ids=stops, batch_size=len(prompts))
     native = _max_logit_diff(adapter_model, merged_model, tokenizer, prompts)
     worst = native
     if precision == "float64":

@@ -25,7 +25,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from pipeline.core.chunks import CHUNK_ROWS, to_frame
-from pipeline.core.records import StagedRows, StageResult, empty_records, rejects_frame, stage_output
+from pipeline.core.records import StagedRows, StageResult, empty_records, in_memory, rejects_frame, stage_output
 from pipeline.stages.raw_records.blocks import BLOCK_BYTES, STREAM_BYTES, iter_file
 from pipeline.stages.raw_records.decoding import FileRejected, decode_lines
 from pipeline.stages.raw_records.files import EMPTY, SUFFIXES, discover_files, raw_fingerprint
@@ -74,34 +74,22 @@ def _stats(discovered, summaries: list[FileSummary], notes: Counter, n_kept: int
 
 
 def ingest(raw_dir: str | os.PathLike) -> StageResult:
-    """Read every raw file under ``raw_dir`` into one table of rows plus the rows rejected (in
-    memory; :func:`ingest_to` is the same, streamed to a stage folder)."""
-    raw_dir = Path(raw_dir)
-    discovered = _discover(raw_dir)
-    rejected: list[dict] = []
-    summaries: list[FileSummary] = []
-    tables: list[pa.Table] = []
-    notes: Counter[str] = Counter()
-    for result in _results(raw_dir, discovered):
-        rejected.extend(result.rejected)
-        summaries.append(result.summary)
-        notes.update(result.notes)
-        if result.table is not None:
-            tables.append(result.table)
-    if tables:
-        kept = to_frame(pa.concat_tables(tables))
-    else:
-        kept = empty_records()
-    stats = _stats(discovered, summaries, notes, len(kept), len(rejected))
-    return StageResult(kept=kept, rejected=rejects_frame(rejected), stats=stats)
+    """Every raw file under ``raw_dir`` as one table of rows plus the rows rejected, in memory: the
+    asset's own :func:`ingest_to` into a temporary folder, read back (one code path)."""
+    with in_memory(lambda folder: ingest_to(raw_dir, folder)) as result:
+        return result
 
 
 def ingest_to(raw_dir: str | os.PathLike, folder: str | os.PathLike, chunk_rows: int = CHUNK_ROWS,
-              stream_over: int = STREAM_BYTES, block_bytes: int = BLOCK_BYTES, workers: int | None = None) -> StagedRows:
+              stream_over: int = STREAM_BYTES, block_bytes: int = BLOCK_BYTES, workers: int | None = None,
+              log=None) -> StagedRows:
     """:func:`ingest`, streamed: rows go to ``folder`` (``kept.arrow``, ``rejected.arrow``,
     ``stats.json``) as they are read; files over ``stream_over`` bytes are read in blocks
     (``blocks.py``), so memory holds a block's rows, not a file's. On a corpus over 64 MB the
-    files are read by one worker process per core (``workers.py``; ``workers`` sets how many)."""
+    files are read by one worker process per core (``workers.py``; ``workers`` sets how many).
+    ``log``: a progress line every few seconds (rows read, rows/s)."""
+    from pipeline.core.progress import Progress
+
     raw_dir = Path(raw_dir)
     discovered = _discover(raw_dir)
     files, refused, _ignored = discovered
@@ -109,6 +97,7 @@ def ingest_to(raw_dir: str | os.PathLike, folder: str | os.PathLike, chunk_rows:
     summaries: list[FileSummary] = []
     notes: Counter[str] = Counter()
     worker_rss: dict[int, float] = {}  # each worker process's peak
+    progress = Progress(log, f"raw_records: {len(files)} file(s)", every=5.0)
     with stage_output(folder, empty_records(), chunk_rows) as out:
         serial = _results(raw_dir, discovered, stream_over, block_bytes) if n_workers == 1 else \
             _results(raw_dir, (files[:0], refused, _ignored))  # the refused files only
@@ -121,6 +110,7 @@ def ingest_to(raw_dir: str | os.PathLike, folder: str | os.PathLike, chunk_rows:
             if result.table is not None:
                 out.kept.write(result.table)
             del result
+            progress(out.kept.rows + out.rejected.rows)
         if n_workers > 1:
             for done, kept_part, rejected_part in read_in_workers(raw_dir, files, out.tmp, n_workers, stream_over,
                                                                   block_bytes, chunk_rows):
@@ -129,6 +119,9 @@ def ingest_to(raw_dir: str | os.PathLike, folder: str | os.PathLike, chunk_rows:
                 worker_rss[done["pid"]] = max(worker_rss.get(done["pid"], 0), round(done["peak_rss_mb"]))
                 append_part(out.rejected, rejected_part, chunk_rows)
                 append_part(out.kept, kept_part, chunk_rows)
+                progress(out.kept.rows + out.rejected.rows)
+        progress.total = out.kept.rows + out.rejected.rows
+        progress(progress.total)
         out.stats = _stats(discovered, summaries, notes, out.kept.rows, out.rejected.rows)
         out.stats["workers"] = n_workers
         out.stats["workers_peak_rss_mb"] = list(worker_rss.values())

@@ -2,8 +2,8 @@
 or decoded blocks of a large one appended as the parser needs them and dropped once parsed, so
 that a file of any size is read in bounded memory with the same rows, errors and messages.
 
-A broken element costs that element only: parsing resumes at the next line that starts a new
-object. Arrays written one after another (``[...][...]``) are read as one.
+A broken element costs that element only: parsing resumes at the next ``{`` that starts a line
+or follows a comma (a minified array has one line). Arrays written one after another (``[...][...]``) are read as one.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from pipeline.stages.raw_records.json_recovery import _JSON_WS, _SCAN, _STRICT_D
 
 _DECODER = json.JSONDecoder()
 _Q_INSTRUCTION, _Q_INPUT, _Q_OUTPUT = '"instruction"', '"input"', '"output"'
-_RESYNC = re.compile(r"\n[ \t\r]*\{")
+# where the element after a broken one starts: a "{" first on its line, or after a comma (in an
+# object a key follows a comma, never a "{"): a minified array has no lines to resume at
+_RESYNC = re.compile(r"\n[ \t\r]*(?=\{)|,[ \t\r\n]*(?=\{)")
 # a window drops the text it has parsed once that much lies behind the parser
 _COMPACT_CHARS = 1 << 22
 
@@ -106,7 +108,7 @@ def iter_array(win: Window, start: int, bad_lines: dict[int, str], strict_keys: 
         while True:
             m = _RESYNC.search(text, p + 1)
             if m:
-                return m.start() + 1
+                return m.end()
             if not grow():
                 return n
 
