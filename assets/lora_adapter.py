@@ -1,10 +1,9 @@
 """Asset ``lora_adapter``: fine-tuning (LoRA by default; ``method`` picks another) in a child process started through Dagster Pipes (``pipeline.stages.lora_adapter``).
 
-One process by default; with ``num_processes`` > 1 (or several GPUs) the same entry point runs
-under ``torchrun`` (DDP), or under ``accelerate launch`` with ``accelerate_config`` for FSDP or
-DeepSpeed. Same data, base weights and settings as a finished training: no retraining, the
-adapter is reused (a cache hit, linked to the MLflow run it came from). An interrupted training of
-the same inputs resumes from its latest checkpoint.
+One process by default; with ``num_processes`` > 1 the same entry point runs under ``torchrun``
+(DDP), or ``accelerate launch`` with ``accelerate_config`` (FSDP, DeepSpeed). Same data, base weights
+and settings as a finished training: the adapter is reused (a cache hit, linked to the MLflow run it
+came from). An interrupted training of the same inputs resumes from its latest checkpoint.
 """
 
 import base64
@@ -89,8 +88,7 @@ class LoraAdapterConfig(Config):
     logits_chunk_tokens: int = Field(_default("logits_chunk_tokens"), gt=0, description="Positions projected onto the vocabulary at a time")
     eval_every: int = _default("eval_every")
     save_every: int = _default("save_every")
-    save_total_limit: int = Field(_default("save_total_limit"), ge=1,
-                                  description="Complete checkpoints kept, the newest; an older one is removed only once a newer one is complete")
+    save_total_limit: int = Field(_default("save_total_limit"), ge=1, description="Newest complete checkpoints kept")
     log_every: int = _default("log_every")
     num_processes: int = Field(1, ge=1, description="Processes (GPUs); > 1 starts a distributed launcher")
     launcher: Literal["auto", "torchrun", "accelerate"] = "auto"

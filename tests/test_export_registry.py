@@ -298,3 +298,29 @@ def test_registry_aliases_move_only_when_they_should(merged, tmp_path):
     loaded = mlflow.pyfunc.load_model("models:/medtune@champion")
     answers = loaded.predict(["我咳嗽、咽喉肿痛，适合什么中成药？"])
     assert isinstance(answers, list) and len(answers) == 1 and isinstance(answers[0], str)
+
+
+def test_registering_leaves_the_process_mlflow_uris_as_they_were(monkeypatch, tmp_path):
+    """``registered_model`` points mlflow's fluent API at the run's store while it logs, through the
+    public API only, and leaves the process as it found it (nothing set, or the user's setting)."""
+    import os
+
+    import mlflow
+
+    from pipeline.stages.registered_model import _uris
+
+    store = f"sqlite:///{tmp_path}/m.db"
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.delenv(key, raising=False)
+    mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
+    before = mlflow.get_tracking_uri()
+    with _uris(store):
+        assert mlflow.get_tracking_uri() == store and mlflow.get_registry_uri() == store
+    assert mlflow.get_tracking_uri() == before and "MLFLOW_TRACKING_URI" not in os.environ
+    assert "MLFLOW_REGISTRY_URI" not in os.environ
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/user.db")
+    with _uris(store):
+        assert mlflow.get_tracking_uri() == store
+    assert mlflow.get_tracking_uri() == f"sqlite:///{tmp_path}/user.db"
+    mlflow.set_tracking_uri(None)

@@ -92,9 +92,10 @@ def test_only_near_duplicates_moved_split(tmp_path):
 def test_outputs_are_byte_identical_to_before_streaming(name, tmp_path):
     raw = corpus(name, tmp_path)
     assert in_memory(raw, tmp_path / "mem") == BEFORE[name]
-    # chunks of 16 rows and every file read in blocks of one line, in one process and with two
-    # worker processes per stage (as on a large corpus); then the defaults
-    for chunk_rows, stream_over, block_bytes, workers in ((16, 0, 1, None), (16, 0, 1, 2), (100_000, 64 << 20, 8 << 20, None)):
+    # chunks of 16 rows and every file read in blocks of 5 bytes (cutting lines, characters and
+    # CR LF pairs anywhere), in one process and with two worker processes per stage (as on a large
+    # corpus); then the defaults
+    for chunk_rows, stream_over, block_bytes, workers in ((16, 0, 5, None), (16, 0, 5, 2), (100_000, 64 << 20, 8 << 20, None)):
         out = tmp_path / f"s{chunk_rows}-{workers}"
         alpaca, rejected, staged = streamed(raw, out, chunk_rows, stream_over, block_bytes, workers)
         assert (alpaca, rejected) == BEFORE[name], (chunk_rows, stream_over, block_bytes, workers)

@@ -22,6 +22,8 @@ _Q_INSTRUCTION, _Q_INPUT, _Q_OUTPUT = '"instruction"', '"input"', '"output"'
 _RESYNC = re.compile(r"\n[ \t\r]*(?=\{)|,[ \t\r\n]*(?=\{)")
 # a window drops the text it has parsed once that much lies behind the parser
 _COMPACT_CHARS = 1 << 22
+# the most text a window asks for at once beyond one block (an 8 MB block is more than this)
+_GROW_CHARS = 1 << 21
 
 
 class Window:
@@ -36,15 +38,26 @@ class Window:
         self.col0 = 0  # characters between the last of those newlines and text[0]
 
     def extend(self) -> bool:
-        """Append the next block; False at the end of the file."""
+        """Append the next block, and more until as much text as the window holds (up to
+        ``_GROW_CHARS``) was added: an element that spans many small blocks is then parsed again
+        a logarithmic number of times, not once per block. False at the end of the file."""
         if self.eof:
             return False
+        want = max(1, min(len(self.text), _GROW_CHARS))
+        added: list[str] = []
+        size = 0
         for block in self.blocks:
             if block:
-                self.text += block
-                return True
-        self.eof = True
-        return False
+                added.append(block)
+                size += len(block)
+                if size >= want:
+                    break
+        else:
+            self.eof = True
+        if not added:
+            return False
+        self.text += "".join(added)
+        return True
 
     def drop(self, upto: int) -> int:
         """Forget the text before ``upto`` (positions shift down by the returned count)."""

@@ -55,16 +55,17 @@ def _uris(uri: str):
     """mlflow's fluent API with this tracking and registry URI, the process's globals restored after
     (a long-running Dagster process must not keep pointing at the last store it registered in)."""
     import mlflow
-    from mlflow.tracking import _model_registry, _tracking_service
 
-    saved = (_tracking_service.utils._tracking_uri, _model_registry.utils._registry_uri)
+    # what the process had: set_tracking_uri writes its URI to the environment, so the environment
+    # holds it (or the user's own setting); None: nothing set
     env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
         yield
     finally:
-        _tracking_service.utils._tracking_uri, _model_registry.utils._registry_uri = saved
+        mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])  # public API; None unsets
+        mlflow.set_registry_uri(env["MLFLOW_REGISTRY_URI"])
         for key, value in env.items():
             if value is None:
                 os.environ.pop(key, None)
