@@ -23,11 +23,13 @@ ifneq ($(strip $(MEDTUNE_POSTGRES_URL)),)
 export PGPASSWORD ?= $(shell $(PYTHON) -c 'import sys, urllib.parse as u; print(u.unquote(u.urlsplit(sys.argv[1]).password or ""))' '$(MEDTUNE_POSTGRES_URL)')
 endif
 
-.PHONY: setup postgresql run sweep ask test ui mlflow-ui screenshots bench bench-data clean help
+.PHONY: setup postgresql run sweep ask lint format test test-fast coverage ui mlflow-ui screenshots bench bench-data clean help
 
 help:
 	@echo "make run    set up, then materialize the whole pipeline on the demo data (offline default model)"
-	@echo "make test   set up, then run the test suite"
+	@echo "make test   set up, then lint (ruff) and run the whole test suite (what CI runs)"
+	@echo "make test-fast  lint, then the tests that need no server, no subprocess pipeline and no browser"
+	@echo "make coverage   the whole suite with line coverage of pipeline/, assets/, resources/"
 	@echo "make sweep  set up, then run a sweep (default pipeline/presets/sweep-cpu.yaml: every method side by side)"
 	@echo "make ask Q='...' MODELS='base champion'  ask the base model, adapters, the merged model or the champion"
 	@echo "make ui     set up, then start the Dagster UI (http://127.0.0.1:3000) and the MLflow UI (http://127.0.0.1:5000); Ctrl-C stops both"
@@ -73,8 +75,25 @@ MODELS ?= base champion
 ask: setup
 	$(BIN)/python -m pipeline.ask "$(Q)" $(foreach m,$(MODELS),--model $(m))
 
-test: setup postgresql
+# ruff: lint and format check (the rules are in pyproject.toml); `make format` rewrites the files
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+test: setup postgresql lint
 	$(BIN)/python -m pytest
+
+# the inner loop: no server, no subprocess pipeline, no browser (tests marked slow are left out)
+test-fast: $(STAMP) lint
+	$(BIN)/python -m pytest -m "not slow" -q
+
+# line coverage of pipeline/, assets/ and resources/ over the whole suite (docs/development.md)
+coverage: setup postgresql
+	$(BIN)/python -m pytest --cov=pipeline --cov=assets --cov=resources --cov-report=term:skip-covered --cov-report=html:.coverage-html
 
 ui: setup
 	$(BIN)/python -m pipeline.ops.ui --host 127.0.0.1 --dagster-port 3000 --mlflow-port 5000

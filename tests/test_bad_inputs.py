@@ -84,6 +84,7 @@ def test_each_case_keeps_its_valid_rows_and_accounts_for_every_row(tmp_path, nam
     check_case(name, EXPECTED[name], kept, rejected, ing.stats["files"])
 
 
+@pytest.mark.slow
 def test_a_50_mb_answer_a_million_rows_and_symlinks_out_of_the_raw_folder(tmp_path):
     raw = tmp_path / "raw"
     expected = GEN.generate_large_cases(raw, tmp_path / "outside")

@@ -7,6 +7,8 @@ from dagster import DagsterInstance, Definitions
 from conftest import INSTR, demo_records, model_in_data_root, rec, write_json, write_jsonl
 from pipeline.definitions import JOBS, all_asset_checks, all_assets, make_resources
 
+pytestmark = pytest.mark.slow  # whole data pipelines through Dagster: make test, not make test-fast
+
 DATA_ASSETS = [
     "raw_records", "validated_records", "deduplicated_records", "rejected_records",
     "alpaca_dataset", "base_model", "tokenized_dataset",

@@ -38,6 +38,8 @@ import pytest
 
 from conftest import demo_records, model_in_data_root, write_json
 
+pytestmark = pytest.mark.slow  # real servers (Dagster, MLflow, PostgreSQL) and the browser: make test, not make test-fast
+
 PROJECT = Path(__file__).resolve().parents[1]
 ARTIFACTS = PROJECT / "test-artifacts"
 ASSETS = ["raw_records", "validated_records", "deduplicated_records", "rejected_records", "alpaca_dataset", "base_model",

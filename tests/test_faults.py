@@ -26,6 +26,8 @@ from conftest import demo_records, model_in_data_root, write_json
 from pipeline.definitions import JOBS, all_asset_checks, all_assets, make_resources
 from pipeline.core.tracking_sync import PENDING
 
+pytestmark = pytest.mark.slow  # pipelines in subprocesses, killed and resumed: make test, not make test-fast
+
 PROJECT = Path(__file__).resolve().parents[1]
 SEED = int(os.environ.get("MEDTUNE_FAULT_SEED", time.time_ns() % 100_000))
 
@@ -165,9 +167,9 @@ def test_training_killed_at_random_points_resumes_and_the_adapter_loads(data_dir
     uri = f"sqlite:///{data_dir.parent / 'mlflow.db'}"
     print(f"fault seed {SEED}")
     kills = 0
-    for attempt in range(2):
+    for _attempt in range(2):
         box = {}
-        worker = threading.Thread(target=lambda: box.setdefault(
+        worker = threading.Thread(target=lambda box=box: box.setdefault(
             "r", run_pipeline(data_dir, uri, tiny_model_dir, max_steps=30, save_every=3)))
         worker.start()
         pid = None
@@ -222,7 +224,7 @@ def test_a_kill_while_outputs_are_written_leaves_the_previous_complete_version(t
 
     rng = random.Random(SEED)
     out = tmp_path / "out"
-    for round_ in range(6):
+    for _round in range(6):
         proc = subprocess.Popen([sys.executable, "-c", WRITER, str(out)], cwd=PROJECT, stdout=subprocess.PIPE,
                                 text=True, env={**os.environ, "PYTHONPATH": str(PROJECT)})
         proc.stdout.readline()  # one complete version exists
@@ -434,7 +436,7 @@ def test_a_kill_while_the_merged_model_is_written_leaves_a_loadable_model(tmp_pa
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(adapter)
     dest = tmp_path / "merged"
     rng = random.Random(SEED + 1)
-    for round_ in range(4):
+    for _round in range(4):
         proc = subprocess.Popen([sys.executable, "-c", MERGER, str(tiny_model_dir), str(adapter), str(dest)], cwd=PROJECT,
                                 stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(PROJECT)})
         proc.stdout.readline()  # one complete export exists

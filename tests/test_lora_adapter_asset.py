@@ -9,6 +9,8 @@ from mlflow.tracking import MlflowClient
 from conftest import demo_records, model_in_data_root, rec, write_json
 from pipeline.definitions import JOBS, all_asset_checks, all_assets, make_resources
 
+pytestmark = pytest.mark.slow  # training children through Dagster Pipes: make test, not make test-fast
+
 
 def run(data_dir, tracking_uri, model_dir, **train_config):
     defs = Definitions(assets=all_assets, asset_checks=all_asset_checks, jobs=JOBS,

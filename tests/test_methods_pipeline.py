@@ -8,6 +8,8 @@ from dagster import DagsterInstance, Definitions
 from conftest import demo_records, model_in_data_root, write_json
 from pipeline.definitions import JOBS, all_asset_checks, all_assets, make_resources
 
+pytestmark = pytest.mark.slow  # whole pipelines per method: make test, not make test-fast
+
 
 def run(data_dir, tracking_uri, model_dir, **train_config):
     defs = Definitions(assets=all_assets, asset_checks=all_asset_checks, jobs=JOBS, resources=make_resources(str(data_dir), tracking_uri))

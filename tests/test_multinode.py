@@ -17,6 +17,8 @@ from pipeline.stages.lora_adapter import TrainSpec, read_metrics
 from pipeline.stages.lora_adapter.distributed import LaunchError, launch_command
 from pipeline.stages.tokenized_dataset import tokenize_dataset
 
+pytestmark = pytest.mark.slow  # torchrun launchers: make test, not make test-fast
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -78,7 +78,7 @@ def test_bands_are_datasketch_lsh_bands_and_groups_match_its_queries():
             lsh.insert(i, LeanMinHash(seed=1, hashvalues=s, scheme="affine32"))
         parent = list(range(len(texts)))
 
-        def root(x):
+        def root(x, parent=parent):
             while parent[x] != x:
                 x = parent[x]
             return x

@@ -19,6 +19,8 @@ from pipeline.core.atomic import file_semaphore
 from pipeline.core.pool_limit import pool_limit, pool_slot
 from pipeline.ops.instance import ensure_dagster_home
 
+pytestmark = pytest.mark.slow  # concurrent runs in subprocesses: make test, not make test-fast
+
 PROJECT = Path(__file__).resolve().parents[1]
 
 HOLDER = textwrap.dedent("""

@@ -17,6 +17,8 @@ from pipeline.core.stores import (DAGSTER_HEADER, StoreConfigError, artifact_roo
                                   mlflow_database_url, configured_postgres_url, tracking_uri)
 from pipeline.ops.instance import TEMPLATE, ensure_dagster_home
 
+pytestmark = pytest.mark.slow  # a PostgreSQL server: make test, not make test-fast
+
 PROJECT = Path(__file__).resolve().parents[1]
 URL = "postgresql://team:s3cret@db.internal:5432/medtune"
 

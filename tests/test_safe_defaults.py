@@ -144,6 +144,7 @@ def test_no_config_field_takes_a_secret():
     assert [(a, f) for a, f in fields if SECRET_NAME.search(f)] == []
 
 
+@pytest.mark.slow
 def test_hf_token_is_never_recorded(monkeypatch, tmp_path, tiny_model_dir):
     """A whole pipeline run with secrets in the environment: none reaches MLflow or Dagster metadata."""
     from mlflow.tracking import MlflowClient

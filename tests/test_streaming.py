@@ -88,6 +88,7 @@ def test_only_near_duplicates_moved_split(tmp_path):
     assert (d.kept["near_group_id"] != d.kept["prompt_id"]).to_numpy()[moved].all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(BEFORE))
 def test_outputs_are_byte_identical_to_before_streaming(name, tmp_path):
     raw = corpus(name, tmp_path)
@@ -140,6 +141,7 @@ def test_large_files_are_read_in_blocks_with_the_same_rows(tmp_path, monkeypatch
     assert not list((tmp_path / "st2").glob("part-*"))  # the parts are gone
 
 
+@pytest.mark.slow
 def test_dagster_materializes_the_same_bytes_in_small_chunks(tmp_path):
     raw = corpus("bad_inputs", tmp_path)
     root = DataRoot(path=str(raw.parent), chunk_rows=16)

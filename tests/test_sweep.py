@@ -13,6 +13,8 @@ from pipeline.definitions import JOBS, all_asset_checks, all_assets, make_resour
 from pipeline.ops.sweep import run_sweep
 from pipeline.stages.sweep_plan import SweepError, expand, split_key
 
+pytestmark = pytest.mark.slow  # a sweep's partitions through Dagster: make test, not make test-fast
+
 
 def test_the_grid_expands_into_labelled_trials_most_specific_setting_first():
     trials = expand({"max_steps": 40, "learning_rate": 1e-3}, {"method": ["lora", "ia3"], "r": [8, 16]},

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import INSTR, demo_records, rec, write_json
+from conftest import demo_records
 from pipeline.stages.tokenized_dataset import tokenize_dataset
 from pipeline.stages.lora_adapter import TrainSpec, train
 from pipeline.stages.lora_adapter.batching import collate_padded, plan_epoch
@@ -115,6 +115,7 @@ def run_child(spec: TrainSpec, path: Path, launcher: list[str] | None = None) ->
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+@pytest.mark.slow
 def test_killed_training_resumes_exactly_where_it_stopped(tmp_path, tiny_model_dir, tokenized):
     """Packed steps and dropout on: killed after step 7 (checkpoints at 2, 4 and 6; the two newest
     kept, ``save_total_limit`` 2), resumed from step 6, the adapter is bit for bit the one an
@@ -138,6 +139,7 @@ def test_killed_training_resumes_exactly_where_it_stopped(tmp_path, tiny_model_d
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_two_cpu_processes_train_one_adapter(tmp_path, tiny_model_dir, tokenized):
     """DDP on the gloo backend: torchrun starts two processes on this CPU (accelerate launch
     starts only one without GPUs; see the README's scaling section)."""
@@ -154,6 +156,7 @@ def test_two_cpu_processes_train_one_adapter(tmp_path, tiny_model_dir, tokenized
     assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) == result["trainable_parameters"]
 
 
+@pytest.mark.slow
 def test_two_processes_killed_and_resumed_train_what_an_uninterrupted_run_trains(tmp_path, tiny_model_dir, tokenized):
     """DDP on gloo, two CPU processes, dropout on: each process draws its own dropout masks (its rows
     differ), so each process's random state is saved and restored as its own. Killed after step 5
