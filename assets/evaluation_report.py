@@ -18,14 +18,16 @@ import pandas as pd
 from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, Config, MetadataValue, Output, asset
 from pydantic import Field
 
-from pipeline.core.cache import KEY_CHARS, is_complete, keyed_folder
 from pipeline.core.atomic import atomic_dir, write_bytes_atomic
+from pipeline.core.cache import KEY_CHARS, is_complete, keyed_folder
+from pipeline.core.fingerprint import sha256_json
 from pipeline.core.tracking_sync import COMPLETE, attempt, pending, quick_http
+from pipeline.stages.base_model import BaseModelInfo
 from pipeline.stages.evaluation_report import (
     EvalConfig,
     eval_dtype,
-    extract_medicine_name,
     evaluate_models,
+    extract_medicine_name,
     load_tuned_model,
     select_rows,
     side_by_side_markdown,
@@ -34,15 +36,13 @@ from pipeline.stages.evaluation_report import (
     tuned_beats_base,
 )
 from pipeline.stages.evaluation_report.choice import ChoiceSet
-from pipeline.core.fingerprint import sha256_json
-from pipeline.stages.base_model import BaseModelInfo
 from pipeline.stages.tokenized_dataset import MANIFEST, TokenizedDataset
 from resources.data_root import DataRoot
+from resources.mlflow_tracking import MlflowTracking
 
 # evaluation_report and merged_model one at a time (pipeline/dagster.yaml: limit 1): side by side on
 # 2 cores each ran several times slower (a run started from the UI uses the multiprocess executor)
 INFERENCE_POOL = "medtune_inference"
-from resources.mlflow_tracking import MlflowTracking
 
 EVAL_FORMAT = 3  # 3: one forward per row, choice over a token trie, the tuned LoRA model merged for the pass
 
@@ -53,14 +53,26 @@ def _default(name: str):
 
 
 class EvaluationReportConfig(Config):
-    max_new_tokens: int = Field(_default("max_new_tokens"), gt=0, description="Greedy answer length limit (stops earlier at the end-of-turn token); 64 keeps the CPU demo near 2 minutes")
-    train_sample_size: int = Field(_default("train_sample_size"), ge=0, description="Train rows added to the eval rows, a fixed sample (what the model absorbed)")
-    batch_size: int = Field(_default("batch_size"), gt=0, description="Rows decoded together (their prompt caches stacked with left padding); "
-                                                  "each row's own forward gives its loss, cache and medicine-choice scores first")
+    max_new_tokens: int = Field(
+        _default("max_new_tokens"),
+        gt=0,
+        description="Greedy answer length limit (stops earlier at the end-of-turn token); 64 keeps the CPU demo near 2 minutes",
+    )
+    train_sample_size: int = Field(
+        _default("train_sample_size"), ge=0, description="Train rows added to the eval rows, a fixed sample (what the model absorbed)"
+    )
+    batch_size: int = Field(
+        _default("batch_size"),
+        gt=0,
+        description="Rows decoded together (their prompt caches stacked with left padding); "
+        "each row's own forward gives its loss, cache and medicine-choice scores first",
+    )
     seed: int = _default("seed")
     dtype: Literal["auto", "bf16", "fp32"] = Field(
-        "auto", description="Weights for both models while evaluating; auto: bf16 where the CPU or GPU supports it "
-                            "(measured 2x faster on this CPU), else fp32. The merge check stays float64.")
+        "auto",
+        description="Weights for both models while evaluating; auto: bf16 where the CPU or GPU supports it "
+        "(measured 2x faster on this CPU), else fp32. The merge check stays float64.",
+    )
     choice_scoring: bool = Field(True, description="Score medicine choice by likelihood (every medicine named in the data's answers)")
     preview_rows: int = 5
 
@@ -69,8 +81,9 @@ def _log_to_mlflow(mlflow: MlflowTracking, run_id: str, folder: Path, metrics: d
     client = mlflow.client()
     for name in ("evaluation.csv", "evaluation.json", "summary.json"):
         client.log_artifact(run_id, str(folder / name), "evaluation")
-    from mlflow.entities import Metric
     import time
+
+    from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items() if v == v and abs(v) != float("inf")])
@@ -98,8 +111,13 @@ def _run_lacks_evaluation(mlflow: MlflowTracking, run_id: str) -> bool:
     compute_kind="pytorch",
     description=__doc__,
     pool=INFERENCE_POOL,
-    check_specs=[AssetCheckSpec("tuned_beats_base", asset="evaluation_report",
-                                description="On held-out rows: tuned loss below the base model's, medicine-choice accuracy and ROUGE-L not lower")],
+    check_specs=[
+        AssetCheckSpec(
+            "tuned_beats_base",
+            asset="evaluation_report",
+            description="On held-out rows: tuned loss below the base model's, medicine-choice accuracy and ROUGE-L not lower",
+        )
+    ],
 )
 def evaluation_report(
     context: AssetExecutionContext,
@@ -113,15 +131,20 @@ def evaluation_report(
 ):
     run_id = lora_adapter.get("mlflow_run_id")
     folder, key, summary, table, cache_hit, manifest = evaluate_or_reuse(
-        context.log, config, data_root, alpaca_dataset, tokenized_dataset, base_model, lora_adapter)
+        context.log, config, data_root, alpaca_dataset, tokenized_dataset, base_model, lora_adapter
+    )
     gate = tuned_beats_base(summary)
-    metrics = {f"{m}_{s}_{k}": float(v) for m, splits in summary.items() for s, d in splits.items()
-               for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    metrics = {
+        f"{m}_{s}_{k}": float(v)
+        for m, splits in summary.items()
+        for s, d in splits.items()
+        for k, v in d.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
     tracking = COMPLETE
     if run_id and (not cache_hit or pending(folder) or _run_lacks_evaluation(mlflow, run_id)):
         # the evaluation is on disk; if MLflow is away the next materialization sends it
-        tracking = attempt(folder, "evaluation", mlflow.tracking_uri, run_id,
-                           lambda: _log_to_mlflow(mlflow, run_id, folder, metrics, gate))
+        tracking = attempt(folder, "evaluation", mlflow.tracking_uri, run_id, lambda: _log_to_mlflow(mlflow, run_id, folder, metrics, gate))
         if tracking != COMPLETE:
             context.log.warning(tracking)
         elif cache_hit:
@@ -131,8 +154,16 @@ def evaluation_report(
     if run_id and tracking == COMPLETE:
         link = mlflow.run_link(run_id, mlflow.client().get_run(run_id).info.experiment_id)
     yield Output(
-        {"path": str(folder), "key": key, "summary": summary, "gate_passed": gate[0], "gate_reason": gate[1],
-         "system_prompt": manifest["system_prompt"], "mlflow_run_id": run_id, "mlflow_tracking": tracking},
+        {
+            "path": str(folder),
+            "key": key,
+            "summary": summary,
+            "gate_passed": gate[0],
+            "gate_reason": gate[1],
+            "system_prompt": manifest["system_prompt"],
+            "mlflow_run_id": run_id,
+            "mlflow_tracking": tracking,
+        },
         metadata={
             "cache_hit": cache_hit,
             "rows": len(table),
@@ -140,8 +171,13 @@ def evaluation_report(
             "train_sample_rows": int((table["split"] == "train_sample").sum()),
             "summary": MetadataValue.md(summary_markdown(summary)),
             "side_by_side": MetadataValue.md(side_by_side_markdown(table, config.preview_rows)),
-            **{k: v for k, v in metrics.items() if k.split("_", 1)[1].startswith(
-                ("eval_loss", "eval_rouge_l", "eval_name_hit_rate", "eval_choice", "eval_seen_medicine_choice", "train_sample_choice"))},
+            **{
+                k: v
+                for k, v in metrics.items()
+                if k.split("_", 1)[1].startswith(
+                    ("eval_loss", "eval_rouge_l", "eval_name_hit_rate", "eval_choice", "eval_seen_medicine_choice", "train_sample_choice")
+                )
+            },
             "tuned_beats_base": gate[0],
             "path": MetadataValue.path(str(folder)),
             "mlflow_run": MetadataValue.url(link) if link else "",
@@ -153,9 +189,14 @@ def evaluation_report(
         check_name="tuned_beats_base",
         passed=gate[0],
         description=gate[1],
-        metadata={"base_eval_loss": b.get("loss", float("nan")), "tuned_eval_loss": t.get("loss", float("nan")),
-                  "base_eval_choice_accuracy": _num(b.get("choice_accuracy")), "tuned_eval_choice_accuracy": _num(t.get("choice_accuracy")),
-                  "base_eval_rouge_l": b.get("rouge_l", float("nan")), "tuned_eval_rouge_l": t.get("rouge_l", float("nan"))},
+        metadata={
+            "base_eval_loss": b.get("loss", float("nan")),
+            "tuned_eval_loss": t.get("loss", float("nan")),
+            "base_eval_choice_accuracy": _num(b.get("choice_accuracy")),
+            "tuned_eval_choice_accuracy": _num(t.get("choice_accuracy")),
+            "base_eval_rouge_l": b.get("rouge_l", float("nan")),
+            "tuned_eval_rouge_l": t.get("rouge_l", float("nan")),
+        },
     )
 
 
@@ -163,8 +204,15 @@ def _num(value) -> float:
     return float("nan") if value is None else float(value)
 
 
-def evaluate_or_reuse(log, config: EvaluationReportConfig, data_root: DataRoot, alpaca_dataset: dict,
-                      tokenized_dataset: TokenizedDataset, base_model: BaseModelInfo, lora_adapter: dict):
+def evaluate_or_reuse(
+    log,
+    config: EvaluationReportConfig,
+    data_root: DataRoot,
+    alpaca_dataset: dict,
+    tokenized_dataset: TokenizedDataset,
+    base_model: BaseModelInfo,
+    lora_adapter: dict,
+):
     """The evaluation of ``lora_adapter`` with ``config``: computed, or read back from its keyed folder.
     Returns (folder, key, summary, table, cache_hit, tokenized manifest). (Sweep trials call it too.)"""
     manifest = json.loads((Path(tokenized_dataset.path) / MANIFEST).read_text())
@@ -179,8 +227,10 @@ def evaluate_or_reuse(log, config: EvaluationReportConfig, data_root: DataRoot, 
     else:
         alpaca = pd.read_parquet(alpaca_dataset["path"])
         rows = select_rows(alpaca, {s: tokenized_dataset.load(s) for s in ("train", "eval")}, config.train_sample_size, config.seed)
-        log.info(f"evaluating base and tuned models on {int((rows['split'] == 'eval').sum())} eval rows "
-                         f"and {int((rows['split'] == 'train_sample').sum())} sampled train rows")
+        log.info(
+            f"evaluating base and tuned models on {int((rows['split'] == 'eval').sum())} eval rows "
+            f"and {int((rows['split'] == 'train_sample').sum())} sampled train rows"
+        )
         dtype = eval_dtype(config.dtype)
         model, tokenizer = load_tuned_model(base_model.path, lora_adapter["path"], base_model.trust_remote_code, dtype)
         log.info(f"evaluating in {dtype}")
@@ -190,12 +240,22 @@ def evaluate_or_reuse(log, config: EvaluationReportConfig, data_root: DataRoot, 
         elif config.choice_scoring:
             log.warning("medicine choice not scored: the answers name fewer than two medicines in a known form")
         train_medicines = frozenset(alpaca.loc[alpaca["split"] == "train", "output"].map(extract_medicine_name).dropna())
-        eval_cfg = EvalConfig(system_prompt=manifest["system_prompt"], max_new_tokens=config.max_new_tokens,
-                              train_sample_size=config.train_sample_size, batch_size=config.batch_size, seed=config.seed,
-                              choices=choices or None, train_medicines=train_medicines)
+        eval_cfg = EvalConfig(
+            system_prompt=manifest["system_prompt"],
+            max_new_tokens=config.max_new_tokens,
+            train_sample_size=config.train_sample_size,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            choices=choices or None,
+            train_medicines=train_medicines,
+        )
         # the base model's half depends on the base weights, the rows and the settings, not on the
         # adapter: kept apart and reused by the next adapter (a sweep's trials, a retraining)
-        base_file = data_root.models_dir / "evaluations" / f"base-{sha256_json({'format': EVAL_FORMAT, 'base': base_model.fingerprint, 'data': tokenized_dataset.key, 'alpaca': alpaca_dataset['data_fingerprint'], **settings})[:KEY_CHARS]}.json"
+        base_file = (
+            data_root.models_dir
+            / "evaluations"
+            / f"base-{sha256_json({'format': EVAL_FORMAT, 'base': base_model.fingerprint, 'data': tokenized_dataset.key, 'alpaca': alpaca_dataset['data_fingerprint'], **settings})[:KEY_CHARS]}.json"
+        )
         earlier = json.loads(base_file.read_text()) if base_file.is_file() else None
         result = evaluate_models(model, tokenizer, rows, eval_cfg, stop_token_ids(tokenizer), log=log.info, base=earlier)
         summary, table = result.summary, result.table
@@ -204,9 +264,19 @@ def evaluate_or_reuse(log, config: EvaluationReportConfig, data_root: DataRoot, 
         with atomic_dir(folder) as tmp:
             table.to_csv(tmp / "evaluation.csv", index=False)
             table.to_json(tmp / "evaluation.json", orient="records", force_ascii=False, indent=1)
-            (tmp / "summary.json").write_text(json.dumps(
-                {"summary": summary, "metrics": result.flat_metrics(), "adapter_id": lora_adapter["adapter_id"],
-                 "settings": settings, "system_prompt": manifest["system_prompt"]}, ensure_ascii=False, indent=2))
+            (tmp / "summary.json").write_text(
+                json.dumps(
+                    {
+                        "summary": summary,
+                        "metrics": result.flat_metrics(),
+                        "adapter_id": lora_adapter["adapter_id"],
+                        "settings": settings,
+                        "system_prompt": manifest["system_prompt"],
+                    },
+                    ensure_ascii=False,
+                    indent=2,
+                )
+            )
     return folder, key, summary, table, cache_hit, manifest
 
 

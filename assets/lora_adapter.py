@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import socket
-import subprocess
 from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
@@ -20,21 +19,20 @@ from typing import Literal
 from dagster import AssetExecutionContext, Config, Failure, MetadataValue, Output, PipesSubprocessClient, asset
 from pydantic import Field
 
-from pipeline.core.cache import is_complete, keyed_folder
 from pipeline.core.atomic import file_lock, write_bytes_atomic
+from pipeline.core.cache import is_complete, keyed_folder
 from pipeline.core.pool_limit import pool_slot
-from pipeline.stages.base_model import BaseModelInfo
-from pipeline.core.secrets import redact, redact_params
+from pipeline.core.secrets import redact
 from pipeline.core.stores import RUN_HOST_TAG
-from pipeline.stages.tokenized_dataset import TokenizedDataset
 from pipeline.core.tracking_sync import COMPLETE, COPIED_FROM_TAG, QUICK_HTTP, attempt, known_run, pending, quick_http, send_training
+from pipeline.stages.base_model import BaseModelInfo
 from pipeline.stages.lora_adapter import ERROR_FILE, TRAINING_RECORD, TrainSpec, adapter_id, plot_loss_curve, read_metrics
 from pipeline.stages.lora_adapter.distributed import LaunchError, check_accelerate_config, preset_path
 from pipeline.stages.lora_adapter.distributed import launch_command as stage_launch_command
 from pipeline.stages.lora_adapter.methods import METHODS
+from pipeline.stages.tokenized_dataset import TokenizedDataset
 from resources.data_root import PROJECT_ROOT, DataRoot
 from resources.mlflow_tracking import MlflowTracking
-
 
 # one training at a time on this machine, whatever launched it (pipeline/dagster.yaml sets the limit)
 TRAINING_POOL = "medtune_training"
@@ -46,8 +44,9 @@ def _default(name: str):
 
 
 class LoraAdapterConfig(Config):
-    method: Literal[METHODS] = Field(_default("method"), description="Fine-tuning method: " + ", ".join(METHODS)
-                                     + " (see pipeline/stages/lora_adapter/methods.py)")
+    method: Literal[METHODS] = Field(
+        _default("method"), description="Fine-tuning method: " + ", ".join(METHODS) + " (see pipeline/stages/lora_adapter/methods.py)"
+    )
     r: int = Field(_default("r"), gt=0, description="Rank (LoRA family, LoHa, LoKr; AdaLoRA's target rank)")
     lora_alpha: int = Field(_default("lora_alpha"), description="Scaling numerator (LoRA family, LoHa, LoKr, AdaLoRA)")
     num_virtual_tokens: int = Field(_default("num_virtual_tokens"), gt=0, description="prompt_tuning, prefix_tuning, p_tuning")
@@ -57,10 +56,13 @@ class LoraAdapterConfig(Config):
     adalora_tfinal: float = Field(_default("adalora_tfinal"), ge=0, lt=1, description="adalora: share of steps at the end with ranks fixed")
     adalora_delta_t: int = Field(_default("adalora_delta_t"), gt=0, description="adalora: steps between rank reallocations")
     adalora_orth_reg_weight: float = Field(_default("adalora_orth_reg_weight"), ge=0)
-    quantization: Literal["none", "nf4"] = Field(_default("quantization"), description="nf4: QLoRA, the frozen base in 4-bit NF4 (bitsandbytes, CUDA only); "
-                                                 "export still merges into the full-precision base")
+    quantization: Literal["none", "nf4"] = Field(
+        _default("quantization"),
+        description="nf4: QLoRA, the frozen base in 4-bit NF4 (bitsandbytes, CUDA only); export still merges into the full-precision base",
+    )
     optimizer: Literal["auto", "adamw", "adafactor", "adamw_8bit"] = Field(
-        _default("optimizer"), description="auto: AdamW for adapters, Adafactor for full (its states fit beside the model)")
+        _default("optimizer"), description="auto: AdamW for adapters, Adafactor for full (its states fit beside the model)"
+    )
     lora_dropout: float = Field(_default("lora_dropout"), description="Dropout on the adapters' input (0: measured 25% faster on CPU)")
     target_modules: str = Field(_default("target_modules"), description='"all-linear" or a comma-separated list such as "q_proj,v_proj"')
     learning_rate: float = _default("learning_rate")
@@ -68,23 +70,30 @@ class LoraAdapterConfig(Config):
     weight_decay: float = _default("weight_decay")
     max_grad_norm: float = _default("max_grad_norm")
     epochs: float = Field(_default("epochs"), description="Passes over the training split")
-    packing: bool = Field(_default("packing"), description="Fill each step with rows up to pack_tokens (else per_device_batch_size rows); "
-                                                          "rows are laid end to end without padding either way")
+    packing: bool = Field(
+        _default("packing"),
+        description="Fill each step with rows up to pack_tokens (else per_device_batch_size rows); "
+        "rows are laid end to end without padding either way",
+    )
     pack_tokens: int = Field(_default("pack_tokens"), gt=0, description="Token budget of one step and process when packing")
     per_device_batch_size: int = Field(_default("per_device_batch_size"), gt=0, description="Rows per step and process without packing")
     gradient_accumulation_steps: int = _default("gradient_accumulation_steps")
     max_steps: int | None = Field(_default("max_steps"), description="Stop after this many optimizer steps (default: the epochs decide)")
     seed: int = _default("seed")
-    opening_tokens: int = Field(_default("opening_tokens"), ge=0,
-                                description="The answer's opening: its first N tokens (where it names the medicine)")
-    opening_repeats: int = Field(_default("opening_repeats"), ge=0,
-                                 description="Extra copies of every row cut after its opening, trained each epoch")
+    opening_tokens: int = Field(
+        _default("opening_tokens"), ge=0, description="The answer's opening: its first N tokens (where it names the medicine)"
+    )
+    opening_repeats: int = Field(_default("opening_repeats"), ge=0, description="Extra copies of every row cut after its opening, trained each epoch")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
-        _default("precision"), description="Dtype of the frozen base weights and of autocast (auto: bf16 where supported)")
+        _default("precision"), description="Dtype of the frozen base weights and of autocast (auto: bf16 where supported)"
+    )
     gradient_checkpointing: bool | None = Field(_default("gradient_checkpointing"), description="Default: on for GPU, off for CPU")
-    attn_implementation: str = Field(_default("attn_implementation"),
-                                     description='"auto": packed rows, SDPA per row; or "flash_attention_2" where installed, "sdpa", "eager"')
-    compile: bool | None = Field(_default("compile"), description="torch.compile the MLPs and norms; default: on for CPU (measured faster), off for GPU (not measured)")
+    attn_implementation: str = Field(
+        _default("attn_implementation"), description='"auto": packed rows, SDPA per row; or "flash_attention_2" where installed, "sdpa", "eager"'
+    )
+    compile: bool | None = Field(
+        _default("compile"), description="torch.compile the MLPs and norms; default: on for CPU (measured faster), off for GPU (not measured)"
+    )
     logits_chunk_tokens: int = Field(_default("logits_chunk_tokens"), gt=0, description="Positions projected onto the vocabulary at a time")
     eval_every: int = _default("eval_every")
     save_every: int = _default("save_every")
@@ -96,19 +105,12 @@ class LoraAdapterConfig(Config):
     node_rank: int = Field(0, ge=0, description="This machine's rank among num_nodes (0: the one that reports)")
     rdzv_endpoint: str | None = Field(None, description="HOST:PORT where the nodes meet (node 0's address); needed for num_nodes > 1")
     accelerate_config: str | None = Field(
-        None, description="accelerate config for `accelerate launch`: a preset (fsdp, deepspeed-zero2, deepspeed-zero3: "
-                          "pipeline/presets/accelerate/) or a file, relative to the data root"
+        None,
+        description="accelerate config for `accelerate launch`: a preset (fsdp, deepspeed-zero2, deepspeed-zero3: "
+        "pipeline/presets/accelerate/) or a file, relative to the data root",
     )
     allow_outside_paths: bool = Field(False, description="accelerate_config may lie outside the data root")
     stop_after_steps: int | None = Field(_default("stop_after_steps"), description="Testing: stop the child abruptly after this many steps")
-
-
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def launch_command(spec_path: Path, config: LoraAdapterConfig, run_id: str = "medtune") -> list[str]:
@@ -147,15 +149,24 @@ def lora_adapter(
     return train_or_reuse(context, config, data_root, mlflow, pipes_subprocess_client, tokenized_dataset, base_model)
 
 
-def train_or_reuse(context, config: LoraAdapterConfig, data_root: DataRoot, mlflow: MlflowTracking,
-                   pipes_subprocess_client: PipesSubprocessClient, tokenized_dataset: TokenizedDataset,
-                   base_model: BaseModelInfo, extra_tags: dict[str, str] | None = None) -> Output[dict]:
+def train_or_reuse(
+    context,
+    config: LoraAdapterConfig,
+    data_root: DataRoot,
+    mlflow: MlflowTracking,
+    pipes_subprocess_client: PipesSubprocessClient,
+    tokenized_dataset: TokenizedDataset,
+    base_model: BaseModelInfo,
+    extra_tags: dict[str, str] | None = None,
+) -> Output[dict]:
     """The adapter of ``config`` on these inputs: reused when already trained, else trained in a
     child process (resuming an interrupted training). Sweep trials call it too."""
     mark_host(context)
+    extra_tags = extra_tags or {}
     if config.accelerate_config:
         resolved = preset_path(config.accelerate_config) or data_root.confine(
-            config.accelerate_config, "lora_adapter.accelerate_config", config.allow_outside_paths)
+            config.accelerate_config, "lora_adapter.accelerate_config", config.allow_outside_paths
+        )
         try:
             import torch
 
@@ -168,13 +179,15 @@ def train_or_reuse(context, config: LoraAdapterConfig, data_root: DataRoot, mlfl
     out_dir = keyed_folder(data_root.models_dir / "adapters", aid)
     ckpt_dir = keyed_folder(data_root.models_dir / "checkpoints", aid)
     # one training per adapter at a time: a second materialization waits here, then finds it done (cache hit)
-    with file_lock(data_root.models_dir / "checkpoints" / f"{aid}.lock",
-                   on_wait=lambda: context.log.info(f"another process is training adapter {aid}: waiting for it")):
+    with file_lock(
+        data_root.models_dir / "checkpoints" / f"{aid}.lock",
+        on_wait=lambda: context.log.info(f"another process is training adapter {aid}: waiting for it"),
+    ):
         if is_complete(out_dir, TRAINING_RECORD):
-            return _reuse(context, config, mlflow, tokenized_dataset, base_model, settings, aid, out_dir, extra_tags or {})
+            return _reuse(context, config, mlflow, tokenized_dataset, base_model, settings, aid, out_dir, extra_tags)
         with pool_slot(context.instance, TRAINING_POOL, context.log.info):  # see pipeline/core/pool_limit.py
-            return _train(context, config, mlflow, pipes_subprocess_client, tokenized_dataset, base_model,
-                          settings, spec_fields, aid, out_dir, ckpt_dir, extra_tags or {})
+            ins = (tokenized_dataset, base_model, settings, spec_fields, aid, out_dir, ckpt_dir, extra_tags)
+            return _train(context, config, mlflow, pipes_subprocess_client, *ins)
 
 
 def _reuse(context, config, mlflow, tokenized_dataset, base_model, settings, aid, out_dir, extra_tags) -> Output[dict]:
@@ -188,19 +201,20 @@ def _reuse(context, config, mlflow, tokenized_dataset, base_model, settings, aid
         if found is None:  # trained under another MLflow store (a team's new one): a copy of the run here
             context.log.info(f"MLflow run {run_id} is not in {redact(mlflow.tracking_uri)}: copying the training's record there")
             earlier = {"since": "the adapter was trained", "error": f"run {run_id} is in another store"}
-            found = _start_run(context, config, mlflow, settings, aid, tokenized_dataset, base_model,
-                               {**extra_tags, COPIED_FROM_TAG: run_id})
+            found = _start_run(context, config, mlflow, settings, aid, tokenized_dataset, base_model, {**extra_tags, COPIED_FROM_TAG: run_id})
         run_id = found
     if earlier and run_id:
         context.log.info(f"sending what MLflow missed since {earlier.get('since')} ({earlier.get('error', '')[:200]})")
-        tracking = attempt(out_dir, "training run", mlflow.tracking_uri, run_id,
-                           lambda: send_training(mlflow.client(), run_id, out_dir, read_metrics(out_dir / "metrics.jsonl"), context.log.info))
+        metrics = read_metrics(out_dir / "metrics.jsonl")
+        send = lambda: send_training(mlflow.client(), run_id, out_dir, metrics, context.log.info)  # noqa: E731
+        tracking = attempt(out_dir, "training run", mlflow.tracking_uri, run_id, send)
         _report_tracking(context, tracking)
     return _output(context, mlflow, aid, out_dir, done["result"], run_id, cache_hit=True, tracking=tracking)
 
 
-def _train(context, config, mlflow, pipes_subprocess_client, tokenized_dataset, base_model,
-           settings, spec_fields, aid, out_dir, ckpt_dir, extra_tags) -> Output[dict]:
+def _train(
+    context, config, mlflow, pipes_subprocess_client, tokenized_dataset, base_model, settings, spec_fields, aid, out_dir, ckpt_dir, extra_tags
+) -> Output[dict]:
     mlflow.check_reachable()  # fail before training, naming the URI
     run_id = _start_run(context, config, mlflow, settings, aid, tokenized_dataset, base_model, extra_tags)
     spec = TrainSpec(
@@ -224,25 +238,28 @@ def _train(context, config, mlflow, pipes_subprocess_client, tokenized_dataset, 
         raise Failure(description=f"not launched: {exc}") from None
     context.log.info("launching: " + " ".join(cmd))
     # the child may lose the tracking server mid-training: it keeps going, and so do we
-    child_env = {**QUICK_HTTP, **os.environ, "PYTHONPATH": str(PROJECT_ROOT), "TOKENIZERS_PARALLELISM": "false",
-                 "MLFLOW_TRACKING_URI": mlflow.tracking_uri}
+    child_env = {**QUICK_HTTP, **os.environ, "PYTHONPATH": str(PROJECT_ROOT), "TOKENIZERS_PARALLELISM": "false"}
+    child_env["MLFLOW_TRACKING_URI"] = mlflow.tracking_uri
     try:
         invocation = pipes_subprocess_client.run(context=context, command=cmd, cwd=str(PROJECT_ROOT), env=child_env)
         result = dict(invocation.get_materialize_result().metadata or {})
         result = {k: getattr(v, "value", v) for k, v in result.items()}
     except BaseException as exc:
         reason = _child_error(ckpt_dir)
-        _mark_failed(context, mlflow, run_id, Exception(reason) if reason else exc)
+        if not mlflow.mark_failed(run_id, Exception(reason) if reason else exc):
+            context.log.warning(f"could not mark MLflow run {run_id} FAILED")
         if reason:
-            raise Failure(description=f"training failed: {redact(reason)[:2000]}",
-                          metadata={"checkpoints": MetadataValue.path(str(ckpt_dir))}) from exc
+            raise Failure(
+                description=f"training failed: {redact(reason)[:2000]}", metadata={"checkpoints": MetadataValue.path(str(ckpt_dir))}
+            ) from exc
         raise
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # the finished adapter supersedes its checkpoints
     # the adapter and its metrics are complete on disk; sending them to MLflow may fail on its own
     metrics = read_metrics(out_dir / "metrics.jsonl")
     write_bytes_atomic(out_dir / "loss_curve.png", png := plot_loss_curve(metrics))
-    tracking = attempt(out_dir, "training run", mlflow.tracking_uri, run_id,
-                       lambda: send_training(mlflow.client(), run_id, out_dir, metrics, context.log.info))
+    tracking = attempt(
+        out_dir, "training run", mlflow.tracking_uri, run_id, lambda: send_training(mlflow.client(), run_id, out_dir, metrics, context.log.info)
+    )
     _report_tracking(context, tracking)
     return _output(context, mlflow, aid, out_dir, result, run_id, cache_hit=False, png=png, tracking=tracking)
 
@@ -255,38 +272,24 @@ def _child_error(ckpt_dir: Path) -> str:
 
 def _start_run(context, config, mlflow, settings, aid, tokenized_dataset, base_model, extra_tags) -> str:
     """A new MLflow run for adapter ``aid``: its tags (Dagster run, fingerprints, commit) and settings."""
-    client = mlflow.client()
-    tags = {
-        "dagster.run_id": context.run.run_id,
-        "dagster.asset_key": context.asset_key.to_user_string(),
-        "medtune.data_fingerprint": tokenized_dataset.key,
-        "medtune.base_model": base_model.model,
-        "medtune.base_model_fingerprint": base_model.fingerprint,
-        "medtune.adapter_id": aid,
-        "git.commit": _git_commit(),
-        "mlflow.runName": f"{config.method}-{aid}",
-        "medtune.method": config.method,
-        **extra_tags,
-    }
-    run_id = client.create_run(mlflow.experiment_id(), tags=redact_params(tags)).info.run_id
-    for key, value in redact_params({**settings, "base_model": base_model.model}).items():
-        client.log_param(run_id, key, "None" if value is None else str(value)[:250])
-    return run_id
-
-
-def _mark_failed(context, mlflow, run_id: str, exc: BaseException) -> None:
-    try:
-        with quick_http():
-            client = mlflow.client()
-            client.set_tag(run_id, "medtune.error", redact(exc)[:5000])
-            client.set_terminated(run_id, "FAILED")
-    except Exception as tracking_exc:  # the training's own error is the one to raise
-        context.log.warning(f"could not mark MLflow run {run_id} FAILED ({redact(tracking_exc)[:300]})")
+    tags = {"dagster.run_id": context.run.run_id, "dagster.asset_key": context.asset_key.to_user_string(), "medtune.adapter_id": aid}
+    tags |= {"medtune.data_fingerprint": tokenized_dataset.key, "medtune.base_model_fingerprint": base_model.fingerprint}
+    tags |= {"medtune.base_model": base_model.model, "mlflow.runName": f"{config.method}-{aid}", "medtune.method": config.method}
+    tags |= extra_tags
+    return mlflow.start_run_with(tags, {**settings, "base_model": base_model.model})
 
 
 def _report_tracking(context, tracking: str) -> None:
     if tracking != COMPLETE:
         context.log.warning(tracking)
+
+
+# the training's figures shown in the asset's metadata, where the result has them
+RESULT_SHOWN = (
+    "steps train_seconds final_train_loss first_eval_loss final_eval_loss trained_tokens steady_tokens_per_s steady_rows_per_s flops_per_token"
+    " achieved_tflops matmul_peak_tflops mfu processes device precision attention method optimizer"
+    " trainable_parameters total_parameters adapter_bytes peak_rss_mb peak_gpu_mb resumed_from"
+).split()
 
 
 def _output(context, mlflow, aid, out_dir, result, run_id, cache_hit, png=None, tracking=COMPLETE) -> Output[dict]:
@@ -310,11 +313,7 @@ def _output(context, mlflow, aid, out_dir, result, run_id, cache_hit, png=None, 
         "loss_curve": MetadataValue.md(f"![loss curve](data:image/png;base64,{base64.b64encode(png).decode()})"),
         "loss_curve_png": MetadataValue.path(str(curve)),
     }
-    for key in ("steps", "train_seconds", "final_train_loss", "first_eval_loss", "final_eval_loss", "trained_tokens",
-                "steady_tokens_per_s", "steady_rows_per_s", "flops_per_token", "achieved_tflops", "matmul_peak_tflops", "mfu",
-                "processes", "device", "precision", "attention", "method", "optimizer", "trainable_parameters",
-                "total_parameters", "adapter_bytes", "peak_rss_mb", "peak_gpu_mb", "resumed_from"):
+    for key in RESULT_SHOWN:
         if result.get(key) is not None:
             md[key] = result[key]
-    return Output({"adapter_id": aid, "path": str(out_dir), "mlflow_run_id": run_id, "mlflow_tracking": tracking, **result},
-                  metadata=md)
+    return Output({"adapter_id": aid, "path": str(out_dir), "mlflow_run_id": run_id, "mlflow_tracking": tracking, **result}, metadata=md)

@@ -21,30 +21,27 @@ from pathlib import Path
 from typing import Literal
 
 import pandas as pd
-from dagster import (
-    AssetCheckResult,
-    AssetCheckSeverity,
-    AssetCheckSpec,
-    AssetExecutionContext,
-    Config,
-    MetadataValue,
-    Output,
-    asset,
-)
+from dagster import AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, AssetExecutionContext, Config, MetadataValue, Output, asset
 from pydantic import Field
 
-from pipeline.stages.evaluation_report import load_tuned_model
-from pipeline.stages.lora_adapter.inference import trained_method
-from pipeline.stages.lora_adapter.methods import is_prompt_learning
-from pipeline.stages.merged_model import (DEFAULT_TOLERANCE, NATIVE_TOLERANCE, compare_with_adapter, fits_in_memory, load_merged,
-                                          merge_adapter, read_export_record)
+from assets.evaluation_report import INFERENCE_POOL
 from pipeline.core.cache import KEY_CHARS, keyed_folder
 from pipeline.core.fingerprint import sha256_json
 from pipeline.stages.base_model import BaseModelInfo
+from pipeline.stages.evaluation_report import load_tuned_model
+from pipeline.stages.lora_adapter.inference import trained_method
+from pipeline.stages.lora_adapter.methods import is_prompt_learning
+from pipeline.stages.merged_model import (
+    DEFAULT_TOLERANCE,
+    NATIVE_TOLERANCE,
+    compare_with_adapter,
+    fits_in_memory,
+    load_merged,
+    merge_adapter,
+    read_export_record,
+)
 from pipeline.stages.tokenized_dataset import MANIFEST, TokenizedDataset, render_prompt
 from resources.data_root import DataRoot
-
-from assets.evaluation_report import INFERENCE_POOL
 
 EXPORT_FORMAT = 3  # 2: float64 merge, float64 check; 3: streamed merge, layer-wise proof, end-to-end in the weights' dtype
 
@@ -54,8 +51,12 @@ class MergedModelConfig(Config):
     max_shard_size: str = Field("2GB", description="safetensors shard size")
     check_prompts: int = Field(4, gt=0, description="Eval prompts the merge check runs")
     check_max_new_tokens: int = Field(32, gt=0)
-    tolerance: float | None = Field(None, gt=0, description="Max absolute logit difference of the end-to-end comparison "
-                                    f"(default: {NATIVE_TOLERANCE:g} in the weights' dtype, {DEFAULT_TOLERANCE:g} in float64)")
+    tolerance: float | None = Field(
+        None,
+        gt=0,
+        description="Max absolute logit difference of the end-to-end comparison "
+        f"(default: {NATIVE_TOLERANCE:g} in the weights' dtype, {DEFAULT_TOLERANCE:g} in float64)",
+    )
     check_precision: Literal["float64", "native"] = Field(
         "native",
         description="Arithmetic of the end-to-end logit comparison: the weights' own dtype (default; the layer-wise proof "
@@ -80,8 +81,14 @@ def merged_key(config: MergedModelConfig, adapter_id: str, base_fingerprint: str
     compute_kind="safetensors",
     description=__doc__,
     pool=INFERENCE_POOL,
-    check_specs=[AssetCheckSpec("merged_matches_adapter", asset="merged_model", blocking=True,
-                                description="Merged logits equal the adapter model's (max abs diff, float64 over the fp32 weights) and greedy answers are identical")],
+    check_specs=[
+        AssetCheckSpec(
+            "merged_matches_adapter",
+            asset="merged_model",
+            blocking=True,
+            description="Merged logits equal the adapter model's (max abs diff, float64 over the fp32 weights) and greedy answers are identical",
+        )
+    ],
 )
 def merged_model(
     context: AssetExecutionContext,
@@ -103,6 +110,7 @@ def merged_model(
     if cache_hit:
         context.log.info(f"cache hit: merged model {mid} already exported and verified")
     else:
+
         def verify(folder):
             fits, why = fits_in_memory(folder, copies=2 if config.check_precision == "native" else 4)
             if not fits:
@@ -112,18 +120,34 @@ def merged_model(
             system_prompt = json.loads((Path(tokenized_dataset.path) / MANIFEST).read_text())["system_prompt"]
             prompts = _check_prompts(alpaca_dataset["path"], tokenizer, system_prompt, config.check_prompts)
             tolerance = config.tolerance or (NATIVE_TOLERANCE if config.check_precision == "native" else DEFAULT_TOLERANCE)
-            result = compare_with_adapter(adapter_model, load_merged(folder, base_model.trust_remote_code), tokenizer, prompts,
-                                          max_new_tokens=config.check_max_new_tokens, tolerance=tolerance,
-                                          precision=config.check_precision)
+            result = compare_with_adapter(
+                adapter_model,
+                load_merged(folder, base_model.trust_remote_code),
+                tokenizer,
+                prompts,
+                max_new_tokens=config.check_max_new_tokens,
+                tolerance=tolerance,
+                precision=config.check_precision,
+            )
             return {**result.as_dict(), "end_to_end": "compared"}
 
-        context.log.info(f"merging adapter {lora_adapter['adapter_id']} into a {config.dtype} copy of {base_model.model}, "
-                         f"one tensor at a time")
+        context.log.info(f"merging adapter {lora_adapter['adapter_id']} into a {config.dtype} copy of {base_model.model}, one tensor at a time")
         record = merge_adapter(
-            base_model.path, lora_adapter["path"], dest, dtype=config.dtype, max_shard_size=config.max_shard_size,
-            trust_remote_code=base_model.trust_remote_code, verify=verify, log=context.log.info,
-            record={"merged_id": mid, "adapter_id": lora_adapter["adapter_id"], "base_model": base_model.model,
-                    "base_model_fingerprint": base_model.fingerprint, "mlflow_run_id": lora_adapter.get("mlflow_run_id")},
+            base_model.path,
+            lora_adapter["path"],
+            dest,
+            dtype=config.dtype,
+            max_shard_size=config.max_shard_size,
+            trust_remote_code=base_model.trust_remote_code,
+            verify=verify,
+            log=context.log.info,
+            record={
+                "merged_id": mid,
+                "adapter_id": lora_adapter["adapter_id"],
+                "base_model": base_model.model,
+                "base_model_fingerprint": base_model.fingerprint,
+                "mlflow_run_id": lora_adapter.get("mlflow_run_id"),
+            },
         )
     check = record["verification"]
     layers = check.get("layers", {})
@@ -131,9 +155,15 @@ def merged_model(
     said = describe_check(check)
     (context.log.info if check["passed"] else context.log.error)(f"merged_matches_adapter: {'passed' if check['passed'] else 'FAILED'}: {said}")
     yield Output(
-        {"path": str(dest), "merged_id": mid, "mergeable": True, "method": method, "verification": check,
-         "adapter_id": lora_adapter["adapter_id"],
-         "mlflow_run_id": lora_adapter.get("mlflow_run_id")},
+        {
+            "path": str(dest),
+            "merged_id": mid,
+            "mergeable": True,
+            "method": method,
+            "verification": check,
+            "adapter_id": lora_adapter["adapter_id"],
+            "mlflow_run_id": lora_adapter.get("mlflow_run_id"),
+        },
         metadata={
             "cache_hit": cache_hit,
             "mergeable": True,
@@ -158,40 +188,64 @@ def merged_model(
         passed=bool(check["passed"]),
         severity=AssetCheckSeverity.ERROR,
         description=said,
-        metadata={"layers_checked": layers.get("layers_checked"), "layer_failures": MetadataValue.json(layers.get("failures", [])),
-                  "worst_ratio_to_rounding_bound": layers.get("worst_ratio_to_rounding_bound"),
-                  "end_to_end": check.get("end_to_end", "compared"),
-                  "max_abs_logit_diff": check.get("max_abs_logit_diff"), "greedy_identical": check.get("greedy_identical"),
-                  "max_abs_logit_diff_native": check.get("max_abs_logit_diff_native"), "check_precision": check.get("precision", "native"),
-                  "prompts": check.get("prompts"), "tolerance": check.get("tolerance")},
+        metadata={
+            "layers_checked": layers.get("layers_checked"),
+            "layer_failures": MetadataValue.json(layers.get("failures", [])),
+            "worst_ratio_to_rounding_bound": layers.get("worst_ratio_to_rounding_bound"),
+            "end_to_end": check.get("end_to_end", "compared"),
+            "max_abs_logit_diff": check.get("max_abs_logit_diff"),
+            "greedy_identical": check.get("greedy_identical"),
+            "max_abs_logit_diff_native": check.get("max_abs_logit_diff_native"),
+            "check_precision": check.get("precision", "native"),
+            "prompts": check.get("prompts"),
+            "tolerance": check.get("tolerance"),
+        },
     )
 
 
 def describe_check(check: dict) -> str:
     """One line for the log and the asset check: the layer-wise proof, then the end-to-end comparison."""
     layers = check.get("layers", {})
-    parts = [f"{layers.get('layers_checked', 0)} adapted layers checked in float64 (worst {layers.get('worst_ratio_to_rounding_bound', 0):.2f}x "
-             f"the rounding bound)" + (f"; FAILED: {'; '.join(layers['failures'][:3])}" if layers.get("failures") else "")]
+    parts = [
+        f"{layers.get('layers_checked', 0)} adapted layers checked in float64 (worst {layers.get('worst_ratio_to_rounding_bound', 0):.2f}x "
+        f"the rounding bound)" + (f"; FAILED: {'; '.join(layers['failures'][:3])}" if layers.get("failures") else "")
+    ]
     if check.get("max_abs_logit_diff") is not None:
-        parts.append(f"end to end: max |Δlogit| {check['max_abs_logit_diff']:.2e} in {check.get('precision', 'native')} "
-                     f"(tolerance {check['tolerance']:.0e}), greedy answers identical on {check['prompts']} prompts: {check['greedy_identical']}"
-                     + (f" ({check['first_mismatch']})" if check.get("first_mismatch") else ""))
+        parts.append(
+            f"end to end: max |Δlogit| {check['max_abs_logit_diff']:.2e} in {check.get('precision', 'native')} "
+            f"(tolerance {check['tolerance']:.0e}), greedy answers identical on {check['prompts']} prompts: {check['greedy_identical']}"
+            + (f" ({check['first_mismatch']})" if check.get("first_mismatch") else "")
+        )
     else:
         parts.append(f"end to end: {check.get('end_to_end', 'not compared')}")
     return "; ".join(parts)
 
 
 def _not_mergeable(context, method: str, mid: str, lora_adapter: dict, base_model: BaseModelInfo):
-    reason = (f"{method} cannot be merged into the base weights: it adds virtual tokens, not weight updates, so it "
-              f"is served as adapter + base (registered_model logs both)")
+    reason = (
+        f"{method} cannot be merged into the base weights: it adds virtual tokens, not weight updates, so it "
+        f"is served as adapter + base (registered_model logs both)"
+    )
     context.log.info(reason)
     yield Output(
-        {"path": None, "merged_id": mid, "mergeable": False, "method": method, "reason": reason,
-         "adapter_path": lora_adapter["path"], "base_model_path": base_model.path,
-         "verification": {"passed": True, "applicable": False, "reason": reason},
-         "adapter_id": lora_adapter["adapter_id"], "mlflow_run_id": lora_adapter.get("mlflow_run_id")},
-        metadata={"mergeable": False, "method": method, "reason": reason, "merged_id": mid,
-                  "adapter_path": MetadataValue.path(lora_adapter["path"])},
+        {
+            "path": None,
+            "merged_id": mid,
+            "mergeable": False,
+            "method": method,
+            "reason": reason,
+            "adapter_path": lora_adapter["path"],
+            "base_model_path": base_model.path,
+            "verification": {"passed": True, "applicable": False, "reason": reason},
+            "adapter_id": lora_adapter["adapter_id"],
+            "mlflow_run_id": lora_adapter.get("mlflow_run_id"),
+        },
+        metadata={"mergeable": False, "method": method, "reason": reason, "merged_id": mid, "adapter_path": MetadataValue.path(lora_adapter["path"])},
     )
-    yield AssetCheckResult(check_name="merged_matches_adapter", passed=True, severity=AssetCheckSeverity.WARN,
-                           description=f"not applicable: {reason}", metadata={"applicable": False, "method": method})
+    yield AssetCheckResult(
+        check_name="merged_matches_adapter",
+        passed=True,
+        severity=AssetCheckSeverity.WARN,
+        description=f"not applicable: {reason}",
+        metadata={"applicable": False, "method": method},
+    )

@@ -1,6 +1,5 @@
 """Asset ``raw_records``: every raw JSON / JSON Lines file read into rows (``pipeline.stages.raw_records``)."""
 
-
 from dagster import AssetExecutionContext, MetadataValue, Output, asset
 
 from pipeline.core.chunks import head
@@ -26,8 +25,7 @@ def raw_records(context: AssetExecutionContext, data_root: DataRoot) -> Output[S
     result = ingest_to(data_root.raw_dir, data_root.stage_dir("raw_records"), data_root.chunk_rows, log=context.log.info)
     s = result.stats
     context.log.info(
-        f"read {s['files_read']} files from {data_root.raw_dir}: {s['rows_read']} rows, "
-        f"{s['rows_kept']} kept, {s['rows_rejected']} rejected"
+        f"read {s['files_read']} files from {data_root.raw_dir}: {s['rows_read']} rows, {s['rows_kept']} kept, {s['rows_rejected']} rejected"
     )
     for f in s["files"]:
         if f.get("error"):
@@ -42,13 +40,10 @@ def raw_records(context: AssetExecutionContext, data_root: DataRoot) -> Output[S
             "files_rejected": s["files_rejected"],
             "files": MetadataValue.md(files_markdown(s["files"])),
             "preview": MetadataValue.md(preview_markdown(head(result.kept_path), ["source_file", "source_line", *FIELDS])),
-            "rejected_preview": MetadataValue.md(
-                preview_markdown(head(result.rejected_path), ["source_file", "source_line", "reason"], width=100)
-            ),
+            "rejected_preview": MetadataValue.md(preview_markdown(head(result.rejected_path), ["source_file", "source_line", "reason"], width=100)),
             "stage_output": MetadataValue.path(result.folder),
             "raw_dir": MetadataValue.path(str(data_root.raw_dir)),
             # the content fingerprint raw_data_sensor compares with (paths + content hashes)
             "raw_fingerprint": raw_fingerprint(data_root.raw_dir),
         },
     )
-

@@ -12,19 +12,22 @@ is registered, and the reason shows in the run's log, this asset's metadata and 
 from dagster import AssetExecutionContext, Config, Failure, MetadataValue, Output, asset
 from pydantic import Field
 
-from pipeline.stages.base_model import BaseModelInfo
-from pipeline.stages.registered_model import DEFAULT_PROMOTE_ON, FIGURE_TAGS, register_merged_model
 from pipeline.core.secrets import redact
 from pipeline.core.tracking_sync import COMPLETE, quick_http
+from pipeline.stages.base_model import BaseModelInfo
+from pipeline.stages.registered_model import DEFAULT_PROMOTE_ON, FIGURE_TAGS, register_merged_model
 from resources.mlflow_tracking import MlflowTracking
 
 
 class RegisteredModelConfig(Config):
     model_name: str = Field("medtune", description="Name in the MLflow Model Registry")
     max_new_tokens: int = Field(256, gt=0, description="Answer length limit of the registered model's predict()")
-    promote_on: list[str] = Field(list(DEFAULT_PROMOTE_ON), description="When a new version takes champion: criteria in order, "
-                                  "from " + ", ".join(FIGURE_TAGS) + ". eval_loss is a guard (must not rise); of the others "
-                                  "(higher is better) the first that differs decides; a tie keeps the champion")
+    promote_on: list[str] = Field(
+        list(DEFAULT_PROMOTE_ON),
+        description="When a new version takes champion: criteria in order, "
+        "from " + ", ".join(FIGURE_TAGS) + ". eval_loss is a guard (must not rise); of the others "
+        "(higher is better) the first that differs decides; a tie keeps the champion",
+    )
 
 
 def version_figures(summary: dict) -> dict[str, float | None]:
@@ -36,15 +39,21 @@ def version_figures(summary: dict) -> dict[str, float | None]:
         if split.get("choice_accuracy") is not None and split.get("choice_rows"):
             rows += split["choice_rows"]
             correct += split["choice_accuracy"] * split["choice_rows"]
-    return {"eval_loss": float(tuned["eval"]["loss"]), "choice_accuracy": round(correct / rows, 6) if rows else None,
-            "rouge_l": float(tuned["eval"]["rouge_l"])}
+    return {
+        "eval_loss": float(tuned["eval"]["loss"]),
+        "choice_accuracy": round(correct / rows, 6) if rows else None,
+        "rouge_l": float(tuned["eval"]["rouge_l"]),
+    }
 
 
 def _require_complete_tracking(mlflow: MlflowTracking, run_id: str, evaluation_report: dict, merged_model: dict) -> None:
     """Registering needs the tracking server and a training run that holds everything: otherwise
     the run fails here, saying that the model is NOT registered, why, and what to do."""
-    where = (f"the merged model is ready at {merged_model['path']}" if merged_model.get("path")
-             else f"the adapter is ready at {merged_model.get('adapter_path')}")
+    where = (
+        f"the merged model is ready at {merged_model['path']}"
+        if merged_model.get("path")
+        else f"the adapter is ready at {merged_model.get('adapter_path')}"
+    )
     try:
         with quick_http():
             mlflow.check_reachable()
@@ -52,19 +61,18 @@ def _require_complete_tracking(mlflow: MlflowTracking, run_id: str, evaluation_r
     except Exception as exc:
         raise Failure(
             description=f"NOT registered: MLflow at {redact(mlflow.tracking_uri)} is unreachable ({redact(exc)[:300]}); "
-                        f"{where}. Materialize again once the server is back: it registers then.",
+            f"{where}. Materialize again once the server is back: it registers then.",
             metadata={"registered": False, "mlflow_store": redact(mlflow.tracking_uri)},
         ) from None
     missing = []
     if run.info.status != "FINISHED":
-        missing.append(f"the training's MLflow run {run_id} is {run.info.status}, not FINISHED (its metrics or "
-                       "adapter were not all sent)")
+        missing.append(f"the training's MLflow run {run_id} is {run.info.status}, not FINISHED (its metrics or adapter were not all sent)")
     if evaluation_report.get("mlflow_tracking", COMPLETE) != COMPLETE:
         missing.append("the evaluation was not logged to MLflow")
     if missing:
         raise Failure(
             description="NOT registered: " + "; ".join(missing) + f"; {where}. Materialize the pipeline again: "
-                        "lora_adapter and evaluation_report send what MLflow is missing, then this registers.",
+            "lora_adapter and evaluation_report send what MLflow is missing, then this registers.",
             metadata={"registered": False},
         )
 
@@ -91,8 +99,10 @@ def registered_model(
         context.log.warning(f"NOT registered: {reason}")
         if run_id:
             mlflow.client().set_tag(run_id, "medtune.registration", f"skipped: {reason}"[:5000])
-        return Output({"registered": False, "reason": reason, "name": config.model_name},
-                      metadata={"registered": False, "reason": reason, "model_name": config.model_name})
+        return Output(
+            {"registered": False, "reason": reason, "name": config.model_name},
+            metadata={"registered": False, "reason": reason, "model_name": config.model_name},
+        )
     _require_complete_tracking(mlflow, run_id, evaluation_report, merged_model)
     summary = evaluation_report["summary"]
     tuned, base = summary["tuned"]["eval"], summary["base"]["eval"]
@@ -108,15 +118,25 @@ def registered_model(
         "tuned_eval_bleu_4": f"{tuned['bleu_4']:.4f}",
     }
     reg = register_merged_model(
-        mlflow.tracking_uri, name=config.model_name, merged_dir=merged_model["path"], merged_id=merged_model["merged_id"],
-        run_id=run_id, figures=version_figures(summary), tags=tags, system_prompt=evaluation_report["system_prompt"],
-        max_new_tokens=config.max_new_tokens, promote_on=config.promote_on,
-        adapter_dir=merged_model.get("adapter_path"), base_dir=merged_model.get("base_model_path"),
+        mlflow.tracking_uri,
+        name=config.model_name,
+        merged_dir=merged_model["path"],
+        merged_id=merged_model["merged_id"],
+        run_id=run_id,
+        figures=version_figures(summary),
+        tags=tags,
+        system_prompt=evaluation_report["system_prompt"],
+        max_new_tokens=config.max_new_tokens,
+        promote_on=config.promote_on,
+        adapter_dir=merged_model.get("adapter_path"),
+        base_dir=merged_model.get("base_model_path"),
     )
     what = "already registered as" if reg.reused else "registered as"
-    champ = (f"took the alias champion" + (f" from version {reg.previous_champion}" if reg.previous_champion else "")
-             + f": {reg.decided_by}") if reg.became_champion else (
-        f"champion stays with version {reg.previous_champion}: {reg.decided_by}")
+    champ = (
+        ("took the alias champion" + (f" from version {reg.previous_champion}" if reg.previous_champion else "") + f": {reg.decided_by}")
+        if reg.became_champion
+        else (f"champion stays with version {reg.previous_champion}: {reg.decided_by}")
+    )
     context.log.info(f"{what} {reg.name} version {reg.version} ({', '.join(reg.aliases) or 'no aliases'}); {champ}")
     mlflow.client().set_tag(run_id, "medtune.registration", f"{reg.name} version {reg.version}")
     return Output(

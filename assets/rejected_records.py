@@ -4,7 +4,6 @@ Written to ``$MEDTUNE_DATA_DIR/processed/rejected.parquet``; the rows of the thr
 are concatenated in stage order, each stage's rows in source order.
 """
 
-
 from dagster import AssetExecutionContext, MetadataValue, Output, asset
 
 from pipeline.core.chunks import head
@@ -15,11 +14,7 @@ from resources.data_root import DataRoot
 
 @asset(group_name="data", compute_kind="parquet", description=__doc__)
 def rejected_records(
-    context: AssetExecutionContext,
-    data_root: DataRoot,
-    raw_records: StagedRows,
-    validated_records: StagedRows,
-    deduplicated_records: StagedRows,
+    context: AssetExecutionContext, data_root: DataRoot, raw_records: StagedRows, validated_records: StagedRows, deduplicated_records: StagedRows
 ) -> Output[dict]:
     path = data_root.rejected_path
     written = write_rejected([raw_records, validated_records, deduplicated_records], path, data_root.chunk_rows, log=context.log.info)
@@ -31,9 +26,7 @@ def rejected_records(
             "rows": written["rows"],
             **{f"rows_{stage}": int(by_stage.get(stage, 0)) for stage in ("ingest", "validate", "dedup")},
             "reasons": MetadataValue.md(written["reasons"]),
-            "preview": MetadataValue.md(
-                preview_markdown(head(path, 10), ["source_file", "source_line", "stage", "reason"], n=10, width=90)
-            ),
+            "preview": MetadataValue.md(preview_markdown(head(path, 10), ["source_file", "source_line", "stage", "reason"], n=10, width=90)),
             "path": MetadataValue.path(str(path)),
         },
     )

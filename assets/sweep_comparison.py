@@ -23,9 +23,12 @@ def sweep_comparison(context: AssetExecutionContext, data_root: DataRoot, mlflow
     name = sweep_plan["name"]
     plan = read_plan(data_root, name)
     folder = sweep_dir(data_root, name)
-    records = [r if r.get("status") == "pending" or r.get("settings") == plan["trials"][r["label"]]
-               else {"label": r["label"], "status": "pending"}  # a record from an earlier plan's trial of that name
-               for r in read_records(folder, list(plan["trials"]))]
+    records = [
+        r
+        if r.get("status") == "pending" or r.get("settings") == plan["trials"][r["label"]]
+        else {"label": r["label"], "status": "pending"}  # a record from an earlier plan's trial of that name
+        for r in read_records(folder, list(plan["trials"]))
+    ]
     from assets.lora_adapter import LoraAdapterConfig
 
     table = comparison_table(records, LoraAdapterConfig().model_dump())

@@ -15,8 +15,8 @@ from pydantic import Field, ValidationError
 
 from assets.lora_adapter import LoraAdapterConfig
 from pipeline.core.atomic import write_bytes_atomic
-from pipeline.core.markdown import table
 from pipeline.core.fingerprint import sha256_json
+from pipeline.core.markdown import table
 from pipeline.stages.sweep_plan import PARTITIONS, SweepError, check_name, expand, partition_key
 from resources.data_root import DataRoot
 from resources.mlflow_tracking import MlflowTracking
@@ -32,7 +32,8 @@ class SweepPlanConfig(Config):
     per_method: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Method -> its settings in this sweep")
     evaluation: dict[str, Any] = Field(
         default_factory=lambda: {"max_new_tokens": 32, "train_sample_size": 8},
-        description="evaluation_report settings for the trials (shorter answers than the pipeline's: a sweep compares)")
+        description="evaluation_report settings for the trials (shorter answers than the pipeline's: a sweep compares)",
+    )
 
 
 def sweep_dir(data_root: DataRoot, name: str):
@@ -75,9 +76,16 @@ def sweep_plan(context: AssetExecutionContext, config: SweepPlanConfig, data_roo
     client = mlflow.client()
     if parent is None:
         mlflow.check_reachable()
-        run = client.create_run(mlflow.experiment_id(), tags={
-            "mlflow.runName": f"sweep-{name}", "medtune.sweep": name, "medtune.sweep_fingerprint": fingerprint,
-            "dagster.run_id": context.run.run_id, "mlflow.note.content": f"Sweep {name}: {len(trials)} trials; children are the trials"})
+        run = client.create_run(
+            mlflow.experiment_id(),
+            tags={
+                "mlflow.runName": f"sweep-{name}",
+                "medtune.sweep": name,
+                "medtune.sweep_fingerprint": fingerprint,
+                "dagster.run_id": context.run.run_id,
+                "mlflow.note.content": f"Sweep {name}: {len(trials)} trials; children are the trials",
+            },
+        )
         parent = run.info.run_id
         client.log_param(parent, "trials", len(trials))
         client.log_param(parent, "grid", json.dumps(config.grid)[:250])
@@ -90,14 +98,20 @@ def sweep_plan(context: AssetExecutionContext, config: SweepPlanConfig, data_roo
     for key in stale:
         context.instance.delete_dynamic_partition(PARTITIONS, key)
     context.instance.add_dynamic_partitions(PARTITIONS, keys)
-    write_bytes_atomic(folder / PLAN, json.dumps({**plan, "fingerprint": fingerprint, "parent_run_id": parent},
-                                                 ensure_ascii=False, indent=1).encode())
+    write_bytes_atomic(
+        folder / PLAN, json.dumps({**plan, "fingerprint": fingerprint, "parent_run_id": parent}, ensure_ascii=False, indent=1).encode()
+    )
     exp_id = client.get_run(parent).info.experiment_id
     plan_table = table(["partition", "settings"], [(k, json.dumps(t.settings)) for k, t in zip(keys, trials)])
     return Output(
         {"name": name, "partition_keys": keys, "parent_run_id": parent, "fingerprint": fingerprint},
-        metadata={"sweep": name, "trials": len(trials), "fingerprint": fingerprint,
-                  "plan": MetadataValue.md(plan_table),
-                  "removed_partitions": ", ".join(stale), "path": MetadataValue.path(str(folder / PLAN)),
-                  "mlflow_parent_run": MetadataValue.url(mlflow.run_link(parent, exp_id))},
+        metadata={
+            "sweep": name,
+            "trials": len(trials),
+            "fingerprint": fingerprint,
+            "plan": MetadataValue.md(plan_table),
+            "removed_partitions": ", ".join(stale),
+            "path": MetadataValue.path(str(folder / PLAN)),
+            "mlflow_parent_run": MetadataValue.url(mlflow.run_link(parent, exp_id)),
+        },
     )

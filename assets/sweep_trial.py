@@ -11,8 +11,7 @@ partition only; the other trials go on.
 import base64
 from pathlib import Path
 
-from dagster import (AssetExecutionContext, DynamicPartitionsDefinition, Failure, MaterializeResult, MetadataValue,
-                     PipesSubprocessClient, asset)
+from dagster import AssetExecutionContext, DynamicPartitionsDefinition, Failure, MaterializeResult, MetadataValue, PipesSubprocessClient, asset
 
 from assets.evaluation_report import EvaluationReportConfig, evaluate_or_reuse
 from assets.lora_adapter import TRAINING_POOL, LoraAdapterConfig, train_or_reuse
@@ -30,8 +29,7 @@ from resources.mlflow_tracking import MlflowTracking
 sweep_trials = DynamicPartitionsDefinition(name=PARTITIONS)
 
 
-@asset(group_name="sweep", compute_kind="pytorch", description=__doc__, partitions_def=sweep_trials,
-       deps=["sweep_plan"], pool=TRAINING_POOL)
+@asset(group_name="sweep", compute_kind="pytorch", description=__doc__, partitions_def=sweep_trials, deps=["sweep_plan"], pool=TRAINING_POOL)
 def sweep_trial(
     context: AssetExecutionContext,
     data_root: DataRoot,
@@ -50,18 +48,35 @@ def sweep_trial(
     client = mlflow.client()
     mlflow.check_reachable()
     parent = plan["parent_run_id"]
-    child = client.create_run(client.get_run(parent).info.experiment_id, tags={
-        "mlflow.parentRunId": parent, "mlflow.runName": label, "medtune.sweep": name, "medtune.trial": label,
-        "medtune.method": settings.get("method", "lora"), "dagster.run_id": context.run.run_id}).info.run_id
+    child = client.create_run(
+        client.get_run(parent).info.experiment_id,
+        tags={
+            "mlflow.parentRunId": parent,
+            "mlflow.runName": label,
+            "medtune.sweep": name,
+            "medtune.trial": label,
+            "medtune.method": settings.get("method", "lora"),
+            "dagster.run_id": context.run.run_id,
+        },
+    ).info.run_id
     for key, value in redact_params({"method": "lora", **settings}).items():
         client.log_param(child, key, str(value)[:250])
     context.log.info(f"sweep {name}, trial {label}: {settings} (MLflow run {child}, child of {parent})")
     try:
         config = LoraAdapterConfig(**settings)
-        adapter = train_or_reuse(context, config, data_root, mlflow, pipes_subprocess_client, tokenized_dataset, base_model,
-                                 extra_tags={"medtune.sweep": name, "medtune.trial": label}).value
-        _, _, summary, _, _, _ = evaluate_or_reuse(context.log, EvaluationReportConfig(**plan["evaluation"]), data_root,
-                                                   alpaca_dataset, tokenized_dataset, base_model, adapter)
+        adapter = train_or_reuse(
+            context,
+            config,
+            data_root,
+            mlflow,
+            pipes_subprocess_client,
+            tokenized_dataset,
+            base_model,
+            extra_tags={"medtune.sweep": name, "medtune.trial": label},
+        ).value
+        _, _, summary, _, _, _ = evaluate_or_reuse(
+            context.log, EvaluationReportConfig(**plan["evaluation"]), data_root, alpaca_dataset, tokenized_dataset, base_model, adapter
+        )
     except BaseException as exc:
         reason = redact(getattr(exc, "description", None) or f"{type(exc).__name__}: {exc}")[:4000]
         write_record(folder, label, {"status": FAILED, "settings": settings, "error": reason, "mlflow_run_id": child})
@@ -72,8 +87,9 @@ def sweep_trial(
     figures = trial_figures(adapter, summary)
     metrics = read_metrics(Path(adapter["path"]) / "metrics.jsonl")
     send_missing_metrics(client, child, metrics)
-    from mlflow.entities import Metric
     import time
+
+    from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
     numbers = {k: float(v) for k, v in figures.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -85,13 +101,28 @@ def sweep_trial(
     client.set_tag(child, "medtune.adapter_id", adapter["adapter_id"])
     client.set_tag(child, "medtune.training_run", adapter.get("mlflow_run_id") or "")
     client.set_terminated(child, "FINISHED")
-    write_record(folder, label, {"status": FINISHED, "settings": settings, "adapter_id": adapter["adapter_id"],
-                                 "adapter_path": adapter["path"], "mlflow_run_id": child,
-                                 "training_run_id": adapter.get("mlflow_run_id"), "figures": figures})
-    return MaterializeResult(metadata={
-        "sweep": name, "trial": label, "method": settings.get("method", "lora"), "adapter_id": adapter["adapter_id"],
-        "adapter_path": MetadataValue.path(adapter["path"]),
-        **{k: v for k, v in numbers.items()},
-        "loss_curve": MetadataValue.md(f"![loss curve](data:image/png;base64,{base64.b64encode(png).decode()})"),
-        "mlflow_run": MetadataValue.url(mlflow.run_link(child, client.get_run(child).info.experiment_id)),
-    })
+    write_record(
+        folder,
+        label,
+        {
+            "status": FINISHED,
+            "settings": settings,
+            "adapter_id": adapter["adapter_id"],
+            "adapter_path": adapter["path"],
+            "mlflow_run_id": child,
+            "training_run_id": adapter.get("mlflow_run_id"),
+            "figures": figures,
+        },
+    )
+    return MaterializeResult(
+        metadata={
+            "sweep": name,
+            "trial": label,
+            "method": settings.get("method", "lora"),
+            "adapter_id": adapter["adapter_id"],
+            "adapter_path": MetadataValue.path(adapter["path"]),
+            **{k: v for k, v in numbers.items()},
+            "loss_curve": MetadataValue.md(f"![loss curve](data:image/png;base64,{base64.b64encode(png).decode()})"),
+            "mlflow_run": MetadataValue.url(mlflow.run_link(child, client.get_run(child).info.experiment_id)),
+        }
+    )

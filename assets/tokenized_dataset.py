@@ -5,7 +5,6 @@ covers the data, tokenizer, chat template, ``max_seq_len`` and system prompt, so
 inputs are reused instead of recomputed.
 """
 
-
 import pandas as pd
 from dagster import AssetExecutionContext, Config, MetadataValue, Output, asset
 from pydantic import Field
@@ -34,11 +33,7 @@ def _example_markdown(tokenizer, ds: TokenizedDataset) -> str:
 
 @asset(group_name="data", compute_kind="transformers", description=__doc__)
 def tokenized_dataset(
-    context: AssetExecutionContext,
-    config: TokenizedDatasetConfig,
-    data_root: DataRoot,
-    alpaca_dataset: dict,
-    base_model: BaseModelInfo,
+    context: AssetExecutionContext, config: TokenizedDatasetConfig, data_root: DataRoot, alpaca_dataset: dict, base_model: BaseModelInfo
 ) -> Output[TokenizedDataset]:
     tokenizer = load_tokenizer(base_model)
     alpaca = pd.read_parquet(alpaca_dataset["path"])

@@ -4,7 +4,6 @@ Its blocking check ``reject_ratio_within_limit`` stops the run when the share of
 so far (ingest + validation) is over ``max_reject_ratio`` or no valid row is left.
 """
 
-
 from dagster import AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, AssetExecutionContext, Config, MetadataValue, Output, asset
 from pydantic import Field
 
@@ -29,11 +28,13 @@ class ValidatedRecordsConfig(Config):
     group_name="data",
     compute_kind="great_expectations",
     description=__doc__,
-    check_specs=[AssetCheckSpec(CHECK, asset="validated_records", blocking=True,
-                                description="Rejected share of rows read ≤ max_reject_ratio, and some valid row left")],
+    check_specs=[
+        AssetCheckSpec(
+            CHECK, asset="validated_records", blocking=True, description="Rejected share of rows read ≤ max_reject_ratio, and some valid row left"
+        )
+    ],
 )
-def validated_records(context: AssetExecutionContext, config: ValidatedRecordsConfig, data_root: DataRoot,
-                      raw_records: StagedRows):
+def validated_records(context: AssetExecutionContext, config: ValidatedRecordsConfig, data_root: DataRoot, raw_records: StagedRows):
     bounds = Bounds(
         min_instruction_chars=config.min_instruction_chars,
         max_instruction_chars=config.max_instruction_chars,
@@ -47,8 +48,7 @@ def validated_records(context: AssetExecutionContext, config: ValidatedRecordsCo
     ratio = n_rejected / n_read if n_read else 1.0
     failed = [o for o in result.stats["expectations"] if not o["success"]]
     context.log.info(
-        f"validated {raw_records.n_kept} rows: {result.n_kept} pass, {result.n_rejected} fail "
-        f"({len(failed)} expectations with failures)"
+        f"validated {raw_records.n_kept} rows: {result.n_kept} pass, {result.n_rejected} fail ({len(failed)} expectations with failures)"
     )
     yield Output(
         result,
@@ -58,17 +58,17 @@ def validated_records(context: AssetExecutionContext, config: ValidatedRecordsCo
             "rows_rejected": result.n_rejected,
             "expectations": MetadataValue.md(result.stats["report_markdown"]),
             "preview": MetadataValue.md(preview_markdown(head(result.kept_path), ["source_file", "source_line", *FIELDS])),
-            "rejected_preview": MetadataValue.md(
-                preview_markdown(head(result.rejected_path), ["source_file", "source_line", "reason"], width=100)
-            ),
+            "rejected_preview": MetadataValue.md(preview_markdown(head(result.rejected_path), ["source_file", "source_line", "reason"], width=100)),
             "stage_output": MetadataValue.path(result.folder),
         },
     )
     passed = ratio <= config.max_reject_ratio and result.n_kept > 0
     why = (
-        "no valid row is left" if result.n_kept == 0
+        "no valid row is left"
+        if result.n_kept == 0
         else f"{ratio:.1%} of rows read were rejected, over max_reject_ratio {config.max_reject_ratio:.0%}"
-        if not passed else f"{ratio:.1%} rejected (limit {config.max_reject_ratio:.0%})"
+        if not passed
+        else f"{ratio:.1%} rejected (limit {config.max_reject_ratio:.0%})"
     )
     yield AssetCheckResult(
         check_name=CHECK,

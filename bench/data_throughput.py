@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import random
-
 import subprocess
 import sys
 import tempfile
@@ -43,10 +42,46 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 INSTRUCTIONS = ["使用中医知识正确回答适合这个病例的中成药。", "请根据症状推荐一种中成药。", "根据以下病例描述，给出合适的中成药建议。"]
-MEDS = ["板蓝根颗粒", "藿香正气水", "六味地黄丸", "连花清瘟胶囊", "感冒清热颗粒", "银翘解毒丸", "保和丸", "香砂养胃丸",
-        "逍遥丸", "归脾丸", "天王补心丸", "复方丹参滴丸", "川贝枇杷膏", "急支糖浆", "黄连上清丸", "牛黄解毒片"]
-SYMPTOMS = ["咳嗽", "发热", "咽喉肿痛", "头痛", "腹胀", "失眠多梦", "腰膝酸软", "口干", "便秘", "恶心", "胸闷", "乏力",
-            "盗汗", "耳鸣", "食欲不振", "月经不调", "心悸", "鼻塞流涕", "反酸", "眩晕"]
+MEDS = [
+    "板蓝根颗粒",
+    "藿香正气水",
+    "六味地黄丸",
+    "连花清瘟胶囊",
+    "感冒清热颗粒",
+    "银翘解毒丸",
+    "保和丸",
+    "香砂养胃丸",
+    "逍遥丸",
+    "归脾丸",
+    "天王补心丸",
+    "复方丹参滴丸",
+    "川贝枇杷膏",
+    "急支糖浆",
+    "黄连上清丸",
+    "牛黄解毒片",
+]
+SYMPTOMS = [
+    "咳嗽",
+    "发热",
+    "咽喉肿痛",
+    "头痛",
+    "腹胀",
+    "失眠多梦",
+    "腰膝酸软",
+    "口干",
+    "便秘",
+    "恶心",
+    "胸闷",
+    "乏力",
+    "盗汗",
+    "耳鸣",
+    "食欲不振",
+    "月经不调",
+    "心悸",
+    "鼻塞流涕",
+    "反酸",
+    "眩晕",
+]
 FUNCS = ["清热解毒，凉血利咽。", "解表化湿，理气和中。", "滋阴补肾。", "疏肝健脾，养血调经。", "消食导滞，和胃。", "益气健脾，养血安神。"]
 
 
@@ -58,7 +93,7 @@ def make_record(rng: random.Random, i: int) -> dict:
         "instruction": rng.choice(INSTRUCTIONS),
         "input": f"患者{i}号，{days}天来{symptoms}，舌红苔黄，脉浮数。",
         "output": f"{med}可能适合治疗您的病症。以下是{med}的详细说明书：【功能主治】{rng.choice(FUNCS)}"
-                  f"【用法用量】口服，一次{rng.randint(1, 9)}克，一日{rng.randint(1, 3)}次。【注意事项】忌烟、酒及辛辣食物。",
+        f"【用法用量】口服，一次{rng.randint(1, 9)}克，一日{rng.randint(1, 3)}次。【注意事项】忌烟、酒及辛辣食物。",
     }
 
 
@@ -91,7 +126,7 @@ def near_variant(rng: random.Random, rec: dict) -> dict:
     if rng.random() < 0.5:
         return {**rec, "input": text.replace("，", "、", 1).replace("。", "！")}  # punctuation
     i = rng.randrange(len(text))
-    return {**rec, "input": text[:i] + rng.choice(SYMPTOMS)[0] + text[i + 1:]}  # one character
+    return {**rec, "input": text[:i] + rng.choice(SYMPTOMS)[0] + text[i + 1 :]}  # one character
 
 
 def generate(raw: Path, rows: int, files: int, seed: int, minified: bool = False) -> dict:
@@ -137,13 +172,14 @@ def generate(raw: Path, rows: int, files: int, seed: int, minified: bool = False
 
 def run_pipeline(raw: Path, out: Path) -> dict:
     t0 = time.perf_counter()
+    import great_expectations  # noqa: F401  (import cost reported apart)
+
     from pipeline.stages.alpaca_dataset import write_alpaca
     from pipeline.stages.deduplicated_records import deduplicate_to
     from pipeline.stages.raw_records import ingest_to
+    from pipeline.stages.raw_records.workers import peak_rss_mb
     from pipeline.stages.rejected_records import write_rejected
     from pipeline.stages.validated_records import validate_to
-    from pipeline.stages.raw_records.workers import peak_rss_mb
-    import great_expectations  # noqa: F401  (import cost reported apart)
 
     imports = time.perf_counter() - t0
     t = time.perf_counter()
@@ -163,11 +199,20 @@ def run_pipeline(raw: Path, out: Path) -> dict:
     counts = timed("alpaca", lambda: write_alpaca(dedup, out / "alpaca.parquet", 0.1))
     rejected = timed("rejected", lambda: write_rejected([raw_rows, valid, dedup], out / "rejected.parquet"))
     elapsed = time.perf_counter() - t
-    return {"seconds": elapsed, "imports_s": imports, "stages_s": stages, "peak_rss_after_mb": rss,
-            "workers": raw_rows.stats["workers"], "workers_peak_rss_mb": raw_rows.stats["workers_peak_rss_mb"],
-            "rows_read": raw_rows.stats["rows_read"], "rows_kept": counts["rows"], "rows_rejected": rejected["rows"],
-            "near_duplicate_groups": dedup.stats["near_duplicate_groups"], "near_duplicate_rows": dedup.stats["near_duplicate_rows"],
-            "dedup_s": dedup.stats["seconds"]}
+    return {
+        "seconds": elapsed,
+        "imports_s": imports,
+        "stages_s": stages,
+        "peak_rss_after_mb": rss,
+        "workers": raw_rows.stats["workers"],
+        "workers_peak_rss_mb": raw_rows.stats["workers_peak_rss_mb"],
+        "rows_read": raw_rows.stats["rows_read"],
+        "rows_kept": counts["rows"],
+        "rows_rejected": rejected["rows"],
+        "near_duplicate_groups": dedup.stats["near_duplicate_groups"],
+        "near_duplicate_rows": dedup.stats["near_duplicate_rows"],
+        "dedup_s": dedup.stats["seconds"],
+    }
 
 
 def run_naive(raw: Path, out: Path) -> dict:
@@ -179,7 +224,6 @@ def run_naive(raw: Path, out: Path) -> dict:
 
     import pyarrow as pa
     import pyarrow.parquet as pq
-
     from datasketch import MinHash, MinHashLSH
 
     from pipeline.stages.deduplicated_records import NEAR_THRESHOLD
@@ -262,11 +306,16 @@ def run_naive(raw: Path, out: Path) -> dict:
             group_of[n_read] = group_of[min(twins)] if twins else pid
             lsh.insert(n_read, m)
             gid = group_of[n_read]
-            kept.append({
-                "record_id": hashlib.sha256(triple.encode()).hexdigest()[:32], "prompt_id": pid,
-                **fields, "split": "eval" if int(gid[:16], 16) / 2.0**64 < 0.1 else "train",
-                "source_file": rel, "source_line": lineno,
-            })
+            kept.append(
+                {
+                    "record_id": hashlib.sha256(triple.encode()).hexdigest()[:32],
+                    "prompt_id": pid,
+                    **fields,
+                    "split": "eval" if int(gid[:16], 16) / 2.0**64 < 0.1 else "train",
+                    "source_file": rel,
+                    "source_line": lineno,
+                }
+            )
     pq.write_table(pa.Table.from_pylist(kept), out / "alpaca_naive.parquet", compression="zstd")
     pq.write_table(pa.Table.from_pylist(rejected), out / "rejected_naive.parquet", compression="zstd")
     elapsed = time.perf_counter() - t
@@ -305,8 +354,7 @@ def measure(which: str, raw: Path, out: Path) -> dict:
     import threading
 
     proc = subprocess.Popen(
-        [sys.executable, __file__, "--child", which, "--raw", str(raw), "--out", str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [sys.executable, __file__, "--child", which, "--raw", str(raw), "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     peak = [0.0]
     done = threading.Event()
@@ -322,7 +370,7 @@ def measure(which: str, raw: Path, out: Path) -> dict:
     sampler.join()
     for line in stdout.splitlines():
         if line.startswith("RESULT "):
-            result = json.loads(line[len("RESULT "):])
+            result = json.loads(line[len("RESULT ") :])
             result["tree_peak_rss_mb"] = peak[0]
             result["peak_rss_mb"] = max(peak[0], result["own_peak_rss_mb"])
             return result
@@ -348,32 +396,52 @@ def main() -> None:
         out.mkdir()
         t = time.perf_counter()
         gen = generate(raw, args.rows, args.files, args.seed, args.minified)
-        print(f"generated {gen['rows']:,} rows ({gen['duplicates']:,} duplicates, {gen['near_duplicates']:,} near duplicates, {gen['bad']:,} bad) in "
-              f"{args.files} files, {gen['bytes'] / 1e6:.0f} MB, in {time.perf_counter() - t:.1f} s", flush=True)
+        print(
+            f"generated {gen['rows']:,} rows ({gen['duplicates']:,} duplicates, {gen['near_duplicates']:,} near duplicates, {gen['bad']:,} bad) in "
+            f"{args.files} files, {gen['bytes'] / 1e6:.0f} MB, in {time.perf_counter() - t:.1f} s",
+            flush=True,
+        )
         pipe = measure("pipeline", raw, out)
         pipe_rps = pipe["rows_read"] / pipe["seconds"]
-        print(f"pipeline: {pipe['seconds']:.1f} s, {pipe_rps:,.0f} rows/s, peak RSS {pipe['peak_rss_mb']:.0f} MB "
-              f"(process and its workers together, sampled every 20 ms; own peaks: this process "
-              f"{pipe['own_peak_rss_mb']:.0f} MB, {pipe['workers']} ingest workers {pipe['workers_peak_rss_mb']} MB), "
-              f"stages {pipe['stages_s']} (s), peak RSS after each {pipe['peak_rss_after_mb']} (MB), "
-              f"imports {pipe['imports_s']:.1f} s", flush=True)
+        print(
+            f"pipeline: {pipe['seconds']:.1f} s, {pipe_rps:,.0f} rows/s, peak RSS {pipe['peak_rss_mb']:.0f} MB "
+            f"(process and its workers together, sampled every 20 ms; own peaks: this process "
+            f"{pipe['own_peak_rss_mb']:.0f} MB, {pipe['workers']} ingest workers {pipe['workers_peak_rss_mb']} MB), "
+            f"stages {pipe['stages_s']} (s), peak RSS after each {pipe['peak_rss_after_mb']} (MB), "
+            f"imports {pipe['imports_s']:.1f} s",
+            flush=True,
+        )
         summary = {
-            "rows": gen["rows"], "files": args.files, "layout": "minified arrays" if args.minified else "JSON Lines + pretty arrays", "input_mb": round(gen["bytes"] / 1e6, 1),
-            "pipeline_seconds": round(pipe["seconds"], 1), "pipeline_rows_per_s": round(pipe_rps),
-            "pipeline_peak_rss_mb": round(pipe["peak_rss_mb"]), "pipeline_stages_s": pipe["stages_s"],
-            "pipeline_own_peak_rss_mb": round(pipe["own_peak_rss_mb"]), "pipeline_workers_peak_rss_mb": pipe["workers_peak_rss_mb"],
+            "rows": gen["rows"],
+            "files": args.files,
+            "layout": "minified arrays" if args.minified else "JSON Lines + pretty arrays",
+            "input_mb": round(gen["bytes"] / 1e6, 1),
+            "pipeline_seconds": round(pipe["seconds"], 1),
+            "pipeline_rows_per_s": round(pipe_rps),
+            "pipeline_peak_rss_mb": round(pipe["peak_rss_mb"]),
+            "pipeline_stages_s": pipe["stages_s"],
+            "pipeline_own_peak_rss_mb": round(pipe["own_peak_rss_mb"]),
+            "pipeline_workers_peak_rss_mb": pipe["workers_peak_rss_mb"],
             "pipeline_workers_plus_own_peak_rss_mb": round(pipe["own_peak_rss_mb"] + sum(pipe["workers_peak_rss_mb"])),
-            "pipeline_rows_kept": pipe["rows_kept"], "pipeline_rows_rejected": pipe["rows_rejected"],
-            "pipeline_near_duplicate_groups": pipe["near_duplicate_groups"], "pipeline_near_duplicate_rows": pipe["near_duplicate_rows"],
+            "pipeline_rows_kept": pipe["rows_kept"],
+            "pipeline_rows_rejected": pipe["rows_rejected"],
+            "pipeline_near_duplicate_groups": pipe["near_duplicate_groups"],
+            "pipeline_near_duplicate_rows": pipe["near_duplicate_rows"],
             "pipeline_dedup_s": pipe["dedup_s"],
         }
         if gen["rows"] <= args.naive_max_rows:
             naive = measure("naive", raw, out)
             naive_rps = naive["rows_read"] / naive["seconds"]
             print(f"naive:    {naive['seconds']:.1f} s, {naive_rps:,.0f} rows/s, peak RSS {naive['peak_rss_mb']:.0f} MB", flush=True)
-            summary.update({"naive_rows_per_s": round(naive_rps), "ratio": round(pipe_rps / naive_rps, 2),
-                            "naive_peak_rss_mb": round(naive["peak_rss_mb"]), "naive_rows_kept": naive["rows_kept"],
-                            "naive_rows_rejected": naive["rows_rejected"]})
+            summary.update(
+                {
+                    "naive_rows_per_s": round(naive_rps),
+                    "ratio": round(pipe_rps / naive_rps, 2),
+                    "naive_peak_rss_mb": round(naive["peak_rss_mb"]),
+                    "naive_rows_kept": naive["rows_kept"],
+                    "naive_rows_rejected": naive["rows_rejected"],
+                }
+            )
         else:
             print(f"naive:    skipped above {args.naive_max_rows:,} rows (it holds every row in memory)", flush=True)
         print(json.dumps(summary))

@@ -28,9 +28,9 @@ sys.path.insert(0, str(ROOT))
 
 
 def demo_prompts(tokenizer, n: int) -> list[str]:
+    from pipeline.stages.alpaca_dataset import build_alpaca
     from pipeline.stages.deduplicated_records import deduplicate
     from pipeline.stages.raw_records import ingest
-    from pipeline.stages.alpaca_dataset import build_alpaca
     from pipeline.stages.tokenized_dataset import DEFAULT_SYSTEM_PROMPT, render_prompt
     from pipeline.stages.validated_records import validate_records
 
@@ -70,8 +70,8 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.stages.evaluation_report import eval_dtype, generate_greedy, stop_token_ids
     from pipeline.stages.base_model import resolve_base_model
+    from pipeline.stages.evaluation_report import eval_dtype, generate_greedy, stop_token_ids
     from pipeline.stages.lora_adapter.flops import matmul_peak_flops
     from resources.data_root import DataRoot, default_data_dir
 
@@ -84,8 +84,10 @@ def main() -> None:
     prompts = demo_prompts(tokenizer, args.prompts)
     stops = stop_token_ids(tokenizer)
     lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
-    print(f"{len(prompts)} prompts, {min(lengths)}-{max(lengths)} tokens, max_new_tokens {args.max_new_tokens}, "
-          f"{torch.get_num_threads()} threads", flush=True)
+    print(
+        f"{len(prompts)} prompts, {min(lengths)}-{max(lengths)} tokens, max_new_tokens {args.max_new_tokens}, {torch.get_num_threads()} threads",
+        flush=True,
+    )
     generate_greedy(model, tokenizer, prompts[:2], max_new_tokens=4, stop_ids=stops, batch_size=2)  # warm-up
 
     results = {}
@@ -96,35 +98,41 @@ def main() -> None:
         seconds = time.perf_counter() - t0
         new = sum(len(x) for x in out)
         outputs[name] = out
-        results[name] = {"batch_size": bs, "seconds": round(seconds, 2), "new_tokens": new,
-                         "new_tokens_per_s": round(new / seconds, 2)}
+        results[name] = {"batch_size": bs, "seconds": round(seconds, 2), "new_tokens": new, "new_tokens_per_s": round(new / seconds, 2)}
         print(f"{name:>14}: batch {bs}, {new} new tokens in {seconds:.1f} s = {new / seconds:.1f} tokens/s", flush=True)
     same = sum(a == b for a, b in zip(outputs["batched"], outputs["one_at_a_time"]))
     ratio = results["batched"]["new_tokens_per_s"] / results["one_at_a_time"]["new_tokens_per_s"]
     flops = generation_flops(model.config, lengths, [len(x) for x in outputs["batched"]])
     peak = matmul_peak_flops(torch_dtype)
     achieved = flops / results["batched"]["seconds"]
-    print(f"batched: {flops / 1e12:.3f} TFLOP in {results['batched']['seconds']:.1f} s = {achieved / 1e12:.3f} TFLOP/s; "
-          f"{dtype} matmul peak measured now {peak / 1e12:.3f} TFLOP/s: MFU {achieved / peak:.3f}", flush=True)
-    print(json.dumps({
-        "benchmark": "generation_throughput",
-        "model": args.model,
-        "prompts": len(prompts),
-        "max_new_tokens": args.max_new_tokens,
-        "batched_new_tokens_per_s": results["batched"]["new_tokens_per_s"],
-        "one_at_a_time_new_tokens_per_s": results["one_at_a_time"]["new_tokens_per_s"],
-        "ratio": round(ratio, 2),
-        "goal_ratio": 4.0,
-        "identical_answers": f"{same}/{len(prompts)}",
-        "dtype": dtype,
-        "batched_flops": flops,
-        "batched_tflops_per_s": round(achieved / 1e12, 4),
-        "peak_tflops_per_s": round(peak / 1e12, 4),
-        "batched_mfu": round(achieved / peak, 4),
-        "goal_batched_mfu": 0.25,
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "details": results,
-    }))
+    print(
+        f"batched: {flops / 1e12:.3f} TFLOP in {results['batched']['seconds']:.1f} s = {achieved / 1e12:.3f} TFLOP/s; "
+        f"{dtype} matmul peak measured now {peak / 1e12:.3f} TFLOP/s: MFU {achieved / peak:.3f}",
+        flush=True,
+    )
+    print(
+        json.dumps(
+            {
+                "benchmark": "generation_throughput",
+                "model": args.model,
+                "prompts": len(prompts),
+                "max_new_tokens": args.max_new_tokens,
+                "batched_new_tokens_per_s": results["batched"]["new_tokens_per_s"],
+                "one_at_a_time_new_tokens_per_s": results["one_at_a_time"]["new_tokens_per_s"],
+                "ratio": round(ratio, 2),
+                "goal_ratio": 4.0,
+                "identical_answers": f"{same}/{len(prompts)}",
+                "dtype": dtype,
+                "batched_flops": flops,
+                "batched_tflops_per_s": round(achieved / 1e12, 4),
+                "peak_tflops_per_s": round(peak / 1e12, 4),
+                "batched_mfu": round(achieved / peak, 4),
+                "goal_batched_mfu": 0.25,
+                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                "details": results,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

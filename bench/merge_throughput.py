@@ -31,10 +31,24 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SHAPES = {
-    "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                       num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
-    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "qwen2.5-7b": dict(
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        vocab_size=152064,
+        tie_word_embeddings=False,
+    ),
+    "qwen2.5-1.5b": dict(
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    ),
 }
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -83,8 +97,7 @@ def write_base(folder: Path, shape: str) -> float:
     config.save_pretrained(folder)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    tensors = [(n, t.dtype, list(t.shape)) for n, t in skeleton.state_dict().items()
-               if not (config.tie_word_embeddings and n == "lm_head.weight")]
+    tensors = [(n, t.dtype, list(t.shape)) for n, t in skeleton.state_dict().items() if not (config.tie_word_embeddings and n == "lm_head.weight")]
     writer = FolderWriter(folder, tensors, max_shard_size="4GB")
     g = torch.Generator().manual_seed(0)
     for name, dtype, dims in tensors:
@@ -104,10 +117,15 @@ def write_adapter(folder: Path, shape: str, rank: int) -> int:
 
     s = SHAPES[shape]
     hd = s["hidden_size"] // s["num_attention_heads"]
-    dims = {"q_proj": (s["hidden_size"], s["num_attention_heads"] * hd), "k_proj": (s["hidden_size"], s["num_key_value_heads"] * hd),
-            "v_proj": (s["hidden_size"], s["num_key_value_heads"] * hd), "o_proj": (s["num_attention_heads"] * hd, s["hidden_size"]),
-            "gate_proj": (s["hidden_size"], s["intermediate_size"]), "up_proj": (s["hidden_size"], s["intermediate_size"]),
-            "down_proj": (s["intermediate_size"], s["hidden_size"])}
+    dims = {
+        "q_proj": (s["hidden_size"], s["num_attention_heads"] * hd),
+        "k_proj": (s["hidden_size"], s["num_key_value_heads"] * hd),
+        "v_proj": (s["hidden_size"], s["num_key_value_heads"] * hd),
+        "o_proj": (s["num_attention_heads"] * hd, s["hidden_size"]),
+        "gate_proj": (s["hidden_size"], s["intermediate_size"]),
+        "up_proj": (s["hidden_size"], s["intermediate_size"]),
+        "down_proj": (s["intermediate_size"], s["hidden_size"]),
+    }
     LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(TARGETS), task_type="CAUSAL_LM").save_pretrained(folder)
     g = torch.Generator().manual_seed(1)
     weights = {}
@@ -160,8 +178,11 @@ def main() -> None:
         t = time.perf_counter()
         base_gb = write_base(base, args.shape)
         layers = write_adapter(adapter, args.shape, args.rank)
-        print(f"wrote a {args.shape} base ({base_gb:.2f} GB bf16) and a rank-{args.rank} adapter on {layers} layers "
-              f"in {time.perf_counter() - t:.0f} s (not counted)", flush=True)
+        print(
+            f"wrote a {args.shape} base ({base_gb:.2f} GB bf16) and a rank-{args.rank} adapter on {layers} layers "
+            f"in {time.perf_counter() - t:.0f} s (not counted)",
+            flush=True,
+        )
         elsize = 4 if args.dtype == "float32" else 2
         code = CHILD.format(root=str(ROOT), base=str(base), adapter=str(adapter), dest=str(dest), dtype=args.dtype, elsize=elsize)
         t = time.perf_counter()
@@ -175,21 +196,39 @@ def main() -> None:
         written = info["bytes_written"]
         io_bound = read_bytes / read_bps + written / write_bps
         seconds = child["merge_seconds"] + child["verify_seconds"]
-        print(f"merge {child['merge_seconds']:.1f} s + layer proof {child['verify_seconds']:.1f} s = {seconds:.1f} s "
-              f"(child process {wall:.1f} s with start-up); read {read_bytes / 1e9:.2f} GB, wrote {written / 1e9:.2f} GB: "
-              f"{io_bound:.1f} s at the disk's speed; peak RSS {child['peak_rss_mb']:.0f} MB; proof passed: {child['proof']['passed']}",
-              flush=True)
-        print(json.dumps({
-            "benchmark": "merge_throughput", "shape": args.shape, "rank": args.rank, "dtype": args.dtype,
-            "base_gb": round(base_gb, 3), "layers_merged": info["layers_merged"],
-            "peak_rss_mb": round(child["peak_rss_mb"], 1), "goal_peak_rss_mb": 3072,
-            "seconds": round(seconds, 2), "merge_seconds": round(child["merge_seconds"], 2),
-            "verify_seconds": round(child["verify_seconds"], 2), "child_wall_seconds": round(wall, 2),
-            "bytes_read": read_bytes, "bytes_written": written,
-            "disk_write_mb_s": round(write_bps / 1e6, 1), "disk_read_mb_s": round(read_bps / 1e6, 1),
-            "io_bound_seconds": round(io_bound, 2), "seconds_over_io_bound": round(seconds / io_bound, 2), "goal_seconds_over_io_bound": 3.0,
-            "proof": child["proof"], "proof_failures": child["proof_failures"],
-        }))
+        print(
+            f"merge {child['merge_seconds']:.1f} s + layer proof {child['verify_seconds']:.1f} s = {seconds:.1f} s "
+            f"(child process {wall:.1f} s with start-up); read {read_bytes / 1e9:.2f} GB, wrote {written / 1e9:.2f} GB: "
+            f"{io_bound:.1f} s at the disk's speed; peak RSS {child['peak_rss_mb']:.0f} MB; proof passed: {child['proof']['passed']}",
+            flush=True,
+        )
+        print(
+            json.dumps(
+                {
+                    "benchmark": "merge_throughput",
+                    "shape": args.shape,
+                    "rank": args.rank,
+                    "dtype": args.dtype,
+                    "base_gb": round(base_gb, 3),
+                    "layers_merged": info["layers_merged"],
+                    "peak_rss_mb": round(child["peak_rss_mb"], 1),
+                    "goal_peak_rss_mb": 3072,
+                    "seconds": round(seconds, 2),
+                    "merge_seconds": round(child["merge_seconds"], 2),
+                    "verify_seconds": round(child["verify_seconds"], 2),
+                    "child_wall_seconds": round(wall, 2),
+                    "bytes_read": read_bytes,
+                    "bytes_written": written,
+                    "disk_write_mb_s": round(write_bps / 1e6, 1),
+                    "disk_read_mb_s": round(read_bps / 1e6, 1),
+                    "io_bound_seconds": round(io_bound, 2),
+                    "seconds_over_io_bound": round(seconds / io_bound, 2),
+                    "goal_seconds_over_io_bound": 3.0,
+                    "proof": child["proof"],
+                    "proof_failures": child["proof_failures"],
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

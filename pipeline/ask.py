@@ -76,8 +76,9 @@ def _adapter(root, wanted: str, name: str) -> Target:
     folder = root.models_dir / "adapters" / matches[0]
     spec = json.loads((folder / TRAINING_RECORD).read_text())["spec"]
     method = spec.get("method", "lora")
-    return Target(name, "model" if method == "full" else "adapter", str(folder), spec["base_model_path"],
-                  _system_prompt(spec.get("tokenized_path")), method)
+    return Target(
+        name, "model" if method == "full" else "adapter", str(folder), spec["base_model_path"], _system_prompt(spec.get("tokenized_path")), method
+    )
 
 
 def _registered(root, tracking_uri: str, model: str, ref: str, name: str) -> Target:
@@ -98,8 +99,10 @@ def _registered(root, tracking_uri: str, model: str, ref: str, name: str) -> Tar
             versions, aliases = [], {}
         named = {int(v): sorted(a for a, av in aliases.items() if int(av) == int(v)) for v in versions}
         listing = ", ".join(f"version {v}" + (f" ({', '.join(named[v])})" if named[v] else "") for v in versions)
-        raise AskError(f"{name!r}: registered model {model!r} has no {'version' if ref.isdigit() else 'alias'} {ref!r} "
-                       f"in {tracking_uri}; it has: {listing or 'nothing registered yet (run `make run`)'}") from None
+        raise AskError(
+            f"{name!r}: registered model {model!r} has no {'version' if ref.isdigit() else 'alias'} {ref!r} "
+            f"in {tracking_uri}; it has: {listing or 'nothing registered yet (run `make run`)'}"
+        ) from None
     adapter_id = (version.tags or {}).get("medtune.adapter_id")
     if not adapter_id:
         raise AskError(f"{name!r}: version {version.version} of {model!r} names no adapter (tag medtune.adapter_id)")
@@ -117,8 +120,9 @@ def resolve(name: str, root, tracking_uri: str) -> Target:
     if name == "merged":
         merged = _stage(root, "merged_model")
         if not merged or not merged.get("path"):
-            raise AskError("no merged model yet" + (f" ({merged['reason']})" if merged and merged.get("reason") else
-                                                    ": materialize merged_model (`make run`)"))
+            raise AskError(
+                "no merged model yet" + (f" ({merged['reason']})" if merged and merged.get("reason") else ": materialize merged_model (`make run`)")
+            )
         target = _adapter(root, merged["adapter_id"], name)
         return Target(name, "model", merged["path"], None, target.system_prompt, target.method)
     if name in ("champion", "challenger"):
@@ -129,8 +133,10 @@ def resolve(name: str, root, tracking_uri: str) -> Target:
     if re.fullmatch(r"[0-9a-f]{4,64}", name):
         return _adapter(root, name, name)
     listing = ", ".join(i for i, _ in available_adapters(root)[:10]) or "none yet"
-    raise AskError(f"unknown model {name!r}: give base, merged, champion, challenger, a registry alias (medtune@champion) "
-                   f"or version (models:/medtune/3), or an adapter id (available: {listing})")
+    raise AskError(
+        f"unknown model {name!r}: give base, merged, champion, challenger, a registry alias (medtune@champion) "
+        f"or version (models:/medtune/3), or an adapter id (available: {listing})"
+    )
 
 
 class Models:
@@ -207,10 +213,20 @@ def answer(model, tokenizer, question: str, system_prompt: str, max_new_tokens: 
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(model.device)
     stops = stop_token_ids(tokenizer)
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None,
-                             eos_token_id=stops, pad_token_id=stops[0], streamer=stream)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            eos_token_id=stops,
+            pad_token_id=stops[0],
+            streamer=stream,
+        )
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 
 def side_by_side(names: list[str], answers: list[str], width: int = 100) -> str:
@@ -223,11 +239,15 @@ def side_by_side(names: list[str], answers: list[str], width: int = 100) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Ask MedTune's models a question (see `python -m pipeline.ask --help`)",
-                                 epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description="Ask MedTune's models a question (see `python -m pipeline.ask --help`)",
+        epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("question", nargs="?", help="the question (default: read stdin)")
-    ap.add_argument("--model", "-m", action="append", help="base, merged, champion, challenger, an adapter id, "
-                                                           "medtune@ALIAS, models:/medtune/N (repeatable)")
+    ap.add_argument(
+        "--model", "-m", action="append", help="base, merged, champion, challenger, an adapter id, medtune@ALIAS, models:/medtune/N (repeatable)"
+    )
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--no-stream", action="store_true", help="print the answers only when all are done")
     ap.add_argument("--data-dir", default=None)

@@ -45,12 +45,7 @@ ASSET_MODULES = [
 def make_resources(data_dir: str | None = None, tracking_uri: str | None = None) -> dict:
     root = DataRoot(path=data_dir or default_data_dir())
     mlflow = MlflowTracking(tracking_uri=tracking_uri) if tracking_uri else MlflowTracking()
-    return {
-        "data_root": root,
-        "io_manager": StageIOManager(data_root=root),
-        "mlflow": mlflow,
-        "pipes_subprocess_client": PipesSubprocessClient(),
-    }
+    return {"data_root": root, "io_manager": StageIOManager(data_root=root), "mlflow": mlflow, "pipes_subprocess_client": PipesSubprocessClient()}
 
 
 all_assets = load_assets_from_modules(ASSET_MODULES)

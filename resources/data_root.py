@@ -1,6 +1,5 @@
 """Where MedTune keeps its data: ``$MEDTUNE_DATA_DIR`` (default ``<project>/data``)."""
 
-
 import os
 from pathlib import Path
 
@@ -30,8 +29,7 @@ class DataRoot(ConfigurableResource):
 
     path: str
     chunk_rows: int = Field(
-        100_000, gt=0,
-        description="Rows the data stages hold in memory at once (they stream; memory does not grow with the data)",
+        100_000, gt=0, description="Rows the data stages hold in memory at once (they stream; memory does not grow with the data)"
     )
 
     @property
@@ -53,7 +51,6 @@ class DataRoot(ConfigurableResource):
                 "or set allow_outside_paths: true in this asset's config to use a path elsewhere."
             )
         return resolved
-
 
     @property
     def raw_dir(self) -> Path:

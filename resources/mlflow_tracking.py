@@ -2,6 +2,7 @@
 dagster-mlflow resource). Default store: SQLite in the project's ``mlflow/`` folder."""
 
 import os
+import subprocess
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -9,8 +10,7 @@ from pathlib import Path
 from dagster import ConfigurableResource
 from pydantic import Field
 
-from pipeline.core.secrets import redact
-from pipeline.core.stores import DEFAULT_SQLITE_URI as DEFAULT_URI
+from pipeline.core.secrets import redact, redact_params
 from pipeline.core.stores import artifact_root, ensure_database, tracking_uri
 
 
@@ -27,7 +27,8 @@ class MlflowTracking(ConfigurableResource):
     tracking_uri: str = Field(default_factory=default_tracking_uri)
     experiment: str = "medtune"
     artifact_root: str | None = Field(
-        None, description="Artifact location for a new experiment (default: MEDTUNE_ARTIFACT_ROOT, else mlflow/artifacts)")
+        None, description="Artifact location for a new experiment (default: MEDTUNE_ARTIFACT_ROOT, else mlflow/artifacts)"
+    )
     ui_url: str = Field(
         default_factory=lambda: os.environ.get("MEDTUNE_MLFLOW_UI_URL", "http://127.0.0.1:5000"),
         description="Where `make ui` / `make mlflow-ui` serve a local store, for run links",
@@ -48,7 +49,7 @@ class MlflowTracking(ConfigurableResource):
             except (urllib.error.URLError, OSError) as exc:
                 raise TrackingUnavailable(f"MLflow tracking server {uri} is unreachable: {exc}") from exc
         elif uri.startswith("sqlite:///"):
-            folder = Path(uri[len("sqlite:///"):]).parent
+            folder = Path(uri[len("sqlite:///") :]).parent
             try:
                 folder.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
@@ -78,7 +79,40 @@ class MlflowTracking(ConfigurableResource):
                 raise
             return exp.experiment_id
 
+    def start_run_with(self, tags: dict, params: dict) -> str:
+        """A new run in the experiment with ``tags`` (and the code's git commit) and ``params``,
+        secrets redacted from both; returns its id."""
+        client = self.client()
+        tags = {"git.commit": git_commit(), **tags}
+        run_id = client.create_run(self.experiment_id(), tags=redact_params(tags)).info.run_id
+        for key, value in redact_params(params).items():
+            client.log_param(run_id, key, "None" if value is None else str(value)[:250])
+        return run_id
+
+    def mark_failed(self, run_id: str, exc: BaseException) -> bool:
+        """Tag the run with the error and end it FAILED, quickly; False when the store is not there
+        (the training's own error is the one to raise, never this one)."""
+        from pipeline.core.tracking_sync import quick_http
+
+        try:
+            with quick_http():
+                client = self.client()
+                client.set_tag(run_id, "medtune.error", redact(exc)[:5000])
+                client.set_terminated(run_id, "FAILED")
+        except Exception:
+            return False
+        return True
+
     def run_link(self, run_id: str, experiment_id: str) -> str:
         """The run's page: on the tracking server, or on `make mlflow-ui` for a local store."""
         base = self.tracking_uri if self.tracking_uri.startswith(("http://", "https://")) else self.ui_url
         return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def git_commit() -> str:
+    """The project's git commit (tagged on every training run), or "unknown" outside a checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"

@@ -7,7 +7,6 @@ else is stored as ``<asset>.json``, written to a temporary name and renamed into
 failed step never leaves a half-written output for the next step to read.
 """
 
-
 import dataclasses
 import json
 from pathlib import Path
@@ -43,8 +42,9 @@ class StageIOManager(ConfigurableIOManager):
         base = self._base(context.upstream_output)
         if base.is_dir():
             if not (base / KEPT_FILE).is_file():
-                raise FileNotFoundError(f"{base} was written by an older MedTune (no {KEPT_FILE}): "
-                                        f"materialize {context.upstream_output.asset_key.to_user_string()} again")
+                raise FileNotFoundError(
+                    f"{base} was written by an older MedTune (no {KEPT_FILE}): materialize {context.upstream_output.asset_key.to_user_string()} again"
+                )
             return StagedRows.load(base)
         path = base.with_suffix(".json")
         if not path.is_file():

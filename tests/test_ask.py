@@ -26,17 +26,35 @@ def root(tiny_model_dir, tmp_path_factory):
     df = pd.DataFrame(demo_records(12))
     df.insert(0, "record_id", [f"r{i}" for i in range(len(df))])
     df["split"] = ["eval" if i % 4 == 0 else "train" for i in range(len(df))]
-    ds = tokenize_dataset(df, tok, data_fingerprint="a", tokenizer_fingerprint="a", out_root=dr.tokenized_dir,
-                          max_seq_len=256, system_prompt="你是助手。")
+    ds = tokenize_dataset(
+        df, tok, data_fingerprint="a", tokenizer_fingerprint="a", out_root=dr.tokenized_dir, max_seq_len=256, system_prompt="你是助手。"
+    )
     dr.stages_dir.mkdir(parents=True)
     (dr.stages_dir / "base_model.json").write_text(json.dumps({"path": str(tiny_model_dir)}))
     (dr.stages_dir / "tokenized_dataset.json").write_text(json.dumps({"path": ds.path}))
-    for name, kw in {"aaaa1111aaaa1111": dict(learning_rate=5e-3, seed=1), "bbbb2222bbbb2222": dict(learning_rate=1e-2, seed=2),
-                     "cccc3333cccc3333": dict(learning_rate=3e-2, method="ia3")}.items():
+    for name, kw in {
+        "aaaa1111aaaa1111": dict(learning_rate=5e-3, seed=1),
+        "bbbb2222bbbb2222": dict(learning_rate=1e-2, seed=2),
+        "cccc3333cccc3333": dict(learning_rate=3e-2, method="ia3"),
+    }.items():
         folder = dr.models_dir / "adapters" / name
-        train(TrainSpec(base_model_path=str(tiny_model_dir), tokenized_path=ds.path, output_dir=str(folder),
-                        checkpoint_dir=str(data / "ckpt" / name), max_steps=4, r=8, lora_alpha=16, precision="fp32",
-                        compile=False, log_every=4, eval_every=100, save_every=100, **kw))
+        train(
+            TrainSpec(
+                base_model_path=str(tiny_model_dir),
+                tokenized_path=ds.path,
+                output_dir=str(folder),
+                checkpoint_dir=str(data / "ckpt" / name),
+                max_steps=4,
+                r=8,
+                lora_alpha=16,
+                precision="fp32",
+                compile=False,
+                log_every=4,
+                eval_every=100,
+                save_every=100,
+                **kw,
+            )
+        )
     return dr
 
 

@@ -104,11 +104,16 @@ def test_the_whole_corpus_through_dagster_completes_and_accounts_for_every_row(t
     data = tmp_path / "data"
     raw = data / "raw"
     shutil.copytree(CORPUS, raw, ignore=shutil.ignore_patterns("_*", "expected.json"))
-    defs = Definitions(assets=all_assets, asset_checks=all_asset_checks, jobs=JOBS,
-                       resources=make_resources(str(data), f"sqlite:///{tmp_path}/mlflow.db"))
+    defs = Definitions(
+        assets=all_assets, asset_checks=all_asset_checks, jobs=JOBS, resources=make_resources(str(data), f"sqlite:///{tmp_path}/mlflow.db")
+    )
     job = defs.resolve_job_def("prepare_data_job")
-    config = {"ops": {"base_model": {"config": {"model": model_in_data_root(tiny_model_dir, data)}},
-                      "validated_records": {"config": {"max_reject_ratio": 0.9}}}}
+    config = {
+        "ops": {
+            "base_model": {"config": {"model": model_in_data_root(tiny_model_dir, data)}},
+            "validated_records": {"config": {"max_reject_ratio": 0.9}},
+        }
+    }
     result = job.execute_in_process(run_config=config, instance=DagsterInstance.ephemeral(), raise_on_error=False)
     failures = [e for e in result.all_events if e.event_type == DagsterEventType.STEP_FAILURE]
     assert result.success and not failures, [f.event_specific_data.error.message for f in failures]

@@ -9,15 +9,13 @@ from pipeline.definitions import JOBS, all_asset_checks, all_assets, make_resour
 
 pytestmark = pytest.mark.slow  # whole data pipelines through Dagster: make test, not make test-fast
 
-DATA_ASSETS = [
-    "raw_records", "validated_records", "deduplicated_records", "rejected_records",
-    "alpaca_dataset", "base_model", "tokenized_dataset",
-]
+DATA_ASSETS = ["raw_records", "validated_records", "deduplicated_records", "rejected_records", "alpaca_dataset", "base_model", "tokenized_dataset"]
 
 
 def run(data_dir, model_dir, extra_config=None):
-    defs = Definitions(assets=all_assets, asset_checks=all_asset_checks, jobs=JOBS,
-                       resources=make_resources(str(data_dir), f"sqlite:///{data_dir}/mlflow.db"))
+    defs = Definitions(
+        assets=all_assets, asset_checks=all_asset_checks, jobs=JOBS, resources=make_resources(str(data_dir), f"sqlite:///{data_dir}/mlflow.db")
+    )
     job = defs.resolve_job_def("prepare_data_job")
     config = {"ops": {"base_model": {"config": {"model": model_in_data_root(model_dir, data_dir)}}, **(extra_config or {})}}
     return job.execute_in_process(run_config=config, instance=DagsterInstance.ephemeral(), raise_on_error=False)
@@ -56,8 +54,12 @@ def test_materializes_every_data_asset_and_accounts_for_every_row(data_dir, tiny
     materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
     assert materialized == set(DATA_ASSETS)
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
-    assert checks == {"reject_ratio_within_limit": True, "every_row_accounted_for": True, "no_prompt_in_both_splits": True,
-                      "no_near_twin_across_splits": True}
+    assert checks == {
+        "reject_ratio_within_limit": True,
+        "every_row_accounted_for": True,
+        "no_prompt_in_both_splits": True,
+        "no_near_twin_across_splits": True,
+    }
 
     alpaca = pd.read_parquet(data_dir / "processed" / "alpaca.parquet")
     rejected = pd.read_parquet(data_dir / "processed" / "rejected.parquet")
@@ -75,8 +77,11 @@ def test_materializes_every_data_asset_and_accounts_for_every_row(data_dir, tiny
     assert by[("more/dirty.json", 2)][0] == "dedup" and by[("more/dirty.json", 2)][1].startswith("duplicate of clean.json:2")
     assert by[("more/dirty.json", 7)][0] == "dedup"  # whitespace variant
     assert by[("more/dirty.json", 12)][1].startswith("conflict:")
-    assert by[("more/dirty.json", 17)] == ("validate", "output: not blank after trimming [expect_column_values_to_match_regex]; "
-                                          "output: length between 1 and 16000 characters [expect_column_value_lengths_to_be_between]")
+    assert by[("more/dirty.json", 17)] == (
+        "validate",
+        "output: not blank after trimming [expect_column_values_to_match_regex]; "
+        "output: length between 1 and 16000 characters [expect_column_value_lengths_to_be_between]",
+    )
     assert by[("more/dirty.json", 22)] == ("ingest", "field 'input' is a number, expected a string")
     assert by[("more/lines.jsonl", 3)][0] == "ingest" and by[("more/lines.jsonl", 3)][1].startswith("invalid JSON")
     assert set(rejected.columns) == {"source_file", "source_line", "source_index", "stage", "reason", "raw"}

@@ -10,8 +10,10 @@ PROJECT = Path(__file__).resolve().parents[1]
 PAGES = [PROJECT / "README.md", *sorted((PROJECT / "docs").glob("*.md"))]
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 # a path into the project's own folders, wherever it is written (prose, inline code, code blocks)
-PATH = re.compile(r"(?<![\w/.$<-])((?:pipeline|assets|resources|tests|bench|docs|\.ci|data/raw)/[\w./-]*[\w/]|"
-                  r"(?:Makefile|pyproject\.toml|constraints\.txt|workspace\.yaml)\b)")
+PATH = re.compile(
+    r"(?<![\w/.$<-])((?:pipeline|assets|resources|tests|bench|docs|\.ci|data/raw)/[\w./-]*[\w/]|"
+    r"(?:Makefile|pyproject\.toml|constraints\.txt|workspace\.yaml)\b)"
+)
 MODULE = re.compile(r"`((?:pipeline|assets|resources)(?:\.\w+)+)`")
 
 
@@ -29,8 +31,7 @@ def anchors(page: Path) -> set[str]:
 
 def test_the_slug_follows_github():
     assert slug("Training (`lora_adapter`)") == "training-lora_adapter"
-    assert slug("Living with it: `make ui`, the sensor, the schedule, presets") == \
-        "living-with-it-make-ui-the-sensor-the-schedule-presets"
+    assert slug("Living with it: `make ui`, the sensor, the schedule, presets") == "living-with-it-make-ui-the-sensor-the-schedule-presets"
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(PROJECT)))

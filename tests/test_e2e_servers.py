@@ -42,8 +42,19 @@ pytestmark = pytest.mark.slow  # real servers (Dagster, MLflow, PostgreSQL) and 
 
 PROJECT = Path(__file__).resolve().parents[1]
 ARTIFACTS = PROJECT / "test-artifacts"
-ASSETS = ["raw_records", "validated_records", "deduplicated_records", "rejected_records", "alpaca_dataset", "base_model",
-          "tokenized_dataset", "lora_adapter", "evaluation_report", "merged_model", "registered_model"]
+ASSETS = [
+    "raw_records",
+    "validated_records",
+    "deduplicated_records",
+    "rejected_records",
+    "alpaca_dataset",
+    "base_model",
+    "tokenized_dataset",
+    "lora_adapter",
+    "evaluation_report",
+    "merged_model",
+    "registered_model",
+]
 SWEEP_ASSETS = ["sweep_plan", "sweep_trial", "sweep_comparison"]
 
 
@@ -96,8 +107,9 @@ class Stack:
             return json.loads(resp.read())
 
     def mlflow_post(self, endpoint: str, body: dict) -> dict:
-        req = urllib.request.Request(f"{self.mlflow}/api/2.0/mlflow/{endpoint}", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"{self.mlflow}/api/2.0/mlflow/{endpoint}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(req, timeout=30) as resp:
             return json.loads(resp.read())
 
@@ -107,9 +119,13 @@ class Stack:
 
 def start_ui(env: dict, logs: Path, dagster_port: int, mlflow_port: int) -> tuple[subprocess.Popen, threading.Event, list[str]]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.ops.ui", "--dagster-port", str(dagster_port), "--mlflow-port", str(mlflow_port),
-         "--log-dir", str(logs)],
-        cwd=PROJECT, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [sys.executable, "-m", "pipeline.ops.ui", "--dagster-port", str(dagster_port), "--mlflow-port", str(mlflow_port), "--log-dir", str(logs)],
+        cwd=PROJECT,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     lines: list[str] = []
     ready = threading.Event()
@@ -148,15 +164,19 @@ def stack(tmp_path_factory, tiny_model_dir, postgres):
     logs = root / "logs"
     dagster_port, mlflow_port = free_port(), free_port()
     postgres.create_database("e2e")
-    env = {**os.environ, "DAGSTER_HOME": str(root / "dagster_home"), "MEDTUNE_DATA_DIR": str(data),
-           "MEDTUNE_POSTGRES_URL": postgres.url("e2e"), "MEDTUNE_ARTIFACT_ROOT": str(root / "shared-artifacts")}
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(root / "dagster_home"),
+        "MEDTUNE_DATA_DIR": str(data),
+        "MEDTUNE_POSTGRES_URL": postgres.url("e2e"),
+        "MEDTUNE_ARTIFACT_ROOT": str(root / "shared-artifacts"),
+    }
     env.pop("MLFLOW_TRACKING_URI")  # the conftest's SQLite store; here MEDTUNE_POSTGRES_URL chooses
     proc, ready, lines = start_ui(env, logs, dagster_port, mlflow_port)
     try:
         wait_until_ready(proc, ready, lines)
         model = model_in_data_root(tiny_model_dir, data)
-        yield Stack(f"http://127.0.0.1:{dagster_port}", f"http://127.0.0.1:{mlflow_port}", data, model, logs,
-                    env, root, postgres)
+        yield Stack(f"http://127.0.0.1:{dagster_port}", f"http://127.0.0.1:{mlflow_port}", data, model, logs, env, root, postgres)
     finally:
         stopped = stop_ui(proc, logs, (dagster_port, mlflow_port))
         ARTIFACTS.mkdir(exist_ok=True)
@@ -172,8 +192,9 @@ def run_config(stack: Stack) -> dict:
             "base_model": {"config": {"model": str(stack.tiny_model)}},
             "tokenized_dataset": {"config": {"max_seq_len": 256}},
             # r 16: on the tiny model (hidden size 64) the default r 64 is full rank and lr 5e-3 overshoots
-            "lora_adapter": {"config": {"max_steps": 6, "save_every": 3, "eval_every": 3, "learning_rate": 5e-3,
-                                        "precision": "fp32", "r": 16, "lora_alpha": 32}},
+            "lora_adapter": {
+                "config": {"max_steps": 6, "save_every": 3, "eval_every": 3, "learning_rate": 5e-3, "precision": "fp32", "r": 16, "lora_alpha": 32}
+            },
             "evaluation_report": {"config": {"max_new_tokens": 8, "train_sample_size": 4}},
         },
     }
@@ -215,8 +236,10 @@ def champion(stack: Stack) -> dict:
 
 
 def test_1_graphql_launch_then_mlflow_rest(stack):
-    params = {"selector": {"repositoryLocationName": "medtune", "repositoryName": "__repository__",
-                           "jobName": "full_pipeline_job"}, "runConfigData": run_config(stack)}
+    params = {
+        "selector": {"repositoryLocationName": "medtune", "repositoryName": "__repository__", "jobName": "full_pipeline_job"},
+        "runConfigData": run_config(stack),
+    }
     launched = stack.graphql(LAUNCH, {"params": params})["launchRun"]
     assert launched["__typename"] == "LaunchRunSuccess", launched
     run_id = launched["run"]["runId"]
@@ -297,7 +320,7 @@ def listening_addresses(port: int) -> set[str]:
                 if width == 8:
                     found.add(socket.inet_ntop(socket.AF_INET, bytes.fromhex(addr)[::-1]))
                 else:
-                    raw = b"".join(bytes.fromhex(addr[i:i + 8])[::-1] for i in range(0, 32, 8))
+                    raw = b"".join(bytes.fromhex(addr[i : i + 8])[::-1] for i in range(0, 32, 8))
                     found.add(socket.inet_ntop(socket.AF_INET6, raw))
     return found
 
@@ -321,9 +344,14 @@ def second_webserver(stack):
     ensure_dagster_home(stack.root / "dagster_home_b", env)
     port = free_port()
     with open(stack.logs / "webserver-b.log", "ab") as log:
-        proc = subprocess.Popen([str(Path(sys.executable).parent / "dagster-webserver"), "-w", str(PROJECT / "workspace.yaml"),
-                                 "-h", "127.0.0.1", "-p", str(port)], cwd=PROJECT, env=env, start_new_session=True,
-                                stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "dagster-webserver"), "-w", str(PROJECT / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(port)],
+            cwd=PROJECT,
+            env=env,
+            start_new_session=True,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
@@ -369,11 +397,18 @@ def test_5_a_second_webserver_sees_the_same_runs_kept_in_postgresql(stack, secon
 def test_6_two_trainings_requested_at_once_run_one_at_a_time(stack, second_webserver):
     launched = []
     for seed, base in ((11, stack.dagster), (12, second_webserver)):  # different seeds: two real trainings
-        params = {"selector": {"repositoryLocationName": "medtune", "repositoryName": "__repository__",
-                               "jobName": "train_job", "assetSelection": [{"path": ["lora_adapter"]}]},
-                  "runConfigData": {"execution": {"config": {"in_process": {}}},
-                                    "ops": {"lora_adapter": {"config": {**run_config(stack)["ops"]["lora_adapter"]["config"],
-                                                                        "max_steps": 2, "seed": seed}}}}}
+        params = {
+            "selector": {
+                "repositoryLocationName": "medtune",
+                "repositoryName": "__repository__",
+                "jobName": "train_job",
+                "assetSelection": [{"path": ["lora_adapter"]}],
+            },
+            "runConfigData": {
+                "execution": {"config": {"in_process": {}}},
+                "ops": {"lora_adapter": {"config": {**run_config(stack)["ops"]["lora_adapter"]["config"], "max_steps": 2, "seed": seed}}},
+            },
+        }
         out = graphql(base, LAUNCH, {"params": params})["launchRun"]
         assert out["__typename"] == "LaunchRunSuccess", out
         launched.append(out["run"]["runId"])
@@ -383,15 +418,22 @@ def test_6_two_trainings_requested_at_once_run_one_at_a_time(stack, second_webse
     (a0, a1), (b0, b1) = sorted((runs[r]["startTime"], runs[r]["endTime"]) for r in launched)
     assert a1 <= b0, f"the two training runs overlapped: {a0}-{a1} and {b0}-{b1}"
     # each training also held the pool's slot as a PostgreSQL advisory lock (pipeline/core/pool_limit.py)
-    held = stack.postgres.query("e2e", "SELECT run_id FROM event_logs WHERE step_key = 'lora_adapter' AND event LIKE "
-                                       "'%holding medtune_training slot 1 of 1 among the instance''s machines (PostgreSQL advisory lock)%'")
+    held = stack.postgres.query(
+        "e2e",
+        "SELECT run_id FROM event_logs WHERE step_key = 'lora_adapter' AND event LIKE "
+        "'%holding medtune_training slot 1 of 1 among the instance''s machines (PostgreSQL advisory lock)%'",
+    )
     assert set(launched) <= {r for (r,) in held}, held  # (the earlier tests' trainings held it too)
 
 
 def test_7_the_default_make_ui_on_sqlite_files_starts_and_stops(tmp_path):
     logs = tmp_path / "logs"
-    env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "home"), "MEDTUNE_DATA_DIR": str(tmp_path / "data"),
-           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"}
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(tmp_path / "home"),
+        "MEDTUNE_DATA_DIR": str(tmp_path / "data"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}",
+    }
     ports = free_port(), free_port()
     proc, ready, lines = start_ui(env, logs, *ports)
     try:

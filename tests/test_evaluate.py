@@ -81,8 +81,7 @@ def tiny(tiny_model_dir):
 
 
 def _prompts(tokenizer, n=6):
-    return [render_prompt(tokenizer, "使用中医知识正确回答适合这个病例的中成药。", "咳嗽" * (k + 1) + f"病例{k}", "你是助手。")
-            for k in range(n)]
+    return [render_prompt(tokenizer, "使用中医知识正确回答适合这个病例的中成药。", "咳嗽" * (k + 1) + f"病例{k}", "你是助手。") for k in range(n)]
 
 
 def test_batched_generation_equals_one_at_a_time(tiny, tokenizer):
@@ -103,8 +102,9 @@ def test_greedy_decoding_over_stacked_caches_equals_transformers_generate(tiny, 
     for prompt, got in zip(prompts, ours):
         ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
         with torch.no_grad():
-            ref = tiny.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
-                                eos_token_id=stops, pad_token_id=stops[0])[0, ids.shape[1]:].tolist()
+            ref = tiny.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False, eos_token_id=stops, pad_token_id=stops[0]
+            )[0, ids.shape[1] :].tolist()
         assert got == ref[: next((k for k, t in enumerate(ref) if t in stops), len(ref))]
 
 
@@ -125,13 +125,15 @@ def test_evaluate_models_side_by_side_table(tiny_model_dir, tokenizer, tmp_path)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, use_safetensors=True)
     torch.manual_seed(0)
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
-    alpaca = pd.DataFrame({
-        "record_id": [f"r{k}" for k in range(5)],
-        "instruction": ["问"] * 5,
-        "input": [f"病例{k}" for k in range(5)],
-        "output": ["板蓝根颗粒可能适合治疗您的病症。", "您的病症适用逍遥丸。", "多喝水。", "保和丸可能适合治疗您的病症。", "好"],
-        "split": ["eval", "eval", "train", "train", "train"],
-    })
+    alpaca = pd.DataFrame(
+        {
+            "record_id": [f"r{k}" for k in range(5)],
+            "instruction": ["问"] * 5,
+            "input": [f"病例{k}" for k in range(5)],
+            "output": ["板蓝根颗粒可能适合治疗您的病症。", "您的病症适用逍遥丸。", "多喝水。", "保和丸可能适合治疗您的病症。", "好"],
+            "split": ["eval", "eval", "train", "train", "train"],
+        }
+    )
     toks = tokenize_rows(tokenizer, alpaca["instruction"].tolist(), alpaca["input"].tolist(), alpaca["output"].tolist(), "系统", 128)
     tok = alpaca[["record_id", "split"]].assign(input_ids=[t.input_ids for t in toks], labels=[t.labels for t in toks])
     rows = select_rows(alpaca, {"train": tok[tok.split == "train"], "eval": tok[tok.split == "eval"]}, train_sample_size=2, seed=1)
@@ -140,8 +142,13 @@ def test_evaluate_models_side_by_side_table(tiny_model_dir, tokenizer, tmp_path)
     assert list(rows["record_id"]) == list(again["record_id"])  # a fixed sample
     from pipeline.stages.evaluation_report.choice import ChoiceSet
 
-    cfg = EvalConfig(system_prompt="系统", max_new_tokens=6, batch_size=2, choices=ChoiceSet.from_answers(alpaca["output"].tolist()),
-                     train_medicines=frozenset({"保和丸"}))
+    cfg = EvalConfig(
+        system_prompt="系统",
+        max_new_tokens=6,
+        batch_size=2,
+        choices=ChoiceSet.from_answers(alpaca["output"].tolist()),
+        train_medicines=frozenset({"保和丸"}),
+    )
     result = evaluate_models(model, tokenizer, rows, cfg, stop_token_ids(tokenizer), log=lambda *_: None)
     t = result.table
     for col in ("prompt", "reference", "base_answer", "tuned_answer", "base_rouge_l", "tuned_rouge_l", "base_loss", "tuned_loss"):
@@ -184,9 +191,12 @@ def test_evaluate_models_side_by_side_table(tiny_model_dir, tokenizer, tmp_path)
 def test_answer_forms_and_candidates_are_read_from_the_data():
     from pipeline.stages.evaluation_report.choice import ChoiceSet, answer_form
 
-    answers = ["板蓝根颗粒可能适合治疗您的病症。以下是板蓝根颗粒的详细说明书：【功能主治】清热。",
-               "您的病症适用逍遥丸。以下是逍遥丸的详细说明书：【功能主治】疏肝。",
-               "您的病症适用保和丸。以下是保和丸的详细说明书。", "多喝水。"]
+    answers = [
+        "板蓝根颗粒可能适合治疗您的病症。以下是板蓝根颗粒的详细说明书：【功能主治】清热。",
+        "您的病症适用逍遥丸。以下是逍遥丸的详细说明书：【功能主治】疏肝。",
+        "您的病症适用保和丸。以下是保和丸的详细说明书。",
+        "多喝水。",
+    ]
     assert answer_form(answers[0], "板蓝根颗粒") == "{name}可"
     assert answer_form(answers[1], "逍遥丸") == "您的病症适用{name}。"
     choices = ChoiceSet.from_answers(answers)
@@ -199,13 +209,16 @@ def test_scoring_over_the_prompt_cache_equals_full_forwards(tiny, tokenizer):
     from pipeline.stages.evaluation_report.choice import score_prompt
 
     prompt = tokenizer(_prompts(tokenizer, 1)[0], add_special_tokens=False)["input_ids"]
+
     def full(c):
         with torch.no_grad():
             logp = torch.log_softmax(tiny(torch.tensor([prompt + c])).logits[0].float(), -1)
         return sum(logp[len(prompt) - 1 + i, t].item() for i, t in enumerate(c))
 
-    for texts in (("板蓝根颗粒可能适合", "您的病症适用逍遥丸。", "好"),  # nothing shared
-                  ("您的病症适用逍遥丸。", "您的病症适用保和丸。", "您的病症适用板蓝根颗粒。", "您的病症适用")):  # a shared start
+    for texts in (
+        ("板蓝根颗粒可能适合", "您的病症适用逍遥丸。", "好"),  # nothing shared
+        ("您的病症适用逍遥丸。", "您的病症适用保和丸。", "您的病症适用板蓝根颗粒。", "您的病症适用"),
+    ):  # a shared start
         conts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
         (got,) = score_prompt(tiny, prompt, [conts], batch_size=2)  # two batches, right padding in the first
         for c, value in zip(conts, got):
@@ -265,9 +278,17 @@ def test_choice_accuracy_and_rank_follow_the_models_preferences(tokenizer):
 
 
 def test_choice_metrics_in_the_summary_and_the_gate():
-    ok, why = tuned_beats_base({"base": {"eval": {"loss": 2.0, "rouge_l": 5.0, "choice_accuracy": 0.5}},
-                                "tuned": {"eval": {"loss": 1.5, "rouge_l": 6.0, "choice_accuracy": 0.25}}})
+    ok, why = tuned_beats_base(
+        {
+            "base": {"eval": {"loss": 2.0, "rouge_l": 5.0, "choice_accuracy": 0.5}},
+            "tuned": {"eval": {"loss": 1.5, "rouge_l": 6.0, "choice_accuracy": 0.25}},
+        }
+    )
     assert not ok and "choice accuracy went down" in why
-    ok, why = tuned_beats_base({"base": {"eval": {"loss": 2.0, "rouge_l": 5.0, "choice_accuracy": 0.5}},
-                                "tuned": {"eval": {"loss": 1.5, "rouge_l": 6.0, "choice_accuracy": 0.5}}})
+    ok, why = tuned_beats_base(
+        {
+            "base": {"eval": {"loss": 2.0, "rouge_l": 5.0, "choice_accuracy": 0.5}},
+            "tuned": {"eval": {"loss": 1.5, "rouge_l": 6.0, "choice_accuracy": 0.5}},
+        }
+    )
     assert ok and "choice accuracy 0.50 → 0.50" in why

@@ -122,8 +122,7 @@ def test_layer_proof_catches_each_planted_wrong_merge(tiny_model_dir, adapter_di
     key = next(k for k in merged if k.endswith("layers.0.self_attn.q_proj.weight"))
     assert merged[key].shape[0] == merged[key].shape[1]  # square: a transposed delta has the right shape
     delta = merged[key].double() - base[key].double()
-    plants = {"scaled": base[key].double() + 2 * delta, "missing": base[key].double(),
-              "transposed": base[key].double() + delta.T, "absent": None}
+    plants = {"scaled": base[key].double() + 2 * delta, "missing": base[key].double(), "transposed": base[key].double() + delta.T, "absent": None}
     for name, value in plants.items():
         result = verify_layers(_planted(good, tmp_path, name, key, value), refs, dtype, info["linear_layers"])
         assert not result["passed"], name
@@ -242,9 +241,9 @@ def test_merge_verify_failure_leaves_no_output(tiny_model_dir, adapter_dir, tmp_
 
 
 def test_registry_aliases_move_only_when_they_should(merged, tmp_path):
-    import mlflow
     from mlflow.tracking import MlflowClient
 
+    import mlflow
     from pipeline.stages.registered_model import register_merged_model
 
     dest, _ = merged
@@ -255,9 +254,17 @@ def test_registry_aliases_move_only_when_they_should(merged, tmp_path):
     def register(merged_id, score, **figures):
         run_id = client.create_run(exp).info.run_id
         client.set_terminated(run_id, "FINISHED")
-        return register_merged_model(uri, name="medtune", merged_dir=str(dest), merged_id=merged_id, run_id=run_id,
-                                     figures={"rouge_l": score, **figures}, tags={"medtune.data_fingerprint": "abc"},
-                                     system_prompt="系统", max_new_tokens=4), run_id
+        return register_merged_model(
+            uri,
+            name="medtune",
+            merged_dir=str(dest),
+            merged_id=merged_id,
+            run_id=run_id,
+            figures={"rouge_l": score, **figures},
+            tags={"medtune.data_fingerprint": "abc"},
+            system_prompt="系统",
+            max_new_tokens=4,
+        ), run_id
 
     first, run1 = register("a", 10.0)
     assert first.version == "1" and first.became_champion and first.aliases == ["challenger", "champion"]
@@ -306,7 +313,6 @@ def test_registering_leaves_the_process_mlflow_uris_as_they_were(monkeypatch, tm
     import os
 
     import mlflow
-
     from pipeline.stages.registered_model import _uris
 
     store = f"sqlite:///{tmp_path}/m.db"

@@ -23,8 +23,8 @@ from dagster import DagsterInstance, Definitions
 from mlflow.tracking import MlflowClient
 
 from conftest import demo_records, model_in_data_root, write_json
-from pipeline.definitions import JOBS, all_asset_checks, all_assets, make_resources
 from pipeline.core.tracking_sync import PENDING
+from pipeline.definitions import JOBS, all_asset_checks, all_assets, make_resources
 
 pytestmark = pytest.mark.slow  # pipelines in subprocesses, killed and resumed: make test, not make test-fast
 
@@ -39,15 +39,27 @@ def free_port() -> int:
 
 
 def run_pipeline(data_dir, tracking_uri, model_dir, job="full_pipeline_job", **train_config):
-    defs = Definitions(assets=all_assets, asset_checks=all_asset_checks, jobs=JOBS,
-                       resources=make_resources(str(data_dir), tracking_uri))
-    config = {"ops": {
-        "base_model": {"config": {"model": model_in_data_root(model_dir, data_dir)}},
-        "tokenized_dataset": {"config": {"max_seq_len": 256}},
-        "lora_adapter": {"config": {"max_steps": 6, "save_every": 2, "eval_every": 3, "learning_rate": 5e-3,
-                                    "precision": "fp32", "log_every": 1, "r": 16, "lora_alpha": 32, **train_config}},
-        "evaluation_report": {"config": {"max_new_tokens": 8, "train_sample_size": 4}},
-    }}
+    defs = Definitions(assets=all_assets, asset_checks=all_asset_checks, jobs=JOBS, resources=make_resources(str(data_dir), tracking_uri))
+    config = {
+        "ops": {
+            "base_model": {"config": {"model": model_in_data_root(model_dir, data_dir)}},
+            "tokenized_dataset": {"config": {"max_seq_len": 256}},
+            "lora_adapter": {
+                "config": {
+                    "max_steps": 6,
+                    "save_every": 2,
+                    "eval_every": 3,
+                    "learning_rate": 5e-3,
+                    "precision": "fp32",
+                    "log_every": 1,
+                    "r": 16,
+                    "lora_alpha": 32,
+                    **train_config,
+                }
+            },
+            "evaluation_report": {"config": {"max_new_tokens": 8, "train_sample_size": 4}},
+        }
+    }
     job_def = defs.resolve_job_def(job)
     config["ops"] = {k: v for k, v in config["ops"].items() if job_def.graph.has_node_named(k)}
     return job_def.execute_in_process(run_config=config, instance=DagsterInstance.ephemeral(), raise_on_error=False)
@@ -79,10 +91,24 @@ class MlflowServer:
 
     def start(self):
         self.proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
-             f"sqlite:///{self.root / 'store.db'}", "--artifacts-destination", (self.root / "artifacts").as_uri(),
-             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            [
+                str(Path(sys.executable).parent / "mlflow"),
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{self.root / 'store.db'}",
+                "--artifacts-destination",
+                (self.root / "artifacts").as_uri(),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                "1",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
@@ -104,8 +130,9 @@ def test_tracking_server_going_away_mid_training_loses_nothing(data_dir, tmp_pat
     server.start()
     try:
         box = {}
-        worker = threading.Thread(target=lambda: box.setdefault(
-            "result", run_pipeline(data_dir, server.uri, tiny_model_dir, max_steps=24, save_every=8, eval_every=8)))
+        worker = threading.Thread(
+            target=lambda: box.setdefault("result", run_pipeline(data_dir, server.uri, tiny_model_dir, max_steps=24, save_every=8, eval_every=8))
+        )
         worker.start()
         deadline = time.monotonic() + 300
         metrics = None
@@ -169,8 +196,7 @@ def test_training_killed_at_random_points_resumes_and_the_adapter_loads(data_dir
     kills = 0
     for _attempt in range(2):
         box = {}
-        worker = threading.Thread(target=lambda box=box: box.setdefault(
-            "r", run_pipeline(data_dir, uri, tiny_model_dir, max_steps=30, save_every=3)))
+        worker = threading.Thread(target=lambda box=box: box.setdefault("r", run_pipeline(data_dir, uri, tiny_model_dir, max_steps=30, save_every=3)))
         worker.start()
         pid = None
         while worker.is_alive() and pid is None:
@@ -201,7 +227,7 @@ def test_training_killed_at_random_points_resumes_and_the_adapter_loads(data_dir
     assert not list(adapter.parent.glob(".tmp-*"))
 
 
-WRITER = textwrap.dedent('''
+WRITER = textwrap.dedent("""
     import sys, json
     from pathlib import Path
     import pandas as pd
@@ -216,7 +242,7 @@ WRITER = textwrap.dedent('''
             save_file({"w": np.full((512, 512), k, dtype=np.float32)}, str(tmp / "adapter_model.safetensors"))
             (tmp / "record.json").write_text(json.dumps({"version": k}))
         print(k, flush=True)
-''')
+""")
 
 
 def test_a_kill_while_outputs_are_written_leaves_the_previous_complete_version(tmp_path):
@@ -225,8 +251,9 @@ def test_a_kill_while_outputs_are_written_leaves_the_previous_complete_version(t
     rng = random.Random(SEED)
     out = tmp_path / "out"
     for _round in range(6):
-        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(out)], cwd=PROJECT, stdout=subprocess.PIPE,
-                                text=True, env={**os.environ, "PYTHONPATH": str(PROJECT)})
+        proc = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(out)], cwd=PROJECT, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(PROJECT)}
+        )
         proc.stdout.readline()  # one complete version exists
         time.sleep(rng.uniform(0.0, 1.5))
         proc.kill()
@@ -237,8 +264,12 @@ def test_a_kill_while_outputs_are_written_leaves_the_previous_complete_version(t
         record = json.loads((out / "adapter" / "record.json").read_text())
         assert float(weights.min()) == float(weights.max()) == record["version"]  # both files of one version
     # the next write replaces it whole and cleans the dead writers' temporaries
-    proc = subprocess.run([sys.executable, "-c", WRITER.replace("range(1, 10_000)", "range(7, 8)"), str(out)],
-                          cwd=PROJECT, env={**os.environ, "PYTHONPATH": str(PROJECT)}, capture_output=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", WRITER.replace("range(1, 10_000)", "range(7, 8)"), str(out)],
+        cwd=PROJECT,
+        env={**os.environ, "PYTHONPATH": str(PROJECT)},
+        capture_output=True,
+    )
     assert proc.returncode == 0
     assert pd.read_parquet(out / "alpaca.parquet")["version"].unique().tolist() == [7]
     assert [p.name for p in sorted(out.iterdir())] == ["adapter", "alpaca.parquet"]
@@ -268,9 +299,10 @@ def test_disk_full_and_read_only_output_folders_fail_clearly_without_partial_out
         before = pd.read_parquet(processed / "alpaca.parquet")
 
         # more data than the folder holds: the disk fills up mid-write
-        write_json(data_dir / "raw" / "big.json", [
-            {"instruction": f"问题{i}：" + "头痛发热" * 20, "input": "", "output": f"答案{i}：" + "板蓝根颗粒" * 40}
-            for i in range(20_000)])
+        write_json(
+            data_dir / "raw" / "big.json",
+            [{"instruction": f"问题{i}：" + "头痛发热" * 20, "input": "", "output": f"答案{i}：" + "板蓝根颗粒" * 40} for i in range(20_000)],
+        )
         full = run_pipeline(data_dir, uri, tiny_model_dir, job="prepare_data_job")
         assert not full.success
         failure = next(e for e in full.all_events if e.is_step_failure)
@@ -301,16 +333,32 @@ def materialize_command(data_dir, tmp_path, tiny_model_dir, **train_config):
     home = tmp_path / "dagster_home"
     home.mkdir(exist_ok=True)
     (home / "dagster.yaml").write_text((PROJECT / "pipeline" / "dagster.yaml").read_text())
-    config = {"execution": {"config": {"in_process": {}}}, "ops": {
-        "base_model": {"config": {"model": model_in_data_root(tiny_model_dir, data_dir)}},
-        "tokenized_dataset": {"config": {"max_seq_len": 256}},
-        "lora_adapter": {"config": {"learning_rate": 5e-3, "precision": "fp32", "log_every": 1, "r": 16, "lora_alpha": 32, **train_config}},
-    }}
-    env = {**os.environ, "DAGSTER_HOME": str(home), "MEDTUNE_DATA_DIR": str(data_dir),
-           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PYTHONPATH": str(PROJECT)}
-    cmd = [str(Path(sys.executable).parent / "dagster"), "asset", "materialize", "-m", "pipeline.definitions", "--select",
-           "raw_records,validated_records,deduplicated_records,rejected_records,alpaca_dataset,base_model,tokenized_dataset,lora_adapter",
-           "--config-json", json.dumps(config)]
+    config = {
+        "execution": {"config": {"in_process": {}}},
+        "ops": {
+            "base_model": {"config": {"model": model_in_data_root(tiny_model_dir, data_dir)}},
+            "tokenized_dataset": {"config": {"max_seq_len": 256}},
+            "lora_adapter": {"config": {"learning_rate": 5e-3, "precision": "fp32", "log_every": 1, "r": 16, "lora_alpha": 32, **train_config}},
+        },
+    }
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "MEDTUNE_DATA_DIR": str(data_dir),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "PYTHONPATH": str(PROJECT),
+    }
+    cmd = [
+        str(Path(sys.executable).parent / "dagster"),
+        "asset",
+        "materialize",
+        "-m",
+        "pipeline.definitions",
+        "--select",
+        "raw_records,validated_records,deduplicated_records,rejected_records,alpaca_dataset,base_model,tokenized_dataset,lora_adapter",
+        "--config-json",
+        json.dumps(config),
+    ]
     return cmd, env, home
 
 
@@ -327,8 +375,7 @@ def test_three_materializations_at_once_hold_the_training_limit_and_corrupt_noth
     # the instance's and the tracking store's tables exist before all start (as with `make ui`)
     DagsterInstance.from_config(str(home)).dispose()
     MlflowClient(env["MLFLOW_TRACKING_URI"]).search_experiments()
-    procs = [subprocess.Popen(c, cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for c in (cmd, cmd, other)]
+    procs = [subprocess.Popen(c, cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for c in (cmd, cmd, other)]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], "".join(out[-3000:] for out in outs)
 
@@ -390,16 +437,23 @@ def test_a_run_killed_outright_frees_its_training_slot_and_the_next_run_resumes(
     adapters = list((data_dir / "models" / "adapters").iterdir())
     assert len(adapters) == 1 and (adapters[0] / "adapter_model.safetensors").is_file()
     record = json.loads((adapters[0] / "medtune_training.json").read_text())
-    assert record["result"]["steps"] == 40 and record["result"]["resumed_from"] in ("step-8", "step-12", "step-16", "step-20",
-                                                                                   "step-24", "step-28", "step-32", "step-36")
+    assert record["result"]["steps"] == 40 and record["result"]["resumed_from"] in (
+        "step-8",
+        "step-12",
+        "step-16",
+        "step-20",
+        "step-24",
+        "step-28",
+        "step-32",
+        "step-36",
+    )
 
 
 def test_a_full_disk_during_training_fails_with_the_path_and_keeps_no_partial_checkpoint(data_dir, tmp_path, tiny_model_dir):
     checkpoints = data_dir / "models" / "checkpoints"
     mount_tmpfs(checkpoints, 48)  # room for the spec and the metrics, not for a checkpoint
     try:
-        result = run_pipeline(data_dir, f"sqlite:///{tmp_path / 'mlflow.db'}", tiny_model_dir, job="full_pipeline_job",
-                              max_steps=8, save_every=2)
+        result = run_pipeline(data_dir, f"sqlite:///{tmp_path / 'mlflow.db'}", tiny_model_dir, job="full_pipeline_job", max_steps=8, save_every=2)
         assert not result.success
         message = step_error(result, "lora_adapter")
         assert "training failed: OutputWriteError: could not write" in message and str(checkpoints) in message, message
@@ -411,14 +465,14 @@ def test_a_full_disk_during_training_fails_with_the_path_and_keeps_no_partial_ch
         subprocess.run(["umount", "-l", str(checkpoints)], capture_output=True)
 
 
-MERGER = textwrap.dedent('''
+MERGER = textwrap.dedent("""
     import sys
     from pipeline.stages.merged_model import merge_adapter
     base, adapter, dest = sys.argv[1:4]
     for k in range(1, 10_000):
         merge_adapter(base, adapter, dest, record={"merged_id": f"v{k}"})
         print(k, flush=True)
-''')
+""")
 
 
 def test_a_kill_while_the_merged_model_is_written_leaves_a_loadable_model(tmp_path, tiny_model_dir):
@@ -437,8 +491,13 @@ def test_a_kill_while_the_merged_model_is_written_leaves_a_loadable_model(tmp_pa
     dest = tmp_path / "merged"
     rng = random.Random(SEED + 1)
     for _round in range(4):
-        proc = subprocess.Popen([sys.executable, "-c", MERGER, str(tiny_model_dir), str(adapter), str(dest)], cwd=PROJECT,
-                                stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(PROJECT)})
+        proc = subprocess.Popen(
+            [sys.executable, "-c", MERGER, str(tiny_model_dir), str(adapter), str(dest)],
+            cwd=PROJECT,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(PROJECT)},
+        )
         proc.stdout.readline()  # one complete export exists
         time.sleep(rng.uniform(0.0, 1.0))
         proc.kill()

@@ -214,7 +214,7 @@ def test_missing_raw_folder_is_a_clear_error(tmp_path):
 
 
 def test_decode_lines_reports_undecodable_lines():
-    data = "[\n".encode() + '{"a": "中文"}'.encode("gb18030") + b"\n\xff\xff\n]"
+    data = b"[\n" + '{"a": "中文"}'.encode("gb18030") + b"\n\xff\xff\n]"
     text, enc, bad = decode_lines(data)
     assert enc == "gb18030" and list(bad) == [3]
 
@@ -242,7 +242,11 @@ def test_records_wrapped_in_a_top_level_object_are_read_with_their_lines(raw_dir
     r = ingest(raw_dir)
     assert r.rejected.empty
     assert r.kept[["source_file", "instruction", "source_line"]].values.tolist() == [
-        ["k.json", "q3", 1], ["k.json", "q4", 2], ["w.json", "q1", 3], ["w.json", "q2", 4]]
+        ["k.json", "q3", 1],
+        ["k.json", "q4", 2],
+        ["w.json", "q1", 3],
+        ["w.json", "q2", 4],
+    ]
 
 
 def test_duplicate_keys_with_different_values_reject_the_row(raw_dir):

@@ -50,20 +50,29 @@ def modules(folder: str) -> list[Path]:
 @pytest.mark.parametrize("name", ASSETS)
 def test_every_asset_has_a_stage_of_its_name(name):
     stage = PROJECT / "pipeline" / "stages"
-    assert (stage / f"{name}.py").is_file() or (stage / name / "__init__.py").is_file(), \
+    assert (stage / f"{name}.py").is_file() or (stage / name / "__init__.py").is_file(), (
         f"assets/{name}.py has no pipeline/stages/{name}.py or pipeline/stages/{name}/"
-    assert any(m.startswith(f"pipeline.stages.{name}") for m in imports(PROJECT / "assets" / f"{name}.py")), \
+    )
+    assert any(m.startswith(f"pipeline.stages.{name}") for m in imports(PROJECT / "assets" / f"{name}.py")), (
         f"assets/{name}.py does not use its stage"
+    )
 
 
-@pytest.mark.parametrize("folder, forbidden", [
-    ("pipeline/core", ("pipeline.stages", "pipeline.ops", "pipeline.definitions", "assets", "dagster")),
-    ("pipeline/stages", ("pipeline.ops", "pipeline.definitions", "assets", "dagster.")),
-    ("assets", ("pipeline.ops", "pipeline.definitions")),
-])
+@pytest.mark.parametrize(
+    "folder, forbidden",
+    [
+        ("pipeline/core", ("pipeline.stages", "pipeline.ops", "pipeline.definitions", "assets", "dagster")),
+        ("pipeline/stages", ("pipeline.ops", "pipeline.definitions", "assets", "dagster.")),
+        ("assets", ("pipeline.ops", "pipeline.definitions")),
+    ],
+)
 def test_imports_only_point_down(folder, forbidden):
-    wrong = [f"{p.relative_to(PROJECT)} imports {m}" for p in modules(folder) for m in sorted(imports(p))
-             if any(m == f.rstrip(".") or m.startswith(f if f.endswith(".") else f + ".") for f in forbidden)]
+    wrong = [
+        f"{p.relative_to(PROJECT)} imports {m}"
+        for p in modules(folder)
+        for m in sorted(imports(p))
+        if any(m == f.rstrip(".") or m.startswith(f if f.endswith(".") else f + ".") for f in forbidden)
+    ]
     assert not wrong, wrong
 
 
@@ -98,8 +107,7 @@ def test_asset_configs_take_their_defaults_from_the_stage():
     for config, stage in ((LoraAdapterConfig, TrainSpec), (EvaluationReportConfig, EvalConfig)):
         shared = [f for f in fields(stage) if f.name in config.model_fields and f.default is not MISSING]
         assert shared, (config, stage)
-        differ = {f.name: (config.model_fields[f.name].default, f.default) for f in shared
-                  if config.model_fields[f.name].default != f.default}
+        differ = {f.name: (config.model_fields[f.name].default, f.default) for f in shared if config.model_fields[f.name].default != f.default}
         assert not differ, f"{config.__name__} vs {stage.__name__}: {differ}"
     # the rows' length is the tokenized dataset's alone
     assert "max_seq_len" not in LoraAdapterConfig.model_fields

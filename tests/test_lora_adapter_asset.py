@@ -13,15 +13,27 @@ pytestmark = pytest.mark.slow  # training children through Dagster Pipes: make t
 
 
 def run(data_dir, tracking_uri, model_dir, **train_config):
-    defs = Definitions(assets=all_assets, asset_checks=all_asset_checks, jobs=JOBS,
-                       resources=make_resources(str(data_dir), tracking_uri))
+    defs = Definitions(assets=all_assets, asset_checks=all_asset_checks, jobs=JOBS, resources=make_resources(str(data_dir), tracking_uri))
     job = defs.resolve_job_def("full_pipeline_job")
-    config = {"ops": {
-        "base_model": {"config": {"model": model_in_data_root(model_dir, data_dir)}},
-        "tokenized_dataset": {"config": {"max_seq_len": 256}},
-        "lora_adapter": {"config": {"max_steps": 6, "save_every": 2, "eval_every": 3, "learning_rate": 5e-3,
-                                    "precision": "fp32", "log_every": 1, "r": 16, "lora_alpha": 32, **train_config}},
-    }}
+    config = {
+        "ops": {
+            "base_model": {"config": {"model": model_in_data_root(model_dir, data_dir)}},
+            "tokenized_dataset": {"config": {"max_seq_len": 256}},
+            "lora_adapter": {
+                "config": {
+                    "max_steps": 6,
+                    "save_every": 2,
+                    "eval_every": 3,
+                    "learning_rate": 5e-3,
+                    "precision": "fp32",
+                    "log_every": 1,
+                    "r": 16,
+                    "lora_alpha": 32,
+                    **train_config,
+                }
+            },
+        }
+    }
     return job.execute_in_process(run_config=config, instance=DagsterInstance.ephemeral(), raise_on_error=False)
 
 
@@ -152,13 +164,18 @@ def test_training_takes_the_row_length_from_the_tokenized_dataset(tmp_path, tiny
     data_dir = tmp_path / "data"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = materialize(
-        all_assets, selection=AssetSelection.assets("lora_adapter").upstream(),
-        resources=make_resources(str(data_dir), uri), instance=DagsterInstance.ephemeral(),
-        run_config={"ops": {
-            "base_model": {"config": {"model": model_in_data_root(tiny_model_dir, data_dir)}},
-            "tokenized_dataset": {"config": {"max_seq_len": 3500}},
-            "lora_adapter": {"config": {"precision": "fp32", "opening_repeats": 0, "epochs": 1, "compile": False}},
-        }})
+        all_assets,
+        selection=AssetSelection.assets("lora_adapter").upstream(),
+        resources=make_resources(str(data_dir), uri),
+        instance=DagsterInstance.ephemeral(),
+        run_config={
+            "ops": {
+                "base_model": {"config": {"model": model_in_data_root(tiny_model_dir, data_dir)}},
+                "tokenized_dataset": {"config": {"max_seq_len": 3500}},
+                "lora_adapter": {"config": {"precision": "fp32", "opening_repeats": 0, "epochs": 1, "compile": False}},
+            }
+        },
+    )
     assert result.success
     tokenized = Path(result.asset_materializations_for_node("tokenized_dataset")[0].metadata["path"].value)
     manifest = json.loads((tokenized / "manifest.json").read_text())

@@ -28,15 +28,31 @@ def tokenized(tiny_model_dir, tmp_path_factory):
     df = pd.DataFrame(demo_records(20))
     df.insert(0, "record_id", [f"r{i}" for i in range(len(df))])
     df["split"] = ["eval" if i % 5 == 0 else "train" for i in range(len(df))]
-    return tokenize_dataset(df, tok, data_fingerprint="m", tokenizer_fingerprint="m",
-                            out_root=tmp_path_factory.mktemp("tok"), max_seq_len=256, system_prompt="你是助手。").path
+    return tokenize_dataset(
+        df, tok, data_fingerprint="m", tokenizer_fingerprint="m", out_root=tmp_path_factory.mktemp("tok"), max_seq_len=256, system_prompt="你是助手。"
+    ).path
 
 
 def spec_for(root: Path, tiny_model_dir, tokenized, method: str, **kw) -> TrainSpec:
-    settings = dict(base_model_path=str(tiny_model_dir), tokenized_path=tokenized, output_dir=str(root / "out"),
-                    checkpoint_dir=str(root / "ckpt"), method=method, r=8, lora_alpha=16, num_virtual_tokens=8,
-                    max_steps=8, save_every=4, eval_every=8, log_every=4, learning_rate=LR.get(method, 5e-3),
-                    warmup_ratio=0.0, precision="fp32", compile=False, pack_tokens=512)
+    settings = dict(
+        base_model_path=str(tiny_model_dir),
+        tokenized_path=tokenized,
+        output_dir=str(root / "out"),
+        checkpoint_dir=str(root / "ckpt"),
+        method=method,
+        r=8,
+        lora_alpha=16,
+        num_virtual_tokens=8,
+        max_steps=8,
+        save_every=4,
+        eval_every=8,
+        log_every=4,
+        learning_rate=LR.get(method, 5e-3),
+        warmup_ratio=0.0,
+        precision="fp32",
+        compile=False,
+        pack_tokens=512,
+    )
     settings.update(kw)
     return TrainSpec(**settings)
 
@@ -125,8 +141,9 @@ def test_each_method_evaluates_against_its_base_and_exports(method, trained, tin
     for prompt, got in zip(prompts, ours):
         ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
         with torch.no_grad():
-            ref = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
-                                 eos_token_id=stops, pad_token_id=stops[0])[0, ids.shape[1]:].tolist()
+            ref = model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, eos_token_id=stops, pad_token_id=stops[0]
+            )[0, ids.shape[1] :].tolist()
         assert got == ref[: next((k for k, t in enumerate(ref) if t in stops), len(ref))]
 
     dest = tmp_path / "export"
@@ -186,9 +203,9 @@ def test_an_unknown_method_and_checkpointed_prompt_learning_are_refused(tiny_mod
 
 
 def test_a_prompt_learning_adapter_registers_with_its_base_and_the_pyfunc_answers_as_it_does(trained, tiny_model_dir, tmp_path):
-    import mlflow
     from mlflow.tracking import MlflowClient
 
+    import mlflow
     from pipeline.stages.evaluation_report import stop_token_ids
     from pipeline.stages.lora_adapter.inference import load_trained
     from pipeline.stages.registered_model import register_merged_model
@@ -199,9 +216,19 @@ def test_a_prompt_learning_adapter_registers_with_its_base_and_the_pyfunc_answer
     client = MlflowClient(uri, registry_uri=uri)
     exp = client.create_experiment("medtune", artifact_location=(tmp_path / "artifacts").as_uri())
     run_id = client.create_run(exp).info.run_id
-    reg = register_merged_model(uri, name="medtune", merged_dir=None, merged_id="pt", run_id=run_id, figures={"rouge_l": 1.0}, tags={},
-                                system_prompt="你是助手。", max_new_tokens=8, adapter_dir=str(root / "out"),
-                                base_dir=str(tiny_model_dir))
+    reg = register_merged_model(
+        uri,
+        name="medtune",
+        merged_dir=None,
+        merged_id="pt",
+        run_id=run_id,
+        figures={"rouge_l": 1.0},
+        tags={},
+        system_prompt="你是助手。",
+        max_new_tokens=8,
+        adapter_dir=str(root / "out"),
+        base_dir=str(tiny_model_dir),
+    )
     assert reg.became_champion
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
@@ -212,7 +239,16 @@ def test_a_prompt_learning_adapter_registers_with_its_base_and_the_pyfunc_answer
     stops = stop_token_ids(tok)
     with torch.no_grad():
         out = model.generate(input_ids=ids, max_new_tokens=8, do_sample=False, eos_token_id=stops, pad_token_id=stops[0])
-    assert answer == tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    assert answer == tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
     with pytest.raises(ValueError, match="adapter folder with its base"):
-        register_merged_model(uri, name="medtune", merged_dir=None, merged_id="x", run_id=run_id, figures={"rouge_l": 1.0}, tags={},
-                              system_prompt="", adapter_dir=str(root / "out"))
+        register_merged_model(
+            uri,
+            name="medtune",
+            merged_dir=None,
+            merged_id="x",
+            run_id=run_id,
+            figures={"rouge_l": 1.0},
+            tags={},
+            system_prompt="",
+            adapter_dir=str(root / "out"),
+        )

@@ -13,14 +13,15 @@ pytestmark = pytest.mark.slow  # whole pipelines per method: make test, not make
 
 def run(data_dir, tracking_uri, model_dir, **train_config):
     defs = Definitions(assets=all_assets, asset_checks=all_asset_checks, jobs=JOBS, resources=make_resources(str(data_dir), tracking_uri))
-    config = {"ops": {
-        "base_model": {"config": {"model": model_in_data_root(model_dir, data_dir)}},
-        "tokenized_dataset": {"config": {"max_seq_len": 256}},
-        "lora_adapter": {"config": {"max_steps": 4, "eval_every": 4, "precision": "fp32", "log_every": 1, **train_config}},
-        "evaluation_report": {"config": {"max_new_tokens": 4, "train_sample_size": 2}},
-    }}
-    return defs.resolve_job_def("full_pipeline_job").execute_in_process(run_config=config, instance=DagsterInstance.ephemeral(),
-                                                                         raise_on_error=False)
+    config = {
+        "ops": {
+            "base_model": {"config": {"model": model_in_data_root(model_dir, data_dir)}},
+            "tokenized_dataset": {"config": {"max_seq_len": 256}},
+            "lora_adapter": {"config": {"max_steps": 4, "eval_every": 4, "precision": "fp32", "log_every": 1, **train_config}},
+            "evaluation_report": {"config": {"max_new_tokens": 4, "train_sample_size": 2}},
+        }
+    }
+    return defs.resolve_job_def("full_pipeline_job").execute_in_process(run_config=config, instance=DagsterInstance.ephemeral(), raise_on_error=False)
 
 
 def meta(result, node, key):
@@ -34,8 +35,7 @@ def data_dir(tmp_path):
 
 
 def test_prompt_tuning_runs_through_and_merged_model_says_it_cannot_merge(data_dir, tmp_path, tiny_model_dir):
-    result = run(data_dir, f"sqlite:///{tmp_path / 'mlflow.db'}", tiny_model_dir, method="prompt_tuning",
-                 num_virtual_tokens=4, learning_rate=3e-2)
+    result = run(data_dir, f"sqlite:///{tmp_path / 'mlflow.db'}", tiny_model_dir, method="prompt_tuning", num_virtual_tokens=4, learning_rate=3e-2)
     assert result.asset_materializations_for_node("registered_model")  # the run went on to the end
     assert meta(result, "lora_adapter", "method") == "prompt_tuning" and meta(result, "lora_adapter", "trainable_parameters") == 4 * 64
     assert meta(result, "merged_model", "mergeable") is False

@@ -32,8 +32,7 @@ def test_node_settings_reach_the_launchers():
     spec = Path("/tmp/spec.json")
     cmd = launch_command(spec, num_processes=4, num_nodes=2, node_rank=1, rdzv_endpoint="10.0.0.5:29400", run_id="abc")
     assert cmd[0].endswith("torchrun") and "--standalone" not in cmd
-    assert cmd[1:11] == ["--nnodes", "2", "--node_rank", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", "10.0.0.5:29400",
-                         "--rdzv_id", "abc"]
+    assert cmd[1:11] == ["--nnodes", "2", "--node_rank", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", "10.0.0.5:29400", "--rdzv_id", "abc"]
     assert cmd[11:13] == ["--nproc_per_node", "4"]
     acc = launch_command(spec, num_processes=4, num_nodes=2, node_rank=1, rdzv_endpoint="10.0.0.5:29400", accelerate_config="fsdp.yaml")
     assert acc[1:4] == ["launch", "--num_processes", "8"]  # accelerate counts every machine's processes
@@ -67,14 +66,27 @@ def test_two_nodes_on_loopback_train_like_one_node_with_two_processes(tiny_model
     df = pd.DataFrame(demo_records(16))
     df.insert(0, "record_id", [f"r{i}" for i in range(len(df))])
     df["split"] = ["eval" if i % 4 == 0 else "train" for i in range(len(df))]
-    ds = tokenize_dataset(df, tok, data_fingerprint="n", tokenizer_fingerprint="n", out_root=tmp_path / "tok",
-                          max_seq_len=256, system_prompt="你是助手。")
+    ds = tokenize_dataset(
+        df, tok, data_fingerprint="n", tokenizer_fingerprint="n", out_root=tmp_path / "tok", max_seq_len=256, system_prompt="你是助手。"
+    )
 
     def spec(name: str) -> Path:
         path = tmp_path / f"{name}.json"
-        TrainSpec(base_model_path=str(tiny_model_dir), tokenized_path=ds.path, output_dir=str(tmp_path / name / "out"),
-                  checkpoint_dir=str(tmp_path / name / "ckpt"), max_steps=4, r=8, lora_alpha=16, learning_rate=5e-3,
-                  precision="fp32", compile=False, log_every=1, eval_every=4, save_every=100).dump(path)
+        TrainSpec(
+            base_model_path=str(tiny_model_dir),
+            tokenized_path=ds.path,
+            output_dir=str(tmp_path / name / "out"),
+            checkpoint_dir=str(tmp_path / name / "ckpt"),
+            max_steps=4,
+            r=8,
+            lora_alpha=16,
+            learning_rate=5e-3,
+            precision="fp32",
+            compile=False,
+            log_every=1,
+            eval_every=4,
+            save_every=100,
+        ).dump(path)
         return path
 
     one = start(launch_command(spec("one"), num_processes=2, launcher="torchrun"), tmp_path / "one.log")
@@ -83,8 +95,10 @@ def test_two_nodes_on_loopback_train_like_one_node_with_two_processes(tiny_model
 
     endpoint = f"127.0.0.1:{free_port()}"
     path = spec("two")
-    nodes = [start(launch_command(path, num_processes=1, num_nodes=2, node_rank=k, rdzv_endpoint=endpoint, run_id="t"),
-                   tmp_path / f"node{k}.log") for k in (0, 1)]
+    nodes = [
+        start(launch_command(path, num_processes=1, num_nodes=2, node_rank=k, rdzv_endpoint=endpoint, run_id="t"), tmp_path / f"node{k}.log")
+        for k in (0, 1)
+    ]
     wait(nodes)
     for k, p in enumerate(nodes):
         assert p.returncode == 0, (tmp_path / f"node{k}.log").read_text()[-3000:]

@@ -25,12 +25,14 @@ from pipeline.stages.validated_records import validate_to
 
 INSTR = "使用中医知识正确回答适合这个病例的中成药。"
 # prompts in the style of the real data (not copied from it): distinct questions, one shared instruction
-CASES = ["我前几天吃了很多食物，但肚子总是不舒服，咕咕响，还经常嗳气反酸，大便不成形，脸色也差极了。",
-         "最近总是感到腰膝酸软，舌淡，晚上睡不好，还有总是感觉到两肋隐隐作痛。",
-         "孩子发烧两天了，咳嗽有黄痰，嗓子红肿，不爱吃饭，大便有点干。",
-         "这几天鼻塞流清涕，怕冷，头痛，身上酸痛，没有出汗。",
-         "有没有能够滋养肝肾、清热明目的中药？眼睛干涩，看东西模糊。",
-         "经常心慌气短，稍微活动一下就出汗，面色发白，容易疲劳。"]
+CASES = [
+    "我前几天吃了很多食物，但肚子总是不舒服，咕咕响，还经常嗳气反酸，大便不成形，脸色也差极了。",
+    "最近总是感到腰膝酸软，舌淡，晚上睡不好，还有总是感觉到两肋隐隐作痛。",
+    "孩子发烧两天了，咳嗽有黄痰，嗓子红肿，不爱吃饭，大便有点干。",
+    "这几天鼻塞流清涕，怕冷，头痛，身上酸痛，没有出汗。",
+    "有没有能够滋养肝肾、清热明目的中药？眼睛干涩，看东西模糊。",
+    "经常心慌气短，稍微活动一下就出汗，面色发白，容易疲劳。",
+]
 
 
 def reference_minhash(text: str) -> MinHash:
@@ -45,18 +47,22 @@ def reference_minhash(text: str) -> MinHash:
 def frame(rows: list[dict]) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     return df.assign(source_file="cases.json", source_line=range(1, len(df) + 1), source_index=range(len(df)))[
-        ["source_file", "source_line", "source_index", "instruction", "input", "output"]]
+        ["source_file", "source_line", "source_index", "instruction", "input", "output"]
+    ]
 
 
 def one_char_edit(text: str, rng: random.Random) -> str:
     i = rng.choice([k for k, c in enumerate(text) if c.isalnum()])
-    return text[:i] + "某" + text[i + 1:]
+    return text[:i] + "某" + text[i + 1 :]
 
 
 def test_signatures_are_datasketch_minhash_values():
     rng = random.Random(3)
-    texts = CASES + ["", "？！", "a", "中", "Hello, World", "ab", None] + [
-        "".join(rng.choice("感冒发热咳嗽头痛abc，。 123") for _ in range(rng.randint(0, 40))) for _ in range(200)]
+    texts = (
+        CASES
+        + ["", "？！", "a", "中", "Hello, World", "ab", None]
+        + ["".join(rng.choice("感冒发热咳嗽头痛abc，。 123") for _ in range(rng.randint(0, 40))) for _ in range(200)]
+    )
     sig, has = signatures(pa.array(texts, pa.large_string()))
     for t, s, h in zip(texts, sig, has):
         m = reference_minhash(t or "")
@@ -82,6 +88,7 @@ def test_bands_are_datasketch_lsh_bands_and_groups_match_its_queries():
             while parent[x] != x:
                 x = parent[x]
             return x
+
         for i, s in enumerate(sig):
             for j in lsh.query(LeanMinHash(seed=1, hashvalues=s, scheme="affine32")):
                 a, b = sorted((root(i), root(j)))
@@ -178,8 +185,32 @@ def test_the_threshold_is_a_similarity(bad):
 def many_cases(n: int, seed: int) -> list[dict]:
     """``n`` distinct case prompts, every fifth one followed by a near copy of itself."""
     rng = random.Random(seed)
-    words = ["咳嗽", "发热", "咽喉肿痛", "头痛", "腹胀", "失眠多梦", "腰膝酸软", "口干", "便秘", "恶心", "胸闷", "乏力", "盗汗",
-             "耳鸣", "食欲不振", "心悸", "鼻塞流涕", "反酸", "眩晕", "怕冷", "出汗多", "面色萎黄", "舌苔厚腻", "小便黄"]
+    words = [
+        "咳嗽",
+        "发热",
+        "咽喉肿痛",
+        "头痛",
+        "腹胀",
+        "失眠多梦",
+        "腰膝酸软",
+        "口干",
+        "便秘",
+        "恶心",
+        "胸闷",
+        "乏力",
+        "盗汗",
+        "耳鸣",
+        "食欲不振",
+        "心悸",
+        "鼻塞流涕",
+        "反酸",
+        "眩晕",
+        "怕冷",
+        "出汗多",
+        "面色萎黄",
+        "舌苔厚腻",
+        "小便黄",
+    ]
     rows = []
     for i in range(n):
         case = f"{rng.choice(['男', '女'])}，{rng.randint(3, 90)}岁，" + "，".join(rng.sample(words, 9)) + "。"
@@ -224,6 +255,7 @@ def test_streamed_with_workers_matches_in_memory(tmp_path):
         d = deduplicate_to(staged, tmp_path / f"dedup{workers}", chunk_rows=16, workers=workers, near_duplicate_policy="drop")
         kept = pd.concat(d.iter_kept(10_000)).reset_index(drop=True)
         assert kept.equals(whole.kept)
+
         def figures(stats):
             return {k: v for k, v in stats.items() if k not in ("workers", "seconds")}
 

@@ -54,8 +54,7 @@ def test_a_file_semaphore_admits_at_most_its_slots_across_processes(tmp_path, sl
     env = {**os.environ, "PYTHONPATH": str(PROJECT)}
     outs = [tmp_path / f"holder-{i}.json" for i in range(5)]
     go = tmp_path / "go"
-    procs = [subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path / "slots"), str(slots), "0.4", str(out), str(go)], env=env)
-             for out in outs]
+    procs = [subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path / "slots"), str(slots), "0.4", str(out), str(go)], env=env) for out in outs]
     time.sleep(2.0)  # every holder is up and polling
     go.touch()
     assert [p.wait(timeout=60) for p in procs] == [0] * 5
@@ -68,8 +67,9 @@ def test_a_file_semaphore_admits_at_most_its_slots_across_processes(tmp_path, sl
 
 def test_a_killed_holder_frees_its_slot_and_a_waiter_says_it_waits(tmp_path):
     folder = tmp_path / "slots"
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder), "1", "600", str(tmp_path / "never.json")],
-                              env={**os.environ, "PYTHONPATH": str(PROJECT)})
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(folder), "1", "600", str(tmp_path / "never.json")], env={**os.environ, "PYTHONPATH": str(PROJECT)}
+    )
     deadline = time.monotonic() + 60
     while not (folder / "slot-0.lock").exists():  # the holder has opened its slot file; give it the lock
         assert time.monotonic() < deadline
@@ -117,14 +117,23 @@ def test_a_pool_slot_on_sqlite_is_a_lock_file_under_the_instance_home(tmp_path):
             assert slot == 0
             folder = home / "pool_slots" / "medtune_training"
             # another process asking for the pool's one slot now waits
-            probe = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+            probe = subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    textwrap.dedent(f"""
                 import fcntl
-                fh = open({str(folder / 'slot-0.lock')!r}, "a")
+                fh = open({str(folder / "slot-0.lock")!r}, "a")
                 try:
                     fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     print("taken")
-            """)], capture_output=True, text=True, timeout=60)
+            """),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
             assert probe.stdout.strip() == "taken", probe.stderr
         assert said == ["holding medtune_training slot 1 of 1 on this machine", "released medtune_training slot 1 of 1"]
     finally:
@@ -170,14 +179,14 @@ def test_on_postgresql_the_limit_holds_across_the_machines_sharing_the_instance(
     here, there = tmp_path / "here", tmp_path / "there"
     for home in (here, there):
         ensure_dagster_home(home)
-    holder = subprocess.Popen([sys.executable, "-c", PG_HOLDER, str(there)], stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONPATH": str(PROJECT)})
+    holder = subprocess.Popen(
+        [sys.executable, "-c", PG_HOLDER, str(there)], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(PROJECT)}
+    )
     killer = threading.Timer(0, lambda: None)
     instance = DagsterInstance.from_config(str(here))
     try:
         lines = [holder.stdout.readline().strip() for _ in range(2)]
-        assert lines == ["holding medtune_training slot 1 of 1 among the instance's machines (PostgreSQL advisory lock)",
-                         "held"], lines
+        assert lines == ["holding medtune_training slot 1 of 1 among the instance's machines (PostgreSQL advisory lock)", "held"], lines
         killer = threading.Timer(1.5, holder.kill)
         killer.start()
         said = []
@@ -190,8 +199,10 @@ def test_on_postgresql_the_limit_holds_across_the_machines_sharing_the_instance(
         holder.kill()
         holder.wait()
         instance.dispose()
-    assert said == ["all 1 medtune_training slot(s) among the instance's machines (PostgreSQL advisory lock) are taken: waiting",
-                    "holding medtune_training slot 1 of 1 among the instance's machines (PostgreSQL advisory lock)",
-                    "released medtune_training slot 1 of 1"]
+    assert said == [
+        "all 1 medtune_training slot(s) among the instance's machines (PostgreSQL advisory lock) are taken: waiting",
+        "holding medtune_training slot 1 of 1 among the instance's machines (PostgreSQL advisory lock)",
+        "released medtune_training slot 1 of 1",
+    ]
     assert 1.4 < waited < 60  # the server dropped the dead holder's lock with its connection
     assert not (here / "pool_slots").exists() and not (there / "pool_slots").exists()

@@ -13,8 +13,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.core.stores import (DAGSTER_HEADER, StoreConfigError, artifact_root, dagster_settings, libpq_env,
-                                  mlflow_database_url, configured_postgres_url, tracking_uri)
+from pipeline.core.stores import (
+    DAGSTER_HEADER,
+    StoreConfigError,
+    artifact_root,
+    configured_postgres_url,
+    dagster_settings,
+    libpq_env,
+    mlflow_database_url,
+    tracking_uri,
+)
 from pipeline.ops.instance import TEMPLATE, ensure_dagster_home
 
 pytestmark = pytest.mark.slow  # a PostgreSQL server: make test, not make test-fast
@@ -31,8 +39,13 @@ def test_the_url_switches_both_stores_and_each_tools_own_setting_wins():
     text = dagster_settings(TEMPLATE.read_text(), {"MEDTUNE_POSTGRES_URL": URL + "?sslmode=require"})
     settings = yaml.safe_load(text)
     assert settings["storage"]["postgres"]["postgres_db"] == {
-        "scheme": "postgresql+psycopg2", "username": "team", "hostname": "db.internal", "port": 5432,
-        "db_name": "medtune", "params": {"sslmode": "require"}}
+        "scheme": "postgresql+psycopg2",
+        "username": "team",
+        "hostname": "db.internal",
+        "port": 5432,
+        "db_name": "medtune",
+        "params": {"sslmode": "require"},
+    }
     assert settings["concurrency"] == yaml.safe_load(TEMPLATE.read_text())["concurrency"]
     # no password in the file (nor in the instance settings the UI shows): libpq reads PGPASSWORD
     assert "s3cret" not in text
@@ -42,11 +55,14 @@ def test_the_url_switches_both_stores_and_each_tools_own_setting_wins():
     assert mlflow_database_url("postgresql://u@h/team%20db") == "postgresql+psycopg2://u@h/team%20db_mlflow"
 
 
-@pytest.mark.parametrize("bad, says", [
-    ("postgres://u@h:5432/medtune", "write postgresql://"),
-    ("mysql://u@h/medtune", "expected postgresql://"),
-    ("postgresql://u:pw@h:5432/", "name the host and the database"),
-])
+@pytest.mark.parametrize(
+    "bad, says",
+    [
+        ("postgres://u@h:5432/medtune", "write postgresql://"),
+        ("mysql://u@h/medtune", "expected postgresql://"),
+        ("postgresql://u:pw@h:5432/", "name the host and the database"),
+    ],
+)
 def test_a_wrong_url_is_named_without_its_password(bad, says):
     with pytest.raises(StoreConfigError, match=says) as err:
         configured_postgres_url({"MEDTUNE_POSTGRES_URL": bad})
@@ -80,8 +96,13 @@ def test_instance_and_mlflow_store_live_on_the_server(postgres, tmp_path, monkey
 
     from resources.mlflow_tracking import MlflowTracking
 
-    env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "home"), "MEDTUNE_POSTGRES_URL": postgres.url(),
-           "MEDTUNE_ARTIFACT_ROOT": str(tmp_path / "shared-artifacts"), "PYTHONPATH": str(PROJECT)}
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(tmp_path / "home"),
+        "MEDTUNE_POSTGRES_URL": postgres.url(),
+        "MEDTUNE_ARTIFACT_ROOT": str(tmp_path / "shared-artifacts"),
+        "PYTHONPATH": str(PROJECT),
+    }
     env.pop("MLFLOW_TRACKING_URI")
     done = subprocess.run([sys.executable, "-m", "pipeline.ops.instance"], cwd=PROJECT, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -145,7 +166,6 @@ def test_on_a_shared_instance_recovery_judges_only_this_hosts_runs(postgres, tmp
         recovered = recover_dead_runs(instance, log=lambda line: None)
         assert [r.run_id for r in recovered] == [runs["here"]]
         status = {name: instance.get_run_by_id(r).status for name, r in runs.items()}
-        assert status == {"here": DagsterRunStatus.FAILURE, "elsewhere": DagsterRunStatus.STARTED,
-                          "unknown": DagsterRunStatus.STARTED}
+        assert status == {"here": DagsterRunStatus.FAILURE, "elsewhere": DagsterRunStatus.STARTED, "unknown": DagsterRunStatus.STARTED}
     finally:
         instance.dispose()

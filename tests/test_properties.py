@@ -86,8 +86,35 @@ def test_dedup_is_idempotent_and_order_independent(rows, rnd):
 
 
 JSONISH = st.lists(
-    st.sampled_from(['[', ']', '{', '}', ',', ':', '"instruction"', '"input"', '"output"', '"data"', '"答案"', '"\\ud800"',
-                     '"x"', '\n', '\r', ' ', 'NaN', '-Infinity', '1', 'true', 'null', '"', '\\', '\x00', '\ufeff']),
+    st.sampled_from(
+        [
+            "[",
+            "]",
+            "{",
+            "}",
+            ",",
+            ":",
+            '"instruction"',
+            '"input"',
+            '"output"',
+            '"data"',
+            '"答案"',
+            '"\\ud800"',
+            '"x"',
+            "\n",
+            "\r",
+            " ",
+            "NaN",
+            "-Infinity",
+            "1",
+            "true",
+            "null",
+            '"',
+            "\\",
+            "\x00",
+            "\ufeff",
+        ]
+    ),
     max_size=60,
 ).map("".join)
 
@@ -126,18 +153,36 @@ def test_validation_and_dedup_take_any_unicode_and_account_for_every_row(tmp_pat
     assert len(dedup.kept) + len(dedup.rejected) == len(valid.kept)
 
 
-fragments = st.sampled_from([
-    '{"instruction": "问", "input": "", "output": "答"}', '{"instruction":"长 文本","input":"x","output":"答案"}',
-    '{"instruction": "a", "instruction": "b", "output": "c"}', '{"instruction": "a", "output": "c"', '{"output": 1}',
-    "[", "]", ",", "\n", "\r\n", " ", '"text"', "{", "}", '{"Instruction ": "k", "output": "v", "extra": 1}',
-    '{"instruction": "a\\"q", "output": "\\u4e2d"}', "NaN", "// note", "\r", '[{"instruction": "n", "output": "m"}]',
-    '{"instruction": "' + "很长的问题" * 30 + '", "output": "' + "答" * 80 + '"}', "\ufeff",
-])
+fragments = st.sampled_from(
+    [
+        '{"instruction": "问", "input": "", "output": "答"}',
+        '{"instruction":"长 文本","input":"x","output":"答案"}',
+        '{"instruction": "a", "instruction": "b", "output": "c"}',
+        '{"instruction": "a", "output": "c"',
+        '{"output": 1}',
+        "[",
+        "]",
+        ",",
+        "\n",
+        "\r\n",
+        " ",
+        '"text"',
+        "{",
+        "}",
+        '{"Instruction ": "k", "output": "v", "extra": 1}',
+        '{"instruction": "a\\"q", "output": "\\u4e2d"}',
+        "NaN",
+        "// note",
+        "\r",
+        '[{"instruction": "n", "output": "m"}]',
+        '{"instruction": "' + "很长的问题" * 30 + '", "output": "' + "答" * 80 + '"}',
+        "\ufeff",
+    ]
+)
 
 
 @FAST
-@given(st.lists(fragments, min_size=1, max_size=30), st.integers(min_value=1, max_value=64),
-       st.integers(min_value=1, max_value=4), st.booleans())
+@given(st.lists(fragments, min_size=1, max_size=30), st.integers(min_value=1, max_value=64), st.integers(min_value=1, max_value=4), st.booleans())
 def test_a_file_read_in_blocks_gives_what_reading_it_whole_gives(tmp_path_factory, parts, block_bytes, piece_rows, bom):
     """Any JSON-ish text, JSON Lines or array, read through the block window (``stream_over=0``,
     blocks of 1-64 bytes): the same rows, rejected rows (reasons with their line and column) and

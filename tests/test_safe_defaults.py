@@ -13,8 +13,8 @@ import pytest
 from dagster import DagsterInstance, materialize
 
 from assets.base_model import base_model
-from pipeline.stages.base_model import ModelSourceError, check_adapter_folder, resolve_base_model
 from pipeline.core.secrets import MASK, redact, redact_params
+from pipeline.stages.base_model import ModelSourceError, check_adapter_folder, resolve_base_model
 from resources.data_root import DataRoot, PathOutsideDataRoot
 
 
@@ -40,8 +40,13 @@ def test_config_paths_are_resolved_inside_the_data_root(root, tmp_path):
 
 
 def run_base_model(root: DataRoot, model: str, **config):
-    return materialize([base_model], resources={"data_root": root}, instance=DagsterInstance.ephemeral(),
-                       run_config={"ops": {"base_model": {"config": {"model": model, **config}}}}, raise_on_error=False)
+    return materialize(
+        [base_model],
+        resources={"data_root": root},
+        instance=DagsterInstance.ephemeral(),
+        run_config={"ops": {"base_model": {"config": {"model": model, **config}}}},
+        raise_on_error=False,
+    )
 
 
 def test_base_model_outside_the_data_root_is_refused_unless_allowed(root, tiny_model_dir):
@@ -119,27 +124,40 @@ def test_secrets_are_redacted(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "hunter2-and-more")
     assert redact("https://alice:s3cr3t@mlflow.example.org/api") == f"https://alice:{MASK}@mlflow.example.org/api"
     assert redact("token hf_" + "a" * 34 + " and sk-" + "b" * 40) == f"token {MASK} and {MASK}"
-    assert redact("error: bad credentials not-a-real-token-but-secret / hunter2-and-more") == \
-        f"error: bad credentials {MASK} / {MASK}"
-    params = redact_params({"hf_token": "abc", "api_key": "k", "max_new_tokens": 256, "tokenizer_fingerprint": "f0",
-                            "uri": "http://u:p@h:5000", "nested": {"password": "x"}, "access_token": None})
-    assert params == {"hf_token": MASK, "api_key": MASK, "max_new_tokens": 256, "tokenizer_fingerprint": "f0",
-                      "uri": f"http://u:{MASK}@h:5000", "nested": {"password": MASK}, "access_token": None}
+    assert redact("error: bad credentials not-a-real-token-but-secret / hunter2-and-more") == f"error: bad credentials {MASK} / {MASK}"
+    params = redact_params(
+        {
+            "hf_token": "abc",
+            "api_key": "k",
+            "max_new_tokens": 256,
+            "tokenizer_fingerprint": "f0",
+            "uri": "http://u:p@h:5000",
+            "nested": {"password": "x"},
+            "access_token": None,
+        }
+    )
+    assert params == {
+        "hf_token": MASK,
+        "api_key": MASK,
+        "max_new_tokens": 256,
+        "tokenizer_fingerprint": "f0",
+        "uri": f"http://u:{MASK}@h:5000",
+        "nested": {"password": MASK},
+        "access_token": None,
+    }
 
 
 def test_no_config_field_takes_a_secret():
     """Tokens come from the environment only: no asset's Config or resource has a field for one."""
     from dagster import Config, ConfigurableResource
 
-    from pipeline.definitions import make_resources
-    from pipeline.core.secrets import SECRET_NAME
-
     import pipeline.definitions  # noqa: F401  (imports every asset module)
+    from pipeline.core.secrets import SECRET_NAME
+    from pipeline.definitions import make_resources
 
     configs = [c for c in Config.__subclasses__() if c.__module__.startswith("assets.")]
     fields = [(c.__name__, f) for c in configs for f in c.model_fields]
-    fields += [(name, f) for name, r in make_resources("/tmp/x").items() if isinstance(r, ConfigurableResource)
-               for f in type(r).model_fields]
+    fields += [(name, f) for name, r in make_resources("/tmp/x").items() if isinstance(r, ConfigurableResource) for f in type(r).model_fields]
     assert len(configs) >= 8 and len(fields) > 50  # the walk found the settings
     assert [(a, f) for a, f in fields if SECRET_NAME.search(f)] == []
 
@@ -148,9 +166,9 @@ def test_no_config_field_takes_a_secret():
 def test_hf_token_is_never_recorded(monkeypatch, tmp_path, tiny_model_dir):
     """A whole pipeline run with secrets in the environment: none reaches MLflow or Dagster metadata."""
     from mlflow.tracking import MlflowClient
+    from test_faults import run_pipeline
 
     from conftest import demo_records, write_json
-    from test_faults import run_pipeline
 
     secret, password = "hf_" + "Z" * 36, "tracking-pass-1234"
     monkeypatch.setenv("HF_TOKEN", secret)

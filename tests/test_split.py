@@ -14,8 +14,14 @@ def records(n, salt=""):
     p = ids(n, salt)
     return pd.DataFrame(
         {
-            "record_id": p, "prompt_id": p, "instruction": "问", "input": [f"症状{salt}{i}" for i in range(n)],
-            "output": "答", "source_file": "f.json", "source_line": range(1, n + 1), "source_index": range(n),
+            "record_id": p,
+            "prompt_id": p,
+            "instruction": "问",
+            "input": [f"症状{salt}{i}" for i in range(n)],
+            "output": "答",
+            "source_file": "f.json",
+            "source_line": range(1, n + 1),
+            "source_index": range(n),
         }
     )
 
@@ -51,9 +57,7 @@ def test_parquet_is_byte_identical_for_the_same_input(tmp_path):
     assert a.read_bytes() == b.read_bytes()
     meta = pq.ParquetFile(a).metadata
     assert meta.row_group(0).column(0).compression == "ZSTD"
-    assert list(pd.read_parquet(a).columns) == [
-        "record_id", "prompt_id", "instruction", "input", "output", "split", "source_file", "source_line"
-    ]
+    assert list(pd.read_parquet(a).columns) == ["record_id", "prompt_id", "instruction", "input", "output", "split", "source_file", "source_line"]
 
 
 def test_readable_by_datasets(tmp_path):

@@ -17,9 +17,12 @@ pytestmark = pytest.mark.slow  # a sweep's partitions through Dagster: make test
 
 
 def test_the_grid_expands_into_labelled_trials_most_specific_setting_first():
-    trials = expand({"max_steps": 40, "learning_rate": 1e-3}, {"method": ["lora", "ia3"], "r": [8, 16]},
-                    [{"method": "full", "learning_rate": 5e-5}, {"method": "lora", "r": 8}],  # the last repeats a grid point
-                    {"ia3": {"learning_rate": 1e-2}, "full": {"learning_rate": 1e-4}})
+    trials = expand(
+        {"max_steps": 40, "learning_rate": 1e-3},
+        {"method": ["lora", "ia3"], "r": [8, 16]},
+        [{"method": "full", "learning_rate": 5e-5}, {"method": "lora", "r": 8}],  # the last repeats a grid point
+        {"ia3": {"learning_rate": 1e-2}, "full": {"learning_rate": 1e-4}},
+    )
     assert [t.label for t in trials] == ["lora-r8", "lora-r16", "ia3-r8", "ia3-r16", "full-lr5e-05"]
     by = {t.label: t.settings for t in trials}
     assert by["ia3-r8"]["learning_rate"] == 1e-2 and by["lora-r16"]["learning_rate"] == 1e-3
@@ -41,19 +44,31 @@ def data_dir(tmp_path):
 def test_a_sweep_runs_as_partitions_under_one_parent_run_and_records_a_failing_trial(data_dir, tmp_path, tiny_model_dir):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     defs = Definitions(assets=all_assets, asset_checks=all_asset_checks, jobs=JOBS, resources=make_resources(str(data_dir), uri))
-    config = {"ops": {
-        "base_model": {"config": {"model": model_in_data_root(tiny_model_dir, data_dir)}},
-        "tokenized_dataset": {"config": {"max_seq_len": 256}},
-        "sweep_plan": {"config": {
-            "name": "tiny",
-            "base": {"max_steps": 4, "eval_every": 4, "log_every": 1, "learning_rate": 5e-3, "precision": "fp32",
-                     "r": 8, "lora_alpha": 16, "compile": False},
-            "grid": {"method": ["lora", "ia3"]},
-            "trials": [{"label": "broken", "target_modules": "no_such_layer"}],
-            "per_method": {"ia3": {"learning_rate": 3e-2}},
-            "evaluation": {"max_new_tokens": 4, "train_sample_size": 2},
-        }},
-    }}
+    config = {
+        "ops": {
+            "base_model": {"config": {"model": model_in_data_root(tiny_model_dir, data_dir)}},
+            "tokenized_dataset": {"config": {"max_seq_len": 256}},
+            "sweep_plan": {
+                "config": {
+                    "name": "tiny",
+                    "base": {
+                        "max_steps": 4,
+                        "eval_every": 4,
+                        "log_every": 1,
+                        "learning_rate": 5e-3,
+                        "precision": "fp32",
+                        "r": 8,
+                        "lora_alpha": 16,
+                        "compile": False,
+                    },
+                    "grid": {"method": ["lora", "ia3"]},
+                    "trials": [{"label": "broken", "target_modules": "no_such_layer"}],
+                    "per_method": {"ia3": {"learning_rate": 3e-2}},
+                    "evaluation": {"max_new_tokens": 4, "train_sample_size": 2},
+                }
+            },
+        }
+    }
     instance = DagsterInstance.ephemeral()
     out = run_sweep(defs, config, instance, log=lambda *_: None)
     assert out["trials"] == {"tiny.lora": True, "tiny.ia3": True, "tiny.broken": False}
@@ -74,13 +89,16 @@ def test_a_sweep_runs_as_partitions_under_one_parent_run_and_records_a_failing_t
         assert run.data.metrics["tuned_eval_loss"] < run.data.metrics["base_eval_loss"]
         assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 4  # the loss curve, step by step
     assert {a.path for a in client.list_artifacts(parent_id, "comparison")} == {
-        "comparison/comparison.csv", "comparison/comparison.md", "comparison/comparison.png"}
+        "comparison/comparison.csv",
+        "comparison/comparison.md",
+        "comparison/comparison.png",
+    }
 
     comparison = out["comparison"]
     assert comparison["counts"] == {"finished": 2, "failed": 1}
-    import pandas as pd
-
     from pathlib import Path
+
+    import pandas as pd
 
     table = pd.read_csv(Path(comparison["path"]) / "comparison.csv")
     assert list(table["trial"]) == ["lora", "ia3", "broken"]

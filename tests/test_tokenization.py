@@ -66,8 +66,13 @@ def test_cache_key_changes_with_every_component():
     base = dict(data_fingerprint="d", tokenizer_fingerprint="t", chat_template="c", max_seq_len=512, system_prompt="s")
     k = cache_key(**base)
     assert k == cache_key(**base)
-    for field, value in [("data_fingerprint", "d2"), ("tokenizer_fingerprint", "t2"), ("chat_template", "c2"),
-                         ("max_seq_len", 1024), ("system_prompt", "s2")]:
+    for field, value in [
+        ("data_fingerprint", "d2"),
+        ("tokenizer_fingerprint", "t2"),
+        ("chat_template", "c2"),
+        ("max_seq_len", 1024),
+        ("system_prompt", "s2"),
+    ]:
         assert cache_key(**{**base, field: value}) != k, field
 
 

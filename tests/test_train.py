@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from conftest import demo_records
-from pipeline.stages.tokenized_dataset import tokenize_dataset
 from pipeline.stages.lora_adapter import TrainSpec, train
 from pipeline.stages.lora_adapter.batching import collate_padded, plan_epoch
+from pipeline.stages.tokenized_dataset import tokenize_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,15 +30,29 @@ def tokenized(tiny_model_dir, tmp_path_factory):
     df = pd.DataFrame(rows)
     df.insert(0, "record_id", [f"r{i}" for i in range(len(df))])
     df["split"] = ["eval" if i % 5 == 0 else "train" for i in range(len(df))]  # 16 train, 4 eval
-    ds = tokenize_dataset(df, tok, data_fingerprint="t", tokenizer_fingerprint="t",
-                          out_root=tmp_path_factory.mktemp("tok"), max_seq_len=256, system_prompt="你是助手。")
+    ds = tokenize_dataset(
+        df, tok, data_fingerprint="t", tokenizer_fingerprint="t", out_root=tmp_path_factory.mktemp("tok"), max_seq_len=256, system_prompt="你是助手。"
+    )
     return ds.path
 
 
 def spec_for(tmp_path, tiny_model_dir, tokenized, **kw):
-    base = dict(base_model_path=str(tiny_model_dir), tokenized_path=tokenized, output_dir=str(tmp_path / "adapter"),
-                checkpoint_dir=str(tmp_path / "ckpt"), max_steps=8, pack_tokens=512, learning_rate=5e-3,
-                eval_every=4, save_every=2, warmup_ratio=0.0, lora_dropout=0.0, precision="fp32", compile=False, log_every=1)
+    base = dict(
+        base_model_path=str(tiny_model_dir),
+        tokenized_path=tokenized,
+        output_dir=str(tmp_path / "adapter"),
+        checkpoint_dir=str(tmp_path / "ckpt"),
+        max_steps=8,
+        pack_tokens=512,
+        learning_rate=5e-3,
+        eval_every=4,
+        save_every=2,
+        warmup_ratio=0.0,
+        lora_dropout=0.0,
+        precision="fp32",
+        compile=False,
+        log_every=1,
+    )
     base.update(kw)
     return TrainSpec(**base)
 
@@ -77,8 +91,7 @@ def test_tiny_model_learns_and_the_adapter_changes_the_model(tmp_path, tiny_mode
     assert result["steps"] == 12 and result["processes"] == 1
     assert result["final_eval_loss"] < result["first_eval_loss"] - 0.05
     folder = tmp_path / "adapter"
-    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "medtune_training.json"} <= {
-        p.name for p in folder.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "medtune_training.json"} <= {p.name for p in folder.iterdir()}
     assert "chat_template" in json.loads((folder / "tokenizer_config.json").read_text()) or (folder / "chat_template.jinja").exists()
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     ids = torch.tensor([[1, 9690, 198, 67, 19572, 2, 198]])

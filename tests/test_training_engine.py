@@ -8,25 +8,31 @@ import torch
 import torch.nn.functional as F
 
 from conftest import demo_records
-from pipeline.stages.tokenized_dataset import tokenize_rows
 from pipeline.stages.lora_adapter.batching import collate_padded, flatten
 from pipeline.stages.lora_adapter.loss import LinearCrossEntropy, token_losses
 from pipeline.stages.lora_adapter.spec import TrainSpec
+from pipeline.stages.tokenized_dataset import tokenize_rows
 
 
 @pytest.fixture(scope="module")
 def rows(tokenizer):
     recs = demo_records(6)
-    out = tokenize_rows(tokenizer, [r["instruction"] for r in recs], [r["input"] for r in recs],
-                        [r["output"] for r in recs], "你是助手。", 256)
+    out = tokenize_rows(tokenizer, [r["instruction"] for r in recs], [r["input"] for r in recs], [r["output"] for r in recs], "你是助手。", 256)
     return [(r.input_ids, r.labels) for r in out]
 
 
 def load(tiny_model_dir, precision="fp32", attn="auto"):
     from pipeline.stages.lora_adapter.model import SupervisedLM, load_for_training
 
-    spec = TrainSpec(base_model_path=str(tiny_model_dir), tokenized_path="", output_dir="", checkpoint_dir="",
-                     lora_dropout=0.0, precision=precision, attn_implementation=attn)
+    spec = TrainSpec(
+        base_model_path=str(tiny_model_dir),
+        tokenized_path="",
+        output_dir="",
+        checkpoint_dir="",
+        lora_dropout=0.0,
+        precision=precision,
+        attn_implementation=attn,
+    )
     torch.manual_seed(0)
     peft_model, attn_name, _ = load_for_training(spec, precision, on_gpu=False)
     # a non-zero adapter, so that the adapter's path is part of what is compared
@@ -109,8 +115,7 @@ def test_packing_matches_transformers_flattening_collator_through_sdpa(tiny_mode
     batch = flatten(rows[:3])
     assert torch.equal(ref_batch["position_ids"], batch.position_ids)
     with torch.no_grad():
-        ref = ref_model.peft_model(input_ids=ref_batch["input_ids"], position_ids=ref_batch["position_ids"],
-                                   labels=ref_batch["labels"]).loss
+        ref = ref_model.peft_model(input_ids=ref_batch["input_ids"], position_ids=ref_batch["position_ids"], labels=ref_batch["labels"]).loss
         ours = ours_model(batch.input_ids, batch.position_ids, batch.positions, batch.targets, row_lengths=batch.row_lengths)
     assert abs(ours.mean().item() - ref.item()) < 1e-5
 

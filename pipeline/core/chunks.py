@@ -62,8 +62,7 @@ class ChunkWriter:
     Use as a context manager: an exception discards the temporary file.
     """
 
-    def __init__(self, path: str | os.PathLike, kind: str = "parquet", empty: pd.DataFrame | None = None,
-                 chunk_rows: int = CHUNK_ROWS):
+    def __init__(self, path: str | os.PathLike, kind: str = "parquet", empty: pd.DataFrame | None = None, chunk_rows: int = CHUNK_ROWS):
         self.path = Path(path)
         self.kind = kind
         # rows per Parquet row group (fixed) or per Arrow record batch (the stages' chunk size)

@@ -51,7 +51,7 @@ def map_batches(path: Path, fn: Callable[..., Any], args: tuple, workers: int) -
         pending = []
         nxt = 0
         try:
-            for i in range(n):
+            for _ in range(n):
                 while nxt < n and len(pending) < 2 * workers:
                     pending.append(pool.submit(fn, str(path), nxt, *args))
                     nxt += 1

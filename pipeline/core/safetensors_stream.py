@@ -21,8 +21,16 @@ from pathlib import Path
 import torch
 
 DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
 }
 NAMES = {v: k for k, v in DTYPES.items()}
 INDEX = "model.safetensors.index.json"
@@ -126,8 +134,13 @@ class FolderWriter:
     tensor at a time in the planned order: each shard's header is written when it opens, each
     tensor's bytes when they come."""
 
-    def __init__(self, folder: str | os.PathLike, plan: list[tuple[str, torch.dtype, list[int]]], max_shard_size: str | int = "2GB",
-                 metadata: dict[str, str] | None = None):
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        plan: list[tuple[str, torch.dtype, list[int]]],
+        max_shard_size: str | int = "2GB",
+        metadata: dict[str, str] | None = None,
+    ):
         self.folder = Path(folder)
         self.metadata = {"format": "pt", **(metadata or {})}
         limit = parse_size(max_shard_size)
@@ -195,8 +208,10 @@ class FolderWriter:
         self._finish_file()
         files = [name for name, _ in self.shards]
         if len(self.shards) > 1:
-            index = {"metadata": {"total_size": self.total_size},
-                     "weight_map": {item.name: filename for filename, items in self.shards for item in items}}
+            index = {
+                "metadata": {"total_size": self.total_size},
+                "weight_map": {item.name: filename for filename, items in self.shards for item in items},
+            }
             (self.folder / INDEX).write_text(json.dumps(index, indent=2))
             files.append(INDEX)
         return files

@@ -20,8 +20,7 @@ MASK = "***"
 # a name part (between _ - . or the ends): HF_TOKEN, access_token, MLFLOW_TRACKING_PASSWORD,
 # AWS_SECRET_ACCESS_KEY, api_key; not max_new_tokens or tokenizer_fingerprint
 SECRET_NAME = re.compile(
-    r"(?:^|[_.-])(?:token|secret|password|passwd|api[_-]?key|apikey|credentials?|private[_-]?key|authorization)(?:$|[_.-])",
-    re.IGNORECASE,
+    r"(?:^|[_.-])(?:token|secret|password|passwd|api[_-]?key|apikey|credentials?|private[_-]?key|authorization)(?:$|[_.-])", re.IGNORECASE
 )
 _URI_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s:@]+):(?P<pw>[^@\s/]+)@")
 _TOKEN_SHAPES = re.compile(
@@ -32,10 +31,7 @@ _TOKEN_SHAPES = re.compile(
 
 def env_secrets() -> list[str]:
     """Values of environment variables named like secrets (at least 6 characters, to avoid masking noise)."""
-    return sorted(
-        (v for k, v in os.environ.items() if SECRET_NAME.search(k) and v and len(v) >= 6),
-        key=len, reverse=True,
-    )
+    return sorted((v for k, v in os.environ.items() if SECRET_NAME.search(k) and v and len(v) >= 6), key=len, reverse=True)
 
 
 def redact(text: Any) -> str:

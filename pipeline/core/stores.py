@@ -54,8 +54,10 @@ def configured_postgres_url(env: Mapping[str, str] = os.environ) -> str | None:
         return None
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("postgresql", "postgresql+psycopg", "postgresql+psycopg2"):
-        raise StoreConfigError(f"{POSTGRES_ENV}={redact(url)!r}: expected postgresql://user:password@host:port/database"
-                               + (" (write postgresql://, SQLAlchemy no longer accepts postgres://)" if parts.scheme == "postgres" else ""))
+        raise StoreConfigError(
+            f"{POSTGRES_ENV}={redact(url)!r}: expected postgresql://user:password@host:port/database"
+            + (" (write postgresql://, SQLAlchemy no longer accepts postgres://)" if parts.scheme == "postgres" else "")
+        )
     if not parts.hostname or not parts.path.strip("/"):
         raise StoreConfigError(f"{POSTGRES_ENV}={redact(url)!r}: name the host and the database (postgresql://user@host:5432/medtune)")
     return url
@@ -92,7 +94,7 @@ def artifact_root(uri: str, env: Mapping[str, str] = os.environ) -> str:
     URI), else ``artifacts/`` next to a SQLite store, else the project's ``mlflow/artifacts``."""
     root = env.get(ARTIFACT_ROOT_ENV)
     if not root:
-        folder = Path(uri[len("sqlite:///"):]).parent if uri.startswith("sqlite:///") else PROJECT_ROOT / "mlflow"
+        folder = Path(uri[len("sqlite:///") :]).parent if uri.startswith("sqlite:///") else PROJECT_ROOT / "mlflow"
         root = str(folder / "artifacts")
     return root if "://" in root else Path(root).resolve().as_uri()
 
@@ -105,13 +107,20 @@ def dagster_settings(template: str, env: Mapping[str, str] = os.environ) -> str:
     if not url:
         return text
     parts = urllib.parse.urlsplit(url)
-    fields = {"scheme": DRIVER_SCHEME, "username": urllib.parse.unquote(parts.username or ""),
-              "hostname": parts.hostname, "port": parts.port or 5432, "db_name": database_name(url)}
+    fields = {
+        "scheme": DRIVER_SCHEME,
+        "username": urllib.parse.unquote(parts.username or ""),
+        "hostname": parts.hostname,
+        "port": parts.port or 5432,
+        "db_name": database_name(url),
+    }
     if parts.query:
         fields["params"] = dict(urllib.parse.parse_qsl(parts.query))
     storage = {"storage": {"postgres": {"postgres_db": {k: v for k, v in fields.items() if v != ""}}}}
-    return (text + "\n# MEDTUNE_POSTGRES_URL was set when this file was written: runs, events, schedules and pool\n"
-            "# slots live in this PostgreSQL database (pipeline/core/stores.py)\n" + yaml.safe_dump(storage, sort_keys=False))
+    return (
+        text + "\n# MEDTUNE_POSTGRES_URL was set when this file was written: runs, events, schedules and pool\n"
+        "# slots live in this PostgreSQL database (pipeline/core/stores.py)\n" + yaml.safe_dump(storage, sort_keys=False)
+    )
 
 
 def libpq_env(env: Mapping[str, str] = os.environ) -> dict[str, str]:
@@ -145,8 +154,10 @@ def ensure_database(url: str, timeout_s: int = 10) -> bool:
             except psycopg2.errors.DuplicateDatabase:  # created by another process in the meantime
                 return False
             except psycopg2.Error as exc:
-                raise StoreConfigError(f"database {name!r} is missing on {redact(admin)} and could not be created "
-                                       f"({str(exc).strip()}); ask its administrator to create it") from exc
+                raise StoreConfigError(
+                    f"database {name!r} is missing on {redact(admin)} and could not be created "
+                    f"({str(exc).strip()}); ask its administrator to create it"
+                ) from exc
             return True
     finally:
         conn.close()

@@ -26,8 +26,7 @@ COPIED_FROM_TAG = "medtune.copied_from_run"
 COMPLETE = "complete"
 
 # A server that is down should cost seconds, not MLflow's default of 7 retries with backoff.
-QUICK_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-              "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+QUICK_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
 
 
 @contextlib.contextmanager
@@ -63,12 +62,18 @@ def attempt(folder: str | os.PathLike, what: str, tracking_uri: str, run_id: str
             send()
     except Exception as exc:  # any tracking failure: the local results stay the truth
         earlier = pending(folder) or {}
-        marker = {"what": what, "tracking_uri": redact(tracking_uri), "run_id": run_id,
-                  "error": redact(f"{type(exc).__name__}: {exc}")[:2000],
-                  "since": earlier.get("since") or time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        marker = {
+            "what": what,
+            "tracking_uri": redact(tracking_uri),
+            "run_id": run_id,
+            "error": redact(f"{type(exc).__name__}: {exc}")[:2000],
+            "since": earlier.get("since") or time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
         write_bytes_atomic(folder / PENDING, json.dumps(marker, indent=2).encode())
-        return (f"FAILED: could not log the {what} to MLflow at {redact(tracking_uri)} ({marker['error'][:300]}). "
-                f"The results are kept in {folder}; the next materialization sends them to run {run_id}.")
+        return (
+            f"FAILED: could not log the {what} to MLflow at {redact(tracking_uri)} ({marker['error'][:300]}). "
+            f"The results are kept in {folder}; the next materialization sends them to run {run_id}."
+        )
     with contextlib.suppress(FileNotFoundError):
         (folder / PENDING).unlink()
     return COMPLETE
@@ -134,5 +139,7 @@ def known_run(client, run_id: str, adapter_id: str, warn) -> str | None:
     copies = client.search_runs(
         [e.experiment_id for e in client.search_experiments()],
         filter_string=f"tags.`medtune.adapter_id` = '{adapter_id}' and tags.`{COPIED_FROM_TAG}` = '{run_id}' "
-                      "and tags.`medtune.tracking` = 'complete'", max_results=1)
+        "and tags.`medtune.tracking` = 'complete'",
+        max_results=1,
+    )
     return copies[0].info.run_id if copies else None

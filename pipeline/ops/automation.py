@@ -41,9 +41,11 @@ def last_run_config(instance) -> dict:
     """The run config of the latest successful run that built the whole pipeline."""
     runs = instance.get_runs(filters=RunsFilter(statuses=[DagsterRunStatus.SUCCESS]), limit=50)
     for run in runs:
-        if run.job_name == "full_pipeline_job" or (
-            run.job_name == "__ASSET_JOB" and "lora_adapter" in (run.run_config or {}).get("ops", {})
-        ) or run.job_name.startswith("preset_"):
+        if (
+            run.job_name == "full_pipeline_job"
+            or (run.job_name == "__ASSET_JOB" and "lora_adapter" in (run.run_config or {}).get("ops", {}))
+            or run.job_name.startswith("preset_")
+        ):
             config = dict(run.run_config or {})
             return {k: v for k, v in config.items() if k in ("ops", "resources", "execution")}
     return {}

@@ -67,12 +67,19 @@ preset_jobs = [
 ]
 # a sweep (pipeline.ops.sweep runs the three in turn; in the UI: the plan, a backfill of the trials, the comparison)
 sweep_plan_job = define_asset_job(
-    "sweep_plan_job", selection=DATA_SELECTION | AssetSelection.assets("sweep_plan"),
-    description="The data a sweep trains on, and the sweep's plan (its trials become sweep_trial partitions)")
+    "sweep_plan_job",
+    selection=DATA_SELECTION | AssetSelection.assets("sweep_plan"),
+    description="The data a sweep trains on, and the sweep's plan (its trials become sweep_trial partitions)",
+)
 sweep_trial_job = define_asset_job(
-    "sweep_trial_job", selection=AssetSelection.assets("sweep_trial"), tags=TRAINING_TAGS,
-    description="Sweep trials (one partition each): train and evaluate")
+    "sweep_trial_job",
+    selection=AssetSelection.assets("sweep_trial"),
+    tags=TRAINING_TAGS,
+    description="Sweep trials (one partition each): train and evaluate",
+)
 sweep_comparison_job = define_asset_job(
-    "sweep_comparison_job", selection=AssetSelection.assets("sweep_comparison"),
-    description="The sweep's trials side by side (table and plots, also on the MLflow parent run)")
+    "sweep_comparison_job",
+    selection=AssetSelection.assets("sweep_comparison"),
+    description="The sweep's trials side by side (table and plots, also on the MLflow parent run)",
+)
 JOBS = [prepare_data_job, train_job, full_pipeline_job, *preset_jobs, sweep_plan_job, sweep_trial_job, sweep_comparison_job]

@@ -15,6 +15,7 @@ from pipeline.stages.raw_records import EMPTY, raw_fingerprint
 
 __all__ = ["EMPTY", "Decision", "WatchState", "decide", "raw_fingerprint"]
 
+
 @dataclass
 class WatchState:
     seen: str | None = None  # the fingerprint a run was requested for (or the baseline)
@@ -25,7 +26,7 @@ class WatchState:
         return json.dumps(asdict(self))
 
     @classmethod
-    def load(cls, cursor: str | None) -> "WatchState":
+    def load(cls, cursor: str | None) -> WatchState:
         if not cursor:
             return cls()
         try:
@@ -63,5 +64,7 @@ def decide(state: WatchState, fingerprint: str, now: float, quiet_seconds: float
         new = WatchState(seen=state.seen, pending=fingerprint, pending_since=now)
         return Decision("wait", fingerprint, new, f"raw data changed ({fingerprint[:12]}); waiting {quiet_seconds:g} s for the folder to be quiet")
     if now - state.pending_since < quiet_seconds:
-        return Decision("wait", fingerprint, state, f"raw data changed ({fingerprint[:12]}); quiet for {now - state.pending_since:.0f} of {quiet_seconds:g} s")
+        return Decision(
+            "wait", fingerprint, state, f"raw data changed ({fingerprint[:12]}); quiet for {now - state.pending_since:.0f} of {quiet_seconds:g} s"
+        )
     return Decision("run", fingerprint, WatchState(seen=fingerprint), f"raw data changed to {fingerprint[:12]} and settled: retraining")

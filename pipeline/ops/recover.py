@@ -56,8 +56,11 @@ def _run_pid(instance, run_id: str) -> int | None:
     from dagster import DagsterEventType
 
     for of_type in (DagsterEventType.RUN_START, DagsterEventType.ENGINE_EVENT):
-        pids = [e.dagster_event.pid for e in instance.all_logs(run_id, of_type=of_type)
-                if e.dagster_event is not None and getattr(e.dagster_event, "pid", None)]
+        pids = [
+            e.dagster_event.pid
+            for e in instance.all_logs(run_id, of_type=of_type)
+            if e.dagster_event is not None and getattr(e.dagster_event, "pid", None)
+        ]
         if pids:
             return pids[0]
     return None
@@ -81,15 +84,23 @@ def recover_dead_runs(instance, log=print) -> list[Recovered]:
                 continue
         elif pid == os.getpid() or _alive(pid):
             continue
-        slots = [c.step_key for pool in _pools(instance)
-                 for c in instance.event_log_storage.get_concurrency_info(pool).claimed_slots if c.run_id == run.run_id]
+        slots = [
+            c.step_key
+            for pool in _pools(instance)
+            for c in instance.event_log_storage.get_concurrency_info(pool).claimed_slots
+            if c.run_id == run.run_id
+        ]
         instance.report_run_failed(
-            run, message=f"the run's process (pid {pid}) is gone (killed?); marked failed by pipeline.ops.recover"
-                         + (f", its pool slots freed ({', '.join(slots)})" if slots else ""))
+            run,
+            message=f"the run's process (pid {pid}) is gone (killed?); marked failed by pipeline.ops.recover"
+            + (f", its pool slots freed ({', '.join(slots)})" if slots else ""),
+        )
         instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
         recovered.append(Recovered(run.run_id, pid, slots))
-        log(f"recovered run {run.run_id}: its process (pid {pid}) is gone; marked failed"
-            + (f", freed pool slots of {', '.join(slots)}" if slots else ""))
+        log(
+            f"recovered run {run.run_id}: its process (pid {pid}) is gone; marked failed"
+            + (f", freed pool slots of {', '.join(slots)}" if slots else "")
+        )
     # slots still held by runs that ended (a crash between the end and the release)
     ended = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
     for pool in _pools(instance):

@@ -15,8 +15,16 @@ from contextlib import contextmanager
 from pathlib import Path
 
 # Chromium on a machine without a network: no background connections, no sandbox as root
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 GROUPS = ("model", "data", "sweep")
 
 
@@ -33,8 +41,7 @@ def browser_page(width: int = 1800, height: int = 1100):
 
     with tempfile.TemporaryDirectory(prefix="medtune-chromium-") as profile, sync_playwright() as p:
         context = p.chromium.launch_persistent_context(
-            profile, executable_path=chromium_path(), args=CHROMIUM_FLAGS, headless=True,
-            viewport={"width": width, "height": height},
+            profile, executable_path=chromium_path(), args=CHROMIUM_FLAGS, headless=True, viewport={"width": width, "height": height}
         )
         try:
             yield context.pages[0] if context.pages else context.new_page()

@@ -49,12 +49,13 @@ def summary(data_dir: str | None = None) -> str:
         first, final = a.get("first_eval_loss"), a.get("final_eval_loss")
         losses = f"eval loss {first:.4f} → {final:.4f}" if first is not None and final is not None else ""
         out.append(
-            f"  training            {a.get('steps')} steps in {a.get('train_seconds')} s on {a.get('device')} "
-            f"({a.get('precision')}), {losses}"
+            f"  training            {a.get('steps')} steps in {a.get('train_seconds')} s on {a.get('device')} ({a.get('precision')}), {losses}"
         )
         if a.get("steady_tokens_per_s"):
-            out.append(f"                      {a['steady_tokens_per_s']:,.0f} tokens/s, {a.get('achieved_tflops')} TFLOP/s of a "
-                       f"{a.get('matmul_peak_tflops')} TFLOP/s matmul peak (MFU {a.get('mfu')})")
+            out.append(
+                f"                      {a['steady_tokens_per_s']:,.0f} tokens/s, {a.get('achieved_tflops')} TFLOP/s of a "
+                f"{a.get('matmul_peak_tflops')} TFLOP/s matmul peak (MFU {a.get('mfu')})"
+            )
         out.append(f"  adapter             {a['path']}")
         out.append(f"  MLflow run          {a.get('mlflow_run_id')}  (make mlflow-ui; store {redact(default_tracking_uri())})")
     report = stages / "evaluation_report.json"
@@ -80,8 +81,10 @@ def summary(data_dir: str | None = None) -> str:
     if reg.is_file():
         g = json.loads(reg.read_text())
         if g.get("registered"):
-            out.append(f"  registered          {g['name']} version {g['version']} (aliases: {', '.join(g['aliases']) or 'none'}); "
-                       f"load it with mlflow.pyfunc.load_model('models:/{g['name']}@champion')")
+            out.append(
+                f"  registered          {g['name']} version {g['version']} (aliases: {', '.join(g['aliases']) or 'none'}); "
+                f"load it with mlflow.pyfunc.load_model('models:/{g['name']}@champion')"
+            )
         else:
             out.append(f"  registered          NOT registered: {g.get('reason')}")
     out.append(f"  alpaca parquet      {root.alpaca_path}")
@@ -100,8 +103,10 @@ def _metrics_table(summary: dict) -> list[str]:
             cells = "".join(f"{'n/a' if s.get(c) is None else format(s[c], '.4f' if c == 'loss' else '.2f'):>16}" for c in cols)
             lines.append(f"{split:<13}{model:<7}{s['rows']:>5}{cells}")
             if split == "eval" and s.get("seen_medicine_choice_rows"):
-                lines.append(f"{'':<13}{'':<7}{'':>5}  choice accuracy on the {s['seen_medicine_choice_rows']} eval rows whose "
-                             f"medicine is trained on: {s['seen_medicine_choice_accuracy']:.2f}")
+                lines.append(
+                    f"{'':<13}{'':<7}{'':>5}  choice accuracy on the {s['seen_medicine_choice_rows']} eval rows whose "
+                    f"medicine is trained on: {s['seen_medicine_choice_accuracy']:.2f}"
+                )
     return lines
 
 

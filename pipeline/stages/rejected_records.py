@@ -50,8 +50,9 @@ def _kinds_markdown(kinds: Counter, limit: int = 15) -> str:
         return "_nothing rejected_"
     from pipeline.core.markdown import table
 
-    return table(["stage", "reason", "rows"],
-                 [(stage, reason, rows) for (stage, reason), rows in sorted(kinds.items(), key=lambda kv: -kv[1])[:limit]])
+    return table(
+        ["stage", "reason", "rows"], [(stage, reason, rows) for (stage, reason), rows in sorted(kinds.items(), key=lambda kv: -kv[1])[:limit]]
+    )
 
 
 def reasons_markdown(rejected: pd.DataFrame, limit: int = 15) -> str:

@@ -12,9 +12,24 @@ from typing import Any
 
 import pandas as pd
 
-COLUMNS = ["trial", "status", "method", "r", "learning_rate", "eval_loss", "base_eval_loss", "eval_choice_accuracy",
-           "train_choice_accuracy", "eval_rouge_l", "trainable_parameters", "adapter_mb", "train_seconds", "peak_rss_mb",
-           "peak_gpu_mb", "error"]
+COLUMNS = [
+    "trial",
+    "status",
+    "method",
+    "r",
+    "learning_rate",
+    "eval_loss",
+    "base_eval_loss",
+    "eval_choice_accuracy",
+    "train_choice_accuracy",
+    "eval_rouge_l",
+    "trainable_parameters",
+    "adapter_mb",
+    "train_seconds",
+    "peak_rss_mb",
+    "peak_gpu_mb",
+    "error",
+]
 
 
 def comparison_table(records: list[dict[str, Any]], defaults: dict[str, Any] | None = None) -> pd.DataFrame:
@@ -23,24 +38,26 @@ def comparison_table(records: list[dict[str, Any]], defaults: dict[str, Any] | N
     for rec in records:
         s, f = {**(defaults or {}), **rec.get("settings", {})}, rec.get("figures", {})
         size = f.get("adapter_bytes")
-        rows.append({
-            "trial": rec["label"],
-            "status": rec.get("status", "pending"),
-            "method": s.get("method", "lora"),
-            "r": s.get("r"),
-            "learning_rate": s.get("learning_rate"),
-            "eval_loss": f.get("tuned_eval_loss", f.get("final_eval_loss")),
-            "base_eval_loss": f.get("base_eval_loss", f.get("first_eval_loss")),
-            "eval_choice_accuracy": f.get("tuned_eval_choice_accuracy"),
-            "train_choice_accuracy": f.get("tuned_train_sample_choice_accuracy"),
-            "eval_rouge_l": f.get("tuned_eval_rouge_l"),
-            "trainable_parameters": f.get("trainable_parameters"),
-            "adapter_mb": round(size / 2**20, 3) if size else None,
-            "train_seconds": f.get("train_seconds"),
-            "peak_rss_mb": f.get("peak_rss_mb"),
-            "peak_gpu_mb": f.get("peak_gpu_mb"),
-            "error": (rec.get("error") or "")[:300],
-        })
+        rows.append(
+            {
+                "trial": rec["label"],
+                "status": rec.get("status", "pending"),
+                "method": s.get("method", "lora"),
+                "r": s.get("r"),
+                "learning_rate": s.get("learning_rate"),
+                "eval_loss": f.get("tuned_eval_loss", f.get("final_eval_loss")),
+                "base_eval_loss": f.get("base_eval_loss", f.get("first_eval_loss")),
+                "eval_choice_accuracy": f.get("tuned_eval_choice_accuracy"),
+                "train_choice_accuracy": f.get("tuned_train_sample_choice_accuracy"),
+                "eval_rouge_l": f.get("tuned_eval_rouge_l"),
+                "trainable_parameters": f.get("trainable_parameters"),
+                "adapter_mb": round(size / 2**20, 3) if size else None,
+                "train_seconds": f.get("train_seconds"),
+                "peak_rss_mb": f.get("peak_rss_mb"),
+                "peak_gpu_mb": f.get("peak_gpu_mb"),
+                "error": (rec.get("error") or "")[:300],
+            }
+        )
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
@@ -69,8 +86,12 @@ def comparison_plot(table: pd.DataFrame) -> bytes:
 
     done = table[table["status"] == "finished"]
     fig, axes = plt.subplots(2, 2, figsize=(12, 7))
-    panels = [("eval_loss", "held-out loss (base: grey)", False), ("eval_choice_accuracy", "held-out medicine-choice accuracy", False),
-              ("trainable_parameters", "trainable parameters", True), ("train_seconds", "training seconds", False)]
+    panels = [
+        ("eval_loss", "held-out loss (base: grey)", False),
+        ("eval_choice_accuracy", "held-out medicine-choice accuracy", False),
+        ("trainable_parameters", "trainable parameters", True),
+        ("train_seconds", "training seconds", False),
+    ]
     labels = done["trial"].tolist()
     for ax, (col, title, log) in zip(axes.flat, panels):
         values = pd.to_numeric(done[col], errors="coerce").fillna(0).tolist()

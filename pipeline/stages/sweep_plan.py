@@ -22,8 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,47}$")
-SHORT = {"method": "", "r": "r", "learning_rate": "lr", "lora_alpha": "a", "num_virtual_tokens": "v", "epochs": "ep",
-         "max_steps": "s"}
+SHORT = {"method": "", "r": "r", "learning_rate": "lr", "lora_alpha": "a", "num_virtual_tokens": "v", "epochs": "ep", "max_steps": "s"}
 PARTITIONS = "sweep_trials"  # the dynamic partitions of sweep_trial
 
 
@@ -49,8 +48,7 @@ def _label(point: dict[str, Any]) -> str:
     return re.sub(r"[^a-z0-9_.-]+", "_", label.lower())
 
 
-def expand(base: dict[str, Any], grid: dict[str, list], trials: list[dict[str, Any]],
-           per_method: dict[str, dict[str, Any]]) -> list[Trial]:
+def expand(base: dict[str, Any], grid: dict[str, list], trials: list[dict[str, Any]], per_method: dict[str, dict[str, Any]]) -> list[Trial]:
     """The sweep's trials, in grid order then the explicit ones; duplicates (same settings) once."""
     for key, values in grid.items():
         if not isinstance(values, list) or not values:

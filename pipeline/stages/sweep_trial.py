@@ -15,13 +15,31 @@ from typing import Any
 FINISHED, FAILED = "finished", "failed"
 
 # figures taken from the training's result
-TRAINING_FIGURES = ("first_eval_loss", "final_eval_loss", "final_train_loss", "steps", "train_seconds",
-                    "steady_tokens_per_s", "mfu", "trainable_parameters", "total_parameters", "adapter_bytes",
-                    "peak_rss_mb", "peak_gpu_mb", "optimizer")
+TRAINING_FIGURES = (
+    "first_eval_loss",
+    "final_eval_loss",
+    "final_train_loss",
+    "steps",
+    "train_seconds",
+    "steady_tokens_per_s",
+    "mfu",
+    "trainable_parameters",
+    "total_parameters",
+    "adapter_bytes",
+    "peak_rss_mb",
+    "peak_gpu_mb",
+    "optimizer",
+)
 # figures taken from the evaluation's summary: (model, split, metric)
-EVAL_FIGURES = (("tuned", "eval", "loss"), ("base", "eval", "loss"), ("tuned", "eval", "choice_accuracy"),
-                ("base", "eval", "choice_accuracy"), ("tuned", "train_sample", "choice_accuracy"),
-                ("tuned", "eval", "rouge_l"), ("base", "eval", "rouge_l"))
+EVAL_FIGURES = (
+    ("tuned", "eval", "loss"),
+    ("base", "eval", "loss"),
+    ("tuned", "eval", "choice_accuracy"),
+    ("base", "eval", "choice_accuracy"),
+    ("tuned", "train_sample", "choice_accuracy"),
+    ("tuned", "eval", "rouge_l"),
+    ("base", "eval", "rouge_l"),
+)
 
 
 def record_path(sweep_dir: Path, label: str) -> Path:

@@ -31,8 +31,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.core.cache import is_complete, keyed_folder
 from pipeline.core.atomic import atomic_dir
+from pipeline.core.cache import is_complete, keyed_folder
 from pipeline.core.fingerprint import sha256_json
 
 IGNORE_INDEX = -100
@@ -55,9 +55,7 @@ def prompt_messages(instruction: str, inp: str, system_prompt: str) -> list[dict
 
 def render_prompt(tokenizer, instruction: str, inp: str, system_prompt: str) -> str:
     """The text a model sees at inference, ending with the assistant's generation prompt."""
-    return tokenizer.apply_chat_template(
-        prompt_messages(instruction, inp, system_prompt), tokenize=False, add_generation_prompt=True
-    )
+    return tokenizer.apply_chat_template(prompt_messages(instruction, inp, system_prompt), tokenize=False, add_generation_prompt=True)
 
 
 def pad_token_id(tokenizer, fallback: int) -> int:
@@ -89,12 +87,7 @@ class TokenizedRow:
 
 
 def tokenize_rows(
-    tokenizer,
-    instructions: list[str],
-    inputs: list[str],
-    outputs: list[str],
-    system_prompt: str,
-    max_seq_len: int,
+    tokenizer, instructions: list[str], inputs: list[str], outputs: list[str], system_prompt: str, max_seq_len: int
 ) -> list[TokenizedRow | None]:
     """Tokenize conversations; ``None`` for a row whose prompt alone exceeds ``max_seq_len``."""
     if not getattr(tokenizer, "chat_template", None):
@@ -200,8 +193,7 @@ def tokenize_dataset(
     rows = []
     for start in range(0, len(alpaca), TOKENIZE_BLOCK):  # each row on its own: blocks only pace the progress lines
         part = alpaca.iloc[start : start + TOKENIZE_BLOCK]
-        rows += tokenize_rows(tokenizer, part["instruction"].tolist(), part["input"].tolist(), part["output"].tolist(),
-                              system_prompt, max_seq_len)
+        rows += tokenize_rows(tokenizer, part["instruction"].tolist(), part["input"].tolist(), part["output"].tolist(), system_prompt, max_seq_len)
         progress(len(rows))
     keep = [r is not None for r in rows]
     skipped = alpaca.loc[[not k for k in keep], "record_id"].tolist()

@@ -31,9 +31,7 @@ from pipeline.core.records import FIELDS, StagedRows, StageResult, empty_records
 STAGE = "validate"
 
 # Characters Python's str.strip() removes, plus zero-width space and BOM (invisible "blank").
-WHITESPACE = (
-    "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000-\u200a\u200b\u2028\u2029\u202f\u205f\u3000\ufeff"
-)
+WHITESPACE = "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000-\u200a\u200b\u2028\u2029\u202f\u205f\u3000\ufeff"
 NOT_BLANK_REGEX = f"[^{WHITESPACE}]"
 # C0 controls except tab (0x09) and newline (0x0a), DEL, and C1 controls.
 CONTROL_CHARS_REGEX = "[\x00-\x08\x0b-\x1f\x7f-\x9f]"
@@ -140,9 +138,7 @@ class Suite:
             suite = ctx.suites.add(gx.ExpectationSuite(name=f"alpaca_records_{column}"))
             for expectation in build_expectations(bounds, (column,)):
                 suite.add_expectation(expectation)
-            definition = ctx.validation_definitions.add(
-                gx.ValidationDefinition(name=f"validate_{column}", data=batch_def, suite=suite)
-            )
+            definition = ctx.validation_definitions.add(gx.ValidationDefinition(name=f"validate_{column}", data=batch_def, suite=suite))
             self.definitions.append((column, definition))
 
     def run(self, df: pd.DataFrame) -> tuple[list[ExpectationOutcome], dict[int, list[str]]]:
@@ -156,8 +152,7 @@ class Suite:
             with _quiet_gx():
                 result = definition.run(
                     batch_parameters={"dataframe": part},
-                    result_format={"result_format": "COMPLETE", "partial_unexpected_count": examples,
-                                   "return_unexpected_index_query": False},
+                    result_format={"result_format": "COMPLETE", "partial_unexpected_count": examples, "return_unexpected_index_query": False},
                 )
             for r in result.results:
                 cfg = r.expectation_config
@@ -172,9 +167,7 @@ class Suite:
                 for idx in res.get("unexpected_index_list") or []:
                     reasons.setdefault(int(idx), []).append(f"{column}: {description} [{kind}]")
                 shown = [_short(v) for v in (res.get("partial_unexpected_list") or [])[:examples]]
-                outcomes.append(
-                    ExpectationOutcome(kind, column, description, bool(r.success), int(res.get("unexpected_count") or 0), shown)
-                )
+                outcomes.append(ExpectationOutcome(kind, column, description, bool(r.success), int(res.get("unexpected_count") or 0), shown))
         return outcomes, reasons
 
 
@@ -225,8 +218,9 @@ def validate_records(df: pd.DataFrame, bounds: Bounds | None = None) -> StageRes
         return result
 
 
-def validate_to(rows: StagedRows, folder: str | os.PathLike, bounds: Bounds | None = None,
-                chunk_rows: int = CHUNK_ROWS, workers: int | None = None, log=None) -> StagedRows:
+def validate_to(
+    rows: StagedRows, folder: str | os.PathLike, bounds: Bounds | None = None, chunk_rows: int = CHUNK_ROWS, workers: int | None = None, log=None
+) -> StagedRows:
     """:func:`validate_records`, streamed: the suite runs on each chunk of ``rows`` and the
     results add up to one report; kept and rejected rows go to ``folder`` chunk by chunk. On
     2,000,000 rows or more the suite runs in one worker process per core (``pipeline.core.pool``),
@@ -243,8 +237,10 @@ def validate_to(rows: StagedRows, folder: str | os.PathLike, bounds: Bounds | No
     if n_workers == 1:
         results = ((chunk, *suite.run(chunk)) for chunk in rows.iter_kept(chunk_rows))
     else:
-        results = ((read_batch(rows.kept_path, i), *done) for i, done in
-                   enumerate(map_batches(rows.kept_path, _run_batch, (dataclasses.asdict(bounds),), n_workers)))
+        results = (
+            (read_batch(rows.kept_path, i), *done)
+            for i, done in enumerate(map_batches(rows.kept_path, _run_batch, (dataclasses.asdict(bounds),), n_workers))
+        )
     with stage_output(folder, empty_records(), chunk_rows) as out:
         for chunk, outcomes, reasons in results:
             kept, rejected = _apply(chunk, reasons)
@@ -274,6 +270,17 @@ def _run_batch(path: str, index: int, bounds: dict) -> tuple[list[ExpectationOut
 def report_markdown(outcomes: list[ExpectationOutcome]) -> str:
     from pipeline.core.markdown import table
 
-    return table(["expectation", "column", "rule", "result", "unexpected", "examples"],
-                 [(o.expectation, o.column, o.description, "✅ pass" if o.success else "❌ fail", o.unexpected_count,
-                   ", ".join(f"`{e}`" for e in o.examples)) for o in outcomes])
+    return table(
+        ["expectation", "column", "rule", "result", "unexpected", "examples"],
+        [
+            (
+                o.expectation,
+                o.column,
+                o.description,
+                "✅ pass" if o.success else "❌ fail",
+                o.unexpected_count,
+                ", ".join(f"`{e}`" for e in o.examples),
+            )
+            for o in outcomes
+        ],
+    )

@@ -35,16 +35,36 @@ import pandas as pd
 
 from pipeline.core.chunks import CHUNK_ROWS
 from pipeline.core.pool import map_batches, read_batch, workers_for
-from pipeline.core.records import StagedRows, StageResult, empty_records, in_memory, records_as_rejects, stage_output
+from pipeline.core.records import StagedRows, StageResult, empty_records, in_memory, stage_output
 from pipeline.stages.deduplicated_records import minhash, near
-from pipeline.stages.deduplicated_records.keys import (SEP, chunk_keys, first_of_group, hex_ids, normalize_array, normalize_text,
-                                                       prompt_keys, stable_id)
+from pipeline.stages.deduplicated_records.keys import (
+    SEP,
+    chunk_keys,
+    first_of_group,
+    hex_ids,
+    normalize_array,
+    normalize_text,
+    prompt_keys,
+    stable_id,
+)
+from pipeline.stages.deduplicated_records.output import STAGE, _Buckets, _chunk_output, _stats  # noqa: F401 (STAGE: re-exported)
 from pipeline.stages.deduplicated_records.sources import Sources, source_codes
 
-__all__ = ["CONFLICT_POLICIES", "NEAR_POLICIES", "SEP", "chunk_keys", "decide", "deduplicate", "deduplicate_to", "first_of_group",
-           "hex_ids", "normalize_array", "normalize_text", "stable_id"]
+__all__ = [
+    "CONFLICT_POLICIES",
+    "NEAR_POLICIES",
+    "SEP",
+    "chunk_keys",
+    "decide",
+    "deduplicate",
+    "deduplicate_to",
+    "first_of_group",
+    "hex_ids",
+    "normalize_array",
+    "normalize_text",
+    "stable_id",
+]
 
-STAGE = "dedup"
 ConflictPolicy = Literal["keep_first", "keep_all", "drop"]
 CONFLICT_POLICIES = ("keep_first", "keep_all", "drop")
 NearPolicy = Literal["report", "drop"]
@@ -67,8 +87,16 @@ def _first_pass_batch(path: str, index: int, threshold: float) -> tuple:
     return first_pass(read_batch(path, index), threshold)
 
 
-def decide(triple: np.ndarray, prompt: np.ndarray, sources: Sources, conflict_policy: ConflictPolicy,
-           bands: np.ndarray, sketches: near.Sketches, near_policy: NearPolicy = "report", threshold: float = NEAR_THRESHOLD) -> tuple[dict[int, str], np.ndarray, list[dict], dict]:
+def decide(
+    triple: np.ndarray,
+    prompt: np.ndarray,
+    sources: Sources,
+    conflict_policy: ConflictPolicy,
+    bands: np.ndarray,
+    sketches: near.Sketches,
+    near_policy: NearPolicy = "report",
+    threshold: float = NEAR_THRESHOLD,
+) -> tuple[dict[int, str], np.ndarray, list[dict], dict]:
     """Which rows go, and why: ``(reasons by row, (duplicate rows, the first row of each one's
     triple), conflict groups, counts)``; ``counts["near"]`` holds the near-duplicate groups and the
     grouped rows kept. Works on the keys alone, so any number of rows fits in memory."""
@@ -94,111 +122,45 @@ def decide(triple: np.ndarray, prompt: np.ndarray, sources: Sources, conflict_po
     for head, rows in sorted(members.items(), key=lambda kv: kv[1][1]):
         conflict_rows += len(rows)
         where = sources.where(rows)
-        groups.append({
-            "rows": len(rows),
-            "kept": where[0] if conflict_policy == "keep_first" else ("all" if conflict_policy == "keep_all" else "none"),
-            "sources": where,
-            "prompt": "",  # filled in from the first row's text as the rows are written
-            "_head": head,
-        })
+        groups.append(
+            {
+                "rows": len(rows),
+                "kept": where[0] if conflict_policy == "keep_first" else ("all" if conflict_policy == "keep_all" else "none"),
+                "sources": where,
+                "prompt": "",  # filled in from the first row's text as the rows are written
+                "_head": head,
+            }
+        )
         if conflict_policy == "keep_first":
             for p in rows[1:]:
-                reasons[p] = (f"conflict: same prompt as {where[0]} but a different answer "
-                              f"(conflict_policy keep_first keeps the first)")
+                reasons[p] = f"conflict: same prompt as {where[0]} but a different answer (conflict_policy keep_first keeps the first)"
         elif conflict_policy == "drop":
             for p in rows:
-                reasons[p] = (f"conflict: {len(rows)} rows share this prompt with different answers "
-                              f"({', '.join(where[:5])}{'…' if len(where) > 5 else ''}); conflict_policy drop")
+                reasons[p] = (
+                    f"conflict: {len(rows)} rows share this prompt with different answers "
+                    f"({', '.join(where[:5])}{'…' if len(where) > 5 else ''}); conflict_policy drop"
+                )
     kept = np.ones(n, dtype=bool)
     kept[is_dup] = False
     kept[list(reasons)] = False
     n_conflicts = len(reasons)
-    near_reasons, grouped, near_groups, near_counts = near.near_decisions(bands, sketches, prompt, kept, sources.where,
-                                                                          near_policy, threshold)
+    near_reasons, grouped, near_groups, near_counts = near.near_decisions(bands, sketches, prompt, kept, sources.where, near_policy, threshold)
     kept[list(near_reasons)] = False
     reasons.update(near_reasons)
     # what alpaca_dataset splits by: a prompt's first row, or its near group's first row
     split_of = np.arange(n, dtype=np.int64)
     split_of[rest] = pfirst
     split_of[grouped[0]] = grouped[1]
-    counts = {"duplicates_removed": n_dups, "conflict_groups": len(groups), "conflict_rows": conflict_rows,
-              "conflicts_rejected": n_conflicts, "kept": kept,
-              "distinct_prompts": int(len(near.sorted_unique(split_of[kept]))),
-              "near": {"grouped": grouped, "groups": near_groups, "policy": near_policy, "threshold": threshold, **near_counts}}
-    return reasons, dups, groups, counts
-
-
-def _dup_reason(where: str) -> str:
-    return f"duplicate of {where} (same instruction, input and output after normalisation)"
-
-
-def _norm_prompt(frame: pd.DataFrame, r: int) -> str:
-    return normalize_text(str(frame.at[r, "instruction"])) + SEP + normalize_text(str(frame.at[r, "input"]))
-
-
-def _near_shown(frame: pd.DataFrame, offset: int, groups: list[dict]) -> None:
-    """The listed near-duplicate groups' first prompt and how similar their rows are (exact Jaccard
-    of the shingles, the lowest against the first row), as their rows go by."""
-    for g in groups:
-        for m in [m for m in g["_members"] if offset <= m < offset + len(frame)]:
-            r = m - offset
-            if m == g["_head"]:
-                g["prompt"] = str(frame.at[r, "input"] or frame.at[r, "instruction"])[:80]
-                g["_text"] = _norm_prompt(frame, r)
-            else:
-                j = round(near.jaccard(g["_text"], _norm_prompt(frame, r)), 3)
-                g["similarity"] = j if g["similarity"] is None else min(g["similarity"], j)
-
-
-def _chunk_output(frame: pd.DataFrame, offset: int, triple: np.ndarray, prompt: np.ndarray, dups: tuple[np.ndarray, np.ndarray],
-                  reasons: dict[int, str], counts: dict, sources: Sources, heads: dict[int, dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """One chunk's kept rows (with ``record_id``, ``prompt_id`` and ``near_group_id``) and rejected rows."""
-    n = len(frame)
-    rows = np.arange(offset, offset + n)
-    keep = counts["kept"][offset : offset + n]
-    for head in [h for h in heads if offset <= h < offset + n]:
-        r = head - offset
-        heads[head]["prompt"] = str(frame.at[r, "input"] or frame.at[r, "instruction"])[:80]
-    _near_shown(frame, offset, counts["near"]["groups"])
-    bad = rows[~keep]
-    dup_rows, dup_heads = dups
-    at = np.minimum(np.searchsorted(dup_rows, bad), max(len(dup_rows) - 1, 0))
-    hit = dup_rows[at] == bad if len(dup_rows) else np.zeros(len(bad), dtype=bool)
-    dup_first = np.where(hit, dup_heads[at] if len(dup_rows) else bad, bad)
-    dup_where = sources.where(dup_first[dup_first != bad].tolist())
-    it = iter(dup_where)
-    why = [_dup_reason(next(it)) if f != b else reasons[int(b)] for b, f in zip(bad.tolist(), dup_first.tolist())]
-    rejected = records_as_rejects(frame.iloc[bad - offset], STAGE, why)
-    out = frame[keep].reset_index(drop=True)
-    idx = rows[keep]
-    out.insert(0, "record_id", pd.Series(hex_ids(triple[idx]), dtype="str"))
-    out.insert(1, "prompt_id", pd.Series(hex_ids(prompt[idx]), dtype="str"))
-    grouped, group_head = counts["near"]["grouped"]
-    at = np.minimum(np.searchsorted(grouped, idx), max(len(grouped) - 1, 0))
-    split_row = np.where(grouped[at] == idx, group_head[at], idx) if len(grouped) else idx
-    out["near_group_id"] = pd.Series(hex_ids(prompt[split_row]), dtype="str")
-    return out, rejected
-
-
-def _stats(n: int, kept_rows: int, counts: dict, conflict_policy: str, groups: list[dict], buckets: dict) -> dict:
-    return {
-        "rows_in": n,
-        "rows_kept": kept_rows,
-        "rows_rejected": n - kept_rows,
-        "duplicates_removed": counts["duplicates_removed"],
-        "conflict_policy": conflict_policy,
-        "conflict_groups": counts["conflict_groups"],
-        "conflict_rows": counts["conflict_rows"],
-        "conflicts_rejected": counts["conflicts_rejected"],
-        "conflicts": [{k: v for k, v in g.items() if k != "_head"} for g in groups],
-        "near_duplicate_policy": counts["near"]["policy"],
-        "near_duplicate_threshold": counts["near"]["threshold"],
-        "near_duplicate_groups": counts["near"]["near_duplicate_groups"],
-        "near_duplicate_rows": counts["near"]["near_duplicate_rows"],
-        "near_duplicates_rejected": counts["near"]["near_duplicates_rejected"],
-        "near_duplicates": [{k: v for k, v in g.items() if not k.startswith("_")} for g in counts["near"]["groups"]],
-        "prompt_buckets": buckets,
+    counts = {
+        "duplicates_removed": n_dups,
+        "conflict_groups": len(groups),
+        "conflict_rows": conflict_rows,
+        "conflicts_rejected": n_conflicts,
+        "kept": kept,
+        "distinct_prompts": int(len(near.sorted_unique(split_of[kept]))),
+        "near": {"grouped": grouped, "groups": near_groups, "policy": near_policy, "threshold": threshold, **near_counts},
     }
+    return reasons, dups, groups, counts
 
 
 def _check_policy(conflict_policy: str, near_policy: str, threshold: float) -> None:
@@ -210,40 +172,35 @@ def _check_policy(conflict_policy: str, near_policy: str, threshold: float) -> N
         raise ValueError(f"near_duplicate_threshold must be between 0 and 1, not {threshold}")
 
 
-class _Buckets:
-    """The smallest and largest split bucket of the kept prompts (``alpaca_dataset`` needs them
-    to keep one prompt in each split), gathered chunk by chunk."""
-
-    def __init__(self, distinct: int) -> None:
-        self.lo = self.hi = None
-        self.distinct = distinct
-
-    def add(self, prompt_ids: pd.Series) -> None:
-        from pipeline.stages.alpaca_dataset import bucket
-
-        if len(prompt_ids):
-            b = bucket(prompt_ids)
-            self.lo = b.min() if self.lo is None else min(self.lo, b.min())
-            self.hi = b.max() if self.hi is None else max(self.hi, b.max())
-
-    def stats(self) -> dict:
-        return {"min": None if self.lo is None else float(self.lo), "max": None if self.hi is None else float(self.hi),
-                "distinct_prompts": self.distinct}
-
-
-def deduplicate(df: pd.DataFrame, conflict_policy: ConflictPolicy = "keep_first", near_duplicate_policy: NearPolicy = "report",
-                near_duplicate_threshold: float = NEAR_THRESHOLD) -> StageResult:
+def deduplicate(
+    df: pd.DataFrame,
+    conflict_policy: ConflictPolicy = "keep_first",
+    near_duplicate_policy: NearPolicy = "report",
+    near_duplicate_threshold: float = NEAR_THRESHOLD,
+) -> StageResult:
     """Exact duplicates removed, conflicts and near duplicates handled, in memory: the asset's own
     :func:`deduplicate_to` over a temporary folder (one code path)."""
     _check_policy(conflict_policy, near_duplicate_policy, near_duplicate_threshold)
-    with in_memory(deduplicate_to, df, conflict_policy=conflict_policy, near_duplicate_policy=near_duplicate_policy,
-                   near_duplicate_threshold=near_duplicate_threshold) as result:
+    with in_memory(
+        deduplicate_to,
+        df,
+        conflict_policy=conflict_policy,
+        near_duplicate_policy=near_duplicate_policy,
+        near_duplicate_threshold=near_duplicate_threshold,
+    ) as result:
         return result
 
 
-def deduplicate_to(rows: StagedRows, folder: str | os.PathLike, conflict_policy: ConflictPolicy = "keep_first",
-                   chunk_rows: int = CHUNK_ROWS, workers: int | None = None, near_duplicate_policy: NearPolicy = "report",
-                   near_duplicate_threshold: float = NEAR_THRESHOLD, log=None) -> StagedRows:
+def deduplicate_to(
+    rows: StagedRows,
+    folder: str | os.PathLike,
+    conflict_policy: ConflictPolicy = "keep_first",
+    chunk_rows: int = CHUNK_ROWS,
+    workers: int | None = None,
+    near_duplicate_policy: NearPolicy = "report",
+    near_duplicate_threshold: float = NEAR_THRESHOLD,
+    log=None,
+) -> StagedRows:
     """:func:`deduplicate`, streamed in two passes over ``rows``: the first keeps only each row's
     two 128-bit keys, its source and its LSH band keys (44 bytes a row and 4 a band; the sketches
     that check candidate pairs, 64 bytes a row, go to a file beside ``folder``, deleted after), computed on 2,000,000
@@ -278,8 +235,9 @@ def deduplicate_to(rows: StagedRows, folder: str | os.PathLike, conflict_policy:
         if offset != n:
             raise RuntimeError(f"{rows.kept_path} holds {offset} rows, its stage said {n}")
         clock = {"first_pass": time.perf_counter() - started}
-        reasons, dups, groups, counts = decide(triple, prompt, sources, conflict_policy, bands, sketches,
-                                               near_duplicate_policy, near_duplicate_threshold)
+        reasons, dups, groups, counts = decide(
+            triple, prompt, sources, conflict_policy, bands, sketches, near_duplicate_policy, near_duplicate_threshold
+        )
     del bands
     heads = {g["_head"]: g for g in groups}
     buckets = _Buckets(counts["distinct_prompts"])

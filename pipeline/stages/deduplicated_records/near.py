@@ -63,7 +63,7 @@ class Sketches:
             self._file.close()
             self.path.unlink(missing_ok=True)
 
-    def __enter__(self) -> "Sketches":
+    def __enter__(self) -> Sketches:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -155,8 +155,9 @@ class _Subset:
 GROUPS_KEPT_IN_STATS = 1000  # groups listed in the stage's stats (all are counted)
 
 
-def near_decisions(bands: np.ndarray, sketches: Sketches, prompt: np.ndarray, kept: np.ndarray, where, policy: str,
-                   threshold: float) -> tuple[dict[int, str], tuple[np.ndarray, np.ndarray], list[dict], dict]:
+def near_decisions(
+    bands: np.ndarray, sketches: Sketches, prompt: np.ndarray, kept: np.ndarray, where, policy: str, threshold: float
+) -> tuple[dict[int, str], tuple[np.ndarray, np.ndarray], list[dict], dict]:
     """Near-duplicate groups among the ``kept`` rows and what ``policy`` does with them:
     ``(reasons by rejected row, (grouped rows still kept, their group's first row), groups, counts)``.
 
@@ -176,26 +177,41 @@ def near_decisions(bands: np.ndarray, sketches: Sketches, prompt: np.ndarray, ke
     for g, members in enumerate(np.split(rows[order], bounds) if len(rows) else []):
         head = int(members[0])
         if policy == "drop":
-            for r, w in zip(members[1:].tolist(), where(members[1:].tolist())):
+            for r in members[1:].tolist():
                 if np.any(prompt[r] != prompt[head]):
-                    reasons[r] = (f"near duplicate of {where([head])[0]}: their prompts differ only slightly (MinHash LSH on "
-                                  f"character bigrams, near_duplicate_threshold {threshold}); near_duplicate_policy drop keeps the first")
+                    reasons[r] = (
+                        f"near duplicate of {where([head])[0]}: their prompts differ only slightly (MinHash LSH on "
+                        f"character bigrams, near_duplicate_threshold {threshold}); near_duplicate_policy drop keeps the first"
+                    )
         if g < GROUPS_KEPT_IN_STATS:
             sources = where(members[:6].tolist())
-            groups.append({"rows": len(members), "kept": sources[0] if policy == "drop" else "all",
-                           "sources": sources + ([f"… {len(members) - 6} more"] if len(members) > 6 else []),
-                           "prompt": "", "similarity": None, "_head": head, "_members": members[:6].tolist()})
+            groups.append(
+                {
+                    "rows": len(members),
+                    "kept": sources[0] if policy == "drop" else "all",
+                    "sources": sources + ([f"… {len(members) - 6} more"] if len(members) > 6 else []),
+                    "prompt": "",
+                    "similarity": None,
+                    "_head": head,
+                    "_members": members[:6].tolist(),
+                }
+            )
     stay = ~np.isin(rows, list(reasons)) if reasons else np.ones(len(rows), dtype=bool)
-    counts = {"near_duplicate_groups": len(bounds) + 1 if len(rows) else 0, "near_duplicate_rows": len(rows),
-              "near_duplicates_rejected": len(reasons)}
+    counts = {
+        "near_duplicate_groups": len(bounds) + 1 if len(rows) else 0,
+        "near_duplicate_rows": len(rows),
+        "near_duplicates_rejected": len(reasons),
+    }
     return reasons, (rows[stay], heads[stay]), groups, counts
 
 
 def jaccard(a: str, b: str) -> float:
     """Exact Jaccard similarity of two prompts' shingle sets (shown next to each group)."""
+
     def shingles(text: str) -> set[str]:
         t = "".join(c for c in text.lower() if c.isalnum())
         t = t + "\0" if len(t) == 1 else t
         return {t[i : i + 2] for i in range(len(t) - 1)}
+
     sa, sb = shingles(a), shingles(b)
     return len(sa & sb) / len(sa | sb) if sa | sb else 1.0

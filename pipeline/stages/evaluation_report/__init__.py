@@ -29,14 +29,38 @@ from typing import Any
 import pandas as pd
 
 from pipeline.stages.evaluation_report.choice import ChoiceSet, combine_forms, openings_ids, rank_of, score_prefilled
-from pipeline.stages.evaluation_report.generation import (answer_losses, eval_dtype, generate_greedy, inference_device,
-                                                         load_tuned_model, lora_merged, prompt_length, stop_token_ids)
+from pipeline.stages.evaluation_report.generation import (
+    answer_losses,
+    eval_dtype,
+    generate_greedy,
+    inference_device,
+    load_tuned_model,
+    lora_merged,
+    prompt_length,
+    stop_token_ids,
+)
 from pipeline.stages.evaluation_report.metrics import NAME_PATTERNS, extract_medicine_name, name_hit, text_scores
 from pipeline.stages.tokenized_dataset import pad_token_id, render_prompt
 
-__all__ = ["EvalConfig", "EvaluationResult", "NAME_PATTERNS", "answer_losses", "eval_dtype", "evaluate_models",
-           "extract_medicine_name", "generate_greedy", "inference_device", "load_tuned_model", "name_hit",
-           "select_rows", "side_by_side_markdown", "stop_token_ids", "summary_markdown", "text_scores", "tuned_beats_base"]
+__all__ = [
+    "EvalConfig",
+    "EvaluationResult",
+    "NAME_PATTERNS",
+    "answer_losses",
+    "eval_dtype",
+    "evaluate_models",
+    "extract_medicine_name",
+    "generate_greedy",
+    "inference_device",
+    "load_tuned_model",
+    "name_hit",
+    "select_rows",
+    "side_by_side_markdown",
+    "stop_token_ids",
+    "summary_markdown",
+    "text_scores",
+    "tuned_beats_base",
+]
 
 MODELS = ("base", "tuned")
 SPLITS = ("eval", "train_sample")
@@ -53,7 +77,7 @@ class EvalConfig:
     train_sample_size: int = 16  # train rows added to the eval rows, a fixed sample
     batch_size: int = 64  # prompts per generation batch (left padding)
     seed: int = 42
-    choices: "ChoiceSet | None" = None  # candidate medicines and answer forms; None: no choice scoring
+    choices: ChoiceSet | None = None  # candidate medicines and answer forms; None: no choice scoring
     train_medicines: frozenset[str] = frozenset()  # medicines named in training answers
 
 
@@ -117,8 +141,9 @@ def _summarise(table: pd.DataFrame, model: str, split: str, losses: list[tuple[f
     return out
 
 
-def evaluate_models(model, tokenizer, rows: pd.DataFrame, config: EvalConfig, stop_ids: list[int], log=print,
-                    base: dict | None = None) -> EvaluationResult:
+def evaluate_models(
+    model, tokenizer, rows: pd.DataFrame, config: EvalConfig, stop_ids: list[int], log=print, base: dict | None = None
+) -> EvaluationResult:
     """Run both models (``model`` is a PeftModel; its adapter is switched off for "base"). ``base``:
     the base model's part of an earlier evaluation of the same rows and settings (:func:`base_part`),
     used instead of running the base model again."""
@@ -149,9 +174,19 @@ def evaluate_models(model, tokenizer, rows: pd.DataFrame, config: EvalConfig, st
             log("base model: its answers, losses and choices for these rows and settings reused (same base weights)")
             continue
         # the base: the adapter switched off; the tuned model: plain LoRA layers as merged weights
-        with (model.disable_adapter() if name == "base" else lora_merged(model)):
-            run = run_model(model, pairs, openings if openings else None, set(scored), max_new_tokens=config.max_new_tokens,
-                            stop_ids=stop_ids, pad_id=pad_id, batch_size=config.batch_size, log=log, name=name)
+        with model.disable_adapter() if name == "base" else lora_merged(model):
+            run = run_model(
+                model,
+                pairs,
+                openings if openings else None,
+                set(scored),
+                max_new_tokens=config.max_new_tokens,
+                stop_ids=stop_ids,
+                pad_id=pad_id,
+                batch_size=config.batch_size,
+                log=log,
+                name=name,
+            )
         losses[name] = run["losses"]
         ids = run["answers"]
         answers = tokenizer.batch_decode(ids, skip_special_tokens=True)
@@ -180,13 +215,27 @@ def evaluate_models(model, tokenizer, rows: pd.DataFrame, config: EvalConfig, st
             split_losses = [l for l, m in zip(losses[name], mask) if m]
             summary[name][split] = _summarise(table[mask], name, split, split_losses)
     result = EvaluationResult(table, summary, {s: int((table["split"] == s).sum()) for s in SPLITS})
-    result.base = {"record_id": table["record_id"].tolist(), "losses": [list(x) for x in losses["base"]],
-                   "columns": {c: table[c].tolist() for c in table.columns if c.startswith("base_")}}
+    result.base = {
+        "record_id": table["record_id"].tolist(),
+        "losses": [list(x) for x in losses["base"]],
+        "columns": {c: table[c].tolist() for c in table.columns if c.startswith("base_")},
+    }
     return result
 
 
-def run_model(model, rows: list[tuple[list[int], list[int]]], openings: list[list[list[int]]] | None, scored: set[int], *,
-              max_new_tokens: int, stop_ids: list[int], pad_id: int, batch_size: int, log=print, name: str = "model") -> dict[str, Any]:
+def run_model(
+    model,
+    rows: list[tuple[list[int], list[int]]],
+    openings: list[list[list[int]]] | None,
+    scored: set[int],
+    *,
+    max_new_tokens: int,
+    stop_ids: list[int],
+    pad_id: int,
+    batch_size: int,
+    log=print,
+    name: str = "model",
+) -> dict[str, Any]:
     """One model over the evaluated rows (tokenized prompt + answer), ``batch_size`` rows at a time:
     each row's forward gives its answer loss, its prompt's cache and first greedy token; the rows in
     ``scored`` have every medicine opening scored over that cache (``choice.score_prefilled``);
@@ -223,63 +272,13 @@ def run_model(model, rows: list[tuple[list[int], list[int]]], openings: list[lis
         for i, a in zip(idx, new):
             answers[i] = a
         tokens["decode"] += sum(len(a) for a in new)
-        log(f"{name} model: {start + len(idx)}/{len(rows)} rows; {tokens['decode']} new tokens in {times['decode']:.1f} s "
+        log(
+            f"{name} model: {start + len(idx)}/{len(rows)} rows; {tokens['decode']} new tokens in {times['decode']:.1f} s "
             f"({tokens['decode'] / max(times['decode'], 1e-9):.1f} tokens/s); answer losses over {tokens['prefill']} tokens in "
-            f"{times['prefill']:.1f} s; choice scoring {times['choice']:.1f} s")
+            f"{times['prefill']:.1f} s; choice scoring {times['choice']:.1f} s"
+        )
     return {"losses": losses, "answers": answers, "choices": choices, "times": times, "tokens": tokens}
 
 
-def tuned_beats_base(summary: dict[str, dict[str, dict[str, Any]]]) -> tuple[bool, str]:
-    """The registry gate, on held-out rows: the tuned model's answer loss below the base model's,
-    its medicine-choice accuracy not lower (where the data names medicines) and its ROUGE-L not
-    lower."""
-    try:
-        b, t = summary["base"]["eval"], summary["tuned"]["eval"]
-    except KeyError:
-        return False, "no eval rows: the tuned model cannot be compared with the base model"
-    reasons, said = [], [f"eval loss {b['loss']:.4f} → {t['loss']:.4f}"]
-    if not t["loss"] < b["loss"]:
-        reasons.append(f"eval loss did not go down (tuned {t['loss']:.4f} vs base {b['loss']:.4f})")
-    if b.get("choice_accuracy") is not None and t.get("choice_accuracy") is not None:
-        said.append(f"choice accuracy {b['choice_accuracy']:.2f} → {t['choice_accuracy']:.2f}")
-        if t["choice_accuracy"] < b["choice_accuracy"]:
-            reasons.append(f"eval medicine-choice accuracy went down (tuned {t['choice_accuracy']:.2f} vs base {b['choice_accuracy']:.2f})")
-    said.append(f"ROUGE-L {b['rouge_l']:.2f} → {t['rouge_l']:.2f}")
-    if t["rouge_l"] < b["rouge_l"]:
-        reasons.append(f"eval ROUGE-L went down (tuned {t['rouge_l']:.2f} vs base {b['rouge_l']:.2f})")
-    if reasons:
-        return False, "; ".join(reasons)
-    return True, ", ".join(said)
-
-
-def summary_markdown(summary: dict[str, dict[str, dict[str, Any]]]) -> str:
-    cols = ["loss", "perplexity", "choice_accuracy", "choice_rank", "seen_medicine_choice_accuracy", "bleu_4", "rouge_1",
-            "rouge_2", "rouge_l", "name_hit_rate"]
-    from pipeline.core.markdown import table
-
-    rows = []
-    for split in SPLITS:
-        for model in MODELS:
-            s = summary.get(model, {}).get(split)
-            if not s:
-                continue
-            vals = ["n/a" if s.get(c) is None else (f"{s[c]:.4f}" if c in ("loss",) else f"{s[c]:.2f}" if isinstance(s[c], float) else str(s[c])) for c in cols]
-            rows.append([split, model, s["rows"], *vals])
-    return table(["split", "model", "rows", *cols], rows)
-
-
-def side_by_side_markdown(table: pd.DataFrame, n: int = 5, width: int = 80) -> str:
-    from pipeline.core.markdown import table as markdown_table
-
-    choice = "base_choice" in table
-    header = ["split", "prompt", "reference", "base answer", "tuned answer", "base ROUGE-L", "tuned ROUGE-L",
-              "name hit base/tuned"] + (["choice base/tuned (rank)"] if choice else [])
-    rows = []
-    for _, r in table.head(n).iterrows():
-        row = [r["split"], r["prompt"], r["reference"], r["base_answer"], r["tuned_answer"], f"{r['base_rouge_l']:.1f}",
-               f"{r['tuned_rouge_l']:.1f}", f"{r['base_name_hit']}/{r['tuned_name_hit']}" if r["medicine"] else "unknown"]
-        if choice:
-            row.append(f"{r['base_choice']} ({r['base_choice_rank']:.0f}) / {r['tuned_choice']} ({r['tuned_choice_rank']:.0f})"
-                       if r["base_choice"] else "n/a")
-        rows.append(row)
-    return markdown_table(header, rows, width)
+# the gate and the Markdown tables (re-exported: callers import them from the stage)
+from pipeline.stages.evaluation_report.report import side_by_side_markdown, summary_markdown, tuned_beats_base  # noqa: E402, F401

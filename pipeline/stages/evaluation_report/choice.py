@@ -45,7 +45,7 @@ class ChoiceSet:
     forms: list[str]  # answer openings with "{name}", most common first
 
     @classmethod
-    def from_answers(cls, answers: list[str], min_share: float = 0.1, max_forms: int = 4) -> "ChoiceSet":
+    def from_answers(cls, answers: list[str], min_share: float = 0.1, max_forms: int = 4) -> ChoiceSet:
         from pipeline.stages.evaluation_report import extract_medicine_name
 
         names = [extract_medicine_name(a) for a in answers]
@@ -135,8 +135,7 @@ def _score_tree(model, row, continuations: list[list[int]]) -> list[float]:
     ids = torch.tensor([tokens], device=device)
     positions = torch.tensor([[context + d - 1 for d in depth]], device=device)
     with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask.to(device), position_ids=positions, past_key_values=row.cache,
-                       use_cache=True).logits[0]
+        logits = model(input_ids=ids, attention_mask=mask.to(device), position_ids=positions, past_key_values=row.cache, use_cache=True).logits[0]
         crop_to(row.cache, context)  # the prompt's cache as it was
         logp = torch.log_softmax(logits.float(), dim=-1)
         at = torch.tensor([j - 1 for path in paths for j in path])
@@ -152,14 +151,12 @@ def _score_tree(model, row, continuations: list[list[int]]) -> list[float]:
 def choice_scores(model, tokenizer, prompts: list[str], choices: ChoiceSet) -> list[list[float]]:
     """[prompt][candidate]: log-sum-exp over the forms of log P(opening naming the candidate | prompt)."""
     openings = openings_ids(tokenizer, choices)
-    return [combine_forms(score_prompt(model, tokenizer(prompt, add_special_tokens=False)["input_ids"], openings))
-            for prompt in prompts]
+    return [combine_forms(score_prompt(model, tokenizer(prompt, add_special_tokens=False)["input_ids"], openings)) for prompt in prompts]
 
 
 def openings_ids(tokenizer, choices: ChoiceSet) -> list[list[list[int]]]:
     """[form][candidate]: the token ids of each form's opening naming each candidate."""
-    return [[tokenizer(f.format(name=m), add_special_tokens=False)["input_ids"] for m in choices.candidates]
-            for f in choices.forms]
+    return [[tokenizer(f.format(name=m), add_special_tokens=False)["input_ids"] for m in choices.candidates] for f in choices.forms]
 
 
 def combine_forms(per_form: list[list[float]]) -> list[float]:

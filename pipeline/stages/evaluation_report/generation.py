@@ -49,8 +49,7 @@ def prefill(model, input_ids: list[int], labels: list[int] | None = None) -> Pre
     labels = labels if labels is not None else [IGNORE_INDEX] * len(input_ids)
     p = prompt_length(labels)
     with torch.no_grad():
-        out = model(input_ids=torch.tensor([input_ids], dtype=torch.long, device=model.device), use_cache=True,
-                    logits_to_keep=len(input_ids) - p + 1)
+        out = model(input_ids=torch.tensor([input_ids], dtype=torch.long, device=model.device), use_cache=True, logits_to_keep=len(input_ids) - p + 1)
         logits = out.logits[0]  # predictions from the prompt's last position on
         loss, tokens = 0.0, 0
         if len(input_ids) > p:
@@ -84,12 +83,12 @@ def stack_caches(caches: list, dtype=None):
         keys = k0.new_zeros((len(caches), k0.shape[1], width, k0.shape[3]))
         values = keys.clone()
         for b, c in enumerate(caches):
-            keys[b, :, width - lengths[b]:] = c.layers[li].keys[0]
-            values[b, :, width - lengths[b]:] = c.layers[li].values[0]
+            keys[b, :, width - lengths[b] :] = c.layers[li].keys[0]
+            values[b, :, width - lengths[b] :] = c.layers[li].values[0]
         batch.update(keys, values, li)
     mask = torch.zeros((len(caches), width), dtype=torch.long, device=k0.device)
     for b, n in enumerate(lengths):
-        mask[b, width - n:] = 1
+        mask[b, width - n :] = 1
     return batch, mask
 
 
@@ -110,8 +109,9 @@ def decode_greedy(model, rows: list[Prefilled], *, max_new_tokens: int, stop_ids
             if bool(done.all()):
                 break
             mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
-            logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=(positions + step - 1)[:, None],
-                           past_key_values=cache, use_cache=True).logits[:, -1]
+            logits = model(
+                input_ids=token[:, None], attention_mask=mask, position_ids=(positions + step - 1)[:, None], past_key_values=cache, use_cache=True
+            ).logits[:, -1]
             token = torch.where(done, torch.full_like(token, pad_id), logits.argmax(-1))
             out.append(token)
             done = done | torch.isin(token, stops)
@@ -119,8 +119,9 @@ def decode_greedy(model, rows: list[Prefilled], *, max_new_tokens: int, stop_ids
     return [row[: next((k for k, t in enumerate(row) if t in stop_ids), len(row))] for row in ids]
 
 
-def generate_greedy(model, tokenizer, prompts: list[str], *, max_new_tokens: int, stop_ids: list[int], batch_size: int = 8,
-                    progress=None) -> list[list[int]]:
+def generate_greedy(
+    model, tokenizer, prompts: list[str], *, max_new_tokens: int, stop_ids: list[int], batch_size: int = 8, progress=None
+) -> list[list[int]]:
     """Greedy continuations (new token ids, up to and excluding the first stop token) of text
     prompts: each prompt prefilled alone (no padding), then decoded ``batch_size`` rows at a time,
     prompts of similar length together."""
@@ -132,8 +133,7 @@ def generate_greedy(model, tokenizer, prompts: list[str], *, max_new_tokens: int
     results: list[list[int]] = [[] for _ in prompts]
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        answers = decode_greedy(model, [prefill(model, encoded[i]) for i in idx], max_new_tokens=max_new_tokens,
-                                stop_ids=stop_ids, pad_id=pad_id)
+        answers = decode_greedy(model, [prefill(model, encoded[i]) for i in idx], max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id)
         for i, a in zip(idx, answers):
             results[i] = a
         if progress:
@@ -141,7 +141,9 @@ def generate_greedy(model, tokenizer, prompts: list[str], *, max_new_tokens: int
     return results
 
 
-def answer_losses(model, rows: list[tuple[list[int], list[int]]], pad_id: int | None = None, batch_size: int | None = None) -> list[tuple[float, int]]:
+def answer_losses(
+    model, rows: list[tuple[list[int], list[int]]], pad_id: int | None = None, batch_size: int | None = None
+) -> list[tuple[float, int]]:
     """(summed loss, supervised tokens) per row, on the answer tokens only: each row alone (no
     padding), its logits projected onto the vocabulary from its last prompt position on. Equals the
     model's own loss on that row (a test checks it). ``pad_id`` and ``batch_size`` are not used."""
@@ -191,6 +193,8 @@ def stop_token_ids(tokenizer) -> list[int]:
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(int(tokenizer.eos_token_id))
     return ids
+
+
 def load_tuned_model(base_path: str, adapter_path: str, trust_remote_code: bool = False, dtype: str = "fp32"):
     """The trained model over its base (safetensors only; ``dtype`` fp32, bf16 or fp16), whatever the
     method (``pipeline.stages.lora_adapter.inference``): its ``disable_adapter()`` gives the base
@@ -200,8 +204,7 @@ def load_tuned_model(base_path: str, adapter_path: str, trust_remote_code: bool 
     from pipeline.stages.lora_adapter.inference import load_trained
 
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    model, tokenizer, _ = load_trained(base_path, adapter_path, trust_remote_code=trust_remote_code, dtype=torch_dtype,
-                                       device=inference_device())
+    model, tokenizer, _ = load_trained(base_path, adapter_path, trust_remote_code=trust_remote_code, dtype=torch_dtype, device=inference_device())
     return model, tokenizer
 
 

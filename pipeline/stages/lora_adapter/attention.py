@@ -15,13 +15,14 @@ must use ``"sdpa"`` instead; :func:`packed_attention` refuses a mask rather than
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 NAME = "medtune_packed"
 
 
-def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                     row_lengths: Sequence[int] | None = None, **kwargs):
+def packed_attention(
+    module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, row_lengths: Sequence[int] | None = None, **kwargs
+):
     """query [1, heads, T, dim], key/value [1, kv_heads, T, dim] → ([1, T, heads, dim], None)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -32,8 +33,9 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
     outputs, start = [], 0
     for n in row_lengths:
         part = slice(start, start + n)
-        out, _ = sdpa_attention_forward(module, query[:, :, part], key[:, :, part], value[:, :, part], None,
-                                        dropout=dropout, scaling=scaling, is_causal=True)
+        out, _ = sdpa_attention_forward(
+            module, query[:, :, part], key[:, :, part], value[:, :, part], None, dropout=dropout, scaling=scaling, is_causal=True
+        )
         outputs.append(out)
         start += n
     if start != query.shape[2]:

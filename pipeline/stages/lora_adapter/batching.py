@@ -19,8 +19,12 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.stages.tokenized_dataset import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    import torch
 
 Row = tuple[list[int], list[int]]  # (input_ids, labels)
 
@@ -71,18 +75,19 @@ def plan_epoch(lengths: list[int], seed: int, epoch: int, *, packing: bool, pack
 class Batch:
     """One micro-batch as the model takes it: rows end to end, and the loss targets."""
 
-    input_ids: "torch.Tensor"  # [1, tokens]
-    position_ids: "torch.Tensor"  # [1, tokens], restarting at 0 for each row
+    input_ids: torch.Tensor  # [1, tokens]
+    position_ids: torch.Tensor  # [1, tokens], restarting at 0 for each row
     row_lengths: tuple[int, ...]
-    positions: "torch.Tensor"  # [supervised]: index of the token whose next token is a target
-    targets: "torch.Tensor"  # [supervised]
+    positions: torch.Tensor  # [supervised]: index of the token whose next token is a target
+    targets: torch.Tensor  # [supervised]
     tokens: int
     supervised: int
 
-    def to(self, device) -> "Batch":
+    def to(self, device) -> Batch:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return Batch(move(self.input_ids), move(self.position_ids), self.row_lengths, move(self.positions),
-                     move(self.targets), self.tokens, self.supervised)
+        return Batch(
+            move(self.input_ids), move(self.position_ids), self.row_lengths, move(self.positions), move(self.targets), self.tokens, self.supervised
+        )
 
 
 def flatten(rows: list[Row]) -> Batch:

@@ -98,8 +98,7 @@ def _to_cpu(obj):
     return obj
 
 
-def save_checkpoint(path: Path, accelerator, model, optimizer, scheduler, state: dict, method: str = "lora",
-                    keep: int | None = None) -> list[str]:
+def save_checkpoint(path: Path, accelerator, model, optimizer, scheduler, state: dict, method: str = "lora", keep: int | None = None) -> list[str]:
     """Every process calls this. Writes ``path`` (from the main process, atomically), then keeps the
     newest ``keep`` checkpoints beside it. Returns the names of the checkpoints removed."""
     import torch
@@ -159,15 +158,18 @@ def load_checkpoint(path: Path, accelerator, model, optimizer, scheduler, method
     if "states" not in saved:  # a checkpoint written before per-process states
         saved = {"processes": 1, "sharded": False, "states": [saved]}
     if saved["sharded"] and saved["processes"] != world:
-        raise ValueError(f"checkpoint {path} holds the optimizer sharded over {saved['processes']} processes; "
-                         f"resume it with {saved['processes']}, not {world}")
+        raise ValueError(
+            f"checkpoint {path} holds the optimizer sharded over {saved['processes']} processes; resume it with {saved['processes']}, not {world}"
+        )
     optimizer.load_state_dict(saved["states"][rank if saved["sharded"] else 0])
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rng = torch.load(path / RNG, weights_only=True)
     states = rng["states"] if "states" in rng else [rng]
     if len(states) != world:
-        raise ValueError(f"checkpoint {path} was written by {len(states)} process(es); resuming it exactly needs "
-                         f"the same number, not {world} (remove {path.parent} to start over)")
+        raise ValueError(
+            f"checkpoint {path} was written by {len(states)} process(es); resuming it exactly needs "
+            f"the same number, not {world} (remove {path.parent} to start over)"
+        )
     mine = states[rank]
     torch.set_rng_state(mine["torch"])
     if "cuda" in mine and torch.cuda.is_available():

@@ -46,11 +46,14 @@ def check_accelerate_config(path: str | Path, on_gpu: bool, deepspeed_installed:
     from accelerate.utils import DistributedType
 
     if kind not in {t.value for t in DistributedType}:
-        raise LaunchError(f"accelerate config {path}: unknown distributed_type {config.distributed_type!r} "
-                          f"(one of {', '.join(t.value for t in DistributedType)})")
+        raise LaunchError(
+            f"accelerate config {path}: unknown distributed_type {config.distributed_type!r} (one of {', '.join(t.value for t in DistributedType)})"
+        )
     if kind in ("FSDP", "DEEPSPEED") and not on_gpu:
-        raise LaunchError(f"accelerate config {Path(path).name} uses {kind}, which needs GPUs; this machine has none. "
-                          f"Several CPU processes train with DDP instead: set num_processes and leave accelerate_config unset")
+        raise LaunchError(
+            f"accelerate config {Path(path).name} uses {kind}, which needs GPUs; this machine has none. "
+            f"Several CPU processes train with DDP instead: set num_processes and leave accelerate_config unset"
+        )
     if kind == "DEEPSPEED":
         if deepspeed_installed is None:
             import importlib.util
@@ -61,8 +64,17 @@ def check_accelerate_config(path: str | Path, on_gpu: bool, deepspeed_installed:
     return kind
 
 
-def launch_command(spec_path: Path, *, num_processes: int = 1, launcher: str = "auto", accelerate_config: str | None = None,
-                   num_nodes: int = 1, node_rank: int = 0, rdzv_endpoint: str | None = None, run_id: str = "medtune") -> list[str]:
+def launch_command(
+    spec_path: Path,
+    *,
+    num_processes: int = 1,
+    launcher: str = "auto",
+    accelerate_config: str | None = None,
+    num_nodes: int = 1,
+    node_rank: int = 0,
+    rdzv_endpoint: str | None = None,
+    run_id: str = "medtune",
+) -> list[str]:
     """The command that runs the training child on this node.
 
     One process: ``python -m pipeline.stages.lora_adapter``. Several on one node: ``torchrun
@@ -84,13 +96,22 @@ def launch_command(spec_path: Path, *, num_processes: int = 1, launcher: str = "
             cmd += ["--config_file", accelerate_config]
         if num_nodes > 1:
             host, _, port = rdzv_endpoint.rpartition(":")
-            cmd += ["--num_machines", str(num_nodes), "--machine_rank", str(node_rank), "--main_process_ip", host,
-                    "--main_process_port", port]
+            cmd += ["--num_machines", str(num_nodes), "--machine_rank", str(node_rank), "--main_process_ip", host, "--main_process_port", port]
         return [*cmd, *entry]
     cmd = [str(bindir / "torchrun")]
     if num_nodes > 1:
-        cmd += ["--nnodes", str(num_nodes), "--node_rank", str(node_rank), "--rdzv_backend", "c10d",
-                "--rdzv_endpoint", rdzv_endpoint, "--rdzv_id", run_id]
+        cmd += [
+            "--nnodes",
+            str(num_nodes),
+            "--node_rank",
+            str(node_rank),
+            "--rdzv_backend",
+            "c10d",
+            "--rdzv_endpoint",
+            rdzv_endpoint,
+            "--rdzv_id",
+            run_id,
+        ]
     else:
         cmd += ["--standalone"]
     return [*cmd, "--nproc_per_node", str(num_processes), *entry]

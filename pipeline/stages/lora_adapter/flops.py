@@ -28,8 +28,15 @@ def config_shape(config) -> dict[str, int]:
     heads = config.num_attention_heads
     kv = getattr(config, "num_key_value_heads", None) or heads
     hd = getattr(config, "head_dim", None) or d // heads
-    return {"hidden": d, "layers": config.num_hidden_layers, "heads": heads, "kv_heads": kv, "head_dim": hd,
-            "intermediate": config.intermediate_size, "vocab": config.vocab_size}
+    return {
+        "hidden": d,
+        "layers": config.num_hidden_layers,
+        "heads": heads,
+        "kv_heads": kv,
+        "head_dim": hd,
+        "intermediate": config.intermediate_size,
+        "vocab": config.vocab_size,
+    }
 
 
 def linear_weights_per_layer(shape: dict[str, int]) -> int:
@@ -45,8 +52,7 @@ def mean_context(row_lengths: list[int]) -> float:
     return sum(n * (n + 1) / 2 for n in row_lengths) / total if total else 0.0
 
 
-def training_flops_per_token(config, *, context: float, supervised_share: float, adapter_params: int,
-                             full: bool = False) -> dict[str, float]:
+def training_flops_per_token(config, *, context: float, supervised_share: float, adapter_params: int, full: bool = False) -> dict[str, float]:
     s = config_shape(config)
     passes = 6 if full else 4
     linear = passes * s["layers"] * linear_weights_per_layer(s)

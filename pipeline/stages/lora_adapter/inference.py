@@ -83,15 +83,15 @@ class PromptLearningModel(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask=None, past_key_values=None, use_cache=None, **kwargs):
         if self._disabled:
-            return self.base(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
-                             use_cache=use_cache, **kwargs)
+            return self.base(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values, use_cache=use_cache, **kwargs)
         from pipeline.stages.lora_adapter.methods import virtual_prefix
 
         if past_key_values is None:
             past_key_values = virtual_prefix(self.peft_model, input_ids.shape[0])
         total = past_key_values.get_seq_length() + input_ids.shape[1]
-        return self.base(input_ids=input_ids, attention_mask=self._mask(attention_mask, total), past_key_values=past_key_values,
-                         use_cache=True, **kwargs)
+        return self.base(
+            input_ids=input_ids, attention_mask=self._mask(attention_mask, total), past_key_values=past_key_values, use_cache=True, **kwargs
+        )
 
     def generate(self, input_ids, attention_mask=None, **kwargs):
         """The base model's ``generate`` continuing from the virtual tokens' cache: the ids it is given
@@ -105,8 +105,12 @@ class PromptLearningModel(torch.nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         placeholders = input_ids.new_full((batch, self.n_virtual), int(kwargs.get("pad_token_id") or 0))
-        out = self.base.generate(input_ids=torch.cat([placeholders, input_ids], dim=1), attention_mask=self._mask(attention_mask),
-                                 past_key_values=virtual_prefix(self.peft_model, batch), **kwargs)
+        out = self.base.generate(
+            input_ids=torch.cat([placeholders, input_ids], dim=1),
+            attention_mask=self._mask(attention_mask),
+            past_key_values=virtual_prefix(self.peft_model, batch),
+            **kwargs,
+        )
         return out[:, self.n_virtual :]
 
 

@@ -16,11 +16,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from pipeline.stages.tokenized_dataset import IGNORE_INDEX
 from pipeline.stages.lora_adapter.batching import Batch, flatten, load_rows, plan_epoch, with_openings
 from pipeline.stages.lora_adapter.checkpoint import gathered_state_dict, latest_checkpoint, load_checkpoint, save_checkpoint
 from pipeline.stages.lora_adapter.report import Reporter, Throughput
 from pipeline.stages.lora_adapter.spec import TRAINING_RECORD, TrainSpec
+from pipeline.stages.tokenized_dataset import IGNORE_INDEX
 
 
 def peak_rss_mb() -> float | None:
@@ -79,15 +79,23 @@ def train(spec: TrainSpec) -> dict[str, Any]:
     from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
 
     from pipeline.stages.lora_adapter.flops import matmul_peak_flops, mean_context, training_flops_per_token
-    from pipeline.stages.lora_adapter.methods import (PISSA_INIT, after_optimizer_step, extra_loss, make_optimizer,
-                                                      optimizer_name)
-    from pipeline.stages.lora_adapter.model import (DTYPES, SupervisedLM, causal_lm_of, load_for_training, resolve_precision,
-                                                    save_pissa_init, save_trained, trainable_parameters)
+    from pipeline.stages.lora_adapter.methods import PISSA_INIT, after_optimizer_step, extra_loss, make_optimizer, optimizer_name
+    from pipeline.stages.lora_adapter.model import (
+        DTYPES,
+        SupervisedLM,
+        causal_lm_of,
+        load_for_training,
+        resolve_precision,
+        save_pissa_init,
+        save_trained,
+        trainable_parameters,
+    )
 
     on_gpu = torch.cuda.is_available()
     precision = resolve_precision(spec.precision, on_gpu)
-    accelerator = Accelerator(cpu=not on_gpu, mixed_precision={"fp32": "no"}.get(precision, precision),
-                              gradient_accumulation_steps=spec.gradient_accumulation_steps)
+    accelerator = Accelerator(
+        cpu=not on_gpu, mixed_precision={"fp32": "no"}.get(precision, precision), gradient_accumulation_steps=spec.gradient_accumulation_steps
+    )
     report = Reporter(spec, accelerator.is_main_process)
     set_seed(spec.seed)
     torch.use_deterministic_algorithms(not on_gpu, warn_only=True)
@@ -104,8 +112,7 @@ def train(spec: TrainSpec) -> dict[str, Any]:
     per_step = world * spec.gradient_accumulation_steps
 
     def epoch_groups(epoch: int) -> list[list[list[int]]]:
-        plan = plan_epoch(lengths, spec.seed, epoch, packing=spec.packing, pack_tokens=spec.pack_tokens,
-                          batch_size=spec.per_device_batch_size)
+        plan = plan_epoch(lengths, spec.seed, epoch, packing=spec.packing, pack_tokens=spec.pack_tokens, batch_size=spec.per_device_batch_size)
         return step_groups(plan, per_step)
 
     steps_per_epoch = len(epoch_groups(0))
@@ -120,9 +127,13 @@ def train(spec: TrainSpec) -> dict[str, Any]:
         save_pissa_init(peft_model, ckpt_root / PISSA_INIT)
 
     supervised = sum(sum(1 for t in r[1][1:] if t != IGNORE_INDEX) for r in train_rows)
-    flops = training_flops_per_token(causal_lm_of(peft_model).config, context=mean_context(lengths),
-                                     supervised_share=supervised / sum(lengths), adapter_params=trainable,
-                                     full=method == "full")
+    flops = training_flops_per_token(
+        causal_lm_of(peft_model).config,
+        context=mean_context(lengths),
+        supervised_share=supervised / sum(lengths),
+        adapter_params=trainable,
+        full=method == "full",
+    )
     peak = matmul_peak_flops(DTYPES[precision], "cuda" if on_gpu else "cpu") if accelerator.is_main_process else 0.0
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -189,13 +200,19 @@ def train(spec: TrainSpec) -> dict[str, Any]:
                 tps = tokens_since / max(now - t_log - (speed.excluded - paused_at_log), 1e-9)
                 eta = (now - t_start) / (step - start_step) * (total_steps - step)
                 loss_value = accelerator.reduce(loss_sum, reduction="mean").item() / steps_since
-                values = {"train_loss": loss_value, "learning_rate": scheduler.get_last_lr()[0],
-                          "grad_norm": float(grad_norm) if grad_norm is not None else 0.0, "tokens_per_s": tps,
-                          "tflops": tps * flops["total"] / 1e12}
+                values = {
+                    "train_loss": loss_value,
+                    "learning_rate": scheduler.get_last_lr()[0],
+                    "grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
+                    "tokens_per_s": tps,
+                    "tflops": tps * flops["total"] / 1e12,
+                }
                 report.metrics(values, step=step)
-                report.log(f"step {step}/{total_steps} loss {loss_value:.4f} lr {values['learning_rate']:.2e} "
-                           f"grad_norm {values['grad_norm']:.3f} {tps:,.0f} tokens/s "
-                           f"({values['tflops']:.3f} TFLOP/s) ETA {eta:,.0f}s")
+                report.log(
+                    f"step {step}/{total_steps} loss {loss_value:.4f} lr {values['learning_rate']:.2e} "
+                    f"grad_norm {values['grad_norm']:.3f} {tps:,.0f} tokens/s "
+                    f"({values['tflops']:.3f} TFLOP/s) ETA {eta:,.0f}s"
+                )
                 t_log, tokens_since, steps_since, paused_at_log = now, 0, 0, speed.excluded
                 loss_sum.zero_()
             if eval_rows and (step % spec.eval_every == 0 or step == total_steps):
@@ -205,8 +222,9 @@ def train(spec: TrainSpec) -> dict[str, Any]:
                 report.log(f"step {step}/{total_steps} eval_loss {last_eval:.4f}")
             if step % spec.save_every == 0 and step < total_steps:
                 with speed.excluding():  # every process takes part; the main one writes
-                    removed = save_checkpoint(ckpt_root / f"step-{step}", accelerator, model, optimizer, scheduler, state,
-                                              method, keep=spec.save_total_limit)
+                    removed = save_checkpoint(
+                        ckpt_root / f"step-{step}", accelerator, model, optimizer, scheduler, state, method, keep=spec.save_total_limit
+                    )
                     report.log(f"checkpoint saved at step {step}" + (f" (removed {', '.join(removed)})" if removed else ""))
             if spec.stop_after_steps and step >= spec.stop_after_steps and step < total_steps:
                 report.log(f"stopping at step {step} as asked (stop_after_steps)")

@@ -49,8 +49,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden * grad_losses[:, None].to(grad_hidden.dtype), None, None, None
 
 
-def token_losses(hidden: torch.Tensor, head: torch.nn.Module, positions: torch.Tensor, targets: torch.Tensor,
-                 chunk: int = 1024) -> torch.Tensor:
+def token_losses(hidden: torch.Tensor, head: torch.nn.Module, positions: torch.Tensor, targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     """Cross-entropy of ``head(hidden[positions])`` against ``targets``, one fp32 value per target.
 
     ``hidden`` is [tokens, dim] (the decoder's output, flattened). A frozen ``nn.Linear`` head
@@ -66,5 +65,4 @@ def token_losses(hidden: torch.Tensor, head: torch.nn.Module, positions: torch.T
     def chunk_loss(h_part, t_part):
         return torch.nn.functional.cross_entropy(head(h_part).float(), t_part, reduction="none")
 
-    return torch.cat([checkpoint(chunk_loss, h[s : s + chunk], targets[s : s + chunk], use_reentrant=False)
-                      for s in range(0, h.shape[0], chunk)])
+    return torch.cat([checkpoint(chunk_loss, h[s : s + chunk], targets[s : s + chunk], use_reentrant=False) for s in range(0, h.shape[0], chunk)])

@@ -73,18 +73,32 @@ def peft_config(spec, total_steps: int):
     method = check_method(spec.method)
     common = {"task_type": "CAUSAL_LM"}
     if method in ("lora", "dora", "rslora", "pissa"):
-        return peft.LoraConfig(r=spec.r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
-                               target_modules=_targets(spec), use_dora=method == "dora", use_rslora=method == "rslora",
-                               init_lora_weights="pissa" if method == "pissa" else True, **common)
+        return peft.LoraConfig(
+            r=spec.r,
+            lora_alpha=spec.lora_alpha,
+            lora_dropout=spec.lora_dropout,
+            target_modules=_targets(spec),
+            use_dora=method == "dora",
+            use_rslora=method == "rslora",
+            init_lora_weights="pissa" if method == "pissa" else True,
+            **common,
+        )
     if method == "loha":
         return peft.LoHaConfig(r=spec.r, alpha=spec.lora_alpha, module_dropout=spec.lora_dropout, target_modules=_targets(spec), **common)
     if method == "lokr":
         return peft.LoKrConfig(r=spec.r, alpha=spec.lora_alpha, module_dropout=spec.lora_dropout, target_modules=_targets(spec), **common)
     if method == "adalora":
         init_r = spec.adalora_init_r or math.ceil(spec.r * 1.5)
-        return peft.AdaLoraConfig(target_r=spec.r, init_r=init_r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
-                                  target_modules=_targets(spec), orth_reg_weight=spec.adalora_orth_reg_weight,
-                                  **adalora_schedule(spec, total_steps), **common)
+        return peft.AdaLoraConfig(
+            target_r=spec.r,
+            init_r=init_r,
+            lora_alpha=spec.lora_alpha,
+            lora_dropout=spec.lora_dropout,
+            target_modules=_targets(spec),
+            orth_reg_weight=spec.adalora_orth_reg_weight,
+            **adalora_schedule(spec, total_steps),
+            **common,
+        )
     if method == "ia3":
         return peft.IA3Config(target_modules=_targets(spec), feedforward_modules=[], **common)
     if method == "prompt_tuning":
@@ -92,8 +106,7 @@ def peft_config(spec, total_steps: int):
     if method == "prefix_tuning":
         return peft.PrefixTuningConfig(num_virtual_tokens=spec.num_virtual_tokens, **common)
     if method == "p_tuning":
-        return peft.PromptEncoderConfig(num_virtual_tokens=spec.num_virtual_tokens,
-                                        encoder_hidden_size=spec.prompt_encoder_hidden_size, **common)
+        return peft.PromptEncoderConfig(num_virtual_tokens=spec.num_virtual_tokens, encoder_hidden_size=spec.prompt_encoder_hidden_size, **common)
     return None
 
 
@@ -114,8 +127,7 @@ def make_optimizer(spec, params, on_gpu: bool):
     if name == "adafactor":
         from transformers.optimization import Adafactor
 
-        return Adafactor(params, lr=spec.learning_rate, weight_decay=spec.weight_decay, scale_parameter=False,
-                         relative_step=False, warmup_init=False)
+        return Adafactor(params, lr=spec.learning_rate, weight_decay=spec.weight_decay, scale_parameter=False, relative_step=False, warmup_init=False)
     if name == "adamw_8bit":
         try:
             import bitsandbytes as bnb
@@ -157,8 +169,12 @@ def method_state(peft_model, method: str) -> dict:
     if method != "adalora":
         return {}
     alloc = peft_model.base_model.rankallocator
-    return {"ipt": alloc.ipt, "exp_avg_ipt": alloc.exp_avg_ipt, "exp_avg_unc": alloc.exp_avg_unc,
-            "rank_pattern": peft_model.peft_config[peft_model.active_adapter].rank_pattern}
+    return {
+        "ipt": alloc.ipt,
+        "exp_avg_ipt": alloc.exp_avg_ipt,
+        "exp_avg_unc": alloc.exp_avg_unc,
+        "rank_pattern": peft_model.peft_config[peft_model.active_adapter].rank_pattern,
+    }
 
 
 def load_method_state(peft_model, method: str, state: dict) -> None:
@@ -198,8 +214,10 @@ def quantization_config(spec, precision: str, on_gpu: bool):
     if spec.method in PROMPT_LEARNING or spec.method == "full":
         raise MethodError(f"quantization nf4 is QLoRA: it trains adapters over a frozen 4-bit base, not {spec.method}")
     if not on_gpu:
-        raise MethodError("quantization nf4 (QLoRA) needs a CUDA GPU: bitsandbytes' 4-bit training kernels run there; "
-                          "on this machine train over the full-precision base (quantization: none)")
+        raise MethodError(
+            "quantization nf4 (QLoRA) needs a CUDA GPU: bitsandbytes' 4-bit training kernels run there; "
+            "on this machine train over the full-precision base (quantization: none)"
+        )
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as exc:
@@ -207,5 +225,9 @@ def quantization_config(spec, precision: str, on_gpu: bool):
     import torch
     from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32))
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32),
+    )

@@ -55,8 +55,7 @@ def load_for_training(spec, precision: str, on_gpu: bool, total_steps: int = 1):
     from peft.tuners.tuners_utils import BaseTunerLayer
     from transformers import AutoModelForCausalLM
 
-    from pipeline.stages.lora_adapter.methods import (MethodError, check_method, is_prompt_learning, peft_config,
-                                                      quantization_config)
+    from pipeline.stages.lora_adapter.methods import MethodError, check_method, is_prompt_learning, peft_config, quantization_config
 
     method = check_method(spec.method)
     attn = resolve_attention(spec.attn_implementation, method)
@@ -80,8 +79,10 @@ def load_for_training(spec, precision: str, on_gpu: bool, total_steps: int = 1):
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)  # checkpointing: below
     if is_prompt_learning(method) and spec.gradient_checkpointing:
-        raise MethodError(f"{method} runs the inputs over its virtual tokens' cache, which gradient checkpointing "
-                          f"does not keep: set gradient_checkpointing to false")
+        raise MethodError(
+            f"{method} runs the inputs over its virtual tokens' cache, which gradient checkpointing "
+            f"does not keep: set gradient_checkpointing to false"
+        )
     checkpointing = (on_gpu or method == "full") if spec.gradient_checkpointing is None else spec.gradient_checkpointing
     checkpointing = checkpointing and not is_prompt_learning(method)
     if checkpointing:
@@ -186,7 +187,6 @@ def save_trained(model, folder: Path, method: str, checkpoint_dir: Path, state_d
         model.save_pretrained(folder, safe_serialization=True, **given)
         return
     if method == "pissa":
-        model.save_pretrained(folder, safe_serialization=True,
-                              path_initial_model_for_weight_conversion=str(checkpoint_dir / PISSA_INIT), **given)
+        model.save_pretrained(folder, safe_serialization=True, path_initial_model_for_weight_conversion=str(checkpoint_dir / PISSA_INIT), **given)
         return
     model.save_pretrained(folder, safe_serialization=True, **given)

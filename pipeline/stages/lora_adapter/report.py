@@ -66,8 +66,10 @@ class Reporter:
             except Exception as exc:  # keep training; the metrics are in metrics.jsonl
                 self.mlflow_error = str(exc)
                 self.mlflow = None  # no retries at every step: the asset sends what is missing afterwards
-                self.log(f"WARNING: MLflow logging failed at step {step} ({str(exc)[:300]}); training goes on, "
-                         f"metrics are kept in {self.metrics_path} and sent to MLflow when it is reachable again")
+                self.log(
+                    f"WARNING: MLflow logging failed at step {step} ({str(exc)[:300]}); training goes on, "
+                    f"metrics are kept in {self.metrics_path} and sent to MLflow when it is reachable again"
+                )
 
     def done(self, metadata: dict[str, Any]) -> None:
         if self.pipes is not None:
@@ -154,5 +156,9 @@ class Throughput:
             return {"steady_steps": 0, "steady_seconds": None, "steady_tokens_per_s": None, "steady_rows_per_s": None}
         self.sync()
         seconds = time.perf_counter() - self.start - self.excluded
-        return {"steady_steps": self.steps, "steady_seconds": round(seconds, 2),
-                "steady_tokens_per_s": round(self.tokens / seconds, 2), "steady_rows_per_s": round(self.rows / seconds, 4)}
+        return {
+            "steady_steps": self.steps,
+            "steady_seconds": round(seconds, 2),
+            "steady_tokens_per_s": round(self.tokens / seconds, 2),
+            "steady_rows_per_s": round(self.rows / seconds, 4),
+        }

@@ -20,7 +20,9 @@ class TrainSpec:
     tokenized_path: str
     output_dir: str  # the finished adapter goes here (atomically)
     checkpoint_dir: str  # step-N/ folders
-    method: str = "lora"  # see pipeline.stages.lora_adapter.methods: lora dora rslora pissa loha lokr adalora ia3 prompt_tuning prefix_tuning p_tuning full
+    method: str = (
+        "lora"  # see pipeline.stages.lora_adapter.methods: lora dora rslora pissa loha lokr adalora ia3 prompt_tuning prefix_tuning p_tuning full
+    )
     r: int = 64  # measured: held-out loss 1.90 -> 1.61 (real sample), 1.27 -> 1.15 (demo) against r 16, same speed
     lora_alpha: int = 128  # alpha / r = 2
     lora_dropout: float = 0.0
@@ -72,7 +74,7 @@ class TrainSpec:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "TrainSpec":
+    def load(cls, path: str | os.PathLike) -> TrainSpec:
         return cls(**json.loads(Path(path).read_text()))
 
     def dump(self, path: str | os.PathLike) -> None:
@@ -83,16 +85,42 @@ class TrainSpec:
 
 # Settings that change what is trained (locations, logging, speed-only switches and test hooks do not).
 TRAINING_KEYS = (
-    "r", "lora_alpha", "lora_dropout", "target_modules", "learning_rate", "warmup_ratio", "weight_decay",
-    "max_grad_norm", "epochs", "packing", "pack_tokens", "per_device_batch_size", "gradient_accumulation_steps",
-    "max_steps", "seed", "max_seq_len", "opening_tokens", "opening_repeats", "precision",
-    "gradient_checkpointing", "attn_implementation", "compile",
+    "r",
+    "lora_alpha",
+    "lora_dropout",
+    "target_modules",
+    "learning_rate",
+    "warmup_ratio",
+    "weight_decay",
+    "max_grad_norm",
+    "epochs",
+    "packing",
+    "pack_tokens",
+    "per_device_batch_size",
+    "gradient_accumulation_steps",
+    "max_steps",
+    "seed",
+    "max_seq_len",
+    "opening_tokens",
+    "opening_repeats",
+    "precision",
+    "gradient_checkpointing",
+    "attn_implementation",
+    "compile",
 )
 # Settings added after keys were in use: part of the key only when they differ from their default,
 # so a LoRA training keeps the key (and the cached adapter) it had before they existed.
 METHOD_KEYS = (
-    "method", "num_virtual_tokens", "prompt_encoder_hidden_size", "adalora_init_r", "adalora_tinit", "adalora_tfinal",
-    "adalora_delta_t", "adalora_orth_reg_weight", "optimizer", "quantization",
+    "method",
+    "num_virtual_tokens",
+    "prompt_encoder_hidden_size",
+    "adalora_init_r",
+    "adalora_tinit",
+    "adalora_tfinal",
+    "adalora_delta_t",
+    "adalora_orth_reg_weight",
+    "optimizer",
+    "quantization",
 )
 # Bump when the same settings would train differently (the engine changed what a step computes).
 ENGINE_VERSION = 2
@@ -106,5 +134,6 @@ def adapter_id(data_fingerprint: str, base_fingerprint: str, settings: dict[str,
     chosen = {k: settings[k] for k in TRAINING_KEYS if k in settings}
     fields = TrainSpec.__dataclass_fields__
     chosen.update({k: settings[k] for k in METHOD_KEYS if k in settings and settings[k] != fields[k].default})
-    return sha256_json({"engine": ENGINE_VERSION, "data": data_fingerprint, "base": base_fingerprint,
-                        "settings": chosen, "processes": processes})[:16]
+    return sha256_json({"engine": ENGINE_VERSION, "data": data_fingerprint, "base": base_fingerprint, "settings": chosen, "processes": processes})[
+        :16
+    ]

@@ -60,8 +60,9 @@ def merge_adapter(
         raise ExportError(f"merge dtype must be float32, bfloat16 or float16 (never quantized), not {dtype!r}")
     method = trained_method(adapter_path)
     if method != "full" and method not in MERGEABLE:
-        raise ExportError(f"a {method} adapter cannot be merged into the base weights (it adds virtual tokens, not "
-                          f"weight updates): serve it as adapter + base")
+        raise ExportError(
+            f"a {method} adapter cannot be merged into the base weights (it adds virtual tokens, not weight updates): serve it as adapter + base"
+        )
     source = adapter_path if method == "full" else base_path
     config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     if getattr(config, "quantization_config", None) is not None:
@@ -82,11 +83,23 @@ def merge_adapter(
     gen.bos_token_id = getattr(config, "bos_token_id", None)
     gen.do_sample = False
 
-    info: dict[str, Any] = {"dtype": dtype, "end_of_turn_id": eot, "base_model_path": str(base_path),
-                            "adapter_path": str(adapter_path), **(record or {})}
+    info: dict[str, Any] = {
+        "dtype": dtype,
+        "end_of_turn_id": eot,
+        "base_model_path": str(base_path),
+        "adapter_path": str(adapter_path),
+        **(record or {}),
+    }
     with atomic_dir(dest) as tmp:
-        merge_info, references = merge_streamed(source, tmp, adapter_path=None if method == "full" else adapter_path, dtype=dtype,
-                                                max_shard_size=max_shard_size, trust_remote_code=trust_remote_code, log=log)
+        merge_info, references = merge_streamed(
+            source,
+            tmp,
+            adapter_path=None if method == "full" else adapter_path,
+            dtype=dtype,
+            max_shard_size=max_shard_size,
+            trust_remote_code=trust_remote_code,
+            log=log,
+        )
         if method == "full":
             merge_info["method"] = "full fine-tuning: the trained model is the export"
         info["merge"] = merge_info
@@ -98,8 +111,7 @@ def merge_adapter(
                 raise ExportError(f"merged folder {tmp} still holds {leftover}")
         layers = verify_layers(tmp, references, dtype, expected_layers=merge_info.get("linear_layers", 0))
         end_to_end = verify(tmp) if verify is not None else {"skipped": "no end-to-end comparison asked for"}
-        info["verification"] = {**end_to_end, "layers": layers,
-                                "passed": bool(layers["passed"] and end_to_end.get("passed", True))}
+        info["verification"] = {**end_to_end, "layers": layers, "passed": bool(layers["passed"] and end_to_end.get("passed", True))}
         info["files"] = sorted(p.name for p in tmp.iterdir()) + [EXPORT_RECORD]
         (tmp / EXPORT_RECORD).write_text(json.dumps(info, ensure_ascii=False, indent=2))
     return info
@@ -111,9 +123,15 @@ def is_plain_lora(module, name: str) -> bool:
     from peft.tuners.adalora import AdaLoraLayer
     from peft.tuners.lora import LoraLayer
 
-    return (isinstance(module, LoraLayer) and not isinstance(module, AdaLoraLayer) and name in module.lora_A
-            and isinstance(module.get_base_layer(), torch.nn.Linear) and not module.use_dora.get(name, False)
-            and not getattr(module, "fan_in_fan_out", False) and not getattr(module, "lora_bias", {}).get(name, False))
+    return (
+        isinstance(module, LoraLayer)
+        and not isinstance(module, AdaLoraLayer)
+        and name in module.lora_A
+        and isinstance(module.get_base_layer(), torch.nn.Linear)
+        and not module.use_dora.get(name, False)
+        and not getattr(module, "fan_in_fan_out", False)
+        and not getattr(module, "lora_bias", {}).get(name, False)
+    )
 
 
 def exact_lora_weight(module, name: str):
@@ -239,8 +257,7 @@ def compare_with_adapter(
     mismatch = next((i for i, (x, y) in enumerate(zip(ga, gm)) if x != y), None)
     first = None
     if mismatch is not None:
-        first = (f"prompt {mismatch}: adapter {tokenizer.decode(ga[mismatch])!r} vs merged "
-                 f"{tokenizer.decode(gm[mismatch])!r}")
+        first = f"prompt {mismatch}: adapter {tokenizer.decode(ga[mismatch])!r} vs merged {tokenizer.decode(gm[mismatch])!r}"
     return MergeComparison(len(prompts), worst, mismatch is None, tolerance, first, precision, native)
 
 
@@ -250,18 +267,16 @@ def load_merged(folder: str | os.PathLike, trust_remote_code: bool = False):
 
     from pipeline.stages.evaluation_report import inference_device
 
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
-    )
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code)
     return model.to(inference_device())
 
 
 # the streamed merge and its proof (re-exported: callers import them from the stage)
 from pipeline.stages.merged_model.streamed import (  # noqa: E402
-    LayerReference,
-    adapted_layers,
-    fits_in_memory,
-    load_adapter_skeleton,
+    LayerReference,  # noqa: F401
+    adapted_layers,  # noqa: F401
+    fits_in_memory,  # noqa: F401
+    load_adapter_skeleton,  # noqa: F401
     merge_streamed,
     verify_layers,
 )

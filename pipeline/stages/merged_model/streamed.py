@@ -15,6 +15,7 @@ from typing import Any
 
 from pipeline.stages.merged_model import ExportError, is_plain_lora
 
+
 @dataclass
 class LayerReference:
     """What an adapted layer must compute, found before the merge: the adapter model's own forward
@@ -47,7 +48,7 @@ def load_adapter_skeleton(base_path: str, adapter_path: str, trust_remote_code: 
     model = PeftModel(skeleton, peft_config, low_cpu_mem_usage=True)
     saved = load_peft_weights(str(adapter_path), device="cpu")
     assigned, used = {}, set()
-    for name, param in model.named_parameters():
+    for name, _ in model.named_parameters():
         if ".default" not in name:
             continue
         key = name.replace(".default", "")
@@ -66,8 +67,11 @@ def adapted_layers(peft_model) -> dict[str, Any]:
     """Weight name in the base's files -> the peft layer that adapts it."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    return {f"{name.removeprefix('base_model.model.')}.weight": module for name, module in peft_model.named_modules()
-            if isinstance(module, BaseTunerLayer)}
+    return {
+        f"{name.removeprefix('base_model.model.')}.weight": module
+        for name, module in peft_model.named_modules()
+        if isinstance(module, BaseTunerLayer)
+    }
 
 
 def _merge_layer(module, weight, seed: int, probes: int):
@@ -131,8 +135,17 @@ def _merge_plain_lora(module, name: str, weight, out_dtype, seed: int, probes: i
     return merged, (x, outputs)
 
 
-def merge_streamed(source_path: str, dest: str | os.PathLike, *, adapter_path: str | None, dtype: str = "float32",
-                   max_shard_size: str = "2GB", trust_remote_code: bool = False, probes: int = 2, log=None) -> tuple[dict[str, Any], list[LayerReference]]:
+def merge_streamed(
+    source_path: str,
+    dest: str | os.PathLike,
+    *,
+    adapter_path: str | None,
+    dtype: str = "float32",
+    max_shard_size: str = "2GB",
+    trust_remote_code: bool = False,
+    probes: int = 2,
+    log=None,
+) -> tuple[dict[str, Any], list[LayerReference]]:
     """Write ``source_path``'s weights into ``dest`` one tensor at a time, in ``dtype``, each adapted
     layer's weight replaced by its float64 merge (peft's own delta for the method, rounded once).
     Peak memory: about one tensor in float64 plus the adapter, whatever the base's size. Returns
@@ -176,12 +189,20 @@ def merge_streamed(source_path: str, dest: str | os.PathLike, *, adapter_path: s
         if log and (time.perf_counter() - last > 10 or k + 1 == len(writer.order)):
             last = time.perf_counter()
             done = reader.bytes_read + writer.bytes_written
-            log(f"merge: {k + 1}/{len(writer.order)} tensors, {reader.bytes_read / 1e9:.2f} GB read, "
-                f"{writer.bytes_written / 1e9:.2f} GB written, {done / 1e6 / max(last - start, 1e-9):.0f} MB/s")
+            log(
+                f"merge: {k + 1}/{len(writer.order)} tensors, {reader.bytes_read / 1e9:.2f} GB read, "
+                f"{writer.bytes_written / 1e9:.2f} GB written, {done / 1e6 / max(last - start, 1e-9):.0f} MB/s"
+            )
     files = writer.close()
-    info = {"method": "streamed, one tensor at a time; float64, rounded once" if layers else "streamed copy",
-            "layers_merged": len(layers), "linear_layers": len(references), "tensors": len(writer.order), "weight_files": files,
-            "bytes_read": reader.bytes_read, "bytes_written": writer.bytes_written}
+    info = {
+        "method": "streamed, one tensor at a time; float64, rounded once" if layers else "streamed copy",
+        "layers_merged": len(layers),
+        "linear_layers": len(references),
+        "tensors": len(writer.order),
+        "weight_files": files,
+        "bytes_read": reader.bytes_read,
+        "bytes_written": writer.bytes_written,
+    }
     return info, references
 
 
@@ -224,8 +245,13 @@ def verify_layers(folder: str | os.PathLike, references: list[LayerReference], d
         release_memory()
     if expected_layers is not None and len(references) != expected_layers:
         failures.append(f"{len(references)} layers checked, the adapter adapts {expected_layers}")
-    return {"layers_checked": len(references), "worst_ratio_to_rounding_bound": worst, "worst_layer": worst_layer,
-            "failures": failures[:20], "passed": not failures and (bool(references) or expected_layers == 0)}
+    return {
+        "layers_checked": len(references),
+        "worst_ratio_to_rounding_bound": worst,
+        "worst_layer": worst_layer,
+        "failures": failures[:20],
+        "passed": not failures and (bool(references) or expected_layers == 0),
+    }
 
 
 def fits_in_memory(folder: str | os.PathLike, copies: int = 2, dtype_bytes: int = 4) -> tuple[bool, str]:

@@ -22,9 +22,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-import pyarrow as pa
-
-from pipeline.core.chunks import CHUNK_ROWS, to_frame
+from pipeline.core.chunks import CHUNK_ROWS
 from pipeline.core.records import StagedRows, StageResult, empty_records, in_memory, rejects_frame, stage_output
 from pipeline.stages.raw_records.blocks import BLOCK_BYTES, STREAM_BYTES, iter_file
 from pipeline.stages.raw_records.decoding import FileRejected, decode_lines
@@ -33,8 +31,23 @@ from pipeline.stages.raw_records.json_recovery import Parsed, parse_text
 from pipeline.stages.raw_records.rows import STAGE, FileResult, FileSummary, ingest_file
 from pipeline.stages.raw_records.workers import append_part, read_in_workers, worker_count
 
-__all__ = ["EMPTY", "STAGE", "SUFFIXES", "FileRejected", "FileResult", "FileSummary", "Parsed", "decode_lines", "discover_files",
-           "ingest", "ingest_file", "ingest_to", "parse_text", "raw_fingerprint"]
+__all__ = [
+    "EMPTY",
+    "STAGE",
+    "SUFFIXES",
+    "FileRejected",
+    "FileResult",
+    "FileSummary",
+    "Parsed",
+    "decode_lines",
+    "discover_files",
+    "ingest",
+    "ingest_file",
+    "ingest_to",
+    "parse_text",
+    "raw_fingerprint",
+]
+
 
 def _results(raw_dir: Path, discovered, stream_over: int | None = None, block_bytes: int = BLOCK_BYTES) -> Iterator[FileResult]:
     """Every file's result in the order rejected rows are listed: files refused by name first.
@@ -42,8 +55,11 @@ def _results(raw_dir: Path, discovered, stream_over: int | None = None, block_by
     files, refused, _ignored = discovered
     for rel, reason in refused:
         summary = FileSummary(source_file=rel, error=reason, rows_read=1, rows_rejected=1)
-        yield FileResult(None, [{"source_file": rel, "source_line": None, "source_index": None, "stage": STAGE,
-                                 "reason": f"file rejected: {reason}", "raw": ""}], summary)
+        yield FileResult(
+            None,
+            [{"source_file": rel, "source_line": None, "source_index": None, "stage": STAGE, "reason": f"file rejected: {reason}", "raw": ""}],
+            summary,
+        )
     for path in files:
         rel = path.relative_to(raw_dir).as_posix()
         if stream_over is None:
@@ -80,9 +96,15 @@ def ingest(raw_dir: str | os.PathLike) -> StageResult:
         return result
 
 
-def ingest_to(raw_dir: str | os.PathLike, folder: str | os.PathLike, chunk_rows: int = CHUNK_ROWS,
-              stream_over: int = STREAM_BYTES, block_bytes: int = BLOCK_BYTES, workers: int | None = None,
-              log=None) -> StagedRows:
+def ingest_to(
+    raw_dir: str | os.PathLike,
+    folder: str | os.PathLike,
+    chunk_rows: int = CHUNK_ROWS,
+    stream_over: int = STREAM_BYTES,
+    block_bytes: int = BLOCK_BYTES,
+    workers: int | None = None,
+    log=None,
+) -> StagedRows:
     """:func:`ingest`, streamed: rows go to ``folder`` (``kept.arrow``, ``rejected.arrow``,
     ``stats.json``) as they are read; files over ``stream_over`` bytes are read in blocks
     (``blocks.py``), so memory holds a block's rows, not a file's. On a corpus over 64 MB the
@@ -99,8 +121,9 @@ def ingest_to(raw_dir: str | os.PathLike, folder: str | os.PathLike, chunk_rows:
     worker_rss: dict[int, float] = {}  # each worker process's peak
     progress = Progress(log, f"raw_records: {len(files)} file(s)", every=5.0)
     with stage_output(folder, empty_records(), chunk_rows) as out:
-        serial = _results(raw_dir, discovered, stream_over, block_bytes) if n_workers == 1 else \
-            _results(raw_dir, (files[:0], refused, _ignored))  # the refused files only
+        serial = (
+            _results(raw_dir, discovered, stream_over, block_bytes) if n_workers == 1 else _results(raw_dir, (files[:0], refused, _ignored))
+        )  # the refused files only
         for result in serial:
             if result.summary is not None:
                 summaries.append(result.summary)
@@ -112,8 +135,7 @@ def ingest_to(raw_dir: str | os.PathLike, folder: str | os.PathLike, chunk_rows:
             del result
             progress(out.kept.rows + out.rejected.rows)
         if n_workers > 1:
-            for done, kept_part, rejected_part in read_in_workers(raw_dir, files, out.tmp, n_workers, stream_over,
-                                                                  block_bytes, chunk_rows):
+            for done, kept_part, rejected_part in read_in_workers(raw_dir, files, out.tmp, n_workers, stream_over, block_bytes, chunk_rows):
                 summaries.append(done["summary"])
                 notes.update(done["notes"])
                 worker_rss[done["pid"]] = max(worker_rss.get(done["pid"], 0), round(done["peak_rss_mb"]))

@@ -85,8 +85,9 @@ def _cut_by_window(win: Window, exc: Exception) -> bool:
     return exc.msg.startswith("Unterminated string") or exc.pos >= len(win.text) - 64
 
 
-def iter_array(win: Window, start: int, bad_lines: dict[int, str], strict_keys: bool = False, nested: bool = False,
-               piece_rows: int | None = None) -> Iterator[Parsed]:
+def iter_array(
+    win: Window, start: int, bad_lines: dict[int, str], strict_keys: bool = False, nested: bool = False, piece_rows: int | None = None
+) -> Iterator[Parsed]:
     """Parse the array whose ``[`` is at ``start``; yields the values in pieces of ``piece_rows``
     (one piece when None). ``nested``: the array sits inside a top-level object; stop at its
     closing ``]``. Notes are shared by all pieces (one list)."""
@@ -170,8 +171,7 @@ def iter_array(win: Window, start: int, bad_lines: dict[int, str], strict_keys: 
             value, end = scan(text, pos)
             if end >= n and grow():
                 continue  # a value that ends where the window does may go on in the next block
-            if check_keys and (count(_Q_INSTRUCTION, pos, end) > 1 or count(_Q_INPUT, pos, end) > 1
-                               or count(_Q_OUTPUT, pos, end) > 1):
+            if check_keys and (count(_Q_INSTRUCTION, pos, end) > 1 or count(_Q_INPUT, pos, end) > 1 or count(_Q_OUTPUT, pos, end) > 1):
                 value = _STRICT_DECODER.scan_once(text, pos)[0]  # a key given twice is caught
         except StopIteration as stop:
             # no value where one should be: at the window's end (even inside a nested value) that
@@ -185,9 +185,16 @@ def iter_array(win: Window, start: int, bad_lines: dict[int, str], strict_keys: 
             if _cut_by_window(win, exc):
                 grow()
                 continue
-            pos = reject(bad_lines.get(line) or (
-                f"invalid JSON: {win.message(exc)}" if isinstance(exc, json.JSONDecodeError)
-                else f"invalid JSON: {exc}" if isinstance(exc, ValueError) else "invalid JSON: nested too deeply"))
+            pos = reject(
+                bad_lines.get(line)
+                or (
+                    f"invalid JSON: {win.message(exc)}"
+                    if isinstance(exc, json.JSONDecodeError)
+                    else f"invalid JSON: {exc}"
+                    if isinstance(exc, ValueError)
+                    else "invalid JSON: nested too deeply"
+                )
+            )
             continue
         parsed.lines.append(line)
         parsed.indexes.append(index)

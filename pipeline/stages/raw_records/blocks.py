@@ -29,8 +29,7 @@ import pyarrow as pa
 
 from pipeline.stages.raw_records.arrays import Window, iter_array
 from pipeline.stages.raw_records.json_recovery import _JSON_WS, _may_repeat_keys, _parse_lines, normalise_line_ends
-from pipeline.stages.raw_records.rows import (STAGE, FileResult, FileSummary, _file_preview, extra_fields_note, ingest_file,
-                                             rows_of)
+from pipeline.stages.raw_records.rows import STAGE, FileResult, FileSummary, _file_preview, extra_fields_note, ingest_file, rows_of
 
 STREAM_BYTES = 64 << 20  # files above this size are read in blocks
 BLOCK_BYTES = 8 << 20
@@ -122,9 +121,9 @@ def _format(path: Path, block_bytes: int) -> str | None:
     texts = _texts(path, block_bytes)
     text = _head(texts)
     start = _JSON_WS.match(text).end()
-    if text[start:start + 1] == "[":
+    if text[start : start + 1] == "[":
         return "array"
-    if text[start:start + 1] == "{":
+    if text[start : start + 1] == "{":
         end = text.find("\n", start)
         while end < 0 and len(text) - start <= _SNIFF_CHARS:
             piece = next(texts, None)
@@ -149,8 +148,9 @@ def _format(path: Path, block_bytes: int) -> str | None:
     return None
 
 
-def iter_file(path: Path, rel: str, stream_over: int = STREAM_BYTES, block_bytes: int = BLOCK_BYTES,
-              piece_rows: int = PIECE_ROWS) -> Iterator[FileResult]:
+def iter_file(
+    path: Path, rel: str, stream_over: int = STREAM_BYTES, block_bytes: int = BLOCK_BYTES, piece_rows: int = PIECE_ROWS
+) -> Iterator[FileResult]:
     """:func:`~pipeline.stages.raw_records.rows.ingest_file` in pieces: the same rows in the same
     order. Every piece but the last has ``summary`` None; the last carries the file's summary."""
     try:
@@ -163,8 +163,7 @@ def iter_file(path: Path, rel: str, stream_over: int = STREAM_BYTES, block_bytes
         return
     with open(path, "rb") as fh:
         bom = fh.read(3) == _BOM
-    summary = FileSummary(source_file=rel, encoding="utf-8-sig" if bom else "utf-8",
-                          format="JSON array" if kind == "array" else "JSON Lines")
+    summary = FileSummary(source_file=rel, encoding="utf-8-sig" if bom else "utf-8", format="JSON array" if kind == "array" else "JSON Lines")
     note_lists: dict[int, list[str]] = {}  # an array's pieces share one list of notes
     extra: Counter[str] = Counter()
     pieces = _array_pieces(path, block_bytes, piece_rows) if kind == "array" else _line_pieces(path, block_bytes, summary)
@@ -183,8 +182,16 @@ def iter_file(path: Path, rel: str, stream_over: int = STREAM_BYTES, block_bytes
         summary.error = "the JSON array holds no records"
         summary.rows_rejected = 1
         summary.format, summary.notes = "", []  # as for any file rejected whole
-        rejected = [{"source_file": rel, "source_line": None, "source_index": None, "stage": STAGE,
-                     "reason": f"file rejected: {summary.error}", "raw": _file_preview(path)}]
+        rejected = [
+            {
+                "source_file": rel,
+                "source_line": None,
+                "source_index": None,
+                "stage": STAGE,
+                "reason": f"file rejected: {summary.error}",
+                "raw": _file_preview(path),
+            }
+        ]
     else:
         rejected = []
     summary.rows_read = summary.rows_kept + summary.rows_rejected

@@ -19,8 +19,6 @@ _SCAN = _DECODER.scan_once
 
 
 @dataclass
-
-
 class Parsed:
     """Parsed JSON values of one file with their positions (1-based line, 0-based index)."""
 
@@ -142,8 +140,7 @@ def _parse_wrapper(text: str, start: int, value: Any, bad_lines: dict[int, str],
         others = [k for k in keys if k != key]
         parsed.format = f"JSON object with the records under {key!r}"
         parsed.notes.append(
-            f"records read from the top-level key {key!r}"
-            + (f"; other top-level keys ignored: {', '.join(map(repr, others[:5]))}" if others else "")
+            f"records read from the top-level key {key!r}" + (f"; other top-level keys ignored: {', '.join(map(repr, others[:5]))}" if others else "")
         )
         return parsed
     if keys and all(isinstance(value[k], dict) and _looks_like_record(value[k]) for k in keys):
@@ -157,8 +154,7 @@ def _parse_wrapper(text: str, start: int, value: Any, bad_lines: dict[int, str],
         return parsed
     shown = ", ".join(repr(k) for k in keys[:5])
     raise FileRejected(
-        f"top-level JSON object (keys {shown}) is not a record and holds no list of records: "
-        "expected an array of records or JSON Lines"
+        f"top-level JSON object (keys {shown}) is not a record and holds no list of records: expected an array of records or JSON Lines"
     )
 
 

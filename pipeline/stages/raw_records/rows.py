@@ -23,11 +23,7 @@ _EXACT_KEYS = frozenset(FIELDS)
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-
-
 @dataclass
-
-
 class FileSummary:
     source_file: str
     encoding: str = ""
@@ -40,8 +36,7 @@ class FileSummary:
     error: str = ""
 
 
-_TYPE_NAMES = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", list: "a list",
-               dict: "an object", str: "a string"}
+_TYPE_NAMES = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", list: "a list", dict: "an object", str: "a string"}
 
 
 def _type_name(v: Any) -> str:
@@ -91,9 +86,7 @@ def _to_arrow(values: list[Any], name: str, notes: Counter) -> pa.Array:
         return pa.array(values, type=pa.large_string())
     except (UnicodeEncodeError, pa.ArrowException):
         fixed = [v if v is None else _SURROGATE.sub("\ufffd", v) for v in values]
-        notes[f"lone surrogates in {name!r} replaced by U+FFFD (validation rejects them)"] += sum(
-            1 for a, b in zip(values, fixed) if a != b
-        )
+        notes[f"lone surrogates in {name!r} replaced by U+FFFD (validation rejects them)"] += sum(1 for a, b in zip(values, fixed) if a != b)
         return pa.array(fixed, type=pa.large_string())
 
 
@@ -114,10 +107,7 @@ def _split_fields(parsed: Parsed, rel: str, rejected: list[dict], extra: Counter
     ins = [v.get("instruction") if type(v) is dict else None for v in values]
     inp = [v.get("input", "") if type(v) is dict else None for v in values]
     out = [v.get("output") if type(v) is dict else None for v in values]
-    fast = [
-        type(a) is str and type(b) is str and type(c) is str and v.keys() <= exact
-        for a, b, c, v in zip(ins, inp, out, values)
-    ]
+    fast = [type(a) is str and type(b) is str and type(c) is str and v.keys() <= exact for a, b, c, v in zip(ins, inp, out, values)]
     if all(fast):
         return lines, indexes, ins, inp, out
     cols: tuple[list, list, list, list, list] = ([], [], [], [], [])
@@ -137,8 +127,9 @@ def _split_fields(parsed: Parsed, rel: str, rejected: list[dict], extra: Counter
                     raw = parsed.source_lines[lines[k] - 1 - parsed.line_base]
                 else:
                     raw = json.dumps(value, ensure_ascii=False, default=str, allow_nan=True)
-                rejected.append({"source_file": rel, "source_line": lines[k], "source_index": indexes[k],
-                                 "stage": STAGE, "reason": fields, "raw": clip_raw(raw)})
+                rejected.append(
+                    {"source_file": rel, "source_line": lines[k], "source_index": indexes[k], "stage": STAGE, "reason": fields, "raw": clip_raw(raw)}
+                )
                 continue
         l_col.append(lines[k])
         x_col.append(indexes[k])
@@ -156,8 +147,6 @@ def extra_fields_note(extra: Counter) -> str:
 
 
 @dataclass
-
-
 class FileResult:
     """One file read: its kept rows as an Arrow table (or None), its rejected rows, a summary."""
 
@@ -183,8 +172,14 @@ def ingest_file(path: Path, rel: str) -> FileResult:
         summary.error = str(exc)
         summary.rows_read = summary.rows_rejected = 1
         rejected.append(
-            {"source_file": rel, "source_line": None, "source_index": None, "stage": STAGE,
-             "reason": f"file rejected: {exc}", "raw": _file_preview(path)}
+            {
+                "source_file": rel,
+                "source_line": None,
+                "source_index": None,
+                "stage": STAGE,
+                "reason": f"file rejected: {exc}",
+                "raw": _file_preview(path),
+            }
         )
         return FileResult(None, rejected, summary)
     summary.format = parsed.format
@@ -203,8 +198,7 @@ def rows_of(parsed: Parsed, rel: str, extra: Counter | None = None) -> FileResul
     reason (in the order of the file). Its summary holds the row counts only."""
     rejected: list[dict] = []
     for line, index, reason, raw in parsed.errors:
-        rejected.append({"source_file": rel, "source_line": line, "source_index": index, "stage": STAGE,
-                         "reason": reason, "raw": clip_raw(raw)})
+        rejected.append({"source_file": rel, "source_line": line, "source_index": index, "stage": STAGE, "reason": reason, "raw": clip_raw(raw)})
     lines_col, index_col, ins_col, inp_col, out_col = _split_fields(parsed, rel, rejected, extra)
     rejected.sort(key=lambda r: (r["source_index"], r["source_line"]))
     summary = FileSummary(source_file=rel, rows_kept=len(lines_col), rows_rejected=len(rejected))
@@ -231,5 +225,3 @@ def _file_preview(path: Path, limit: int = 2000) -> str:
     except OSError:
         return ""
     return head.decode("utf-8", errors="backslashreplace")
-
-

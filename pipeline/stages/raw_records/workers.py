@@ -52,8 +52,10 @@ def _read_one(path: str, rel: str, prefix: str, stream_over: int, block_bytes: i
     """In a worker: one file's rows to ``<prefix>.kept.arrow`` and ``<prefix>.rejected.arrow``."""
     summary: FileSummary | None = None
     notes: Counter[str] = Counter()
-    with ChunkWriter(f"{prefix}.kept.arrow", "arrow", empty=empty_records(), chunk_rows=chunk_rows) as kept, \
-         ChunkWriter(f"{prefix}.rejected.arrow", "arrow", empty=rejects_frame(), chunk_rows=chunk_rows) as rejected:
+    with (
+        ChunkWriter(f"{prefix}.kept.arrow", "arrow", empty=empty_records(), chunk_rows=chunk_rows) as kept,
+        ChunkWriter(f"{prefix}.rejected.arrow", "arrow", empty=rejects_frame(), chunk_rows=chunk_rows) as rejected,
+    ):
         for result in iter_file(Path(path), rel, stream_over, block_bytes):
             summary = result.summary or summary
             notes.update(result.notes)
@@ -64,16 +66,18 @@ def _read_one(path: str, rel: str, prefix: str, stream_over: int, block_bytes: i
     return {"summary": summary, "notes": notes, "pid": os.getpid(), "peak_rss_mb": peak_rss_mb()}
 
 
-def read_in_workers(raw_dir: Path, files: list[Path], tmp: Path, workers: int, stream_over: int, block_bytes: int,
-                    chunk_rows: int) -> Iterator[tuple[dict, Path, Path]]:
+def read_in_workers(
+    raw_dir: Path, files: list[Path], tmp: Path, workers: int, stream_over: int, block_bytes: int, chunk_rows: int
+) -> Iterator[tuple[dict, Path, Path]]:
     """Each file's ``(summary and notes, kept part, rejected part)``, in file order; the caller
     appends the parts and removes them."""
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
         futures = []
         for i, path in enumerate(files):
             prefix = tmp / f"part-{i:06d}"
-            futures.append((pool.submit(_read_one, str(path), path.relative_to(raw_dir).as_posix(), str(prefix),
-                                        stream_over, block_bytes, chunk_rows), prefix))
+            futures.append(
+                (pool.submit(_read_one, str(path), path.relative_to(raw_dir).as_posix(), str(prefix), stream_over, block_bytes, chunk_rows), prefix)
+            )
         try:
             for future, prefix in futures:
                 yield future.result(), Path(f"{prefix}.kept.arrow"), Path(f"{prefix}.rejected.arrow")

@@ -95,8 +95,9 @@ def existing_version(client, name: str, merged_id: str):
     return None
 
 
-def decide_champion(new: dict[str, float | None], champion: dict[str, float | None] | None,
-                    promote_on: tuple[str, ...] | list[str] = DEFAULT_PROMOTE_ON) -> tuple[bool, str]:
+def decide_champion(
+    new: dict[str, float | None], champion: dict[str, float | None] | None, promote_on: tuple[str, ...] | list[str] = DEFAULT_PROMOTE_ON
+) -> tuple[bool, str]:
     """Whether the new version takes ``champion``, and why. No champion: it does. Otherwise the
     criteria in ``promote_on`` are read in order: a guard (``eval_loss``) that got worse keeps the
     champion; any other criterion (higher is better) that differs decides; a figure either side
@@ -142,8 +143,9 @@ def register_merged_model(
     """Register ``merged_dir``; or, where there is no merged model, ``adapter_dir`` over ``base_dir``.
     ``figures``: the version's ``eval_loss``, ``choice_accuracy`` and ``rouge_l`` (None where not
     measured), judged against the champion's by ``promote_on``."""
-    import mlflow
     from mlflow.tracking import MlflowClient
+
+    import mlflow
 
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     version = existing_version(client, name, merged_id)
@@ -180,11 +182,16 @@ def register_merged_model(
             client.set_registered_model_alias(name, CHAMPION, v)
     if not reused:
         shown = ", ".join(f"{k} {'n/a' if x is None else f'{x:.4f}'}" for k, x in mine.items())
-        verdict = (f"took champion ({why})" if became else f"stayed challenger; champion: version {champ_version} ({why})")
-        client.update_model_version(name, v, description=(
-            f"Held-out figures: {shown}. Promotion rule promote_on = {', '.join(promote_on)} (a guard: eval_loss must "
-            f"not rise; then the first criterion that differs decides, higher is better). Against the champion at "
-            f"registration: {verdict}."))
+        verdict = f"took champion ({why})" if became else f"stayed challenger; champion: version {champ_version} ({why})"
+        client.update_model_version(
+            name,
+            v,
+            description=(
+                f"Held-out figures: {shown}. Promotion rule promote_on = {', '.join(promote_on)} (a guard: eval_loss must "
+                f"not rise; then the first criterion that differs decides, higher is better). Against the champion at "
+                f"registration: {verdict}."
+            ),
+        )
     aliases = sorted(client.get_model_version(name, v).aliases)
     champ_score = champ_figures.get("rouge_l") if champ_figures else None
     return Registration(name, v, f"models:/{name}/{v}", aliases, became, champ_version, champ_score, reused, why)

@@ -8,9 +8,10 @@ A model logged as ``base`` + ``adapter`` (a prompt-learning adapter, which canno
 the base and attaches the adapter with peft.
 """
 
-import mlflow
 import pandas as pd
 from mlflow.pyfunc import PythonModel
+
+import mlflow
 
 
 class MedTuneChatModel(PythonModel):
@@ -52,15 +53,16 @@ class MedTuneChatModel(PythonModel):
         answers = []
         gen = self.generation_config
         for q in self._questions(model_input):
-            messages = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else [])
+            messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
             messages.append({"role": "user", "content": q})
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")
             with torch.no_grad():
-                out = self.model.generate(**ids, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                          eos_token_id=gen.eos_token_id, pad_token_id=gen.pad_token_id)
+                out = self.model.generate(
+                    **ids, max_new_tokens=self.max_new_tokens, do_sample=False, eos_token_id=gen.eos_token_id, pad_token_id=gen.pad_token_id
+                )
             # peft's prompt-learning generate may return the new tokens only, or the prompt and them
-            new = out[0, ids["input_ids"].shape[1]:] if out.shape[1] > ids["input_ids"].shape[1] else out[0]
+            new = out[0, ids["input_ids"].shape[1] :] if out.shape[1] > ids["input_ids"].shape[1] else out[0]
             answers.append(self.tokenizer.decode(new, skip_special_tokens=True).strip())
         return answers
 

@@ -1,0 +1,91 @@
+"""What the evaluation reports: the registry gate (tuned against base on held-out rows) and the
+Markdown tables the asset shows (the summary, the side-by-side answers)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+
+from pipeline.stages.evaluation_report import MODELS, SPLITS
+
+
+def tuned_beats_base(summary: dict[str, dict[str, dict[str, Any]]]) -> tuple[bool, str]:
+    """The registry gate, on held-out rows: the tuned model's answer loss below the base model's,
+    its medicine-choice accuracy not lower (where the data names medicines) and its ROUGE-L not
+    lower."""
+    try:
+        b, t = summary["base"]["eval"], summary["tuned"]["eval"]
+    except KeyError:
+        return False, "no eval rows: the tuned model cannot be compared with the base model"
+    reasons, said = [], [f"eval loss {b['loss']:.4f} → {t['loss']:.4f}"]
+    if not t["loss"] < b["loss"]:
+        reasons.append(f"eval loss did not go down (tuned {t['loss']:.4f} vs base {b['loss']:.4f})")
+    if b.get("choice_accuracy") is not None and t.get("choice_accuracy") is not None:
+        said.append(f"choice accuracy {b['choice_accuracy']:.2f} → {t['choice_accuracy']:.2f}")
+        if t["choice_accuracy"] < b["choice_accuracy"]:
+            reasons.append(f"eval medicine-choice accuracy went down (tuned {t['choice_accuracy']:.2f} vs base {b['choice_accuracy']:.2f})")
+    said.append(f"ROUGE-L {b['rouge_l']:.2f} → {t['rouge_l']:.2f}")
+    if t["rouge_l"] < b["rouge_l"]:
+        reasons.append(f"eval ROUGE-L went down (tuned {t['rouge_l']:.2f} vs base {b['rouge_l']:.2f})")
+    if reasons:
+        return False, "; ".join(reasons)
+    return True, ", ".join(said)
+
+
+def summary_markdown(summary: dict[str, dict[str, dict[str, Any]]]) -> str:
+    cols = [
+        "loss",
+        "perplexity",
+        "choice_accuracy",
+        "choice_rank",
+        "seen_medicine_choice_accuracy",
+        "bleu_4",
+        "rouge_1",
+        "rouge_2",
+        "rouge_l",
+        "name_hit_rate",
+    ]
+    from pipeline.core.markdown import table
+
+    rows = []
+    for split in SPLITS:
+        for model in MODELS:
+            s = summary.get(model, {}).get(split)
+            if not s:
+                continue
+            vals = [
+                "n/a" if s.get(c) is None else (f"{s[c]:.4f}" if c in ("loss",) else f"{s[c]:.2f}" if isinstance(s[c], float) else str(s[c]))
+                for c in cols
+            ]
+            rows.append([split, model, s["rows"], *vals])
+    return table(["split", "model", "rows", *cols], rows)
+
+
+def side_by_side_markdown(table: pd.DataFrame, n: int = 5, width: int = 80) -> str:
+    from pipeline.core.markdown import table as markdown_table
+
+    choice = "base_choice" in table
+    header = ["split", "prompt", "reference", "base answer", "tuned answer", "base ROUGE-L", "tuned ROUGE-L", "name hit base/tuned"] + (
+        ["choice base/tuned (rank)"] if choice else []
+    )
+    rows = []
+    for _, r in table.head(n).iterrows():
+        row = [
+            r["split"],
+            r["prompt"],
+            r["reference"],
+            r["base_answer"],
+            r["tuned_answer"],
+            f"{r['base_rouge_l']:.1f}",
+            f"{r['tuned_rouge_l']:.1f}",
+            f"{r['base_name_hit']}/{r['tuned_name_hit']}" if r["medicine"] else "unknown",
+        ]
+        if choice:
+            row.append(
+                f"{r['base_choice']} ({r['base_choice_rank']:.0f}) / {r['tuned_choice']} ({r['tuned_choice_rank']:.0f})"
+                if r["base_choice"]
+                else "n/a"
+            )
+        rows.append(row)
+    return markdown_table(header, rows, width)
