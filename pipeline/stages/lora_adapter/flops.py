@@ -20,6 +20,7 @@ same process (these CPUs differ from machine to machine by 2x, and a shared mach
 
 from __future__ import annotations
 
+import functools
 import time
 
 
@@ -69,8 +70,11 @@ def training_flops_per_token(config, *, context: float, supervised_share: float,
     }
 
 
+@functools.cache
 def matmul_peak_flops(dtype, device: str = "cpu", n: int = 2048, seconds: float = 1.5) -> float:
-    """Best FLOP/s of an n x n matrix multiply over a few repetitions (``seconds`` in all)."""
+    """Best FLOP/s of an n x n matrix multiply over a few repetitions (``seconds`` in all); measured
+    once a process (a training child measures it once; tests that train many times in one process
+    no longer pay 1.5 s a training)."""
     import torch
 
     a = torch.randn(n, n, device=device).to(dtype)
