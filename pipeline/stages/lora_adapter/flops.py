@@ -74,11 +74,14 @@ def training_flops_per_token(config, *, context: float, supervised_share: float,
 def matmul_peak_flops(dtype, device: str = "cpu", n: int = 2048, seconds: float = 1.5) -> float:
     """Best FLOP/s of an n x n matrix multiply over a few repetitions (``seconds`` in all); measured
     once a process (a training child measures it once; tests that train many times in one process
-    no longer pay 1.5 s a training)."""
+    no longer pay 1.5 s a training). It leaves the global random state as it was: whether the peak
+    was measured in this process must not change a training's dropout masks."""
     import torch
 
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
+    # its own generator: the global one is the training's (dropout), and measuring must not move it
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, generator=gen).to(dtype)
+    b = torch.randn(n, n, device=device, generator=gen).to(dtype)
 
     def sync():
         if device != "cpu":
