@@ -193,7 +193,16 @@ def run_config(stack: Stack) -> dict:
             "tokenized_dataset": {"config": {"max_seq_len": 256}},
             # r 16: on the tiny model (hidden size 64) the default r 64 is full rank and lr 5e-3 overshoots
             "lora_adapter": {
-                "config": {"max_steps": 6, "save_every": 3, "eval_every": 3, "learning_rate": 5e-3, "precision": "fp32", "r": 16, "lora_alpha": 32}
+                "config": {
+                    "max_steps": 6,
+                    "save_every": 3,
+                    "eval_every": 3,
+                    "learning_rate": 5e-3,
+                    "precision": "fp32",
+                    "r": 16,
+                    "lora_alpha": 32,
+                    "compile": False,
+                }
             },
             "evaluation_report": {"config": {"max_new_tokens": 8, "train_sample_size": 4}},
         },

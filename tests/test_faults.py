@@ -54,6 +54,7 @@ def run_pipeline(data_dir, tracking_uri, model_dir, job="full_pipeline_job", **t
                     "log_every": 1,
                     "r": 16,
                     "lora_alpha": 32,
+                    "compile": False,  # torch.compile costs ~4 s a training child; covered in test_lora_adapter_asset
                     **train_config,
                 }
             },
@@ -338,7 +339,9 @@ def materialize_command(data_dir, tmp_path, tiny_model_dir, **train_config):
         "ops": {
             "base_model": {"config": {"model": model_in_data_root(tiny_model_dir, data_dir)}},
             "tokenized_dataset": {"config": {"max_seq_len": 256}},
-            "lora_adapter": {"config": {"learning_rate": 5e-3, "precision": "fp32", "log_every": 1, "r": 16, "lora_alpha": 32, **train_config}},
+            "lora_adapter": {
+                "config": {"learning_rate": 5e-3, "precision": "fp32", "log_every": 1, "r": 16, "lora_alpha": 32, "compile": False, **train_config}
+            },
         },
     }
     env = {

@@ -29,6 +29,7 @@ def run(data_dir, tracking_uri, model_dir, **train_config):
                     "log_every": 1,
                     "r": 16,
                     "lora_alpha": 32,
+                    "compile": False,  # ~4 s a training child; the default (on for CPU) runs in test_train_track_resume_and_cache
                     **train_config,
                 }
             },
@@ -56,13 +57,13 @@ def test_train_track_resume_and_cache(data_dir, tmp_path, tiny_model_dir):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri, registry_uri=uri)
 
-    killed = run(data_dir, uri, tiny_model_dir, stop_after_steps=3)
+    killed = run(data_dir, uri, tiny_model_dir, stop_after_steps=3, compile=None)
     assert not killed.success
     (failed_run,) = client.search_runs(client.search_experiments()[0].experiment_id)
     assert failed_run.info.status == "FAILED" and "medtune.error" in failed_run.data.tags
     assert not list((data_dir / "models" / "adapters").glob("*"))
 
-    resumed = run(data_dir, uri, tiny_model_dir)
+    resumed = run(data_dir, uri, tiny_model_dir, compile=None)
     assert resumed.success
     assert meta(resumed, "resumed_from") == "step-2" and meta(resumed, "cache_hit") is False
     run_id = meta(resumed, "mlflow_run_id")
@@ -96,7 +97,7 @@ def test_train_track_resume_and_cache(data_dir, tmp_path, tiny_model_dir):
     version = client.get_model_version_by_alias("medtune", "champion")
     assert version.run_id == run_id and version.tags["medtune.data_fingerprint"] == r.data.tags["medtune.data_fingerprint"]
 
-    again = run(data_dir, uri, tiny_model_dir)
+    again = run(data_dir, uri, tiny_model_dir, compile=None)
     assert again.success and meta(again, "cache_hit") is True
     assert meta(again, "mlflow_run_id") == run_id
     assert len(client.search_runs(r.info.experiment_id)) == 2  # the failed one and the finished one, no third
@@ -107,7 +108,7 @@ def test_train_track_resume_and_cache(data_dir, tmp_path, tiny_model_dir):
     # the same data folder under another MLflow store (a team's new one): the cached adapter is not
     # trained again; its run is copied there whole, evaluated, registered; a second time reuses the copy
     uri2 = f"sqlite:///{tmp_path / 'team.db'}"
-    moved = run(data_dir, uri2, tiny_model_dir)
+    moved = run(data_dir, uri2, tiny_model_dir, compile=None)
     assert moved.success and meta(moved, "cache_hit") is True and meta(moved, "cache_hit", "evaluation_report") is True
     team = MlflowClient(uri2, registry_uri=uri2)
     copy_id = meta(moved, "mlflow_run_id")
@@ -118,7 +119,7 @@ def test_train_track_resume_and_cache(data_dir, tmp_path, tiny_model_dir):
     assert copy.data.metrics["tuned_eval_loss"] == r.data.metrics["tuned_eval_loss"]
     assert "adapter/adapter_model.safetensors" in {a.path for a in team.list_artifacts(copy_id, "adapter")}
     assert team.get_model_version_by_alias("medtune", "champion").run_id == copy_id
-    assert meta(run(data_dir, uri2, tiny_model_dir), "mlflow_run_id") == copy_id
+    assert meta(run(data_dir, uri2, tiny_model_dir, compile=None), "mlflow_run_id") == copy_id
     assert len(team.search_runs([copy.info.experiment_id])) == 1
 
 

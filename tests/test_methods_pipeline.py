@@ -17,7 +17,7 @@ def run(data_dir, tracking_uri, model_dir, **train_config):
         "ops": {
             "base_model": {"config": {"model": model_in_data_root(model_dir, data_dir)}},
             "tokenized_dataset": {"config": {"max_seq_len": 256}},
-            "lora_adapter": {"config": {"max_steps": 4, "eval_every": 4, "precision": "fp32", "log_every": 1, **train_config}},
+            "lora_adapter": {"config": {"max_steps": 4, "eval_every": 4, "precision": "fp32", "log_every": 1, "compile": False, **train_config}},
             "evaluation_report": {"config": {"max_new_tokens": 4, "train_sample_size": 2}},
         }
     }

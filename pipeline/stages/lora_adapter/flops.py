@@ -20,7 +20,6 @@ same process (these CPUs differ from machine to machine by 2x, and a shared mach
 
 from __future__ import annotations
 
-import functools
 import time
 
 
@@ -70,12 +69,21 @@ def training_flops_per_token(config, *, context: float, supervised_share: float,
     }
 
 
-@functools.cache
+_PEAKS: dict[tuple, float] = {}
+
+
 def matmul_peak_flops(dtype, device: str = "cpu", n: int = 2048, seconds: float = 1.5) -> float:
     """Best FLOP/s of an n x n matrix multiply over a few repetitions (``seconds`` in all); measured
-    once a process (a training child measures it once; tests that train many times in one process
-    no longer pay 1.5 s a training). It leaves the global random state as it was: whether the peak
+    once a process per dtype and device (a training child measures it once; tests that train many
+    times in one process pay it once). It leaves the global random state as it was: whether the peak
     was measured in this process must not change a training's dropout masks."""
+    key = (str(dtype), device, n)
+    if key not in _PEAKS:
+        _PEAKS[key] = _measure_peak(dtype, device, n, seconds)
+    return _PEAKS[key]
+
+
+def _measure_peak(dtype, device: str, n: int, seconds: float) -> float:
     import torch
 
     # its own generator: the global one is the training's (dropout), and measuring must not move it
