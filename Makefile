@@ -84,12 +84,16 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# two workers (pytest-xdist), a module whole on one, the longest modules first (tests/conftest.py)
+TEST_WORKERS ?= 2
+XDIST = -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+
 test: setup postgresql lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(XDIST)
 
 # the inner loop: no server, no subprocess pipeline, no browser (tests marked slow are left out)
 test-fast: $(STAMP) lint
-	$(BIN)/python -m pytest -m "not slow" -q
+	$(BIN)/python -m pytest $(XDIST) -m "not slow" -q
 
 # line coverage of pipeline/, assets/ and resources/ over the whole suite (docs/development.md)
 coverage: setup postgresql

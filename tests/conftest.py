@@ -19,6 +19,36 @@ os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tempfile.mkdtemp(prefix='medtun
 # nor into a team's PostgreSQL instance or artifact folder (the tests that use PostgreSQL start their own)
 os.environ.pop("MEDTUNE_POSTGRES_URL", None)
 os.environ.pop("MEDTUNE_ARTIFACT_ROOT", None)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two workers on two cores: one torch thread each (and in the processes they
+    # start), or four threads contend for two cores and spin-wait (measured several times slower)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# The longest modules first (`pytest --durations=0`, docs/development.md), so that under
+# pytest-xdist (`--dist loadfile`: a module runs whole on one worker) the two workers finish
+# together instead of one starting the longest module last. Without xdist only the order changes.
+LONGEST_FIRST = (
+    "test_e2e_servers",
+    "test_faults",
+    "test_lora_adapter_asset",
+    "test_train",
+    "test_sweep",
+    "test_streaming",
+    "test_methods",
+    "test_bad_inputs",
+    "test_methods_pipeline",
+    "test_model_source",
+    "test_multinode",
+    "test_ask",
+    "test_safe_defaults",
+    "test_properties",
+)
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.module.__name__ if item.module else "", len(rank)))  # stable: a module keeps its order
+
 
 INSTR = "使用中医知识正确回答适合这个病例的中成药。"
 

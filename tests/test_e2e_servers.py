@@ -37,6 +37,7 @@ from pathlib import Path
 import pytest
 
 from conftest import demo_records, model_in_data_root, write_json
+from pipeline.ops.automation import SENSOR
 
 pytestmark = pytest.mark.slow  # real servers (Dagster, MLflow, PostgreSQL) and the browser: make test, not make test-fast
 
@@ -232,12 +233,31 @@ def wait_for_run(stack: Stack, run_id: str, timeout: float = 600) -> str:
         status = stack.graphql(STATUS, {"id": run_id})["runOrError"]["status"]
         if status in ("SUCCESS", "FAILURE", "CANCELED"):
             return status
-        time.sleep(2)
+        time.sleep(0.5)
     raise AssertionError(f"run {run_id} did not finish in {timeout:.0f} s\n{stack.log_tail()}")
+
+
+SENSOR_TICKS = """
+query($s: SensorSelector!) { sensorOrError(sensorSelector: $s) {
+  ... on Sensor { sensorState { ticks(limit: 100) { timestamp status } } } } }"""
 
 
 def sensor_runs(stack: Stack) -> list[dict]:
     return stack.graphql(SENSOR_RUNS)["runsOrError"]["results"]
+
+
+def sensor_ticks(stack: Stack) -> list[float]:
+    selector = {"repositoryLocationName": "medtune", "repositoryName": "__repository__", "sensorName": "raw_data_sensor"}
+    ticks = stack.graphql(SENSOR_TICKS, {"s": selector})["sensorOrError"]["sensorState"]["ticks"]
+    return [t["timestamp"] for t in ticks if t["status"] in ("SUCCESS", "SKIPPED")]
+
+
+def wait_for_ticks(stack: Stack, after: float, n: int, timeout: float = 120) -> None:
+    """Until the daemon has evaluated the sensor ``n`` times since ``after`` (a wall-clock time)."""
+    deadline = time.monotonic() + timeout
+    while sum(t > after for t in sensor_ticks(stack)) < n:
+        assert time.monotonic() < deadline, f"fewer than {n} sensor ticks in {timeout:.0f} s\n" + stack.log_tail()
+        time.sleep(0.5)
 
 
 def champion(stack: Stack) -> dict:
@@ -273,10 +293,12 @@ def test_2_sensor_retrains_once_per_content_change(stack):
     deadline = time.monotonic() + 120
     while not sensor_runs(stack):
         assert time.monotonic() < deadline, "the sensor launched no run\n" + stack.log_tail()
-        time.sleep(2)
-    time.sleep(12)  # two more sensor ticks: still exactly one run
+        time.sleep(0.5)
+    launched = time.time()
     (run,) = sensor_runs(stack)
     assert wait_for_run(stack, run["runId"]) == "SUCCESS", stack.log_tail()
+    wait_for_ticks(stack, launched, 2)  # (the run's minutes hold several) sensor evaluations since: still one run
+    assert len(sensor_runs(stack)) == 1
     versions = stack.mlflow_get("model-versions/search", filter="name='medtune'")["model_versions"]
     assert len(versions) == 2  # the sensor's run registered a new version, nobody clicked
 
@@ -284,7 +306,8 @@ def test_2_sensor_retrains_once_per_content_change(stack):
     f = stack.data_dir / "raw" / "demo.json"
     f.write_bytes(f.read_bytes())
     os.utime(f)
-    time.sleep(20)  # quiet period + several ticks
+    # ticks past the quiet period (the sensor waits for files to stop changing), then two more
+    wait_for_ticks(stack, time.time() + float(SENSOR["quiet_seconds"]), 2)
     assert len(sensor_runs(stack)) == 1
 
 

@@ -201,7 +201,7 @@ def test_training_killed_at_random_points_resumes_and_the_adapter_loads(data_dir
         worker.start()
         pid = None
         while worker.is_alive() and pid is None:
-            pid = _child_pid("pipeline.stages.lora_adapter --spec")
+            pid = _child_pid(f"pipeline.stages.lora_adapter --spec {data_dir}")  # this test's child, not another worker's
             time.sleep(0.02)
         if pid is None:
             worker.join()
