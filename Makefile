@@ -97,7 +97,7 @@ test-fast: $(STAMP) lint
 
 # line coverage of pipeline/, assets/ and resources/ over the whole suite (docs/development.md)
 coverage: setup postgresql
-	$(BIN)/python -m pytest --cov=pipeline --cov=assets --cov=resources --cov-report=term:skip-covered --cov-report=html:.coverage-html
+	$(BIN)/python -m pytest $(XDIST) --cov=pipeline --cov=assets --cov=resources --cov-report=term:skip-covered --cov-report=html:.coverage-html
 
 ui: setup
 	$(BIN)/python -m pipeline.ops.ui --host 127.0.0.1 --dagster-port 3000 --mlflow-port 5000
