@@ -20,6 +20,7 @@ Every server is stopped at the end, also when a test fails.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -29,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
@@ -476,3 +478,72 @@ def test_7_the_default_make_ui_on_sqlite_files_starts_and_stops(tmp_path):
         assert (tmp_path / "mlflow" / "mlflow.db").is_file()
     finally:
         assert stop_ui(proc, logs, ports), "a server is still listening after the shutdown"
+
+
+def post_json(url: str, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def test_8_make_serve_answers_the_chat_completions_schema_over_http(stack):
+    """`make serve`'s code path (pipeline.ops.serve: MLflow's own scoring server) over the champion
+    the pipeline registered above: a chat request answers in the chat-completions shape with what
+    the pyfunc itself answers, a list of questions answers too, bad requests get a 400 that says why."""
+    from mlflow.types.llm import ChatCompletionResponse
+
+    import mlflow
+    from pipeline.core.stores import tracking_uri
+    from pipeline.stages.registered_model import _uris
+
+    port, log = free_port(), stack.logs / "serve.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.ops.serve", "--port", str(port), "--max-tokens", "16"],
+        cwd=PROJECT,
+        env=stack.env,
+        start_new_session=True,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}/invocations"
+    try:
+        deadline = time.monotonic() + 240
+        while not port_open(port):
+            assert proc.poll() is None and time.monotonic() < deadline, "make serve did not start\n" + log.read_text()[-5000:]
+            time.sleep(0.5)
+        said = log.read_text()
+        assert f"on {url}" in said and "request timeout" in said, said
+        question = "咳嗽，咽喉肿痛，用什么中成药？"
+        chat = {"messages": [{"role": "user", "content": question}], "max_tokens": 12}
+        status, answer = post_json(url, chat)
+        assert status == 200, answer
+        parsed = ChatCompletionResponse.from_dict(answer)  # MLflow's own chat-completions type
+        assert answer["object"] == "chat.completion" and parsed.choices[0].message.role == "assistant"
+        assert answer["choices"][0]["finish_reason"] in ("stop", "length") and 1 <= answer["usage"]["completion_tokens"] <= 12
+        assert answer["usage"]["total_tokens"] == answer["usage"]["prompt_tokens"] + answer["usage"]["completion_tokens"]
+        content = answer["choices"][0]["message"]["content"]
+
+        with _uris(tracking_uri(stack.env)):  # the pyfunc itself, loaded from the registry
+            own = mlflow.pyfunc.load_model("models:/medtune@champion").predict({"messages": chat["messages"]}, params={"max_tokens": 12})
+        assert own["choices"][0]["message"]["content"] == content  # the server answers what the model answers
+
+        status, plain = post_json(url, {"inputs": [question], "params": {"max_tokens": 12}})
+        assert status == 200 and plain == {"predictions": [content]}, plain  # same prompt, same greedy answer
+
+        for body, said in [
+            ({"messages": [{"role": "bot", "content": "hi"}]}, "messages[0].role must be one of system, user, assistant"),
+            ({"messages": "hi"}, '"messages" must be a non-empty list'),
+            ({"messages": chat["messages"], "max_tokens": "lots"}, "max_tokens"),
+            ({"messages": chat["messages"], "stream": True}, '"stream": true is not served'),
+            ({"messages": chat["messages"], "logprobs": True}, "unknown chat-completions fields: logprobs"),
+        ]:
+            status, error = post_json(url, body)
+            assert status == 400 and said in error.get("message", ""), (body, status, error)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+    assert not port_open(port)

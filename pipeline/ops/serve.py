@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=1, help="server processes, each holding the model")
     args = ap.parse_args(argv)
     tracking_uri = default_tracking_uri()
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri  # models:/ URIs here and in the server resolve in this store
     try:
         served = resolve(args.model, tracking_uri, DataRoot(path=default_data_dir()).models_dir / "served", args.max_tokens)
     except ServeError as e:
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         f'-d \'{{"messages":[{{"role":"user","content":"{SAMPLE_QUESTION}"}}],"max_tokens":64}}\'',
         flush=True,
     )
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     cmd = serve_command(served.uri, args.host, args.port, timeout, args.workers)
     os.execve(cmd[0], cmd, env)  # the server is this process from here: Ctrl-C and kill reach it
 

@@ -211,13 +211,24 @@ class MedTuneChatModel(PythonModel):
             raise bad_request('"stop" is not supported while streaming')
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         ids = self._prompt_ids(messages)
-        worker = Thread(target=self._generate, args=(ids, kwargs, streamer), daemon=True)
+        failed = []
+
+        def generate():
+            try:
+                self._generate(ids, kwargs, streamer)
+            except BaseException as exc:  # end the stream, then raise it in the caller's thread
+                failed.append(exc)
+                streamer.end()
+
+        worker = Thread(target=generate, daemon=True)
         worker.start()
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         for piece in streamer:
             if piece:
                 yield self._chunk(cid, created, {"role": "assistant", "content": piece}, None)
         worker.join()
+        if failed:
+            raise failed[0]
         yield self._chunk(cid, created, {}, "stop")
 
     def _completion(self, answer: str, finish: str, prompt_tokens: int, new_tokens: int) -> dict:
