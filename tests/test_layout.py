@@ -111,3 +111,15 @@ def test_asset_configs_take_their_defaults_from_the_stage():
         assert not differ, f"{config.__name__} vs {stage.__name__}: {differ}"
     # the rows' length is the tokenized dataset's alone
     assert "max_seq_len" not in LoraAdapterConfig.model_fields
+
+
+@pytest.mark.parametrize("target, installs", [("run", False), ("serve", False), ("setup", False), ("test", True), ("screenshots", True)])
+def test_only_the_browser_and_database_targets_install_system_packages(target, installs):
+    """`make run` (and setup, serve) install Python packages only; make test and make screenshots
+    install Chromium (and PostgreSQL) when missing. A dry run on a machine without them says which."""
+    import subprocess
+
+    plan = subprocess.run(
+        ["make", "-n", "-B", target, "CHROMIUM=/nonexistent/chromium", "PYTHON=python3"], cwd=PROJECT, capture_output=True, text=True, check=True
+    ).stdout
+    assert ("apt-get" in plan) is installs, plan

@@ -85,21 +85,50 @@ def open_registered_model(page, mlflow_url: str, name: str = "medtune") -> None:
             pass
 
 
+def champion_version(mlflow_url: str, name: str = "medtune") -> str:
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(f"{mlflow_url}/api/2.0/mlflow/registered-models/alias?name={name}&alias=champion", timeout=30) as r:
+        return str(json.loads(r.read())["model_version"]["version"])
+
+
+def open_model_version(page, mlflow_url: str, version: str, name: str = "medtune") -> None:
+    """The version's page: its aliases, tags (the figures it was judged on) and the description
+    that says why it took champion or stayed challenger."""
+    page.goto(f"{mlflow_url}/#/models/{name}/versions/{version}", wait_until="load")
+    page.get_by_text("Held-out figures").first.wait_for(timeout=60000)
+
+
 def take_all(dagster_url: str, mlflow_url: str, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     shots = []
+
+    def shot(name: str) -> None:
+        shots.append(out / name)
+        page.screenshot(path=str(shots[-1]))
+
     with browser_page() as page:
         open_asset_graph(page, dagster_url)
-        shots.append(out / "dagster-asset-graph.png")
-        page.screenshot(path=str(shots[-1]))
+        shot("dagster-asset-graph.png")
         open_asset(page, dagster_url, "evaluation_report")
         page.get_by_text("side_by_side").first.wait_for(timeout=60000)
-        shots.append(out / "dagster-evaluation-report.png")
-        page.screenshot(path=str(shots[-1]))
+        page.get_by_text("choice_accuracy").first.scroll_into_view_if_needed()
+        shot("dagster-evaluation-report.png")
+        open_asset(page, dagster_url, "sweep_comparison")
+        try:
+            page.get_by_text("best_trial").first.wait_for(timeout=20000)
+        except Exception:  # no sweep materialized in this instance: `make sweep` first
+            print("sweep_comparison not materialized here: no sweep screenshot (run make sweep)")
+        else:
+            page.get_by_text("comparison", exact=True).first.scroll_into_view_if_needed()
+            shot("dagster-sweep-comparison.png")
         open_registered_model(page, mlflow_url)
         page.wait_for_timeout(1500)
-        shots.append(out / "mlflow-model-page.png")
-        page.screenshot(path=str(shots[-1]))
+        shot("mlflow-model-page.png")
+        open_model_version(page, mlflow_url, champion_version(mlflow_url))
+        page.wait_for_timeout(1500)
+        shot("mlflow-model-version.png")
     return shots
 
 
