@@ -110,6 +110,10 @@ def take_all(dagster_url: str, mlflow_url: str, out: Path) -> list[Path]:
 
     with browser_page() as page:
         open_asset_graph(page, dagster_url)
+        size = page.viewport_size  # the graph's zoom-out button, bottom right: two clicks show every group whole
+        for _ in range(2):
+            page.mouse.click(size["width"] - 28, size["height"] - 149)
+            page.wait_for_timeout(500)
         shot("dagster-asset-graph.png")
         open_asset(page, dagster_url, "evaluation_report")
         page.get_by_text("side_by_side").first.wait_for(timeout=60000)

@@ -26,6 +26,7 @@ import re
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=int, default=None, help="request timeout in seconds (default: from the measured speed)")
     ap.add_argument("--workers", type=int, default=1, help="server processes, each holding the model")
     args = ap.parse_args(argv)
+    # MLflow's advice to add type hints to predict: the input is checked by the wrapper on purpose (docs/serving.md)
+    warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
     tracking_uri = default_tracking_uri()
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri  # models:/ URIs here and in the server resolve in this store
     try:
