@@ -544,6 +544,9 @@ def test_8_make_serve_answers_the_chat_completions_schema_over_http(stack):
             assert status == 400 and said in error.get("message", ""), (body, status, error)
     finally:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
+            os.killpg(proc.pid, signal.SIGTERM)  # the CLI and the uvicorn it started, as Ctrl-C would
         proc.wait(timeout=60)
-    assert not port_open(port)
+        deadline = time.monotonic() + 30  # uvicorn closes its socket after the CLI has exited
+        while port_open(port) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    assert not port_open(port), "make serve's server still listens 30 s after SIGTERM"
