@@ -24,7 +24,7 @@ from pipeline.core.cache import is_complete, keyed_folder
 from pipeline.core.pool_limit import pool_slot
 from pipeline.core.secrets import redact
 from pipeline.core.stores import RUN_HOST_TAG
-from pipeline.core.tracking_sync import COMPLETE, COPIED_FROM_TAG, QUICK_HTTP, attempt, known_run, pending, quick_http, send_training
+from pipeline.core.tracking_sync import COMPLETE, COPIED_FROM_TAG, MetricsTail, attempt, known_run, pending, quick_http, send_training
 from pipeline.stages.base_model import BaseModelInfo
 from pipeline.stages.lora_adapter import ERROR_FILE, TRAINING_RECORD, TrainSpec, adapter_id, plot_loss_curve, read_metrics
 from pipeline.stages.lora_adapter.distributed import LaunchError, check_accelerate_config, preset_path
@@ -237,11 +237,12 @@ def _train(
     except LaunchError as exc:
         raise Failure(description=f"not launched: {exc}") from None
     context.log.info("launching: " + " ".join(cmd))
-    # the child may lose the tracking server mid-training: it keeps going, and so do we
-    child_env = {**QUICK_HTTP, **os.environ, "PYTHONPATH": str(PROJECT_ROOT), "TOKENIZERS_PARALLELISM": "false"}
-    child_env["MLFLOW_TRACKING_URI"] = mlflow.tracking_uri
+    # the child talks to no tracking server: this process sends its metrics.jsonl lines as they come,
+    # and if the server goes away mid-training the training keeps going, and so do we
+    child_env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "TOKENIZERS_PARALLELISM": "false"}
     try:
-        invocation = pipes_subprocess_client.run(context=context, command=cmd, cwd=str(PROJECT_ROOT), env=child_env)
+        with MetricsTail(mlflow.client, run_id, ckpt_dir / "metrics.jsonl", context.log.warning):  # live metrics in MLflow
+            invocation = pipes_subprocess_client.run(context=context, command=cmd, cwd=str(PROJECT_ROOT), env=child_env)
         result = dict(invocation.get_materialize_result().metadata or {})
         result = {k: getattr(v, "value", v) for k, v in result.items()}
     except BaseException as exc:

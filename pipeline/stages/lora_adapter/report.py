@@ -1,6 +1,7 @@
 """Progress and metrics of a training: to Dagster Pipes (when the child runs under it) or stdout,
-to ``metrics.jsonl`` beside the checkpoints, and to MLflow (rank 0) when a run id is given; and the
-readers the asset uses afterwards (``read_metrics``, ``plot_loss_curve``)."""
+and to ``metrics.jsonl`` beside the checkpoints (rank 0), which the asset sends on to MLflow as the
+lines come (``pipeline.core.tracking_sync.MetricsTail``); and the readers the asset uses afterwards
+(``read_metrics``, ``plot_loss_curve``)."""
 
 from __future__ import annotations
 
@@ -10,18 +11,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.secrets import MASK
-
 
 class Reporter:
-    """Progress to Dagster Pipes (if this process runs under it) or stdout; metrics to MLflow."""
+    """Progress to Dagster Pipes (if this process runs under it) or stdout; metrics to ``metrics.jsonl``."""
 
     def __init__(self, spec, is_main: bool):
         self.is_main = is_main
         self.pipes = None
-        self.mlflow = None
         self.metrics_path = Path(spec.checkpoint_dir) / "metrics.jsonl"
-        self.mlflow_error: str | None = None
         if not is_main:
             return
         if self.metrics_path.is_file() and self.metrics_path.stat().st_size:
@@ -34,14 +31,6 @@ class Reporter:
 
             self._pipes_cm = open_dagster_pipes()
             self.pipes = self._pipes_cm.__enter__()
-        if spec.mlflow_run_id:
-            from mlflow.tracking import MlflowClient
-
-            uri = spec.mlflow_tracking_uri
-            if uri and MASK in uri:  # the spec on disk names no password: the launcher passes the URI in the environment
-                uri = os.environ.get("MLFLOW_TRACKING_URI", uri)
-            self.mlflow = MlflowClient(uri)
-            self.run_id = spec.mlflow_run_id
 
     def log(self, msg: str) -> None:
         if not self.is_main:
@@ -57,19 +46,6 @@ class Reporter:
         Path(self.metrics_path).parent.mkdir(parents=True, exist_ok=True)
         with open(self.metrics_path, "a") as fh:
             fh.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
-        if self.mlflow is not None:
-            try:
-                from mlflow.entities import Metric
-
-                now = int(time.time() * 1000)
-                self.mlflow.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
-            except Exception as exc:  # keep training; the metrics are in metrics.jsonl
-                self.mlflow_error = str(exc)
-                self.mlflow = None  # no retries at every step: the asset sends what is missing afterwards
-                self.log(
-                    f"WARNING: MLflow logging failed at step {step} ({str(exc)[:300]}); training goes on, "
-                    f"metrics are kept in {self.metrics_path} and sent to MLflow when it is reachable again"
-                )
 
     def done(self, metadata: dict[str, Any]) -> None:
         if self.pipes is not None:
