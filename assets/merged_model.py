@@ -29,8 +29,8 @@ from pipeline.core.cache import KEY_CHARS, keyed_folder
 from pipeline.core.fingerprint import sha256_json
 from pipeline.stages.base_model import BaseModelInfo
 from pipeline.stages.evaluation_report import load_tuned_model
-from pipeline.stages.lora_adapter.inference import trained_method
 from pipeline.stages.lora_adapter.methods import is_prompt_learning
+from pipeline.stages.lora_adapter.spec import trained_method
 from pipeline.stages.merged_model import (
     DEFAULT_TOLERANCE,
     NATIVE_TOLERANCE,

@@ -14,7 +14,6 @@ from functools import lru_cache
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from datasketch import MinHash, MinHashLSH
 
 SHINGLE = 2  # characters; measured on the real prompts: a one-character edit keeps J 0.86-0.96, distinct prompts stay under 0.47
 NUM_PERM = 64  # as good a recall at 0.9 as 128 with these bands (0.92 vs 0.93), at half the cost
@@ -106,6 +105,8 @@ def shingle_hash(code) -> int:
 @lru_cache(maxsize=8)
 def permutations(num_perm: int = NUM_PERM, seed: int = SEED) -> tuple[np.ndarray, np.ndarray]:
     """datasketch's affine32 permutations ``(a, b)`` for ``num_perm`` and ``seed``."""
+    from datasketch import MinHash  # here, not at the top: it imports scipy (0.7 s at every Dagster process start)
+
     a, b = MinHash(num_perm=num_perm, seed=seed, hashfunc=shingle_hash).permutations
     return a.astype(np.uint32), b.astype(np.uint32)
 
@@ -150,6 +151,8 @@ WEIGHTS = (0.2, 0.8)
 @lru_cache(maxsize=8)
 def lsh_bands(threshold: float, num_perm: int = NUM_PERM) -> tuple[int, int]:
     """``(b, r)``: the bands and rows per band datasketch's ``MinHashLSH`` picks for ``threshold``."""
+    from datasketch import MinHashLSH
+
     lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=WEIGHTS)
     return lsh.b, lsh.r
 

@@ -14,24 +14,10 @@ the merge check and ``pipeline.ask`` treat every method alike:
 from __future__ import annotations
 
 import contextlib
-import json
-from pathlib import Path
 
 import torch
 
-from pipeline.stages.lora_adapter.spec import TRAINING_RECORD
-
-
-def trained_method(folder: str | Path) -> str:
-    """The method a training folder holds (its training record; else what its files show)."""
-    folder = Path(folder)
-    record = folder / TRAINING_RECORD
-    if record.is_file():
-        return json.loads(record.read_text())["spec"].get("method", "lora")
-    if (folder / "adapter_config.json").is_file():
-        peft_type = json.loads((folder / "adapter_config.json").read_text()).get("peft_type", "LORA")
-        return {"PROMPT_TUNING": "prompt_tuning", "PREFIX_TUNING": "prefix_tuning", "P_TUNING": "p_tuning"}.get(peft_type, peft_type.lower())
-    return "full"
+from pipeline.stages.lora_adapter.spec import trained_method
 
 
 class PromptLearningModel(torch.nn.Module):

@@ -137,3 +137,15 @@ def adapter_id(data_fingerprint: str, base_fingerprint: str, settings: dict[str,
     return sha256_json({"engine": ENGINE_VERSION, "data": data_fingerprint, "base": base_fingerprint, "settings": chosen, "processes": processes})[
         :16
     ]
+
+
+def trained_method(folder: str | Path) -> str:
+    """The method a training folder holds (its training record; else what its files show)."""
+    folder = Path(folder)
+    record = folder / TRAINING_RECORD
+    if record.is_file():
+        return json.loads(record.read_text())["spec"].get("method", "lora")
+    if (folder / "adapter_config.json").is_file():
+        peft_type = json.loads((folder / "adapter_config.json").read_text()).get("peft_type", "LORA")
+        return {"PROMPT_TUNING": "prompt_tuning", "PREFIX_TUNING": "prefix_tuning", "P_TUNING": "p_tuning"}.get(peft_type, peft_type.lower())
+    return "full"

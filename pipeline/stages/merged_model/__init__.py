@@ -52,8 +52,8 @@ def merge_adapter(
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     from pipeline.stages.base_model import check_adapter_folder
-    from pipeline.stages.lora_adapter.inference import trained_method
     from pipeline.stages.lora_adapter.methods import MERGEABLE
+    from pipeline.stages.lora_adapter.spec import trained_method
     from pipeline.stages.tokenized_dataset import end_of_turn_id, pad_token_id
 
     if dtype not in ("float32", "bfloat16", "float16"):
