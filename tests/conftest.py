@@ -90,6 +90,28 @@ def model_in_data_root(model_dir: Path, data_dir: Path) -> str:
     return dest.relative_to(data_dir).as_posix()
 
 
+_STORE_TEMPLATE: list[Path] = []
+
+
+def mlflow_store(path: Path) -> str:
+    """The SQLite URI of an MLflow store at ``path``; a new one starts as a copy of an empty store made
+    once a worker (MLflow creates its tables through some 60 migrations: about a second a store,
+    a copy takes milliseconds). An existing store at ``path`` is left as it is."""
+    import shutil
+
+    path = Path(path)
+    if not path.exists():
+        if not _STORE_TEMPLATE:
+            from mlflow.tracking import MlflowClient
+
+            template = Path(tempfile.mkdtemp(prefix="medtune-test-store-")) / "empty.db"
+            MlflowClient(f"sqlite:///{template}").search_experiments()
+            _STORE_TEMPLATE.append(template)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_STORE_TEMPLATE[0], path)
+    return f"sqlite:///{path}"
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     from pipeline.stages.base_model import build_tiny_model

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import demo_records
+from conftest import demo_records, mlflow_store
 from pipeline.ask import AskError, Models, main, resolve
 from pipeline.stages.lora_adapter import TrainSpec, train
 from pipeline.stages.tokenized_dataset import tokenize_dataset
@@ -89,7 +89,7 @@ def test_switching_adapters_on_one_base_gives_each_ones_own_logits(root, tiny_mo
 
 
 def test_names_that_name_nothing_say_what_there_is(root, tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path / "mlflow.db")
     with pytest.raises(AskError, match=r"'dddd' is no adapter id; adapters in .*: (?=.*aaaa1111aaaa1111 \(lora\))(?=.*cccc3333cccc3333 \(ia3\))"):
         resolve("dddd", root, uri)
     with pytest.raises(AskError, match=r"registered model 'medtune' has no alias 'champion' .*nothing registered yet"):
@@ -108,7 +108,7 @@ def test_names_that_name_nothing_say_what_there_is(root, tmp_path):
 def test_a_registered_alias_names_its_adapter(root, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path / "mlflow.db")
     client = MlflowClient(uri, registry_uri=uri)
     client.create_registered_model("medtune")
     run = client.create_run(client.create_experiment("x"))
@@ -121,7 +121,7 @@ def test_a_registered_alias_names_its_adapter(root, tmp_path):
 
 
 def test_ask_answers_from_the_command_line_and_stdin(root, capsys, monkeypatch, tmp_path):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store(tmp_path / "mlflow.db"))
     rc = main(["头痛，失眠，用什么中成药？", "--data-dir", str(root.root), "--model", "base", "--model", "aaaa", "--max-new-tokens", "6"])
     out = capsys.readouterr().out
     assert rc == 0 and "=== base" in out and "=== aaaa (aaaa1111aaaa1111, lora)" in out

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+from conftest import mlflow_store
 from pipeline.stages.evaluation_report import load_tuned_model
 from pipeline.stages.merged_model import compare_with_adapter, load_merged, merge_adapter, merge_exact, read_export_record
 from pipeline.stages.tokenized_dataset import end_of_turn_id, render_prompt
@@ -247,7 +248,7 @@ def test_registry_aliases_move_only_when_they_should(merged, tmp_path):
     from pipeline.stages.registered_model import register_merged_model
 
     dest, _ = merged
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path / "mlflow.db")
     client = MlflowClient(uri, registry_uri=uri)
     exp = client.create_experiment("medtune", artifact_location=(tmp_path / "artifacts").as_uri())
 

@@ -22,7 +22,7 @@ import pytest
 from dagster import DagsterInstance, Definitions
 from mlflow.tracking import MlflowClient
 
-from conftest import demo_records, model_in_data_root, write_json
+from conftest import demo_records, mlflow_store, model_in_data_root, write_json
 from pipeline.core.tracking_sync import PENDING
 from pipeline.definitions import JOBS, all_asset_checks, all_assets, make_resources
 
@@ -294,7 +294,7 @@ def test_disk_full_and_read_only_output_folders_fail_clearly_without_partial_out
     processed = data_dir / "processed"
     mount_tmpfs(processed, 600)
     try:
-        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        uri = mlflow_store(tmp_path / "mlflow.db")
         ok = run_pipeline(data_dir, uri, tiny_model_dir, job="prepare_data_job")
         assert ok.success
         before = pd.read_parquet(processed / "alpaca.parquet")
@@ -348,7 +348,7 @@ def materialize_command(data_dir, tmp_path, tiny_model_dir, **train_config):
         **os.environ,
         "DAGSTER_HOME": str(home),
         "MEDTUNE_DATA_DIR": str(data_dir),
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "MLFLOW_TRACKING_URI": mlflow_store(tmp_path / "mlflow.db"),
         "PYTHONPATH": str(PROJECT),
     }
     cmd = [
@@ -456,13 +456,13 @@ def test_a_full_disk_during_training_fails_with_the_path_and_keeps_no_partial_ch
     checkpoints = data_dir / "models" / "checkpoints"
     mount_tmpfs(checkpoints, 48)  # room for the spec and the metrics, not for a checkpoint
     try:
-        result = run_pipeline(data_dir, f"sqlite:///{tmp_path / 'mlflow.db'}", tiny_model_dir, job="full_pipeline_job", max_steps=8, save_every=2)
+        result = run_pipeline(data_dir, mlflow_store(tmp_path / "mlflow.db"), tiny_model_dir, job="full_pipeline_job", max_steps=8, save_every=2)
         assert not result.success
         message = step_error(result, "lora_adapter")
         assert "training failed: OutputWriteError: could not write" in message and str(checkpoints) in message, message
         assert "No space left on device" in message
         assert not list(checkpoints.rglob(".tmp-*")) and not list(checkpoints.glob("*/step-*"))
-        runs = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_runs(["1"])
+        runs = MlflowClient(mlflow_store(tmp_path / "mlflow.db")).search_runs(["1"])
         assert runs[0].info.status == "FAILED" and "No space left" in runs[0].data.tags["medtune.error"]
     finally:
         subprocess.run(["umount", "-l", str(checkpoints)], capture_output=True)

@@ -6,7 +6,7 @@ import pytest
 from dagster import DagsterInstance, Definitions
 from mlflow.tracking import MlflowClient
 
-from conftest import demo_records, model_in_data_root, rec, write_json
+from conftest import demo_records, mlflow_store, model_in_data_root, rec, write_json
 from pipeline.definitions import JOBS, all_asset_checks, all_assets, make_resources
 
 pytestmark = pytest.mark.slow  # training children through Dagster Pipes: make test, not make test-fast
@@ -54,7 +54,7 @@ def data_dir(tmp_path):
 
 
 def test_train_track_resume_and_cache(data_dir, tmp_path, tiny_model_dir):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path / "mlflow.db")
     client = MlflowClient(uri, registry_uri=uri)
 
     killed = run(data_dir, uri, tiny_model_dir, stop_after_steps=3, compile=None)
@@ -124,7 +124,7 @@ def test_train_track_resume_and_cache(data_dir, tmp_path, tiny_model_dir):
 
 
 def test_a_failed_gate_registers_nothing_and_says_why(data_dir, tmp_path, tiny_model_dir):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path / "mlflow.db")
     # learning rate 0: the adapter stays at zero, the tuned model equals the base model
     result = run(data_dir, uri, tiny_model_dir, learning_rate=0.0, max_steps=2)
     assert result.success  # the pipeline worked; the model just did not qualify
@@ -163,7 +163,7 @@ def test_training_takes_the_row_length_from_the_tokenized_dataset(tmp_path, tiny
     records = demo_records(6) + [rec(f"长病例{i}：咽喉肿痛，口干。", long_answer) for i in range(4)]
     write_json(tmp_path / "data" / "raw" / "demo.json", records)
     data_dir = tmp_path / "data"
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path / "mlflow.db")
     result = materialize(
         all_assets,
         selection=AssetSelection.assets("lora_adapter").upstream(),

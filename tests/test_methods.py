@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import demo_records
+from conftest import demo_records, mlflow_store
 from pipeline.stages.lora_adapter import TrainSpec, adapter_id, train
 from pipeline.stages.lora_adapter.methods import MERGEABLE, METHODS, PROMPT_LEARNING, MethodError
 from pipeline.stages.tokenized_dataset import tokenize_dataset
@@ -212,7 +212,7 @@ def test_a_prompt_learning_adapter_registers_with_its_base_and_the_pyfunc_answer
     from pipeline.stages.tokenized_dataset import render_prompt
 
     root, _ = trained("prompt_tuning")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path / "mlflow.db")
     client = MlflowClient(uri, registry_uri=uri)
     exp = client.create_experiment("medtune", artifact_location=(tmp_path / "artifacts").as_uri())
     run_id = client.create_run(exp).info.run_id

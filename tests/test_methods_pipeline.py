@@ -5,7 +5,7 @@ trained model itself."""
 import pytest
 from dagster import DagsterInstance, Definitions
 
-from conftest import demo_records, model_in_data_root, write_json
+from conftest import demo_records, mlflow_store, model_in_data_root, write_json
 from pipeline.definitions import JOBS, all_asset_checks, all_assets, make_resources
 
 pytestmark = pytest.mark.slow  # whole pipelines per method: make test, not make test-fast
@@ -35,7 +35,7 @@ def data_dir(tmp_path):
 
 
 def test_prompt_tuning_runs_through_and_merged_model_says_it_cannot_merge(data_dir, tmp_path, tiny_model_dir):
-    result = run(data_dir, f"sqlite:///{tmp_path / 'mlflow.db'}", tiny_model_dir, method="prompt_tuning", num_virtual_tokens=4, learning_rate=3e-2)
+    result = run(data_dir, mlflow_store(tmp_path / "mlflow.db"), tiny_model_dir, method="prompt_tuning", num_virtual_tokens=4, learning_rate=3e-2)
     assert result.asset_materializations_for_node("registered_model")  # the run went on to the end
     assert meta(result, "lora_adapter", "method") == "prompt_tuning" and meta(result, "lora_adapter", "trainable_parameters") == 4 * 64
     assert meta(result, "merged_model", "mergeable") is False
@@ -46,7 +46,7 @@ def test_prompt_tuning_runs_through_and_merged_model_says_it_cannot_merge(data_d
 
 
 def test_full_fine_tuning_exports_the_trained_model_itself(data_dir, tmp_path, tiny_model_dir):
-    result = run(data_dir, f"sqlite:///{tmp_path / 'mlflow.db'}", tiny_model_dir, method="full", learning_rate=1e-3)
+    result = run(data_dir, mlflow_store(tmp_path / "mlflow.db"), tiny_model_dir, method="full", learning_rate=1e-3)
     assert result.success
     assert meta(result, "lora_adapter", "method") == "full" and meta(result, "lora_adapter", "optimizer") == "adafactor"
     assert meta(result, "merged_model", "method") == "full" and meta(result, "merged_model", "max_abs_logit_diff") == 0.0

@@ -168,14 +168,14 @@ def test_hf_token_is_never_recorded(monkeypatch, tmp_path, tiny_model_dir):
     from mlflow.tracking import MlflowClient
     from test_faults import run_pipeline
 
-    from conftest import demo_records, write_json
+    from conftest import demo_records, mlflow_store, write_json
 
     secret, password = "hf_" + "Z" * 36, "tracking-pass-1234"
     monkeypatch.setenv("HF_TOKEN", secret)
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
     data = tmp_path / "data"
     write_json(data / "raw" / "demo.json", demo_records(24))
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path / "mlflow.db")
     result = run_pipeline(data, uri, tiny_model_dir)
     assert result.success
     recorded = [str(e.event_specific_data) for e in result.all_events if e.event_specific_data is not None]

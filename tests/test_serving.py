@@ -7,6 +7,8 @@ from __future__ import annotations
 import pytest
 from mlflow.exceptions import MlflowException
 
+from conftest import mlflow_store
+
 QUESTION = "咳嗽，咽喉肿痛，用什么中成药？"
 SYSTEM = "你是中成药助手。"
 
@@ -117,7 +119,7 @@ def test_make_serve_resolves_versions_aliases_and_folders_and_says_what_exists(t
     from pipeline.ops.serve import ServeError, merged_system_prompt, request_timeout, resolve
     from pipeline.stages.tokenized_dataset import DEFAULT_SYSTEM_PROMPT
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path / "mlflow.db")
     with pytest.raises(ServeError, match="has no alias 'champion'.*nothing registered yet"):
         resolve("champion", uri, tmp_path / "served")
     with pytest.raises(ServeError, match="unknown model 'what'"):

@@ -8,7 +8,7 @@ import pytest
 from dagster import DagsterInstance, Definitions
 from mlflow.tracking import MlflowClient
 
-from conftest import demo_records, model_in_data_root, write_json
+from conftest import demo_records, mlflow_store, model_in_data_root, write_json
 from pipeline.definitions import JOBS, all_asset_checks, all_assets, make_resources
 from pipeline.ops.sweep import run_sweep
 from pipeline.stages.sweep_plan import SweepError, expand, split_key
@@ -42,7 +42,7 @@ def data_dir(tmp_path):
 
 
 def test_a_sweep_runs_as_partitions_under_one_parent_run_and_records_a_failing_trial(data_dir, tmp_path, tiny_model_dir):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path / "mlflow.db")
     defs = Definitions(assets=all_assets, asset_checks=all_asset_checks, jobs=JOBS, resources=make_resources(str(data_dir), uri))
     config = {
         "ops": {

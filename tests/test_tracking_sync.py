@@ -7,6 +7,7 @@ import time
 
 from mlflow.tracking import MlflowClient
 
+from conftest import mlflow_store
 from pipeline.core.tracking_sync import MetricsTail, send_missing_metrics
 
 
@@ -23,7 +24,7 @@ def wait_for(predicate, timeout=20.0):
 
 
 def test_lines_appended_while_training_reach_mlflow_live_and_once(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path / "mlflow.db")
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("x")).info.run_id
     metrics = tmp_path / "ckpt" / "metrics.jsonl"
