@@ -7,6 +7,7 @@ from dagster import DagsterInstance, Definitions
 
 from conftest import demo_records, mlflow_store, model_in_data_root, write_json
 from pipeline.definitions import JOBS, all_asset_checks, all_assets, make_resources
+from pipeline.ops.summary import summary
 
 pytestmark = pytest.mark.slow  # whole pipelines per method: make test, not make test-fast
 
@@ -43,6 +44,13 @@ def test_prompt_tuning_runs_through_and_merged_model_says_it_cannot_merge(data_d
     (check,) = [c for c in result.get_asset_check_evaluations() if c.check_name == "merged_matches_adapter"]
     assert check.passed and check.metadata["applicable"].value is False
     assert not (data_dir / "models" / "merged").exists() or not any((data_dir / "models" / "merged").iterdir())
+    said = summary(str(data_dir))  # what make run prints at the end
+    assert "merged model        none: " in said and "cannot be merged" in said
+    assert "merged_matches_adapter" not in said  # the check does not apply
+
+
+def test_the_summary_says_nothing_was_materialized_in_a_new_data_dir(tmp_path):
+    assert summary(str(tmp_path / "empty")) == "nothing materialized yet: run `make run`"
 
 
 def test_full_fine_tuning_exports_the_trained_model_itself(data_dir, tmp_path, tiny_model_dir):
@@ -53,3 +61,12 @@ def test_full_fine_tuning_exports_the_trained_model_itself(data_dir, tmp_path, t
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(meta(result, "merged_model", "path"))  # plain transformers loads it
+
+    said = summary(str(data_dir))  # what make run prints at the end: one line per stage, figures from its record
+    assert said.startswith(f"MedTune summary for {data_dir}")
+    assert "rows read           24" in said and "rows kept           " in said and "rows rejected       " in said
+    assert "tokenized           " in said and "training            4 steps in " in said
+    assert f"adapter             {meta(result, 'lora_adapter', 'path')}" in said
+    assert f"merged model        {meta(result, 'merged_model', 'path')}" in said and "merged_matches_adapter passed" in said
+    assert "tuned_beats_base    " in said and "base vs tuned" in said
+    assert "registered          medtune version 1 (aliases: " in said or "registered          NOT registered: " in said

@@ -70,3 +70,18 @@ def test_bundled_model_converts_once_and_loads(tmp_path):
     ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
     out = model.generate(**ids, max_new_tokens=12, do_sample=False)
     assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1] :])
+
+    # the tests' tiny model uses a copy of this tokenizer (tests/fixtures/smollm2-tokenizer): it must not drift
+    from conftest import unpack_tokenizer
+
+    copy = AutoTokenizer.from_pretrained(unpack_tokenizer(tmp_path / "fixture-tokenizer"))
+    assert copy.get_vocab() == tok.get_vocab()
+    assert copy.all_special_tokens == tok.all_special_tokens and copy.pad_token == tok.pad_token and copy.eos_token == tok.eos_token
+    assert copy.chat_template == tok.chat_template
+    chat = [
+        {"role": "user", "content": "头痛发热，鼻塞流涕 (a cold, 3 days)"},
+        {"role": "assistant", "content": "感冒清热颗粒可能适合治疗您的病症。"},
+    ]
+    assert copy.apply_chat_template(chat, tokenize=False) == tok.apply_chat_template(chat, tokenize=False)
+    text = tok.apply_chat_template(chat, tokenize=False)
+    assert copy(text, add_special_tokens=False)["input_ids"] == tok(text, add_special_tokens=False)["input_ids"]
