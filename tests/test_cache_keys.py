@@ -14,10 +14,13 @@ ADAPTER = "fca23461038536e8"
 # and its layer-wise proof) changed these on purpose; before: 1959920af721a539 / cf867ee86ccc5c50
 EVALUATION = "3d7ade9ff8dac8bd"
 MERGED = "a99101a8d958801e"
+# the default system prompt until 2026-12-04 (76 tokens, half of every prompt; now 20): pinned at it
+SYSTEM_PROMPT_BEFORE = "你是一名中医药知识助手。请根据患者描述的症状，推荐适合的中成药，并说明它的功效与用法。"
 
 
 def test_the_default_keys_are_those_from_before_the_move():
-    assert cache_key("data-fp", "tokenizer-fp", "{{ template }}", 2048, DEFAULT_SYSTEM_PROMPT) == TOKENIZED
+    assert cache_key("data-fp", "tokenizer-fp", "{{ template }}", 2048, SYSTEM_PROMPT_BEFORE) == TOKENIZED
+    assert cache_key("data-fp", "tokenizer-fp", "{{ template }}", 2048, DEFAULT_SYSTEM_PROMPT) != TOKENIZED  # moved on purpose
     # the move kept every default; r and alpha changed after it (16 / 32 then), epochs and
     # opening_repeats later (1 / 2 then): pinned at those values
     before = LoraAdapterConfig(r=16, lora_alpha=32, epochs=1.0, opening_repeats=2)

@@ -52,7 +52,11 @@ def test_bundled_model_converts_once_and_loads(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    import gguf
+
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
     info = resolve_base_model(DEFAULT_MODEL, tmp_path)
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == (reader, name_map)  # the parse-once block put them back
     assert info.source == "bundled" and info.n_params == 134_515_008 and info.has_chat_template
     folder = tmp_path / "base" / "SmolLM2-135M-Instruct"
     assert info.path == str(folder)

@@ -38,7 +38,11 @@ from pipeline.core.fingerprint import sha256_json
 IGNORE_INDEX = -100
 DEFAULT_MAX_SEQ_LEN = 2048
 FORMAT_VERSION = 1
-DEFAULT_SYSTEM_PROMPT = "你是一名中医药知识助手。请根据患者描述的症状，推荐适合的中成药，并说明它的功效与用法。"
+# The role in 20 tokens. Every training row and every evaluated prompt carries it: the longer prompt
+# used before (76 tokens, "...请根据患者描述的症状，推荐适合的中成药，并说明它的功效与用法。") was half of
+# each prompt and about a fifth of the real sample's training tokens, with no measured gain
+# (docs/training.md#choosing-the-defaults).
+DEFAULT_SYSTEM_PROMPT = "你是一名中医药知识助手。"
 MANIFEST = "manifest.json"
 SPLITS = ("train", "eval")
 
