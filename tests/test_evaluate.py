@@ -183,6 +183,12 @@ def test_evaluate_models_side_by_side_table(tiny_model_dir, tokenizer, tmp_path)
     assert s["tuned"]["eval"]["seen_medicine_choice_rows"] == 0 and s["tuned"]["eval"]["seen_medicine_choice_accuracy"] is None
     assert {"tuned_eval_choice_accuracy", "base_eval_choice_rank", "tuned_eval_choice_rank"} <= set(flat)
     assert set(t["tuned_choice"].dropna()) <= {"板蓝根颗粒", "逍遥丸", "保和丸"}
+    # the gate's paired counts: rows one model picks right and the other wrong
+    for split in ("eval", "train_sample"):
+        rows_ = t[t["split"] == split]
+        base_right, tuned_right = rows_["base_choice_rank"] == 1, rows_["tuned_choice_rank"] == 1
+        assert s["tuned"][split]["choice_only_base_right"] == int((base_right & ~tuned_right).sum())
+        assert s["tuned"][split]["choice_only_tuned_right"] == int((tuned_right & ~base_right).sum())
 
 
 # ------------------------------------------------------------------ medicine choice by likelihood
@@ -292,3 +298,25 @@ def test_choice_metrics_in_the_summary_and_the_gate():
         }
     )
     assert ok and "choice accuracy 0.50 → 0.50" in why
+
+
+def test_the_gate_weighs_a_fall_in_choice_accuracy_against_chance():
+    """Held-out choice is right or wrong on a handful of rows: the base model's one lucky pick among
+    7 (1 row only it gets right, none only the tuned one) does not block; 5 against 0 does (sign
+    test p 0.03); without the paired counts (an evaluation kept from before) any fall blocks."""
+    from pipeline.stages.evaluation_report.report import sign_test_p
+
+    assert sign_test_p(1, 0) == 0.5 and sign_test_p(5, 0) == 1 / 32 and sign_test_p(0, 0) == 1.0
+    assert abs(sign_test_p(6, 2) - 37 / 256) < 1e-12  # P(X >= 6 | n 8)
+
+    def summary(base_acc, tuned_acc, **paired):
+        return {
+            "base": {"eval": {"loss": 3.0, "rouge_l": 6.0, "choice_accuracy": base_acc}},
+            "tuned": {"eval": {"loss": 0.9, "rouge_l": 24.0, "choice_accuracy": tuned_acc, **paired}},
+        }
+
+    ok, why = tuned_beats_base(summary(1 / 7, 0.0, choice_only_base_right=1, choice_only_tuned_right=0))
+    assert ok and "lower within chance: 1 row(s) only the base model picks right, 0 only the tuned one (sign test p 0.50)" in why
+    ok, why = tuned_beats_base(summary(5 / 7, 0.0, choice_only_base_right=5, choice_only_tuned_right=0))
+    assert not ok and "went down" in why and "sign test p 0.03" in why
+    assert not tuned_beats_base(summary(1 / 7, 0.0))[0]

@@ -214,6 +214,13 @@ def evaluate_models(
                 continue
             split_losses = [l for l, m in zip(losses[name], mask) if m]
             summary[name][split] = _summarise(table[mask], name, split, split_losses)
+    if "base_choice_rank" in table and "tuned_choice_rank" in table:
+        # paired: the rows one model picks right and the other wrong (the gate's sign test)
+        for split, metrics in summary["tuned"].items():
+            pair = table[(table["split"] == split) & table["base_choice_rank"].notna() & table["tuned_choice_rank"].notna()]
+            base_right, tuned_right = pair["base_choice_rank"] == 1, pair["tuned_choice_rank"] == 1
+            metrics["choice_only_tuned_right"] = int((tuned_right & ~base_right).sum())
+            metrics["choice_only_base_right"] = int((base_right & ~tuned_right).sum())
     result = EvaluationResult(table, summary, {s: int((table["split"] == s).sum()) for s in SPLITS})
     result.base = {
         "record_id": table["record_id"].tolist(),

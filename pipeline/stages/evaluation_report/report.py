@@ -3,17 +3,33 @@ Markdown tables the asset shows (the summary, the side-by-side answers)."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pandas as pd
 
 from pipeline.stages.evaluation_report import MODELS, SPLITS
 
+# the gate calls a fall in held-out medicine-choice accuracy real when a one-sided sign test on the
+# rows where the two models disagree puts it below this (the rows are few: 5 to 7 in our data sets)
+CHOICE_SIGNIFICANCE = 0.05
+
+
+def sign_test_p(against: int, for_: int) -> float:
+    """One-sided exact sign test: the chance of at least ``against`` of ``against + for_`` paired
+    disagreements going one way when each way is equally likely."""
+    n = against + for_
+    return sum(math.comb(n, k) for k in range(against, n + 1)) / 2**n if n else 1.0
+
 
 def tuned_beats_base(summary: dict[str, dict[str, dict[str, Any]]]) -> tuple[bool, str]:
     """The registry gate, on held-out rows: the tuned model's answer loss below the base model's,
-    its medicine-choice accuracy not lower (where the data names medicines) and its ROUGE-L not
-    lower."""
+    its ROUGE-L not lower, and its medicine-choice accuracy (where the data names medicines) not
+    lower beyond chance. Choice is right or wrong per row on a handful of rows, so a fall counts
+    when the rows only the base model gets right outnumber those only the tuned model gets right
+    by more than chance (one-sided sign test, p < ``CHOICE_SIGNIFICANCE``): one lucky pick of the
+    base model among 7 held-out rows does not block a model. A summary without the paired counts
+    (an evaluation kept from before them) is judged strictly, as it was."""
     try:
         b, t = summary["base"]["eval"], summary["tuned"]["eval"]
     except KeyError:
@@ -24,7 +40,17 @@ def tuned_beats_base(summary: dict[str, dict[str, dict[str, Any]]]) -> tuple[boo
     if b.get("choice_accuracy") is not None and t.get("choice_accuracy") is not None:
         said.append(f"choice accuracy {b['choice_accuracy']:.2f} → {t['choice_accuracy']:.2f}")
         if t["choice_accuracy"] < b["choice_accuracy"]:
-            reasons.append(f"eval medicine-choice accuracy went down (tuned {t['choice_accuracy']:.2f} vs base {b['choice_accuracy']:.2f})")
+            against, for_ = t.get("choice_only_base_right"), t.get("choice_only_tuned_right")
+            went_down = f"eval medicine-choice accuracy went down (tuned {t['choice_accuracy']:.2f} vs base {b['choice_accuracy']:.2f})"
+            if against is None or for_ is None:
+                reasons.append(went_down)
+            else:
+                p = sign_test_p(against, for_)
+                pairs = f"{against} row(s) only the base model picks right, {for_} only the tuned one (sign test p {p:.2f})"
+                if p < CHOICE_SIGNIFICANCE:
+                    reasons.append(f"{went_down}: {pairs}")
+                else:
+                    said[-1] += f", lower within chance: {pairs}"
     said.append(f"ROUGE-L {b['rouge_l']:.2f} → {t['rouge_l']:.2f}")
     if t["rouge_l"] < b["rouge_l"]:
         reasons.append(f"eval ROUGE-L went down (tuned {t['rouge_l']:.2f} vs base {b['rouge_l']:.2f})")
