@@ -253,29 +253,3 @@ def test_characters_and_crlf_split_between_blocks(tmp_path):
         assert [r for p in pieces for r in p.rejected] == whole.rejected
     path.write_bytes(data[:-40] + b"\xe4\xb8" + data[-40:])  # a character cut short inside the file
     assert not any(_is_utf8_file(path, block) for block in range(1, 10))
-
-
-def test_array_elements_parsed_by_orjson_equal_the_standard_library():
-    """The array parser reads an object element with orjson, ending it at the first "}" + "," or "]"
-    where the text parses whole; what orjson refuses goes to the standard scanner. Tricky elements
-    ("}," inside answers, nested objects, NaN, lone surrogates, huge integers, a key given twice,
-    escapes) give exactly what ``json.loads`` gives for the whole array."""
-    from pipeline.stages.raw_records.arrays import Window, _object_by_orjson, iter_array
-
-    elements = [
-        '{"instruction": "a}, {b", "output": "x},{\\"y\\": 1}]"}',
-        '{"instruction": "n", "output": {"nested": {"deep": [1, {"k": "}"}]}}, "input": ""}',
-        '{"instruction": "nan", "output": NaN}',
-        '{"instruction": "surrogate \\ud800", "output": "o"}',
-        '{"instruction": "big", "output": 123456789012345678901234567890}',
-        '{"instruction": "twice", "instruction": "second", "output": "o"}',
-        '{"instruction": "\\u4e2d\\n\\t\\"", "output": "中文，}，"}',
-    ]
-    text = "[" + ",".join(elements) + "]"
-    values = [p for piece in iter_array(Window(text), 0, {}) for p in piece.values]
-    assert values[:2] + values[3:] == [v for i, v in enumerate(json.loads(text)) if i != 2]
-    assert values[2]["instruction"] == "nan" and values[2]["output"] != values[2]["output"]  # NaN, read as the stdlib reads it
-    # the fast path itself: taken for plain and "}"-laden objects, declined where orjson refuses
-    assert _object_by_orjson(text, 1) == (json.loads(elements[0]), 1 + len(elements[0]))
-    assert _object_by_orjson(text, text.index('{"instruction": "nan"')) is None
-    assert _object_by_orjson(text, text.index('{"instruction": "surrogate')) is None

@@ -12,8 +12,6 @@ import json
 import re
 from collections.abc import Iterator
 
-import orjson
-
 from pipeline.core.records import clip_raw
 from pipeline.stages.raw_records.json_recovery import _JSON_WS, _SCAN, _STRICT_DECODER, Parsed
 
@@ -22,10 +20,6 @@ _Q_INSTRUCTION, _Q_INPUT, _Q_OUTPUT = '"instruction"', '"input"', '"output"'
 # where the element after a broken one starts: a "{" first on its line, or after a comma (in an
 # object a key follows a comma, never a "{"): a minified array has no lines to resume at
 _RESYNC = re.compile(r"\n[ \t\r]*(?=\{)|,[ \t\r\n]*(?=\{)")
-# where an object element may end: a "}" that a "," or the array's "]" follows
-_OBJECT_END = re.compile(r"\}(?=[ \t\r\n]*[,\]])")
-# orjson reads an integer past 64 bits as a float; the standard library keeps it whole
-_LONG_DIGITS = re.compile(r"\d{19}")
 # a window drops the text it has parsed once that much lies behind the parser
 _COMPACT_CHARS = 1 << 22
 # the most text a window asks for at once beyond one block (an 8 MB block is more than this)
@@ -174,8 +168,7 @@ def iter_array(
         last = pos
         count = text.count
         try:
-            fast = _object_by_orjson(text, pos) if ch == "{" and not strict_keys else None
-            value, end = fast if fast is not None else scan(text, pos)
+            value, end = scan(text, pos)
             if end >= n and grow():
                 continue  # a value that ends where the window does may go on in the next block
             if check_keys and (count(_Q_INSTRUCTION, pos, end) > 1 or count(_Q_INPUT, pos, end) > 1 or count(_Q_OUTPUT, pos, end) > 1):
@@ -220,33 +213,6 @@ def iter_array(
             yield parsed
             parsed = Parsed(format="JSON array", notes=notes)
     yield parsed
-
-
-def _object_by_orjson(text: str, pos: int, tries: int = 4) -> tuple[object, int] | None:
-    """The object element at ``pos`` parsed by orjson (about twice as fast as the standard scanner,
-    as the JSON Lines files are read), with where it ends; None to leave it to the standard scanner.
-
-    Its end is the first "}" followed by "," or "]" at which the text from ``pos`` parses whole: a
-    prefix of an object that parses as a complete object is the whole object (a cut inside a string
-    or a nested value leaves the text unterminated, which orjson refuses), so a "}," inside an
-    answer only costs one more try. None when no such end is found in ``tries`` (a broken element,
-    one that goes on past the window) or orjson refuses what the standard library reads (NaN, lone
-    surrogates; integers past 64 bits, which it reads as floats, so any run of 19 digits): the
-    standard scanner then decides, and words the error."""
-    search = _OBJECT_END.search
-    at = pos
-    for _ in range(tries):
-        m = search(text, at)
-        if m is None:
-            return None
-        end = m.end()
-        try:
-            value = orjson.loads(text[pos:end])
-        except orjson.JSONDecodeError:
-            at = end
-            continue
-        return (value, end) if _LONG_DIGITS.search(text, pos, end) is None else None
-    return None
 
 
 def _element_reason(win: Window, text: str, pos: int) -> str:
