@@ -133,6 +133,7 @@ BENCH_ROWS ?= 10000000
 bench: bench-data
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/generation_throughput.py
+	$(BIN)/python bench/attention_dtype.py
 
 bench-data: setup
 	$(BIN)/python bench/data_throughput.py --rows $(BENCH_ROWS)

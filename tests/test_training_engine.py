@@ -159,6 +159,50 @@ def test_packed_attention_refuses_a_mask_rather_than_ignore_it():
         packed_attention(None, q, q, q, torch.ones(1, 1, 4, 4, dtype=torch.bool), row_lengths=(2, 2))
 
 
+def test_short_bf16_rows_run_their_attention_in_fp32_on_cpu(monkeypatch):
+    """A bf16 row up to FP32_MAX_TOKENS runs the fp32 kernel (the output is the fp32 result rounded
+    once to bf16, and gradients flow back in bf16); a longer row stays in bf16."""
+    from pipeline.stages.lora_adapter import attention
+
+    class Layer(torch.nn.Module):
+        num_key_value_groups = 3
+        is_causal = True
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, h, 40, 16).bfloat16().requires_grad_() for h in (6, 2, 2))
+
+    from transformers.integrations import sdpa_attention
+
+    real, seen = sdpa_attention.sdpa_attention_forward, []
+
+    def spy(module, query, *args, **kwargs):
+        seen.append((query.shape[2], query.dtype, torch.is_autocast_enabled("cpu")))
+        return real(module, query, *args, **kwargs)
+
+    monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward", spy)
+
+    def run(limit):
+        monkeypatch.setattr(attention, "FP32_MAX_TOKENS", limit)
+        seen.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, _ = attention.packed_attention(Layer(), q, k, v, None, row_lengths=[30, 10])
+        return out
+
+    def exact(s, n):  # one row in fp32, causal, each query head on its key/value head
+        kk, vv = (x[:, :, s : s + n].float().repeat_interleave(3, dim=1) for x in (k, v))
+        return torch.nn.functional.scaled_dot_product_attention(q[:, :, s : s + n].float(), kk, vv, is_causal=True).transpose(1, 2)
+
+    reference = torch.cat([exact(0, 30), exact(30, 10)], dim=1)
+    short = run(64)
+    assert seen == [(30, torch.float32, False), (10, torch.float32, False)]
+    assert short.dtype == torch.bfloat16
+    assert torch.allclose(short.float(), reference, rtol=2**-8, atol=1e-6)  # fp32, rounded once to bf16
+    short.float().sum().backward()
+    assert q.grad.dtype == torch.bfloat16 and q.grad.abs().sum() > 0
+    run(20)  # the 30-token row now runs in bf16, the 10-token row still in fp32
+    assert seen == [(30, torch.bfloat16, True), (10, torch.float32, False)]
+
+
 def test_bf16_frozen_base_gives_the_fp32_loss_within_tolerance(tiny_model_dir, rows):
     """Base weights held in bf16 (adapter in fp32, matmuls under autocast) against everything in fp32:
     the mean loss agrees within 0.5% (measured on this random model: 1.6e-5 relative)."""
