@@ -84,3 +84,20 @@ def test_true_nfkc_composition():
     assert got == [unicodedata.normalize("NFKC", v) for v in values]
     r = deduplicate(frame([("问", "\u00d9", "答"), ("问", "U\u0300", "答")]))
     assert r.rejected["source_line"].tolist() == [2]
+
+
+def test_first_of_group_matches_a_row_by_row_reference_with_64_bit_collisions():
+    """Keys drawn from a few values, so that many rows share a key and many share only the high half
+    (a collision of the half the sort uses): each row's first row with the same whole key."""
+    import numpy as np
+
+    from pipeline.stages.deduplicated_records.keys import first_of_group
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        n = int(rng.integers(1, 200))
+        keys = rng.integers(0, 4, size=(n, 2)).astype(np.uint64) * np.uint64(2**61)
+        seen: dict[tuple[int, int], int] = {}
+        expected = [seen.setdefault((int(a), int(b)), i) for i, (a, b) in enumerate(keys)]
+        assert first_of_group(keys).tolist() == expected
+    assert first_of_group(np.zeros((0, 2), dtype=np.uint64)).tolist() == []
