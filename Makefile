@@ -134,6 +134,7 @@ bench: bench-data
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/generation_throughput.py
 	$(BIN)/python bench/attention_dtype.py
+	$(BIN)/python bench/process_exit.py
 
 bench-data: setup
 	$(BIN)/python bench/data_throughput.py --rows $(BENCH_ROWS)

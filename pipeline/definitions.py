@@ -20,6 +20,7 @@ from assets import (
     tokenized_dataset,
     validated_records,
 )
+from pipeline.core.quick_exit import freeze_at_exit
 from pipeline.ops.automation import periodic_retrain_schedule, raw_data_sensor
 from pipeline.ops.jobs import JOBS, full_pipeline_job, prepare_data_job, train_job  # noqa: F401
 from resources import DataRoot, MlflowTracking, StageIOManager, default_data_dir
@@ -59,3 +60,7 @@ defs = Definitions(
     schedules=[periodic_retrain_schedule],
     resources=make_resources(),
 )
+
+# every process that loads the code location (a materialization, a run worker, the code server)
+# exits without the last full garbage collections: 2 s or more each (pipeline/core/quick_exit.py)
+freeze_at_exit()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
+from pipeline.core.quick_exit import exit_now
 from pipeline.stages.lora_adapter import ERROR_FILE, TrainSpec, train
 
 
@@ -31,4 +31,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # a failure raises (its traceback printed, the ordinary exit); a success skips the interpreter's
+    # teardown: the adapter is written and the result reported before main returns
+    exit_now(main())
