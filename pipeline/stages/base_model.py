@@ -94,16 +94,31 @@ def gguf_parsed_once():
     weights each built a ``gguf.GGUFReader``: 4.3 s apiece for the bundled file), and builds the
     weights' ``TensorNameMap`` once, not once per module (397 x 15 ms). Both are pure functions of
     their arguments; transformers imports them from ``gguf`` at each call, so they are replaced on
-    the module for the block. The conversion: about 7 s instead of 18 s, the output byte-identical."""
+    the module for the block. The conversion: about 7 s instead of 18 s, the output byte-identical;
+    reading through a plain array view of the memory map, 6.2 s against 8.7 s (after the imports)."""
     import gguf
+    import numpy as np
 
     make_reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
     readers: dict[tuple[str, str], object] = {}
 
+    class PlainArrayReader(make_reader):
+        """The reader over a plain array view of its memory map: the parse indexes the file some
+        3.7 million times, and each index of a ``np.memmap`` runs two Python-level methods of that
+        subclass (about 3.5 s of the parse); the bytes and the parsed values are the same."""
+
+        @property
+        def data(self):
+            return self._plain
+
+        @data.setter
+        def data(self, mapped):
+            self._plain = np.asarray(mapped)  # a base-class view of the same mapped memory, no copy
+
     def reader(path, mode="r"):
         key = (str(Path(path).resolve()), mode)
         if key not in readers:
-            readers[key] = make_reader(path, mode)
+            readers[key] = PlainArrayReader(path, mode)
         return readers[key]
 
     gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.cache(name_map)
