@@ -221,6 +221,40 @@ def test_merge_check_fails_on_a_wrong_merge(tiny_model_dir, adapter_dir, merged,
     assert result.max_abs_logit_diff > 1e-4
 
 
+class _FixedLogits(torch.nn.Module):
+    """A stand-in model: the same logits row at every position, except where ``changes`` says."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, vocab=8, changes=None):
+        super().__init__()
+        self.vocab, self.changes = vocab, changes or {}
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids):
+        logits = torch.zeros(1, input_ids.shape[1], self.vocab)
+        logits[..., 5] = 1.0  # token 5 is every position's greedy choice
+        for pos, (token, value) in self.changes.items():
+            logits[0, pos, token] = value
+        return type("Out", (), {"logits": logits})()
+
+
+def test_the_greedy_check_catches_a_changed_choice_that_the_logit_tolerance_misses():
+    from pipeline.stages.merged_model import teacher_forced
+
+    ids, start = [1, 2, 3, 5, 5, 5], 3  # a 3-token prompt, then a 3-token answer
+    same, mismatch = teacher_forced(_FixedLogits(), _FixedLogits(), [ids], [start])
+    assert same == 0.0 and mismatch is None
+    # at the second answer token, token 6 just below token 5 for one model, just above it for the other:
+    # a logit difference far below any tolerance, a different greedy answer
+    adapter, merged = _FixedLogits(changes={start: (6, 1.0 - 1e-6)}), _FixedLogits(changes={start: (6, 1.0 + 1e-6)})
+    worst, mismatch = teacher_forced(adapter, merged, [ids], [start])
+    assert worst < 1e-5 and mismatch == (0, 1, 5, 6)  # prompt 0, answer token 1: adapter 5, merged 6
+    # a difference in the prompt's own positions counts in the logits, not as a greedy choice
+    worst, mismatch = teacher_forced(_FixedLogits(), _FixedLogits(changes={0: (6, 3.0)}), [ids], [start])
+    assert worst == 3.0 and mismatch is None
+
+
 def test_merge_refuses_quantized_or_odd_dtypes(tiny_model_dir, adapter_dir, tmp_path):
     from pipeline.stages.merged_model import ExportError
 

@@ -6,8 +6,8 @@ end-of-turn token) that ``AutoModelForCausalLM.from_pretrained`` loads without p
 vLLM or TGI would serve. It is written to a temporary folder and renamed into place.
 
 ``compare_with_adapter`` is the check users most often wish they had run (the merged model
-answering differently from the adapter): logits on a handful of prompts within a tolerance (fp32),
-and identical greedy answers.
+answering differently from the adapter): logits on a handful of prompts and the adapter's greedy
+answers to them within a tolerance, and the same greedy choice at every answer token.
 """
 
 from __future__ import annotations
@@ -186,7 +186,7 @@ def read_export_record(folder: str | os.PathLike) -> dict[str, Any] | None:
 class MergeComparison:
     prompts: int
     max_abs_logit_diff: float  # in ``precision``: what the check decides on
-    greedy_identical: bool  # greedy answers of the models as they are (as served)
+    greedy_identical: bool  # the same greedy choice at every answer token, the models as they are (as served)
     tolerance: float
     first_mismatch: str | None = None
     precision: str = "float64"
@@ -200,17 +200,31 @@ class MergeComparison:
         return {**asdict(self), "passed": self.passed}
 
 
-def _max_logit_diff(adapter_model, merged_model, tokenizer, prompts: list[str]) -> float:
+def teacher_forced(adapter_model, merged_model, sequences: list[list[int]], answer_starts: list[int]) -> tuple[float, tuple | None]:
+    """Both models over the sequences (prompt and greedy answer), one batched forward each: the
+    largest absolute logit difference at any position, and the first answer position where the two
+    models' greedy choices (argmax) differ as ``(sequence, answer token, adapter's, merged's)``, or
+    None. The same choice at every position of a greedy path is what identical greedy answers means:
+    each answer token is chosen from the logits after the tokens before it. The batch is padded on
+    the right, which no real position sees (causal attention, positions counted from the start)."""
     import torch
 
-    worst = 0.0
+    lengths = [len(ids) for ids in sequences]
+    width = max(lengths)
+    batch = torch.tensor([ids + [ids[-1]] * (width - len(ids)) for ids in sequences])
+    worst, mismatch = 0.0, None
     with torch.no_grad():
-        for p in prompts:
-            ids = tokenizer(p, add_special_tokens=False, return_tensors="pt")["input_ids"]
-            a = adapter_model(input_ids=ids.to(adapter_model.device)).logits.double().cpu()
-            m = merged_model(input_ids=ids.to(merged_model.device)).logits.double().cpu()
-            worst = max(worst, float((a - m).abs().max()))
-    return worst
+        a_all = adapter_model(input_ids=batch.to(adapter_model.device)).logits.cpu()
+        m_all = merged_model(input_ids=batch.to(merged_model.device)).logits.cpu()
+    for n, (length, start) in enumerate(zip(lengths, answer_starts)):
+        a, m = a_all[n, :length].double(), m_all[n, :length].double()
+        worst = max(worst, float((a - m).abs().max()))
+        # the choice of each answer token, and of the one after the answer (its stop or its next)
+        ca, cm = a[start - 1 :].argmax(-1), m[start - 1 :].argmax(-1)
+        if mismatch is None and not torch.equal(ca, cm):
+            k = int((ca != cm).nonzero()[0])
+            mismatch = (n, k, int(ca[k]), int(cm[k]))
+    return worst, mismatch
 
 
 def compare_with_adapter(
@@ -223,15 +237,19 @@ def compare_with_adapter(
     tolerance: float = DEFAULT_TOLERANCE,
     precision: str = "float64",
 ) -> MergeComparison:
-    """Max absolute logit difference between the adapter model and the merged model on each
-    prompt, and their greedy answers.
+    """Max absolute logit difference between the adapter model and the merged model, and whether
+    their greedy answers are the same: the merged model answers each prompt greedily, then both
+    models read prompts and answers in one batched forward each (:func:`teacher_forced`): the
+    logits compared at every position, prompt and answer, and the greedy choice at every answer
+    position (one generation instead of two, one forward instead of one per prompt).
 
     ``precision="float64"`` (default) evaluates both models' weights, exactly as they are (the
     fp32 base and adapter, the merged fp32 files), in float64 arithmetic, so the figure measures
     the merge and not the rounding noise of fp32 arithmetic, which on SmolLM2-135M (logits up to
     ~40) is itself about 1e-4 between two fp32 computations of the same function (measured 9.1e-5
     and 1.28e-4 for two correct merges, whose float64 figures were 1.8e-5 and below). The fp32
-    figure is kept as ``max_abs_logit_diff_native``. ``precision="native"`` decides on that one."""
+    figure is kept as ``max_abs_logit_diff_native``. ``precision="native"`` decides on that one.
+    The greedy choices are compared in the weights' own dtype (the models as served)."""
     import torch
 
     from pipeline.stages.evaluation_report import generate_greedy, stop_token_ids
@@ -240,24 +258,31 @@ def compare_with_adapter(
         raise ValueError(f"precision must be float64 or native, not {precision!r}")
     adapter_model.eval()
     merged_model.eval()
-    stops = stop_token_ids(tokenizer)
-    ga = generate_greedy(adapter_model, tokenizer, prompts, max_new_tokens=max_new_tokens, stop_ids=stops, batch_size=len(prompts))
-    gm = generate_greedy(merged_model, tokenizer, prompts, max_new_tokens=max_new_tokens, stop_ids=stops, batch_size=len(prompts))
-    native = _max_logit_diff(adapter_model, merged_model, tokenizer, prompts)
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    # the path: the merged model's greedy answers (a plain model decodes faster than one with its
+    # adapter beside the weights); the same choices all along it make it the adapter's greedy path too
+    answers = generate_greedy(
+        merged_model, tokenizer, prompts, max_new_tokens=max_new_tokens, stop_ids=stop_token_ids(tokenizer), batch_size=len(prompts)
+    )
+    sequences, starts = [e + a for e, a in zip(encoded, answers)], [len(e) for e in encoded]
+    native, mismatch = teacher_forced(adapter_model, merged_model, sequences, starts)
     worst = native
     if precision == "float64":
         dtypes = (adapter_model.dtype, merged_model.dtype)
         try:
             adapter_model.to(torch.float64)
             merged_model.to(torch.float64)
-            worst = _max_logit_diff(adapter_model, merged_model, tokenizer, prompts)
+            worst, _ = teacher_forced(adapter_model, merged_model, sequences, starts)
         finally:  # back to the weights' own dtype, exactly (every value came from it)
             adapter_model.to(dtypes[0])
             merged_model.to(dtypes[1])
-    mismatch = next((i for i, (x, y) in enumerate(zip(ga, gm)) if x != y), None)
     first = None
     if mismatch is not None:
-        first = f"prompt {mismatch}: adapter {tokenizer.decode(ga[mismatch])!r} vs merged {tokenizer.decode(gm[mismatch])!r}"
+        n, k, a, m = mismatch
+        first = (
+            f"prompt {n}, answer token {k}: after {tokenizer.decode(answers[n][:k])!r} "
+            f"the adapter chooses {tokenizer.decode([a])!r}, the merged model {tokenizer.decode([m])!r}"
+        )
     return MergeComparison(len(prompts), worst, mismatch is None, tolerance, first, precision, native)
 
 
