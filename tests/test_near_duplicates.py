@@ -19,7 +19,7 @@ from pipeline.stages.alpaca_dataset import build_alpaca, near_twins_across_split
 from pipeline.stages.deduplicated_records import NEAR_THRESHOLD, deduplicate, deduplicate_to
 from pipeline.stages.deduplicated_records.keys import prompt_keys
 from pipeline.stages.deduplicated_records.minhash import NUM_PERM, WEIGHTS, band_keys, lsh_bands, shingle_hash, signatures
-from pipeline.stages.deduplicated_records.near import Sketches, near_groups, sketch
+from pipeline.stages.deduplicated_records.near import Sketches, distinct_rows, near_groups, sketch
 from pipeline.stages.raw_records import ingest_to
 from pipeline.stages.validated_records import validate_to
 
@@ -121,6 +121,14 @@ def test_sketches_in_a_file_read_back_as_held(tmp_path):
     assert not (tmp_path / "s.bin").exists()
     sig, _ = signatures(pa.array(CASES, pa.large_string()))
     assert sketch(sig).shape == (len(CASES), 64) and np.array_equal(sketch(sig), sig[:, :64] & 0xFF)
+
+
+def test_distinct_rows_is_the_sorted_union():
+    rng = np.random.default_rng(2)
+    for n in (0, 1, 50, 1000):
+        a, b = rng.integers(0, 3 * n + 1, n), rng.integers(0, 7, n)
+        assert np.array_equal(distinct_rows(a, b), np.unique(np.concatenate([a, b])))
+    assert distinct_rows(np.array([], dtype=np.int64)).tolist() == []
 
 
 def test_groups_are_connected_components_of_shared_bands():

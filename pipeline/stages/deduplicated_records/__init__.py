@@ -157,7 +157,7 @@ def decide(
         "conflict_rows": conflict_rows,
         "conflicts_rejected": n_conflicts,
         "kept": kept,
-        "distinct_prompts": int(len(near.sorted_unique(split_of[kept]))),
+        "distinct_prompts": int(len(near.distinct_rows(split_of[kept]))),
         "near": {"grouped": grouped, "groups": near_groups, "policy": near_policy, "threshold": threshold, **near_counts},
     }
     return reasons, dups, groups, counts
