@@ -36,6 +36,10 @@ class Window:
         self.dropped_chars = 0  # characters of the file before text[0]
         self.dropped_lines = 0  # newlines among them
         self.col0 = 0  # characters between the last of those newlines and text[0]
+        # newlines in text[:upto] and the last of them (-1: none), kept for ``message``: errors come
+        # in order, so each looks only at the text after the one before (a minified array is one
+        # line of megabytes, scanned again for every broken element otherwise)
+        self._lines_upto = (0, 0, -1)
 
     def extend(self) -> bool:
         """Append the next block, and more until as much text as the window holds (up to
@@ -67,13 +71,17 @@ class Window:
         self.dropped_lines += nl
         self.dropped_chars += upto
         self.text = self.text[upto:]
+        self._lines_upto = (0, 0, -1)
         return upto
 
     def message(self, exc: json.JSONDecodeError) -> str:
         """``str(exc)`` as a parser of the whole file would word it (line, column, char from its start)."""
         pos = exc.pos
-        lineno = self.dropped_lines + self.text.count("\n", 0, pos) + 1
-        last_nl = self.text.rfind("\n", 0, pos)
+        upto, newlines, last_nl = self._lines_upto if self._lines_upto[0] <= pos else (0, 0, -1)
+        newlines += self.text.count("\n", upto, pos)
+        last_nl = max(last_nl, self.text.rfind("\n", upto, pos))
+        self._lines_upto = (pos, newlines, last_nl)
+        lineno = self.dropped_lines + newlines + 1
         colno = pos - last_nl if last_nl >= 0 else self.col0 + pos + 1
         return f"{exc.msg}: line {lineno} column {colno} (char {self.dropped_chars + pos})"
 
@@ -113,6 +121,8 @@ def iter_array(
         return grew
 
     def skip_ws(p: int) -> int:
+        if p < n and text[p] not in " \t\n\r":
+            return p  # (a minified array: no whitespace between elements, no regex call)
         while True:
             q = ws(text, p).end()
             if q < n or not grow():
