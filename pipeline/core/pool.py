@@ -26,6 +26,20 @@ from pipeline.core.chunks import to_frame
 PARALLEL_ROWS = 2_000_000
 
 
+_IN_WORKER = False  # set in each worker process: the pool already gives every core a process
+
+
+def _mark_worker() -> None:
+    global _IN_WORKER
+    _IN_WORKER = True
+    pa.set_cpu_count(1)  # nor Arrow's own thread pool
+
+
+def cores_here() -> int:
+    """Cores this process may keep busy with threads: one inside a pool worker, else all."""
+    return 1 if _IN_WORKER else (os.cpu_count() or 1)
+
+
 def workers_for(rows: int, workers: int | None = None) -> int:
     if workers is not None:
         return max(1, workers)
@@ -47,7 +61,7 @@ def map_batches(path: Path, fn: Callable[..., Any], args: tuple, workers: int) -
     """``fn(path, i, *args)`` for every batch ``i`` of ``path``, in order; at most two tasks per
     worker in flight, so results never pile up."""
     n = batch_count(path)
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_mark_worker) as pool:
         pending = []
         nxt = 0
         try:

@@ -8,7 +8,6 @@ run of whitespace collapsed to one space, trimmed.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import unicodedata
 
@@ -61,15 +60,18 @@ def _normalize_chunk(arr: pa.Array) -> pa.Array:
 
 
 def _normalize_plain(arr: pa.Array) -> pa.Array:
-    """Arrow kernels release the GIL: a column is normalised in slices on every core."""
-    cpus = os.cpu_count() or 1
+    """Arrow kernels release the GIL: a column is normalised in slices on every core (in one
+    thread inside a worker process of ``pipeline.core.pool``, whose siblings hold the other cores)."""
+    from pipeline.core.pool import cores_here
+
+    cpus = cores_here()
     if len(arr) <= _PARALLEL_ROWS or cpus == 1:
         return _normalize_chunk(arr)
     from concurrent.futures import ThreadPoolExecutor
 
     step = min(_CHUNK, -(-len(arr) // cpus))
     chunks = [arr.slice(i, step) for i in range(0, len(arr), step)]
-    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
+    with ThreadPoolExecutor(max_workers=cpus) as pool:
         parts = list(pool.map(_normalize_chunk, chunks))
     return pa.concat_arrays(parts)
 
