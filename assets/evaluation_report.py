@@ -61,6 +61,11 @@ class EvaluationReportConfig(Config):
     train_sample_size: int = Field(
         _default("train_sample_size"), ge=0, description="Train rows added to the eval rows, a fixed sample (what the model absorbed)"
     )
+    train_sample_loss: bool = Field(
+        _default("train_sample_loss"),
+        description="Also the answer loss on the train sample (a forward over each whole answer: on the real sample's long "
+        "answers most of the evaluation's time); off, the training's loss curve gives the train loss",
+    )
     batch_size: int = Field(
         _default("batch_size"),
         gt=0,
@@ -244,6 +249,7 @@ def evaluate_or_reuse(
             system_prompt=manifest["system_prompt"],
             max_new_tokens=config.max_new_tokens,
             train_sample_size=config.train_sample_size,
+            train_sample_loss=config.train_sample_loss,
             batch_size=config.batch_size,
             seed=config.seed,
             choices=choices or None,

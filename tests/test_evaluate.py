@@ -1,6 +1,7 @@
 """evaluation_report's functions: metrics on known strings, name extraction on the real answer
 forms, batched generation = one-at-a-time generation, per-row loss = the model's own loss."""
 
+import dataclasses
 import math
 
 import pandas as pd
@@ -172,8 +173,9 @@ def test_evaluate_models_side_by_side_table(tiny_model_dir, tokenizer, tmp_path)
     other = get_peft_model(other_base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
     second = evaluate_models(other, tokenizer, rows, cfg, stop_token_ids(tokenizer), log=lambda *_: None, base=kept)
     assert second.summary["base"] == s["base"]
-    assert second.table["base_loss"].tolist() == t["base_loss"].tolist()
-    assert second.table["tuned_loss"].tolist() != t["tuned_loss"].tolist()
+    assert second.table["base_loss"].fillna(-1).tolist() == t["base_loss"].fillna(-1).tolist()
+    on_eval = t["split"] == "eval"  # the rows with an answer loss (the train sample's is off by default)
+    assert second.table.loc[on_eval, "tuned_loss"].tolist() != t.loc[on_eval, "tuned_loss"].tolist()
     fresh = evaluate_models(other, tokenizer, rows, cfg, stop_token_ids(tokenizer), log=lambda *_: None)
     assert fresh.summary["base"]["eval"]["loss"] != s["base"]["eval"]["loss"]  # without it, the base would differ
     flat = result.flat_metrics()
@@ -189,6 +191,15 @@ def test_evaluate_models_side_by_side_table(tiny_model_dir, tokenizer, tmp_path)
         base_right, tuned_right = rows_["base_choice_rank"] == 1, rows_["tuned_choice_rank"] == 1
         assert s["tuned"][split]["choice_only_base_right"] == int((base_right & ~tuned_right).sum())
         assert s["tuned"][split]["choice_only_tuned_right"] == int((tuned_right & ~base_right).sum())
+    # the train sample's answer loss is off by default: those rows run their prompt alone, and give
+    # the same answers and choices as with the whole answer run for its loss (causal attention)
+    assert s["tuned"]["train_sample"]["loss"] is None and s["base"]["train_sample"]["perplexity"] is None
+    assert t.loc[t["split"] == "train_sample", "tuned_loss"].isna().all() and t.loc[t["split"] == "eval", "tuned_loss"].notna().all()
+    full = evaluate_models(model, tokenizer, rows, dataclasses.replace(cfg, train_sample_loss=True), stop_token_ids(tokenizer), log=lambda *_: None)
+    assert full.summary["tuned"]["train_sample"]["loss"] > 0 and full.table["tuned_loss"].notna().all()
+    for col in ("base_answer", "tuned_answer", "base_choice", "tuned_choice", "base_choice_rank", "tuned_choice_rank"):
+        assert full.table[col].fillna(-1).tolist() == t[col].fillna(-1).tolist(), col
+    assert full.summary["tuned"]["eval"]["loss"] == pytest.approx(s["tuned"]["eval"]["loss"], rel=1e-6)
 
 
 # ------------------------------------------------------------------ medicine choice by likelihood

@@ -75,6 +75,11 @@ class EvalConfig:
     # the defaults of the evaluation_report asset's config (declared here once, read there)
     max_new_tokens: int = 64  # greedy answer length limit (stops earlier at the end-of-turn token)
     train_sample_size: int = 16  # train rows added to the eval rows, a fixed sample
+    # the answer loss on the train sample too: one forward over each sampled row's whole answer, most
+    # of the evaluation's work on long answers (real sample: ~790 answer tokens to a ~140-token
+    # prompt); off, those rows run their prompt only (answers, choice) and the training's own loss
+    # curve gives the train loss
+    train_sample_loss: bool = False
     batch_size: int = 64  # prompts per generation batch (left padding)
     seed: int = 42
     choices: ChoiceSet | None = None  # candidate medicines and answer forms; None: no choice scoring
@@ -117,12 +122,12 @@ def select_rows(alpaca: pd.DataFrame, tokenized: dict[str, pd.DataFrame], train_
 def _summarise(table: pd.DataFrame, model: str, split: str, losses: list[tuple[float, int]]) -> dict[str, Any]:
     total = sum(l for l, _ in losses)
     tokens = sum(n for _, n in losses)
-    loss = total / tokens if tokens else float("nan")
+    loss = total / tokens if tokens else None  # None: no answer loss computed on these rows
     hits = table[f"{model}_name_hit"].dropna()
     out: dict[str, Any] = {
         "rows": int(len(table)),
-        "loss": round(loss, 6),
-        "perplexity": round(math.exp(loss), 4) if tokens and loss < 50 else float("inf"),
+        "loss": round(loss, 6) if loss is not None else None,
+        "perplexity": (round(math.exp(loss), 4) if loss < 50 else float("inf")) if loss is not None else None,
     }
     for name in TEXT_METRICS:
         out[name] = round(float(table[f"{model}_{name}"].mean()), 4) if len(table) else 0.0
@@ -163,6 +168,7 @@ def evaluate_models(
     choices = config.choices if config.choices else None
     gold = [choices.candidates.index(m) if choices and m in choices.candidates else None for m in table["medicine"]]
     scored = [i for i, g in enumerate(gold) if g is not None]
+    with_loss = {i for i, split in enumerate(rows["split"]) if split == "eval" or config.train_sample_loss}
     losses: dict[str, list[tuple[float, int]]] = {}
     openings = openings_ids(tokenizer, choices) if choices and scored else None
     model.eval()
@@ -180,6 +186,7 @@ def evaluate_models(
                 pairs,
                 openings if openings else None,
                 set(scored),
+                with_loss=with_loss,
                 max_new_tokens=config.max_new_tokens,
                 stop_ids=stop_ids,
                 pad_id=pad_id,
@@ -236,6 +243,7 @@ def run_model(
     openings: list[list[list[int]]] | None,
     scored: set[int],
     *,
+    with_loss: set[int] | None = None,
     max_new_tokens: int,
     stop_ids: list[int],
     pad_id: int,
@@ -246,7 +254,8 @@ def run_model(
     """One model over the evaluated rows (tokenized prompt + answer), ``batch_size`` rows at a time:
     each row's forward gives its answer loss, its prompt's cache and first greedy token; the rows in
     ``scored`` have every medicine opening scored over that cache (``choice.score_prefilled``);
-    then the batch decodes together. Logs each batch: rows done, phase times, new tokens/s, ETA."""
+    then the batch decodes together. Rows not in ``with_loss`` (None: every row) run their prompt
+    only: no answer loss. Logs each batch: rows done, phase times, new tokens/s, ETA."""
     import time
 
     from pipeline.stages.evaluation_report.generation import Progress, decode_greedy, prefill
@@ -263,9 +272,12 @@ def run_model(
         ready = []
         for i in idx:
             t0 = time.perf_counter()
-            row = prefill(model, list(rows[i][0]), list(rows[i][1]))
+            ids, labels = rows[i]
+            if with_loss is not None and i not in with_loss:
+                ids, labels = ids[: prompt_length(labels)], None  # the prompt only
+            row = prefill(model, list(ids), list(labels) if labels is not None else None)
             times["prefill"] += time.perf_counter() - t0
-            tokens["prefill"] += len(rows[i][0])
+            tokens["prefill"] += len(ids)
             losses[i] = (row.loss, row.tokens)
             if openings and i in scored:
                 t0 = time.perf_counter()
@@ -281,7 +293,7 @@ def run_model(
         tokens["decode"] += sum(len(a) for a in new)
         log(
             f"{name} model: {start + len(idx)}/{len(rows)} rows; {tokens['decode']} new tokens in {times['decode']:.1f} s "
-            f"({tokens['decode'] / max(times['decode'], 1e-9):.1f} tokens/s); answer losses over {tokens['prefill']} tokens in "
+            f"({tokens['decode'] / max(times['decode'], 1e-9):.1f} tokens/s); prompts and answer losses over {tokens['prefill']} tokens in "
             f"{times['prefill']:.1f} s; choice scoring {times['choice']:.1f} s"
         )
     return {"losses": losses, "answers": answers, "choices": choices, "times": times, "tokens": tokens}
