@@ -1,8 +1,8 @@
 """Asset ``evaluation_report``: the base model against the tuned one on the same prompts (``pipeline.stages.evaluation_report``).
 
-Every eval row plus a fixed sample of train rows; loss and perplexity on answer tokens, medicine-
-choice accuracy and mean rank by likelihood (every medicine the data names, in the data's answer
-forms), batched greedy answers, BLEU-4 (characters), ROUGE-1/2/L (jieba words), medicine-name hit
+Every eval row plus a fixed sample of train rows; loss and perplexity on held-out answer tokens
+(the sample's too with ``train_sample_loss``), medicine-choice accuracy and mean rank by likelihood
+(every medicine the data names, in the data's answer forms), batched greedy answers, BLEU-4 (characters), ROUGE-1/2/L (jieba words), medicine-name hit
 rate. The full side-by-side table goes to the training's MLflow run (CSV and JSON) with the summary
 metrics as ``base_*`` / ``tuned_*`` (``tuned_eval_choice_accuracy``, ...). Check
 ``tuned_beats_base``, on held-out rows: loss lower, choice accuracy and ROUGE-L not lower.

@@ -7,7 +7,8 @@ training chat template and the training system prompt.
 Rows: every eval-split row, plus a fixed sample of train rows (what the model absorbed). For each
 model and split:
 
-- loss and perplexity on the answer tokens only (the tokenized dataset's labels);
+- loss and perplexity on the answer tokens only (the tokenized dataset's labels); on the train
+  sample only with ``train_sample_loss`` (its rows otherwise run their prompt alone);
 - greedy answers (no sampling, ``max_new_tokens``, stop at the end-of-turn token), generated in
   batches with left padding;
 - BLEU-4 on characters (smoothing method 3) and ROUGE-1/2/L F on jieba-segmented words, the
