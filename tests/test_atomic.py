@@ -58,3 +58,52 @@ def test_disk_full_or_read_only_names_the_path_and_keeps_the_old_file(tmp_path, 
     monkeypatch.undo()
     assert dest.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["alpaca.parquet"]
+
+
+def test_every_file_is_on_disk_before_the_folder_is_published(tmp_path, monkeypatch):
+    """What a power cut after the rename would otherwise bring back as empty files."""
+    synced, published = [], []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        synced.append(os.path.realpath(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        published.append((str(src), set(synced)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr("pipeline.core.atomic.os.fsync", fsync)
+    monkeypatch.setattr("pipeline.core.atomic.os.replace", replace)
+    with atomic_dir(tmp_path / "ckpt") as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "model.safetensors").write_bytes(b"w" * 100)
+        (tmp / "sub" / "state.json").write_text("{}")
+        names = [str(tmp / "model.safetensors"), str(tmp / "sub" / "state.json"), str(tmp / "sub"), str(tmp)]
+    src, before = published[-1]
+    assert src == names[-1]
+    assert all(n in before for n in names), f"not fsynced before publishing: {[n for n in names if n not in before]}"
+
+
+def _write_many(dest, tag, rounds):
+    for i in range(rounds):
+        with atomic_dir(dest) as tmp:
+            (tmp / "who").write_text(f"{tag} {i}")
+            (tmp / "pad").write_bytes(os.urandom(2048))
+
+
+def test_concurrent_writers_of_one_folder_never_fail(tmp_path):
+    """Two runs writing one folder at once (the same cache entry): the renames are serialised, no
+    'Directory not empty', and the folder is always one writer's whole version."""
+    import multiprocessing
+
+    dest = tmp_path / "entry"
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_write_many, args=(dest, tag, 60)) for tag in ("a", "b", "c")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    assert sorted(p.name for p in dest.iterdir()) == ["pad", "who"]
+    assert [p.name for p in tmp_path.iterdir()] == ["entry"]

@@ -30,6 +30,22 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def fsync_tree(folder: Path) -> None:
+    """Every file and folder under ``folder`` on disk, so that a power cut after the rename that
+    publishes it cannot bring it back with empty or short files."""
+    for dirpath, _dirs, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            if os.path.islink(path):
+                continue
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
 def _clean_stale(parent: Path, name: str) -> None:
     """Remove leftovers of earlier interrupted writes of ``name``, if their writer is gone."""
     for stale in parent.glob(f"{TMP_PREFIX}{name}.*"):
@@ -125,22 +141,48 @@ def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
-        if dest.exists():
-            # Two renames: the old version stays complete until the new one is in place.
-            old = parent / f"{TMP_PREFIX}{dest.name}.{os.getpid()}.old"
-            if old.exists():
-                shutil.rmtree(old, ignore_errors=True)
-            os.replace(dest, old)
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
-        _fsync_dir(parent)
+        fsync_tree(tmp)
+        old = tmp.with_name(f"{tmp.name}-old")  # this writer's own: a concurrent writer has another
+        # one swap at a time: two writers' renames interleaved fail one of them ("Directory not empty")
+        with _swap_lock(parent):
+            if dest.exists():
+                # Two renames: the old version stays complete until the new one is in place.
+                os.replace(dest, old)
+                os.replace(tmp, dest)
+            else:
+                os.replace(tmp, dest)
+            _fsync_dir(parent)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OutputWriteError) or not _io_error(exc):
             raise
         raise OutputWriteError(f"could not write {dest}: {_reason(exc)}") from exc
+
+
+@contextlib.contextmanager
+def _swap_lock(parent: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on the destination's folder itself: no lock file is left behind."""
+    import fcntl
+
+    fd = os.open(parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def link_latest(src: str | os.PathLike, dest: str | os.PathLike) -> None:
+    """``dest`` becomes a hard link to ``src`` in one step (a copy where links cannot be made): a
+    stable name for the newest of several versions, which no step of the pipeline reads."""
+    src, dest = Path(src), Path(dest)
+    with atomic_path(dest) as tmp:
+        try:
+            tmp.unlink()
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
 
 
 def write_bytes_atomic(dest: str | os.PathLike, data: bytes) -> None:
