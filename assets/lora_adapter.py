@@ -11,25 +11,25 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
 
-from dagster import AssetExecutionContext, Config, Failure, MetadataValue, Output, PipesSubprocessClient, asset
+from dagster import AssetExecutionContext, Config, Failure, MaterializeResult, MetadataValue, Output, PipesSubprocessClient, asset
 from pydantic import Field
 
 from pipeline.core.atomic import file_lock, write_bytes_atomic
 from pipeline.core.cache import is_complete, keyed_folder
 from pipeline.core.pool_limit import pool_slot
 from pipeline.core.secrets import redact
-from pipeline.core.stores import RUN_HOST_TAG
+from pipeline.core.stores import tag_run_host
 from pipeline.core.tracking_sync import COMPLETE, COPIED_FROM_TAG, MetricsTail, attempt, known_run, pending, quick_http, send_training
 from pipeline.stages.base_model import BaseModelInfo
 from pipeline.stages.lora_adapter import ERROR_FILE, TRAINING_RECORD, TrainSpec, adapter_id, plot_loss_curve, read_metrics
 from pipeline.stages.lora_adapter.distributed import LaunchError, check_accelerate_config, preset_path
 from pipeline.stages.lora_adapter.distributed import launch_command as stage_launch_command
 from pipeline.stages.lora_adapter.methods import METHODS
+from pipeline.stages.lora_adapter.report import MissingReport, child_report
 from pipeline.stages.tokenized_dataset import TokenizedDataset
 from resources.data_root import PROJECT_ROOT, DataRoot
 from resources.mlflow_tracking import MlflowTracking
@@ -128,14 +128,6 @@ def training_key(config: LoraAdapterConfig, tokenized_key: str, max_seq_len: int
     return adapter_id(tokenized_key, base_fingerprint, training, config.num_processes * config.num_nodes), settings, spec_fields
 
 
-def mark_host(context) -> None:
-    """Tag the run with this host: on a shared instance only this host may judge whether it died."""
-    try:
-        context.instance.add_run_tags(context.run.run_id, {RUN_HOST_TAG: socket.gethostname()})
-    except Exception as exc:  # a label, never a reason to fail a training
-        context.log.warning(f"could not tag the run with its host: {exc}")
-
-
 @asset(group_name="model", compute_kind="pytorch", description=__doc__, pool=TRAINING_POOL)
 def lora_adapter(
     context: AssetExecutionContext,
@@ -161,7 +153,7 @@ def train_or_reuse(
 ) -> Output[dict]:
     """The adapter of ``config`` on these inputs: reused when already trained, else trained in a
     child process (resuming an interrupted training). Sweep trials call it too."""
-    mark_host(context)
+    tag_run_host(context.instance, context.run.run_id, context.log.warning)
     extra_tags = extra_tags or {}
     if config.accelerate_config:
         resolved = preset_path(config.accelerate_config) or data_root.confine(
@@ -243,12 +235,14 @@ def _train(
     try:
         with MetricsTail(mlflow.client, run_id, ckpt_dir / "metrics.jsonl", context.log.warning):  # live metrics in MLflow
             invocation = pipes_subprocess_client.run(context=context, command=cmd, cwd=str(PROJECT_ROOT), env=child_env)
-        result = dict(invocation.get_materialize_result().metadata or {})
-        result = {k: getattr(v, "value", v) for k, v in result.items()}
+        reported = [r.metadata for r in invocation.get_results(implicit_materializations=False) if isinstance(r, MaterializeResult)]
+        result = child_report(reported, out_dir, context.log.warning)  # an implicit, empty result would hide a lost report
     except BaseException as exc:
         reason = _child_error(ckpt_dir)
         if not mlflow.mark_failed(run_id, Exception(reason) if reason else exc):
             context.log.warning(f"could not mark MLflow run {run_id} FAILED")
+        if isinstance(exc, MissingReport):
+            raise Failure(description=str(exc), metadata={"checkpoints": MetadataValue.path(str(ckpt_dir))}) from None
         if reason:
             raise Failure(
                 description=f"training failed: {redact(reason)[:2000]}", metadata={"checkpoints": MetadataValue.path(str(ckpt_dir))}

@@ -24,6 +24,7 @@ from pipeline.core.quick_exit import freeze_at_exit
 from pipeline.ops.automation import periodic_retrain_schedule, raw_data_sensor
 from pipeline.ops.jobs import JOBS, full_pipeline_job, prepare_data_job, train_job  # noqa: F401
 from resources import DataRoot, MlflowTracking, StageIOManager, default_data_dir
+from resources.pipes_reader import WholeLineTempFileMessageReader
 
 ASSET_MODULES = [
     raw_records,
@@ -46,7 +47,12 @@ ASSET_MODULES = [
 def make_resources(data_dir: str | None = None, tracking_uri: str | None = None) -> dict:
     root = DataRoot(path=data_dir or default_data_dir())
     mlflow = MlflowTracking(tracking_uri=tracking_uri) if tracking_uri else MlflowTracking()
-    return {"data_root": root, "io_manager": StageIOManager(data_root=root), "mlflow": mlflow, "pipes_subprocess_client": PipesSubprocessClient()}
+    return {
+        "data_root": root,
+        "io_manager": StageIOManager(data_root=root),
+        "mlflow": mlflow,
+        "pipes_subprocess_client": PipesSubprocessClient(message_reader=WholeLineTempFileMessageReader()),
+    }
 
 
 all_assets = load_assets_from_modules(ASSET_MODULES)

@@ -43,6 +43,16 @@ DAGSTER_HEADER = "# Written by `python -m pipeline.ops.instance` from pipeline/d
 DRIVER_SCHEME = "postgresql+psycopg2"  # psycopg2 (dagster-postgres needs it); SQLAlchemy 2.1 would pick psycopg 3
 
 
+def tag_run_host(instance, run_id: str, warn) -> None:
+    """Tag a Dagster run with this host: on a shared instance only this host may judge whether it died."""
+    import socket
+
+    try:
+        instance.add_run_tags(run_id, {RUN_HOST_TAG: socket.gethostname()})
+    except Exception as exc:  # a label, never a reason to fail a run
+        warn(f"could not tag the run with its host: {exc}")
+
+
 class StoreConfigError(ValueError):
     """A store location that cannot work; the message says which variable and why."""
 

@@ -55,6 +55,31 @@ class Reporter:
             print("RESULT " + json.dumps(metadata), flush=True)
 
 
+class MissingReport(Exception):
+    """The training child ended without its report: no figures through Pipes and none on disk."""
+
+
+def child_report(reported: list[dict], out_dir: str | os.PathLike, warn) -> dict:
+    """The figures the child reported through Dagster Pipes (``reported``: the metadata of each
+    materialization that arrived); those in its training record on disk (written with the adapter,
+    in the same rename) if none did; else :class:`MissingReport`: a green step without the
+    training's figures would hide a lost report."""
+    result = {k: getattr(v, "value", v) for k, v in (reported[-1] or {}).items()} if reported else {}
+    if "steps" in result:
+        return result
+    from pipeline.stages.lora_adapter.spec import TRAINING_RECORD
+
+    record = Path(out_dir) / TRAINING_RECORD
+    on_disk = json.loads(record.read_text()).get("result", {}) if record.is_file() else {}
+    if "steps" in on_disk:
+        warn(f"the training's report did not arrive through Dagster Pipes: its figures are read from {record}")
+        return on_disk
+    raise MissingReport(
+        f"the training child exited without its report: no materialization reached Dagster Pipes and {record} "
+        "holds no result; nothing of this training is used"
+    )
+
+
 def read_metrics(path: str | os.PathLike) -> list[dict]:
     p = Path(path)
     if not p.is_file():
