@@ -1,6 +1,7 @@
 """Asset ``alpaca_dataset``: the clean Alpaca-format Parquet with a stable train/eval split (``pipeline.stages.alpaca_dataset``).
 
-Written to ``$MEDTUNE_DATA_DIR/processed/alpaca.parquet`` (zstd). Checks:
+Written to ``$MEDTUNE_DATA_DIR/processed/runs/<run id>/alpaca.parquet`` (zstd; ``processed/alpaca.parquet``
+links to the latest). Checks:
 ``every_row_accounted_for`` (rows read = rows here + rows in ``rejected_records``),
 ``no_prompt_in_both_splits`` and ``no_near_twin_across_splits`` (no held-out prompt has a near
 duplicate in train, found afresh from the file).
@@ -10,6 +11,7 @@ import numpy as np
 from dagster import AssetCheckResult, AssetCheckSeverity, AssetExecutionContext, AssetIn, Config, MetadataValue, Output, asset, asset_check
 from pydantic import Field
 
+from pipeline.core.atomic import link_latest
 from pipeline.core.chunks import count_rows, head, iter_batches
 from pipeline.core.fingerprint import sha256_file
 from pipeline.core.records import StagedRows, preview_markdown
@@ -25,9 +27,10 @@ class AlpacaDatasetConfig(Config):
 def alpaca_dataset(
     context: AssetExecutionContext, config: AlpacaDatasetConfig, data_root: DataRoot, deduplicated_records: StagedRows
 ) -> Output[dict]:
-    path = data_root.alpaca_path
+    path = data_root.alpaca_path_in(context.run_id)  # this run's own: later steps read exactly these rows
     counts = write_alpaca(deduplicated_records, path, config.eval_fraction, data_root.chunk_rows, log=context.log.info)
     fingerprint = sha256_file(path)
+    link_latest(path, data_root.alpaca_path)
     context.log.info(
         f"{counts['rows']} rows written to {path} (train {counts['train']}, eval {counts['eval']}; "
         f"{counts['near_duplicate_groups_kept_together']} near-duplicate groups kept in one split, "

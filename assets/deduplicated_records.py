@@ -54,7 +54,7 @@ def deduplicated_records(
 ) -> Output[StagedRows]:
     result = deduplicate_to(
         validated_records,
-        data_root.stage_dir("deduplicated_records"),
+        data_root.stage_dir("deduplicated_records", context.run_id),
         config.conflict_policy,
         data_root.chunk_rows,
         near_duplicate_policy=config.near_duplicate_policy,

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 import pandas as pd
-from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, Config, MetadataValue, Output, asset
+from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, Config, Failure, MetadataValue, Output, asset
 from pydantic import Field
 
 from pipeline.core.atomic import atomic_dir, write_bytes_atomic
@@ -36,6 +36,7 @@ from pipeline.stages.evaluation_report import (
     tuned_beats_base,
 )
 from pipeline.stages.evaluation_report.choice import ChoiceSet
+from pipeline.stages.evaluation_report.lineage import LineageError, check_lineage
 from pipeline.stages.tokenized_dataset import MANIFEST, TokenizedDataset
 from resources.data_root import DataRoot
 from resources.mlflow_tracking import MlflowTracking
@@ -221,6 +222,10 @@ def evaluate_or_reuse(
     """The evaluation of ``lora_adapter`` with ``config``: computed, or read back from its keyed folder.
     Returns (folder, key, summary, table, cache_hit, tokenized manifest). (Sweep trials call it too.)"""
     manifest = json.loads((Path(tokenized_dataset.path) / MANIFEST).read_text())
+    try:
+        check_lineage(alpaca_dataset["path"], alpaca_dataset["data_fingerprint"], tokenized_dataset.path, manifest, lora_adapter["path"])
+    except LineageError as exc:
+        raise Failure(description=f"not evaluated: {exc}") from None
     settings = config.model_dump()
     key = evaluation_key(config, lora_adapter["adapter_id"], tokenized_dataset.key, alpaca_dataset["data_fingerprint"])
     folder = keyed_folder(data_root.models_dir / "evaluations", key)

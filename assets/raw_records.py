@@ -22,7 +22,7 @@ def files_markdown(files: list[dict]) -> str:
 
 @asset(group_name="data", compute_kind="python", description=__doc__)
 def raw_records(context: AssetExecutionContext, data_root: DataRoot) -> Output[StagedRows]:
-    result = ingest_to(data_root.raw_dir, data_root.stage_dir("raw_records"), data_root.chunk_rows, log=context.log.info)
+    result = ingest_to(data_root.raw_dir, data_root.stage_dir("raw_records", context.run_id), data_root.chunk_rows, log=context.log.info)
     s = result.stats
     context.log.info(
         f"read {s['files_read']} files from {data_root.raw_dir}: {s['rows_read']} rows, {s['rows_kept']} kept, {s['rows_rejected']} rejected"
@@ -44,6 +44,6 @@ def raw_records(context: AssetExecutionContext, data_root: DataRoot) -> Output[S
             "stage_output": MetadataValue.path(result.folder),
             "raw_dir": MetadataValue.path(str(data_root.raw_dir)),
             # the content fingerprint raw_data_sensor compares with (paths + content hashes)
-            "raw_fingerprint": raw_fingerprint(data_root.raw_dir),
+            "raw_fingerprint": raw_fingerprint(data_root.raw_dir, data_root.raw_digests_path),
         },
     )

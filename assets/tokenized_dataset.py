@@ -6,9 +6,10 @@ inputs are reused instead of recomputed.
 """
 
 import pandas as pd
-from dagster import AssetExecutionContext, Config, MetadataValue, Output, asset
+from dagster import AssetExecutionContext, Config, Failure, MetadataValue, Output, asset
 from pydantic import Field
 
+from pipeline.core.fingerprint import sha256_file
 from pipeline.stages.base_model import BaseModelInfo, load_tokenizer
 from pipeline.stages.tokenized_dataset import DEFAULT_SYSTEM_PROMPT, IGNORE_INDEX, TokenizedDataset, tokenize_dataset
 from resources.data_root import DataRoot
@@ -36,6 +37,11 @@ def tokenized_dataset(
     context: AssetExecutionContext, config: TokenizedDatasetConfig, data_root: DataRoot, alpaca_dataset: dict, base_model: BaseModelInfo
 ) -> Output[TokenizedDataset]:
     tokenizer = load_tokenizer(base_model)
+    # the cache is keyed by the fingerprint handed down: it must be the fingerprint of what is read
+    if (actual := sha256_file(alpaca_dataset["path"])) != alpaca_dataset["data_fingerprint"]:
+        raise Failure(
+            description=f"{alpaca_dataset['path']} changed after it was written ({actual[:12]}, not {alpaca_dataset['data_fingerprint'][:12]})"
+        )
     alpaca = pd.read_parquet(alpaca_dataset["path"])
     ds = tokenize_dataset(
         alpaca,

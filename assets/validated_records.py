@@ -42,7 +42,7 @@ def validated_records(context: AssetExecutionContext, config: ValidatedRecordsCo
         min_output_chars=config.min_output_chars,
         max_output_chars=config.max_output_chars,
     )
-    result = validate_to(raw_records, data_root.stage_dir("validated_records"), bounds, data_root.chunk_rows, log=context.log.info)
+    result = validate_to(raw_records, data_root.stage_dir("validated_records", context.run_id), bounds, data_root.chunk_rows, log=context.log.info)
     n_read = raw_records.n_kept + raw_records.n_rejected
     n_rejected = raw_records.n_rejected + result.n_rejected
     ratio = n_rejected / n_read if n_read else 1.0

@@ -23,7 +23,8 @@ class PathOutsideDataRoot(ValueError):
 class DataRoot(ConfigurableResource):
     """The data root and the fixed layout under it.
 
-    ``raw/`` input files · ``processed/`` Parquet outputs and intermediate stages ·
+    ``raw/`` input files · ``processed/runs/<run id>/`` each run's data outputs, written once ·
+    ``processed/stages/`` the latest descriptors · ``processed/tokenized/`` token cache ·
     ``models/`` base models, adapters, merged models.
     """
 
@@ -61,12 +62,35 @@ class DataRoot(ConfigurableResource):
         return self.root / "processed"
 
     @property
-    def stages_dir(self) -> Path:
-        return self.processed_dir / "stages"
+    def runs_dir(self) -> Path:
+        """One folder per Dagster run that wrote data (docs/reliability.md#one-run-one-set-of-data):
+        never rewritten, so a run reads exactly what its upstream steps wrote."""
+        return self.processed_dir / "runs"
 
-    def stage_dir(self, asset: str) -> Path:
-        """Where a data stage's rows lie (``kept.arrow``, ``rejected.arrow``, ``stats.json``)."""
-        return self.stages_dir / asset
+    def run_dir(self, run_id: str) -> Path:
+        if not run_id or "/" in run_id or run_id.startswith("."):
+            raise ValueError(f"not a run id: {run_id!r}")
+        return self.runs_dir / run_id
+
+    def stage_dir(self, asset: str, run_id: str) -> Path:
+        """Where a data stage's rows lie in one run (``kept.arrow``, ``rejected.arrow``, ``stats.json``)."""
+        return self.run_dir(run_id) / asset
+
+    def alpaca_path_in(self, run_id: str) -> Path:
+        return self.run_dir(run_id) / "alpaca.parquet"
+
+    def rejected_path_in(self, run_id: str) -> Path:
+        return self.run_dir(run_id) / "rejected.parquet"
+
+    @property
+    def raw_digests_path(self) -> Path:
+        """The raw files' sha256 by their stat, so that an unchanged file is not read again."""
+        return self.processed_dir / "raw_digests.json"
+
+    @property
+    def stages_dir(self) -> Path:
+        """The latest descriptor of each asset (``<asset>.json``), for people and ``make ask``."""
+        return self.processed_dir / "stages"
 
     @property
     def tokenized_dir(self) -> Path:
@@ -78,8 +102,10 @@ class DataRoot(ConfigurableResource):
 
     @property
     def alpaca_path(self) -> Path:
+        """The latest run's Alpaca Parquet (a hard link to it): for people; the pipeline hands on its own run's."""
         return self.processed_dir / "alpaca.parquet"
 
     @property
     def rejected_path(self) -> Path:
+        """The latest run's rejected rows (a hard link), as ``alpaca_path``."""
         return self.processed_dir / "rejected.parquet"

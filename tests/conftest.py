@@ -54,6 +54,7 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: rank.get(item.module.__name__ if item.module else "", len(rank)))  # stable: a module keeps its order
 
 
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 INSTR = "使用中医知识正确回答适合这个病例的中成药。"
 
 
@@ -92,6 +93,50 @@ def model_in_data_root(model_dir: Path, data_dir: Path) -> str:
     if not dest.is_dir():
         shutil.copytree(model_dir, dest)
     return dest.relative_to(data_dir).as_posix()
+
+
+TRAINING_HALF = "raw_records,validated_records,deduplicated_records,rejected_records,alpaca_dataset,base_model,tokenized_dataset,lora_adapter"
+
+
+def materialize_command(data_dir, tmp_path, tiny_model_dir, select=TRAINING_HALF, ops=None, **train_config):
+    """A `dagster asset materialize` of ``select`` (default: the data half and lora_adapter) on a
+    persistent instance (pipeline/dagster.yaml: the training pool), as `make run` does: (command,
+    environment, home). ``ops``: more ops' config."""
+    import sys
+
+    home = tmp_path / "dagster_home"
+    home.mkdir(exist_ok=True)
+    (home / "dagster.yaml").write_text((PROJECT_ROOT / "pipeline" / "dagster.yaml").read_text())
+    config = {
+        "execution": {"config": {"in_process": {}}},
+        "ops": {
+            "base_model": {"config": {"model": model_in_data_root(tiny_model_dir, data_dir)}},
+            "tokenized_dataset": {"config": {"max_seq_len": 256}},
+            "lora_adapter": {
+                "config": {"learning_rate": 5e-3, "precision": "fp32", "log_every": 1, "r": 16, "lora_alpha": 32, "compile": False, **train_config}
+            },
+            **(ops or {}),
+        },
+    }
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "MEDTUNE_DATA_DIR": str(data_dir),
+        "MLFLOW_TRACKING_URI": mlflow_store(tmp_path / "mlflow.db"),
+        "PYTHONPATH": str(PROJECT_ROOT),
+    }
+    cmd = [
+        str(Path(sys.executable).parent / "dagster"),
+        "asset",
+        "materialize",
+        "-m",
+        "pipeline.definitions",
+        "--select",
+        select,
+        "--config-json",
+        json.dumps(config),
+    ]
+    return cmd, env, home
 
 
 _STORE_TEMPLATE: list[Path] = []

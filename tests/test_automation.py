@@ -30,6 +30,38 @@ def test_fingerprint_is_content_not_mtime(raw_dir):
     assert raw_fingerprint(raw_dir) not in (first, second)
 
 
+def test_fingerprint_cache_reads_only_changed_files(raw_dir, tmp_path, monkeypatch):
+    """Cached by stat: an unchanged file is not read again; a file rewritten with the same size
+    and its mtime put back is still noticed (its ctime moved); a file hashed in the same moment it
+    was written is read again next time."""
+    import pipeline.stages.raw_records.files as files
+
+    cache = tmp_path / "digests.json"
+    a = write_json(raw_dir / "a.json", demo_records(3))
+    b = write_json(raw_dir / "b.json", demo_records(4))
+    old = time.time() - 60
+    for f in (a, b):
+        os.utime(f, (old, old))
+    uncached = raw_fingerprint(raw_dir)
+    reads = []
+    real = files.sha256_file
+    monkeypatch.setattr(files, "sha256_file", lambda p: reads.append(Path(p).name) or real(p))
+    first = raw_fingerprint(raw_dir, cache)
+    assert first == uncached and sorted(reads) == ["a.json", "b.json"]
+    reads.clear()
+    assert raw_fingerprint(raw_dir, cache) == first and reads == []  # nothing read
+    data = a.read_bytes()
+    a.write_bytes(data.replace("咳嗽".encode(), "头痛".encode(), 1))  # same size
+    os.utime(a, (old, old))  # the mtime put back
+    changed = raw_fingerprint(raw_dir, cache)
+    assert changed != first and reads == ["a.json"]
+    reads.clear()
+    write_json(raw_dir / "c.json", demo_records(2))  # written now: too fresh to trust its stat
+    raw_fingerprint(raw_dir, cache)
+    raw_fingerprint(raw_dir, cache)
+    assert reads == ["c.json", "c.json"]
+
+
 def test_debounce_one_run_per_settled_change():
     s = WatchState()
     d = decide(s, "A", now=0, quiet_seconds=5, built="A")
@@ -97,6 +129,21 @@ def test_sensor_requests_one_run_keyed_by_fingerprint(tmp_path, monkeypatch):
     time.sleep(0.3)
     result, cursor = tick(cursor)
     assert not result.run_requests
+
+    # the data put back to a state a sensor run built: Dagster would skip a run key it has seen
+    from dagster._core.storage.dagster_run import DagsterRun
+
+    built = raw_fingerprint(raw)
+    instance.add_run(DagsterRun(job_name="full_pipeline_job", run_id="1" * 32, tags=request.tags))
+    b = (raw / "b.json").read_bytes()
+    for content in (None, b):
+        (raw / "b.json").unlink(missing_ok=True) if content is None else (raw / "b.json").write_bytes(content)
+        result, cursor = tick(cursor)
+        time.sleep(0.3)
+        result, cursor = tick(cursor)
+        (request,) = result.run_requests
+        instance.add_run(DagsterRun(job_name="full_pipeline_job", tags=request.tags))
+    assert request.run_key == f"raw-{built}-1"
 
 
 def test_presets_validate_against_the_jobs():

@@ -22,7 +22,7 @@ import pytest
 from dagster import DagsterInstance, Definitions
 from mlflow.tracking import MlflowClient
 
-from conftest import demo_records, mlflow_store, model_in_data_root, write_json
+from conftest import demo_records, materialize_command, mlflow_store, model_in_data_root, write_json
 from pipeline.core.tracking_sync import PENDING
 from pipeline.definitions import JOBS, all_asset_checks, all_assets, make_resources
 
@@ -326,43 +326,6 @@ def test_disk_full_and_read_only_output_folders_fail_clearly_without_partial_out
         assert pd.read_parquet(processed / "alpaca.parquet").equals(before)
     finally:
         subprocess.run(["umount", "-l", str(processed)], capture_output=True)
-
-
-def materialize_command(data_dir, tmp_path, tiny_model_dir, **train_config):
-    """A `dagster asset materialize` of the data half and lora_adapter on a persistent instance
-    (pipeline/dagster.yaml: the training pool), as `make run` does: (command, environment, home)."""
-    home = tmp_path / "dagster_home"
-    home.mkdir(exist_ok=True)
-    (home / "dagster.yaml").write_text((PROJECT / "pipeline" / "dagster.yaml").read_text())
-    config = {
-        "execution": {"config": {"in_process": {}}},
-        "ops": {
-            "base_model": {"config": {"model": model_in_data_root(tiny_model_dir, data_dir)}},
-            "tokenized_dataset": {"config": {"max_seq_len": 256}},
-            "lora_adapter": {
-                "config": {"learning_rate": 5e-3, "precision": "fp32", "log_every": 1, "r": 16, "lora_alpha": 32, "compile": False, **train_config}
-            },
-        },
-    }
-    env = {
-        **os.environ,
-        "DAGSTER_HOME": str(home),
-        "MEDTUNE_DATA_DIR": str(data_dir),
-        "MLFLOW_TRACKING_URI": mlflow_store(tmp_path / "mlflow.db"),
-        "PYTHONPATH": str(PROJECT),
-    }
-    cmd = [
-        str(Path(sys.executable).parent / "dagster"),
-        "asset",
-        "materialize",
-        "-m",
-        "pipeline.definitions",
-        "--select",
-        "raw_records,validated_records,deduplicated_records,rejected_records,alpaca_dataset,base_model,tokenized_dataset,lora_adapter",
-        "--config-json",
-        json.dumps(config),
-    ]
-    return cmd, env, home
 
 
 def test_three_materializations_at_once_hold_the_training_limit_and_corrupt_nothing(data_dir, tmp_path, tiny_model_dir):

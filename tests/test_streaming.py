@@ -159,7 +159,7 @@ def test_dagster_materializes_the_same_bytes_in_small_chunks(tmp_path):
     assert result.success
     assert (sha(root.alpaca_path), sha(root.rejected_path)) == BEFORE["bad_inputs"]
     # the stage folders hold Arrow files in batches of chunk_rows, and the outputs' row counts add up
-    staged = StagedRows.load(root.stage_dir("raw_records"))
+    staged = StagedRows.load(root.stage_dir("raw_records", result.run_id))
     assert max(len(c) for c in iter_chunks(staged.kept_path, rows=10**9)) == 16
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert checks["every_row_accounted_for"] and checks["no_prompt_in_both_splits"]

@@ -29,12 +29,14 @@ from dagster import (
 from pipeline.ops.jobs import full_pipeline_job
 from pipeline.ops.raw_watch import WatchState, decide, raw_fingerprint
 from pipeline.ops.recover import recover_dead_runs
+from pipeline.ops.run_data import prune_run_data
 from resources.data_root import DataRoot
 
 SETTINGS = yaml.safe_load(Path(__file__).with_name("automation.yaml").read_text())
 SENSOR = SETTINGS["raw_data_sensor"]
 SCHEDULE = SETTINGS["periodic_retrain_schedule"]
 FULL_JOBS = ("full_pipeline_job", "__ASSET_JOB")
+RAW_TAG = "medtune/raw_fingerprint"  # the raw data a sensor run was requested for
 
 
 def last_run_config(instance) -> dict:
@@ -68,20 +70,25 @@ def built_fingerprint(instance) -> str | None:
 def raw_data_sensor(context: SensorEvaluationContext, data_root: DataRoot):
     try:  # a run killed outright would hold the training slot forever: free it (pipeline.ops.recover)
         recover_dead_runs(context.instance, log=context.log.warning)
+        prune_run_data(context.instance, data_root.runs_dir, log=context.log.info)
     except Exception as exc:  # never let the clean-up stop the sensor
-        context.log.warning(f"could not check for dead runs: {exc}")
-    fingerprint = raw_fingerprint(data_root.raw_dir)
+        context.log.warning(f"could not check for dead runs or prune their data: {exc}")
+    fingerprint = raw_fingerprint(data_root.raw_dir, data_root.raw_digests_path)
     state = WatchState.load(context.cursor)
     built = built_fingerprint(context.instance) if state.seen is None else None
     decision = decide(state, fingerprint, time.time(), float(SENSOR["quiet_seconds"]), built)
     context.update_cursor(decision.state.dump())
     if decision.action != "run":
         return SkipReason(decision.message)
+    # Dagster skips a run key it has seen: data put back to a state built before gets a key of its own
+    earlier = context.instance.get_run_ids(filters=RunsFilter(tags={RAW_TAG: fingerprint[:16]}))
+    if earlier:
+        decision.message += f" (this data was built before, by run {earlier[0][:8]}: running again; unchanged outputs come from the caches)"
     context.log.info(decision.message)
     return RunRequest(
-        run_key=f"raw-{fingerprint}",
+        run_key=f"raw-{fingerprint}" + (f"-{len(earlier)}" if earlier else ""),
         run_config=last_run_config(context.instance),
-        tags={"medtune/trigger": "raw_data_sensor", "medtune/raw_fingerprint": fingerprint[:16]},
+        tags={"medtune/trigger": "raw_data_sensor", RAW_TAG: fingerprint[:16]},
     )
 
 

@@ -127,12 +127,16 @@ def _pools(instance) -> list[str]:
 def main() -> int:
     from dagster import DagsterInstance
 
+    from pipeline.ops.run_data import prune_run_data
+    from resources.data_root import DataRoot, default_data_dir
+
     if not os.environ.get("DAGSTER_HOME"):
         print("pipeline.ops.recover: DAGSTER_HOME is not set; nothing to recover", file=sys.stderr)
         return 0
     instance = DagsterInstance.get()
     try:
         found = recover_dead_runs(instance)
+        prune_run_data(instance, DataRoot(path=default_data_dir()).runs_dir)
     finally:
         instance.dispose()
     if not found:

@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pandas as pd
 
+from pipeline.core.records import STATS_FILE
 from pipeline.core.secrets import redact
 from resources.data_root import DataRoot, default_data_dir
 from resources.mlflow_tracking import default_tracking_uri
+from resources.stage_io import STAGED
 
 
 def summary(data_dir: str | None = None) -> str:
     root = DataRoot(path=data_dir or default_data_dir())
     out = [f"MedTune summary for {root.root}"]
     stages = root.stages_dir
-    raw = stages / "raw_records" / "stats.json"
-    if not raw.is_file():
+    pointer = stages / "raw_records.json"  # the latest run's stage folder (resources/stage_io.py)
+    raw = Path(json.loads(pointer.read_text()).get(STAGED, "")) / STATS_FILE if pointer.is_file() else None
+    if raw is None or not raw.is_file():
         return "nothing materialized yet: run `make run`"
     s = json.loads(raw.read_text())
     out.append(f"  files read          {s['files_read']} ({s['files_rejected']} rejected whole)")
