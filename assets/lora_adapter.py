@@ -97,7 +97,9 @@ class LoraAdapterConfig(Config):
     logits_chunk_tokens: int = Field(_default("logits_chunk_tokens"), gt=0, description="Positions projected onto the vocabulary at a time")
     eval_every: int = _default("eval_every")
     save_every: int = _default("save_every")
-    save_total_limit: int = Field(_default("save_total_limit"), ge=1, description="Newest complete checkpoints kept")
+    save_total_limit: int = Field(
+        _default("save_total_limit"), ge=2, description="Newest complete checkpoints kept (at least 2: a damaged one falls back to the one before)"
+    )
     log_every: int = _default("log_every")
     num_processes: int = Field(1, ge=1, description="Processes (GPUs); > 1 starts a distributed launcher")
     launcher: Literal["auto", "torchrun", "accelerate"] = "auto"

@@ -131,8 +131,9 @@ def run_child(spec: TrainSpec, path: Path, launcher: list[str] | None = None) ->
 @pytest.mark.slow
 def test_killed_training_resumes_exactly_where_it_stopped(tmp_path, tiny_model_dir, tokenized):
     """Packed steps and dropout on: killed after step 7 (checkpoints at 2, 4 and 6; the two newest
-    kept, ``save_total_limit`` 2), resumed from step 6, the adapter is bit for bit the one an
-    uninterrupted training gives."""
+    kept, ``save_total_limit`` 2); step 6's weights then cut short (what a power cut before the data
+    reached the disk leaves): the resume skips it with a warning, starts from step 4, and the
+    adapter is bit for bit the one an uninterrupted training gives."""
     settings = dict(max_steps=8, save_every=2, lora_dropout=0.1, pack_tokens=300)
     whole = train(spec_for(tmp_path / "whole", tiny_model_dir, tokenized, **settings))
     assert whole["steps"] == 8
@@ -142,12 +143,15 @@ def test_killed_training_resumes_exactly_where_it_stopped(tmp_path, tiny_model_d
     assert not (tmp_path / "adapter").exists()  # nothing half-written where the next step reads
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if "step-" in p.name) == ["step-4", "step-6"]
     assert "checkpoint saved at step 6 (removed step-2)" in killed.stdout + killed.stderr
+    weights = tmp_path / "ckpt" / "step-6" / "adapter_model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)
     spec.stop_after_steps = None
     resumed = run_child(spec, tmp_path / "spec.json")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resuming from checkpoint" in resumed.stdout and "step-6" in resumed.stdout
+    assert "step-6 is damaged (adapter_model.safetensors holds" in resumed.stdout and "skipped for the one before" in resumed.stdout
+    assert "resuming from checkpoint" in resumed.stdout and "step-4" in resumed.stdout
     result = json.loads(resumed.stdout.split("RESULT ", 1)[1].splitlines()[0])
-    assert result["steps"] == 8 and result["resumed_from"] == "step-6"
+    assert result["steps"] == 8 and result["resumed_from"] == "step-4"
     a, b = adapter_tensors(tmp_path / "adapter"), adapter_tensors(tmp_path / "whole" / "adapter")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -210,3 +214,29 @@ def test_adapter_id_covers_every_training_setting():
         assert adapter_id("data", "weights", {**spec, key: changed}, 1) != base, key
     assert adapter_id("data2", "weights", spec, 1) != base and adapter_id("data", "w2", spec, 1) != base
     assert adapter_id("data", "weights", spec, 2) != base
+
+
+def test_a_damaged_checkpoint_is_skipped_and_rotation_keeps_two(tmp_path):
+    from pipeline.stages.lora_adapter.checkpoint import complete_checkpoints, latest_checkpoint, rotate_checkpoints, write_manifest
+
+    def checkpoint(step, manifest=True):
+        folder = tmp_path / f"step-{step}"
+        folder.mkdir()
+        (folder / "adapter_model.safetensors").write_bytes(os.urandom(64))
+        (folder / "optimizer.pt").write_bytes(os.urandom(32))
+        if manifest:
+            write_manifest(folder)
+        (folder / "trainer_state.json").write_text(json.dumps({"step": step}))
+        return folder
+
+    old, older, newest = checkpoint(2, manifest=False), checkpoint(4), checkpoint(6)
+    said = []
+    assert latest_checkpoint(tmp_path, said.append) == newest and said == []
+    (newest / "optimizer.pt").write_bytes(b"x" * 32)  # same size, other bytes
+    assert latest_checkpoint(tmp_path, said.append) == older and "optimizer.pt changed" in said[-1]
+    os.truncate(older / "adapter_model.safetensors", 0)
+    assert latest_checkpoint(tmp_path, said.append) == old and "holds 0 bytes, not 64" in said[-1]
+    os.truncate(old / "optimizer.pt", 0)  # written before manifests: an empty file is the sign
+    assert latest_checkpoint(tmp_path, said.append) is None and "optimizer.pt empty" in said[-1]
+    assert rotate_checkpoints(tmp_path, keep=1) == ["step-2"]  # never fewer than two
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-4", "step-6"]

@@ -1,7 +1,9 @@
 """Checkpoints: adapter weights, optimizer, scheduler, every process's RNG state and the position
-in the data, written atomically; ``trainer_state.json`` is written last and marks a checkpoint
-complete. Only the newest ``keep`` complete checkpoints stay (the older ones are removed once a
-new one is complete, never before).
+in the data, written atomically (every file fsynced before the folder is renamed into place); ``files.json``
+records each file's size and sha256 and ``trainer_state.json``, written last, marks a checkpoint
+complete. A resume skips a complete checkpoint whose files do not match their record for the one
+before. Only the newest ``keep`` (at least two) complete checkpoints stay (the older ones are
+removed once a new one is complete, never before).
 
 With several processes every process calls :func:`save_checkpoint`: where the processes hold
 shards of the model (FSDP, DeepSpeed ZeRO) gathering the weights takes all of them, and each
@@ -22,22 +24,64 @@ WEIGHTS = "adapter_model.safetensors"
 RNG = "rng.pt"
 
 
+MANIFEST = "files.json"  # each file's size and sha256, written before trainer_state.json
+MIN_KEPT = 2  # a checkpoint a power cut damaged falls back to the one before it
+
+
 def complete_checkpoints(checkpoint_dir: Path) -> list[Path]:
     """Complete checkpoints (``trainer_state.json`` written), oldest first."""
     done = [p for p in checkpoint_dir.glob("step-*") if (p / "trainer_state.json").is_file()]
     return sorted(done, key=lambda p: int(p.name.split("-")[1]))
 
 
-def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
-    done = complete_checkpoints(checkpoint_dir)
-    return done[-1] if done else None
+def write_manifest(folder: Path) -> None:
+    from pipeline.core.fingerprint import sha256_file
+
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(folder.iterdir()) if p.is_file()}
+    (folder / MANIFEST).write_text(json.dumps(files, indent=1))
+
+
+def damage(folder: Path) -> str | None:
+    """Why a complete checkpoint cannot be trusted (a file empty, short or changed since it was
+    written: what a power cut before the data reached the disk leaves), or None."""
+    from pipeline.core.fingerprint import sha256_file
+
+    manifest = folder / MANIFEST
+    if not manifest.is_file():  # written before manifests: every file at least not empty
+        empty = [p.name for p in folder.iterdir() if p.is_file() and p.stat().st_size == 0]
+        return f"{', '.join(empty)} empty" if empty else None
+    try:
+        files = json.loads(manifest.read_text())
+    except ValueError:
+        return f"{MANIFEST} unreadable"
+    for name, want in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} missing"
+        if path.stat().st_size != want["bytes"]:
+            return f"{name} holds {path.stat().st_size} bytes, not {want['bytes']}"
+        if sha256_file(path) != want["sha256"]:
+            return f"{name} changed since it was written"
+    return None
+
+
+def latest_checkpoint(checkpoint_dir: Path, warn=None) -> Path | None:
+    """The newest complete checkpoint whose files are whole; a damaged one is skipped (``warn``
+    says which and why) for the one before."""
+    for path in reversed(complete_checkpoints(checkpoint_dir)):
+        why = damage(path)
+        if why is None:
+            return path
+        if warn is not None:
+            warn(f"checkpoint {path} is damaged ({why}): skipped for the one before")
+    return None
 
 
 def rotate_checkpoints(checkpoint_dir: Path, keep: int) -> list[str]:
-    """Remove all but the newest ``keep`` complete checkpoints; returns the names removed. A folder
-    being written is not a complete checkpoint and is never touched."""
+    """Remove all but the newest ``keep`` (at least two) complete checkpoints; returns the names
+    removed. A folder being written is not a complete checkpoint and is never touched."""
     done = complete_checkpoints(checkpoint_dir)
-    removed = done[: max(len(done) - max(keep, 1), 0)]
+    removed = done[: max(len(done) - max(keep, MIN_KEPT), 0)]
     for path in removed:
         trash = path.with_name(f"{TMP_PREFIX}{path.name}.removed")  # gone from the list at once
         path.rename(trash)
@@ -126,6 +170,7 @@ def save_checkpoint(path: Path, accelerator, model, optimizer, scheduler, state:
             torch.save({"processes": world, "sharded": sharded(accelerator), "states": optimizers}, tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             torch.save({"processes": world, "states": rngs}, tmp / RNG)
+            write_manifest(tmp)
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))  # written last: marks it complete
         if keep:
             removed = rotate_checkpoints(path.parent, keep)

@@ -141,7 +141,7 @@ def train(spec: TrainSpec) -> dict[str, Any]:
     model, optimizer = accelerator.prepare(model, optimizer)
 
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "tokens": 0}
-    resumed_from, ckpt = None, latest_checkpoint(ckpt_root)
+    resumed_from, ckpt = None, latest_checkpoint(ckpt_root, warn=report.log)
     if ckpt is not None:
         state = load_checkpoint(ckpt, accelerator, model, optimizer, scheduler, method)
         resumed_from = ckpt.name
