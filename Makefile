@@ -20,7 +20,11 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 # a team's PostgreSQL (docs/scale-out.md): dagster.yaml names no password, libpq reads PGPASSWORD
 ifneq ($(strip $(MEDTUNE_POSTGRES_URL)),)
-export PGPASSWORD ?= $(shell $(PYTHON) -c 'import sys, urllib.parse as u; print(u.unquote(u.urlsplit(sys.argv[1]).password or ""))' '$(MEDTUNE_POSTGRES_URL)')
+# the URL travels in the environment, never in a command's arguments (`ps` shows those)
+ifeq ($(origin MEDTUNE_POSTGRES_URL),command line)
+$(error pass MEDTUNE_POSTGRES_URL in the environment (export MEDTUNE_POSTGRES_URL=...), not on make's command line, where `ps` shows its password)
+endif
+export PGPASSWORD ?= $(shell $(PYTHON) -c 'import os, urllib.parse as u; print(u.unquote(u.urlsplit(os.environ.get("MEDTUNE_POSTGRES_URL", "")).password or ""))')
 endif
 
 .PHONY: setup browser postgresql run sweep ask serve lint format test test-fast coverage ui mlflow-ui screenshots bench bench-data clean help

@@ -28,6 +28,7 @@ import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.core.secrets import redact
 from pipeline.stages.lora_adapter.spec import TRAINING_RECORD
 from pipeline.stages.tokenized_dataset import DEFAULT_SYSTEM_PROMPT, MANIFEST
 
@@ -101,7 +102,7 @@ def _registered(root, tracking_uri: str, model: str, ref: str, name: str) -> Tar
         listing = ", ".join(f"version {v}" + (f" ({', '.join(named[v])})" if named[v] else "") for v in versions)
         raise AskError(
             f"{name!r}: registered model {model!r} has no {'version' if ref.isdigit() else 'alias'} {ref!r} "
-            f"in {tracking_uri}; it has: {listing or 'nothing registered yet (run `make run`)'}"
+            f"in {redact(tracking_uri)}; it has: {listing or 'nothing registered yet (run `make run`)'}"
         ) from None
     adapter_id = (version.tags or {}).get("medtune.adapter_id")
     if not adapter_id:

@@ -4,6 +4,7 @@ dagster-mlflow resource). Default store: SQLite in the project's ``mlflow/`` fol
 import os
 import subprocess
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -42,12 +43,14 @@ class MlflowTracking(ConfigurableResource):
     def check_reachable(self, timeout: float = 5.0) -> None:
         uri = self.tracking_uri
         if uri.startswith(("http://", "https://")):
+            url, auth = without_userinfo(uri)
+            request = urllib.request.Request(url.rstrip("/") + "/health", headers={"Authorization": auth} if auth else {})
             try:
-                with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
+                with urllib.request.urlopen(request, timeout=timeout) as resp:
                     if resp.status != 200:
-                        raise TrackingUnavailable(f"MLflow tracking server {uri} answered {resp.status} on /health")
-            except (urllib.error.URLError, OSError) as exc:
-                raise TrackingUnavailable(f"MLflow tracking server {uri} is unreachable: {exc}") from exc
+                        raise TrackingUnavailable(f"MLflow tracking server {url} answered {resp.status} on /health")
+            except (urllib.error.URLError, OSError, ValueError) as exc:
+                raise TrackingUnavailable(f"MLflow tracking server {url} is unreachable: {redact(exc)}") from None
         elif uri.startswith("sqlite:///"):
             folder = Path(uri[len("sqlite:///") :]).parent
             try:
@@ -105,8 +108,23 @@ class MlflowTracking(ConfigurableResource):
 
     def run_link(self, run_id: str, experiment_id: str) -> str:
         """The run's page: on the tracking server, or on `make mlflow-ui` for a local store."""
-        base = self.tracking_uri if self.tracking_uri.startswith(("http://", "https://")) else self.ui_url
+        base = without_userinfo(self.tracking_uri)[0] if self.tracking_uri.startswith(("http://", "https://")) else self.ui_url
         return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def without_userinfo(url: str) -> tuple[str, str | None]:
+    """``url`` without ``user:password@`` (never shown, never in a link) and the Basic
+    Authorization header it stood for (None when it had none)."""
+    import base64
+
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url, None
+    host = parts.hostname or ""
+    netloc = (f"[{host}]" if ":" in host else host) + (f":{parts.port}" if parts.port else "")
+    user, password = urllib.parse.unquote(parts.username or ""), urllib.parse.unquote(parts.password or "")
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc)), f"Basic {token}"
 
 
 def git_commit() -> str:

@@ -142,11 +142,13 @@ def test_unreachable_tracking_server_fails_before_training(data_dir, tiny_model_
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again when the block ends: nothing listens there
-    uri = f"http://127.0.0.1:{port}"
+    password = "s3cret'Pa55"  # a quote, as a shell would choke on
+    uri = f"http://medtune:{password}@127.0.0.1:{port}"  # user-info: the server's basic auth
     result = run(data_dir, uri, tiny_model_dir)
     assert not result.success
     failure = next(e for e in result.all_events if e.is_step_failure and e.step_key == "lora_adapter")
-    assert uri in str(failure.event_specific_data.error)
+    assert f"MLflow tracking server http://127.0.0.1:{port} is unreachable" in str(failure.event_specific_data.error)
+    assert not [str(e) for e in result.all_events if password in str(e)]  # messages, metadata, errors: the whole event log
     assert not (data_dir / "models" / "checkpoints").exists() or not list((data_dir / "models" / "checkpoints").glob("*/step-*"))
 
 

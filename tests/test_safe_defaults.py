@@ -195,3 +195,18 @@ def test_hf_token_is_never_recorded(monkeypatch, tmp_path, tiny_model_dir):
     assert len(blob) > 10_000  # params, tags, records and artifacts were all read
     assert secret not in blob and password not in blob
     assert os.environ["HF_TOKEN"] == secret  # (the child got the environment it needs)
+
+
+def test_a_password_in_a_url_in_the_environment_is_masked_everywhere(monkeypatch):
+    """MEDTUNE_POSTGRES_URL's password, as written and decoded, and PGPASSWORD's value are masked in
+    any text MedTune records or prints; a link to a tracking server never carries user-info."""
+    from pipeline.core.secrets import redact
+    from resources.mlflow_tracking import MlflowTracking, without_userinfo
+
+    monkeypatch.setenv("MEDTUNE_POSTGRES_URL", "postgresql://medtune:p%40ss%27word9@db.example:5432/medtune")
+    monkeypatch.setenv("PGPASSWORD", "p@ss'word9")
+    text = "connect failed for p@ss'word9 (p%40ss%27word9) at postgresql://medtune:p%40ss%27word9@db.example:5432/medtune"
+    assert "word9" not in redact(text)
+    assert without_userinfo("https://u:p%40w@mlflow.example:8443/base") == ("https://mlflow.example:8443/base", "Basic dTpwQHc=")
+    link = MlflowTracking(tracking_uri="https://u:pw123456@mlflow.example/").run_link("r1", "7")
+    assert link == "https://mlflow.example/#/experiments/7/runs/r1"

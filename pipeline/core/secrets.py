@@ -30,8 +30,17 @@ _TOKEN_SHAPES = re.compile(
 
 
 def env_secrets() -> list[str]:
-    """Values of environment variables named like secrets (at least 6 characters, to avoid masking noise)."""
-    return sorted((v for k, v in os.environ.items() if SECRET_NAME.search(k) and v and len(v) >= 6), key=len, reverse=True)
+    """Values of environment variables named like secrets (PGPASSWORD too), and the passwords inside
+    URLs the environment holds (MEDTUNE_POSTGRES_URL, MLFLOW_TRACKING_URI), as written and decoded;
+    at least 6 characters, to avoid masking noise."""
+    import urllib.parse
+
+    found = {v for k, v in os.environ.items() if (SECRET_NAME.search(k) or k.upper().endswith("PASSWORD")) and v}
+    for value in os.environ.values():
+        if "://" in value and "@" in value:
+            for m in _URI_PASSWORD.finditer(value):
+                found |= {m.group("pw"), urllib.parse.unquote(m.group("pw"))}
+    return sorted((v for v in found if len(v) >= 6), key=len, reverse=True)
 
 
 def redact(text: Any) -> str:

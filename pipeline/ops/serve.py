@@ -32,6 +32,7 @@ from pathlib import Path
 
 from pipeline.core.atomic import atomic_dir
 from pipeline.core.fingerprint import sha256_json
+from pipeline.core.secrets import redact
 from pipeline.stages.lora_adapter.spec import TRAINING_RECORD
 from pipeline.stages.merged_model import read_export_record
 from pipeline.stages.registered_model import CHALLENGER, CHAMPION, pyfunc_model_kwargs
@@ -64,7 +65,7 @@ def _registered(client, name: str, ref: str, tracking_uri: str) -> Served:
             versions = []
         what = ", ".join(f"version {v}" for v in versions) or "nothing registered yet (run `make run`)"
         raise ServeError(
-            f"registered model {name!r} has no {'version' if ref.isdigit() else 'alias'} {ref!r} in {tracking_uri}; it has: {what}"
+            f"registered model {name!r} has no {'version' if ref.isdigit() else 'alias'} {ref!r} in {redact(tracking_uri)}; it has: {what}"
         ) from None
     aliases = sorted(version.aliases or [])
     shown = f"{name} version {version.version}" + (f" ({', '.join(aliases)})" if aliases else "")

@@ -30,6 +30,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.core.secrets import redact
 from pipeline.core.stores import artifact_root, libpq_env
 from pipeline.ops.instance import ensure_dagster_home, ensure_stores
 from resources.data_root import PROJECT_ROOT, default_data_dir
@@ -219,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         servers.stop()
         return 1
     print(f"Dagster UI  {servers.dagster_url}   (data {servers.data_dir}, home {servers.dagster_home})", flush=True)
-    print(f"MLflow UI   {servers.mlflow_url}   (store {servers.tracking_uri})", flush=True)
+    print(f"MLflow UI   {servers.mlflow_url}   (store {redact(servers.tracking_uri)})", flush=True)
     print("READY  (Ctrl-C stops both)", flush=True)
     while True:
         for name, proc in servers.procs.items():
