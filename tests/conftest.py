@@ -34,6 +34,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 LONGEST_FIRST = (
     "test_e2e_servers",
     "test_faults",
+    "test_run_isolation",
     "test_lora_adapter_asset",
     "test_train",
     "test_sweep",
