@@ -22,10 +22,10 @@ from pipeline.core.atomic import file_lock, write_bytes_atomic
 from pipeline.core.cache import is_complete, keyed_folder
 from pipeline.core.pool_limit import pool_slot
 from pipeline.core.secrets import redact
-from pipeline.core.stores import tag_run_host
-from pipeline.core.tracking_sync import COMPLETE, COPIED_FROM_TAG, MetricsTail, attempt, known_run, pending, quick_http, send_training
+from pipeline.core.tracking_sync import COMPLETE, COPIED_FROM_TAG, MetricsTail, attempt, known_run, pending, quick_http, send_training, unfinished
 from pipeline.stages.base_model import BaseModelInfo
-from pipeline.stages.lora_adapter import ERROR_FILE, TRAINING_RECORD, TrainSpec, adapter_id, plot_loss_curve, read_metrics
+from pipeline.stages.lora_adapter import ERROR_FILE, STOP_FILE, TRAINING_RECORD, TrainSpec, adapter_id, plot_loss_curve, read_metrics
+from pipeline.stages.lora_adapter.checkpoint import stop_request
 from pipeline.stages.lora_adapter.distributed import LaunchError, check_accelerate_config, preset_path
 from pipeline.stages.lora_adapter.distributed import launch_command as stage_launch_command
 from pipeline.stages.lora_adapter.methods import METHODS
@@ -155,7 +155,6 @@ def train_or_reuse(
 ) -> Output[dict]:
     """The adapter of ``config`` on these inputs: reused when already trained, else trained in a
     child process (resuming an interrupted training). Sweep trials call it too."""
-    tag_run_host(context.instance, context.run.run_id, context.log.warning)
     extra_tags = extra_tags or {}
     if config.accelerate_config:
         resolved = preset_path(config.accelerate_config) or data_root.confine(
@@ -179,7 +178,8 @@ def train_or_reuse(
     ):
         if is_complete(out_dir, TRAINING_RECORD):
             return _reuse(context, config, mlflow, tokenized_dataset, base_model, settings, aid, out_dir, extra_tags)
-        with pool_slot(context.instance, TRAINING_POOL, context.log.info):  # see pipeline/core/pool_limit.py
+        lost = stop_request(ckpt_dir, f"the lock of the {TRAINING_POOL} slot", context.log.error)
+        with pool_slot(context.instance, TRAINING_POOL, context.log.info, on_lost=lost):  # see pipeline/core/pool_limit.py
             ins = (tokenized_dataset, base_model, settings, spec_fields, aid, out_dir, ckpt_dir, extra_tags)
             return _train(context, config, mlflow, pipes_subprocess_client, *ins)
 
@@ -197,6 +197,9 @@ def _reuse(context, config, mlflow, tokenized_dataset, base_model, settings, aid
             earlier = {"since": "the adapter was trained", "error": f"run {run_id} is in another store"}
             found = _start_run(context, config, mlflow, settings, aid, tokenized_dataset, base_model, {**extra_tags, COPIED_FROM_TAG: run_id})
         run_id = found
+        status = unfinished(mlflow.client(), run_id) if run_id and not earlier else None
+        if status:  # no marker: the process that trained it died before it could write one
+            earlier = {"since": "the training's process ended early", "error": f"MLflow run {run_id} is {status}, not FINISHED"}
     if earlier and run_id:
         context.log.info(f"sending what MLflow missed since {earlier.get('since')} ({earlier.get('error', '')[:200]})")
         metrics = read_metrics(out_dir / "metrics.jsonl")
@@ -224,6 +227,7 @@ def _train(
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     if any(ckpt_dir.glob("step-*/trainer_state.json")):
         context.log.info(f"an earlier training of adapter {aid} was interrupted: resuming from its latest checkpoint in {ckpt_dir}")
+    (ckpt_dir / STOP_FILE).unlink(missing_ok=True)  # a stop asked of an earlier training
     spec_path = ckpt_dir / "spec.json"
     spec.dump(spec_path)
     try:

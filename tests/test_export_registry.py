@@ -365,3 +365,43 @@ def test_registering_leaves_the_process_mlflow_uris_as_they_were(monkeypatch, tm
         assert mlflow.get_tracking_uri() == store
     assert mlflow.get_tracking_uri() == f"sqlite:///{tmp_path}/user.db"
     mlflow.set_tracking_uri(None)
+
+
+class Killed(BaseException):
+    """What SIGKILL or Ctrl-C leaves behind: no handler runs."""
+
+
+def test_a_registration_cut_between_version_and_alias_is_finished_by_the_next(merged, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.stages.registered_model import register_merged_model
+
+    dest, _ = merged
+    uri = mlflow_store(tmp_path / "mlflow.db")
+    client = MlflowClient(uri, registry_uri=uri)
+    exp = client.create_experiment("medtune", artifact_location=(tmp_path / "artifacts").as_uri())
+    run_id = client.create_run(exp).info.run_id
+    client.set_terminated(run_id, "FINISHED")
+    kwargs = dict(
+        name="medtune",
+        merged_dir=str(dest),
+        merged_id="m1",
+        run_id=run_id,
+        figures={"rouge_l": 10.0},
+        tags={},
+        system_prompt="系统",
+        max_new_tokens=4,
+    )
+
+    def killed(*args, **kw):
+        raise Killed
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", killed)
+    with pytest.raises(Killed):
+        register_merged_model(uri, **kwargs)
+    monkeypatch.undo()
+    cut = client.get_model_version("medtune", "1")
+    assert not cut.aliases and not cut.description  # registered, nothing after
+    again = register_merged_model(uri, **kwargs)
+    assert again.version == "1" and again.reused and again.aliases == ["challenger", "champion"]
+    assert "Held-out figures: " in client.get_model_version("medtune", "1").description

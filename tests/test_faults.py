@@ -22,7 +22,7 @@ import pytest
 from dagster import DagsterInstance, Definitions
 from mlflow.tracking import MlflowClient
 
-from conftest import demo_records, materialize_command, mlflow_store, model_in_data_root, write_json
+from conftest import demo_records, materialize_command, mlflow_store, model_in_data_root, training_spans, write_json
 from pipeline.core.tracking_sync import PENDING
 from pipeline.definitions import JOBS, all_asset_checks, all_assets, make_resources
 
@@ -328,44 +328,28 @@ def test_disk_full_and_read_only_output_folders_fail_clearly_without_partial_out
         subprocess.run(["umount", "-l", str(processed)], capture_output=True)
 
 
-def test_three_materializations_at_once_hold_the_training_limit_and_corrupt_nothing(data_dir, tmp_path, tiny_model_dir):
-    """Three `dagster asset materialize` processes on one instance and one data root, started
-    together: two ask for the same adapter, one for another (its own seed). Two trainings, one at a
-    time: Dagster's pool claim on SQLite can let two runs in at the same instant (CI saw it), so the
-    training also holds the pool's slot as a lock file (pipeline/core/pool_limit.py); the third run
-    finds its adapter trained by the first (a cache hit)."""
+def test_two_materializations_of_one_adapter_at_once_train_it_once(data_dir, tmp_path, tiny_model_dir):
+    """Two `dagster asset materialize` processes on one instance and one data root, started
+    together, asking for the same adapter: one trains it, the other waits on the adapter's lock and
+    finds it done (a cache hit). Trainings of different adapters one at a time, over different
+    data: tests/test_run_isolation.py."""
     from dagster import DagsterInstance
 
     cmd, env, home = materialize_command(data_dir, tmp_path, tiny_model_dir, max_steps=12, save_every=4, eval_every=6)
-    other, _, _ = materialize_command(data_dir, tmp_path, tiny_model_dir, max_steps=12, save_every=4, eval_every=6, seed=7)
     # the instance's and the tracking store's tables exist before all start (as with `make ui`)
     DagsterInstance.from_config(str(home)).dispose()
     MlflowClient(env["MLFLOW_TRACKING_URI"]).search_experiments()
-    procs = [subprocess.Popen(c, cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for c in (cmd, cmd, other)]
+    procs = [subprocess.Popen(cmd, cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=600)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0, 0], "".join(out[-3000:] for out in outs)
-
-    instance = DagsterInstance.from_config(str(home))
-    spans = []
-    for record in instance.get_run_records():
-        said = [(e.timestamp, e.user_message) for e in instance.all_logs(record.dagster_run.run_id) if e.step_key == "lora_adapter"]
-        held = [t for t, m in said if m.startswith("holding medtune_training slot 1 of 1")]
-        freed = [t for t, m in said if m.startswith("released medtune_training slot 1 of 1")]
-        assert len(held) == len(freed) <= 1
-        spans += list(zip(held, freed))
-    instance.dispose()
-    assert len(spans) == 2, spans  # two adapters trained, the third run reused one
-    (a0, a1), (b0, b1) = sorted(spans)
-    assert a1 <= b0, f"the two trainings overlapped: {spans}"
-
-    # one complete, consistent set of outputs
+    assert [p.returncode for p in procs] == [0, 0], "".join(out[-3000:] for out in outs)
+    assert len(training_spans(home)) == 1  # one trained, the other reused it
     alpaca = pd.read_parquet(data_dir / "processed" / "alpaca.parquet")
     rejected = pd.read_parquet(data_dir / "processed" / "rejected.parquet")
     assert len(alpaca) + len(rejected) == 24 and alpaca["record_id"].is_unique
     assert not list(data_dir.rglob(".tmp-*"))
     adapters = list((data_dir / "models" / "adapters").iterdir())
-    assert len(adapters) == 2 and all((a / "adapter_model.safetensors").is_file() for a in adapters)
-    assert sum("cache hit" in out for out in outs[:2]) == 1  # of the two asking for one adapter, one trained it
+    assert len(adapters) == 1 and (adapters[0] / "adapter_model.safetensors").is_file()
+    assert sum("cache hit" in out for out in outs) == 1
 
 
 def test_a_run_killed_outright_frees_its_training_slot_and_the_next_run_resumes(data_dir, tmp_path, tiny_model_dir):
@@ -471,3 +455,66 @@ def test_a_kill_while_the_merged_model_is_written_leaves_a_loadable_model(tmp_pa
         assert read_export_record(dest)["merged_id"].startswith("v")  # the record of a complete export
         model = AutoModelForCausalLM.from_pretrained(dest, dtype=torch.float32, use_safetensors=True)
         assert sum(p.numel() for p in model.parameters()) == n_params  # complete: every weight there
+
+
+class Killed(BaseException):
+    """What SIGKILL or Ctrl-C leaves behind in the asset's process: no handler runs, no marker is written."""
+
+
+KILL_POINTS = ("before_upload", "during_upload", "before_end")
+
+
+def test_a_training_whose_process_died_before_its_mlflow_run_ended_is_finished_by_the_next(data_dir, tmp_path, tiny_model_dir, monkeypatch):
+    """The adapter is on disk, its MLflow run still RUNNING, no pending marker: what a kill or a
+    Ctrl-C after the child wrote the adapter leaves. Killed before the upload (the training run), then
+    halfway through the metrics and before the end (two cache hits sending what was missing); the
+    next materialization sends the rest, ends the run FINISHED, every step once, and registers."""
+    import assets.lora_adapter as asset_module
+    from pipeline.core.tracking_sync import send_missing_metrics
+
+    real = asset_module.send_training
+
+    class NoEnd:
+        def __init__(self, client):
+            self.client = client
+
+        def __getattr__(self, name):
+            return getattr(self.client, name)
+
+        def set_terminated(self, *args, **kwargs):
+            raise Killed
+
+    def dying(point):
+        def send(client, run_id, out_dir, metrics, log):
+            if point == "during_upload":
+                send_missing_metrics(client, run_id, metrics[: len(metrics) // 2])
+            if point in ("before_upload", "during_upload"):
+                raise Killed
+            real(NoEnd(client), run_id, out_dir, metrics, log)
+
+        return send
+
+    uri = mlflow_store(tmp_path / "mlflow.db")
+    client = MlflowClient(uri)
+    for point in KILL_POINTS:
+        monkeypatch.setattr(asset_module, "send_training", dying(point))
+        try:
+            assert not run_pipeline(data_dir, uri, tiny_model_dir, max_steps=8, save_every=4, eval_every=4).success
+        except Killed:
+            pass
+        monkeypatch.undo()
+        (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        assert run.info.status == "RUNNING", point
+        adapters = list((data_dir / "models" / "adapters").iterdir())
+        assert len(adapters) == 1 and not (adapters[0] / PENDING).exists()
+    sent = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train_loss"))
+    assert sent == list(range(1, 9))  # the halfway kill's points were not sent twice by the later run
+
+    second = run_pipeline(data_dir, uri, tiny_model_dir, max_steps=8, save_every=4, eval_every=4)
+    assert second.success, [str(e.event_specific_data.error)[:2000] for e in second.all_events if e.is_step_failure]
+    assert meta(second, "lora_adapter", "cache_hit") is True and meta(second, "lora_adapter", "mlflow_tracking") == "complete"
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train_loss")) == list(range(1, 9))
+    assert {"adapter/adapter_model.safetensors"} <= {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
+    assert meta(second, "registered_model", "registered") is True

@@ -181,6 +181,17 @@ def send_training(client, run_id: str, out_dir: Path, metrics: list[dict], log) 
     client.set_terminated(run_id, "FINISHED")
 
 
+def unfinished(client, run_id: str) -> str | None:
+    """The run's status when it is not FINISHED (a process killed or interrupted after the adapter
+    was written and before the run was ended leaves it RUNNING); None when finished or unknown."""
+    try:
+        with quick_http():
+            status = client.get_run(run_id).info.status
+    except Exception:  # unreachable: the sending that follows says what failed
+        return None
+    return None if status == "FINISHED" else status
+
+
 def known_run(client, run_id: str, adapter_id: str, warn) -> str | None:
     """The MLflow run of a cached adapter in this store: ``run_id`` when the store has it, else a complete
     copy made earlier (tagged with the adapter id and the run it copies), else None. When the store

@@ -130,6 +130,10 @@ def existing_version(client, name: str, merged_id: str):
     return None
 
 
+def _newer_version(client, name: str, version: str) -> bool:
+    return any(int(v.version) > int(version) for v in client.search_model_versions(f"name = '{name}'"))
+
+
 def decide_champion(
     new: dict[str, float | None], champion: dict[str, float | None] | None, promote_on: tuple[str, ...] | list[str] = DEFAULT_PROMOTE_ON
 ) -> tuple[bool, str]:
@@ -185,6 +189,8 @@ def register_merged_model(
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     version = existing_version(client, name, merged_id)
     reused = version is not None
+    # registered, then the process died before its alias and description (written last): finish it
+    finished = reused and bool(version.description)
     if version is None:
         with _uris(tracking_uri):
             with mlflow.start_run(run_id=run_id):
@@ -205,14 +211,14 @@ def register_merged_model(
     champion = _alias_version(client, name, CHAMPION)
     champ_version = str(champion.version) if champion is not None else None
     champ_figures = _figures(champion.tags or {}) if champion is not None else None
-    if not reused:
+    if not finished and not _newer_version(client, name, v):
         client.set_registered_model_alias(name, CHALLENGER, v)
     became, why = False, "it is the champion already" if champ_version == v else ""
     if champ_version != v:
         became, why = decide_champion(mine, champ_figures, promote_on)
         if became:
             client.set_registered_model_alias(name, CHAMPION, v)
-    if not reused:
+    if not finished:
         shown = ", ".join(f"{k} {'n/a' if x is None else f'{x:.4f}'}" for k, x in mine.items())
         verdict = f"took champion ({why})" if became else f"stayed challenger; champion: version {champ_version} ({why})"
         client.update_model_version(
