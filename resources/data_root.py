@@ -33,6 +33,16 @@ class DataRoot(ConfigurableResource):
         100_000, gt=0, description="Rows the data stages hold in memory at once (they stream; memory does not grow with the data)"
     )
 
+    def setup_for_execution(self, context) -> None:
+        """Tag the run with this host as its first step starts (every asset but the sweep's plan
+        uses the data root): on a shared instance ``pipeline.ops.recover`` judges a run by its host,
+        a run that died in its first step included."""
+        from pipeline.core.stores import RUN_HOST_TAG, tag_run_host
+
+        run, instance = context.dagster_run, context.instance
+        if run is not None and instance is not None and RUN_HOST_TAG not in run.tags:
+            tag_run_host(instance, run.run_id, context.log.warning if context.log else (lambda message: None))
+
     @property
     def root(self) -> Path:
         return Path(self.path)

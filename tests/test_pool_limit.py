@@ -206,3 +206,40 @@ def test_on_postgresql_the_limit_holds_across_the_machines_sharing_the_instance(
     ]
     assert 1.4 < waited < 60  # the server dropped the dead holder's lock with its connection
     assert not (here / "pool_slots").exists() and not (there / "pool_slots").exists()
+
+
+def test_on_postgresql_a_lost_lock_is_noticed_and_frees_the_slot(postgres, tmp_path, monkeypatch):
+    """The server ends the holder's session (pg_terminate_backend, as a dropped connection does): the
+    holder hears of it within the check interval, and the slot is another's to take."""
+    import sqlalchemy as sa
+    from dagster import DagsterInstance
+
+    from pipeline.core import pool_limit
+
+    monkeypatch.setenv("MEDTUNE_POSTGRES_URL", postgres.url())
+    monkeypatch.setenv("PGPASSWORD", postgres.password)
+    monkeypatch.setattr(pool_limit, "LOCK_CHECK_S", 0.2)
+    here, there = tmp_path / "here", tmp_path / "there"
+    for home in (here, there):
+        ensure_dagster_home(home)
+    instance, other = DagsterInstance.from_config(str(here)), DagsterInstance.from_config(str(there))
+    lost = []
+    try:
+        with pool_slot(instance, "medtune_training", lambda line: None, on_lost=lost.append):
+            engine = sa.create_engine(pool_limit.instance_postgres_url(instance), isolation_level="AUTOCOMMIT")
+            with engine.connect() as conn:
+                ended = conn.execute(
+                    sa.text("SELECT count(pg_terminate_backend(pid)) FROM pg_locks WHERE locktype = 'advisory' AND pid <> pg_backend_pid()")
+                ).scalar()
+            engine.dispose()
+            assert ended == 1
+            deadline = time.monotonic() + 10
+            while not lost and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert len(lost) == 1 and "the connection holding it was lost" in lost[0], lost
+            said = []
+            with pool_slot(other, "medtune_training", said.append) as slot:  # free at once: no waiting
+                assert slot == 0 and not any("waiting" in s for s in said)
+    finally:
+        instance.dispose()
+        other.dispose()

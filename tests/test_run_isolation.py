@@ -14,9 +14,10 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import PROJECT_ROOT, demo_records, materialize_command, rec, write_json
+from conftest import PROJECT_ROOT, demo_records, materialize_command, rec, training_spans, write_json
 from pipeline.core.atomic import file_semaphore
 from pipeline.core.fingerprint import sha256_file
+from resources import DataRoot
 
 EVAL_OPS = {"evaluation_report": {"config": {"max_new_tokens": 4, "train_sample_size": 2}}}
 WITH_EVALUATION = (
@@ -114,8 +115,10 @@ def test_a_training_run_scores_its_own_rows_while_a_data_run_rewrites_the_folder
 def test_three_whole_pipelines_at_once_over_different_raw_data(tmp_path, tiny_model_dir):
     """Three `dagster asset materialize` of the whole pipeline on one instance and one data folder,
     each started once the one before has read the raw files, the raw data changed in between: no
-    step fails from a race; each run's evaluation scored its own rows; each registered version
-    carries its own run's data and adapter."""
+    step fails from a race; the three trainings held the training slot one at a time (Dagster's
+    pool claim on SQLite can let two runs in at the same instant, as CI once saw: the slot is also
+    a lock file, pipeline/core/pool_limit.py); each run's evaluation scored its own rows; each
+    registered version carries its own run's data and adapter."""
     data_dir = tmp_path / "data"
     procs, commands = [], []
     for i, tag in enumerate("ABC"):
@@ -135,6 +138,8 @@ def test_three_whole_pipelines_at_once_over_different_raw_data(tmp_path, tiny_mo
         )
     outs = [p.communicate(timeout=900)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], "".join(o[-3000:] for o in outs)
+    spans = training_spans(home)  # three adapters, trained one at a time (the pool and its lock file)
+    assert len(spans) == 3 and all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), spans
 
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     versions = {v.tags.get("medtune.adapter_id"): v for v in client.search_model_versions()}
@@ -202,7 +207,7 @@ def test_an_upstream_from_an_earlier_run_is_pinned_for_the_whole_run(tmp_path):
     one the first step read (through the real StageIOManager)."""
     from dagster import AssetIn, DagsterInstance, asset, materialize
 
-    from resources import DataRoot, StageIOManager
+    from resources import StageIOManager
 
     root = DataRoot(path=str(tmp_path / "data"))
     resources = {"io_manager": StageIOManager(data_root=root)}
@@ -233,3 +238,26 @@ def test_an_upstream_from_an_earlier_run_is_pinned_for_the_whole_run(tmp_path):
     # a run that starts now reads the new one
     later = materialize([up, first, second], selection=["second"], resources=resources, instance=instance)
     assert later.output_for_node("second")["saw"] == 2
+
+
+def test_a_run_is_tagged_with_its_host_when_its_first_step_starts(tmp_path):
+    """On a shared instance recovery judges a run by its host tag: set before any asset's code
+    runs, so a run that dies in its first step (a reboot during the base model's conversion) is
+    judged too."""
+    import socket
+
+    from dagster import DagsterInstance, asset, materialize
+
+    from pipeline.core.stores import RUN_HOST_TAG
+
+    seen = {}
+
+    @asset
+    def first_step(context, data_root: DataRoot) -> None:
+        seen["tags"] = dict(context.instance.get_run_by_id(context.run_id).tags)
+        raise RuntimeError("died in its first step")
+
+    instance = DagsterInstance.ephemeral()
+    result = materialize([first_step], resources={"data_root": DataRoot(path=str(tmp_path))}, instance=instance, raise_on_error=False)
+    assert not result.success
+    assert seen["tags"][RUN_HOST_TAG] == socket.gethostname()

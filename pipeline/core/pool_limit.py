@@ -12,8 +12,9 @@ step in the same instant can both get the one slot: CI saw two trainings overlap
 - PostgreSQL instance (a team's, several machines): session advisory locks on the instance's own
   database (``pg_try_advisory_lock(pool key, slot)`` on a connection held while training), so the
   limit holds across every machine that shares the instance. A holder whose connection to the
-  server drops mid-training loses its lock with the session (the training goes on; another may
-  start): the window is then Dagster's own again.
+  server drops mid-training loses its lock with the session; a thread notices within
+  ``LOCK_CHECK_S`` and calls ``on_lost``: ``lora_adapter`` then stops its training at a checkpoint
+  and fails saying why, and the next run resumes from it.
 """
 
 from __future__ import annotations
@@ -47,11 +48,46 @@ def advisory_key(pool: str) -> int:
     return zlib.crc32(f"medtune pool {pool}".encode()) & 0x7FFFFFFF
 
 
+LOCK_CHECK_S = 15.0  # how often a held advisory lock's connection is checked: a lost lock is noticed within this
+
+
 @contextlib.contextmanager
-def advisory_semaphore(url: str, key: int, slots: int, on_wait=None, poll_s: float = 0.5) -> Iterator[int]:
+def _watch(conn, on_lost, check_s: float) -> Iterator[None]:
+    """While the body runs, ask the server every ``check_s`` whether the connection (and with it the
+    session's advisory lock) is still there; ``on_lost(reason)`` once if not."""
+    import threading
+
+    import sqlalchemy as sa
+
+    done = threading.Event()
+
+    def watch():
+        while not done.wait(check_s):
+            try:
+                conn.execute(sa.text("SELECT 1")).scalar()
+            except Exception as exc:
+                on_lost(f"the connection holding it was lost ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
+                return
+
+    thread = threading.Thread(target=watch, name="advisory-lock-watch", daemon=True)
+    if on_lost is not None:
+        thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        if thread.is_alive():
+            thread.join()
+
+
+@contextlib.contextmanager
+def advisory_semaphore(
+    url: str, key: int, slots: int, on_wait=None, poll_s: float = 0.5, on_lost=None, check_s: float | None = None
+) -> Iterator[int]:
     """At most ``slots`` holders at once among every client of the PostgreSQL server at ``url``:
     session advisory locks ``(key, 0..slots-1)``; yields the slot's number. The server drops a
-    lock when its connection ends, so a dead holder frees its slot."""
+    lock when its connection ends, so a dead holder frees its slot; a holder whose connection drops
+    loses its slot the same way, and ``on_lost(reason)`` is called within ``check_s``."""
     import sqlalchemy as sa
     from sqlalchemy.pool import NullPool
 
@@ -65,7 +101,8 @@ def advisory_semaphore(url: str, key: int, slots: int, on_wait=None, poll_s: flo
                 for i in range(slots):
                     if conn.execute(sa.text("SELECT pg_try_advisory_lock(:k, :i)"), {"k": key, "i": i}).scalar():
                         try:
-                            yield i
+                            with _watch(conn, on_lost, check_s or LOCK_CHECK_S):
+                                yield i
                         finally:
                             with contextlib.suppress(Exception):  # a lost connection has dropped it already
                                 conn.execute(sa.text("SELECT pg_advisory_unlock(:k, :i)"), {"k": key, "i": i})
@@ -79,8 +116,9 @@ def advisory_semaphore(url: str, key: int, slots: int, on_wait=None, poll_s: flo
 
 
 @contextlib.contextmanager
-def pool_slot(instance, pool: str, log) -> Iterator[int | None]:
-    """Hold one of the pool's slots; yields its number (None: the pool has no limit)."""
+def pool_slot(instance, pool: str, log, on_lost=None) -> Iterator[int | None]:
+    """Hold one of the pool's slots; yields its number (None: the pool has no limit). On a
+    PostgreSQL instance ``on_lost(reason)`` is called if the slot's advisory lock is lost."""
     limit = pool_limit(instance, pool)
     if not limit:
         yield None
@@ -92,7 +130,7 @@ def pool_slot(instance, pool: str, log) -> Iterator[int | None]:
         log(f"all {limit} {pool} slot(s) {where} are taken: waiting")
 
     if url:
-        held = advisory_semaphore(url, advisory_key(pool), limit, on_wait=on_wait)
+        held = advisory_semaphore(url, advisory_key(pool), limit, on_wait=on_wait, on_lost=on_lost)
     else:
         held = file_semaphore(Path(instance.root_directory) / "pool_slots" / pool, limit, on_wait=on_wait)
     with held as slot:

@@ -18,11 +18,11 @@ checkpoint folders and the training settings. The package, one concern a module:
 """
 
 from pipeline.stages.lora_adapter.report import plot_loss_curve, read_metrics
-from pipeline.stages.lora_adapter.spec import TRAINING_KEYS, TRAINING_RECORD, TrainSpec, adapter_id
+from pipeline.stages.lora_adapter.spec import STOP_FILE, TRAINING_KEYS, TRAINING_RECORD, TrainSpec, adapter_id
 
 ERROR_FILE = "error.txt"
 
-__all__ = ["ERROR_FILE", "TRAINING_KEYS", "TRAINING_RECORD", "TrainSpec", "adapter_id", "plot_loss_curve", "read_metrics", "train"]
+__all__ = ["ERROR_FILE", "STOP_FILE", "TRAINING_KEYS", "TRAINING_RECORD", "TrainSpec", "adapter_id", "plot_loss_curve", "read_metrics", "train"]
 
 
 def train(spec: TrainSpec) -> dict:

@@ -89,6 +89,35 @@ def rotate_checkpoints(checkpoint_dir: Path, keep: int) -> list[str]:
     return [p.name for p in removed]
 
 
+class TrainingStopped(RuntimeError):
+    """The asset asked the training to stop (its reason in ``STOP_FILE``); a checkpoint was saved."""
+
+
+def stop_request(ckpt_root: Path, what: str, log):
+    """A function that asks the training writing into ``ckpt_root`` to stop at a checkpoint, saying why."""
+    from pipeline.core.atomic import write_bytes_atomic
+    from pipeline.stages.lora_adapter.spec import STOP_FILE
+
+    def request(why: str) -> None:
+        log(f"{what} was lost: {why}; asking the training to stop at a checkpoint")
+        write_bytes_atomic(Path(ckpt_root) / STOP_FILE, f"{what} was lost: {why}".encode())
+
+    return request
+
+
+def stop_requested(ckpt_root: Path, accelerator) -> bool:
+    """Whether ``STOP_FILE`` exists; with several processes, whether any of them sees it (they stop together)."""
+    from pipeline.stages.lora_adapter.spec import STOP_FILE
+
+    seen = (ckpt_root / STOP_FILE).is_file()
+    if accelerator.num_processes == 1:
+        return seen
+    import torch
+
+    flag = torch.tensor([1.0 if seen else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+
 def sharded(accelerator) -> bool:
     """Do the processes hold shards of the model and optimizer (FSDP, DeepSpeed) rather than copies?"""
     from accelerate.utils import DistributedType

@@ -17,9 +17,16 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.stages.lora_adapter.batching import Batch, flatten, load_rows, plan_epoch, with_openings
-from pipeline.stages.lora_adapter.checkpoint import gathered_state_dict, latest_checkpoint, load_checkpoint, save_checkpoint
+from pipeline.stages.lora_adapter.checkpoint import (
+    TrainingStopped,
+    gathered_state_dict,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    stop_requested,
+)
 from pipeline.stages.lora_adapter.report import Reporter, Throughput
-from pipeline.stages.lora_adapter.spec import TRAINING_RECORD, TrainSpec
+from pipeline.stages.lora_adapter.spec import STOP_FILE, TRAINING_RECORD, TrainSpec
 from pipeline.stages.tokenized_dataset import IGNORE_INDEX
 
 
@@ -225,6 +232,12 @@ def train(spec: TrainSpec) -> dict[str, Any]:
                         ckpt_root / f"step-{step}", accelerator, model, optimizer, scheduler, state, method, keep=spec.save_total_limit
                     )
                     report.log(f"checkpoint saved at step {step}" + (f" (removed {', '.join(removed)})" if removed else ""))
+            if step < total_steps and stop_requested(ckpt_root, accelerator):
+                if step % spec.save_every != 0:
+                    save_checkpoint(ckpt_root / f"step-{step}", accelerator, model, optimizer, scheduler, state, method, keep=spec.save_total_limit)
+                why = (ckpt_root / STOP_FILE).read_text().strip() or "a stop was requested"
+                report.log(f"stopping at step {step}: {why}")
+                raise TrainingStopped(f"{why}; stopped at checkpoint step-{step}: the next materialization resumes from it")
             if spec.stop_after_steps and step >= spec.stop_after_steps and step < total_steps:
                 report.log(f"stopping at step {step} as asked (stop_after_steps)")
                 os._exit(3)  # like a kill: no cleanup, no final save

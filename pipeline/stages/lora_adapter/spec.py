@@ -124,6 +124,7 @@ METHOD_KEYS = (
 )
 # Bump when the same settings would train differently (the engine changed what a step computes).
 ENGINE_VERSION = 2
+STOP_FILE = "stop-requested.txt"  # written by the asset (its reason inside): save a checkpoint and stop
 TRAINING_RECORD = "medtune_training.json"  # written last into the adapter folder: the training finished
 
 
