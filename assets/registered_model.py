@@ -20,7 +20,9 @@ from resources.mlflow_tracking import MlflowTracking
 
 
 class RegisteredModelConfig(Config):
-    model_name: str = Field("medtune", description="Name in the MLflow Model Registry")
+    model_name: str = Field(
+        "medtune", pattern=r"^[^'\"`\\]+$", description="Name in the MLflow Model Registry (no quotes or backslashes: it goes into search filters)"
+    )
     max_new_tokens: int = Field(256, gt=0, description="Answer length limit of the registered model's predict()")
     promote_on: list[str] = Field(
         list(DEFAULT_PROMOTE_ON),

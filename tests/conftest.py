@@ -140,6 +140,24 @@ def materialize_command(data_dir, tmp_path, tiny_model_dir, select=TRAINING_HALF
     return cmd, env, home
 
 
+def training_spans(home: Path) -> list[tuple[float, float]]:
+    """(start, end) of each training slot a run of the instance at ``home`` held, from its log."""
+    from dagster import DagsterInstance
+
+    instance = DagsterInstance.from_config(str(home))
+    spans = []
+    try:
+        for record in instance.get_run_records():
+            said = [(e.timestamp, e.user_message) for e in instance.all_logs(record.dagster_run.run_id) if e.step_key == "lora_adapter"]
+            held = [t for t, m in said if m.startswith("holding medtune_training slot 1 of 1")]
+            freed = [t for t, m in said if m.startswith("released medtune_training slot 1 of 1")]
+            assert len(held) == len(freed) <= 1
+            spans += list(zip(held, freed))
+    finally:
+        instance.dispose()
+    return sorted(spans)
+
+
 _STORE_TEMPLATE: list[Path] = []
 
 

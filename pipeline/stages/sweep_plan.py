@@ -42,6 +42,9 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+LABEL = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")  # never a path: no '/', no leading '.'
+
+
 def _label(point: dict[str, Any]) -> str:
     parts = [f"{SHORT.get(k, k)}{_fmt(v)}" for k, v in point.items()]
     label = "-".join(p for p in parts if p) or "base"
@@ -65,6 +68,8 @@ def expand(base: dict[str, Any], grid: dict[str, list], trials: list[dict[str, A
         settings = {**base, **per_method.get(method, {}), **point}
         label = point.pop("label", None) or _label(point)
         settings.pop("label", None)
+        if not LABEL.fullmatch(str(label)):
+            raise SweepError(f"trial label {label!r}: use letters, digits, '_', '.' and '-' (it names the trial's files and partition)")
         fingerprint = repr(sorted(settings.items()))
         if fingerprint in seen:
             continue

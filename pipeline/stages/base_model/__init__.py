@@ -53,7 +53,7 @@ class BaseModelInfo:
     model: str  # what the configuration asked for
     source: str  # bundled, local or hub
     path: str  # local Hugging Face folder (config, safetensors weights, tokenizer)
-    fingerprint: str  # SHA-256 over the weight files
+    fingerprint: str  # SHA-256 over the weight files and config.json
     tokenizer_fingerprint: str  # SHA-256 over the tokenizer files
     architecture: str
     n_params: int
@@ -118,8 +118,9 @@ def check_folder(folder: Path) -> None:
 
 
 def weights_fingerprint(folder: Path) -> tuple[str, str]:
-    """(weights, tokenizer) fingerprints, cached in a sidecar file keyed by size and mtime."""
-    weights = _weight_files(folder)
+    """(model, tokenizer) fingerprints, cached in a sidecar file keyed by size and mtime. The model's
+    covers the weights and ``config.json`` (the architecture, rope scaling, end-of-turn id)."""
+    weights = _weight_files(folder) + [p for p in (folder / "config.json",) if p.is_file()]
     tok_files = [folder / n for n in TOKENIZER_FILES if (folder / n).is_file()]
     stamp = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in weights + tok_files]
     sidecar = folder / FINGERPRINT_FILE
