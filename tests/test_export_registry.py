@@ -405,3 +405,14 @@ def test_a_registration_cut_between_version_and_alias_is_finished_by_the_next(me
     again = register_merged_model(uri, **kwargs)
     assert again.version == "1" and again.reused and again.aliases == ["challenger", "champion"]
     assert "Held-out figures: " in client.get_model_version("medtune", "1").description
+
+
+def test_a_model_name_that_would_break_the_registrys_filters_is_refused():
+    from pydantic import ValidationError
+
+    from assets.registered_model import RegisteredModelConfig
+
+    assert RegisteredModelConfig(model_name="medtune-中成药 v2").model_name == "medtune-中成药 v2"
+    for name in ("med'tune", 'med"tune', "med`tune", "med\\tune"):
+        with pytest.raises(ValidationError, match="model_name"):
+            RegisteredModelConfig(model_name=name)

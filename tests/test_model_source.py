@@ -26,6 +26,10 @@ def test_fingerprint_follows_the_weights(tiny_model_dir, tmp_path):
     weights.write_bytes(bytes(data))
     b = resolve_base_model(str(copy), tmp_path)
     assert a.fingerprint != b.fingerprint and a.tokenizer_fingerprint == b.tokenizer_fingerprint
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "rope_theta": config.get("rope_theta", 10000) * 2}))
+    c = resolve_base_model(str(copy), tmp_path)  # the same weights under another config: another model
+    assert c.fingerprint not in (a.fingerprint, b.fingerprint)
 
 
 def test_pickle_only_folder_is_refused(tmp_path):

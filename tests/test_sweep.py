@@ -33,6 +33,9 @@ def test_the_grid_expands_into_labelled_trials_most_specific_setting_first():
     with pytest.raises(SweepError, match="grid.r must be a non-empty list"):
         expand({}, {"r": []}, [], {})
     assert split_key("sweep-cpu.lora-r16") == ("sweep-cpu", "lora-r16")
+    for label in ("../../outside", "a/b", ".hidden", ""):  # it names the trial's files: never a path
+        with pytest.raises(SweepError, match="trial label"):
+            expand({}, {}, [{"r": 8, "label": label or " "}], {})
 
 
 @pytest.fixture
