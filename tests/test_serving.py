@@ -105,7 +105,14 @@ def test_predict_stream_yields_chunks_that_add_up_to_the_answer(served):
         (chat(), {"n": 2}, '"n" must be 1'),
         (chat(), {"max_tokens": 0}, '"max_tokens" must be a whole number from 1 to 4096'),
         (chat(), {"max_tokens": "lots"}, "max_tokens"),  # MLflow's own param check (the signature)
-        (chat(), {"temperature": -1.0}, '"temperature" must be 0 or more'),
+        (chat(), {"temperature": -1.0}, '"temperature" must be from 0 to 2'),
+        (chat(seed="7"), None, '"seed" must be a whole number'),
+        (chat(seed=-1), None, '"seed" must be a whole number from 0'),
+        (chat(temperature=1.0, top_p=1.5), None, '"top_p" must be above 0 and at most 1, got 1.5'),
+        (chat(top_p="high"), None, '"top_p" must be a number'),
+        (chat(top_k=-1), None, '"top_k" must be a whole number, 0 or more'),
+        (chat(QUESTION * 20, max_tokens=4000), None, "plus max_tokens (4000) exceeds the model's context of 4096 tokens"),
+        (["q"] * 17, None, "17 questions in one request: at most 16"),
         ({"prompt_text": ["hi"]}, None, 'a chat request needs "messages"'),
     ],
 )
@@ -147,3 +154,33 @@ def test_make_serve_resolves_versions_aliases_and_folders_and_says_what_exists(t
     assert merged_system_prompt(tiny_model_dir) == DEFAULT_SYSTEM_PROMPT  # no export record: the default
     assert resolve(str(folder), uri, tmp_path / "served").uri == str(folder)  # an MLflow model folder as it is
     assert request_timeout(256, 0.05) == 60 and request_timeout(256, 0.5) == 3 * 128 + 10
+
+
+def test_concurrent_seeded_requests_answer_as_they_do_alone(served):
+    """Sampling draws from torch's one generator: a seeded request holds it from its seed to its
+    last token, so requests running at once (seeded or not) do not change each other's answers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def ask(seed):
+        request_ = chat(seed=seed) if seed is not None else chat()
+        return served.predict(request_, params={"max_tokens": 8, "temperature": 1.5})["choices"][0]["message"]["content"]
+
+    alone = {seed: ask(seed) for seed in (1, 2, 3)}
+    with ThreadPoolExecutor(6) as pool:
+        together = list(pool.map(ask, [1, 2, 3, None, None, None] * 2))
+    assert [together[i] for i in (0, 1, 2, 6, 7, 8)] == [alone[1], alone[2], alone[3]] * 2
+    unseeded = {ask(None) for _ in range(4)}  # without a seed, answers still vary
+    assert len(unseeded) > 1
+
+
+def test_a_non_loopback_host_needs_an_explicit_flag_and_is_told_there_is_no_authentication(capsys, monkeypatch):
+    from pipeline.ops import serve
+
+    for host in ("0.0.0.0", "10.0.0.5", "::", "my-host.example"):
+        assert serve.main(["--host", host]) == 2
+        assert "has no authentication; pass --allow-remote" in capsys.readouterr().err
+    assert all(serve.loopback(h) for h in ("127.0.0.1", "127.8.0.1", "::1", "[::1]", "localhost"))
+    monkeypatch.setattr(serve, "resolve", lambda *a, **k: (_ for _ in ()).throw(serve.ServeError("stop here")))
+    assert serve.main(["--host", "0.0.0.0", "--allow-remote"]) == 2
+    err = capsys.readouterr().err
+    assert "WARNING: serving on 0.0.0.0 without authentication" in err and "stop here" in err

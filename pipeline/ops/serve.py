@@ -143,6 +143,17 @@ def request_timeout(max_tokens: int, per_token: float) -> int:
     return max(60, math.ceil(3 * max_tokens * per_token) + 10)
 
 
+def loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
+
+
 def serve_command(uri: str, host: str, port: int, timeout: int, workers: int) -> list[str]:
     mlflow_cli = str(Path(sys.executable).parent / "mlflow")
     return [mlflow_cli, "models", "serve", "-m", uri, "--env-manager", "local", "-h", host, "-p", str(port), "-t", str(timeout), "-w", str(workers)]
@@ -154,12 +165,22 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=f"models:/{REGISTERED_NAME}@{CHAMPION}")
-    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--host", default="127.0.0.1", help="the address to bind: loopback unless --allow-remote")
+    ap.add_argument("--allow-remote", action="store_true", help="bind a non-loopback --host: the server has no authentication")
     ap.add_argument("--port", type=int, default=5077)
     ap.add_argument("--max-tokens", type=int, default=256, help="the longest answer the timeout is sized for (and a merged folder's default)")
     ap.add_argument("--timeout", type=int, default=None, help="request timeout in seconds (default: from the measured speed)")
     ap.add_argument("--workers", type=int, default=1, help="server processes, each holding the model")
     args = ap.parse_args(argv)
+    if not loopback(args.host):
+        if not args.allow_remote:
+            print(
+                f"make serve: --host {args.host} is reachable from other machines and the server has no authentication; "
+                "pass --allow-remote to do it anyway, behind a reverse proxy that authenticates (docs/serving.md)",
+                file=sys.stderr,
+            )
+            return 2
+        print(f"WARNING: serving on {args.host} without authentication: anyone who reaches it can use the model", file=sys.stderr, flush=True)
     # MLflow's advice to add type hints to predict: the input is checked by the wrapper on purpose (docs/serving.md)
     warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
     tracking_uri = default_tracking_uri()

@@ -19,6 +19,7 @@ streams chunks in Python. A model logged as ``base`` + ``adapter`` (a prompt-lea
 which cannot be merged) loads the base and attaches the adapter with peft.
 """
 
+import threading
 import time
 import uuid
 
@@ -31,6 +32,11 @@ import mlflow
 ROLES = ("system", "user", "assistant")
 CHAT_KEYS = {"messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "stop", "n", "stream", "seed"}
 IGNORED_KEYS = {"model", "user"}  # what OpenAI clients always send: one model is served here
+MAX_QUESTIONS = 16  # questions in one list request: one request must not hold the model for long
+MAX_TOKENS = 4096
+# sampling draws from torch's one global generator: a seeded request holds it from its seed to its
+# last token, so concurrent requests cannot change each other's answers (greedy ones never wait)
+SAMPLING_LOCK = threading.Lock()
 
 
 def bad_request(message: str) -> MlflowException:
@@ -129,28 +135,36 @@ class MedTuneChatModel(PythonModel):
             raise bad_request('"n" must be 1: one answer per request')
         max_tokens = settings.get("max_tokens")
         max_tokens = self.max_new_tokens if max_tokens is None else max_tokens
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= 4096:
-            raise bad_request(f'"max_tokens" must be a whole number from 1 to 4096, got {max_tokens!r:.50}')
+        if not _whole(max_tokens) or not 1 <= max_tokens <= MAX_TOKENS:
+            raise bad_request(f'"max_tokens" must be a whole number from 1 to {MAX_TOKENS}, got {max_tokens!r:.50}')
         gen = self.generation_config
         kwargs = {"max_new_tokens": int(max_tokens), "eos_token_id": gen.eos_token_id, "pad_token_id": gen.pad_token_id, "do_sample": False}
-        temperature = float(settings.get("temperature") or 0.0)
-        if temperature < 0:
-            raise bad_request(f'"temperature" must be 0 or more, got {temperature}')
+        temperature = _number(settings, "temperature", 0.0)
+        if not 0 <= temperature <= 2:
+            raise bad_request(f'"temperature" must be from 0 to 2, got {temperature}')
+        seed, top_p, top_k = settings.get("seed"), _number(settings, "top_p", 1.0), settings.get("top_k")
+        if seed is not None and (not _whole(seed) or not 0 <= seed < 2**63):
+            raise bad_request(f'"seed" must be a whole number from 0 to 2**63-1, got {seed!r:.50}')
+        if not 0 < top_p <= 1:
+            raise bad_request(f'"top_p" must be above 0 and at most 1, got {top_p}')
+        if top_k is not None and (not _whole(top_k) or top_k < 0):
+            raise bad_request(f'"top_k" must be a whole number, 0 or more, got {top_k!r:.50}')
         if temperature > 0:
-            if settings.get("seed") is not None:
-                import torch
-
-                torch.manual_seed(int(settings["seed"]))
-            kwargs.update(do_sample=True, temperature=temperature)
-            if settings.get("top_p"):
-                kwargs["top_p"] = float(settings["top_p"])
-            if settings.get("top_k"):
-                kwargs["top_k"] = int(settings["top_k"])
+            kwargs.update(do_sample=True, temperature=temperature, seed=seed)
+            if top_p < 1:
+                kwargs["top_p"] = top_p
+            if top_k:
+                kwargs["top_k"] = int(top_k)
         stop = settings.get("stop") or []
         if isinstance(stop, str):
             stop = [stop]
         kwargs["stop"] = [str(s) for s in stop if s]
         return kwargs
+
+    def _context(self) -> int | None:
+        """The longest sequence the model takes (prompt and answer), from its config."""
+        config = getattr(self.model, "config", None)
+        return getattr(config, "max_position_embeddings", None)
 
     # --- generation --------------------------------------------------------------------------
     def _messages(self, question: str) -> list[dict]:
@@ -168,8 +182,17 @@ class MedTuneChatModel(PythonModel):
         import torch
 
         kwargs = dict(kwargs)
-        stop = kwargs.pop("stop")
-        with torch.no_grad():
+        stop, seed = kwargs.pop("stop"), kwargs.pop("seed", None)
+        prompt, context = int(ids["input_ids"].shape[1]), self._context()
+        if context and prompt + kwargs["max_new_tokens"] > context:
+            raise bad_request(
+                f"the prompt ({prompt} tokens) plus max_tokens ({kwargs['max_new_tokens']}) exceeds the model's context of {context} tokens"
+            )
+        sampling = kwargs["do_sample"]
+        # a seed forks the generator (the global one is left as it was); unseeded sampling draws on
+        with torch.no_grad(), SAMPLING_LOCK if sampling else _nothing(), torch.random.fork_rng(devices=[]) if seed is not None else _nothing():
+            if seed is not None:
+                torch.manual_seed(int(seed))
             out = self.model.generate(**ids, **kwargs, streamer=streamer)
         # peft's prompt-learning generate may return the new tokens only, or the prompt and them
         new = out[0, ids["input_ids"].shape[1] :] if out.shape[1] > ids["input_ids"].shape[1] else out[0]
@@ -191,7 +214,10 @@ class MedTuneChatModel(PythonModel):
             answer, n_new, finish = self._generate(ids, kwargs)
             return self._completion(answer, finish, int(ids["input_ids"].shape[1]), n_new)
         kwargs = self._settings(params)
-        return [self._generate(self._prompt_ids(self._messages(q)), kwargs)[0] for q in self._questions(model_input)]
+        questions = self._questions(model_input)
+        if len(questions) > MAX_QUESTIONS:
+            raise bad_request(f"{len(questions)} questions in one request: at most {MAX_QUESTIONS}; send the rest in other requests")
+        return [self._generate(self._prompt_ids(self._messages(q)), kwargs)[0] for q in questions]
 
     def predict_stream(self, context, model_input, params=None):
         """Chat-completion chunks as the answer is generated (Python only: ``model.predict_stream``)."""
@@ -249,6 +275,25 @@ class MedTuneChatModel(PythonModel):
             "model": self.name,
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
         }
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(settings: dict, key: str, default: float) -> float:
+    value = settings.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise bad_request(f'"{key}" must be a number, got {value!r:.50}')
+    return float(value)
+
+
+def _nothing():
+    import contextlib
+
+    return contextlib.nullcontext()
 
 
 def _ids(value) -> set[int]:
