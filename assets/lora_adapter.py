@@ -30,6 +30,7 @@ from pipeline.stages.lora_adapter.distributed import LaunchError, check_accelera
 from pipeline.stages.lora_adapter.distributed import launch_command as stage_launch_command
 from pipeline.stages.lora_adapter.methods import METHODS
 from pipeline.stages.lora_adapter.report import MissingReport, child_report
+from pipeline.stages.lora_adapter.spec import adapter_lock
 from pipeline.stages.tokenized_dataset import TokenizedDataset
 from resources.data_root import PROJECT_ROOT, DataRoot
 from resources.mlflow_tracking import MlflowTracking
@@ -173,8 +174,7 @@ def train_or_reuse(
     ckpt_dir = keyed_folder(data_root.models_dir / "checkpoints", aid)
     # one training per adapter at a time: a second materialization waits here, then finds it done (cache hit)
     with file_lock(
-        data_root.models_dir / "checkpoints" / f"{aid}.lock",
-        on_wait=lambda: context.log.info(f"another process is training adapter {aid}: waiting for it"),
+        adapter_lock(data_root.models_dir, aid), on_wait=lambda: context.log.info(f"another process is training adapter {aid}: waiting for it")
     ):
         if is_complete(out_dir, TRAINING_RECORD):
             return _reuse(context, config, mlflow, tokenized_dataset, base_model, settings, aid, out_dir, extra_tags)

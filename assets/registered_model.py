@@ -12,10 +12,13 @@ is registered, and the reason shows in the run's log, this asset's metadata and 
 from dagster import AssetExecutionContext, Config, Failure, MetadataValue, Output, asset
 from pydantic import Field
 
+from pipeline.core.atomic import file_lock
 from pipeline.core.secrets import redact
 from pipeline.core.tracking_sync import COMPLETE, quick_http
 from pipeline.stages.base_model import BaseModelInfo
+from pipeline.stages.lora_adapter.spec import adapter_lock
 from pipeline.stages.registered_model import DEFAULT_PROMOTE_ON, FIGURE_TAGS, register_merged_model
+from resources.data_root import DataRoot
 from resources.mlflow_tracking import MlflowTracking
 
 
@@ -84,6 +87,7 @@ def registered_model(
     context: AssetExecutionContext,
     config: RegisteredModelConfig,
     mlflow: MlflowTracking,
+    data_root: DataRoot,
     evaluation_report: dict,
     merged_model: dict,
     base_model: BaseModelInfo,
@@ -105,6 +109,14 @@ def registered_model(
             {"registered": False, "reason": reason, "name": config.model_name},
             metadata={"registered": False, "reason": reason, "model_name": config.model_name},
         )
+    # another run may be completing or registering this adapter's MLflow run: one at a time
+    with file_lock(
+        adapter_lock(data_root.models_dir, merged_model["adapter_id"]), on_wait=lambda: context.log.info("waiting for another run of this adapter")
+    ):
+        return _register(context, config, mlflow, evaluation_report, merged_model, base_model, run_id)
+
+
+def _register(context, config, mlflow, evaluation_report, merged_model, base_model, run_id) -> Output[dict]:
     _require_complete_tracking(mlflow, run_id, evaluation_report, merged_model)
     summary = evaluation_report["summary"]
     tuned, base = summary["tuned"]["eval"], summary["base"]["eval"]

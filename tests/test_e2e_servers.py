@@ -550,3 +550,41 @@ def test_8_make_serve_answers_the_chat_completions_schema_over_http(stack):
         while port_open(port) and time.monotonic() < deadline:
             time.sleep(0.2)
     assert not port_open(port), "make serve's server still listens 30 s after SIGTERM"
+
+
+def test_9_no_password_in_any_output(stack, monkeypatch):
+    """After make ui, the runs, the sensor's run, a second webserver and make serve over a
+    PostgreSQL store whose URL carries a password: it is in no log of those servers, no process's
+    arguments, no event, tag or metadata of any Dagster run, no MLflow param, tag or description."""
+    from dagster import DagsterInstance
+    from mlflow.tracking import MlflowClient
+
+    password = stack.postgres.password
+    leaks = [p.name for p in stack.logs.glob("*.log") if password in p.read_text(errors="replace")]
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if password.encode() in cmdline.read_bytes():
+                leaks.append(f"arguments of pid {cmdline.parent.name}")
+        except OSError:
+            continue
+    monkeypatch.setenv("PGPASSWORD", password)
+    instance = DagsterInstance.from_config(stack.env["DAGSTER_HOME"])
+    try:
+        runs = instance.get_runs()
+        assert runs
+        for run in runs:
+            if password in json.dumps(run.tags) + json.dumps(run.run_config, default=str):
+                leaks.append(f"run {run.run_id} tags or config")
+            leaks += [f"run {run.run_id} event {e.dagster_event_type}" for e in instance.all_logs(run.run_id) if password in str(e)]
+    finally:
+        instance.dispose()
+    client = MlflowClient(stack.mlflow, registry_uri=stack.mlflow)
+    found = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert found
+    for r in found:
+        if password in json.dumps([r.data.params, r.data.tags]):
+            leaks.append(f"MLflow run {r.info.run_id}")
+    for v in client.search_model_versions():
+        if password in json.dumps([v.tags, v.description or ""]):
+            leaks.append(f"model version {v.version}")
+    assert not leaks, leaks

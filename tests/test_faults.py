@@ -22,7 +22,7 @@ import pytest
 from dagster import DagsterInstance, Definitions
 from mlflow.tracking import MlflowClient
 
-from conftest import demo_records, materialize_command, mlflow_store, model_in_data_root, training_spans, write_json
+from conftest import demo_records, materialize_command, mlflow_store, model_in_data_root, write_json
 from pipeline.core.tracking_sync import PENDING
 from pipeline.definitions import JOBS, all_asset_checks, all_assets, make_resources
 
@@ -326,30 +326,6 @@ def test_disk_full_and_read_only_output_folders_fail_clearly_without_partial_out
         assert pd.read_parquet(processed / "alpaca.parquet").equals(before)
     finally:
         subprocess.run(["umount", "-l", str(processed)], capture_output=True)
-
-
-def test_two_materializations_of_one_adapter_at_once_train_it_once(data_dir, tmp_path, tiny_model_dir):
-    """Two `dagster asset materialize` processes on one instance and one data root, started
-    together, asking for the same adapter: one trains it, the other waits on the adapter's lock and
-    finds it done (a cache hit). Trainings of different adapters one at a time, over different
-    data: tests/test_run_isolation.py."""
-    from dagster import DagsterInstance
-
-    cmd, env, home = materialize_command(data_dir, tmp_path, tiny_model_dir, max_steps=12, save_every=4, eval_every=6)
-    # the instance's and the tracking store's tables exist before all start (as with `make ui`)
-    DagsterInstance.from_config(str(home)).dispose()
-    MlflowClient(env["MLFLOW_TRACKING_URI"]).search_experiments()
-    procs = [subprocess.Popen(cmd, cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
-    outs = [p.communicate(timeout=600)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], "".join(out[-3000:] for out in outs)
-    assert len(training_spans(home)) == 1  # one trained, the other reused it
-    alpaca = pd.read_parquet(data_dir / "processed" / "alpaca.parquet")
-    rejected = pd.read_parquet(data_dir / "processed" / "rejected.parquet")
-    assert len(alpaca) + len(rejected) == 24 and alpaca["record_id"].is_unique
-    assert not list(data_dir.rglob(".tmp-*"))
-    adapters = list((data_dir / "models" / "adapters").iterdir())
-    assert len(adapters) == 1 and (adapters[0] / "adapter_model.safetensors").is_file()
-    assert sum("cache hit" in out for out in outs) == 1
 
 
 def test_a_run_killed_outright_frees_its_training_slot_and_the_next_run_resumes(data_dir, tmp_path, tiny_model_dir):

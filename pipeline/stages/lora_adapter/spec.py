@@ -124,6 +124,15 @@ METHOD_KEYS = (
 )
 # Bump when the same settings would train differently (the engine changed what a step computes).
 ENGINE_VERSION = 2
+
+
+def adapter_lock(models_dir, adapter_id: str) -> Path:
+    """The lock of one adapter: held while it is trained or its MLflow run completed
+    (``lora_adapter``) and while it is registered (``registered_model``), so no process sees its
+    run mid-way through another's work."""
+    return Path(models_dir) / "checkpoints" / f"{adapter_id}.lock"
+
+
 STOP_FILE = "stop-requested.txt"  # written by the asset (its reason inside): save a checkpoint and stop
 TRAINING_RECORD = "medtune_training.json"  # written last into the adapter folder: the training finished
 
