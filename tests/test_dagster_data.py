@@ -68,6 +68,10 @@ def test_materializes_every_data_asset_and_accounts_for_every_row(data_dir, tiny
     assert len(alpaca) + len(rejected) == rows_read
     assert len(alpaca) == 30 + 2 + 1
     assert list(alpaca.columns) == ["record_id", "prompt_id", "instruction", "input", "output", "split", "source_file", "source_line"]
+    from pipeline.ops.summary import summary  # what make run prints, from the latest run's descriptors
+
+    said = summary(str(data_dir))
+    assert f"rows read           {rows_read}" in said and f"rows kept           {len(alpaca)}" in said, said
     assert alpaca["record_id"].is_unique
     assert set(alpaca["split"]) == {"train", "eval"}
     assert not set(alpaca.loc[alpaca.split == "train", "prompt_id"]) & set(alpaca.loc[alpaca.split == "eval", "prompt_id"])
