@@ -86,13 +86,22 @@ def _registered(root, tracking_uri: str, model: str, ref: str, name: str) -> Tar
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    from resources.mlflow_tracking import MlflowTracking, TrackingUnavailable
+
+    try:  # a quick look first: MLflow's own client retries an unreachable database for minutes
+        MlflowTracking(tracking_uri=tracking_uri).check_reachable(timeout=5)
+    except TrackingUnavailable as exc:
+        raise AskError(f"{name!r}: {exc}") from None
+    version = None
     try:
-        if ref.isdigit():
-            version = client.get_model_version(model, ref)
-        else:
-            version = client.get_model_version_by_alias(model, ref)
+        client = MlflowClient(tracking_uri, registry_uri=tracking_uri)  # a database store connects here
+        version = client.get_model_version(model, ref) if ref.isdigit() else client.get_model_version_by_alias(model, ref)
     except MlflowException:
+        pass  # no such version or alias: said below, with what exists
+    except Exception as exc:  # the store itself: a database or server that does not answer
+        first = redact(exc).strip().splitlines()[0][:300]
+        raise AskError(f"{name!r}: the MLflow store {redact(tracking_uri)} cannot be reached ({first})") from None
+    if version is None:
         try:
             versions = sorted(int(v.version) for v in client.search_model_versions(f"name = '{model}'"))
             aliases = client.get_registered_model(model).aliases or {}

@@ -133,3 +133,20 @@ def test_ask_answers_from_the_command_line_and_stdin(root, capsys, monkeypatch, 
     # nothing registered: the default (base and champion) falls back to base and the newest adapter
     assert main(["问题", "--data-dir", str(root.root), "--max-new-tokens", "2", "--no-stream"]) == 0
     assert "=== " not in capsys.readouterr().out  # --no-stream: only the table
+
+
+def test_an_unreachable_store_is_named_without_its_password_and_quickly(tmp_path, monkeypatch, capsys):
+    """make ask over a PostgreSQL store that does not answer: one line that names it with the
+    password masked, in seconds (MLflow's own client retries such a database for minutes)."""
+    import time
+
+    from pipeline.ask import main
+
+    password = "Secr3t-pw-42"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"postgresql://medtune:{password}@127.0.0.1:1/medtune_mlflow")
+    started = time.monotonic()
+    assert main(["咳嗽，用什么中成药？", "--model", "champion", "--data-dir", str(tmp_path)]) == 2
+    said = capsys.readouterr()
+    assert time.monotonic() - started < 30
+    assert "'champion': MLflow store postgresql://medtune:***@127.0.0.1:1/medtune_mlflow" in said.err and "unreachable" in said.err
+    assert password not in said.out + said.err
