@@ -86,11 +86,11 @@ SWEEP ?= pipeline/presets/sweep-cpu.yaml
 sweep: setup
 	$(BIN)/python -m pipeline.ops.sweep $(SWEEP)
 
-# MLflow's scoring server over the champion (docs/serving.md): MODEL= a version, alias, models:/ URI or merged folder
+# MLflow's scoring app over the champion, behind limits (docs/serving.md): MODEL= a version, alias, models:/ URI or merged folder
 MODEL ?= models:/medtune@champion
 PORT ?= 5077
 serve: setup
-	$(BIN)/python -m pipeline.ops.serve --model "$(MODEL)" --port $(PORT) $(if $(MAX_TOKENS),--max-tokens $(MAX_TOKENS)) $(if $(TIMEOUT),--timeout $(TIMEOUT))
+	$(BIN)/python -m pipeline.ops.serve --model "$(MODEL)" --port $(PORT) $(if $(MAX_TOKENS),--max-tokens $(MAX_TOKENS)) $(if $(TIMEOUT),--timeout $(TIMEOUT)) $(if $(CONCURRENCY),--concurrency $(CONCURRENCY))
 
 # make ask Q="咳嗽，咽喉肿痛，该用什么中成药？" MODELS="base champion"
 MODELS ?= base champion
@@ -139,6 +139,7 @@ bench: bench-data
 	$(BIN)/python bench/generation_throughput.py
 	$(BIN)/python bench/attention_dtype.py
 	$(BIN)/python bench/process_exit.py
+	$(BIN)/python bench/serve_load.py
 
 bench-data: setup
 	$(BIN)/python bench/data_throughput.py --rows $(BENCH_ROWS)

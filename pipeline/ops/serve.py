@@ -5,9 +5,10 @@
 
 ``--model`` names ``champion``, ``challenger``, a version number, ``NAME@alias``, any
 ``models:/`` URI, an MLflow model folder, or a merged model folder (``data/models/merged/<id>``: it
-is wrapped as the same pyfunc once, under ``models/served/``). The server binds 127.0.0.1 unless
-``--host`` says otherwise and runs from this project's environment (``mlflow models serve
---env-manager local`` with its ``bin/`` on the PATH, where ``uvicorn`` lives).
+is wrapped as the same pyfunc once, under ``models/served/``). The server is MLflow's scoring app
+for the loaded model, behind the limits of ``serve_limits.py`` (body size, ``max_tokens``,
+generations at once, a short queue, a timeout that stops the generation), run by uvicorn in this
+process on 127.0.0.1 unless ``--host`` says otherwise.
 
 The request timeout (MLflow's default is 60 s) comes from the model's measured speed on this
 machine: one short greedy answer is generated before the server starts, and a request of
@@ -33,6 +34,7 @@ from pathlib import Path
 from pipeline.core.atomic import atomic_dir
 from pipeline.core.fingerprint import sha256_json
 from pipeline.core.secrets import redact
+from pipeline.ops.serve_limits import Limits, build_app, default_concurrency
 from pipeline.stages.lora_adapter.spec import TRAINING_RECORD
 from pipeline.stages.merged_model import read_export_record
 from pipeline.stages.registered_model import CHALLENGER, CHAMPION, pyfunc_model_kwargs
@@ -124,18 +126,22 @@ def resolve(model: str, tracking_uri: str, served_root: Path, max_new_tokens: in
     raise ServeError(f"unknown model {model!r}: give champion, challenger, a version number, NAME@alias, models:/NAME/3, or a folder")
 
 
-def seconds_per_token(uri: str) -> tuple[float, float]:
-    """(load seconds, seconds per new token) of a short greedy answer on this machine."""
+def load(uri: str):
+    """(the loaded pyfunc, load seconds)."""
     import mlflow
 
     start = time.perf_counter()
     model = mlflow.pyfunc.load_model(uri)
-    loaded = time.perf_counter() - start
+    return model, time.perf_counter() - start
+
+
+def seconds_per_token(model) -> float:
+    """Seconds per new token of a short greedy answer on this machine."""
     start = time.perf_counter()
     answer = model.predict({"messages": [{"role": "user", "content": SAMPLE_QUESTION}]}, params={"max_tokens": PROBE_TOKENS})
     elapsed = time.perf_counter() - start
     new = int(answer["usage"]["completion_tokens"]) if isinstance(answer, dict) else PROBE_TOKENS
-    return loaded, elapsed / max(1, new)
+    return elapsed / max(1, new)
 
 
 def request_timeout(max_tokens: int, per_token: float) -> int:
@@ -154,11 +160,6 @@ def loopback(host: str) -> bool:
         return False  # a name: it may resolve to anything
 
 
-def serve_command(uri: str, host: str, port: int, timeout: int, workers: int) -> list[str]:
-    mlflow_cli = str(Path(sys.executable).parent / "mlflow")
-    return [mlflow_cli, "models", "serve", "-m", uri, "--env-manager", "local", "-h", host, "-p", str(port), "-t", str(timeout), "-w", str(workers)]
-
-
 def main(argv: list[str] | None = None) -> int:
     from resources.data_root import DataRoot, default_data_dir
     from resources.mlflow_tracking import default_tracking_uri
@@ -170,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, default=5077)
     ap.add_argument("--max-tokens", type=int, default=256, help="the longest answer the timeout is sized for (and a merged folder's default)")
     ap.add_argument("--timeout", type=int, default=None, help="request timeout in seconds (default: from the measured speed)")
-    ap.add_argument("--workers", type=int, default=1, help="server processes, each holding the model")
+    ap.add_argument("--concurrency", type=int, default=default_concurrency(), help="generations at once (default: one per 4 cores)")
+    ap.add_argument("--queue", type=int, default=None, help="requests waiting for a generation slot (default: twice --concurrency)")
+    ap.add_argument("--max-body", type=int, default=1 << 20, help="the largest request body in bytes")
     args = ap.parse_args(argv)
     if not loopback(args.host):
         if not args.allow_remote:
@@ -190,25 +193,36 @@ def main(argv: list[str] | None = None) -> int:
     except ServeError as e:
         print(f"make serve: {e}", file=sys.stderr)
         return 2
+    model, loaded = load(served.uri)
     timeout = args.timeout
     if timeout is None:
-        loaded, per_token = seconds_per_token(served.uri)
+        per_token = seconds_per_token(model)
         timeout = request_timeout(args.max_tokens, per_token)
         print(
             f"{served.label}: loads in {loaded:.1f} s, {1 / per_token:.1f} new tokens/s here (one question, greedy); "
             f"request timeout {timeout} s (3x a {args.max_tokens}-token answer, at least 60 s)",
             flush=True,
         )
+    limits = Limits(
+        timeout_s=timeout,
+        max_tokens=args.max_tokens,
+        max_body=args.max_body,
+        concurrency=max(1, args.concurrency),
+        queue=2 * max(1, args.concurrency) if args.queue is None else max(0, args.queue),
+    )
     url = f"http://{args.host}:{args.port}/invocations"
     print(
+        f"limits: {limits.concurrency} generation(s) at once, {limits.queue} waiting, max_tokens {limits.max_tokens}, "
+        f"body {limits.max_body} bytes; beyond: 503 with Retry-After {limits.retry_after} s\n"
         f"serving {served.label} on {url} (Ctrl-C stops it); try:\n"
         f"  curl -s {url} -H 'Content-Type: application/json' "
-        f'-d \'{{"messages":[{{"role":"user","content":"{SAMPLE_QUESTION}"}}],"max_tokens":64}}\'',
+        f'-d \'{{"messages":[{{"role":"user","content":"{SAMPLE_QUESTION}"}}],"max_tokens":{min(64, limits.max_tokens)}}}\'',
         flush=True,
     )
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    cmd = serve_command(served.uri, args.host, args.port, timeout, args.workers)
-    os.execve(cmd[0], cmd, env)  # the server is this process from here: Ctrl-C and kill reach it
+    import uvicorn
+
+    uvicorn.run(build_app(model, limits), host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
+    return 0
 
 
 if __name__ == "__main__":
