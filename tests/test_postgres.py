@@ -169,3 +169,105 @@ def test_on_a_shared_instance_recovery_judges_only_this_hosts_runs(postgres, tmp
         assert status == {"here": DagsterRunStatus.FAILURE, "elsewhere": DagsterRunStatus.STARTED, "unknown": DagsterRunStatus.STARTED}
     finally:
         instance.dispose()
+
+
+def test_a_launched_run_is_tagged_with_its_host_before_its_process_starts(postgres, tmp_path, monkeypatch):
+    """The instance's launcher (pipeline/ops/launcher.py) tags the run, then starts its process: a run
+    whose process dies before any step ran is still judged by this host's recovery."""
+    from dagster import DagsterEvent, DagsterInstance, DagsterRunStatus, DefaultRunLauncher
+    from dagster._core.launcher import LaunchRunContext
+    from dagster._core.storage.dagster_run import DagsterRun
+
+    from pipeline.core.stores import RUN_HOST_TAG
+    from pipeline.ops.launcher import HostTaggingRunLauncher
+    from pipeline.ops.recover import recover_dead_runs
+
+    monkeypatch.setenv("MEDTUNE_POSTGRES_URL", postgres.url())
+    monkeypatch.setenv("PGPASSWORD", postgres.password)
+    ensure_dagster_home(tmp_path / "home")
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    seen = []
+
+    def start_process(self, context):  # what Dagster's launcher does: the run's process starts, then dies
+        seen.append(dict(self._instance.get_run_by_id(context.dagster_run.run_id).tags))
+        self._instance.report_dagster_event(DagsterEvent("PIPELINE_START", job_name="train_job", pid=gone.pid), context.dagster_run.run_id)
+
+    monkeypatch.setattr(DefaultRunLauncher, "launch_run", start_process)
+    instance = DagsterInstance.from_config(str(tmp_path / "home"))
+    try:
+        assert isinstance(instance.run_launcher, HostTaggingRunLauncher)
+        run = instance.add_run(DagsterRun(job_name="train_job"))
+        instance.run_launcher.launch_run(LaunchRunContext(dagster_run=run, workspace=None))
+        assert seen == [{RUN_HOST_TAG: socket.gethostname()}]
+        assert [r.run_id for r in recover_dead_runs(instance, log=lambda line: None)] == [run.run_id]
+        assert instance.get_run_by_id(run.run_id).status == DagsterRunStatus.FAILURE
+    finally:
+        instance.dispose()
+
+
+def test_a_lost_training_lock_stops_the_run_at_a_checkpoint_and_the_next_resumes(postgres, tmp_path, monkeypatch, tiny_model_dir):
+    """The whole path on a real server: lora_adapter trains holding the slot's advisory lock; the
+    server ends that session (pg_terminate_backend, as a restart or a network cut does); the asset
+    notices, the child saves a checkpoint and the run fails saying why; the next run resumes there."""
+    import json
+    import threading
+    import time
+
+    import sqlalchemy as sa
+    from dagster import AssetSelection, DagsterInstance, materialize
+
+    from conftest import demo_records, mlflow_store, model_in_data_root, write_json
+    from pipeline.core import pool_limit
+    from pipeline.definitions import all_assets, make_resources
+
+    monkeypatch.setenv("MEDTUNE_POSTGRES_URL", postgres.url())
+    monkeypatch.setenv("PGPASSWORD", postgres.password)
+    monkeypatch.setattr(pool_limit, "LOCK_CHECK_S", 0.2)
+    ensure_dagster_home(tmp_path / "home")
+    data_dir = tmp_path / "data"
+    write_json(data_dir / "raw" / "demo.json", demo_records(24))
+    resources = make_resources(str(data_dir), mlflow_store(tmp_path / "mlflow.db"))
+    train = {"max_steps": 40, "save_every": 100, "eval_every": 100, "log_every": 1, "precision": "fp32", "r": 8, "compile": False}
+    config = {
+        "ops": {
+            "base_model": {"config": {"model": model_in_data_root(tiny_model_dir, data_dir)}},
+            "tokenized_dataset": {"config": {"max_seq_len": 256}},
+            "lora_adapter": {"config": train},
+        }
+    }
+    terminated = []
+
+    def end_the_lock_session():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            logs = list((data_dir / "models" / "checkpoints").glob("*/metrics.jsonl"))
+            if logs and logs[0].read_text().count('"train_loss"') >= 2:
+                engine = sa.create_engine(pool_limit.instance_postgres_url(instance), isolation_level="AUTOCOMMIT")
+                with engine.connect() as conn:
+                    terminated.append(
+                        conn.execute(sa.text("SELECT count(pg_terminate_backend(pid)) FROM pg_locks WHERE locktype = 'advisory'")).scalar()
+                    )
+                engine.dispose()
+                return
+            time.sleep(0.05)
+
+    instance = DagsterInstance.from_config(str(tmp_path / "home"))
+    try:
+        selection = AssetSelection.assets("lora_adapter").upstream()
+        killer = threading.Thread(target=end_the_lock_session, daemon=True)
+        killer.start()
+        first = materialize(all_assets, selection=selection, resources=resources, instance=instance, run_config=config, raise_on_error=False)
+        killer.join(timeout=10)
+        assert terminated == [1] and not first.success
+        (failure,) = [e for e in first.all_events if e.event_type_value == "STEP_FAILURE"]
+        said = failure.event_specific_data.error.message
+        assert "TrainingStopped: the lock of the medtune_training slot was lost" in said and "stopped at checkpoint step-" in said, said
+        step = said.split("stopped at checkpoint step-")[1].split(":")[0].split(";")[0].strip()
+        assert 2 <= int(step) < 40
+        second = materialize(all_assets, selection=selection, resources=resources, instance=instance, run_config=config)
+        record = Path(second.asset_materializations_for_node("lora_adapter")[0].metadata["path"].value) / "medtune_training.json"
+        result = json.loads(record.read_text())["result"]
+        assert result["steps"] == 40 and result["resumed_from"] == f"step-{step}", result
+    finally:
+        instance.dispose()

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -241,37 +240,3 @@ def test_a_damaged_checkpoint_is_skipped_and_rotation_keeps_two(tmp_path):
     assert latest_checkpoint(tmp_path, said.append) is None and "optimizer.pt empty" in said[-1]
     assert rotate_checkpoints(tmp_path, keep=1) == ["step-2"]  # never fewer than two
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-4", "step-6"]
-
-
-@pytest.mark.slow
-def test_a_stop_request_saves_a_checkpoint_says_why_and_the_next_run_resumes(tmp_path, tiny_model_dir, tokenized):
-    """What lora_adapter does when its training slot's lock is lost (pipeline/core/pool_limit.py):
-    it writes the stop file; the child saves a checkpoint at its next step, fails with the reason,
-    and the next training of the same inputs resumes from that checkpoint."""
-    from pipeline.stages.lora_adapter import ERROR_FILE
-    from pipeline.stages.lora_adapter.checkpoint import stop_request
-
-    spec = spec_for(tmp_path, tiny_model_dir, tokenized, max_steps=40, save_every=100, eval_every=100)
-    spec.dump(tmp_path / "spec.json")
-    cmd = [sys.executable, "-m", "pipeline.stages.lora_adapter", "--spec", str(tmp_path / "spec.json")]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    metrics = tmp_path / "ckpt" / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while not (metrics.is_file() and metrics.read_text().count('"train_loss"') >= 2):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
-        time.sleep(0.05)
-    said = []
-    stop_request(tmp_path / "ckpt", "the lock of the medtune_training slot", said.append)("the connection holding it was lost")
-    proc.communicate(timeout=120)
-    assert proc.returncode != 0 and not (tmp_path / "adapter").exists()
-    reason = (tmp_path / "ckpt" / ERROR_FILE).read_text()
-    assert reason.startswith(
-        "TrainingStopped: the lock of the medtune_training slot was lost: the connection holding it was lost; stopped at checkpoint step-"
-    )
-    step = int(reason.split("checkpoint step-")[1].split(":")[0])
-    assert 2 <= step < 40 and (tmp_path / "ckpt" / f"step-{step}" / "trainer_state.json").is_file()
-    (tmp_path / "ckpt" / "stop-requested.txt").unlink()  # as lora_adapter does before it launches a training
-    resumed = run_child(spec, tmp_path / "spec.json")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    result = json.loads(resumed.stdout.split("RESULT ", 1)[1].splitlines()[0])
-    assert result["steps"] == 40 and result["resumed_from"] == f"step-{step}"

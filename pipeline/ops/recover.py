@@ -11,7 +11,8 @@ The training itself resumes from its latest checkpoint when the asset is materia
 
 On an instance that several machines share (PostgreSQL, ``MEDTUNE_POSTGRES_URL``) a pid means
 something only on the host that ran it: there a run is judged only by the host named in its
-``medtune/host`` tag (``lora_adapter`` sets it), and runs of other hosts are left alone.
+``medtune/host`` tag (set at launch by ``pipeline/ops/launcher.py``, or by the ``data_root``
+resource as an in-process run's first step starts), and runs of other hosts are left alone.
 """
 
 from __future__ import annotations
