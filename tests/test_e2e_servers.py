@@ -552,18 +552,54 @@ def test_8_make_serve_answers_the_chat_completions_schema_over_http(stack):
     assert not port_open(port), "make serve's server still listens 30 s after SIGTERM"
 
 
-def test_9_no_password_in_any_output(stack, monkeypatch):
-    """After make ui, the runs, the sensor's run, a second webserver and make serve over a
-    PostgreSQL store whose URL carries a password: it is in no log of those servers, no process's
-    arguments, no event, tag or metadata of any Dagster run, no MLflow param, tag or description."""
+TRACKING_PASSWORD = "tr@ck-s3cret'pw"  # a quote and an @, as people's passwords have
+
+
+def test_9_make_run_and_make_ask_print_no_password(stack):
+    """`make run`'s three commands and `make ask`, with the PostgreSQL password in the instance's URL
+    (and PGPASSWORD, as the Makefile sets it) and another in an http tracking URI's ``user:pass@``
+    (the MLflow server make ui started; it takes the Authorization header and ignores it): both
+    commands succeed and neither password is in their stdout or stderr. test_10 then looks for both
+    in every run, event and MLflow record, this run's included."""
+    quoted = urllib.parse.quote(TRACKING_PASSWORD, safe="")
+    env = {
+        **stack.env,
+        "PGPASSWORD": stack.postgres.password,
+        "MLFLOW_TRACKING_URI": stack.mlflow.replace("http://", f"http://medtune:{quoted}@"),
+    }
+    commands = {
+        "recover": [sys.executable, "-m", "pipeline.ops.recover"],
+        "materialize": [
+            str(Path(sys.executable).parent / "dagster"), "asset", "materialize", "-m", "pipeline.definitions",
+            "--select", "not group:sweep", "--config-json", json.dumps(run_config(stack)),
+        ],
+        "summary": [sys.executable, "-m", "pipeline.ops.summary"],
+        "ask": [sys.executable, "-m", "pipeline.ask", "咳嗽，咽喉肿痛，用什么中成药？", "--model", "champion", "--max-new-tokens", "4"],
+    }  # fmt: skip
+    for name, cmd in commands.items():
+        done = subprocess.run(cmd, cwd=PROJECT, env=env, capture_output=True, text=True, timeout=900)
+        said = done.stdout + done.stderr
+        (stack.logs / f"make-run-{name}.log").write_text(said)  # test_10 reads every log again
+        assert done.returncode == 0, f"{name} failed:\n{said[-4000:]}"
+        for secret in (stack.postgres.password, TRACKING_PASSWORD, quoted):
+            assert secret not in said, f"{name} printed a password"
+    assert "champion" in (stack.logs / "make-run-summary.log").read_text()
+
+
+def test_10_no_password_in_any_output(stack, monkeypatch):
+    """After make ui, the runs, the sensor's run, a second webserver, make serve, make run and make
+    ask over a PostgreSQL store whose URL carries a password (and test_9's tracking password): neither
+    is in any log of those servers and commands, any process's arguments, any event, tag or metadata
+    of any Dagster run, any MLflow param, tag or description."""
     from dagster import DagsterInstance
     from mlflow.tracking import MlflowClient
 
     password = stack.postgres.password
-    leaks = [p.name for p in stack.logs.glob("*.log") if password in p.read_text(errors="replace")]
+    secrets = (password, TRACKING_PASSWORD, urllib.parse.quote(TRACKING_PASSWORD, safe=""))
+    leaks = [p.name for p in stack.logs.glob("*.log") if any(s in p.read_text(errors="replace") for s in secrets)]
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
-            if password.encode() in cmdline.read_bytes():
+            if any(s.encode() in cmdline.read_bytes() for s in secrets):
                 leaks.append(f"arguments of pid {cmdline.parent.name}")
         except OSError:
             continue
@@ -573,18 +609,19 @@ def test_9_no_password_in_any_output(stack, monkeypatch):
         runs = instance.get_runs()
         assert runs
         for run in runs:
-            if password in json.dumps(run.tags) + json.dumps(run.run_config, default=str):
+            if any(s in json.dumps(run.tags) + json.dumps(run.run_config, default=str) for s in secrets):
                 leaks.append(f"run {run.run_id} tags or config")
-            leaks += [f"run {run.run_id} event {e.dagster_event_type}" for e in instance.all_logs(run.run_id) if password in str(e)]
+            events = instance.all_logs(run.run_id)
+            leaks += [f"run {run.run_id} event {e.dagster_event_type}" for e in events if any(s in str(e) for s in secrets)]
     finally:
         instance.dispose()
     client = MlflowClient(stack.mlflow, registry_uri=stack.mlflow)
     found = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert found
     for r in found:
-        if password in json.dumps([r.data.params, r.data.tags]):
+        if any(s in json.dumps([r.data.params, r.data.tags]) for s in secrets):
             leaks.append(f"MLflow run {r.info.run_id}")
     for v in client.search_model_versions():
-        if password in json.dumps([v.tags, v.description or ""]):
+        if any(s in json.dumps([v.tags, v.description or ""]) for s in secrets):
             leaks.append(f"model version {v.version}")
     assert not leaks, leaks
