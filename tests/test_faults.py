@@ -433,22 +433,19 @@ def test_a_kill_while_the_merged_model_is_written_leaves_a_loadable_model(tmp_pa
         assert sum(p.numel() for p in model.parameters()) == n_params  # complete: every weight there
 
 
-class Killed(BaseException):
-    """What SIGKILL or Ctrl-C leaves behind in the asset's process: no handler runs, no marker is written."""
-
-
 KILL_POINTS = ("before_upload", "during_upload", "before_end")
 
 
-def test_a_training_whose_process_died_before_its_mlflow_run_ended_is_finished_by_the_next(data_dir, tmp_path, tiny_model_dir, monkeypatch):
-    """The adapter is on disk, its MLflow run still RUNNING, no pending marker: what a kill or a
-    Ctrl-C after the child wrote the adapter leaves. Killed before the upload (the training run), then
-    halfway through the metrics and before the end (two cache hits sending what was missing); the
-    next materialization sends the rest, ends the run FINISHED, every step once, and registers."""
+def die_at(point: str):
+    """``send_training`` that SIGKILLs its own process at ``point``: before the upload, halfway
+    through the metrics, or after everything but the run's end."""
     import assets.lora_adapter as asset_module
     from pipeline.core.tracking_sync import send_missing_metrics
 
     real = asset_module.send_training
+
+    def die():
+        os.kill(os.getpid(), signal.SIGKILL)
 
     class NoEnd:
         def __init__(self, client):
@@ -458,27 +455,44 @@ def test_a_training_whose_process_died_before_its_mlflow_run_ended_is_finished_b
             return getattr(self.client, name)
 
         def set_terminated(self, *args, **kwargs):
-            raise Killed
+            die()
 
-    def dying(point):
-        def send(client, run_id, out_dir, metrics, log):
-            if point == "during_upload":
-                send_missing_metrics(client, run_id, metrics[: len(metrics) // 2])
-            if point in ("before_upload", "during_upload"):
-                raise Killed
-            real(NoEnd(client), run_id, out_dir, metrics, log)
+    def send(client, run_id, out_dir, metrics, log):
+        if point == "during_upload":
+            send_missing_metrics(client, run_id, metrics[: len(metrics) // 2])
+        if point in ("before_upload", "during_upload"):
+            die()
+        real(NoEnd(client), run_id, out_dir, metrics, log)
 
-        return send
+    return send
 
+
+# one pipeline run in a process of its own, SIGKILLed by die_at at the point in argv[1]
+KILLED_RUN = """
+import sys
+from pathlib import Path
+import assets.lora_adapter as asset_module
+import test_faults
+point, data_dir, uri, model_dir = sys.argv[1:]
+asset_module.send_training = test_faults.die_at(point)
+test_faults.run_pipeline(Path(data_dir), uri, Path(model_dir), max_steps=8, save_every=4, eval_every=4)
+sys.exit(3)  # not killed
+"""
+
+
+def test_a_training_whose_process_died_before_its_mlflow_run_ended_is_finished_by_the_next(data_dir, tmp_path, tiny_model_dir):
+    """The adapter is on disk, its MLflow run still RUNNING, no pending marker: what a SIGKILL after
+    the child wrote the adapter leaves. Killed before the upload (the training run), then halfway
+    through the metrics and before the end (two cache hits sending what was missing), each a real
+    SIGKILL of the run's process; the next materialization sends the rest, ends the run FINISHED,
+    every step once, and registers."""
     uri = mlflow_store(tmp_path / "mlflow.db")
     client = MlflowClient(uri)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PROJECT / "tests"), str(PROJECT)])}
     for point in KILL_POINTS:
-        monkeypatch.setattr(asset_module, "send_training", dying(point))
-        try:
-            assert not run_pipeline(data_dir, uri, tiny_model_dir, max_steps=8, save_every=4, eval_every=4).success
-        except Killed:
-            pass
-        monkeypatch.undo()
+        cmd = [sys.executable, "-c", KILLED_RUN, point, str(data_dir), uri, str(tiny_model_dir)]
+        killed = subprocess.run(cmd, cwd=PROJECT, env=env, capture_output=True, text=True, timeout=600)
+        assert killed.returncode == -signal.SIGKILL, (point, killed.returncode, killed.stderr[-3000:])
         (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
         assert run.info.status == "RUNNING", point
         adapters = list((data_dir / "models" / "adapters").iterdir())
