@@ -189,8 +189,14 @@ def _child_pid(marker: str) -> int | None:
     return pids[0] if pids else None
 
 
+def logged_steps(data_dir: Path) -> int:
+    return sum(p.read_text().count('"train_loss"') for p in (data_dir / "models" / "checkpoints").glob("*/metrics.jsonl"))
+
+
 def test_training_killed_at_random_points_resumes_and_the_adapter_loads(data_dir, tiny_model_dir):
-    """SIGKILL the training child twice at random moments (seed printed; MEDTUNE_FAULT_SEED replays it)."""
+    """SIGKILL the training child twice at random points (seed printed; MEDTUNE_FAULT_SEED replays
+    it): while it loads, or after a random number of its steps, so that a fast machine cannot finish
+    the training before the kill."""
     rng = random.Random(SEED)
     uri = f"sqlite:///{data_dir.parent / 'mlflow.db'}"
     print(f"fault seed {SEED}")
@@ -203,19 +209,19 @@ def test_training_killed_at_random_points_resumes_and_the_adapter_loads(data_dir
         while worker.is_alive() and pid is None:
             pid = _child_pid(f"pipeline.stages.lora_adapter --spec {data_dir}")  # this test's child, not another worker's
             time.sleep(0.02)
-        if pid is None:
-            worker.join()
-            break
-        time.sleep(rng.uniform(0.5, 8.0))  # anywhere from model loading to the last steps
-        try:
-            os.kill(pid, signal.SIGKILL)
-            kills += 1
-        except ProcessLookupError:
-            pass  # it finished first
+        assert pid is not None, "no training child started"
+        if rng.random() < 0.3:
+            time.sleep(rng.uniform(0.0, 1.0))  # while it loads the model, or in its first steps
+        else:
+            before, steps = logged_steps(data_dir), rng.randint(1, 12)  # of 30: the child cannot finish first
+            while logged_steps(data_dir) < before + steps and worker.is_alive():
+                time.sleep(0.01)
+        os.kill(pid, signal.SIGKILL)
+        kills += 1
         worker.join(600)
     final = run_pipeline(data_dir, uri, tiny_model_dir, max_steps=30, save_every=3)
     assert final.success, step_error(final, "lora_adapter")
-    assert kills >= 1
+    assert kills == 2
     adapter = Path(meta(final, "lora_adapter", "path"))
     assert meta(final, "lora_adapter", "steps") == 30 or meta(final, "lora_adapter", "cache_hit") is True
     import torch
