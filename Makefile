@@ -27,7 +27,7 @@ endif
 export PGPASSWORD ?= $(shell $(PYTHON) -c 'import os, urllib.parse as u; print(u.unquote(u.urlsplit(os.environ.get("MEDTUNE_POSTGRES_URL", "")).password or ""))')
 endif
 
-.PHONY: setup browser postgresql run sweep ask serve lint format test test-fast coverage ui mlflow-ui screenshots bench bench-data clean help
+.PHONY: docs setup browser postgresql run sweep ask serve lint format test test-fast coverage ui mlflow-ui screenshots bench bench-data clean help
 
 help:
 	@echo "make run    set up, then materialize the whole pipeline on the demo data (offline default model)"
@@ -39,6 +39,7 @@ help:
 	@echo "make serve  serve the champion over HTTP on 127.0.0.1:5077 (MODEL=models:/medtune/3, challenger, a merged folder; PORT=...)"
 	@echo "make ui     set up, then start the Dagster UI (http://127.0.0.1:3000) and the MLflow UI (http://127.0.0.1:5000); Ctrl-C stops both"
 	@echo "make mlflow-ui  the MLflow UI on http://127.0.0.1:5000 over the project's store"
+	@echo "make docs   write the settings tables in docs/configuration.md from their declarations"
 	@echo "make bench  set up, then run the benchmarks under bench/ (make bench-data: the data one alone, BENCH_ROWS=10000000)"
 
 # Python packages only: Chromium comes with make test, make coverage and make screenshots, PostgreSQL with make test
@@ -96,6 +97,10 @@ serve: setup
 MODELS ?= base champion
 ask: setup
 	$(BIN)/python -m pipeline.ask "$(Q)" $(foreach m,$(MODELS),--model $(m))
+
+# the settings tables in docs/configuration.md, written from the settings' declarations
+docs: $(STAMP)
+	$(BIN)/python -m pipeline.ops.settings_doc
 
 # ruff: lint and format check (the rules are in pyproject.toml); `make format` rewrites the files
 lint: $(STAMP)

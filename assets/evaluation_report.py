@@ -12,7 +12,6 @@ and the settings are unchanged.
 
 import json
 from pathlib import Path
-from typing import Literal
 
 import pandas as pd
 from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, Config, Failure, MetadataValue, Output, asset
@@ -37,6 +36,7 @@ from pipeline.stages.evaluation_report import (
 )
 from pipeline.stages.evaluation_report.choice import ChoiceSet
 from pipeline.stages.evaluation_report.lineage import LineageError, check_lineage
+from pipeline.stages.evaluation_report.settings import EvaluationSettings
 from pipeline.stages.tokenized_dataset import MANIFEST, TokenizedDataset
 from resources.data_root import DataRoot
 from resources.mlflow_tracking import MlflowTracking
@@ -48,39 +48,11 @@ INFERENCE_POOL = "medtune_inference"
 EVAL_FORMAT = 3  # 3: one forward per row, choice over a token trie, the tuned LoRA model merged for the pass
 
 
-def _default(name: str):
-    """The evaluation setting's default, declared once: in ``EvalConfig``."""
-    return EvalConfig.__dataclass_fields__[name].default
+class EvaluationReportConfig(Config, EvaluationSettings):
+    """The evaluation's settings (declared in ``pipeline/stages/evaluation_report/settings.py``) and
+    how many rows the UI previews."""
 
-
-class EvaluationReportConfig(Config):
-    max_new_tokens: int = Field(
-        _default("max_new_tokens"),
-        gt=0,
-        description="Greedy answer length limit (stops earlier at the end-of-turn token); 64 keeps the CPU demo near 2 minutes",
-    )
-    train_sample_size: int = Field(
-        _default("train_sample_size"), ge=0, description="Train rows added to the eval rows, a fixed sample (what the model absorbed)"
-    )
-    train_sample_loss: bool = Field(
-        _default("train_sample_loss"),
-        description="Also the answer loss on the train sample (a forward over each whole answer: on the real sample's long "
-        "answers most of the evaluation's time); off, the training's loss curve gives the train loss",
-    )
-    batch_size: int = Field(
-        _default("batch_size"),
-        gt=0,
-        description="Rows decoded together (their prompt caches stacked with left padding); "
-        "each row's own forward gives its loss, cache and medicine-choice scores first",
-    )
-    seed: int = _default("seed")
-    dtype: Literal["auto", "bf16", "fp32"] = Field(
-        "auto",
-        description="Weights for both models while evaluating; auto: bf16 where the CPU or GPU supports it "
-        "(measured 2x faster on this CPU), else fp32. The merge check stays float64.",
-    )
-    choice_scoring: bool = Field(True, description="Score medicine choice by likelihood (every medicine named in the data's answers)")
-    preview_rows: int = 5
+    preview_rows: int = Field(5, ge=0, description="Rows of the base-vs-tuned table shown in the UI")
 
 
 def _log_to_mlflow(mlflow: MlflowTracking, run_id: str, folder: Path, metrics: dict[str, float], gate: tuple[bool, str]) -> None:
@@ -251,12 +223,8 @@ def evaluate_or_reuse(
             log.warning("medicine choice not scored: the answers name fewer than two medicines in a known form")
         train_medicines = frozenset(alpaca.loc[alpaca["split"] == "train", "output"].map(extract_medicine_name).dropna())
         eval_cfg = EvalConfig(
+            **config.model_dump(include=set(EvaluationSettings.model_fields)),
             system_prompt=manifest["system_prompt"],
-            max_new_tokens=config.max_new_tokens,
-            train_sample_size=config.train_sample_size,
-            train_sample_loss=config.train_sample_loss,
-            batch_size=config.batch_size,
-            seed=config.seed,
             choices=choices or None,
             train_medicines=train_medicines,
         )

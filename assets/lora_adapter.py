@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
 
@@ -28,9 +27,8 @@ from pipeline.stages.lora_adapter import ERROR_FILE, STOP_FILE, TRAINING_RECORD,
 from pipeline.stages.lora_adapter.checkpoint import stop_request
 from pipeline.stages.lora_adapter.distributed import LaunchError, check_accelerate_config, preset_path
 from pipeline.stages.lora_adapter.distributed import launch_command as stage_launch_command
-from pipeline.stages.lora_adapter.methods import METHODS
 from pipeline.stages.lora_adapter.report import MissingReport, child_report
-from pipeline.stages.lora_adapter.spec import adapter_lock
+from pipeline.stages.lora_adapter.spec import TrainingSettings, adapter_lock
 from pipeline.stages.tokenized_dataset import TokenizedDataset
 from resources.data_root import PROJECT_ROOT, DataRoot
 from resources.mlflow_tracking import MlflowTracking
@@ -39,71 +37,14 @@ from resources.mlflow_tracking import MlflowTracking
 TRAINING_POOL = "medtune_training"
 
 
-def _default(name: str):
-    """The training setting's default, declared once: in ``TrainSpec`` (the child's settings)."""
-    return TrainSpec.__dataclass_fields__[name].default
+class LoraAdapterConfig(Config, TrainingSettings):
+    """The training settings (declared in ``pipeline/stages/lora_adapter/spec.py``) and how the
+    training is launched."""
 
-
-class LoraAdapterConfig(Config):
-    method: Literal[METHODS] = Field(
-        _default("method"), description="Fine-tuning method: " + ", ".join(METHODS) + " (see pipeline/stages/lora_adapter/methods.py)"
-    )
-    r: int = Field(_default("r"), gt=0, description="Rank (LoRA family, LoHa, LoKr; AdaLoRA's target rank)")
-    lora_alpha: int = Field(_default("lora_alpha"), description="Scaling numerator (LoRA family, LoHa, LoKr, AdaLoRA)")
-    num_virtual_tokens: int = Field(_default("num_virtual_tokens"), gt=0, description="prompt_tuning, prefix_tuning, p_tuning")
-    prompt_encoder_hidden_size: int = Field(_default("prompt_encoder_hidden_size"), gt=0, description="p_tuning's MLP width")
-    adalora_init_r: int | None = Field(_default("adalora_init_r"), description="adalora: starting rank (default 1.5 x r)")
-    adalora_tinit: float = Field(_default("adalora_tinit"), ge=0, lt=1, description="adalora: share of steps before ranks start to fall")
-    adalora_tfinal: float = Field(_default("adalora_tfinal"), ge=0, lt=1, description="adalora: share of steps at the end with ranks fixed")
-    adalora_delta_t: int = Field(_default("adalora_delta_t"), gt=0, description="adalora: steps between rank reallocations")
-    adalora_orth_reg_weight: float = Field(_default("adalora_orth_reg_weight"), ge=0)
-    quantization: Literal["none", "nf4"] = Field(
-        _default("quantization"),
-        description="nf4: QLoRA, the frozen base in 4-bit NF4 (bitsandbytes, CUDA only); export still merges into the full-precision base",
-    )
-    optimizer: Literal["auto", "adamw", "adafactor", "adamw_8bit"] = Field(
-        _default("optimizer"), description="auto: AdamW for adapters, Adafactor for full (its states fit beside the model)"
-    )
-    lora_dropout: float = Field(_default("lora_dropout"), description="Dropout on the adapters' input (0: measured 25% faster on CPU)")
-    target_modules: str = Field(_default("target_modules"), description='"all-linear" or a comma-separated list such as "q_proj,v_proj"')
-    learning_rate: float = _default("learning_rate")
-    warmup_ratio: float = _default("warmup_ratio")
-    weight_decay: float = _default("weight_decay")
-    max_grad_norm: float = _default("max_grad_norm")
-    epochs: float = Field(_default("epochs"), description="Passes over the training split")
-    packing: bool = Field(
-        _default("packing"),
-        description="Fill each step with rows up to pack_tokens (else per_device_batch_size rows); "
-        "rows are laid end to end without padding either way",
-    )
-    pack_tokens: int = Field(_default("pack_tokens"), gt=0, description="Token budget of one step and process when packing")
-    per_device_batch_size: int = Field(_default("per_device_batch_size"), gt=0, description="Rows per step and process without packing")
-    gradient_accumulation_steps: int = _default("gradient_accumulation_steps")
-    max_steps: int | None = Field(_default("max_steps"), description="Stop after this many optimizer steps (default: the epochs decide)")
-    seed: int = _default("seed")
-    opening_tokens: int = Field(
-        _default("opening_tokens"), ge=0, description="The answer's opening: its first N tokens (where it names the medicine)"
-    )
-    opening_repeats: int = Field(_default("opening_repeats"), ge=0, description="Extra copies of every row cut after its opening, trained each epoch")
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
-        _default("precision"), description="Dtype of the frozen base weights and of autocast (auto: bf16 where supported)"
-    )
-    gradient_checkpointing: bool | None = Field(_default("gradient_checkpointing"), description="Default: on for GPU, off for CPU")
-    attn_implementation: str = Field(
-        _default("attn_implementation"), description='"auto": packed rows, SDPA per row; or "flash_attention_2" where installed, "sdpa", "eager"'
-    )
-    compile: bool | None = Field(
-        _default("compile"), description="torch.compile the MLPs and norms; default: on for CPU (measured faster), off for GPU (not measured)"
-    )
-    logits_chunk_tokens: int = Field(_default("logits_chunk_tokens"), gt=0, description="Positions projected onto the vocabulary at a time")
-    eval_every: int = _default("eval_every")
-    save_every: int = _default("save_every")
-    save_total_limit: int = Field(
-        _default("save_total_limit"), ge=2, description="Newest complete checkpoints kept (at least 2: a damaged one falls back to the one before)"
-    )
-    log_every: int = _default("log_every")
     num_processes: int = Field(1, ge=1, description="Processes (GPUs); > 1 starts a distributed launcher")
-    launcher: Literal["auto", "torchrun", "accelerate"] = "auto"
+    launcher: Literal["auto", "torchrun", "accelerate"] = Field(
+        "auto", description="What starts the processes when there are several: auto is accelerate with accelerate_config, else torchrun"
+    )
     num_nodes: int = Field(1, ge=1, description="Machines; each runs this launcher with its node_rank (torchrun/accelerate)")
     node_rank: int = Field(0, ge=0, description="This machine's rank among num_nodes (0: the one that reports)")
     rdzv_endpoint: str | None = Field(None, description="HOST:PORT where the nodes meet (node 0's address); needed for num_nodes > 1")
@@ -113,7 +54,6 @@ class LoraAdapterConfig(Config):
         "pipeline/presets/accelerate/) or a file, relative to the data root",
     )
     allow_outside_paths: bool = Field(False, description="accelerate_config may lie outside the data root")
-    stop_after_steps: int | None = Field(_default("stop_after_steps"), description="Testing: stop the child abruptly after this many steps")
 
 
 def launch_command(spec_path: Path, config: LoraAdapterConfig, run_id: str = "medtune") -> list[str]:
@@ -125,9 +65,9 @@ def training_key(config: LoraAdapterConfig, tokenized_key: str, max_seq_len: int
     """The adapter's id (its cache key), the settings as logged, and the training child's fields."""
     # the rows' length is tokenized_dataset's setting: read from its manifest, never asked again
     settings = {**config.model_dump(), "max_seq_len": max_seq_len}
-    spec_fields = {k: v for k, v in settings.items() if k in TrainSpec.__dataclass_fields__}
+    spec_fields = {k: v for k, v in settings.items() if k in TrainSpec.model_fields}
     # the key covers every training setting, the config's and the entry point's own defaults
-    training = asdict(TrainSpec(base_model_path="", tokenized_path="", output_dir="", checkpoint_dir="", **spec_fields))
+    training = TrainSpec(base_model_path="", tokenized_path="", output_dir="", checkpoint_dir="", **spec_fields).model_dump()
     return adapter_id(tokenized_key, base_fingerprint, training, config.num_processes * config.num_nodes), settings, spec_fields
 
 

@@ -50,7 +50,7 @@ class MergedModelConfig(Config):
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights of the merged copy (never quantized)")
     max_shard_size: str = Field("2GB", description="safetensors shard size")
     check_prompts: int = Field(4, gt=0, description="Eval prompts the merge check runs")
-    check_max_new_tokens: int = Field(32, gt=0)
+    check_max_new_tokens: int = Field(32, gt=0, description="New tokens of each greedy answer compared between the merged model and the adapter")
     tolerance: float | None = Field(
         None,
         gt=0,

@@ -15,13 +15,11 @@ from resources.data_root import DataRoot
 CHECK = "reject_ratio_within_limit"
 
 
-class ValidatedRecordsConfig(Config):
-    max_reject_ratio: float = Field(0.2, description="Fail the run when more than this share of rows read is rejected")
-    min_instruction_chars: int = 1
-    max_instruction_chars: int = 4_000
-    max_input_chars: int = 16_000
-    min_output_chars: int = 1
-    max_output_chars: int = 16_000
+class ValidatedRecordsConfig(Config, Bounds):
+    """The length bounds (declared in ``pipeline/stages/validated_records.py``) and the share of
+    rejected rows the run tolerates."""
+
+    max_reject_ratio: float = Field(0.2, ge=0, le=1, description="Fail the run when more than this share of rows read is rejected")
 
 
 @asset(
@@ -35,13 +33,7 @@ class ValidatedRecordsConfig(Config):
     ],
 )
 def validated_records(context: AssetExecutionContext, config: ValidatedRecordsConfig, data_root: DataRoot, raw_records: StagedRows):
-    bounds = Bounds(
-        min_instruction_chars=config.min_instruction_chars,
-        max_instruction_chars=config.max_instruction_chars,
-        max_input_chars=config.max_input_chars,
-        min_output_chars=config.min_output_chars,
-        max_output_chars=config.max_output_chars,
-    )
+    bounds = Bounds(**config.model_dump(include=set(Bounds.model_fields)))
     result = validate_to(raw_records, data_root.stage_dir("validated_records", context.run_id), bounds, data_root.chunk_rows, log=context.log.info)
     n_read = raw_records.n_kept + raw_records.n_rejected
     n_rejected = raw_records.n_rejected + result.n_rejected

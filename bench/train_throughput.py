@@ -90,7 +90,7 @@ def preset_settings(name: str) -> dict:
     from pipeline.stages.lora_adapter import TrainSpec
 
     ops = yaml.safe_load((ROOT / "pipeline" / "presets" / f"{name}.yaml").read_text())["ops"]
-    train = {k: v for k, v in ops.get("lora_adapter", {}).get("config", {}).items() if k in TrainSpec.__dataclass_fields__}
+    train = {k: v for k, v in ops.get("lora_adapter", {}).get("config", {}).items() if k in TrainSpec.model_fields}
     seq = ops.get("tokenized_dataset", {}).get("config", {}).get("max_seq_len")
     return {**train, **({"max_seq_len": seq} if seq else {})}
 

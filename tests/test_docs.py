@@ -67,3 +67,10 @@ def test_the_readme_is_a_front_door():
     assert "make run" in text and "make test" in text
     for page in PAGES[1:]:
         assert f"(docs/{page.name})" in text, f"README does not link docs/{page.name}"
+
+
+def test_the_settings_reference_is_written_from_the_declarations():
+    """docs/configuration.md's tables are what `make docs` writes from the settings as declared now."""
+    from pipeline.ops.settings_doc import DOC, rewritten
+
+    assert rewritten(DOC.read_text()) == DOC.read_text(), "docs/configuration.md is stale: run `make docs`"

@@ -1,7 +1,6 @@
 """evaluation_report's functions: metrics on known strings, name extraction on the real answer
 forms, batched generation = one-at-a-time generation, per-row loss = the model's own loss."""
 
-import dataclasses
 import math
 
 import pandas as pd
@@ -195,7 +194,7 @@ def test_evaluate_models_side_by_side_table(tiny_model_dir, tokenizer, tmp_path)
     # the same answers and choices as with the whole answer run for its loss (causal attention)
     assert s["tuned"]["train_sample"]["loss"] is None and s["base"]["train_sample"]["perplexity"] is None
     assert t.loc[t["split"] == "train_sample", "tuned_loss"].isna().all() and t.loc[t["split"] == "eval", "tuned_loss"].notna().all()
-    full = evaluate_models(model, tokenizer, rows, dataclasses.replace(cfg, train_sample_loss=True), stop_token_ids(tokenizer), log=lambda *_: None)
+    full = evaluate_models(model, tokenizer, rows, cfg.model_copy(update={"train_sample_loss": True}), stop_token_ids(tokenizer), log=lambda *_: None)
     assert full.summary["tuned"]["train_sample"]["loss"] > 0 and full.table["tuned_loss"].notna().all()
     for col in ("base_answer", "tuned_answer", "base_choice", "tuned_choice", "base_choice_rank", "tuned_choice_rank"):
         assert full.table[col].fillna(-1).tolist() == t[col].fillna(-1).tolist(), col

@@ -106,23 +106,25 @@ def test_modules_stay_readable():
     assert not long, long
 
 
-def test_asset_configs_take_their_defaults_from_the_stage():
-    """One source for every setting: where the asset's config and the stage's settings share a name,
-    the default is the same (the config reads it from the stage)."""
-    from dataclasses import MISSING, fields
-
+def test_every_setting_is_declared_once_with_a_description():
+    """An asset's Config is its stage's settings class where the stage has one (no field declared
+    again, so no default copied), and every setting says what it does (the UI and the docs show it)."""
     from assets.evaluation_report import EvaluationReportConfig
     from assets.lora_adapter import LoraAdapterConfig
-    from pipeline.stages.evaluation_report import EvalConfig
-    from pipeline.stages.lora_adapter import TrainSpec
+    from assets.validated_records import ValidatedRecordsConfig
+    from pipeline.ops.settings_doc import ASSET_ORDER, config_class
+    from pipeline.stages.evaluation_report.settings import EvaluationSettings
+    from pipeline.stages.lora_adapter.spec import TrainingSettings, TrainSpec
+    from pipeline.stages.validated_records import Bounds
 
-    for config, stage in ((LoraAdapterConfig, TrainSpec), (EvaluationReportConfig, EvalConfig)):
-        shared = [f for f in fields(stage) if f.name in config.model_fields and f.default is not MISSING]
-        assert shared, (config, stage)
-        differ = {f.name: (config.model_fields[f.name].default, f.default) for f in shared if config.model_fields[f.name].default != f.default}
-        assert not differ, f"{config.__name__} vs {stage.__name__}: {differ}"
-    # the rows' length is the tokenized dataset's alone
-    assert "max_seq_len" not in LoraAdapterConfig.model_fields
+    for config, settings in ((LoraAdapterConfig, TrainingSettings), (EvaluationReportConfig, EvaluationSettings), (ValidatedRecordsConfig, Bounds)):
+        assert issubclass(config, settings)
+        again = set(config.__dict__.get("__annotations__", {})) & set(settings.model_fields)
+        assert not again, f"{config.__name__} declares {sorted(again)} again"
+    assert issubclass(TrainSpec, TrainingSettings)  # the child's spec: the same declarations, plus paths
+    assert "max_seq_len" not in LoraAdapterConfig.model_fields  # the rows' length is the tokenized dataset's alone
+    undescribed = [f"{a}.{name}" for a in ASSET_ORDER for name, f in config_class(a).model_fields.items() if not f.description]
+    assert not undescribed, undescribed
 
 
 @pytest.mark.parametrize("target, installs", [("run", False), ("serve", False), ("setup", False), ("test", True), ("screenshots", True)])

@@ -55,7 +55,7 @@ def test_qlora_is_refused_on_cpu_and_for_methods_it_does_not_apply_to():
     with pytest.raises(MethodError, match="not prefix_tuning"):
         quantization_config(spec(quantization="nf4", method="prefix_tuning"), "bf16", on_gpu=True)
     with pytest.raises(MethodError, match="unknown quantization"):
-        quantization_config(spec(quantization="int3"), "bf16", on_gpu=True)
+        quantization_config(TrainSpec.model_construct(**{**spec().model_dump(), "quantization": "int3"}), "bf16", on_gpu=True)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="QLoRA's 4-bit NF4 base needs a CUDA GPU and bitsandbytes (none on this machine)")

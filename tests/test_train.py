@@ -201,11 +201,9 @@ def test_two_processes_killed_and_resumed_train_what_an_uninterrupted_run_trains
 
 
 def test_adapter_id_covers_every_training_setting():
-    from dataclasses import asdict
-
     from pipeline.stages.lora_adapter import TRAINING_KEYS, adapter_id
 
-    spec = asdict(TrainSpec(base_model_path="", tokenized_path="", output_dir="", checkpoint_dir=""))
+    spec = TrainSpec(base_model_path="", tokenized_path="", output_dir="", checkpoint_dir="").model_dump()
     base = adapter_id("data", "weights", spec, 1)
     assert base == adapter_id("data", "weights", {**spec, "log_every": 99, "output_dir": "/elsewhere"}, 1)
     for key in TRAINING_KEYS:

@@ -14,7 +14,6 @@ row is rejected with every expectation it failed. The regular expressions are wr
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import warnings
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.core.chunks import CHUNK_ROWS
 from pipeline.core.pool import map_batches, read_batch, workers_for
@@ -40,15 +40,16 @@ INVALID_UNICODE_REGEX = "[\ufffd\ufffe\uffff]"
 PRESENCE = ("expect_column_to_exist", "expect_column_values_to_not_be_null")
 
 
-@dataclass(frozen=True)
-class Bounds:
-    """Length bounds in characters, per field."""
+class Bounds(BaseModel):
+    """Length bounds in characters, per field: the ``validated_records`` asset's settings, declared once."""
 
-    min_instruction_chars: int = 1
-    max_instruction_chars: int = 4_000
-    max_input_chars: int = 16_000
-    min_output_chars: int = 1
-    max_output_chars: int = 16_000
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    min_instruction_chars: int = Field(1, ge=0, description="Shortest instruction kept, in characters")
+    max_instruction_chars: int = Field(4_000, gt=0, description="Longest instruction kept, in characters")
+    max_input_chars: int = Field(16_000, gt=0, description="Longest input kept, in characters (the input may be empty)")
+    min_output_chars: int = Field(1, ge=0, description="Shortest answer kept, in characters")
+    max_output_chars: int = Field(16_000, gt=0, description="Longest answer kept, in characters")
 
 
 @dataclass
@@ -265,7 +266,7 @@ def validate_to(
     else:
         results = (
             (read_batch(rows.kept_path, i), *done)
-            for i, done in enumerate(map_batches(rows.kept_path, _run_batch, (dataclasses.asdict(bounds),), n_workers))
+            for i, done in enumerate(map_batches(rows.kept_path, _run_batch, (bounds.model_dump(),), n_workers))
         )
     with stage_output(folder, empty_records(), chunk_rows) as out:
         for chunk, outcomes, reasons in results:

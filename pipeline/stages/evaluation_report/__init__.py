@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
+from pydantic import ConfigDict
 
 from pipeline.stages.evaluation_report.choice import ChoiceSet, combine_forms, openings_ids, rank_of, score_prefilled
 from pipeline.stages.evaluation_report.generation import (
@@ -41,6 +42,7 @@ from pipeline.stages.evaluation_report.generation import (
     stop_token_ids,
 )
 from pipeline.stages.evaluation_report.metrics import NAME_PATTERNS, extract_medicine_name, name_hit, text_scores
+from pipeline.stages.evaluation_report.settings import EvaluationSettings
 from pipeline.stages.tokenized_dataset import pad_token_id, render_prompt
 
 __all__ = [
@@ -70,19 +72,12 @@ TEXT_METRICS = ("bleu_4", "rouge_1", "rouge_2", "rouge_l")
 # ------------------------------------------------------------------------ report
 
 
-@dataclass
-class EvalConfig:
+class EvalConfig(EvaluationSettings):
+    """The settings, and what the ``evaluation_report`` asset finds in the data for them."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
     system_prompt: str
-    # the defaults of the evaluation_report asset's config (declared here once, read there)
-    max_new_tokens: int = 64  # greedy answer length limit (stops earlier at the end-of-turn token)
-    train_sample_size: int = 16  # train rows added to the eval rows, a fixed sample
-    # the answer loss on the train sample too: one forward over each sampled row's whole answer, most
-    # of the evaluation's work on long answers (real sample: ~790 answer tokens to a ~140-token
-    # prompt); off, those rows run their prompt only (answers, choice) and the training's own loss
-    # curve gives the train loss
-    train_sample_loss: bool = False
-    batch_size: int = 64  # prompts per generation batch (left padding)
-    seed: int = 42
     choices: ChoiceSet | None = None  # candidate medicines and answer forms; None: no choice scoring
     train_medicines: frozenset[str] = frozenset()  # medicines named in training answers
 

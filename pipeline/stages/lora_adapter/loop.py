@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -303,7 +302,7 @@ def train(spec: TrainSpec) -> dict[str, Any]:
             save_trained(accelerator.unwrap_model(model).peft_model, tmp, method, ckpt_root, state_dict=full)
             tokenizer.save_pretrained(tmp)
             result["adapter_bytes"] = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
-            record = {"spec": redact_params(asdict(spec)), "result": result}
+            record = {"spec": redact_params(spec.model_dump()), "result": result}
             (tmp / TRAINING_RECORD).write_text(json.dumps(record, indent=2))
             if report.metrics_path.is_file():
                 (tmp / "metrics.jsonl").write_bytes(report.metrics_path.read_bytes())

@@ -1,77 +1,94 @@
-"""The training child's settings (``TrainSpec``), written by the ``lora_adapter`` asset as JSON, and
-the cache key of a training (``adapter_id``)."""
+"""The training settings (``TrainingSettings``), the child's spec (``TrainSpec``), written by the
+``lora_adapter`` asset as JSON, and the cache key of a training (``adapter_id``)."""
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.stages.lora_adapter.methods import METHODS
 
 
-@dataclass
-class TrainSpec:
-    """Every training setting and its default, declared once: the ``lora_adapter`` asset's config
-    takes its defaults from here. The defaults are the offline CPU demo's, chosen by the measured
-    sweep in the README ("Choosing the defaults"); GPU presets change them."""
+class TrainingSettings(BaseModel):
+    """Every training setting, declared once: name, type, default, bounds and what it does. The
+    ``lora_adapter`` asset's config is this class (with the launch settings); the child's spec adds
+    the paths; ``docs/configuration.md`` is generated from it. The defaults are the offline CPU
+    demo's ([choosing the defaults](../../../docs/training.md#choosing-the-defaults)); GPU presets
+    change them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal[METHODS] = Field("lora", description="Fine-tuning method: " + ", ".join(METHODS) + " (docs/methods-and-sweeps.md)")
+    r: int = Field(64, gt=0, description="Rank (LoRA family, LoHa, LoKr; AdaLoRA's target rank)")
+    lora_alpha: int = Field(128, gt=0, description="Scaling numerator (LoRA family, LoHa, LoKr, AdaLoRA): the update is scaled by alpha / r")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapters' input")
+    target_modules: str = Field("all-linear", description='"all-linear" or a comma-separated list such as "q_proj,v_proj"')
+    num_virtual_tokens: int = Field(20, gt=0, description="Virtual tokens of prompt_tuning, prefix_tuning and p_tuning")
+    prompt_encoder_hidden_size: int = Field(128, gt=0, description="Width of p_tuning's prompt encoder MLP")
+    adalora_init_r: int | None = Field(None, gt=0, description="adalora: starting rank (default 1.5 x r); r is the target rank")
+    adalora_tinit: float = Field(0.1, ge=0, lt=1, description="adalora: share of the steps before the rank budget starts to fall")
+    adalora_tfinal: float = Field(0.2, ge=0, lt=1, description="adalora: share of the steps at the end with ranks fixed")
+    adalora_delta_t: int = Field(10, gt=0, description="adalora: steps between two rank reallocations")
+    adalora_orth_reg_weight: float = Field(0.5, ge=0, description="adalora: weight of the orthogonality regulariser")
+    quantization: Literal["none", "nf4"] = Field(
+        "none", description="nf4: QLoRA, the frozen base in 4-bit NF4 (bitsandbytes, CUDA only); export merges into the full-precision base"
+    )
+    optimizer: Literal["auto", "adamw", "adafactor", "adamw_8bit"] = Field(
+        "auto", description="auto: AdamW for adapters, Adafactor for full (its states fit beside the model)"
+    )
+    learning_rate: float = Field(1e-3, gt=0, description="Peak learning rate of the cosine schedule")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of the steps spent warming the learning rate up")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradients are clipped to this norm")
+    epochs: float = Field(2.0, gt=0, description="Passes over the training split")
+    packing: bool = Field(
+        False,
+        description="Fill each step with rows up to pack_tokens, in a seeded shuffled order (else per_device_batch_size rows); "
+        "rows are laid end to end without padding and attend only to themselves either way",
+    )
+    pack_tokens: int = Field(4096, gt=0, description="Token budget of one step and process when packing")
+    per_device_batch_size: int = Field(1, gt=0, description="Rows per step and process without packing")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Steps whose gradients add up before one optimizer update")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (default: the epochs decide)")
+    seed: int = Field(42, ge=0, description="Seed of the adapters' initialisation, the row order and dropout")
+    opening_tokens: int = Field(32, ge=0, description="The answer's opening: its first N tokens (where it names the medicine)")
+    opening_repeats: int = Field(
+        4,
+        ge=0,
+        description="Extra copies of every row cut after its opening, trained each epoch "
+        "(a cut copy has no end-of-turn token, so it teaches nothing about stopping)",
+    )
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="Dtype of the frozen base weights and of autocast (auto: bf16 where supported)"
+    )
+    gradient_checkpointing: bool | None = Field(None, description="Recompute activations in the backward pass (default: on for GPU, off for CPU)")
+    attn_implementation: str = Field("auto", description='"auto": packed rows, SDPA per row; or "flash_attention_2" where installed, "sdpa", "eager"')
+    compile: bool | None = Field(None, description="torch.compile the MLPs and norms (default: on for CPU, off for GPU)")
+    logits_chunk_tokens: int = Field(1024, gt=0, description="Supervised positions projected onto the vocabulary at a time (bounds memory)")
+    eval_every: int = Field(200, gt=0, description="Steps between two held-out loss evaluations")
+    save_every: int = Field(100, gt=0, description="Steps between two checkpoints (model and optimizer state, to resume from)")
+    save_total_limit: int = Field(2, ge=2, description="Newest complete checkpoints kept (at least 2: a damaged one falls back to the one before)")
+    log_every: int = Field(5, gt=0, description="Steps between two logged loss points")
+    stop_after_steps: int | None = Field(None, gt=0, description="Testing: stop the child abruptly after this many steps")
+
+
+class TrainSpec(TrainingSettings):
+    """What the training child gets (written by the ``lora_adapter`` asset as JSON): the settings,
+    where to read and write, and what the asset knows for it."""
 
     base_model_path: str
     tokenized_path: str
     output_dir: str  # the finished adapter goes here (atomically)
     checkpoint_dir: str  # step-N/ folders
-    method: str = (
-        "lora"  # see pipeline.stages.lora_adapter.methods: lora dora rslora pissa loha lokr adalora ia3 prompt_tuning prefix_tuning p_tuning full
-    )
-    r: int = 64  # measured: held-out loss 1.90 -> 1.61 (real sample), 1.27 -> 1.15 (demo) against r 16, same speed
-    lora_alpha: int = 128  # alpha / r = 2
-    lora_dropout: float = 0.0
-    target_modules: str = "all-linear"
-    # method-specific settings (read only by the methods that name them)
-    num_virtual_tokens: int = 20  # prompt_tuning, prefix_tuning, p_tuning
-    prompt_encoder_hidden_size: int = 128  # p_tuning's MLP
-    adalora_init_r: int | None = None  # adalora: starting rank (None: 1.5 x r); r is the target rank
-    adalora_tinit: float = 0.1  # adalora: share of the steps before the rank budget starts to fall
-    adalora_tfinal: float = 0.2  # adalora: share of the steps at the end with ranks fixed
-    adalora_delta_t: int = 10  # adalora: steps between two rank reallocations
-    adalora_orth_reg_weight: float = 0.5
-    quantization: str = "none"  # none | nf4 (QLoRA: the frozen base in 4-bit NF4 through bitsandbytes; CUDA only)
-    optimizer: str = "auto"  # auto (adamw; adafactor for full) | adamw | adafactor | adamw_8bit
-    learning_rate: float = 1e-3
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    epochs: float = 2.0  # with opening_repeats 4: each case's opening trained 10 times (docs/training.md#choosing-the-defaults)
-    # with packing each step takes rows (in a seeded shuffled order) until the next would pass
-    # pack_tokens; without, per_device_batch_size rows. Either way the rows are laid end to end
-    # without padding and attend only to themselves (pipeline.stages.lora_adapter.attention). The CPU demo
-    # trains one row a step: the number of steps each case is seen in decides what it learns.
-    packing: bool = False
-    pack_tokens: int = 4096
-    per_device_batch_size: int = 1
-    gradient_accumulation_steps: int = 1
-    max_steps: int | None = None
-    seed: int = 42
-    max_seq_len: int = 2048  # not a training setting: the asset passes the tokenized dataset's (its manifest)
-    # The answer's opening (its first opening_tokens tokens, where the answer names its medicine):
-    # each epoch also trains opening_repeats copies of every row cut there. A cut copy ends without
-    # an end-of-turn token, so nothing in it teaches the model to stop early.
-    opening_tokens: int = 32
-    opening_repeats: int = 4
-    precision: str = "auto"  # auto | bf16 | fp16 | fp32: the frozen base weights' dtype and the autocast dtype
-    gradient_checkpointing: bool | None = None  # None: on for GPU, off for CPU
-    attn_implementation: str = "auto"  # auto: packed rows (SDPA per row); or flash_attention_2 where installed
-    compile: bool | None = None  # torch.compile the MLPs and norms; None: on for CPU (measured faster), off for GPU
-    logits_chunk_tokens: int = 1024  # supervised positions projected onto the vocabulary at a time
-    log_every: int = 5
-    eval_every: int = 200  # each evaluation of the 5 real-sample eval rows costs ~9 s on 2 cores (4 s: the demo's 7)
-    save_every: int = 100  # a checkpoint of the default adapter (r 64) with its optimizer state: 234 MB, ~1 s
-    save_total_limit: int = 2  # complete checkpoints kept (the newest); older ones removed once a new one is complete
+    max_seq_len: int = 2048  # the tokenized dataset's (its manifest): never asked again
     trust_remote_code: bool = False
     mlflow_tracking_uri: str | None = None
     mlflow_run_id: str | None = None
-    stop_after_steps: int | None = None  # tests: stop (as if killed) after this many steps
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = Field(default_factory=dict)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> TrainSpec:
@@ -80,7 +97,7 @@ class TrainSpec:
     def dump(self, path: str | os.PathLike) -> None:
         from pipeline.core.atomic import write_bytes_atomic
 
-        write_bytes_atomic(path, json.dumps(asdict(self), indent=2).encode())
+        write_bytes_atomic(path, json.dumps(self.model_dump(), indent=2).encode())
 
 
 # Settings that change what is trained (locations, logging, speed-only switches and test hooks do not).
@@ -142,7 +159,7 @@ def adapter_id(data_fingerprint: str, base_fingerprint: str, settings: dict[str,
     from pipeline.core.fingerprint import sha256_json
 
     chosen = {k: settings[k] for k in TRAINING_KEYS if k in settings}
-    fields = TrainSpec.__dataclass_fields__
+    fields = TrainingSettings.model_fields
     chosen.update({k: settings[k] for k in METHOD_KEYS if k in settings and settings[k] != fields[k].default})
     return sha256_json({"engine": ENGINE_VERSION, "data": data_fingerprint, "base": base_fingerprint, "settings": chosen, "processes": processes})[
         :16
