@@ -20,30 +20,25 @@ from pydantic import Field
 from pipeline.core.atomic import atomic_dir, write_bytes_atomic
 from pipeline.core.cache import KEY_CHARS, is_complete, keyed_folder
 from pipeline.core.fingerprint import sha256_json
+from pipeline.core.pool_limit import INFERENCE_POOL
 from pipeline.core.tracking_sync import COMPLETE, attempt, pending, quick_http
 from pipeline.stages.base_model import BaseModelInfo
 from pipeline.stages.evaluation_report import (
     EvalConfig,
-    eval_dtype,
     evaluate_models,
     extract_medicine_name,
-    load_tuned_model,
     select_rows,
     side_by_side_markdown,
-    stop_token_ids,
     summary_markdown,
     tuned_beats_base,
 )
 from pipeline.stages.evaluation_report.choice import ChoiceSet
 from pipeline.stages.evaluation_report.lineage import LineageError, check_lineage
 from pipeline.stages.evaluation_report.settings import EvaluationSettings
+from pipeline.stages.lora_adapter.generation import eval_dtype, load_tuned_model, stop_token_ids
 from pipeline.stages.tokenized_dataset import MANIFEST, TokenizedDataset
 from resources.data_root import DataRoot
 from resources.mlflow_tracking import MlflowTracking
-
-# evaluation_report and merged_model one at a time (pipeline/dagster.yaml: limit 1): side by side on
-# 2 cores each ran several times slower (a run started from the UI uses the multiprocess executor)
-INFERENCE_POOL = "medtune_inference"
 
 EVAL_FORMAT = 3  # 3: one forward per row, choice over a token trie, the tuned LoRA model merged for the pass
 

@@ -19,7 +19,7 @@ from pydantic import Field
 
 from pipeline.core.atomic import file_lock, write_bytes_atomic
 from pipeline.core.cache import is_complete, keyed_folder
-from pipeline.core.pool_limit import pool_slot
+from pipeline.core.pool_limit import TRAINING_POOL, pool_slot
 from pipeline.core.secrets import redact
 from pipeline.core.tracking_sync import COMPLETE, COPIED_FROM_TAG, MetricsTail, attempt, known_run, pending, quick_http, send_training, unfinished
 from pipeline.stages.base_model import BaseModelInfo
@@ -32,9 +32,6 @@ from pipeline.stages.lora_adapter.spec import TrainingSettings, adapter_lock
 from pipeline.stages.tokenized_dataset import TokenizedDataset
 from resources.data_root import PROJECT_ROOT, DataRoot
 from resources.mlflow_tracking import MlflowTracking
-
-# one training at a time on this machine, whatever launched it (pipeline/dagster.yaml sets the limit)
-TRAINING_POOL = "medtune_training"
 
 
 class LoraAdapterConfig(Config, TrainingSettings):

@@ -24,22 +24,22 @@ import pandas as pd
 from dagster import AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, AssetExecutionContext, Config, MetadataValue, Output, asset
 from pydantic import Field
 
-from assets.evaluation_report import INFERENCE_POOL
 from pipeline.core.cache import KEY_CHARS, keyed_folder
 from pipeline.core.fingerprint import sha256_json
+from pipeline.core.pool_limit import INFERENCE_POOL
 from pipeline.stages.base_model import BaseModelInfo
-from pipeline.stages.evaluation_report import load_tuned_model
+from pipeline.stages.lora_adapter.generation import load_tuned_model
 from pipeline.stages.lora_adapter.methods import is_prompt_learning
 from pipeline.stages.lora_adapter.spec import trained_method
 from pipeline.stages.merged_model import (
     DEFAULT_TOLERANCE,
     NATIVE_TOLERANCE,
     compare_with_adapter,
-    fits_in_memory,
     load_merged,
     merge_adapter,
     read_export_record,
 )
+from pipeline.stages.merged_model.streamed import fits_in_memory
 from pipeline.stages.tokenized_dataset import MANIFEST, TokenizedDataset, render_prompt
 from resources.data_root import DataRoot
 

@@ -14,8 +14,9 @@ from pathlib import Path
 from dagster import AssetExecutionContext, DynamicPartitionsDefinition, Failure, MaterializeResult, MetadataValue, PipesSubprocessClient, asset
 
 from assets.evaluation_report import EvaluationReportConfig, evaluate_or_reuse
-from assets.lora_adapter import TRAINING_POOL, LoraAdapterConfig, train_or_reuse
+from assets.lora_adapter import LoraAdapterConfig, train_or_reuse
 from assets.sweep_plan import read_plan, sweep_dir
+from pipeline.core.pool_limit import TRAINING_POOL
 from pipeline.core.secrets import redact, redact_params
 from pipeline.core.tracking_sync import send_missing_metrics
 from pipeline.stages.base_model import BaseModelInfo

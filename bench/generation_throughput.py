@@ -71,8 +71,8 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pipeline.stages.base_model import resolve_base_model
-    from pipeline.stages.evaluation_report import eval_dtype, generate_greedy, stop_token_ids
     from pipeline.stages.lora_adapter.flops import matmul_peak_flops
+    from pipeline.stages.lora_adapter.generation import eval_dtype, generate_greedy, stop_token_ids
     from resources.data_root import DataRoot, default_data_dir
 
     path = resolve_base_model(args.model, DataRoot(path=default_data_dir()).models_dir).path

@@ -74,7 +74,7 @@ def resolve_model(model: str, shape: str | None, tokenizer: str | None, work: Pa
         if tokenizer:
             AutoTokenizer.from_pretrained(tokenizer).save_pretrained(folder)
         else:
-            from pipeline.stages.base_model import load_bundled_tokenizer
+            from pipeline.stages.base_model.bundled import load_bundled_tokenizer
 
             load_bundled_tokenizer().save_pretrained(folder)
         return str(folder)

@@ -216,7 +216,7 @@ class Models:
 def answer(model, tokenizer, question: str, system_prompt: str, max_new_tokens: int, stream=None) -> str:
     import torch
 
-    from pipeline.stages.evaluation_report import stop_token_ids
+    from pipeline.stages.lora_adapter.generation import stop_token_ids
     from pipeline.stages.tokenized_dataset import render_prompt
 
     prompt = render_prompt(tokenizer, question, "", system_prompt)

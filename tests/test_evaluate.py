@@ -9,8 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from pipeline.stages.evaluation_report import EvalConfig, evaluate_models, select_rows, tuned_beats_base
-from pipeline.stages.evaluation_report.generation import answer_losses, generate_greedy, stop_token_ids
 from pipeline.stages.evaluation_report.metrics import bleu4_chars, extract_medicine_name, name_hit, rouge_words, text_scores
+from pipeline.stages.lora_adapter.generation import answer_losses, generate_greedy, stop_token_ids
 from pipeline.stages.tokenized_dataset import render_prompt, tokenize_rows
 
 REAL_FORMS = [

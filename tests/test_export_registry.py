@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from conftest import mlflow_store
-from pipeline.stages.evaluation_report import load_tuned_model
+from pipeline.stages.lora_adapter.generation import load_tuned_model
 from pipeline.stages.merged_model import compare_with_adapter, load_merged, merge_adapter, merge_exact, read_export_record
 from pipeline.stages.tokenized_dataset import end_of_turn_id, render_prompt
 

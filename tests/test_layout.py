@@ -78,6 +78,43 @@ def test_imports_only_point_down(folder, forbidden):
     assert not wrong, wrong
 
 
+def stage_of(path: Path) -> str:
+    """``pipeline/stages/<name>.py`` or ``pipeline/stages/<name>/...``: the stage's (and asset's) name."""
+    return path.relative_to(PROJECT / "pipeline" / "stages").parts[0].removesuffix(".py")
+
+
+def test_a_stage_imports_only_the_stages_upstream_of_it():
+    """Imports follow the data: a stage may use what an upstream asset's stage provides, never a
+    downstream or sibling stage's (the asset graph says which are upstream)."""
+    from dagster import AssetKey
+
+    from pipeline.definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    upstream = {key.to_user_string(): {k.to_user_string() for k in graph.upstream_key_iterator(key)} for key in graph.get_all_asset_keys()}
+    wrong = []
+    for path in modules("pipeline/stages"):
+        if path.name == "__init__.py" and path.parent.name == "stages":
+            continue
+        stage = stage_of(path)
+        allowed = upstream.get(stage, set()) | {stage}
+        for name in imports(path):
+            if name.startswith("pipeline.stages."):
+                used = name.split(".")[2]
+                if used not in allowed:
+                    wrong.append(f"{path.relative_to(PROJECT)} imports {used}, not upstream of {stage}")
+    assert AssetKey("lora_adapter") in graph.get_all_asset_keys() and not wrong, wrong
+
+
+def test_no_private_name_is_imported_from_another_module():
+    taken = []
+    for path in modules("pipeline") + modules("assets") + modules("resources"):
+        for node in ast.walk(parse(path)):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in ("pipeline", "assets", "resources"):
+                taken += [f"{path.relative_to(PROJECT)}: {a.name} from {node.module}" for a in node.names if a.name.startswith("_")]
+    assert not taken, taken
+
+
 def test_stages_run_without_dagster():
     """Stage modules may use dagster_pipes (the training child's channel), never Dagster itself."""
     wrong = [f"{p.relative_to(PROJECT)}" for p in modules("pipeline/stages") if "dagster" in imports(p)]

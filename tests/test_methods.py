@@ -113,8 +113,7 @@ def test_resuming_from_a_checkpoint_gives_the_uninterrupted_result(method, train
 
 @pytest.mark.parametrize("method", METHODS)
 def test_each_method_evaluates_against_its_base_and_exports(method, trained, tiny_model_dir, tokenizer, tmp_path):
-    from pipeline.stages.evaluation_report import load_tuned_model, stop_token_ids
-    from pipeline.stages.evaluation_report.generation import answer_losses, generate_greedy
+    from pipeline.stages.lora_adapter.generation import answer_losses, generate_greedy, load_tuned_model, stop_token_ids
     from pipeline.stages.merged_model import ExportError, compare_with_adapter, load_merged, merge_adapter
     from pipeline.stages.tokenized_dataset import render_prompt
 
@@ -205,7 +204,7 @@ def test_a_prompt_learning_adapter_registers_with_its_base_and_the_pyfunc_answer
     from mlflow.tracking import MlflowClient
 
     import mlflow
-    from pipeline.stages.evaluation_report import stop_token_ids
+    from pipeline.stages.lora_adapter.generation import stop_token_ids
     from pipeline.stages.lora_adapter.inference import load_trained
     from pipeline.stages.registered_model import register_merged_model
     from pipeline.stages.tokenized_dataset import render_prompt

@@ -93,7 +93,7 @@ def test_pickle_weights_are_never_loaded(tmp_path, tiny_model_dir):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.stages.evaluation_report import load_tuned_model
+    from pipeline.stages.lora_adapter.generation import load_tuned_model
 
     folder = tmp_path / "with-pickle"
     shutil.copytree(tiny_model_dir, folder)

@@ -48,6 +48,10 @@ def advisory_key(pool: str) -> int:
     return zlib.crc32(f"medtune pool {pool}".encode()) & 0x7FFFFFFF
 
 
+# one training step at a time on this machine, whatever launched it (pipeline/dagster.yaml sets the limits)
+TRAINING_POOL = "medtune_training"
+# evaluation_report and merged_model one at a time: side by side on a few cores each runs several times slower
+INFERENCE_POOL = "medtune_inference"
 LOCK_CHECK_S = 15.0  # how often a held advisory lock's connection is checked: a lost lock is noticed within this
 
 

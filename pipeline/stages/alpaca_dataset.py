@@ -24,14 +24,9 @@ import pyarrow.parquet as pq
 
 from pipeline.core.atomic import atomic_path
 from pipeline.core.chunks import CHUNK_ROWS, PARQUET_SETTINGS, ROW_GROUP_SIZE, ChunkWriter, iter_chunks, to_arrow
+from pipeline.stages.deduplicated_records.keys import bucket
 
 ALPACA_COLUMNS = ("record_id", "prompt_id", "instruction", "input", "output", "split", "source_file", "source_line")
-
-
-def bucket(prompt_ids: pd.Series) -> np.ndarray:
-    """Each prompt's position in [0, 1) from its hash."""
-    ids = prompt_ids.tolist() if hasattr(prompt_ids, "tolist") else list(prompt_ids)
-    return np.array([int(p[:16], 16) for p in ids], dtype=np.float64) / 2.0**64
 
 
 def split_rule(b: np.ndarray, eval_fraction: float, lowest: float | None, highest: float | None, distinct: int) -> np.ndarray:

@@ -25,11 +25,11 @@ from pathlib import Path
 
 from pipeline.core.atomic import atomic_dir, write_bytes_atomic
 from pipeline.core.fingerprint import sha256_files
+from pipeline.stages.base_model.bundled import ModelSourceError, convert_bundled, load_bundled_tokenizer
 
 BUNDLED_PREFIX = "bundled:"
 BUNDLED_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL = f"{BUNDLED_PREFIX}{BUNDLED_NAME}"
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FINGERPRINT_FILE = "medtune_fingerprint.json"
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -42,10 +42,6 @@ TOKENIZER_FILES = (
     "tokenizer.model",
 )
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.bin")
-
-
-class ModelSourceError(RuntimeError):
-    """The base model cannot be resolved; the message says what to do."""
 
 
 @dataclass
@@ -245,7 +241,3 @@ def resolve_base_model(model: str, models_dir: Path, revision: str | None = None
         has_chat_template=has_template,
         trust_remote_code=trust_remote_code,
     )
-
-
-# the bundled model's conversion (re-exported: callers import it from the stage)
-from pipeline.stages.base_model.bundled import bundled_gguf_path, convert_bundled, gguf_parsed_once, load_bundled_tokenizer  # noqa: E402, F401

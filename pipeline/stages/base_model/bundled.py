@@ -16,7 +16,12 @@ from pathlib import Path
 
 from pipeline.core.atomic import atomic_dir
 from pipeline.core.fingerprint import sha256_file
-from pipeline.stages.base_model import GGUF_FILE, ModelSourceError
+
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelSourceError(RuntimeError):
+    """The base model cannot be resolved; the message says what to do."""
 
 
 def bundled_gguf_path() -> Path:

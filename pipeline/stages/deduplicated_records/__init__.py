@@ -47,7 +47,7 @@ from pipeline.stages.deduplicated_records.keys import (
     prompt_keys,
     stable_id,
 )
-from pipeline.stages.deduplicated_records.output import STAGE, _Buckets, _chunk_output, _stats  # noqa: F401 (STAGE: re-exported)
+from pipeline.stages.deduplicated_records.output import SplitBuckets, chunk_output, dedup_stats
 from pipeline.stages.deduplicated_records.sources import Sources, source_codes
 
 __all__ = [
@@ -240,7 +240,7 @@ def deduplicate_to(
         )
     del bands
     heads = {g["_head"]: g for g in groups}
-    buckets = _Buckets(counts["distinct_prompts"])
+    buckets = SplitBuckets(counts["distinct_prompts"])
     offset = 0
     empty = empty_records()
     empty.insert(0, "record_id", pd.Series([], dtype="str"))
@@ -250,13 +250,13 @@ def deduplicate_to(
     second = Progress(log, "deduplicated_records: writing", n, every=5.0)
     with stage_output(folder, empty, chunk_rows) as out:
         for chunk in rows.iter_kept(chunk_rows):
-            kept, rejected = _chunk_output(chunk, offset, triple, prompt, dups, reasons, counts, sources, heads)
+            kept, rejected = chunk_output(chunk, offset, triple, prompt, dups, reasons, counts, sources, heads)
             out.kept.write(kept)
             out.rejected.write(rejected)
             buckets.add(kept["near_group_id"])
             offset += len(chunk)
             second(offset)
-        out.stats = _stats(offset, out.kept.rows, counts, conflict_policy, groups, buckets.stats())
+        out.stats = dedup_stats(offset, out.kept.rows, counts, conflict_policy, groups, buckets.stats())
         out.stats["workers"] = n_workers
         clock["write"] = time.perf_counter() - started - clock["first_pass"] - clock["decide"]
         out.stats["seconds"] = {k: round(v, 2) for k, v in clock.items()}

@@ -29,6 +29,12 @@ _CHUNK = 131_072
 _PARALLEL_ROWS = 8_192
 
 
+def bucket(prompt_ids: pd.Series) -> np.ndarray:
+    """Each prompt's position in [0, 1) from its id (a hash): the split ``alpaca_dataset`` gives it."""
+    ids = prompt_ids.tolist() if hasattr(prompt_ids, "tolist") else list(prompt_ids)
+    return np.array([int(p[:16], 16) for p in ids], dtype=np.float64) / 2.0**64
+
+
 def normalize_text(text: str) -> str:
     """Reference (row-at-a-time) normalisation; :func:`normalize_array` is the vectorised one."""
     return _WS_RUN_PY.sub(" ", unicodedata.normalize("NFKC", text)).strip(" ")

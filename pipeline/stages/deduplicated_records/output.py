@@ -36,7 +36,7 @@ def _near_shown(frame: pd.DataFrame, offset: int, groups: list[dict]) -> None:
                 g["similarity"] = j if g["similarity"] is None else min(g["similarity"], j)
 
 
-def _chunk_output(
+def chunk_output(
     frame: pd.DataFrame,
     offset: int,
     triple: np.ndarray,
@@ -75,7 +75,7 @@ def _chunk_output(
     return out, rejected
 
 
-def _stats(n: int, kept_rows: int, counts: dict, conflict_policy: str, groups: list[dict], buckets: dict) -> dict:
+def dedup_stats(n: int, kept_rows: int, counts: dict, conflict_policy: str, groups: list[dict], buckets: dict) -> dict:
     return {
         "rows_in": n,
         "rows_kept": kept_rows,
@@ -96,7 +96,7 @@ def _stats(n: int, kept_rows: int, counts: dict, conflict_policy: str, groups: l
     }
 
 
-class _Buckets:
+class SplitBuckets:
     """The smallest and largest split bucket of the kept prompts (``alpaca_dataset`` needs them
     to keep one prompt in each split), gathered chunk by chunk."""
 
@@ -105,7 +105,7 @@ class _Buckets:
         self.distinct = distinct
 
     def add(self, prompt_ids: pd.Series) -> None:
-        from pipeline.stages.alpaca_dataset import bucket
+        from pipeline.stages.deduplicated_records.keys import bucket
 
         if len(prompt_ids):
             b = bucket(prompt_ids)

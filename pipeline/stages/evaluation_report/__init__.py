@@ -30,43 +30,29 @@ from typing import Any
 import pandas as pd
 from pydantic import ConfigDict
 
+from pipeline.core.progress import Progress
 from pipeline.stages.evaluation_report.choice import ChoiceSet, combine_forms, openings_ids, rank_of, score_prefilled
-from pipeline.stages.evaluation_report.generation import (
-    answer_losses,
-    eval_dtype,
-    generate_greedy,
-    inference_device,
-    load_tuned_model,
-    lora_merged,
-    prompt_length,
-    stop_token_ids,
-)
 from pipeline.stages.evaluation_report.metrics import NAME_PATTERNS, extract_medicine_name, name_hit, text_scores
+from pipeline.stages.evaluation_report.report import MODELS, SPLITS, side_by_side_markdown, summary_markdown, tuned_beats_base
 from pipeline.stages.evaluation_report.settings import EvaluationSettings
+from pipeline.stages.lora_adapter.generation import decode_greedy, prefill, prompt_length
+from pipeline.stages.lora_adapter.weights import lora_merged
 from pipeline.stages.tokenized_dataset import pad_token_id, render_prompt
 
 __all__ = [
     "EvalConfig",
     "EvaluationResult",
     "NAME_PATTERNS",
-    "answer_losses",
-    "eval_dtype",
     "evaluate_models",
     "extract_medicine_name",
-    "generate_greedy",
-    "inference_device",
-    "load_tuned_model",
     "name_hit",
     "select_rows",
     "side_by_side_markdown",
-    "stop_token_ids",
     "summary_markdown",
     "text_scores",
     "tuned_beats_base",
 ]
 
-MODELS = ("base", "tuned")
-SPLITS = ("eval", "train_sample")
 TEXT_METRICS = ("bleu_4", "rouge_1", "rouge_2", "rouge_l")
 
 # ------------------------------------------------------------------------ report
@@ -254,8 +240,6 @@ def run_model(
     only: no answer loss. Logs each batch: rows done, phase times, new tokens/s, ETA."""
     import time
 
-    from pipeline.stages.evaluation_report.generation import Progress, decode_greedy, prefill
-
     order = sorted(range(len(rows)), key=lambda i: -prompt_length(rows[i][1]))  # similar prompt lengths together
     losses: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
     answers: list[list[int]] = [[] for _ in rows]
@@ -293,7 +277,3 @@ def run_model(
             f"{times['prefill']:.1f} s; choice scoring {times['choice']:.1f} s"
         )
     return {"losses": losses, "answers": answers, "choices": choices, "times": times, "tokens": tokens}
-
-
-# the gate and the Markdown tables (re-exported: callers import them from the stage)
-from pipeline.stages.evaluation_report.report import side_by_side_markdown, summary_markdown, tuned_beats_base  # noqa: E402, F401

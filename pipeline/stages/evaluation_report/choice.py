@@ -60,7 +60,7 @@ class ChoiceSet:
 
 def score_prompt(model, prompt_ids: list[int], forms: list[list[list[int]]], batch_size: int = 1024) -> list[list[float]]:
     """log P(continuation | prompt) for every continuation of every form ([form][continuation])."""
-    from pipeline.stages.evaluation_report.generation import prefill
+    from pipeline.stages.lora_adapter.generation import prefill
 
     return score_prefilled(model, prefill(model, prompt_ids), forms, max_nodes=batch_size)
 
@@ -94,7 +94,7 @@ def score_prefilled(model, row, forms: list[list[list[int]]], max_nodes: int = 5
 def _score_tree(model, row, continuations: list[list[int]]) -> list[float]:
     import torch
 
-    from pipeline.stages.evaluation_report.generation import crop_to
+    from pipeline.stages.lora_adapter.generation import crop_to
 
     if any(not c for c in continuations):
         raise ValueError("an empty continuation cannot be scored")

@@ -15,18 +15,29 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 from pipeline.core.atomic import atomic_dir
+from pipeline.stages.lora_adapter.weights import exact_lora_weight, is_plain_lora
+from pipeline.stages.merged_model.record import EXPORT_RECORD, ExportError, read_export_record
+from pipeline.stages.merged_model.streamed import merge_streamed, verify_layers
 
-EXPORT_RECORD = "medtune_export.json"
+__all__ = [
+    "EXPORT_RECORD",
+    "ExportError",
+    "MergeComparison",
+    "compare_with_adapter",
+    "load_merged",
+    "merge_adapter",
+    "merge_exact",
+    "merge_streamed",
+    "read_export_record",
+    "teacher_forced",
+    "verify_layers",
+]
+
 DEFAULT_TOLERANCE = 1e-4  # end to end in float64
 NATIVE_TOLERANCE = 1e-3  # end to end in fp32: its own rounding is ~1e-4 on SmolLM2 (logits up to ~40)
-
-
-class ExportError(RuntimeError):
-    pass
 
 
 def merge_adapter(
@@ -117,33 +128,6 @@ def merge_adapter(
     return info
 
 
-def is_plain_lora(module, name: str) -> bool:
-    """A LoRA layer whose delta is ``scaling · B @ A`` on a ``Linear`` (not DoRA, AdaLoRA, fan-in-fan-out)."""
-    import torch
-    from peft.tuners.adalora import AdaLoraLayer
-    from peft.tuners.lora import LoraLayer
-
-    return (
-        isinstance(module, LoraLayer)
-        and not isinstance(module, AdaLoraLayer)
-        and name in module.lora_A
-        and isinstance(module.get_base_layer(), torch.nn.Linear)
-        and not module.use_dora.get(name, False)
-        and not getattr(module, "fan_in_fan_out", False)
-        and not getattr(module, "lora_bias", {}).get(name, False)
-    )
-
-
-def exact_lora_weight(module, name: str):
-    """``W + scaling · B @ A`` computed in float64 and rounded once to ``W``'s dtype (a new tensor)."""
-    import torch
-
-    weight = module.get_base_layer().weight.detach()
-    a = module.lora_A[name].weight.detach().to(weight.device, torch.float64)
-    b = module.lora_B[name].weight.detach().to(weight.device, torch.float64)
-    return (weight.to(torch.float64) + (b @ a) * float(module.scaling[name])).to(weight.dtype)
-
-
 def merge_exact(peft_model):
     """Merge every LoRA layer as ``W + scaling * B @ A`` computed in float64 and rounded once to the
     weight's dtype, then drop the LoRA modules; returns ``(model, info)``.
@@ -172,14 +156,6 @@ def merge_exact(peft_model):
             exact += 1
     model = peft_model.unload()  # the base layers now hold the merged weights
     return model, {"method": "float64, rounded once", "layers_exact": exact, "layers_peft": peft_merged}
-
-
-def read_export_record(folder: str | os.PathLike) -> dict[str, Any] | None:
-    path = Path(folder) / EXPORT_RECORD
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 @dataclass
@@ -252,7 +228,7 @@ def compare_with_adapter(
     The greedy choices are compared in the weights' own dtype (the models as served)."""
     import torch
 
-    from pipeline.stages.evaluation_report import generate_greedy, stop_token_ids
+    from pipeline.stages.lora_adapter.generation import generate_greedy, stop_token_ids
 
     if precision not in ("float64", "native"):
         raise ValueError(f"precision must be float64 or native, not {precision!r}")
@@ -290,18 +266,7 @@ def load_merged(folder: str | os.PathLike, trust_remote_code: bool = False):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pipeline.stages.evaluation_report import inference_device
+    from pipeline.stages.lora_adapter.generation import inference_device
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code)
     return model.to(inference_device())
-
-
-# the streamed merge and its proof (re-exported: callers import them from the stage)
-from pipeline.stages.merged_model.streamed import (  # noqa: E402
-    LayerReference,  # noqa: F401
-    adapted_layers,  # noqa: F401
-    fits_in_memory,  # noqa: F401
-    load_adapter_skeleton,  # noqa: F401
-    merge_streamed,
-    verify_layers,
-)

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.stages.merged_model import ExportError, is_plain_lora
+from pipeline.stages.lora_adapter.weights import is_plain_lora
+from pipeline.stages.merged_model.record import ExportError
 
 
 @dataclass

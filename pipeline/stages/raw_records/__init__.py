@@ -27,7 +27,8 @@ from pipeline.core.records import StagedRows, StageResult, empty_records, in_mem
 from pipeline.stages.raw_records.blocks import BLOCK_BYTES, STREAM_BYTES, iter_file
 from pipeline.stages.raw_records.decoding import FileRejected, decode_lines
 from pipeline.stages.raw_records.files import EMPTY, SUFFIXES, discover_files, raw_fingerprint
-from pipeline.stages.raw_records.json_recovery import Parsed, parse_text
+from pipeline.stages.raw_records.json_recovery import parse_text
+from pipeline.stages.raw_records.json_values import Parsed
 from pipeline.stages.raw_records.rows import STAGE, FileResult, FileSummary, ingest_file
 from pipeline.stages.raw_records.workers import append_part, read_in_workers, worker_count
 

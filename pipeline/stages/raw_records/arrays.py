@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterator
 
 from pipeline.core.records import clip_raw
-from pipeline.stages.raw_records.json_recovery import _JSON_WS, _SCAN, _STRICT_DECODER, Parsed
+from pipeline.stages.raw_records.json_values import JSON_WS, SCAN, STRICT_DECODER, Parsed
 
 _DECODER = json.JSONDecoder()
 _Q_INSTRUCTION, _Q_INPUT, _Q_OUTPUT = '"instruction"', '"input"', '"output"'
@@ -102,11 +102,11 @@ def iter_array(
     notes: list[str] = []
     parsed = Parsed(format="JSON array", notes=notes)
     # Read whole, the caller parses again with strict keys when the text holds a key more often
-    # than its records do (``json_recovery._may_repeat_keys``); read in blocks, each element is
+    # than its records do (``json_recovery.may_repeat_keys``); read in blocks, each element is
     # checked as it is read.
     check_keys = not strict_keys and not win.eof
-    scan = _STRICT_DECODER.scan_once if strict_keys else _SCAN
-    ws = _JSON_WS.match
+    scan = STRICT_DECODER.scan_once if strict_keys else SCAN
+    ws = JSON_WS.match
     text = win.text
     n = len(text)
     pos = start + 1
@@ -182,7 +182,7 @@ def iter_array(
             if end >= n and grow():
                 continue  # a value that ends where the window does may go on in the next block
             if check_keys and (count(_Q_INSTRUCTION, pos, end) > 1 or count(_Q_INPUT, pos, end) > 1 or count(_Q_OUTPUT, pos, end) > 1):
-                value = _STRICT_DECODER.scan_once(text, pos)[0]  # a key given twice is caught
+                value = STRICT_DECODER.scan_once(text, pos)[0]  # a key given twice is caught
         except StopIteration as stop:
             # no value where one should be: at the window's end (even inside a nested value) that
             # may only be where this block stops

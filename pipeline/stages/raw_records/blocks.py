@@ -28,8 +28,9 @@ import orjson
 import pyarrow as pa
 
 from pipeline.stages.raw_records.arrays import Window, iter_array
-from pipeline.stages.raw_records.json_recovery import _JSON_WS, _may_repeat_keys, _parse_lines, normalise_line_ends
-from pipeline.stages.raw_records.rows import STAGE, FileResult, FileSummary, _file_preview, extra_fields_note, ingest_file, rows_of
+from pipeline.stages.raw_records.json_recovery import may_repeat_keys, normalise_line_ends, parse_lines
+from pipeline.stages.raw_records.json_values import JSON_WS
+from pipeline.stages.raw_records.rows import STAGE, FileResult, FileSummary, extra_fields_note, file_preview, ingest_file, rows_of
 
 STREAM_BYTES = 64 << 20  # files above this size are read in blocks
 BLOCK_BYTES = 8 << 20
@@ -105,7 +106,7 @@ def _head(texts: Iterator[str]) -> str:
     text = ""
     for piece in texts:
         text += piece
-        if _JSON_WS.match(text).end() < len(text):
+        if JSON_WS.match(text).end() < len(text):
             break
     return text
 
@@ -120,7 +121,7 @@ def _format(path: Path, block_bytes: int) -> str | None:
         return None
     texts = _texts(path, block_bytes)
     text = _head(texts)
-    start = _JSON_WS.match(text).end()
+    start = JSON_WS.match(text).end()
     if text[start : start + 1] == "[":
         return "array"
     if text[start : start + 1] == "{":
@@ -189,7 +190,7 @@ def iter_file(
                 "source_index": None,
                 "stage": STAGE,
                 "reason": f"file rejected: {summary.error}",
-                "raw": _file_preview(path),
+                "raw": file_preview(path),
             }
         ]
     else:
@@ -201,16 +202,16 @@ def iter_file(
 def _array_pieces(path: Path, block_bytes: int, piece_rows: int):
     texts = _texts(path, block_bytes)
     win = Window(_head(texts), texts)
-    start = _JSON_WS.match(win.text).end()
+    start = JSON_WS.match(win.text).end()
     yield from iter_array(win, start, {}, piece_rows=piece_rows)
 
 
 def _line_pieces(path: Path, block_bytes: int, summary: FileSummary):
     line_base = index_base = 0
     for text in _line_texts(_texts(path, block_bytes)):
-        parsed = _parse_lines(text, {}, False)
-        if _may_repeat_keys(text, parsed):
-            parsed = _parse_lines(text, {}, True)
+        parsed = parse_lines(text, {}, False)
+        if may_repeat_keys(text, parsed):
+            parsed = parse_lines(text, {}, True)
         n_lines = len(parsed.source_lines)
         parsed.line_base = line_base
         parsed.lines = [line + line_base for line in parsed.lines]

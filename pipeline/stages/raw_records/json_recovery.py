@@ -4,33 +4,14 @@ rejects that row only, with positions for every value and reasons for every brea
 from __future__ import annotations
 
 import json
-import re
-from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
 from pipeline.core.records import FIELDS
+from pipeline.stages.raw_records.arrays import Window, iter_array
 from pipeline.stages.raw_records.decoding import FileRejected
-
-_JSON_WS = re.compile(r"[ \t\n\r]*")
-_DECODER = json.JSONDecoder()
-_SCAN = _DECODER.scan_once
-
-
-@dataclass
-class Parsed:
-    """Parsed JSON values of one file with their positions (1-based line, 0-based index)."""
-
-    lines: list[int] = field(default_factory=list)
-    indexes: list[int] = field(default_factory=list)
-    values: list[Any] = field(default_factory=list)
-    source_lines: list[str] | None = None  # JSON Lines: the file's lines, for rejected rows' text
-    line_base: int = 0  # lines of the file before ``source_lines[0]`` (a file read in blocks)
-    errors: list[tuple[int, int, str, str]] = field(default_factory=list)  # (line, index, reason, raw)
-    format: str = ""
-    blank_lines: int = 0
-    notes: list[str] = field(default_factory=list)
+from pipeline.stages.raw_records.json_values import DECODER, JSON_WS, SCAN, STRICT_DECODER, Parsed
 
 
 def _json_error(exc: Exception) -> str:
@@ -55,13 +36,13 @@ def parse_text(text: str, bad_lines: dict[int, str] | None = None) -> Parsed:
     bad_lines = bad_lines or {}
     text = normalise_line_ends(text)
     parsed = _parse(text, bad_lines, strict_keys=False)
-    if _may_repeat_keys(text, parsed):
+    if may_repeat_keys(text, parsed):
         parsed = _parse(text, bad_lines, strict_keys=True)
     return parsed
 
 
 def _parse(text: str, bad_lines: dict[int, str], strict_keys: bool) -> Parsed:
-    start = _JSON_WS.match(text).end()
+    start = JSON_WS.match(text).end()
     if start == len(text):
         raise FileRejected("empty file" if not text else "file holds only whitespace")
     first = text[start]
@@ -72,10 +53,10 @@ def _parse(text: str, bad_lines: dict[int, str], strict_keys: bool) -> Parsed:
         return parsed
     if first == "{":
         try:
-            value, end = (_STRICT_DECODER if strict_keys else _DECODER).raw_decode(text, start)
+            value, end = (STRICT_DECODER if strict_keys else DECODER).raw_decode(text, start)
         except (ValueError, RecursionError):
-            return _parse_lines(text, bad_lines, strict_keys)
-        if _JSON_WS.match(text, end).end() == len(text):
+            return parse_lines(text, bad_lines, strict_keys)
+        if JSON_WS.match(text, end).end() == len(text):
             if isinstance(value, dict) and _looks_like_record(value):
                 parsed = Parsed(format="single JSON object")
                 parsed.lines.append(text.count("\n", 0, start) + 1)
@@ -83,32 +64,14 @@ def _parse(text: str, bad_lines: dict[int, str], strict_keys: bool) -> Parsed:
                 parsed.values.append(value)
                 return parsed
             return _parse_wrapper(text, start, value, bad_lines, strict_keys)
-        return _parse_lines(text, bad_lines, strict_keys)
+        return parse_lines(text, bad_lines, strict_keys)
     snippet = text[start : start + 20]
     raise FileRejected(f"not JSON: expected '[' or '{{' at line {text.count(chr(10), 0, start) + 1}, found {snippet!r}")
 
 
 # A key given twice with different values: the record carries this marker key (never a valid
 # field name: it starts with NUL) naming the keys, and is rejected with that reason.
-DUPLICATE_KEYS = "\x00duplicate keys"
-
-
-def _pairs_hook(pairs: list[tuple[str, Any]]) -> dict:
-    out: dict[str, Any] = {}
-    dups: list[str] = []
-    for key, value in pairs:
-        if key in out and out[key] != value and key not in dups:
-            dups.append(key)
-        out[key] = value
-    if dups:
-        out[DUPLICATE_KEYS] = dups
-    return out
-
-
-_STRICT_DECODER = json.JSONDecoder(object_pairs_hook=_pairs_hook)
-
-
-def _may_repeat_keys(text: str, parsed: Parsed) -> bool:
+def may_repeat_keys(text: str, parsed: Parsed) -> bool:
     """Cheap test: does any field name occur in the text more often than the parsed records (and
     the broken rows) account for? Then the file is parsed again with duplicate keys caught."""
     for key in FIELDS:
@@ -144,7 +107,7 @@ def _parse_wrapper(text: str, start: int, value: Any, bad_lines: dict[int, str],
         )
         return parsed
     if keys and all(isinstance(value[k], dict) and _looks_like_record(value[k]) for k in keys):
-        scan = (_STRICT_DECODER if strict_keys else _DECODER).scan_once
+        scan = (STRICT_DECODER if strict_keys else DECODER).scan_once
         parsed = Parsed(format="JSON object of records")
         for index, (_key, pos, line) in enumerate(members):
             parsed.lines.append(line)
@@ -160,14 +123,14 @@ def _parse_wrapper(text: str, start: int, value: Any, bad_lines: dict[int, str],
 
 def _members(text: str, start: int) -> list[tuple[str, int, int]]:
     """(key, position of the value, its line) of each member of the valid JSON object at ``start``."""
-    ws = _JSON_WS.match
+    ws = JSON_WS.match
     out = []
     pos = ws(text, start + 1).end()
     while pos < len(text) and text[pos] != "}":
-        key, pos = _SCAN(text, pos)
+        key, pos = SCAN(text, pos)
         pos = ws(text, ws(text, pos).end() + 1).end()  # past the ':'
         out.append((key, pos, text.count("\n", 0, pos) + 1))
-        _value, end = _SCAN(text, pos)
+        _value, end = SCAN(text, pos)
         pos = ws(text, end).end()
         if pos < len(text) and text[pos] == ",":
             pos = ws(text, pos + 1).end()
@@ -178,7 +141,7 @@ def _looks_like_record(obj: dict) -> bool:
     return any(isinstance(k, str) and k.strip().lower() in ("instruction", "output") for k in obj)
 
 
-def _parse_lines(text: str, bad_lines: dict[int, str], strict_keys: bool = False) -> Parsed:
+def parse_lines(text: str, bad_lines: dict[int, str], strict_keys: bool = False) -> Parsed:
     parsed = Parsed(format="JSON Lines")
     pieces = text.split("\n")
     if pieces and pieces[-1] == "":
@@ -194,7 +157,7 @@ def _parse_lines(text: str, bad_lines: dict[int, str], strict_keys: bool = False
             continue
         try:
             strict = strict_keys and _repeats_a_key(pieces[i])
-            values.append(_STRICT_DECODER.decode(pieces[i]) if strict else loads(pieces[i]))
+            values.append(STRICT_DECODER.decode(pieces[i]) if strict else loads(pieces[i]))
         except (ValueError, RecursionError):
             # orjson refuses NaN, Infinity and lone surrogates, which the standard library reads
             # (the field checks and validation then reject them with a clear reason); its
@@ -214,6 +177,4 @@ def _parse_lines(text: str, bad_lines: dict[int, str], strict_keys: bool = False
 
 def _parse_array(text: str, start: int, bad_lines: dict[int, str], strict_keys: bool = False, nested: bool = False) -> Parsed:
     """The array at ``start``, element by element (``arrays.iter_array`` over the whole text)."""
-    from pipeline.stages.raw_records.arrays import Window, iter_array
-
     return next(iter_array(Window(text), start, bad_lines, strict_keys, nested))

@@ -15,7 +15,8 @@ import pyarrow.compute as pc
 
 from pipeline.core.records import FIELDS, clip_raw
 from pipeline.stages.raw_records.decoding import FileRejected, decode_lines
-from pipeline.stages.raw_records.json_recovery import DUPLICATE_KEYS, Parsed, parse_text
+from pipeline.stages.raw_records.json_recovery import parse_text
+from pipeline.stages.raw_records.json_values import DUPLICATE_KEYS, Parsed
 
 STAGE = "ingest"
 
@@ -179,7 +180,7 @@ def ingest_file(path: Path, rel: str) -> FileResult:
                 "source_index": None,
                 "stage": STAGE,
                 "reason": f"file rejected: {exc}",
-                "raw": _file_preview(path),
+                "raw": file_preview(path),
             }
         )
         return FileResult(None, rejected, summary)
@@ -219,7 +220,7 @@ def rows_of(parsed: Parsed, rel: str, extra: Counter | None = None) -> FileResul
     return FileResult(table, rejected, summary, notes)
 
 
-def _file_preview(path: Path, limit: int = 2000) -> str:
+def file_preview(path: Path, limit: int = 2000) -> str:
     try:
         with open(path, "rb") as fh:
             head = fh.read(limit)

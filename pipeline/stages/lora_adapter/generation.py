@@ -14,10 +14,8 @@ decoding (a test compares them, and with ``model.generate``).
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
-from pipeline.core.progress import Progress  # noqa: F401 (the evaluation's progress lines)
 from pipeline.stages.tokenized_dataset import IGNORE_INDEX
 
 
@@ -152,37 +150,6 @@ def answer_losses(
         r = prefill(model, list(ids), list(labels))
         out.append((r.loss, r.tokens))
     return out
-
-
-@contextlib.contextmanager
-def lora_merged(model):
-    """Inside: every plain LoRA layer of a ``PeftModel`` runs as one merged weight (``W + s·B·A`` in
-    float64, rounded once to the weight's dtype: the export's own arithmetic), the adapter's two
-    extra products per layer gone; afterwards the original weights are back, untouched. Other
-    layers (DoRA, LoHa, ...) and other models run as they are."""
-    import torch
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    from pipeline.stages.merged_model import exact_lora_weight, is_plain_lora
-
-    swapped = []
-    try:
-        for module in model.modules():
-            if not isinstance(module, BaseTunerLayer) or module.merged or len(module.active_adapters) != 1:
-                continue
-            names = list(module.active_adapters)
-            if not is_plain_lora(module, names[0]):
-                continue
-            base_layer = module.get_base_layer()
-            original = base_layer.weight
-            base_layer.weight = torch.nn.Parameter(exact_lora_weight(module, names[0]), requires_grad=False)
-            module.merged_adapters.append(names[0])
-            swapped.append((module, base_layer, original, names[0]))
-        yield len(swapped)
-    finally:
-        for module, base_layer, original, name in swapped:
-            base_layer.weight = original
-            module.merged_adapters.remove(name)
 
 
 def stop_token_ids(tokenizer) -> list[int]:
