@@ -1,4 +1,4 @@
-"""Near-duplicate prompts (issue 15, section 2): datasketch's MinHash and MinHashLSH semantics,
+"""Near-duplicate prompts: datasketch's MinHash and MinHashLSH semantics,
 computed a chunk at a time; the report/drop policy of ``deduplicated_records``; near duplicates kept
 in one split by ``alpaca_dataset``, and the check that finds a held-out prompt's near twin in train."""
 

@@ -1,4 +1,4 @@
-"""The data stages stream (issue 15, section 1): the same input gives byte-identical
+"""The data stages stream: the same input gives byte-identical
 ``alpaca.parquet`` and ``rejected.parquet`` whatever the chunk size, whether large files are read
 in blocks or whole, through the plain functions and through Dagster, and identical to what the
 stages wrote before they streamed (the digests below were taken from that version, commit 8e7f2ec,
@@ -195,7 +195,7 @@ def _minified_pretty_lines(tmp_path: Path) -> dict[str, Path]:
 
 
 def test_a_minified_array_gives_the_rows_of_a_pretty_array_and_of_json_lines(tmp_path, monkeypatch):
-    """Issue 22: blocks are cut anywhere, so a one-line array is read in many small blocks (its
+    """Blocks are cut anywhere, so a one-line array is read in many small blocks (its
     window never holding the file) and gives the same rows and the same rejected rows (same
     positions in the array, same kind of reason) as the pretty-printed array and JSON Lines."""
     import pipeline.stages.raw_records.arrays as arrays

@@ -40,7 +40,7 @@ class TrainingSettings(BaseModel):
     optimizer: Literal["auto", "adamw", "adafactor", "adamw_8bit"] = Field(
         "auto", description="auto: AdamW for adapters, Adafactor for full (its states fit beside the model)"
     )
-    learning_rate: float = Field(1e-3, gt=0, description="Peak learning rate of the cosine schedule")
+    learning_rate: float = Field(1e-3, ge=0, description="Peak learning rate of the cosine schedule (0 leaves the adapters as initialised)")
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of the steps spent warming the learning rate up")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradients are clipped to this norm")
