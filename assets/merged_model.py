@@ -86,7 +86,8 @@ def merged_key(config: MergedModelConfig, adapter_id: str, base_fingerprint: str
             "merged_matches_adapter",
             asset="merged_model",
             blocking=True,
-            description="Merged logits equal the adapter model's (max abs diff, float64 over the fp32 weights) and greedy answers are identical",
+            description="Every merged layer proven against the adapter in float64; the merged model's logits within tolerance of "
+            "the adapter model's (in check_precision) and its greedy answers identical",
         )
     ],
 )
@@ -110,60 +111,77 @@ def merged_model(
     if cache_hit:
         context.log.info(f"cache hit: merged model {mid} already exported and verified")
     else:
-
-        def verify(folder):
-            fits, why = fits_in_memory(folder, copies=2 if config.check_precision == "native" else 4)
-            if not fits:
-                context.log.info(f"end-to-end comparison skipped ({why}): the layer-wise proof decides")
-                return {"end_to_end": f"skipped: {why}"}
-            adapter_model, tokenizer = load_tuned_model(base_model.path, lora_adapter["path"], base_model.trust_remote_code)
-            system_prompt = json.loads((Path(tokenized_dataset.path) / MANIFEST).read_text())["system_prompt"]
-            prompts = _check_prompts(alpaca_dataset["path"], tokenizer, system_prompt, config.check_prompts)
-            tolerance = config.tolerance or (NATIVE_TOLERANCE if config.check_precision == "native" else DEFAULT_TOLERANCE)
-            result = compare_with_adapter(
-                adapter_model,
-                load_merged(folder, base_model.trust_remote_code),
-                tokenizer,
-                prompts,
-                max_new_tokens=config.check_max_new_tokens,
-                tolerance=tolerance,
-                precision=config.check_precision,
-            )
-            return {**result.as_dict(), "end_to_end": "compared"}
-
-        context.log.info(f"merging adapter {lora_adapter['adapter_id']} into a {config.dtype} copy of {base_model.model}, one tensor at a time")
-        record = merge_adapter(
-            base_model.path,
-            lora_adapter["path"],
-            dest,
-            dtype=config.dtype,
-            max_shard_size=config.max_shard_size,
-            trust_remote_code=base_model.trust_remote_code,
-            verify=verify,
-            log=context.log.info,
-            record={
-                "merged_id": mid,
-                "adapter_id": lora_adapter["adapter_id"],
-                "base_model": base_model.model,
-                "base_model_fingerprint": base_model.fingerprint,
-                "mlflow_run_id": lora_adapter.get("mlflow_run_id"),
-            },
-        )
+        verify = _verifier(context, config, base_model, lora_adapter, alpaca_dataset, tokenized_dataset)
+        record = _merge(context, config, base_model, lora_adapter, dest, mid, verify)
     check = record["verification"]
-    layers = check.get("layers", {})
-    size = sum(p.stat().st_size for p in dest.glob("*.safetensors"))
     said = describe_check(check)
     (context.log.info if check["passed"] else context.log.error)(f"merged_matches_adapter: {'passed' if check['passed'] else 'FAILED'}: {said}")
-    yield Output(
-        {
-            "path": str(dest),
+    yield _output(config, lora_adapter, dest, mid, method, record, cache_hit)
+    yield _check_result(check, said)
+
+
+def _verifier(context, config: MergedModelConfig, base_model: BaseModelInfo, lora_adapter: dict, alpaca_dataset: dict, tokenized_dataset):
+    """``verify(folder)``: the merged model against the adapter on a few prompts, where both fit in memory."""
+
+    def verify(folder):
+        fits, why = fits_in_memory(folder, copies=2 if config.check_precision == "native" else 4)
+        if not fits:
+            context.log.info(f"end-to-end comparison skipped ({why}): the layer-wise proof decides")
+            return {"end_to_end": f"skipped: {why}"}
+        adapter_model, tokenizer = load_tuned_model(base_model.path, lora_adapter["path"], base_model.trust_remote_code)
+        system_prompt = json.loads((Path(tokenized_dataset.path) / MANIFEST).read_text())["system_prompt"]
+        prompts = _check_prompts(alpaca_dataset["path"], tokenizer, system_prompt, config.check_prompts)
+        tolerance = config.tolerance or (NATIVE_TOLERANCE if config.check_precision == "native" else DEFAULT_TOLERANCE)
+        merged = load_merged(folder, base_model.trust_remote_code)
+        result = compare_with_adapter(
+            adapter_model,
+            merged,
+            tokenizer,
+            prompts,
+            max_new_tokens=config.check_max_new_tokens,
+            tolerance=tolerance,
+            precision=config.check_precision,
+        )
+        return {**result.as_dict(), "end_to_end": "compared"}
+
+    return verify
+
+
+def _merge(context, config: MergedModelConfig, base_model: BaseModelInfo, lora_adapter: dict, dest: Path, mid: str, verify) -> dict:
+    context.log.info(f"merging adapter {lora_adapter['adapter_id']} into a {config.dtype} copy of {base_model.model}, one tensor at a time")
+    return merge_adapter(
+        base_model.path,
+        lora_adapter["path"],
+        dest,
+        dtype=config.dtype,
+        max_shard_size=config.max_shard_size,
+        trust_remote_code=base_model.trust_remote_code,
+        verify=verify,
+        log=context.log.info,
+        record={
             "merged_id": mid,
-            "mergeable": True,
-            "method": method,
-            "verification": check,
             "adapter_id": lora_adapter["adapter_id"],
+            "base_model": base_model.model,
+            "base_model_fingerprint": base_model.fingerprint,
             "mlflow_run_id": lora_adapter.get("mlflow_run_id"),
         },
+    )
+
+
+def _output(config: MergedModelConfig, lora_adapter: dict, dest: Path, mid: str, method: str, record: dict, cache_hit: bool) -> Output:
+    check = record["verification"]
+    layers = check.get("layers", {})
+    value = {
+        "path": str(dest),
+        "merged_id": mid,
+        "mergeable": True,
+        "method": method,
+        "verification": check,
+        "adapter_id": lora_adapter["adapter_id"],
+        "mlflow_run_id": lora_adapter.get("mlflow_run_id"),
+    }
+    return Output(
+        value,
         metadata={
             "cache_hit": cache_hit,
             "mergeable": True,
@@ -172,7 +190,7 @@ def merged_model(
             "path": MetadataValue.path(str(dest)),
             "dtype": config.dtype,
             "files": MetadataValue.json(record.get("files", [])),
-            "weights_bytes": size,
+            "weights_bytes": sum(p.stat().st_size for p in dest.glob("*.safetensors")),
             "end_of_turn_id": record.get("end_of_turn_id"),
             "layers_checked": layers.get("layers_checked"),
             "worst_ratio_to_rounding_bound": layers.get("worst_ratio_to_rounding_bound"),
@@ -183,7 +201,11 @@ def merged_model(
             "greedy_identical": check.get("greedy_identical"),
         },
     )
-    yield AssetCheckResult(
+
+
+def _check_result(check: dict, said: str) -> AssetCheckResult:
+    layers = check.get("layers", {})
+    return AssetCheckResult(
         check_name="merged_matches_adapter",
         passed=bool(check["passed"]),
         severity=AssetCheckSeverity.ERROR,

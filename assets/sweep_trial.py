@@ -48,7 +48,43 @@ def sweep_trial(
     folder = sweep_dir(data_root, name)
     client = mlflow.client()
     mlflow.check_reachable()
-    parent = plan["parent_run_id"]
+    child = _start_trial_run(context, client, plan["parent_run_id"], name, label, settings)
+    try:
+        config = LoraAdapterConfig(**settings)
+        tags = {"medtune.sweep": name, "medtune.trial": label}
+        adapter = train_or_reuse(context, config, data_root, mlflow, pipes_subprocess_client, tokenized_dataset, base_model, extra_tags=tags).value
+        _, _, summary, _, _, _ = evaluate_or_reuse(
+            context.log, EvaluationReportConfig(**plan["evaluation"]), data_root, alpaca_dataset, tokenized_dataset, base_model, adapter
+        )
+    except BaseException as exc:
+        reason = redact(getattr(exc, "description", None) or f"{type(exc).__name__}: {exc}")[:4000]
+        write_record(folder, label, {"status": FAILED, "settings": settings, "error": reason, "mlflow_run_id": child})
+        client.set_tag(child, "medtune.error", reason[:5000])
+        client.set_terminated(child, "FAILED")
+        context.log.error(f"trial {label} failed (recorded; the other trials go on): {reason[:500]}")
+        raise Failure(description=f"trial {label} failed: {reason}") from None
+    figures = trial_figures(adapter, summary)
+    metrics = read_metrics(Path(adapter["path"]) / "metrics.jsonl")
+    numbers = _finish_trial_run(client, child, adapter, figures, metrics)
+    record = {"status": FINISHED, "settings": settings, "adapter_id": adapter["adapter_id"], "adapter_path": adapter["path"]}
+    write_record(folder, label, {**record, "mlflow_run_id": child, "training_run_id": adapter.get("mlflow_run_id"), "figures": figures})
+    png = plot_loss_curve(metrics)
+    return MaterializeResult(
+        metadata={
+            "sweep": name,
+            "trial": label,
+            "method": settings.get("method", "lora"),
+            "adapter_id": adapter["adapter_id"],
+            "adapter_path": MetadataValue.path(adapter["path"]),
+            **{k: v for k, v in numbers.items()},
+            "loss_curve": MetadataValue.md(f"![loss curve](data:image/png;base64,{base64.b64encode(png).decode()})"),
+            "mlflow_run": MetadataValue.url(mlflow.run_link(child, client.get_run(child).info.experiment_id)),
+        }
+    )
+
+
+def _start_trial_run(context, client, parent: str, name: str, label: str, settings: dict) -> str:
+    """The trial's MLflow run, a child of the sweep's, with its settings as params."""
     child = client.create_run(
         client.get_run(parent).info.experiment_id,
         tags={
@@ -63,67 +99,23 @@ def sweep_trial(
     for key, value in redact_params({"method": "lora", **settings}).items():
         client.log_param(child, key, str(value)[:250])
     context.log.info(f"sweep {name}, trial {label}: {settings} (MLflow run {child}, child of {parent})")
-    try:
-        config = LoraAdapterConfig(**settings)
-        adapter = train_or_reuse(
-            context,
-            config,
-            data_root,
-            mlflow,
-            pipes_subprocess_client,
-            tokenized_dataset,
-            base_model,
-            extra_tags={"medtune.sweep": name, "medtune.trial": label},
-        ).value
-        _, _, summary, _, _, _ = evaluate_or_reuse(
-            context.log, EvaluationReportConfig(**plan["evaluation"]), data_root, alpaca_dataset, tokenized_dataset, base_model, adapter
-        )
-    except BaseException as exc:
-        reason = redact(getattr(exc, "description", None) or f"{type(exc).__name__}: {exc}")[:4000]
-        write_record(folder, label, {"status": FAILED, "settings": settings, "error": reason, "mlflow_run_id": child})
-        client.set_tag(child, "medtune.error", reason[:5000])
-        client.set_terminated(child, "FAILED")
-        context.log.error(f"trial {label} failed (recorded; the other trials go on): {reason[:500]}")
-        raise Failure(description=f"trial {label} failed: {reason}") from None
-    figures = trial_figures(adapter, summary)
-    metrics = read_metrics(Path(adapter["path"]) / "metrics.jsonl")
-    send_missing_metrics(client, child, metrics)
+    return child
+
+
+def _finish_trial_run(client, child: str, adapter: dict, figures: dict, metrics: list) -> dict[str, float]:
+    """The trial's loss curve, figures and adapter link sent to its MLflow run, then FINISHED; the numbers sent."""
     import time
 
     from mlflow.entities import Metric
 
+    send_missing_metrics(client, child, metrics)
     now = int(time.time() * 1000)
     numbers = {k: float(v) for k, v in figures.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     client.log_batch(child, metrics=[Metric(k, v, now, 0) for k, v in numbers.items() if v == v])
-    png = plot_loss_curve(metrics)
     curve = Path(adapter["path"]) / "loss_curve.png"  # written by lora_adapter
     if curve.is_file():
         client.log_artifact(child, str(curve), "plots")
     client.set_tag(child, "medtune.adapter_id", adapter["adapter_id"])
     client.set_tag(child, "medtune.training_run", adapter.get("mlflow_run_id") or "")
     client.set_terminated(child, "FINISHED")
-    write_record(
-        folder,
-        label,
-        {
-            "status": FINISHED,
-            "settings": settings,
-            "adapter_id": adapter["adapter_id"],
-            "adapter_path": adapter["path"],
-            "mlflow_run_id": child,
-            "training_run_id": adapter.get("mlflow_run_id"),
-            "figures": figures,
-        },
-    )
-    return MaterializeResult(
-        metadata={
-            "sweep": name,
-            "trial": label,
-            "method": settings.get("method", "lora"),
-            "adapter_id": adapter["adapter_id"],
-            "adapter_path": MetadataValue.path(adapter["path"]),
-            **{k: v for k, v in numbers.items()},
-            "loss_curve": MetadataValue.md(f"![loss curve](data:image/png;base64,{base64.b64encode(png).decode()})"),
-            "mlflow_run": MetadataValue.url(mlflow.run_link(child, client.get_run(child).info.experiment_id)),
-        }
-    )
+    return numbers

@@ -10,13 +10,10 @@ from pipeline.stages.tokenized_dataset import DEFAULT_SYSTEM_PROMPT, cache_key
 
 TOKENIZED = "0c5589f19a57dfac6fa2d24079d429f0314a7388eee7bf5b59f301925d357605"
 ADAPTER = "fca23461038536e8"
-# evaluation format 3 and export format 3 (2026-12-03: a new evaluation design, the streamed merge
-# and its layer-wise proof) changed these on purpose; before: 1959920af721a539 / cf867ee86ccc5c50
-# and the setting train_sample_loss (2026-12-04, off by default: the evaluation no longer runs the
-# sampled train rows' answers) changed the evaluation's again; before it: 3d7ade9ff8dac8bd
+# a key changes only on purpose: a new evaluation or export format, or a new setting of either
 EVALUATION = "68b4c973ff8555ee"
 MERGED = "a99101a8d958801e"
-# the default system prompt until 2026-12-04 (76 tokens, half of every prompt; now 20): pinned at it
+# an earlier default system prompt (76 tokens, half of every prompt; now 20): pinned at it
 SYSTEM_PROMPT_BEFORE = "你是一名中医药知识助手。请根据患者描述的症状，推荐适合的中成药，并说明它的功效与用法。"
 
 

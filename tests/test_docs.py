@@ -78,3 +78,21 @@ def test_the_settings_reference_is_written_from_the_declarations():
     from pipeline.ops.settings_doc import DOC, rewritten
 
     assert rewritten(DOC.read_text()) == DOC.read_text(), "docs/configuration.md is stale: run `make docs`"
+
+
+HISTORY = re.compile(r"\b[Ii]ssues? \d+|\b[Ss]ession \d+|closing note|\bwork period|\b20\d\d-\d\d-\d\d\b")
+
+
+def test_no_words_of_how_the_project_was_made():
+    """The project's text speaks of the project: no issue numbers, work periods, closing notes or
+    dates in the docs, the code, the tests or the benchmarks (history lives in git)."""
+    code = (p for d in ("pipeline", "assets", "resources", "tests", "bench") for p in (PROJECT / d).rglob("*.py"))
+    files = [*PAGES, *(p for p in code if p.name != "test_docs.py")]  # this file names the words
+    found = [
+        f"{p.relative_to(PROJECT)}:{i}: {m.group(0)}"
+        for p in files
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        for m in [HISTORY.search(line)]
+        if m
+    ]
+    assert not found, found

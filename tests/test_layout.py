@@ -143,6 +143,21 @@ def test_modules_stay_readable():
     assert not long, long
 
 
+MAX_FUNCTION_LINES = 80
+
+
+def test_no_function_is_longer_than_a_screen_unless_it_says_why():
+    """Functions of ``pipeline/``, ``assets/`` and ``resources/`` stay within 80 lines, or their
+    docstring says why they read better whole."""
+    long = []
+    for path, tree in _all_parsed().items():
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES:
+                if "reads better whole" not in (ast.get_docstring(node) or "").lower():
+                    long.append(f"{path.relative_to(PROJECT)}::{node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert not long, long
+
+
 def test_every_setting_is_declared_once_with_a_description():
     """An asset's Config is its stage's settings class where the stage has one (no field declared
     again, so no default copied), and every setting says what it does (the UI and the docs show it)."""

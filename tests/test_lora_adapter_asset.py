@@ -53,11 +53,20 @@ def data_dir(tmp_path):
     return tmp_path / "data"
 
 
-def test_train_track_resume_and_cache(data_dir, tmp_path, tiny_model_dir):
+def test_train_track_resume_and_cache(data_dir, tmp_path, tiny_model_dir, monkeypatch):
+    import sys
+    from pathlib import Path
+
+    import assets.lora_adapter as asset_module
+
     uri = mlflow_store(tmp_path / "mlflow.db")
     client = MlflowClient(uri, registry_uri=uri)
-
-    killed = run(data_dir, uri, tiny_model_dir, stop_after_steps=3, compile=None)
+    launch = asset_module.launch_command
+    killed_child = Path(__file__).parent / "fixtures" / "killed_child.py"
+    # the child SIGKILLed as its step 3 ends: the asset's own launch, with the test's step hook
+    monkeypatch.setattr(asset_module, "launch_command", lambda path, config, **kw: [sys.executable, str(killed_child), "3", "--spec", str(path)])
+    killed = run(data_dir, uri, tiny_model_dir, compile=None)
+    monkeypatch.setattr(asset_module, "launch_command", launch)
     assert not killed.success
     (failed_run,) = client.search_runs(client.search_experiments()[0].experiment_id)
     assert failed_run.info.status == "FAILED" and "medtune.error" in failed_run.data.tags

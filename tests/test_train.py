@@ -114,10 +114,15 @@ def test_same_seed_gives_the_same_adapter(tmp_path, tiny_model_dir, tokenized):
     assert not all(torch.equal(ta[k], tc[k]) for k in ta)
 
 
-def run_child(spec: TrainSpec, path: Path, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
-    """Run the training entry point; on a timeout the whole process group (launcher and workers) is killed."""
+KILLED_CHILD = ROOT / "tests" / "fixtures" / "killed_child.py"
+
+
+def run_child(spec: TrainSpec, path: Path, launcher: list[str] | None = None, kill_at: int | None = None) -> subprocess.CompletedProcess:
+    """Run the training entry point (SIGKILLed as step ``kill_at`` ends, if given); on a timeout the
+    whole process group (launcher and workers) is killed."""
     spec.dump(path)
-    cmd = (launcher or [sys.executable]) + ["-m", "pipeline.stages.lora_adapter", "--spec", str(path)]
+    entry = ["-m", "pipeline.stages.lora_adapter"] if kill_at is None else [str(KILLED_CHILD), str(kill_at)]
+    cmd = (launcher or [sys.executable]) + [*entry, "--spec", str(path)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=300)
@@ -137,15 +142,14 @@ def test_killed_training_resumes_exactly_where_it_stopped(tmp_path, tiny_model_d
     settings = dict(max_steps=8, save_every=2, lora_dropout=0.1, pack_tokens=300)
     whole = train(spec_for(tmp_path / "whole", tiny_model_dir, tokenized, **settings))
     assert whole["steps"] == 8
-    spec = spec_for(tmp_path, tiny_model_dir, tokenized, stop_after_steps=7, **settings)
-    killed = run_child(spec, tmp_path / "spec.json")
-    assert killed.returncode == 3, killed.stderr[-2000:]
+    spec = spec_for(tmp_path, tiny_model_dir, tokenized, **settings)
+    killed = run_child(spec, tmp_path / "spec.json", kill_at=7)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert not (tmp_path / "adapter").exists()  # nothing half-written where the next step reads
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if "step-" in p.name) == ["step-4", "step-6"]
     assert "checkpoint saved at step 6 (removed step-2)" in killed.stdout + killed.stderr
     weights = tmp_path / "ckpt" / "step-6" / "adapter_model.safetensors"
     os.truncate(weights, weights.stat().st_size // 2)
-    spec.stop_after_steps = None
     resumed = run_child(spec, tmp_path / "spec.json")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "step-6 is damaged (adapter_model.safetensors holds" in resumed.stdout and "skipped for the one before" in resumed.stdout
@@ -185,13 +189,12 @@ def test_two_processes_killed_and_resumed_train_what_an_uninterrupted_run_trains
     settings = dict(max_steps=6, save_every=2, lora_dropout=0.1, pack_tokens=300, eval_every=100)
     whole = run_child(spec_for(tmp_path / "whole", tiny_model_dir, tokenized, **settings), tmp_path / "whole.json", torchrun)
     assert whole.returncode == 0, whole.stderr[-3000:]
-    spec = spec_for(tmp_path, tiny_model_dir, tokenized, stop_after_steps=5, **settings)
-    killed = run_child(spec, tmp_path / "spec.json", torchrun)
+    spec = spec_for(tmp_path, tiny_model_dir, tokenized, **settings)
+    killed = run_child(spec, tmp_path / "spec.json", torchrun, kill_at=5)
     assert killed.returncode != 0 and not (tmp_path / "adapter").exists()
     assert [p.name for p in complete_checkpoints(tmp_path / "ckpt")] == ["step-2", "step-4"]
     rng = torch.load(tmp_path / "ckpt" / "step-4" / "rng.pt", weights_only=True)
     assert rng["processes"] == 2 and not torch.equal(rng["states"][0]["torch"], rng["states"][1]["torch"])
-    spec.stop_after_steps = None
     resumed = run_child(spec, tmp_path / "spec.json", torchrun)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     result = json.loads(resumed.stdout.split("RESULT ", 1)[1].splitlines()[0])

@@ -37,7 +37,7 @@ from pipeline.stages.evaluation_report.report import MODELS, SPLITS, side_by_sid
 from pipeline.stages.evaluation_report.settings import EvaluationSettings
 from pipeline.stages.lora_adapter.generation import decode_greedy, prefill, prompt_length
 from pipeline.stages.lora_adapter.weights import lora_merged
-from pipeline.stages.tokenized_dataset import pad_token_id, render_prompt
+from pipeline.stages.tokenized_dataset import pad_token_id
 
 __all__ = [
     "EvalConfig",
@@ -134,25 +134,21 @@ def evaluate_models(
     """Run both models (``model`` is a PeftModel; its adapter is switched off for "base"). ``base``:
     the base model's part of an earlier evaluation of the same rows and settings (:func:`base_part`),
     used instead of running the base model again."""
-    pad_id = pad_token_id(tokenizer, stop_ids[0])
-    prompts = [render_prompt(tokenizer, i, x, config.system_prompt) for i, x in zip(rows["instruction"], rows["input"])]
+    table = rows_table(rows, config)
     pairs = [([int(t) for t in i], [int(t) for t in l]) for i, l in zip(rows["input_ids"], rows["labels"])]
-    table = pd.DataFrame(
-        {
-            "record_id": rows["record_id"],
-            "split": rows["split"],
-            "prompt": [f"{i}\n{x}" if x else i for i, x in zip(rows["instruction"], rows["input"])],
-            "reference": rows["output"],
-            "medicine": rows["output"].map(extract_medicine_name),
-        }
-    )
-    table["medicine_seen_in_training"] = table["medicine"].map(lambda m: bool(m) and m in config.train_medicines)
     choices = config.choices if config.choices else None
     gold = [choices.candidates.index(m) if choices and m in choices.candidates else None for m in table["medicine"]]
     scored = [i for i, g in enumerate(gold) if g is not None]
-    with_loss = {i for i, split in enumerate(rows["split"]) if split == "eval" or config.train_sample_loss}
-    losses: dict[str, list[tuple[float, int]]] = {}
     openings = openings_ids(tokenizer, choices) if choices and scored else None
+    settings = {
+        "with_loss": {i for i, split in enumerate(rows["split"]) if split == "eval" or config.train_sample_loss},
+        "max_new_tokens": config.max_new_tokens,
+        "stop_ids": stop_ids,
+        "pad_id": pad_token_id(tokenizer, stop_ids[0]),
+        "batch_size": config.batch_size,
+        "log": log,
+    }
+    losses: dict[str, list[tuple[float, int]]] = {}
     model.eval()
     for name in MODELS:
         if name == "base" and base is not None and base.get("record_id") == table["record_id"].tolist():
@@ -163,60 +159,70 @@ def evaluate_models(
             continue
         # the base: the adapter switched off; the tuned model: plain LoRA layers as merged weights
         with model.disable_adapter() if name == "base" else lora_merged(model):
-            run = run_model(
-                model,
-                pairs,
-                openings if openings else None,
-                set(scored),
-                with_loss=with_loss,
-                max_new_tokens=config.max_new_tokens,
-                stop_ids=stop_ids,
-                pad_id=pad_id,
-                batch_size=config.batch_size,
-                log=log,
-                name=name,
-            )
+            run = run_model(model, pairs, openings, set(scored), name=name, **settings)
         losses[name] = run["losses"]
-        ids = run["answers"]
-        answers = tokenizer.batch_decode(ids, skip_special_tokens=True)
-        table[f"{name}_answer"] = [a.strip() for a in answers]
-        table[f"{name}_answer_tokens"] = [len(x) for x in ids]
-        table[f"{name}_loss"] = [round(l / n, 6) if n else float("nan") for l, n in losses[name]]
-        scores = [text_scores(a, r) for a, r in zip(table[f"{name}_answer"], table["reference"])]
-        for metric in (*TEXT_METRICS, "name_hit"):
-            table[f"{name}_{metric}"] = [s[metric] for s in scores]
-        if openings:
-            ranks: list[float | None] = [None] * len(prompts)
-            best: list[str | None] = [None] * len(prompts)
-            for i in scored:
-                sc = combine_forms(run["choices"][i])
-                ranks[i] = rank_of(sc, gold[i])
-                best[i] = choices.candidates[max(range(len(sc)), key=sc.__getitem__)]
-            table[f"{name}_choice_rank"] = ranks
-            table[f"{name}_choice"] = best
-    summary: dict[str, dict[str, dict[str, Any]]] = {}
-    for name in MODELS:
-        summary[name] = {}
-        for split in SPLITS:
-            mask = (table["split"] == split).to_numpy()
-            if not mask.any():
-                continue
-            split_losses = [l for l, m in zip(losses[name], mask) if m]
-            summary[name][split] = _summarise(table[mask], name, split, split_losses)
-    if "base_choice_rank" in table and "tuned_choice_rank" in table:
-        # paired: the rows one model picks right and the other wrong (the gate's sign test)
-        for split, metrics in summary["tuned"].items():
-            pair = table[(table["split"] == split) & table["base_choice_rank"].notna() & table["tuned_choice_rank"].notna()]
-            base_right, tuned_right = pair["base_choice_rank"] == 1, pair["tuned_choice_rank"] == 1
-            metrics["choice_only_tuned_right"] = int((tuned_right & ~base_right).sum())
-            metrics["choice_only_base_right"] = int((base_right & ~tuned_right).sum())
-    result = EvaluationResult(table, summary, {s: int((table["split"] == s).sum()) for s in SPLITS})
+        add_model_columns(table, name, tokenizer, run, choices if openings else None, gold, scored)
+    result = EvaluationResult(table, summarise(table, losses), {s: int((table["split"] == s).sum()) for s in SPLITS})
     result.base = {
         "record_id": table["record_id"].tolist(),
         "losses": [list(x) for x in losses["base"]],
         "columns": {c: table[c].tolist() for c in table.columns if c.startswith("base_")},
     }
     return result
+
+
+def rows_table(rows: pd.DataFrame, config: EvalConfig) -> pd.DataFrame:
+    """One row per evaluated prompt: its split, prompt, reference answer and the medicine it names."""
+    table = pd.DataFrame(
+        {
+            "record_id": rows["record_id"],
+            "split": rows["split"],
+            "prompt": [f"{i}\n{x}" if x else i for i, x in zip(rows["instruction"], rows["input"])],
+            "reference": rows["output"],
+            "medicine": rows["output"].map(extract_medicine_name),
+        }
+    )
+    table["medicine_seen_in_training"] = table["medicine"].map(lambda m: bool(m) and m in config.train_medicines)
+    return table
+
+
+def add_model_columns(table: pd.DataFrame, name: str, tokenizer, run: dict, choices, gold: list, scored: list[int]) -> None:
+    """One model's answers, answer lengths, losses, text scores and (with ``choices``) medicine choice."""
+    ids = run["answers"]
+    table[f"{name}_answer"] = [a.strip() for a in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+    table[f"{name}_answer_tokens"] = [len(x) for x in ids]
+    table[f"{name}_loss"] = [round(l / n, 6) if n else float("nan") for l, n in run["losses"]]
+    scores = [text_scores(a, r) for a, r in zip(table[f"{name}_answer"], table["reference"])]
+    for metric in (*TEXT_METRICS, "name_hit"):
+        table[f"{name}_{metric}"] = [s[metric] for s in scores]
+    if choices:
+        ranks: list[float | None] = [None] * len(table)
+        best: list[str | None] = [None] * len(table)
+        for i in scored:
+            sc = combine_forms(run["choices"][i])
+            ranks[i] = rank_of(sc, gold[i])
+            best[i] = choices.candidates[max(range(len(sc)), key=sc.__getitem__)]
+        table[f"{name}_choice_rank"] = ranks
+        table[f"{name}_choice"] = best
+
+
+def summarise(table: pd.DataFrame, losses: dict[str, list[tuple[float, int]]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """model -> split -> metric, with the paired choice counts the registry gate's sign test reads."""
+    summary: dict[str, dict[str, dict[str, Any]]] = {}
+    for name in MODELS:
+        summary[name] = {}
+        for split in SPLITS:
+            mask = (table["split"] == split).to_numpy()
+            if mask.any():
+                summary[name][split] = _summarise(table[mask], name, split, [l for l, m in zip(losses[name], mask) if m])
+    if "base_choice_rank" in table and "tuned_choice_rank" in table:
+        # paired: the rows one model picks right and the other wrong
+        for split, metrics in summary["tuned"].items():
+            pair = table[(table["split"] == split) & table["base_choice_rank"].notna() & table["tuned_choice_rank"].notna()]
+            base_right, tuned_right = pair["base_choice_rank"] == 1, pair["tuned_choice_rank"] == 1
+            metrics["choice_only_tuned_right"] = int((tuned_right & ~base_right).sum())
+            metrics["choice_only_base_right"] = int((base_right & ~tuned_right).sum())
+    return summary
 
 
 def run_model(

@@ -25,7 +25,8 @@ ERROR_FILE = "error.txt"
 __all__ = ["ERROR_FILE", "STOP_FILE", "TRAINING_KEYS", "TRAINING_RECORD", "TrainSpec", "adapter_id", "plot_loss_curve", "read_metrics", "train"]
 
 
-def train(spec: TrainSpec) -> dict:
-    from pipeline.stages.lora_adapter.loop import train as _train
+def train(spec: TrainSpec, on_step=None) -> dict:
+    """Train and save the adapter ``spec`` describes (``loop.train``); ``on_step(step)`` as each step ends."""
+    from pipeline.stages.lora_adapter.loop import train as train_in_loop
 
-    return _train(spec)
+    return train_in_loop(spec, on_step)

@@ -10,7 +10,8 @@ from pipeline.core.quick_exit import exit_now
 from pipeline.stages.lora_adapter import ERROR_FILE, TrainSpec, train
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, on_step=None) -> int:
+    """``on_step(step)`` is called as each step ends: tests pass one that kills the process there."""
     ap = argparse.ArgumentParser(description="MedTune LoRA training (the lora_adapter asset's child process)")
     ap.add_argument("--spec", required=True, help="JSON file with the TrainSpec")
     args = ap.parse_args(argv)
@@ -18,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     error_file = Path(spec.checkpoint_dir) / ERROR_FILE
     error_file.unlink(missing_ok=True)
     try:
-        train(spec)
+        train(spec, on_step)
     except Exception as exc:
         # the asset reads this and fails with the reason, not just "exited with code 1"
         if os.environ.get("RANK", "0") == "0":

@@ -9,46 +9,20 @@ back from the device between log lines: losses and gradient norms are summed whe
 
 from __future__ import annotations
 
-import math
-import os
 import time
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
-from pipeline.stages.lora_adapter.batching import Batch, flatten, load_rows, plan_epoch, with_openings
+from pipeline.stages.lora_adapter.batching import Batch, flatten, plan_epoch
 from pipeline.stages.lora_adapter.checkpoint import (
     TrainingStopped,
-    gathered_state_dict,
-    latest_checkpoint,
-    load_checkpoint,
     save_checkpoint,
     stop_requested,
 )
-from pipeline.stages.lora_adapter.report import Reporter, Throughput
-from pipeline.stages.lora_adapter.spec import STOP_FILE, TRAINING_RECORD, TrainSpec
-from pipeline.stages.tokenized_dataset import IGNORE_INDEX
-
-
-def peak_rss_mb() -> float | None:
-    """This process's peak resident set (``VmHWM``). Not ``getrusage``'s ``ru_maxrss``: Linux carries that
-    across ``exec``, so a child started by a large process (Dagster) would report its parent's peak."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    import resource
-
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-
-
-def step_groups(plan: list[list[int]], per_step: int) -> list[list[list[int]]]:
-    """Micro-batches grouped per optimizer step; a short last group is filled from the epoch's start."""
-    groups = [plan[i : i + per_step] for i in range(0, len(plan), per_step)]
-    if groups and len(groups[-1]) < per_step:
-        groups[-1] = groups[-1] + plan[: per_step - len(groups[-1])]
-    return groups
+from pipeline.stages.lora_adapter.finish import finish
+from pipeline.stages.lora_adapter.report import Throughput
+from pipeline.stages.lora_adapter.setup import Progress, Training, resume, set_up
+from pipeline.stages.lora_adapter.spec import STOP_FILE, TrainSpec
 
 
 def forward_losses(model, batch: Batch):
@@ -78,234 +52,132 @@ def evaluate(model, accelerator, rows, spec: TrainSpec) -> float | None:
     return (total[0] / total[1]).item() if total[1] > 0 else None
 
 
-def train(spec: TrainSpec) -> dict[str, Any]:
+def train(spec: TrainSpec, on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Train the adapter ``spec`` describes and save it: set up, resume, evaluate, step, finish.
+    ``on_step(step)`` is called as each step ends (tests use it to kill the process there)."""
+    run = set_up(spec)
+    resume(run)
+    first_eval = evaluate_first(run)
+    progress = run_steps(run, on_step or (lambda step: None))
+    return finish(run, first_eval, progress)
+
+
+def evaluate_first(run: Training) -> float | None:
+    """The held-out loss before any training (a resumed training has it from its first run)."""
+    if run.state["step"] != 0 or not run.eval_rows:
+        return None
+    loss = evaluate(run.model, run.accelerator, run.eval_rows, run.spec)
+    run.report.metrics({"eval_loss": loss}, step=0)
+    run.report.log(f"step 0/{run.total_steps} eval_loss {loss:.4f}")
+    return loss
+
+
+def run_steps(run: Training, on_step: Callable[[int], None]) -> Progress:
+    """Optimizer steps to ``total_steps``, each followed by what is due: a log line, an evaluation,
+    a checkpoint, a stop that was asked for."""
     import torch
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
 
-    from pipeline.stages.lora_adapter.flops import matmul_peak_flops, mean_context, training_flops_per_token
-    from pipeline.stages.lora_adapter.methods import PISSA_INIT, after_optimizer_step, extra_loss, make_optimizer, optimizer_name
-    from pipeline.stages.lora_adapter.model import (
-        DTYPES,
-        SupervisedLM,
-        causal_lm_of,
-        load_for_training,
-        resolve_precision,
-        save_pissa_init,
-        save_trained,
-        trainable_parameters,
-    )
-
-    on_gpu = torch.cuda.is_available()
-    precision = resolve_precision(spec.precision, on_gpu)
-    accelerator = Accelerator(
-        cpu=not on_gpu, mixed_precision={"fp32": "no"}.get(precision, precision), gradient_accumulation_steps=spec.gradient_accumulation_steps
-    )
-    report = Reporter(spec, accelerator.is_main_process)
-    set_seed(spec.seed)
-    torch.use_deterministic_algorithms(not on_gpu, warn_only=True)
-
-    tokenizer = AutoTokenizer.from_pretrained(spec.base_model_path, trust_remote_code=spec.trust_remote_code)
-    train_rows = load_rows(spec.tokenized_path, "train", spec.max_seq_len)
-    eval_rows = load_rows(spec.tokenized_path, "eval", spec.max_seq_len)
-    if not train_rows:
-        raise ValueError(f"no training rows in {spec.tokenized_path}")
-    n_rows = len(train_rows)
-    train_rows = with_openings(train_rows, spec.opening_tokens, spec.opening_repeats)
-    lengths = [len(r[0]) for r in train_rows]
-    world = accelerator.num_processes
-    per_step = world * spec.gradient_accumulation_steps
-
-    def epoch_groups(epoch: int) -> list[list[list[int]]]:
-        plan = plan_epoch(lengths, spec.seed, epoch, packing=spec.packing, pack_tokens=spec.pack_tokens, batch_size=spec.per_device_batch_size)
-        return step_groups(plan, per_step)
-
-    steps_per_epoch = len(epoch_groups(0))
-    total_steps = spec.max_steps or max(1, math.ceil(steps_per_epoch * spec.epochs))
-
-    method = spec.method
-    peft_model, attn, checkpointing = load_for_training(spec, precision, on_gpu, total_steps)
-    model = SupervisedLM(peft_model, attn, spec.logits_chunk_tokens, method)
-    trainable, total_params = trainable_parameters(peft_model)
-    ckpt_root = Path(spec.checkpoint_dir)
-    if method == "pissa" and accelerator.is_main_process:
-        save_pissa_init(peft_model, ckpt_root / PISSA_INIT)
-
-    supervised = sum(sum(1 for t in r[1][1:] if t != IGNORE_INDEX) for r in train_rows)
-    flops = training_flops_per_token(
-        causal_lm_of(peft_model).config,
-        context=mean_context(lengths),
-        supervised_share=supervised / sum(lengths),
-        adapter_params=trainable,
-        full=method == "full",
-    )
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(spec, params, on_gpu)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(total_steps * spec.warmup_ratio), total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "tokens": 0}
-    resumed_from, ckpt = None, latest_checkpoint(ckpt_root, warn=report.log)
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, accelerator, model, optimizer, scheduler, method)
-        resumed_from = ckpt.name
-        report.log(f"resuming from checkpoint {ckpt} (step {state['step']} of {total_steps})")
-    report.log(
-        f"training {trainable:,} parameters of {total_params:,} ({method}, optimizer {optimizer_name(spec)}) on {n_rows} rows "
-        f"(+{len(train_rows) - n_rows} answer openings, {len(eval_rows)} eval), "
-        f"{world} process(es) on {accelerator.device}, {precision} base weights, attention {attn}, "
-        f"{'packed to ' + str(spec.pack_tokens) + ' tokens' if spec.packing else str(spec.per_device_batch_size) + ' rows'} "
-        f"x{world}x{spec.gradient_accumulation_steps} per step; {total_steps} steps; "
-        f"{flops['total'] / 1e9:.2f} GFLOP per token"
-    )
-
-    first_eval = last_eval = None
-    if state["step"] == 0 and eval_rows:
-        first_eval = evaluate(model, accelerator, eval_rows, spec)
-        report.metrics({"eval_loss": first_eval}, step=0)
-        report.log(f"step 0/{total_steps} eval_loss {first_eval:.4f}")
-
-    model.train()
-    step, epoch, start_batch = state["step"], state["epoch"], state["batch_in_epoch"]
-    start_step, t_start = step, time.perf_counter()
-    t_log, tokens_since, steps_since = t_start, 0, 0
-    speed = Throughput(torch.cuda.synchronize if on_gpu else lambda: None)
-    paused_at_log = 0.0  # evaluation and checkpoint time already left out of the tokens/s shown
-    loss_sum = torch.zeros((), device=accelerator.device)
-    grad_norm = None
-    while step < total_steps:
-        groups = epoch_groups(epoch)
+    run.model.train()
+    step, epoch, start_batch = run.state["step"], run.state["epoch"], run.state["batch_in_epoch"]
+    now = time.perf_counter()
+    sync = torch.cuda.synchronize if run.on_gpu else lambda: None
+    progress = Progress(step, now, Throughput(sync), torch.zeros((), device=run.accelerator.device), t_log=now)
+    while step < run.total_steps:
+        groups = run.epoch_groups(epoch)
         for b in range(start_batch, len(groups)):
-            step_tokens = sum(lengths[i] for micro in groups[b] for i in micro)
-            step_rows = sum(len(micro) for micro in groups[b])
-            for idx in groups[b][accelerator.process_index :: world]:
-                batch = flatten([train_rows[i] for i in idx])
-                batch = batch.to(accelerator.device)
-                with accelerator.accumulate(model):
-                    loss = forward_losses(model, batch).mean()
-                    regulariser = extra_loss(peft_model, method)
-                    if regulariser is not None:
-                        loss = loss + regulariser
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        grad_norm = accelerator.clip_grad_norm_(params, spec.max_grad_norm)
-                    optimizer.step()
-                    if accelerator.sync_gradients:
-                        scheduler.step()
-                        after_optimizer_step(peft_model, method, step + 1)
-                    optimizer.zero_grad(set_to_none=True)
-                loss_sum += loss.detach() / spec.gradient_accumulation_steps
-            speed.step_done(step_tokens, step_rows)
-            step, steps_since, tokens_since = step + 1, steps_since + 1, tokens_since + step_tokens
-            state.update(step=step, epoch=epoch, batch_in_epoch=b + 1, tokens=state["tokens"] + step_tokens)
-            if step % spec.log_every == 0 or step == total_steps:
-                now = time.perf_counter()
-                tps = tokens_since / max(now - t_log - (speed.excluded - paused_at_log), 1e-9)
-                eta = (now - t_start) / (step - start_step) * (total_steps - step)
-                loss_value = accelerator.reduce(loss_sum, reduction="mean").item() / steps_since
-                values = {
-                    "train_loss": loss_value,
-                    "learning_rate": scheduler.get_last_lr()[0],
-                    "grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
-                    "tokens_per_s": tps,
-                    "tflops": tps * flops["total"] / 1e12,
-                }
-                report.metrics(values, step=step)
-                report.log(
-                    f"step {step}/{total_steps} loss {loss_value:.4f} lr {values['learning_rate']:.2e} "
-                    f"grad_norm {values['grad_norm']:.3f} {tps:,.0f} tokens/s "
-                    f"({values['tflops']:.3f} TFLOP/s) ETA {eta:,.0f}s"
-                )
-                t_log, tokens_since, steps_since, paused_at_log = now, 0, 0, speed.excluded
-                loss_sum.zero_()
-            if eval_rows and (step % spec.eval_every == 0 or step == total_steps):
-                with speed.excluding():
-                    last_eval = evaluate(model, accelerator, eval_rows, spec)
-                report.metrics({"eval_loss": last_eval}, step=step)
-                report.log(f"step {step}/{total_steps} eval_loss {last_eval:.4f}")
-            if step % spec.save_every == 0 and step < total_steps:
-                with speed.excluding():  # every process takes part; the main one writes
-                    removed = save_checkpoint(
-                        ckpt_root / f"step-{step}", accelerator, model, optimizer, scheduler, state, method, keep=spec.save_total_limit
-                    )
-                    report.log(f"checkpoint saved at step {step}" + (f" (removed {', '.join(removed)})" if removed else ""))
-            if step < total_steps and stop_requested(ckpt_root, accelerator):
-                if step % spec.save_every != 0:
-                    save_checkpoint(ckpt_root / f"step-{step}", accelerator, model, optimizer, scheduler, state, method, keep=spec.save_total_limit)
-                why = (ckpt_root / STOP_FILE).read_text().strip() or "a stop was requested"
-                report.log(f"stopping at step {step}: {why}")
-                raise TrainingStopped(f"{why}; stopped at checkpoint step-{step}: the next materialization resumes from it")
-            if spec.stop_after_steps and step >= spec.stop_after_steps and step < total_steps:
-                report.log(f"stopping at step {step} as asked (stop_after_steps)")
-                os._exit(3)  # like a kill: no cleanup, no final save
-            if step >= total_steps:
+            step_tokens = optimizer_step(run, groups[b], step, progress)
+            step += 1
+            progress.steps_since, progress.tokens_since = progress.steps_since + 1, progress.tokens_since + step_tokens
+            run.state.update(step=step, epoch=epoch, batch_in_epoch=b + 1, tokens=run.state["tokens"] + step_tokens)
+            after_step(run, step, progress)
+            on_step(step)
+            if step >= run.total_steps:
                 break
         else:
             epoch, start_batch = epoch + 1, 0
-    accelerator.wait_for_everyone()
-    elapsed = time.perf_counter() - t_start
-    steady = speed.summary()
-    # the peak this run's MFU is read against, measured here after the training (same process, same
-    # device, same dtype) for 2% of the training's time, at least 0.3 s and at most 1.5 s: a short run
-    # no longer spends more time measuring the peak than learning
-    peak = (
-        matmul_peak_flops(DTYPES[precision], "cuda" if on_gpu else "cpu", seconds=min(1.5, max(0.3, 0.02 * elapsed)))
-        if accelerator.is_main_process
-        else 0.0
+    run.accelerator.wait_for_everyone()
+    return progress
+
+
+def optimizer_step(run: Training, group: list[list[int]], step: int, progress: Progress) -> int:
+    """One optimizer step over this process's share of ``group`` (micro-batches of row indexes); its tokens."""
+    from pipeline.stages.lora_adapter.methods import after_optimizer_step, extra_loss
+
+    spec, accelerator, model = run.spec, run.accelerator, run.model
+    for idx in group[accelerator.process_index :: run.world]:
+        batch = flatten([run.train_rows[i] for i in idx]).to(accelerator.device)
+        with accelerator.accumulate(model):
+            loss = forward_losses(model, batch).mean()
+            regulariser = extra_loss(run.peft_model, spec.method)
+            if regulariser is not None:
+                loss = loss + regulariser
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                progress.grad_norm = accelerator.clip_grad_norm_(run.params, spec.max_grad_norm)
+            run.optimizer.step()
+            if accelerator.sync_gradients:
+                run.scheduler.step()
+                after_optimizer_step(run.peft_model, spec.method, step + 1)
+            run.optimizer.zero_grad(set_to_none=True)
+        progress.loss_sum += loss.detach() / spec.gradient_accumulation_steps
+    tokens = sum(run.lengths[i] for micro in group for i in micro)
+    progress.speed.step_done(tokens, sum(len(micro) for micro in group))
+    return tokens
+
+
+def after_step(run: Training, step: int, progress: Progress) -> None:
+    spec = run.spec
+    if step % spec.log_every == 0 or step == run.total_steps:
+        log_progress(run, step, progress)
+    if run.eval_rows and (step % spec.eval_every == 0 or step == run.total_steps):
+        with progress.speed.excluding():
+            progress.last_eval = evaluate(run.model, run.accelerator, run.eval_rows, spec)
+        run.report.metrics({"eval_loss": progress.last_eval}, step=step)
+        run.report.log(f"step {step}/{run.total_steps} eval_loss {progress.last_eval:.4f}")
+    if step % spec.save_every == 0 and step < run.total_steps:
+        with progress.speed.excluding():  # every process takes part; the main one writes
+            removed = checkpoint(run, step)
+            run.report.log(f"checkpoint saved at step {step}" + (f" (removed {', '.join(removed)})" if removed else ""))
+    if step < run.total_steps and stop_requested(run.ckpt_root, run.accelerator):
+        if step % spec.save_every != 0:
+            checkpoint(run, step)
+        why = (run.ckpt_root / STOP_FILE).read_text().strip() or "a stop was requested"
+        run.report.log(f"stopping at step {step}: {why}")
+        raise TrainingStopped(f"{why}; stopped at checkpoint step-{step}: the next materialization resumes from it")
+
+
+def checkpoint(run: Training, step: int) -> list[str]:
+    """Save ``step-N`` (model, optimizer, scheduler, random states); the names of those rotated out."""
+    return save_checkpoint(
+        run.ckpt_root / f"step-{step}",
+        run.accelerator,
+        run.model,
+        run.optimizer,
+        run.scheduler,
+        run.state,
+        run.spec.method,
+        keep=run.spec.save_total_limit,
     )
-    achieved = steady["steady_tokens_per_s"] * flops["total"] if steady["steady_tokens_per_s"] else None
-    if peak:
-        mfu = f"{achieved / 1e12:.3f} TFLOP/s in steady steps: MFU {achieved / peak:.2f}" if achieved else "no steady steps to measure"
-        report.log(f"matmul peak {peak / 1e12:.3f} TFLOP/s ({precision}, measured after the training); {mfu}")
-    result = {
-        "steps": step,
-        "total_steps": total_steps,
-        "epochs": round(step / steps_per_epoch, 3),
-        "train_rows": n_rows,
-        "opening_copies": len(train_rows) - n_rows,
-        "eval_rows": len(eval_rows),
-        "first_eval_loss": first_eval,
-        "final_eval_loss": last_eval,
-        "final_train_loss": values["train_loss"] if step > start_step else None,
-        "train_seconds": round(elapsed, 1),
-        "trained_tokens": state["tokens"],
-        **steady,
-        "flops_per_token": round(flops["total"]),
-        "achieved_tflops": round(achieved / 1e12, 4) if achieved else None,
-        "matmul_peak_tflops": round(peak / 1e12, 4) if peak else None,
-        "mfu": round(achieved / peak, 4) if achieved and peak else None,
-        "processes": world,
-        "device": str(accelerator.device),
-        "precision": precision,
-        "attention": attn,
-        "gradient_checkpointing": checkpointing,
-        "method": method,
-        "optimizer": optimizer_name(spec),
-        "trainable_parameters": trainable,
-        "total_parameters": total_params,
-        "resumed_from": resumed_from,
-        "adapter_path": spec.output_dir,
-        # this process's peak resident memory (weights, activations, optimizer states) and the GPU's
-        "peak_rss_mb": peak_rss_mb(),
-        "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if on_gpu else None,
+
+
+def log_progress(run: Training, step: int, progress: Progress) -> None:
+    """A log line and a metrics point: mean loss since the last line, learning rate, gradient norm, speed, ETA."""
+    now = time.perf_counter()
+    tps = progress.tokens_since / max(now - progress.t_log - (progress.speed.excluded - progress.paused_at_log), 1e-9)
+    eta = (now - progress.t_start) / (step - progress.start_step) * (run.total_steps - step)
+    loss_value = run.accelerator.reduce(progress.loss_sum, reduction="mean").item() / progress.steps_since
+    values = {
+        "train_loss": loss_value,
+        "learning_rate": run.scheduler.get_last_lr()[0],
+        "grad_norm": float(progress.grad_norm) if progress.grad_norm is not None else 0.0,
+        "tokens_per_s": tps,
+        "tflops": tps * run.flops["total"] / 1e12,
     }
-    full = gathered_state_dict(accelerator, model)  # every process takes part where the model is sharded
-    if accelerator.is_main_process:
-        import json
-
-        from pipeline.core.atomic import atomic_dir
-        from pipeline.core.secrets import redact_params
-
-        with atomic_dir(Path(spec.output_dir)) as tmp:
-            save_trained(accelerator.unwrap_model(model).peft_model, tmp, method, ckpt_root, state_dict=full)
-            tokenizer.save_pretrained(tmp)
-            result["adapter_bytes"] = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
-            record = {"spec": redact_params(spec.model_dump()), "result": result}
-            (tmp / TRAINING_RECORD).write_text(json.dumps(record, indent=2))
-            if report.metrics_path.is_file():
-                (tmp / "metrics.jsonl").write_bytes(report.metrics_path.read_bytes())
-        report.log(f"adapter saved to {spec.output_dir} after {step} steps in {elapsed:.0f}s")
-    report.done(result)
-    return result
+    run.report.metrics(values, step=step)
+    run.report.log(
+        f"step {step}/{run.total_steps} loss {loss_value:.4f} lr {values['learning_rate']:.2e} "
+        f"grad_norm {values['grad_norm']:.3f} {tps:,.0f} tokens/s ({values['tflops']:.3f} TFLOP/s) ETA {eta:,.0f}s"
+    )
+    progress.last_values = values
+    progress.t_log, progress.tokens_since, progress.steps_since, progress.paused_at_log = now, 0, 0, progress.speed.excluded
+    progress.loss_sum.zero_()

@@ -73,7 +73,6 @@ class TrainingSettings(BaseModel):
     save_every: int = Field(100, gt=0, description="Steps between two checkpoints (model and optimizer state, to resume from)")
     save_total_limit: int = Field(2, ge=2, description="Newest complete checkpoints kept (at least 2: a damaged one falls back to the one before)")
     log_every: int = Field(5, gt=0, description="Steps between two logged loss points")
-    stop_after_steps: int | None = Field(None, gt=0, description="Testing: stop the child abruptly after this many steps")
 
 
 class TrainSpec(TrainingSettings):

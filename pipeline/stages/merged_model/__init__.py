@@ -60,43 +60,10 @@ def merge_adapter(
     For a ``full`` training ``adapter_path`` holds the trained model itself: it is the export (in
     ``dtype``, with the same end-of-turn and template fixes). Prompt-learning adapters cannot be
     merged (they add virtual tokens, not weights): :class:`ExportError`."""
-    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
-
-    from pipeline.stages.base_model import check_adapter_folder
-    from pipeline.stages.lora_adapter.methods import MERGEABLE
-    from pipeline.stages.lora_adapter.spec import trained_method
-    from pipeline.stages.tokenized_dataset import end_of_turn_id, pad_token_id
-
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ExportError(f"merge dtype must be float32, bfloat16 or float16 (never quantized), not {dtype!r}")
-    method = trained_method(adapter_path)
-    if method != "full" and method not in MERGEABLE:
-        raise ExportError(
-            f"a {method} adapter cannot be merged into the base weights (it adds virtual tokens, not weight updates): serve it as adapter + base"
-        )
-    source = adapter_path if method == "full" else base_path
-    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-    if getattr(config, "quantization_config", None) is not None:
-        raise ExportError(f"{source} holds quantized weights: merge onto a 16- or 32-bit copy of the base model")
-    if method != "full":
-        check_adapter_folder(adapter_path)
-    tokenizer = AutoTokenizer.from_pretrained(adapter_path, trust_remote_code=trust_remote_code)
-    if not getattr(tokenizer, "chat_template", None):
-        raise ExportError(f"the adapter's tokenizer in {adapter_path} has no chat template")
-    eot = end_of_turn_id(tokenizer)
-    pad = pad_token_id(tokenizer, eot)
-    config.eos_token_id = eot
-    config.pad_token_id = pad
-    config.dtype = dtype
-    gen = GenerationConfig.from_model_config(config)
-    gen.eos_token_id = eot
-    gen.pad_token_id = pad
-    gen.bos_token_id = getattr(config, "bos_token_id", None)
-    gen.do_sample = False
-
+    method, source, config, gen, tokenizer = export_settings(base_path, adapter_path, dtype, trust_remote_code)
     info: dict[str, Any] = {
         "dtype": dtype,
-        "end_of_turn_id": eot,
+        "end_of_turn_id": gen.eos_token_id,
         "base_model_path": str(base_path),
         "adapter_path": str(adapter_path),
         **(record or {}),
@@ -126,6 +93,40 @@ def merge_adapter(
         info["files"] = sorted(p.name for p in tmp.iterdir()) + [EXPORT_RECORD]
         (tmp / EXPORT_RECORD).write_text(json.dumps(info, ensure_ascii=False, indent=2))
     return info
+
+
+def export_settings(base_path: str, adapter_path: str, dtype: str, trust_remote_code: bool):
+    """What the export is made from and carries, checked first: (method, the weights' source folder,
+    its config, a generation config that stops at the end-of-turn token, the adapter's tokenizer)."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    from pipeline.stages.base_model import check_adapter_folder
+    from pipeline.stages.lora_adapter.methods import MERGEABLE
+    from pipeline.stages.lora_adapter.spec import trained_method
+    from pipeline.stages.tokenized_dataset import end_of_turn_id, pad_token_id
+
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ExportError(f"merge dtype must be float32, bfloat16 or float16 (never quantized), not {dtype!r}")
+    method = trained_method(adapter_path)
+    if method != "full" and method not in MERGEABLE:
+        raise ExportError(
+            f"a {method} adapter cannot be merged into the base weights (it adds virtual tokens, not weight updates): serve it as adapter + base"
+        )
+    source = adapter_path if method == "full" else base_path
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    if getattr(config, "quantization_config", None) is not None:
+        raise ExportError(f"{source} holds quantized weights: merge onto a 16- or 32-bit copy of the base model")
+    if method != "full":
+        check_adapter_folder(adapter_path)
+    tokenizer = AutoTokenizer.from_pretrained(adapter_path, trust_remote_code=trust_remote_code)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ExportError(f"the adapter's tokenizer in {adapter_path} has no chat template")
+    eot = end_of_turn_id(tokenizer)
+    pad = pad_token_id(tokenizer, eot)
+    config.eos_token_id, config.pad_token_id, config.dtype = eot, pad, dtype
+    gen = GenerationConfig.from_model_config(config)
+    gen.eos_token_id, gen.pad_token_id, gen.bos_token_id, gen.do_sample = eot, pad, getattr(config, "bos_token_id", None), False
+    return method, source, config, gen, tokenizer
 
 
 def merge_exact(peft_model):

@@ -98,7 +98,11 @@ def iter_array(
 ) -> Iterator[Parsed]:
     """Parse the array whose ``[`` is at ``start``; yields the values in pieces of ``piece_rows``
     (one piece when None). ``nested``: the array sits inside a top-level object; stop at its
-    closing ``]``. Notes are shared by all pieces (one list)."""
+    closing ``]``. Notes are shared by all pieces (one list).
+
+    Reads better whole: one scanner loop over the text whose position, line count and window
+    refills every branch shares; split into functions, each would pass and return all of them,
+    and the loop runs once per element of arrays of millions."""
     notes: list[str] = []
     parsed = Parsed(format="JSON array", notes=notes)
     # Read whole, the caller parses again with strict keys when the text holds a key more often
