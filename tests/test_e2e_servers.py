@@ -3,17 +3,16 @@
 homes, data dir and artifact folder, the Dagster instance and the MLflow store on a real PostgreSQL
 server (``MEDTUNE_POSTGRES_URL``, the ``postgres`` fixture); the tiny model.
 
-1. launch full_pipeline_job through Dagster's GraphQL API and poll it to success; check through the
-   MLflow REST API the run, its metrics, the adapter artifact and the registered version's alias;
-2. drop a new data file: the sensor launches exactly one run, which registers a new version;
-   rewrite a file with the same content: no run;
-3. a real headless Chromium (Playwright, Debian's browser) loads the asset graph and the MLflow
-   model page; screenshots are saved under ``test-artifacts/``;
-4. the servers listen on loopback only;
-5. a second Dagster webserver (another home, as on a teammate's machine) over the same PostgreSQL
-   instance sees the same runs, and the runs and MLflow's records are rows in PostgreSQL;
-6. two trainings requested at once, one through each webserver, run one at a time.
-The default `make ui` (SQLite files) starts and stops cleanly (test_7).
+What several tests share is built once by a module fixture, so any test runs alone or in any
+order: ``built`` (full_pipeline_job launched through Dagster's GraphQL API, polled to success),
+``sensor_run`` (a new data file dropped in, the run the sensor launched), ``second_webserver`` (a
+teammate's webserver over the same PostgreSQL instance), ``served`` (`make serve` over the
+champion) and ``made`` (`make run`'s commands and `make ask` with passwords planted). The tests
+check the MLflow run, metrics, adapter and registration through MLflow's REST API; one sensor run
+per content change; the asset graph and the model page in a real headless Chromium (screenshots
+under ``test-artifacts/``); loopback-only servers; the same runs seen by both webservers and kept
+in PostgreSQL; two trainings requested at once running one at a time; the default `make ui` on
+SQLite files starting and stopping; `make serve`'s answers; no password in any output.
 
 Every server is stopped at the end, also when a test fails.
 """
@@ -23,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -266,7 +266,10 @@ def champion(stack: Stack) -> dict:
     return stack.mlflow_get("registered-models/alias", name="medtune", alias="champion")["model_version"]
 
 
-def test_1_graphql_launch_then_mlflow_rest(stack):
+@pytest.fixture(scope="module")
+def built(stack) -> str:
+    """The whole pipeline launched through GraphQL, as the UI's Materialize does, on the demo rows:
+    its run id. Every test that needs a trained, registered model asks for it."""
     params = {
         "selector": {"repositoryLocationName": "medtune", "repositoryName": "__repository__", "jobName": "full_pipeline_job"},
         "runConfigData": run_config(stack),
@@ -275,34 +278,50 @@ def test_1_graphql_launch_then_mlflow_rest(stack):
     assert launched["__typename"] == "LaunchRunSuccess", launched
     run_id = launched["run"]["runId"]
     assert wait_for_run(stack, run_id) == "SUCCESS", stack.log_tail()
-
-    exp = stack.mlflow_get("experiments/get-by-name", experiment_name="medtune")["experiment"]
-    runs = stack.mlflow_post("runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
-    (run,) = [r for r in runs if r["info"]["status"] == "FINISHED"]
-    metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
-    assert {"train_loss", "eval_loss", "base_eval_loss", "tuned_eval_loss", "tuned_eval_rouge_l"} <= set(metrics)
-    tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
-    assert tags["dagster.run_id"] == run_id
-    files = stack.mlflow_get("artifacts/list", run_id=run["info"]["run_id"], path="adapter")["files"]
-    assert "adapter/adapter_model.safetensors" in {f["path"] for f in files}
-    version = champion(stack)
-    assert version["run_id"] == run["info"]["run_id"] and "champion" in version["aliases"]
+    return run_id
 
 
-def test_2_sensor_retrains_once_per_content_change(stack):
-    assert sensor_runs(stack) == []  # the first build was the manual run above
+@pytest.fixture(scope="module")
+def sensor_run(stack, built) -> dict:
+    """New raw data dropped into the folder after the first build: the run the sensor launched, finished."""
+    assert sensor_runs(stack) == []  # the first build was launched by hand
     write_json(stack.data_dir / "raw" / "incoming" / "new batch.json", demo_records(30)[24:])
     deadline = time.monotonic() + 120
     while not sensor_runs(stack):
         assert time.monotonic() < deadline, "the sensor launched no run\n" + stack.log_tail()
         time.sleep(0.5)
-    launched = time.time()
     (run,) = sensor_runs(stack)
     assert wait_for_run(stack, run["runId"]) == "SUCCESS", stack.log_tail()
-    wait_for_ticks(stack, launched, 2)  # (the run's minutes hold several) sensor evaluations since: still one run
+    return run
+
+
+def mlflow_run_of(stack: Stack, dagster_run_id: str) -> dict:
+    """The MLflow run a Dagster run trained (tagged with its id)."""
+    exp = stack.mlflow_get("experiments/get-by-name", experiment_name="medtune")["experiment"]
+    runs = stack.mlflow_post("runs/search", {"experiment_ids": [exp["experiment_id"]], "filter": f"tags.`dagster.run_id` = '{dagster_run_id}'"})
+    (run,) = runs["runs"]
+    return run
+
+
+def registered_versions(stack: Stack) -> list[dict]:
+    return stack.mlflow_get("model-versions/search", filter="name='medtune'")["model_versions"]
+
+
+def test_a_run_launched_through_graphql_is_tracked_and_registered_in_mlflow(stack, built):
+    run = mlflow_run_of(stack, built)
+    assert run["info"]["status"] == "FINISHED"
+    metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+    assert {"train_loss", "eval_loss", "base_eval_loss", "tuned_eval_loss", "tuned_eval_rouge_l"} <= set(metrics)
+    files = stack.mlflow_get("artifacts/list", run_id=run["info"]["run_id"], path="adapter")["files"]
+    assert "adapter/adapter_model.safetensors" in {f["path"] for f in files}
+    assert run["info"]["run_id"] in {v["run_id"] for v in registered_versions(stack)}
+
+
+def test_the_sensor_retrains_once_per_content_change(stack, sensor_run):
+    wait_for_ticks(stack, time.time(), 2)  # sensor evaluations since its run: still one run
     assert len(sensor_runs(stack)) == 1
-    versions = stack.mlflow_get("model-versions/search", filter="name='medtune'")["model_versions"]
-    assert len(versions) == 2  # the sensor's run registered a new version, nobody clicked
+    # the sensor's run registered a new version, nobody clicked
+    assert mlflow_run_of(stack, sensor_run["runId"])["info"]["run_id"] in {v["run_id"] for v in registered_versions(stack)}
 
     # the same content rewritten, and touched: nothing to do
     f = stack.data_dir / "raw" / "demo.json"
@@ -313,7 +332,7 @@ def test_2_sensor_retrains_once_per_content_change(stack):
     assert len(sensor_runs(stack)) == 1
 
 
-def test_3_browser_sees_the_asset_graph_and_the_champion(stack):
+def test_the_browser_sees_the_asset_graph_and_the_champion(stack, built):
     from playwright.sync_api import expect
 
     from pipeline.ops.screenshots import browser_page, graph_node_names, open_asset, open_asset_graph, open_registered_model
@@ -359,7 +378,7 @@ def listening_addresses(port: int) -> set[str]:
     return found
 
 
-def test_4_servers_listen_on_loopback_only(stack):
+def test_servers_listen_on_loopback_only(stack):
     for url in (stack.dagster, stack.mlflow):
         port = int(url.rsplit(":", 1)[1])
         addresses = listening_addresses(port)
@@ -411,7 +430,7 @@ RUNS = "query { runsOrError { ... on Runs { results { runId status startTime end
 INSTANCE = "query { instance { info } }"
 
 
-def test_5_a_second_webserver_sees_the_same_runs_kept_in_postgresql(stack, second_webserver):
+def test_a_second_webserver_sees_the_same_runs_kept_in_postgresql(stack, second_webserver, sensor_run):
     runs_a = graphql(stack.dagster, RUNS)["runsOrError"]["results"]
     runs_b = graphql(second_webserver, RUNS)["runsOrError"]["results"]
     assert len(runs_a) >= 2 and runs_a == runs_b  # the manual run and the sensor's
@@ -428,7 +447,7 @@ def test_5_a_second_webserver_sees_the_same_runs_kept_in_postgresql(stack, secon
     assert list((stack.root / "shared-artifacts").rglob("adapter_model.safetensors"))  # artifacts on the shared path
 
 
-def test_6_two_trainings_requested_at_once_run_one_at_a_time(stack, second_webserver):
+def test_two_trainings_requested_at_once_run_one_at_a_time(stack, second_webserver, built):
     launched = []
     for seed, base in ((11, stack.dagster), (12, second_webserver)):  # different seeds: two real trainings
         params = {
@@ -460,7 +479,7 @@ def test_6_two_trainings_requested_at_once_run_one_at_a_time(stack, second_webse
     assert set(launched) <= {r for (r,) in held}, held  # (the earlier tests' trainings held it too)
 
 
-def test_7_the_default_make_ui_on_sqlite_files_starts_and_stops(tmp_path):
+def test_the_default_make_ui_on_sqlite_files_starts_and_stops(tmp_path):
     logs = tmp_path / "logs"
     env = {
         **os.environ,
@@ -489,16 +508,10 @@ def post_json(url: str, body: dict) -> tuple[int, dict]:
         return e.code, json.loads(e.read() or b"{}")
 
 
-def test_8_make_serve_answers_the_chat_completions_schema_over_http(stack):
-    """`make serve`'s code path (pipeline.ops.serve: MLflow's own scoring server) over the champion
-    the pipeline registered above: a chat request answers in the chat-completions shape with what
-    the pyfunc itself answers, a list of questions answers too, bad requests get a 400 that says why."""
-    from mlflow.types.llm import ChatCompletionResponse
-
-    import mlflow
-    from pipeline.core.stores import tracking_uri
-    from pipeline.stages.registered_model import _uris
-
+@pytest.fixture(scope="module")
+def served(stack, built):
+    """`make serve`'s code path (pipeline.ops.serve) over the champion, on a free loopback port: its
+    /invocations URL while it runs; stopped as Ctrl-C stops it, and its port closed, at the end."""
     port, log = free_port(), stack.logs / "serve.log"
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeline.ops.serve", "--port", str(port), "--max-tokens", "16"],
@@ -516,51 +529,65 @@ def test_8_make_serve_answers_the_chat_completions_schema_over_http(stack):
             time.sleep(0.5)
         said = log.read_text()
         assert f"on {url}" in said and "request timeout" in said, said
-        question = "咳嗽，咽喉肿痛，用什么中成药？"
-        chat = {"messages": [{"role": "user", "content": question}], "max_tokens": 12}
-        status, answer = post_json(url, chat)
-        assert status == 200, answer
-        parsed = ChatCompletionResponse.from_dict(answer)  # MLflow's own chat-completions type
-        assert answer["object"] == "chat.completion" and parsed.choices[0].message.role == "assistant"
-        assert answer["choices"][0]["finish_reason"] in ("stop", "length") and 1 <= answer["usage"]["completion_tokens"] <= 12
-        assert answer["usage"]["total_tokens"] == answer["usage"]["prompt_tokens"] + answer["usage"]["completion_tokens"]
-        content = answer["choices"][0]["message"]["content"]
-
-        with _uris(tracking_uri(stack.env)):  # the pyfunc itself, loaded from the registry
-            own = mlflow.pyfunc.load_model("models:/medtune@champion").predict({"messages": chat["messages"]}, params={"max_tokens": 12})
-        assert own["choices"][0]["message"]["content"] == content  # the server answers what the model answers
-
-        status, plain = post_json(url, {"inputs": [question], "params": {"max_tokens": 12}})
-        assert status == 200 and plain == {"predictions": [content]}, plain  # same prompt, same greedy answer
-
-        for body, said in [
-            ({"messages": [{"role": "bot", "content": "hi"}]}, "messages[0].role must be one of system, user, assistant"),
-            ({"messages": "hi"}, '"messages" must be a non-empty list'),
-            ({"messages": chat["messages"], "max_tokens": "lots"}, "max_tokens"),
-            ({"messages": chat["messages"], "stream": True}, '"stream": true is not served'),
-            ({"messages": chat["messages"], "logprobs": True}, "unknown chat-completions fields: logprobs"),
-        ]:
-            status, error = post_json(url, body)
-            assert status == 400 and said in error.get("message", ""), (body, status, error)
+        yield url, log
     finally:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)  # the CLI and the uvicorn it started, as Ctrl-C would
+            os.killpg(proc.pid, signal.SIGTERM)  # as Ctrl-C would
         proc.wait(timeout=60)
-        deadline = time.monotonic() + 30  # uvicorn closes its socket after the CLI has exited
+        deadline = time.monotonic() + 30
         while port_open(port) and time.monotonic() < deadline:
             time.sleep(0.2)
     assert not port_open(port), "make serve's server still listens 30 s after SIGTERM"
 
 
+def test_make_serve_answers_the_chat_completions_schema_over_http(stack, served):
+    """A chat request answers in the chat-completions shape with what the pyfunc itself answers, a
+    list of questions answers too, bad requests get a 400 that says why."""
+    from mlflow.types.llm import ChatCompletionResponse
+
+    import mlflow
+    from pipeline.core.stores import tracking_uri
+    from pipeline.stages.registered_model import _uris
+
+    url, log = served
+    version = re.search(r"medtune version (\d+)", log.read_text()).group(1)  # what it serves (the champion when it started)
+    question = "咳嗽，咽喉肿痛，用什么中成药？"
+    chat = {"messages": [{"role": "user", "content": question}], "max_tokens": 12}
+    status, answer = post_json(url, chat)
+    assert status == 200, answer
+    parsed = ChatCompletionResponse.from_dict(answer)  # MLflow's own chat-completions type
+    assert answer["object"] == "chat.completion" and parsed.choices[0].message.role == "assistant"
+    assert answer["choices"][0]["finish_reason"] in ("stop", "length") and 1 <= answer["usage"]["completion_tokens"] <= 12
+    assert answer["usage"]["total_tokens"] == answer["usage"]["prompt_tokens"] + answer["usage"]["completion_tokens"]
+    content = answer["choices"][0]["message"]["content"]
+
+    with _uris(tracking_uri(stack.env)):  # the pyfunc itself, loaded from the registry
+        own = mlflow.pyfunc.load_model(f"models:/medtune/{version}").predict({"messages": chat["messages"]}, params={"max_tokens": 12})
+    assert own["choices"][0]["message"]["content"] == content  # the server answers what the model answers
+
+    status, plain = post_json(url, {"inputs": [question], "params": {"max_tokens": 12}})
+    assert status == 200 and plain == {"predictions": [content]}, plain  # same prompt, same greedy answer
+
+    for body, said in [
+        ({"messages": [{"role": "bot", "content": "hi"}]}, "messages[0].role must be one of system, user, assistant"),
+        ({"messages": "hi"}, '"messages" must be a non-empty list'),
+        ({"messages": chat["messages"], "max_tokens": "lots"}, "max_tokens"),
+        ({"messages": chat["messages"], "stream": True}, '"stream": true is not served'),
+        ({"messages": chat["messages"], "logprobs": True}, "unknown chat-completions fields: logprobs"),
+    ]:
+        status, error = post_json(url, body)
+        assert status == 400 and said in error.get("message", ""), (body, status, error)
+
+
 TRACKING_PASSWORD = "tr@ck-s3cret'pw"  # a quote and an @, as people's passwords have
 
 
-def test_9_make_run_and_make_ask_print_no_password(stack):
+@pytest.fixture(scope="module")
+def made(stack, built) -> dict[str, subprocess.CompletedProcess]:
     """`make run`'s three commands and `make ask`, with the PostgreSQL password in the instance's URL
     (and PGPASSWORD, as the Makefile sets it) and another in an http tracking URI's ``user:pass@``
-    (the MLflow server make ui started; it takes the Authorization header and ignores it): both
-    commands succeed and neither password is in their stdout or stderr. test_10 then looks for both
-    in every run, event and MLflow record, this run's included."""
+    (the MLflow server make ui started; it takes the Authorization header and ignores it): each
+    command's result, its output also kept under the stack's logs."""
     quoted = urllib.parse.quote(TRACKING_PASSWORD, safe="")
     env = {
         **stack.env,
@@ -576,19 +603,28 @@ def test_9_make_run_and_make_ask_print_no_password(stack):
         "summary": [sys.executable, "-m", "pipeline.ops.summary"],
         "ask": [sys.executable, "-m", "pipeline.ask", "咳嗽，咽喉肿痛，用什么中成药？", "--model", "champion", "--max-new-tokens", "4"],
     }  # fmt: skip
+    done = {}
     for name, cmd in commands.items():
-        done = subprocess.run(cmd, cwd=PROJECT, env=env, capture_output=True, text=True, timeout=900)
+        done[name] = subprocess.run(cmd, cwd=PROJECT, env=env, capture_output=True, text=True, timeout=900)
+        (stack.logs / f"make-run-{name}.log").write_text(done[name].stdout + done[name].stderr)
+    return done
+
+
+def test_make_run_and_make_ask_print_no_password(stack, made):
+    """Both succeed with the passwords planted, and neither password is in their stdout or stderr
+    (test_no_password_in_any_output looks for both in every run, event and MLflow record)."""
+    quoted = urllib.parse.quote(TRACKING_PASSWORD, safe="")
+    for name, done in made.items():
         said = done.stdout + done.stderr
-        (stack.logs / f"make-run-{name}.log").write_text(said)  # test_10 reads every log again
         assert done.returncode == 0, f"{name} failed:\n{said[-4000:]}"
         for secret in (stack.postgres.password, TRACKING_PASSWORD, quoted):
             assert secret not in said, f"{name} printed a password"
-    assert "champion" in (stack.logs / "make-run-summary.log").read_text()
+    assert "champion" in made["summary"].stdout
 
 
-def test_10_no_password_in_any_output(stack, monkeypatch):
+def test_no_password_in_any_output(stack, monkeypatch, built, sensor_run, second_webserver, served, made):
     """After make ui, the runs, the sensor's run, a second webserver, make serve, make run and make
-    ask over a PostgreSQL store whose URL carries a password (and test_9's tracking password): neither
+    ask over a PostgreSQL store whose URL carries a password (and the tracking password): neither
     is in any log of those servers and commands, any process's arguments, any event, tag or metadata
     of any Dagster run, any MLflow param, tag or description."""
     from dagster import DagsterInstance

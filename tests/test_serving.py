@@ -1,6 +1,6 @@
 """The registered pyfunc's two ways in (pipeline/stages/registered_model/serving.py) and how
 `make serve` resolves what to serve (pipeline/ops/serve.py), on the tiny model, in process. The
-real HTTP server over a pipeline-registered champion: tests/test_e2e_servers.py::test_8."""
+real HTTP server over a pipeline-registered champion: tests/test_e2e_servers.py (`make serve` over the champion)."""
 
 from __future__ import annotations
 
