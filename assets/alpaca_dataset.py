@@ -15,7 +15,7 @@ from pipeline.core.atomic import link_latest
 from pipeline.core.chunks import count_rows, head, iter_batches
 from pipeline.core.fingerprint import sha256_file
 from pipeline.core.records import StagedRows, preview_markdown
-from pipeline.stages.alpaca_dataset import near_twins_across_splits, write_alpaca
+from pipeline.stages.alpaca_dataset import AlpacaDataset, near_twins_across_splits, write_alpaca
 from resources.data_root import DataRoot
 
 
@@ -26,7 +26,7 @@ class AlpacaDatasetConfig(Config):
 @asset(group_name="data", compute_kind="parquet", description=__doc__)
 def alpaca_dataset(
     context: AssetExecutionContext, config: AlpacaDatasetConfig, data_root: DataRoot, deduplicated_records: StagedRows
-) -> Output[dict]:
+) -> Output[AlpacaDataset]:
     path = data_root.alpaca_path_in(context.run_id)  # this run's own: later steps read exactly these rows
     counts = write_alpaca(deduplicated_records, path, config.eval_fraction, data_root.chunk_rows, log=context.log.info)
     fingerprint = sha256_file(path)
@@ -37,14 +37,14 @@ def alpaca_dataset(
         f"{counts['rows_moved_to_their_group_split']} rows moved to their group's split)"
     )
     return Output(
-        {
-            "path": str(path),
-            "rows": counts["rows"],
-            "train": counts["train"],
-            "eval": counts["eval"],
-            "data_fingerprint": fingerprint,
-            "near_duplicate_threshold": deduplicated_records.stats.get("near_duplicate_threshold"),
-        },
+        AlpacaDataset(
+            path=str(path),
+            rows=counts["rows"],
+            train=counts["train"],
+            eval=counts["eval"],
+            data_fingerprint=fingerprint,
+            near_duplicate_threshold=deduplicated_records.stats.get("near_duplicate_threshold"),
+        ),
         metadata={
             "rows": counts["rows"],
             "train_rows": int(counts.get("train", 0)),
@@ -65,9 +65,9 @@ def alpaca_dataset(
     blocking=True,
     description="Every row read is in alpaca.parquet or rejected.parquet, exactly once",
 )
-def every_row_accounted_for(alpaca_dataset: dict, raw_records: StagedRows, rejected_records: dict) -> AssetCheckResult:
+def every_row_accounted_for(alpaca_dataset: AlpacaDataset, raw_records: StagedRows, rejected_records: dict) -> AssetCheckResult:
     read = raw_records.n_kept + raw_records.n_rejected
-    kept = count_rows(alpaca_dataset["path"])
+    kept = count_rows(alpaca_dataset.path)
     rejected = count_rows(rejected_records["path"])
     return AssetCheckResult(
         passed=read == kept + rejected,
@@ -80,9 +80,9 @@ def every_row_accounted_for(alpaca_dataset: dict, raw_records: StagedRows, rejec
 
 
 @asset_check(asset=alpaca_dataset, blocking=True, description="No normalised prompt sits in both train and eval")
-def no_prompt_in_both_splits(alpaca_dataset: dict) -> AssetCheckResult:
+def no_prompt_in_both_splits(alpaca_dataset: AlpacaDataset) -> AssetCheckResult:
     keys = {"train": [], "eval": []}
-    for table in iter_batches(alpaca_dataset["path"], columns=["prompt_id", "split"]):
+    for table in iter_batches(alpaca_dataset.path, columns=["prompt_id", "split"]):
         ids = table.column("prompt_id").to_pylist()
         splits = table.column("split").to_pylist()
         for split in keys:  # 128-bit prompt keys as two 64-bit halves: 16 bytes a row, any row count
@@ -100,11 +100,11 @@ def no_prompt_in_both_splits(alpaca_dataset: dict) -> AssetCheckResult:
     blocking=True,
     description="No held-out prompt has a near duplicate in train (MinHash LSH over the file, as deduplicated_records finds them)",
 )
-def no_near_twin_across_splits(alpaca_dataset: dict) -> AssetCheckResult:
+def no_near_twin_across_splits(alpaca_dataset: AlpacaDataset) -> AssetCheckResult:
     from pipeline.stages.deduplicated_records import NEAR_THRESHOLD
 
-    threshold = alpaca_dataset.get("near_duplicate_threshold") or NEAR_THRESHOLD
-    found = near_twins_across_splits(alpaca_dataset["path"], threshold)
+    threshold = alpaca_dataset.near_duplicate_threshold or NEAR_THRESHOLD
+    found = near_twins_across_splits(alpaca_dataset.path, threshold)
     examples = "; ".join(f"eval {a} ~ train {b}" for a, b in found["examples"])
     return AssetCheckResult(
         passed=found["groups"] == 0,

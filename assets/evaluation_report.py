@@ -22,6 +22,7 @@ from pipeline.core.cache import KEY_CHARS, is_complete, keyed_folder
 from pipeline.core.fingerprint import sha256_json
 from pipeline.core.pool_limit import INFERENCE_POOL
 from pipeline.core.tracking_sync import COMPLETE, attempt, pending, quick_http
+from pipeline.stages.alpaca_dataset import AlpacaDataset
 from pipeline.stages.base_model import BaseModelInfo
 from pipeline.stages.evaluation_report import (
     EvalConfig,
@@ -97,7 +98,7 @@ def evaluation_report(
     config: EvaluationReportConfig,
     data_root: DataRoot,
     mlflow: MlflowTracking,
-    alpaca_dataset: dict,
+    alpaca_dataset: AlpacaDataset,
     tokenized_dataset: TokenizedDataset,
     base_model: BaseModelInfo,
     lora_adapter: dict,
@@ -181,7 +182,7 @@ def evaluate_or_reuse(
     log,
     config: EvaluationReportConfig,
     data_root: DataRoot,
-    alpaca_dataset: dict,
+    alpaca_dataset: AlpacaDataset,
     tokenized_dataset: TokenizedDataset,
     base_model: BaseModelInfo,
     lora_adapter: dict,
@@ -190,11 +191,11 @@ def evaluate_or_reuse(
     Returns (folder, key, summary, table, cache_hit, tokenized manifest). (Sweep trials call it too.)"""
     manifest = json.loads((Path(tokenized_dataset.path) / MANIFEST).read_text())
     try:
-        check_lineage(alpaca_dataset["path"], alpaca_dataset["data_fingerprint"], tokenized_dataset.path, manifest, lora_adapter["path"])
+        check_lineage(alpaca_dataset.path, alpaca_dataset.data_fingerprint, tokenized_dataset.path, manifest, lora_adapter["path"])
     except LineageError as exc:
         raise Failure(description=f"not evaluated: {exc}") from None
     settings = config.model_dump()
-    key = evaluation_key(config, lora_adapter["adapter_id"], tokenized_dataset.key, alpaca_dataset["data_fingerprint"])
+    key = evaluation_key(config, lora_adapter["adapter_id"], tokenized_dataset.key, alpaca_dataset.data_fingerprint)
     folder = keyed_folder(data_root.models_dir / "evaluations", key)
     cache_hit = is_complete(folder, "summary.json")
     if cache_hit:
@@ -202,7 +203,7 @@ def evaluate_or_reuse(
         summary = json.loads((folder / "summary.json").read_text())["summary"]
         table = pd.read_json(folder / "evaluation.json", orient="records")
     else:
-        alpaca = pd.read_parquet(alpaca_dataset["path"])
+        alpaca = pd.read_parquet(alpaca_dataset.path)
         rows = select_rows(alpaca, {s: tokenized_dataset.load(s) for s in ("train", "eval")}, config.train_sample_size, config.seed)
         log.info(
             f"evaluating base and tuned models on {int((rows['split'] == 'eval').sum())} eval rows "
@@ -228,7 +229,7 @@ def evaluate_or_reuse(
         base_file = (
             data_root.models_dir
             / "evaluations"
-            / f"base-{sha256_json({'format': EVAL_FORMAT, 'base': base_model.fingerprint, 'data': tokenized_dataset.key, 'alpaca': alpaca_dataset['data_fingerprint'], **settings})[:KEY_CHARS]}.json"
+            / f"base-{sha256_json({'format': EVAL_FORMAT, 'base': base_model.fingerprint, 'data': tokenized_dataset.key, 'alpaca': alpaca_dataset.data_fingerprint, **settings})[:KEY_CHARS]}.json"
         )
         earlier = json.loads(base_file.read_text()) if base_file.is_file() else None
         result = evaluate_models(model, tokenizer, rows, eval_cfg, stop_token_ids(tokenizer), log=log.info, base=earlier)

@@ -27,6 +27,7 @@ from pydantic import Field
 from pipeline.core.cache import KEY_CHARS, keyed_folder
 from pipeline.core.fingerprint import sha256_json
 from pipeline.core.pool_limit import INFERENCE_POOL
+from pipeline.stages.alpaca_dataset import AlpacaDataset
 from pipeline.stages.base_model import BaseModelInfo
 from pipeline.stages.lora_adapter.generation import load_tuned_model
 from pipeline.stages.lora_adapter.methods import is_prompt_learning
@@ -97,7 +98,7 @@ def merged_model(
     data_root: DataRoot,
     base_model: BaseModelInfo,
     lora_adapter: dict,
-    alpaca_dataset: dict,
+    alpaca_dataset: AlpacaDataset,
     tokenized_dataset: TokenizedDataset,
 ):
     mid = merged_key(config, lora_adapter["adapter_id"], base_model.fingerprint)
@@ -120,7 +121,7 @@ def merged_model(
     yield _check_result(check, said)
 
 
-def _verifier(context, config: MergedModelConfig, base_model: BaseModelInfo, lora_adapter: dict, alpaca_dataset: dict, tokenized_dataset):
+def _verifier(context, config: MergedModelConfig, base_model: BaseModelInfo, lora_adapter: dict, alpaca_dataset: AlpacaDataset, tokenized_dataset):
     """``verify(folder)``: the merged model against the adapter on a few prompts, where both fit in memory."""
 
     def verify(folder):
@@ -130,7 +131,7 @@ def _verifier(context, config: MergedModelConfig, base_model: BaseModelInfo, lor
             return {"end_to_end": f"skipped: {why}"}
         adapter_model, tokenizer = load_tuned_model(base_model.path, lora_adapter["path"], base_model.trust_remote_code)
         system_prompt = json.loads((Path(tokenized_dataset.path) / MANIFEST).read_text())["system_prompt"]
-        prompts = _check_prompts(alpaca_dataset["path"], tokenizer, system_prompt, config.check_prompts)
+        prompts = _check_prompts(alpaca_dataset.path, tokenizer, system_prompt, config.check_prompts)
         tolerance = config.tolerance or (NATIVE_TOLERANCE if config.check_precision == "native" else DEFAULT_TOLERANCE)
         merged = load_merged(folder, base_model.trust_remote_code)
         result = compare_with_adapter(

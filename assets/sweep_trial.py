@@ -19,6 +19,7 @@ from assets.sweep_plan import read_plan, sweep_dir
 from pipeline.core.pool_limit import TRAINING_POOL
 from pipeline.core.secrets import redact, redact_params
 from pipeline.core.tracking_sync import send_missing_metrics
+from pipeline.stages.alpaca_dataset import AlpacaDataset
 from pipeline.stages.base_model import BaseModelInfo
 from pipeline.stages.lora_adapter import plot_loss_curve, read_metrics
 from pipeline.stages.sweep_plan import PARTITIONS, split_key
@@ -36,7 +37,7 @@ def sweep_trial(
     data_root: DataRoot,
     mlflow: MlflowTracking,
     pipes_subprocess_client: PipesSubprocessClient,
-    alpaca_dataset: dict,
+    alpaca_dataset: AlpacaDataset,
     tokenized_dataset: TokenizedDataset,
     base_model: BaseModelInfo,
 ) -> MaterializeResult:

@@ -10,6 +10,7 @@ from dagster import AssetExecutionContext, Config, Failure, MetadataValue, Outpu
 from pydantic import Field
 
 from pipeline.core.fingerprint import sha256_file
+from pipeline.stages.alpaca_dataset import AlpacaDataset
 from pipeline.stages.base_model import BaseModelInfo, load_tokenizer
 from pipeline.stages.tokenized_dataset import DEFAULT_SYSTEM_PROMPT, IGNORE_INDEX, TokenizedDataset, tokenize_dataset
 from resources.data_root import DataRoot
@@ -34,19 +35,17 @@ def _example_markdown(tokenizer, ds: TokenizedDataset) -> str:
 
 @asset(group_name="data", compute_kind="transformers", description=__doc__)
 def tokenized_dataset(
-    context: AssetExecutionContext, config: TokenizedDatasetConfig, data_root: DataRoot, alpaca_dataset: dict, base_model: BaseModelInfo
+    context: AssetExecutionContext, config: TokenizedDatasetConfig, data_root: DataRoot, alpaca_dataset: AlpacaDataset, base_model: BaseModelInfo
 ) -> Output[TokenizedDataset]:
     tokenizer = load_tokenizer(base_model)
     # the cache is keyed by the fingerprint handed down: it must be the fingerprint of what is read
-    if (actual := sha256_file(alpaca_dataset["path"])) != alpaca_dataset["data_fingerprint"]:
-        raise Failure(
-            description=f"{alpaca_dataset['path']} changed after it was written ({actual[:12]}, not {alpaca_dataset['data_fingerprint'][:12]})"
-        )
-    alpaca = pd.read_parquet(alpaca_dataset["path"])
+    if (actual := sha256_file(alpaca_dataset.path)) != alpaca_dataset.data_fingerprint:
+        raise Failure(description=f"{alpaca_dataset.path} changed after it was written ({actual[:12]}, not {alpaca_dataset.data_fingerprint[:12]})")
+    alpaca = pd.read_parquet(alpaca_dataset.path)
     ds = tokenize_dataset(
         alpaca,
         tokenizer,
-        data_fingerprint=alpaca_dataset["data_fingerprint"],
+        data_fingerprint=alpaca_dataset.data_fingerprint,
         tokenizer_fingerprint=base_model.tokenizer_fingerprint,
         out_root=data_root.tokenized_dir,
         max_seq_len=config.max_seq_len,

@@ -22,7 +22,7 @@ from assets import (
 )
 from pipeline.core.quick_exit import freeze_at_exit
 from pipeline.ops.automation import periodic_retrain_schedule, raw_data_sensor
-from pipeline.ops.jobs import JOBS, full_pipeline_job, prepare_data_job, train_job  # noqa: F401
+from pipeline.ops.jobs import JOBS
 from resources import DataRoot, MlflowTracking, StageIOManager, default_data_dir
 from resources.pipes_reader import WholeLineTempFileMessageReader
 

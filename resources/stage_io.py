@@ -65,11 +65,11 @@ class StageIOManager(ConfigurableIOManager):
         if source_run and source_run != RUN_ID_PLACEHOLDER:
             path = self.descriptor_path(source_run, name)
             if path.is_file():
-                return decode(json.loads(path.read_text()))
+                return decode(json.loads(path.read_text()), expected_type(context))
             if source_run == context.step_context.run_id:
                 raise FileNotFoundError(f"{upstream.asset_key.to_user_string()} of this run is not on disk ({path} missing)")
         # not built in this run (Dagster hands a placeholder run id): the latest, pinned
-        return decode(self._pinned(context, name, upstream.asset_key))
+        return decode(self._pinned(context, name, upstream.asset_key), expected_type(context))
 
     def _pinned(self, context: InputContext, name: str, asset_key) -> Any:
         """The latest materialization of an asset this run did not produce, as this run first read it."""
@@ -87,7 +87,14 @@ class StageIOManager(ConfigurableIOManager):
         return json.loads(data)
 
 
-def decode(payload: Any) -> Any:
+def expected_type(context: InputContext) -> type | None:
+    """The Python type the reading asset declares for this input, where Dagster knows it."""
+    return getattr(getattr(context, "dagster_type", None), "typing_type", None)
+
+
+def decode(payload: Any, expected: type | None = None) -> Any:
+    """A descriptor as the value it describes. A plain dict where the reader declares a dataclass (a
+    descriptor written before that value had its class) becomes that class, by its fields."""
     if isinstance(payload, dict) and STAGED in payload:
         folder = Path(payload[STAGED])
         if not (folder / KEPT_FILE).is_file():
@@ -100,4 +107,7 @@ def decode(payload: Any) -> Any:
         module, _, name = payload.pop(DATACLASS).partition(":")
         cls = getattr(importlib.import_module(module), name)
         return cls(**payload)
+    if isinstance(payload, dict) and isinstance(expected, type) and dataclasses.is_dataclass(expected):
+        fields = {f.name for f in dataclasses.fields(expected)}
+        return expected(**{k: v for k, v in payload.items() if k in fields})
     return payload

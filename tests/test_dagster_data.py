@@ -105,6 +105,19 @@ def test_materializes_every_data_asset_and_accounts_for_every_row(data_dir, tiny
     assert {p: (data_dir / "processed" / p).read_bytes() for p in first} == first
     assert meta(again, "tokenized_dataset", "cache_hit") is True
 
+    # alpaca_dataset hands on a typed value; its descriptor, and an older plain one, decode to it
+    from pipeline.stages.alpaca_dataset import AlpacaDataset
+    from resources.stage_io import decode
+
+    value = again.output_for_node("alpaca_dataset")
+    assert isinstance(value, AlpacaDataset) and value.rows == len(alpaca) and value.train + value.eval == value.rows
+    import json
+
+    written = json.loads((data_dir / "processed" / "stages" / "alpaca_dataset.json").read_text())
+    assert decode(written) == value
+    plain = {k: v for k, v in written.items() if not k.startswith("__")} | {"a_key_it_no_longer_has": 1}
+    assert decode(plain, AlpacaDataset) == value and decode(plain) == plain
+
 
 def test_blocking_check_stops_the_run_when_too_much_is_rejected(tmp_path, tiny_model_dir):
     data = tmp_path / "data"

@@ -15,6 +15,7 @@ rows give a byte-identical file.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,18 @@ from pipeline.core.chunks import CHUNK_ROWS, PARQUET_SETTINGS, ROW_GROUP_SIZE, C
 from pipeline.stages.deduplicated_records.keys import bucket
 
 ALPACA_COLUMNS = ("record_id", "prompt_id", "instruction", "input", "output", "split", "source_file", "source_line")
+
+
+@dataclass(frozen=True)
+class AlpacaDataset:
+    """What ``alpaca_dataset`` hands on: the run's Parquet file, its rows by split, its sha256."""
+
+    path: str
+    rows: int
+    train: int
+    eval: int
+    data_fingerprint: str
+    near_duplicate_threshold: float | None = None
 
 
 def split_rule(b: np.ndarray, eval_fraction: float, lowest: float | None, highest: float | None, distinct: int) -> np.ndarray:
