@@ -1,4 +1,5 @@
-"""Asset ``alpaca_dataset``: the clean Alpaca-format Parquet with a stable train/eval split (``pipeline.stages.alpaca_dataset``).
+"""Asset ``alpaca_dataset``: the clean Alpaca-format Parquet with a stable train/eval split
+(``pipeline.stages.alpaca_dataset``).
 
 Written to ``$MEDTUNE_DATA_DIR/processed/runs/<run id>/alpaca.parquet`` (zstd; ``processed/alpaca.parquet``
 links to the latest). Checks:
@@ -8,19 +9,30 @@ duplicate in train, found afresh from the file).
 """
 
 import numpy as np
-from dagster import AssetCheckResult, AssetCheckSeverity, AssetExecutionContext, AssetIn, Config, MetadataValue, Output, asset, asset_check
-from pydantic import Field
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetExecutionContext,
+    AssetIn,
+    Config,
+    MetadataValue,
+    Output,
+    asset,
+    asset_check,
+)
 
 from pipeline.core.atomic import link_latest
 from pipeline.core.chunks import count_rows, head, iter_batches
 from pipeline.core.fingerprint import sha256_file
 from pipeline.core.records import StagedRows, preview_markdown
-from pipeline.stages.alpaca_dataset import AlpacaDataset, near_twins_across_splits, write_alpaca
+from pipeline.stages.alpaca_dataset import AlpacaDataset, SplitSettings, near_twins_across_splits, write_alpaca
+from pipeline.stages.rejected_records import RejectedRecords
 from resources.data_root import DataRoot
 
 
-class AlpacaDatasetConfig(Config):
-    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of prompts held out for evaluation")
+class AlpacaDatasetConfig(Config, SplitSettings):
+    """The train/eval split's settings
+    (declared in ``pipeline.stages.alpaca_dataset.SplitSettings``)."""
 
 
 @asset(group_name="data", compute_kind="parquet", description=__doc__)
@@ -53,7 +65,9 @@ def alpaca_dataset(
             "near_duplicate_groups_kept_together": counts["near_duplicate_groups_kept_together"],
             "rows_moved_to_their_group_split": counts["rows_moved_to_their_group_split"],
             "data_fingerprint": fingerprint,
-            "preview": MetadataValue.md(preview_markdown(head(path), ["record_id", "split", "instruction", "input", "output"])),
+            "preview": MetadataValue.md(
+                preview_markdown(head(path), ["record_id", "split", "instruction", "input", "output"])
+            ),
             "path": MetadataValue.path(str(path)),
         },
     )
@@ -65,10 +79,12 @@ def alpaca_dataset(
     blocking=True,
     description="Every row read is in alpaca.parquet or rejected.parquet, exactly once",
 )
-def every_row_accounted_for(alpaca_dataset: AlpacaDataset, raw_records: StagedRows, rejected_records: dict) -> AssetCheckResult:
+def every_row_accounted_for(
+    alpaca_dataset: AlpacaDataset, raw_records: StagedRows, rejected_records: RejectedRecords
+) -> AssetCheckResult:
     read = raw_records.n_kept + raw_records.n_rejected
     kept = count_rows(alpaca_dataset.path)
-    rejected = count_rows(rejected_records["path"])
+    rejected = count_rows(rejected_records.path)
     return AssetCheckResult(
         passed=read == kept + rejected,
         severity=AssetCheckSeverity.ERROR,
@@ -87,7 +103,9 @@ def no_prompt_in_both_splits(alpaca_dataset: AlpacaDataset) -> AssetCheckResult:
         splits = table.column("split").to_pylist()
         for split in keys:  # 128-bit prompt keys as two 64-bit halves: 16 bytes a row, any row count
             sel = [p for p, s in zip(ids, splits) if s == split]
-            keys[split].append(np.array([(int(p[:16], 16), int(p[16:], 16)) for p in sel], dtype=np.uint64).reshape(-1, 2))
+            keys[split].append(
+                np.array([(int(p[:16], 16), int(p[16:], 16)) for p in sel], dtype=np.uint64).reshape(-1, 2)
+            )
     train, held = (np.unique(np.concatenate(keys[s]), axis=0) for s in ("train", "eval"))
     both = np.concatenate([train, held])
     leaks = len(both) - len(np.unique(both, axis=0))
@@ -98,7 +116,10 @@ def no_prompt_in_both_splits(alpaca_dataset: AlpacaDataset) -> AssetCheckResult:
 @asset_check(
     asset=alpaca_dataset,
     blocking=True,
-    description="No held-out prompt has a near duplicate in train (MinHash LSH over the file, as deduplicated_records finds them)",
+    description=(
+        "No held-out prompt has a near duplicate in train (MinHash LSH over the file, as deduplicated_records finds "
+        "them)"
+    ),
 )
 def no_near_twin_across_splits(alpaca_dataset: AlpacaDataset) -> AssetCheckResult:
     from pipeline.stages.deduplicated_records import NEAR_THRESHOLD
@@ -110,7 +131,10 @@ def no_near_twin_across_splits(alpaca_dataset: AlpacaDataset) -> AssetCheckResul
         passed=found["groups"] == 0,
         description="no near twins across splits"
         if not found["groups"]
-        else f"{found['held_out_rows']} held-out rows have a near twin in train ({found['groups']} groups), e.g. {examples}",
+        else (
+            f"{found['held_out_rows']} held-out rows have a near twin in train ({found['groups']} groups), e.g. "
+            f"{examples}"
+        ),
         metadata={
             "groups_across_splits": found["groups"],
             "held_out_rows_with_twin_in_train": found["held_out_rows"],

@@ -5,17 +5,19 @@ safetensors and cached under ``$MEDTUNE_DATA_DIR/models/base/``. Also a local fo
 """
 
 from dagster import AssetExecutionContext, Config, MetadataValue, Output, asset
-from pydantic import Field
 
-from pipeline.stages.base_model import DEFAULT_MODEL, BaseModelInfo, is_local_path, resolve_base_model
+from pipeline.stages.base_model import (
+    BaseModelInfo,
+    BaseModelSettings,
+    is_local_path,
+    resolve_base_model,
+)
 from resources.data_root import DataRoot
 
 
-class BaseModelConfig(Config):
-    model: str = Field(DEFAULT_MODEL, description="bundled:SmolLM2-135M-Instruct, a local folder, or a hub id")
-    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for a hub id")
-    trust_remote_code: bool = Field(False, description="Allow the model's own Python code; off by default")
-    allow_outside_paths: bool = Field(False, description="A local model folder may lie outside the data root (relative paths are relative to it)")
+class BaseModelConfig(Config, BaseModelSettings):
+    """Which base model, from where
+    (declared in ``pipeline.stages.base_model.BaseModelSettings``)."""
 
 
 @asset(group_name="model", compute_kind="transformers", description=__doc__)
@@ -24,7 +26,9 @@ def base_model(context: AssetExecutionContext, config: BaseModelConfig, data_roo
     model = config.model
     if is_local_path(model, data_root.root):
         model = str(data_root.confine(model, "base_model.model", config.allow_outside_paths))
-    info = resolve_base_model(model, data_root.models_dir, revision=config.revision, trust_remote_code=config.trust_remote_code)
+    info = resolve_base_model(
+        model, data_root.models_dir, revision=config.revision, trust_remote_code=config.trust_remote_code
+    )
     info.model = config.model
     context.log.info(f"base model at {info.path}: {info.architecture}, {info.n_params:,} parameters, {info.dtype}")
     return Output(

@@ -1,33 +1,18 @@
-"""Asset ``deduplicated_records``: exact duplicates removed, prompt conflicts and near-duplicate prompts handled (``pipeline.stages.deduplicated_records``)."""
-
-from typing import Literal
+"""Asset ``deduplicated_records``: exact duplicates removed, prompt conflicts and near-duplicate prompts handled
+(``pipeline.stages.deduplicated_records``)."""
 
 from dagster import AssetExecutionContext, Config, MetadataValue, Output, asset
-from pydantic import Field
 
 from pipeline.core.chunks import head
 from pipeline.core.markdown import table
 from pipeline.core.records import FIELDS, StagedRows, preview_markdown
-from pipeline.stages.deduplicated_records import NEAR_THRESHOLD, deduplicate_to
+from pipeline.stages.deduplicated_records import DedupSettings, deduplicate_to
 from resources.data_root import DataRoot
 
 
-class DeduplicatedRecordsConfig(Config):
-    conflict_policy: Literal["keep_first", "keep_all", "drop"] = Field(
-        "keep_first", description="Rows with the same prompt but different answers: keep the first, keep all, or drop all"
-    )
-    near_duplicate_policy: Literal["report", "drop"] = Field(
-        "report",
-        description="Prompts that differ only slightly (MinHash LSH): report the groups and keep every row "
-        "(alpaca_dataset keeps each group in one split), or drop all but the first prompt of each group",
-    )
-    near_duplicate_threshold: float = Field(
-        NEAR_THRESHOLD,
-        gt=0.0,
-        lt=1.0,
-        description="Jaccard similarity of the prompts' character bigrams (punctuation and spacing ignored) "
-        "at which MinHash LSH calls two prompts near duplicates",
-    )
+class DeduplicatedRecordsConfig(Config, DedupSettings):
+    """What counts as a duplicate or a conflict, and what is done with it
+    (declared in ``pipeline.stages.deduplicated_records.DedupSettings``)."""
 
 
 def near_markdown(groups: list[dict], total: int, limit: int = 20) -> str:
@@ -50,7 +35,10 @@ def conflicts_markdown(groups: list[dict], limit: int = 20) -> str:
 
 @asset(group_name="data", compute_kind="python", description=__doc__)
 def deduplicated_records(
-    context: AssetExecutionContext, config: DeduplicatedRecordsConfig, data_root: DataRoot, validated_records: StagedRows
+    context: AssetExecutionContext,
+    config: DeduplicatedRecordsConfig,
+    data_root: DataRoot,
+    validated_records: StagedRows,
 ) -> Output[StagedRows]:
     result = deduplicate_to(
         validated_records,
@@ -65,7 +53,8 @@ def deduplicated_records(
     context.log.info(
         f"{s['rows_in']} rows in: {s['duplicates_removed']} duplicates removed, {s['conflict_groups']} conflict groups "
         f"({s['conflict_rows']} rows, policy {s['conflict_policy']}, {s['conflicts_rejected']} rejected), "
-        f"{s['near_duplicate_groups']} near-duplicate groups ({s['near_duplicate_rows']} rows, policy {s['near_duplicate_policy']}, "
+        f"{s['near_duplicate_groups']} near-duplicate groups ({s['near_duplicate_rows']} rows, policy "
+        f"{s['near_duplicate_policy']}, "
         f"{s['near_duplicates_rejected']} rejected), {s['rows_kept']} kept"
     )
     return Output(
@@ -85,8 +74,12 @@ def deduplicated_records(
             "near_duplicate_rows": s["near_duplicate_rows"],
             "near_duplicates_rejected": s["near_duplicates_rejected"],
             "near_duplicates": MetadataValue.md(near_markdown(s["near_duplicates"], s["near_duplicate_groups"])),
-            "preview": MetadataValue.md(preview_markdown(head(result.kept_path), ["record_id", "source_file", "source_line", *FIELDS])),
-            "rejected_preview": MetadataValue.md(preview_markdown(head(result.rejected_path), ["source_file", "source_line", "reason"], width=100)),
+            "preview": MetadataValue.md(
+                preview_markdown(head(result.kept_path), ["record_id", "source_file", "source_line", *FIELDS])
+            ),
+            "rejected_preview": MetadataValue.md(
+                preview_markdown(head(result.rejected_path), ["source_file", "source_line", "reason"], width=100)
+            ),
             "stage_output": MetadataValue.path(result.folder),
         },
     )

@@ -1,4 +1,5 @@
-"""Asset ``merged_model``: the adapter merged into a 32-bit (or 16-bit) copy of the base weights (``pipeline.stages.merged_model``).
+"""Asset ``merged_model``: the adapter merged into a 32-bit (or 16-bit) copy of the base weights
+(``pipeline.stages.merged_model``).
 
 Written under ``$MEDTUNE_DATA_DIR/models/merged/<id>/`` through a temporary folder renamed into
 place: safetensors (sharded when large), config, tokenizer with its chat template, and a
@@ -18,52 +19,50 @@ nothing is written, the metadata says so, and ``registered_model`` registers the
 
 import json
 from pathlib import Path
-from typing import Literal
 
 import pandas as pd
-from dagster import AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, AssetExecutionContext, Config, MetadataValue, Output, asset
-from pydantic import Field
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    Config,
+    MetadataValue,
+    Output,
+    asset,
+)
 
 from pipeline.core.cache import KEY_CHARS, keyed_folder
 from pipeline.core.fingerprint import sha256_json
 from pipeline.core.pool_limit import INFERENCE_POOL
 from pipeline.stages.alpaca_dataset import AlpacaDataset
 from pipeline.stages.base_model import BaseModelInfo
+from pipeline.stages.lora_adapter import LoraAdapter
 from pipeline.stages.lora_adapter.generation import load_tuned_model
 from pipeline.stages.lora_adapter.methods import is_prompt_learning
 from pipeline.stages.lora_adapter.spec import trained_method
 from pipeline.stages.merged_model import (
     DEFAULT_TOLERANCE,
     NATIVE_TOLERANCE,
+    MergeSettings,
     compare_with_adapter,
     load_merged,
     merge_adapter,
     read_export_record,
 )
+from pipeline.stages.merged_model.record import MergedModel
 from pipeline.stages.merged_model.streamed import fits_in_memory
 from pipeline.stages.tokenized_dataset import MANIFEST, TokenizedDataset, render_prompt
 from resources.data_root import DataRoot
 
-EXPORT_FORMAT = 3  # 2: float64 merge, float64 check; 3: streamed merge, layer-wise proof, end-to-end in the weights' dtype
+EXPORT_FORMAT = (
+    3  # 2: float64 merge, float64 check; 3: streamed merge, layer-wise proof, end-to-end in the weights' dtype
+)
 
 
-class MergedModelConfig(Config):
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights of the merged copy (never quantized)")
-    max_shard_size: str = Field("2GB", description="safetensors shard size")
-    check_prompts: int = Field(4, gt=0, description="Eval prompts the merge check runs")
-    check_max_new_tokens: int = Field(32, gt=0, description="New tokens of each greedy answer compared between the merged model and the adapter")
-    tolerance: float | None = Field(
-        None,
-        gt=0,
-        description="Max absolute logit difference of the end-to-end comparison "
-        f"(default: {NATIVE_TOLERANCE:g} in the weights' dtype, {DEFAULT_TOLERANCE:g} in float64)",
-    )
-    check_precision: Literal["float64", "native"] = Field(
-        "native",
-        description="Arithmetic of the end-to-end logit comparison: the weights' own dtype (default; the layer-wise proof "
-        "already checks every adapted layer in float64), or float64 over the weights as they are (two float64 copies "
-        "of the model in memory)",
-    )
+class MergedModelConfig(Config, MergeSettings):
+    """The merged copy's weights and the check that it matches the adapter
+    (declared in ``pipeline.stages.merged_model.MergeSettings``)."""
 
 
 def _check_prompts(alpaca_path: str, tokenizer, system_prompt: str, n: int) -> list[str]:
@@ -74,7 +73,9 @@ def _check_prompts(alpaca_path: str, tokenizer, system_prompt: str, n: int) -> l
 
 def merged_key(config: MergedModelConfig, adapter_id: str, base_fingerprint: str) -> str:
     """The merged model's id (its folder): adapter, base weights and every export setting."""
-    return sha256_json({"format": EXPORT_FORMAT, "adapter": adapter_id, "base": base_fingerprint, **config.model_dump()})[:KEY_CHARS]
+    return sha256_json(
+        {"format": EXPORT_FORMAT, "adapter": adapter_id, "base": base_fingerprint, **config.model_dump()}
+    )[:KEY_CHARS]
 
 
 @asset(
@@ -87,8 +88,10 @@ def merged_key(config: MergedModelConfig, adapter_id: str, base_fingerprint: str
             "merged_matches_adapter",
             asset="merged_model",
             blocking=True,
-            description="Every merged layer proven against the adapter in float64; the merged model's logits within tolerance of "
-            "the adapter model's (in check_precision) and its greedy answers identical",
+            description=(
+                "Every merged layer proven against the adapter in float64; the merged model's logits "
+                "within tolerance of the adapter model's (in check_precision) and its greedy answers identical"
+            ),
         )
     ],
 )
@@ -97,12 +100,12 @@ def merged_model(
     config: MergedModelConfig,
     data_root: DataRoot,
     base_model: BaseModelInfo,
-    lora_adapter: dict,
+    lora_adapter: LoraAdapter,
     alpaca_dataset: AlpacaDataset,
     tokenized_dataset: TokenizedDataset,
 ):
-    mid = merged_key(config, lora_adapter["adapter_id"], base_model.fingerprint)
-    method = lora_adapter.get("method") or trained_method(lora_adapter["path"])
+    mid = merged_key(config, lora_adapter.adapter_id, base_model.fingerprint)
+    method = lora_adapter.method or trained_method(lora_adapter.path)
     if is_prompt_learning(method):
         yield from _not_mergeable(context, method, mid, lora_adapter, base_model)
         return
@@ -116,12 +119,21 @@ def merged_model(
         record = _merge(context, config, base_model, lora_adapter, dest, mid, verify)
     check = record["verification"]
     said = describe_check(check)
-    (context.log.info if check["passed"] else context.log.error)(f"merged_matches_adapter: {'passed' if check['passed'] else 'FAILED'}: {said}")
+    (context.log.info if check["passed"] else context.log.error)(
+        f"merged_matches_adapter: {'passed' if check['passed'] else 'FAILED'}: {said}"
+    )
     yield _output(config, lora_adapter, dest, mid, method, record, cache_hit)
     yield _check_result(check, said)
 
 
-def _verifier(context, config: MergedModelConfig, base_model: BaseModelInfo, lora_adapter: dict, alpaca_dataset: AlpacaDataset, tokenized_dataset):
+def _verifier(
+    context,
+    config: MergedModelConfig,
+    base_model: BaseModelInfo,
+    lora_adapter: LoraAdapter,
+    alpaca_dataset: AlpacaDataset,
+    tokenized_dataset,
+):
     """``verify(folder)``: the merged model against the adapter on a few prompts, where both fit in memory."""
 
     def verify(folder):
@@ -129,7 +141,7 @@ def _verifier(context, config: MergedModelConfig, base_model: BaseModelInfo, lor
         if not fits:
             context.log.info(f"end-to-end comparison skipped ({why}): the layer-wise proof decides")
             return {"end_to_end": f"skipped: {why}"}
-        adapter_model, tokenizer = load_tuned_model(base_model.path, lora_adapter["path"], base_model.trust_remote_code)
+        adapter_model, tokenizer = load_tuned_model(base_model.path, lora_adapter.path, base_model.trust_remote_code)
         system_prompt = json.loads((Path(tokenized_dataset.path) / MANIFEST).read_text())["system_prompt"]
         prompts = _check_prompts(alpaca_dataset.path, tokenizer, system_prompt, config.check_prompts)
         tolerance = config.tolerance or (NATIVE_TOLERANCE if config.check_precision == "native" else DEFAULT_TOLERANCE)
@@ -148,11 +160,22 @@ def _verifier(context, config: MergedModelConfig, base_model: BaseModelInfo, lor
     return verify
 
 
-def _merge(context, config: MergedModelConfig, base_model: BaseModelInfo, lora_adapter: dict, dest: Path, mid: str, verify) -> dict:
-    context.log.info(f"merging adapter {lora_adapter['adapter_id']} into a {config.dtype} copy of {base_model.model}, one tensor at a time")
+def _merge(
+    context,
+    config: MergedModelConfig,
+    base_model: BaseModelInfo,
+    lora_adapter: LoraAdapter,
+    dest: Path,
+    mid: str,
+    verify,
+) -> dict:
+    context.log.info(
+        f"merging adapter {lora_adapter.adapter_id} into a {config.dtype} copy of {base_model.model}, one tensor at a "
+        "time"
+    )
     return merge_adapter(
         base_model.path,
-        lora_adapter["path"],
+        lora_adapter.path,
         dest,
         dtype=config.dtype,
         max_shard_size=config.max_shard_size,
@@ -161,26 +184,26 @@ def _merge(context, config: MergedModelConfig, base_model: BaseModelInfo, lora_a
         log=context.log.info,
         record={
             "merged_id": mid,
-            "adapter_id": lora_adapter["adapter_id"],
+            "adapter_id": lora_adapter.adapter_id,
             "base_model": base_model.model,
             "base_model_fingerprint": base_model.fingerprint,
-            "mlflow_run_id": lora_adapter.get("mlflow_run_id"),
+            "mlflow_run_id": lora_adapter.mlflow_run_id,
         },
     )
 
 
-def _output(config: MergedModelConfig, lora_adapter: dict, dest: Path, mid: str, method: str, record: dict, cache_hit: bool) -> Output:
+def _output(
+    config: MergedModelConfig,
+    lora_adapter: LoraAdapter,
+    dest: Path,
+    mid: str,
+    method: str,
+    record: dict,
+    cache_hit: bool,
+) -> Output:
     check = record["verification"]
     layers = check.get("layers", {})
-    value = {
-        "path": str(dest),
-        "merged_id": mid,
-        "mergeable": True,
-        "method": method,
-        "verification": check,
-        "adapter_id": lora_adapter["adapter_id"],
-        "mlflow_run_id": lora_adapter.get("mlflow_run_id"),
-    }
+    value = MergedModel(mid, lora_adapter.adapter_id, method, True, str(dest), check, lora_adapter.mlflow_run_id)
     return Output(
         value,
         metadata={
@@ -230,40 +253,47 @@ def describe_check(check: dict) -> str:
     """One line for the log and the asset check: the layer-wise proof, then the end-to-end comparison."""
     layers = check.get("layers", {})
     parts = [
-        f"{layers.get('layers_checked', 0)} adapted layers checked in float64 (worst {layers.get('worst_ratio_to_rounding_bound', 0):.2f}x "
+        f"{layers.get('layers_checked', 0)} adapted layers checked in float64 (worst "
+        f"{layers.get('worst_ratio_to_rounding_bound', 0):.2f}x "
         f"the rounding bound)" + (f"; FAILED: {'; '.join(layers['failures'][:3])}" if layers.get("failures") else "")
     ]
     if check.get("max_abs_logit_diff") is not None:
         parts.append(
             f"end to end: max |Δlogit| {check['max_abs_logit_diff']:.2e} in {check.get('precision', 'native')} "
-            f"(tolerance {check['tolerance']:.0e}), greedy answers identical on {check['prompts']} prompts: {check['greedy_identical']}"
-            + (f" ({check['first_mismatch']})" if check.get("first_mismatch") else "")
+            f"(tolerance {check['tolerance']:.0e}), greedy answers identical on {check['prompts']} prompts: "
+            f"{check['greedy_identical']}" + (f" ({check['first_mismatch']})" if check.get("first_mismatch") else "")
         )
     else:
         parts.append(f"end to end: {check.get('end_to_end', 'not compared')}")
     return "; ".join(parts)
 
 
-def _not_mergeable(context, method: str, mid: str, lora_adapter: dict, base_model: BaseModelInfo):
+def _not_mergeable(context, method: str, mid: str, lora_adapter: LoraAdapter, base_model: BaseModelInfo):
     reason = (
         f"{method} cannot be merged into the base weights: it adds virtual tokens, not weight updates, so it "
         f"is served as adapter + base (registered_model logs both)"
     )
     context.log.info(reason)
     yield Output(
-        {
-            "path": None,
-            "merged_id": mid,
+        MergedModel(
+            merged_id=mid,
+            adapter_id=lora_adapter.adapter_id,
+            method=method,
+            mergeable=False,
+            path=None,
+            verification={"passed": True, "applicable": False, "reason": reason},
+            mlflow_run_id=lora_adapter.mlflow_run_id,
+            reason=reason,
+            adapter_path=lora_adapter.path,
+            base_model_path=base_model.path,
+        ),
+        metadata={
             "mergeable": False,
             "method": method,
             "reason": reason,
-            "adapter_path": lora_adapter["path"],
-            "base_model_path": base_model.path,
-            "verification": {"passed": True, "applicable": False, "reason": reason},
-            "adapter_id": lora_adapter["adapter_id"],
-            "mlflow_run_id": lora_adapter.get("mlflow_run_id"),
+            "merged_id": mid,
+            "adapter_path": MetadataValue.path(lora_adapter.path),
         },
-        metadata={"mergeable": False, "method": method, "reason": reason, "merged_id": mid, "adapter_path": MetadataValue.path(lora_adapter["path"])},
     )
     yield AssetCheckResult(
         check_name="merged_matches_adapter",

@@ -16,16 +16,32 @@ def files_markdown(files: list[dict]) -> str:
         notes = "; ".join([*(f.get("notes") or []), *([f"**rejected**: {f['error']}"] if f.get("error") else [])])
         if f.get("blank_lines"):
             notes = "; ".join(filter(None, [notes, f"{f['blank_lines']} blank lines skipped"]))
-        rows.append([f["source_file"], f.get("encoding"), f.get("format"), f["rows_read"], f["rows_kept"], f["rows_rejected"], notes])
+        rows.append(
+            [
+                f["source_file"],
+                f.get("encoding"),
+                f.get("format"),
+                f["rows_read"],
+                f["rows_kept"],
+                f["rows_rejected"],
+                notes,
+            ]
+        )
     return table(["file", "encoding", "format", "read", "kept", "rejected", "notes"], rows)
 
 
 @asset(group_name="data", compute_kind="python", description=__doc__)
 def raw_records(context: AssetExecutionContext, data_root: DataRoot) -> Output[StagedRows]:
-    result = ingest_to(data_root.raw_dir, data_root.stage_dir("raw_records", context.run_id), data_root.chunk_rows, log=context.log.info)
+    result = ingest_to(
+        data_root.raw_dir,
+        data_root.stage_dir("raw_records", context.run_id),
+        data_root.chunk_rows,
+        log=context.log.info,
+    )
     s = result.stats
     context.log.info(
-        f"read {s['files_read']} files from {data_root.raw_dir}: {s['rows_read']} rows, {s['rows_kept']} kept, {s['rows_rejected']} rejected"
+        f"read {s['files_read']} files from {data_root.raw_dir}: {s['rows_read']} rows, {s['rows_kept']} kept, "
+        f"{s['rows_rejected']} rejected"
     )
     for f in s["files"]:
         if f.get("error"):
@@ -39,8 +55,12 @@ def raw_records(context: AssetExecutionContext, data_root: DataRoot) -> Output[S
             "files_read": s["files_read"],
             "files_rejected": s["files_rejected"],
             "files": MetadataValue.md(files_markdown(s["files"])),
-            "preview": MetadataValue.md(preview_markdown(head(result.kept_path), ["source_file", "source_line", *FIELDS])),
-            "rejected_preview": MetadataValue.md(preview_markdown(head(result.rejected_path), ["source_file", "source_line", "reason"], width=100)),
+            "preview": MetadataValue.md(
+                preview_markdown(head(result.kept_path), ["source_file", "source_line", *FIELDS])
+            ),
+            "rejected_preview": MetadataValue.md(
+                preview_markdown(head(result.rejected_path), ["source_file", "source_line", "reason"], width=100)
+            ),
             "stage_output": MetadataValue.path(result.folder),
             "raw_dir": MetadataValue.path(str(data_root.raw_dir)),
             # the content fingerprint raw_data_sensor compares with (paths + content hashes)

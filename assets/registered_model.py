@@ -10,29 +10,26 @@ is registered, and the reason shows in the run's log, this asset's metadata and 
 """
 
 from dagster import AssetExecutionContext, Config, Failure, MetadataValue, Output, asset
-from pydantic import Field
 
 from pipeline.core.atomic import file_lock
 from pipeline.core.secrets import redact
 from pipeline.core.tracking_sync import COMPLETE, quick_http
 from pipeline.stages.base_model import BaseModelInfo
+from pipeline.stages.evaluation_report import EvaluationReport
 from pipeline.stages.lora_adapter.spec import adapter_lock
-from pipeline.stages.registered_model import DEFAULT_PROMOTE_ON, FIGURE_TAGS, register_merged_model
+from pipeline.stages.merged_model.record import MergedModel
+from pipeline.stages.registered_model import (
+    RegisteredModel,
+    RegistrySettings,
+    register_merged_model,
+)
 from resources.data_root import DataRoot
 from resources.mlflow_tracking import MlflowTracking
 
 
-class RegisteredModelConfig(Config):
-    model_name: str = Field(
-        "medtune", pattern=r"^[^'\"`\\]+$", description="Name in the MLflow Model Registry (no quotes or backslashes: it goes into search filters)"
-    )
-    max_new_tokens: int = Field(256, gt=0, description="Answer length limit of the registered model's predict()")
-    promote_on: list[str] = Field(
-        list(DEFAULT_PROMOTE_ON),
-        description="When a new version takes champion: criteria in order, "
-        "from " + ", ".join(FIGURE_TAGS) + ". eval_loss is a guard (must not rise); of the others "
-        "(higher is better) the first that differs decides; a tie keeps the champion",
-    )
+class RegisteredModelConfig(Config, RegistrySettings):
+    """The registry name, the served answer length and the champion rule
+    (declared in ``pipeline.stages.registered_model.RegistrySettings``)."""
 
 
 def version_figures(summary: dict) -> dict[str, float | None]:
@@ -51,13 +48,15 @@ def version_figures(summary: dict) -> dict[str, float | None]:
     }
 
 
-def _require_complete_tracking(mlflow: MlflowTracking, run_id: str, evaluation_report: dict, merged_model: dict) -> None:
+def _require_complete_tracking(
+    mlflow: MlflowTracking, run_id: str, evaluation_report: EvaluationReport, merged_model: MergedModel
+) -> None:
     """Registering needs the tracking server and a training run that holds everything: otherwise
     the run fails here, saying that the model is NOT registered, why, and what to do."""
     where = (
-        f"the merged model is ready at {merged_model['path']}"
-        if merged_model.get("path")
-        else f"the adapter is ready at {merged_model.get('adapter_path')}"
+        f"the merged model is ready at {merged_model.path}"
+        if merged_model.path
+        else f"the adapter is ready at {merged_model.adapter_path}"
     )
     try:
         with quick_http():
@@ -65,14 +64,17 @@ def _require_complete_tracking(mlflow: MlflowTracking, run_id: str, evaluation_r
             run = mlflow.client().get_run(run_id)
     except Exception as exc:
         raise Failure(
-            description=f"NOT registered: MLflow at {redact(mlflow.tracking_uri)} is unreachable ({redact(exc)[:300]}); "
-            f"{where}. Materialize again once the server is back: it registers then.",
+            description=f"NOT registered: MLflow at {redact(mlflow.tracking_uri)} is unreachable "
+            f"({redact(exc)[:300]}); {where}. Materialize again once the server is back: it registers then.",
             metadata={"registered": False, "mlflow_store": redact(mlflow.tracking_uri)},
         ) from None
     missing = []
     if run.info.status != "FINISHED":
-        missing.append(f"the training's MLflow run {run_id} is {run.info.status}, not FINISHED (its metrics or adapter were not all sent)")
-    if evaluation_report.get("mlflow_tracking", COMPLETE) != COMPLETE:
+        missing.append(
+            f"the training's MLflow run {run_id} is {run.info.status}, not FINISHED (its metrics or adapter were not "
+            "all sent)"
+        )
+    if evaluation_report.mlflow_tracking != COMPLETE:
         missing.append("the evaluation was not logged to MLflow")
     if missing:
         raise Failure(
@@ -88,15 +90,15 @@ def registered_model(
     config: RegisteredModelConfig,
     mlflow: MlflowTracking,
     data_root: DataRoot,
-    evaluation_report: dict,
-    merged_model: dict,
+    evaluation_report: EvaluationReport,
+    merged_model: MergedModel,
     base_model: BaseModelInfo,
-) -> Output[dict]:
-    run_id = merged_model.get("mlflow_run_id")
+) -> Output[RegisteredModel]:
+    run_id = merged_model.mlflow_run_id
     reasons = []
-    if not evaluation_report["gate_passed"]:
-        reasons.append(f"tuned_beats_base failed: {evaluation_report['gate_reason']}")
-    if not merged_model["verification"]["passed"]:
+    if not evaluation_report.gate_passed:
+        reasons.append(f"tuned_beats_base failed: {evaluation_report.gate_reason}")
+    if not merged_model.verification["passed"]:
         reasons.append("merged_matches_adapter failed")
     if not run_id:
         reasons.append("the adapter has no MLflow run to link to")
@@ -106,25 +108,34 @@ def registered_model(
         if run_id:
             mlflow.client().set_tag(run_id, "medtune.registration", f"skipped: {reason}"[:5000])
         return Output(
-            {"registered": False, "reason": reason, "name": config.model_name},
+            RegisteredModel(False, config.model_name, reason),
             metadata={"registered": False, "reason": reason, "model_name": config.model_name},
         )
     # another run may be completing or registering this adapter's MLflow run: one at a time
     with file_lock(
-        adapter_lock(data_root.models_dir, merged_model["adapter_id"]), on_wait=lambda: context.log.info("waiting for another run of this adapter")
+        adapter_lock(data_root.models_dir, merged_model.adapter_id),
+        on_wait=lambda: context.log.info("waiting for another run of this adapter"),
     ):
         return _register(context, config, mlflow, evaluation_report, merged_model, base_model, run_id)
 
 
-def _register(context, config, mlflow, evaluation_report, merged_model, base_model, run_id) -> Output[dict]:
+def _register(
+    context,
+    config: RegisteredModelConfig,
+    mlflow: MlflowTracking,
+    evaluation_report: EvaluationReport,
+    merged_model: MergedModel,
+    base_model,
+    run_id: str,
+) -> Output[RegisteredModel]:
     _require_complete_tracking(mlflow, run_id, evaluation_report, merged_model)
-    summary = evaluation_report["summary"]
+    summary = evaluation_report.summary
     tuned, base = summary["tuned"]["eval"], summary["base"]["eval"]
     tags = {
         "medtune.data_fingerprint": mlflow.client().get_run(run_id).data.tags.get("medtune.data_fingerprint", ""),
         "medtune.base_model": base_model.model,
         "medtune.base_model_fingerprint": base_model.fingerprint,
-        "medtune.adapter_id": merged_model["adapter_id"],
+        "medtune.adapter_id": merged_model.adapter_id,
         "tuned_eval_loss": f"{tuned['loss']:.6f}",
         "base_eval_loss": f"{base['loss']:.6f}",
         "tuned_eval_rouge_l": f"{tuned['rouge_l']:.4f}",
@@ -134,27 +145,31 @@ def _register(context, config, mlflow, evaluation_report, merged_model, base_mod
     reg = register_merged_model(
         mlflow.tracking_uri,
         name=config.model_name,
-        merged_dir=merged_model["path"],
-        merged_id=merged_model["merged_id"],
+        merged_dir=merged_model.path,
+        merged_id=merged_model.merged_id,
         run_id=run_id,
         figures=version_figures(summary),
         tags=tags,
-        system_prompt=evaluation_report["system_prompt"],
+        system_prompt=evaluation_report.system_prompt,
         max_new_tokens=config.max_new_tokens,
         promote_on=config.promote_on,
-        adapter_dir=merged_model.get("adapter_path"),
-        base_dir=merged_model.get("base_model_path"),
+        adapter_dir=merged_model.adapter_path,
+        base_dir=merged_model.base_model_path,
     )
     what = "already registered as" if reg.reused else "registered as"
     champ = (
-        ("took the alias champion" + (f" from version {reg.previous_champion}" if reg.previous_champion else "") + f": {reg.decided_by}")
+        (
+            "took the alias champion"
+            + (f" from version {reg.previous_champion}" if reg.previous_champion else "")
+            + f": {reg.decided_by}"
+        )
         if reg.became_champion
         else (f"champion stays with version {reg.previous_champion}: {reg.decided_by}")
     )
     context.log.info(f"{what} {reg.name} version {reg.version} ({', '.join(reg.aliases) or 'no aliases'}); {champ}")
     mlflow.client().set_tag(run_id, "medtune.registration", f"{reg.name} version {reg.version}")
     return Output(
-        {"registered": True, **reg.as_dict()},
+        RegisteredModel(True, **reg.as_dict()),
         metadata={
             "registered": True,
             "model_name": reg.name,

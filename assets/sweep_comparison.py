@@ -12,15 +12,24 @@ from dagster import AssetExecutionContext, MetadataValue, Output, asset
 
 from assets.sweep_plan import read_plan, sweep_dir
 from pipeline.core.atomic import atomic_dir
-from pipeline.stages.sweep_comparison import best_trial, comparison_plot, comparison_table, table_markdown
+from pipeline.stages.sweep_comparison import (
+    SweepComparison,
+    best_trial,
+    comparison_plot,
+    comparison_table,
+    table_markdown,
+)
+from pipeline.stages.sweep_plan import SweepPlan
 from pipeline.stages.sweep_trial import read_records
 from resources.data_root import DataRoot
 from resources.mlflow_tracking import MlflowTracking
 
 
 @asset(group_name="sweep", compute_kind="pandas", description=__doc__, deps=["sweep_trial"])
-def sweep_comparison(context: AssetExecutionContext, data_root: DataRoot, mlflow: MlflowTracking, sweep_plan: dict) -> Output[dict]:
-    name = sweep_plan["name"]
+def sweep_comparison(
+    context: AssetExecutionContext, data_root: DataRoot, mlflow: MlflowTracking, sweep_plan: SweepPlan
+) -> Output[SweepComparison]:
+    name = sweep_plan.name
     plan = read_plan(data_root, name)
     folder = sweep_dir(data_root, name)
     records = [
@@ -54,7 +63,7 @@ def sweep_comparison(context: AssetExecutionContext, data_root: DataRoot, mlflow
     context.log.info(f"sweep {name}: {counts}; best held-out loss: {best}")
     exp_id = client.get_run(parent).info.experiment_id
     return Output(
-        {"name": name, "path": str(out), "best_trial": best, "counts": counts},
+        SweepComparison(name, str(out), best, counts),
         metadata={
             "sweep": name,
             "comparison": MetadataValue.md(md),

@@ -1,4 +1,5 @@
-"""Asset ``sweep_plan``: a sweep's grid (method x rank x learning rate, ...) expanded into trials (``pipeline.stages.sweep_plan``).
+"""Asset ``sweep_plan``: a sweep's grid (method x rank x learning rate, ...) expanded into trials
+(``pipeline.stages.sweep_plan``).
 
 Each trial becomes a partition of ``sweep_trial`` (``<sweep>.<label>``): it shows in the UI on its
 own, runs alone or in a backfill, and is cached by its adapter id. The sweep gets one MLflow
@@ -8,32 +9,32 @@ materialize this asset, backfill ``sweep_trial``, then materialize ``sweep_compa
 """
 
 import json
-from typing import Any
 
 from dagster import AssetExecutionContext, Config, Failure, MetadataValue, Output, asset
-from pydantic import Field, ValidationError
+from pydantic import ValidationError
 
 from assets.lora_adapter import LoraAdapterConfig
 from pipeline.core.atomic import write_bytes_atomic
 from pipeline.core.fingerprint import sha256_json
 from pipeline.core.markdown import table
-from pipeline.stages.sweep_plan import PARTITIONS, SweepError, check_name, expand, partition_key
+from pipeline.stages.sweep_plan import (
+    PARTITIONS,
+    SweepError,
+    SweepPlan,
+    SweepSettings,
+    check_name,
+    expand,
+    partition_key,
+)
 from resources.data_root import DataRoot
 from resources.mlflow_tracking import MlflowTracking
 
 PLAN = "plan.json"
 
 
-class SweepPlanConfig(Config):
-    name: str = Field("sweep", description="The sweep's name (its folder under sweeps/, its MLflow parent run, its partition keys' prefix)")
-    base: dict[str, Any] = Field(default_factory=dict, description="lora_adapter settings every trial shares")
-    grid: dict[str, list[Any]] = Field(default_factory=dict, description="Setting -> values: every combination is a trial")
-    trials: list[dict[str, Any]] = Field(default_factory=list, description="Single trials (settings; optional 'label')")
-    per_method: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Method -> its settings in this sweep")
-    evaluation: dict[str, Any] = Field(
-        default_factory=lambda: {"max_new_tokens": 32, "train_sample_size": 8},
-        description="evaluation_report settings for the trials (shorter answers than the pipeline's: a sweep compares)",
-    )
+class SweepPlanConfig(Config, SweepSettings):
+    """A sweep's name, grid and trials
+    (declared in ``pipeline.stages.sweep_plan.SweepSettings``)."""
 
 
 def sweep_dir(data_root: DataRoot, name: str):
@@ -48,7 +49,9 @@ def read_plan(data_root: DataRoot, name: str) -> dict:
 
 
 @asset(group_name="sweep", compute_kind="mlflow", description=__doc__)
-def sweep_plan(context: AssetExecutionContext, config: SweepPlanConfig, data_root: DataRoot, mlflow: MlflowTracking) -> Output[dict]:
+def sweep_plan(
+    context: AssetExecutionContext, config: SweepPlanConfig, data_root: DataRoot, mlflow: MlflowTracking
+) -> Output[SweepPlan]:
     from assets.evaluation_report import EvaluationReportConfig
 
     try:
@@ -94,17 +97,22 @@ def sweep_plan(context: AssetExecutionContext, config: SweepPlanConfig, data_roo
     else:
         context.log.info(f"sweep {name}: same plan as before, parent run {parent} reused (finished trials are cached)")
     keys = [partition_key(name, t.label) for t in trials]
-    stale = [k for k in context.instance.get_dynamic_partitions(PARTITIONS) if k.startswith(f"{name}.") and k not in keys]
+    stale = [
+        k for k in context.instance.get_dynamic_partitions(PARTITIONS) if k.startswith(f"{name}.") and k not in keys
+    ]
     for key in stale:
         context.instance.delete_dynamic_partition(PARTITIONS, key)
     context.instance.add_dynamic_partitions(PARTITIONS, keys)
     write_bytes_atomic(
-        folder / PLAN, json.dumps({**plan, "fingerprint": fingerprint, "parent_run_id": parent}, ensure_ascii=False, indent=1).encode()
+        folder / PLAN,
+        json.dumps(
+            {**plan, "fingerprint": fingerprint, "parent_run_id": parent}, ensure_ascii=False, indent=1
+        ).encode(),
     )
     exp_id = client.get_run(parent).info.experiment_id
     plan_table = table(["partition", "settings"], [(k, json.dumps(t.settings)) for k, t in zip(keys, trials)])
     return Output(
-        {"name": name, "partition_keys": keys, "parent_run_id": parent, "fingerprint": fingerprint},
+        SweepPlan(name, keys, parent, fingerprint),
         metadata={
             "sweep": name,
             "trials": len(trials),

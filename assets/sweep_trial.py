@@ -1,4 +1,5 @@
-"""Asset ``sweep_trial``: one trial of a sweep, a partition per trial: train and evaluate (``pipeline.stages.sweep_trial``).
+"""Asset ``sweep_trial``: one trial of a sweep, a partition per trial: train and evaluate
+(``pipeline.stages.sweep_trial``).
 
 The trial's settings come from its sweep's plan. Training is ``lora_adapter``'s (a child
 process, cached by adapter id: a trial whose adapter exists reuses it); evaluation is
@@ -11,7 +12,15 @@ partition only; the other trials go on.
 import base64
 from pathlib import Path
 
-from dagster import AssetExecutionContext, DynamicPartitionsDefinition, Failure, MaterializeResult, MetadataValue, PipesSubprocessClient, asset
+from dagster import (
+    AssetExecutionContext,
+    DynamicPartitionsDefinition,
+    Failure,
+    MaterializeResult,
+    MetadataValue,
+    PipesSubprocessClient,
+    asset,
+)
 
 from assets.evaluation_report import EvaluationReportConfig, evaluate_or_reuse
 from assets.lora_adapter import LoraAdapterConfig, train_or_reuse
@@ -21,7 +30,7 @@ from pipeline.core.secrets import redact, redact_params
 from pipeline.core.tracking_sync import send_missing_metrics
 from pipeline.stages.alpaca_dataset import AlpacaDataset
 from pipeline.stages.base_model import BaseModelInfo
-from pipeline.stages.lora_adapter import plot_loss_curve, read_metrics
+from pipeline.stages.lora_adapter import LoraAdapter, plot_loss_curve, read_metrics
 from pipeline.stages.sweep_plan import PARTITIONS, split_key
 from pipeline.stages.sweep_trial import FAILED, FINISHED, trial_figures, write_record
 from pipeline.stages.tokenized_dataset import TokenizedDataset
@@ -31,7 +40,14 @@ from resources.mlflow_tracking import MlflowTracking
 sweep_trials = DynamicPartitionsDefinition(name=PARTITIONS)
 
 
-@asset(group_name="sweep", compute_kind="pytorch", description=__doc__, partitions_def=sweep_trials, deps=["sweep_plan"], pool=TRAINING_POOL)
+@asset(
+    group_name="sweep",
+    compute_kind="pytorch",
+    description=__doc__,
+    partitions_def=sweep_trials,
+    deps=["sweep_plan"],
+    pool=TRAINING_POOL,
+)
 def sweep_trial(
     context: AssetExecutionContext,
     data_root: DataRoot,
@@ -44,7 +60,9 @@ def sweep_trial(
     name, label = split_key(context.partition_key)
     plan = read_plan(data_root, name)
     if label not in plan["trials"]:
-        raise Failure(description=f"trial {label!r} is not in sweep {name!r}'s plan (trials: {', '.join(plan['trials'])})")
+        raise Failure(
+            description=f"trial {label!r} is not in sweep {name!r}'s plan (trials: {', '.join(plan['trials'])})"
+        )
     settings = plan["trials"][label]
     folder = sweep_dir(data_root, name)
     client = mlflow.client()
@@ -53,10 +71,18 @@ def sweep_trial(
     try:
         config = LoraAdapterConfig(**settings)
         tags = {"medtune.sweep": name, "medtune.trial": label}
-        adapter = train_or_reuse(context, config, data_root, mlflow, pipes_subprocess_client, tokenized_dataset, base_model, extra_tags=tags).value
-        _, _, summary, _, _, _ = evaluate_or_reuse(
-            context.log, EvaluationReportConfig(**plan["evaluation"]), data_root, alpaca_dataset, tokenized_dataset, base_model, adapter
-        )
+        adapter = train_or_reuse(
+            context, config, data_root, mlflow, pipes_subprocess_client, tokenized_dataset, base_model, extra_tags=tags
+        ).value
+        summary = evaluate_or_reuse(
+            context.log,
+            EvaluationReportConfig(**plan["evaluation"]),
+            data_root,
+            alpaca_dataset,
+            tokenized_dataset,
+            base_model,
+            adapter,
+        ).summary
     except BaseException as exc:
         reason = redact(getattr(exc, "description", None) or f"{type(exc).__name__}: {exc}")[:4000]
         write_record(folder, label, {"status": FAILED, "settings": settings, "error": reason, "mlflow_run_id": child})
@@ -64,19 +90,21 @@ def sweep_trial(
         client.set_terminated(child, "FAILED")
         context.log.error(f"trial {label} failed (recorded; the other trials go on): {reason[:500]}")
         raise Failure(description=f"trial {label} failed: {reason}") from None
-    figures = trial_figures(adapter, summary)
-    metrics = read_metrics(Path(adapter["path"]) / "metrics.jsonl")
+    figures = trial_figures(adapter.figures, summary)
+    metrics = read_metrics(Path(adapter.path) / "metrics.jsonl")
     numbers = _finish_trial_run(client, child, adapter, figures, metrics)
-    record = {"status": FINISHED, "settings": settings, "adapter_id": adapter["adapter_id"], "adapter_path": adapter["path"]}
-    write_record(folder, label, {**record, "mlflow_run_id": child, "training_run_id": adapter.get("mlflow_run_id"), "figures": figures})
+    record = {"status": FINISHED, "settings": settings, "adapter_id": adapter.adapter_id, "adapter_path": adapter.path}
+    write_record(
+        folder, label, {**record, "mlflow_run_id": child, "training_run_id": adapter.mlflow_run_id, "figures": figures}
+    )
     png = plot_loss_curve(metrics)
     return MaterializeResult(
         metadata={
             "sweep": name,
             "trial": label,
             "method": settings.get("method", "lora"),
-            "adapter_id": adapter["adapter_id"],
-            "adapter_path": MetadataValue.path(adapter["path"]),
+            "adapter_id": adapter.adapter_id,
+            "adapter_path": MetadataValue.path(adapter.path),
             **{k: v for k, v in numbers.items()},
             "loss_curve": MetadataValue.md(f"![loss curve](data:image/png;base64,{base64.b64encode(png).decode()})"),
             "mlflow_run": MetadataValue.url(mlflow.run_link(child, client.get_run(child).info.experiment_id)),
@@ -103,7 +131,7 @@ def _start_trial_run(context, client, parent: str, name: str, label: str, settin
     return child
 
 
-def _finish_trial_run(client, child: str, adapter: dict, figures: dict, metrics: list) -> dict[str, float]:
+def _finish_trial_run(client, child: str, adapter: LoraAdapter, figures: dict, metrics: list) -> dict[str, float]:
     """The trial's loss curve, figures and adapter link sent to its MLflow run, then FINISHED; the numbers sent."""
     import time
 
@@ -113,10 +141,10 @@ def _finish_trial_run(client, child: str, adapter: dict, figures: dict, metrics:
     now = int(time.time() * 1000)
     numbers = {k: float(v) for k, v in figures.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     client.log_batch(child, metrics=[Metric(k, v, now, 0) for k, v in numbers.items() if v == v])
-    curve = Path(adapter["path"]) / "loss_curve.png"  # written by lora_adapter
+    curve = Path(adapter.path) / "loss_curve.png"  # written by lora_adapter
     if curve.is_file():
         client.log_artifact(child, str(curve), "plots")
-    client.set_tag(child, "medtune.adapter_id", adapter["adapter_id"])
-    client.set_tag(child, "medtune.training_run", adapter.get("mlflow_run_id") or "")
+    client.set_tag(child, "medtune.adapter_id", adapter.adapter_id)
+    client.set_tag(child, "medtune.training_run", adapter.mlflow_run_id or "")
     client.set_terminated(child, "FINISHED")
     return numbers

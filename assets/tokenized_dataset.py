@@ -7,18 +7,22 @@ inputs are reused instead of recomputed.
 
 import pandas as pd
 from dagster import AssetExecutionContext, Config, Failure, MetadataValue, Output, asset
-from pydantic import Field
 
 from pipeline.core.fingerprint import sha256_file
 from pipeline.stages.alpaca_dataset import AlpacaDataset
 from pipeline.stages.base_model import BaseModelInfo, load_tokenizer
-from pipeline.stages.tokenized_dataset import DEFAULT_SYSTEM_PROMPT, IGNORE_INDEX, TokenizedDataset, tokenize_dataset
+from pipeline.stages.tokenized_dataset import (
+    IGNORE_INDEX,
+    TokenizedDataset,
+    TokenizerSettings,
+    tokenize_dataset,
+)
 from resources.data_root import DataRoot
 
 
-class TokenizedDatasetConfig(Config):
-    max_seq_len: int = Field(2048, gt=8, description="Longest sequence in tokens; longer answers lose their end")
-    system_prompt: str = Field(DEFAULT_SYSTEM_PROMPT, description="System turn used in training and inference")
+class TokenizedDatasetConfig(Config, TokenizerSettings):
+    """How rows become token sequences
+    (declared in ``pipeline.stages.tokenized_dataset.TokenizerSettings``)."""
 
 
 def _example_markdown(tokenizer, ds: TokenizedDataset) -> str:
@@ -29,18 +33,30 @@ def _example_markdown(tokenizer, ds: TokenizedDataset) -> str:
             first = next(i for i, t in enumerate(labels) if t != IGNORE_INDEX)
             prompt = tokenizer.decode(ids[:first]).replace("\n", "⏎")
             answer = tokenizer.decode(ids[first:]).replace("\n", "⏎")
-            return f"**prompt (masked, {IGNORE_INDEX})**\n\n```\n{prompt[-300:]}\n```\n\n**supervised**\n\n```\n{answer[:300]}\n```"
+            return (
+                "**prompt (masked, "
+                f"{IGNORE_INDEX})**\n\n```\n{prompt[-300:]}\n```\n\n**supervised**\n\n```\n{answer[:300]}\n```"
+            )
     return "_no rows_"
 
 
 @asset(group_name="data", compute_kind="transformers", description=__doc__)
 def tokenized_dataset(
-    context: AssetExecutionContext, config: TokenizedDatasetConfig, data_root: DataRoot, alpaca_dataset: AlpacaDataset, base_model: BaseModelInfo
+    context: AssetExecutionContext,
+    config: TokenizedDatasetConfig,
+    data_root: DataRoot,
+    alpaca_dataset: AlpacaDataset,
+    base_model: BaseModelInfo,
 ) -> Output[TokenizedDataset]:
     tokenizer = load_tokenizer(base_model)
     # the cache is keyed by the fingerprint handed down: it must be the fingerprint of what is read
     if (actual := sha256_file(alpaca_dataset.path)) != alpaca_dataset.data_fingerprint:
-        raise Failure(description=f"{alpaca_dataset.path} changed after it was written ({actual[:12]}, not {alpaca_dataset.data_fingerprint[:12]})")
+        raise Failure(
+            description=(
+                f"{alpaca_dataset.path} changed after it was written ({actual[:12]}, not "
+                f"{alpaca_dataset.data_fingerprint[:12]})"
+            )
+        )
     alpaca = pd.read_parquet(alpaca_dataset.path)
     ds = tokenize_dataset(
         alpaca,

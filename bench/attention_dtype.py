@@ -65,12 +65,30 @@ def main() -> None:
         bf16, fp32 = statistics.median(times["bf16"]), statistics.median(times["fp32"])
         picked = "fp32" if length <= threshold else "bf16"
         rows.append(
-            {"tokens": length, "bf16_ms": round(bf16, 2), "fp32_ms": round(fp32, 2), "fp32_over_bf16": round(fp32 / bf16, 2), "training_uses": picked}
+            {
+                "tokens": length,
+                "bf16_ms": round(bf16, 2),
+                "fp32_ms": round(fp32, 2),
+                "fp32_over_bf16": round(fp32 / bf16, 2),
+                "training_uses": picked,
+            }
         )
-        print(f"{length:5d} tokens: bf16 {bf16:7.2f} ms, fp32 {fp32:7.2f} ms, fp32/bf16 {fp32 / bf16:.2f}; the training uses {picked}", flush=True)
+        print(
+            f"{length:5d} tokens: bf16 {bf16:7.2f} ms, fp32 {fp32:7.2f} ms, fp32/bf16 {fp32 / bf16:.2f}; the training "
+            f"uses {picked}",
+            flush=True,
+        )
     attention.FP32_MAX_TOKENS = threshold
     print(
-        json.dumps({"fp32_max_tokens": threshold, "heads": args.heads, "kv_heads": args.kv_heads, "threads": torch.get_num_threads(), "rows": rows})
+        json.dumps(
+            {
+                "fp32_max_tokens": threshold,
+                "heads": args.heads,
+                "kv_heads": args.kv_heads,
+                "threads": torch.get_num_threads(),
+                "rows": rows,
+            }
+        )
     )
 
 

@@ -21,7 +21,8 @@ Both count rows read from the time the first file is opened to the time the last
 written; imports are excluded and reported apart. Peak RSS: the resident memory of the child and
 its worker processes together, sampled every 20 ms, or the child's own high-water mark (``VmHWM``;
 ``ru_maxrss`` would carry the parent's across ``exec``) where that is higher; each process's own
-peak is printed too, and their sum (an upper bound: the workers' peaks come before the child's). The baseline holds every row
+peak is printed too, and their sum (an upper bound: the workers' peaks come before the child's).
+The baseline holds every row
 in memory, so it is skipped above ``--naive-max-rows``. Prints a last line of JSON with ``rows``,
 ``pipeline_rows_per_s``, ``pipeline_peak_rss_mb`` and, when the baseline ran, its figures and the ratio.
 """
@@ -41,7 +42,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-INSTRUCTIONS = ["使用中医知识正确回答适合这个病例的中成药。", "请根据症状推荐一种中成药。", "根据以下病例描述，给出合适的中成药建议。"]
+INSTRUCTIONS = [
+    "使用中医知识正确回答适合这个病例的中成药。",
+    "请根据症状推荐一种中成药。",
+    "根据以下病例描述，给出合适的中成药建议。",
+]
 MEDS = [
     "板蓝根颗粒",
     "藿香正气水",
@@ -82,7 +87,14 @@ SYMPTOMS = [
     "反酸",
     "眩晕",
 ]
-FUNCS = ["清热解毒，凉血利咽。", "解表化湿，理气和中。", "滋阴补肾。", "疏肝健脾，养血调经。", "消食导滞，和胃。", "益气健脾，养血安神。"]
+FUNCS = [
+    "清热解毒，凉血利咽。",
+    "解表化湿，理气和中。",
+    "滋阴补肾。",
+    "疏肝健脾，养血调经。",
+    "消食导滞，和胃。",
+    "益气健脾，养血安神。",
+]
 
 
 def make_record(rng: random.Random, i: int) -> dict:
@@ -227,7 +239,12 @@ def run_naive(raw: Path, out: Path) -> dict:
     from datasketch import MinHash, MinHashLSH
 
     from pipeline.stages.deduplicated_records import NEAR_THRESHOLD
-    from pipeline.stages.validated_records import CONTROL_CHARS_REGEX, INVALID_UNICODE_REGEX, NOT_BLANK_REGEX, WHITESPACE
+    from pipeline.stages.validated_records import (
+        CONTROL_CHARS_REGEX,
+        INVALID_UNICODE_REGEX,
+        NOT_BLANK_REGEX,
+        WHITESPACE,
+    )
 
     imports = time.perf_counter() - t0
     t = time.perf_counter()
@@ -267,7 +284,11 @@ def run_naive(raw: Path, out: Path) -> dict:
             elif not isinstance(obj, dict):
                 reason = "not an object"
             else:
-                fields = {"instruction": obj.get("instruction"), "input": obj.get("input", ""), "output": obj.get("output")}
+                fields = {
+                    "instruction": obj.get("instruction"),
+                    "input": obj.get("input", ""),
+                    "output": obj.get("output"),
+                }
                 for k, v in fields.items():
                     if v is None and k in obj:
                         reason = f"field {k!r} is null"
@@ -319,7 +340,13 @@ def run_naive(raw: Path, out: Path) -> dict:
     pq.write_table(pa.Table.from_pylist(kept), out / "alpaca_naive.parquet", compression="zstd")
     pq.write_table(pa.Table.from_pylist(rejected), out / "rejected_naive.parquet", compression="zstd")
     elapsed = time.perf_counter() - t
-    return {"seconds": elapsed, "imports_s": imports, "rows_read": n_read, "rows_kept": len(kept), "rows_rejected": len(rejected)}
+    return {
+        "seconds": elapsed,
+        "imports_s": imports,
+        "rows_read": n_read,
+        "rows_kept": len(kept),
+        "rows_rejected": len(rejected),
+    }
 
 
 def child(which: str, raw: str, out: str) -> None:
@@ -354,7 +381,10 @@ def measure(which: str, raw: Path, out: Path) -> dict:
     import threading
 
     proc = subprocess.Popen(
-        [sys.executable, __file__, "--child", which, "--raw", str(raw), "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, __file__, "--child", which, "--raw", str(raw), "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     peak = [0.0]
     done = threading.Event()
@@ -382,7 +412,9 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--files", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--minified", action="store_true", help="every file a JSON array on one line (as json.dump writes it)")
+    ap.add_argument(
+        "--minified", action="store_true", help="every file a JSON array on one line (as json.dump writes it)"
+    )
     ap.add_argument("--naive-max-rows", type=int, default=1_000_000, help="skip the in-memory baseline above this")
     ap.add_argument("--child", choices=["pipeline", "naive"])
     ap.add_argument("--raw")
@@ -397,7 +429,8 @@ def main() -> None:
         t = time.perf_counter()
         gen = generate(raw, args.rows, args.files, args.seed, args.minified)
         print(
-            f"generated {gen['rows']:,} rows ({gen['duplicates']:,} duplicates, {gen['near_duplicates']:,} near duplicates, {gen['bad']:,} bad) in "
+            f"generated {gen['rows']:,} rows ({gen['duplicates']:,} duplicates, {gen['near_duplicates']:,} near "
+            f"duplicates, {gen['bad']:,} bad) in "
             f"{args.files} files, {gen['bytes'] / 1e6:.0f} MB, in {time.perf_counter() - t:.1f} s",
             flush=True,
         )
@@ -432,7 +465,10 @@ def main() -> None:
         if gen["rows"] <= args.naive_max_rows:
             naive = measure("naive", raw, out)
             naive_rps = naive["rows_read"] / naive["seconds"]
-            print(f"naive:    {naive['seconds']:.1f} s, {naive_rps:,.0f} rows/s, peak RSS {naive['peak_rss_mb']:.0f} MB", flush=True)
+            print(
+                f"naive:    {naive['seconds']:.1f} s, {naive_rps:,.0f} rows/s, peak RSS {naive['peak_rss_mb']:.0f} MB",
+                flush=True,
+            )
             summary.update(
                 {
                     "naive_rows_per_s": round(naive_rps),

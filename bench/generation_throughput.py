@@ -36,7 +36,9 @@ def demo_prompts(tokenizer, n: int) -> list[str]:
 
     alpaca = build_alpaca(deduplicate(validate_records(ingest(ROOT / "data" / "raw").kept).kept).kept)
     alpaca = alpaca.sort_values("split").head(n)  # eval rows first, then train rows
-    return [render_prompt(tokenizer, i, x, DEFAULT_SYSTEM_PROMPT) for i, x in zip(alpaca["instruction"], alpaca["input"])]
+    return [
+        render_prompt(tokenizer, i, x, DEFAULT_SYSTEM_PROMPT) for i, x in zip(alpaca["instruction"], alpaca["input"])
+    ]
 
 
 def generation_flops(config, prompt_lengths: list[int], new_tokens: list[int]) -> float:
@@ -85,7 +87,8 @@ def main() -> None:
     stops = stop_token_ids(tokenizer)
     lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
     print(
-        f"{len(prompts)} prompts, {min(lengths)}-{max(lengths)} tokens, max_new_tokens {args.max_new_tokens}, {torch.get_num_threads()} threads",
+        f"{len(prompts)} prompts, {min(lengths)}-{max(lengths)} tokens, max_new_tokens {args.max_new_tokens}, "
+        f"{torch.get_num_threads()} threads",
         flush=True,
     )
     generate_greedy(model, tokenizer, prompts[:2], max_new_tokens=4, stop_ids=stops, batch_size=2)  # warm-up
@@ -94,11 +97,18 @@ def main() -> None:
     outputs = {}
     for name, bs in (("one_at_a_time", 1), ("batched", args.batch_size)):
         t0 = time.perf_counter()
-        out = generate_greedy(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, stop_ids=stops, batch_size=bs)
+        out = generate_greedy(
+            model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, stop_ids=stops, batch_size=bs
+        )
         seconds = time.perf_counter() - t0
         new = sum(len(x) for x in out)
         outputs[name] = out
-        results[name] = {"batch_size": bs, "seconds": round(seconds, 2), "new_tokens": new, "new_tokens_per_s": round(new / seconds, 2)}
+        results[name] = {
+            "batch_size": bs,
+            "seconds": round(seconds, 2),
+            "new_tokens": new,
+            "new_tokens_per_s": round(new / seconds, 2),
+        }
         print(f"{name:>14}: batch {bs}, {new} new tokens in {seconds:.1f} s = {new / seconds:.1f} tokens/s", flush=True)
     same = sum(a == b for a, b in zip(outputs["batched"], outputs["one_at_a_time"]))
     ratio = results["batched"]["new_tokens_per_s"] / results["one_at_a_time"]["new_tokens_per_s"]

@@ -97,11 +97,19 @@ def write_base(folder: Path, shape: str) -> float:
     config.save_pretrained(folder)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    tensors = [(n, t.dtype, list(t.shape)) for n, t in skeleton.state_dict().items() if not (config.tie_word_embeddings and n == "lm_head.weight")]
+    tensors = [
+        (n, t.dtype, list(t.shape))
+        for n, t in skeleton.state_dict().items()
+        if not (config.tie_word_embeddings and n == "lm_head.weight")
+    ]
     writer = FolderWriter(folder, tensors, max_shard_size="4GB")
     g = torch.Generator().manual_seed(0)
     for name, dtype, dims in tensors:
-        t = torch.ones(dims, dtype=dtype) if "norm" in name else torch.empty(dims, dtype=dtype).uniform_(-0.05, 0.05, generator=g)
+        t = (
+            torch.ones(dims, dtype=dtype)
+            if "norm" in name
+            else torch.empty(dims, dtype=dtype).uniform_(-0.05, 0.05, generator=g)
+        )
         writer.write(name, t)
     writer.close()
     for p in folder.glob("*.safetensors"):
@@ -174,7 +182,10 @@ def main() -> None:
         for d in (base, adapter, dest):
             d.mkdir()
         write_bps, read_bps = disk_throughput(tmp)
-        print(f"disk: write {write_bps / 1e6:.0f} MB/s (fsync), read {read_bps / 1e6:.0f} MB/s (page cache dropped)", flush=True)
+        print(
+            f"disk: write {write_bps / 1e6:.0f} MB/s (fsync), read {read_bps / 1e6:.0f} MB/s (page cache dropped)",
+            flush=True,
+        )
         t = time.perf_counter()
         base_gb = write_base(base, args.shape)
         layers = write_adapter(adapter, args.shape, args.rank)
@@ -184,7 +195,9 @@ def main() -> None:
             flush=True,
         )
         elsize = 4 if args.dtype == "float32" else 2
-        code = CHILD.format(root=str(ROOT), base=str(base), adapter=str(adapter), dest=str(dest), dtype=args.dtype, elsize=elsize)
+        code = CHILD.format(
+            root=str(ROOT), base=str(base), adapter=str(adapter), dest=str(dest), dtype=args.dtype, elsize=elsize
+        )
         t = time.perf_counter()
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         wall = time.perf_counter() - t
@@ -198,8 +211,10 @@ def main() -> None:
         seconds = child["merge_seconds"] + child["verify_seconds"]
         print(
             f"merge {child['merge_seconds']:.1f} s + layer proof {child['verify_seconds']:.1f} s = {seconds:.1f} s "
-            f"(child process {wall:.1f} s with start-up); read {read_bytes / 1e9:.2f} GB, wrote {written / 1e9:.2f} GB: "
-            f"{io_bound:.1f} s at the disk's speed; peak RSS {child['peak_rss_mb']:.0f} MB; proof passed: {child['proof']['passed']}",
+            f"(child process {wall:.1f} s with start-up); read {read_bytes / 1e9:.2f} GB, wrote {written / 1e9:.2f} "
+            "GB: "
+            f"{io_bound:.1f} s at the disk's speed; peak RSS {child['peak_rss_mb']:.0f} MB; proof passed: "
+            f"{child['proof']['passed']}",
             flush=True,
         )
         print(

@@ -6,7 +6,8 @@ process that loads the code location does: ``pipeline.core.quick_exit.freeze_at_
     python bench/process_exit.py [--rounds 4]
 
 Each round starts one process per way, in turn; each imports the code location and the training
-libraries a run loads (Great Expectations, MLflow, torch, transformers, peft), prints the time and ends. Printed: the median seconds
+libraries a run loads (Great Expectations, MLflow, torch, transformers, peft), prints the time and ends.
+Printed: the median seconds
 from that print to the process's end, per way. Last line, JSON: the same figures.
 """
 
@@ -60,7 +61,9 @@ def main() -> None:
             seconds[way].append(took)
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{w} {seconds[w][-1]:.2f} s" for w in WAYS), flush=True)
     medians = {way: round(statistics.median(s), 3) for way, s in seconds.items()}
-    print(f"{objects:,} objects tracked by the collector at exit; median seconds from the last line to the process's end:")
+    print(
+        f"{objects:,} objects tracked by the collector at exit; median seconds from the last line to the process's end:"
+    )
     for way in WAYS:
         print(f"  {way:9s} {medians[way]:6.2f} s")
     print(json.dumps({"rounds": args.rounds, "tracked_objects": objects, "exit_seconds": medians}))

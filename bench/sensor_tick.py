@@ -30,7 +30,11 @@ GOAL_S = 0.1
 def write_raw(raw: Path, gb: float, files: int) -> int:
     line = (
         json.dumps(
-            {"instruction": "使用中医知识正确回答适合这个病例的中成药。", "input": "咳嗽发热，咽喉肿痛。" * 8, "output": "板蓝根颗粒。" * 40},
+            {
+                "instruction": "使用中医知识正确回答适合这个病例的中成药。",
+                "input": "咳嗽发热，咽喉肿痛。" * 8,
+                "output": "板蓝根颗粒。" * 40,
+            },
             ensure_ascii=False,
         )
         + "\n"
@@ -92,13 +96,19 @@ def main() -> None:
             assert not result.run_requests, "an unchanged folder requested a run"
             steady.append(took)
         median = statistics.median(steady)
-        print(f"unchanged tick, median of {args.ticks}: {median * 1000:.1f} ms (max {max(steady) * 1000:.1f} ms); goal < {GOAL_S * 1000:.0f} ms")
+        print(
+            f"unchanged tick, median of {args.ticks}: {median * 1000:.1f} ms (max {max(steady) * 1000:.1f} ms); goal < "
+            f"{GOAL_S * 1000:.0f} ms"
+        )
         with open(root.raw_dir / "part-000.jsonl", "ab") as fh:
             fh.write(b'{"instruction": "x", "input": "y", "output": "z"}\n')
         changed_s, _, cursor = tick(cursor)
         settled_s, result, cursor = tick(cursor)
         noticed = len(result.run_requests) == 1 and raw_fingerprint(root.raw_dir) != uncached
-        print(f"one file appended to: tick {changed_s:.2f} s (that file read again), next tick {settled_s * 1000:.1f} ms, run requested: {noticed}")
+        print(
+            f"one file appended to: tick {changed_s:.2f} s (that file read again), next tick {settled_s * 1000:.1f} "
+            f"ms, run requested: {noticed}"
+        )
         figures = {
             "raw_gb": round(size / 1e9, 2),
             "files": args.files,

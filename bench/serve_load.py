@@ -42,7 +42,10 @@ QUESTIONS = [
 
 def machine() -> str:
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), platform.machine())
+    name = next(
+        (line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+        platform.machine(),
+    )
     flags = [f for f in ("amx_bf16", "avx512_bf16") if f" {f}" in info]
     return f"{name}, {os.cpu_count()} cores, {' '.join(flags) or 'no bf16 matrix flags'}"
 
@@ -56,7 +59,9 @@ def rss_mb(pid: int) -> float:
 
 def request_mix(rng: random.Random, max_tokens: int, max_body: int) -> tuple[str, bytes]:
     """(kind, body): most good, the rest each a way to be refused."""
-    kind = rng.choices(["good", "list", "oversized", "too_many_tokens", "malformed", "bad_json"], [50, 10, 10, 10, 10, 10])[0]
+    kind = rng.choices(
+        ["good", "list", "oversized", "too_many_tokens", "malformed", "bad_json"], [50, 10, 10, 10, 10, 10]
+    )[0]
     question = rng.choice(QUESTIONS)
     body = {
         "good": {"messages": [{"role": "user", "content": question}], "max_tokens": rng.choice([8, 16, 32])},
@@ -130,7 +135,9 @@ def main() -> int:
         limits = {"timeout_s": timeout_s, "max_tokens": args.max_tokens, "max_body": args.max_body}
         warm = {"messages": [{"role": "user", "content": QUESTIONS[0]}], "max_tokens": 16}
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)
-        conn.request("POST", "/invocations", body=json.dumps(warm).encode(), headers={"Content-Type": "application/json"})
+        conn.request(
+            "POST", "/invocations", body=json.dumps(warm).encode(), headers={"Content-Type": "application/json"}
+        )
         assert conn.getresponse().status == 200
         conn.close()
         rss_start = rss_mb(server.pid)
@@ -158,9 +165,14 @@ def main() -> int:
         "requests": len(results),
         "status_counts": {k: len(v) for k, v in sorted(by_status.items())},
         "latency_s": {
-            k: {"p50": round(percentile(v, 50), 3), "p95": round(percentile(v, 95), 3), "max": round(max(v), 3)} for k, v in sorted(by_status.items())
+            k: {"p50": round(percentile(v, 50), 3), "p95": round(percentile(v, 95), 3), "max": round(max(v), 3)}
+            for k, v in sorted(by_status.items())
         },
-        "latency_all_s": {"p50": round(percentile(latencies, 50), 3), "p95": round(percentile(latencies, 95), 3), "max": round(max(latencies), 3)},
+        "latency_all_s": {
+            "p50": round(percentile(latencies, 50), 3),
+            "p95": round(percentile(latencies, 95), 3),
+            "max": round(max(latencies), 3),
+        },
         "rss_mb": {"start": round(rss_start, 1), "end": round(rss_end, 1), "growth": round(rss_end / rss_start - 1, 4)},
     }
     goals = {
@@ -170,11 +182,20 @@ def main() -> int:
     }
     figures["goals"] = goals
     print(figures["machine"])
-    print(f"{len(results)} requests from {args.clients} clients in {args.seconds:.0f} s; request timeout {timeout_s:.0f} s")
+    print(
+        f"{len(results)} requests from {args.clients} clients in {args.seconds:.0f} s; request timeout {timeout_s:.0f} "
+        "s"
+    )
     for status, values in sorted(by_status.items()):
         lat = figures["latency_s"][status]
-        print(f"  {status}: {len(values):5d} requests, latency p50 {lat['p50']:.3f} s, p95 {lat['p95']:.3f} s, max {lat['max']:.3f} s")
-    print(f"  server RSS {rss_start:.0f} MB after one answer, {rss_end:.0f} MB at the end ({figures['rss_mb']['growth']:+.1%})")
+        print(
+            f"  {status}: {len(values):5d} requests, latency p50 {lat['p50']:.3f} s, p95 {lat['p95']:.3f} s, max "
+            f"{lat['max']:.3f} s"
+        )
+    print(
+        f"  server RSS {rss_start:.0f} MB after one answer, {rss_end:.0f} MB at the end "
+        f"({figures['rss_mb']['growth']:+.1%})"
+    )
     print("  goals: " + ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in goals.items()))
     print(json.dumps(figures))
     return 0 if all(goals.values()) else 1

@@ -126,7 +126,11 @@ def run_pipeline(model_path: str, rows: list[dict], work: Path, overrides: dict)
     settings = dict(max_steps=None, eval_every=10**6, save_every=10**6, log_every=10**6, opening_repeats=0)
     settings.update(overrides)
     spec = TrainSpec(
-        base_model_path=model_path, tokenized_path=ds.path, output_dir=str(work / "adapter"), checkpoint_dir=str(work / "ckpt"), **settings
+        base_model_path=model_path,
+        tokenized_path=ds.path,
+        output_dir=str(work / "adapter"),
+        checkpoint_dir=str(work / "ckpt"),
+        **settings,
     )
     r = train(spec)
     if r["steady_tokens_per_s"] is None:
@@ -148,7 +152,10 @@ def run_pipeline(model_path: str, rows: list[dict], work: Path, overrides: dict)
         "mfu": r["mfu"],
         "precision": r["precision"],
         "attention": r["attention"],
-        "settings": {k: settings.get(k, getattr(spec, k)) for k in ("packing", "pack_tokens", "compile", "r", "lora_dropout", "opening_repeats")},
+        "settings": {
+            k: settings.get(k, getattr(spec, k))
+            for k in ("packing", "pack_tokens", "compile", "r", "lora_dropout", "opening_repeats")
+        },
     }
 
 
@@ -165,9 +172,14 @@ def run_recipe(model_path: str, rows: list[dict], work: Path, overrides: dict) -
     targets = [r["output"] for r in rows]
     enc_c = tok(contexts, max_length=512, padding="max_length", truncation=True)
     enc_t = tok(targets, max_length=512, padding="max_length", truncation=True)
-    ds = Dataset.from_dict({"input_ids": enc_c["input_ids"], "attention_mask": enc_c["attention_mask"], "labels": enc_t["input_ids"]})
+    ds = Dataset.from_dict(
+        {"input_ids": enc_c["input_ids"], "attention_mask": enc_c["attention_mask"], "labels": enc_t["input_ids"]}
+    )
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, use_safetensors=True)
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.1, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model,
+        LoraConfig(r=8, lora_alpha=32, lora_dropout=0.1, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
 
     class RecipeTrainer(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -175,7 +187,9 @@ def run_recipe(model_path: str, rows: list[dict], work: Path, overrides: dict) -
             logits = model(**inputs).logits
             shift_logits = logits[..., :-1, :].contiguous()
             shift_labels = labels[..., 1:].contiguous()
-            loss = torch.nn.functional.cross_entropy(shift_logits.view(-1, shift_logits.size(-1)), shift_labels.view(-1))
+            loss = torch.nn.functional.cross_entropy(
+                shift_logits.view(-1, shift_logits.size(-1)), shift_labels.view(-1)
+            )
             return (loss, logits) if return_outputs else loss
 
     args = TrainingArguments(
@@ -208,14 +222,27 @@ def run_recipe(model_path: str, rows: list[dict], work: Path, overrides: dict) -
 def child(which: str, model_path: str, rows_file: str, overrides: str) -> None:
     rows = json.loads(Path(rows_file).read_text())
     with tempfile.TemporaryDirectory(prefix=f"medtune-{which}-") as tmp:
-        result = (run_pipeline if which == "pipeline" else run_recipe)(model_path, rows, Path(tmp), json.loads(overrides))
+        result = (run_pipeline if which == "pipeline" else run_recipe)(
+            model_path, rows, Path(tmp), json.loads(overrides)
+        )
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("BENCH_TRAIN " + json.dumps(result), flush=True)
 
 
 def measure(which: str, model_path: str, rows_file: Path, overrides: dict) -> dict:
     proc = subprocess.run(
-        [sys.executable, __file__, "--child", which, "--model-path", model_path, "--rows-file", str(rows_file), "--set", json.dumps(overrides)],
+        [
+            sys.executable,
+            __file__,
+            "--child",
+            which,
+            "--model-path",
+            model_path,
+            "--rows-file",
+            str(rows_file),
+            "--set",
+            json.dumps(overrides),
+        ],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -230,13 +257,25 @@ def measure(which: str, model_path: str, rows_file: Path, overrides: dict) -> di
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=32, help="training rows, each trained once by both")
-    ap.add_argument("--data", default=str(ROOT / "data" / "raw" / "cpm_demo.json"), help="an Alpaca JSON file (default: the demo data)")
+    ap.add_argument(
+        "--data",
+        default=str(ROOT / "data" / "raw" / "cpm_demo.json"),
+        help="an Alpaca JSON file (default: the demo data)",
+    )
     ap.add_argument("--model", default="bundled:SmolLM2-135M-Instruct")
-    ap.add_argument("--shape", choices=sorted(SHAPES), help="a randomly initialised model of this shape instead of --model")
+    ap.add_argument(
+        "--shape", choices=sorted(SHAPES), help="a randomly initialised model of this shape instead of --model"
+    )
     ap.add_argument("--tokenizer", help="with --shape: a folder with a tokenizer (default: the bundled SmolLM2 one)")
-    ap.add_argument("--preset", help="a preset under pipeline/presets/ (its lora_adapter and tokenized_dataset settings)")
-    ap.add_argument("--set", default="{}", help="JSON of training settings over the defaults, e.g. '{\"pack_tokens\": 32768}'")
-    ap.add_argument("--epochs", type=float, default=1.0, help="passes of the pipeline's training over the rows (the recipe: one)")
+    ap.add_argument(
+        "--preset", help="a preset under pipeline/presets/ (its lora_adapter and tokenized_dataset settings)"
+    )
+    ap.add_argument(
+        "--set", default="{}", help="JSON of training settings over the defaults, e.g. '{\"pack_tokens\": 32768}'"
+    )
+    ap.add_argument(
+        "--epochs", type=float, default=1.0, help="passes of the pipeline's training over the rows (the recipe: one)"
+    )
     ap.add_argument("--skip-recipe", action="store_true")
     ap.add_argument("--child", choices=["pipeline", "recipe"])
     ap.add_argument("--model-path")
@@ -257,11 +296,16 @@ def main() -> None:
         rows_file.write_text(json.dumps(rows, ensure_ascii=False))
         device_name = torch.cuda.get_device_name() if device == "cuda" else (os.cpu_count(), "CPU cores")
         before = peaks(device)
-        print(f"device {device_name}; matmul peak bf16 {before['bf16'] / 1e12:.3f} TFLOP/s, fp32 {before['fp32'] / 1e12:.3f} TFLOP/s", flush=True)
+        print(
+            f"device {device_name}; matmul peak bf16 {before['bf16'] / 1e12:.3f} TFLOP/s, fp32 "
+            f"{before['fp32'] / 1e12:.3f} TFLOP/s",
+            flush=True,
+        )
         p = measure("pipeline", model_path, rows_file, overrides)
         print(
             f"pipeline: {p['rows']} rows, {p['tokens']} tokens, {p['steps']} steps in {p['seconds']:.1f} s; steady "
-            f"{p['tokens_per_s']:.1f} tokens/s, {p['rows_per_s']:.3f} rows/s; {p['flops_per_token'] / 1e9:.3f} GFLOP/token "
+            f"{p['tokens_per_s']:.1f} tokens/s, {p['rows_per_s']:.3f} rows/s; {p['flops_per_token'] / 1e9:.3f} "
+            "GFLOP/token "
             f"-> {p['achieved_tflops']:.3f} TFLOP/s of a {p['peak_tflops']:.3f} peak: MFU {p['mfu']:.3f} "
             f"({p['precision']}, {p['attention']}, {p['settings']}); peak RSS {p['peak_rss_mb']:.0f} MB",
             flush=True,

@@ -1,4 +1,5 @@
-"""Ask the models a question: ``python -m pipeline.ask "咳嗽，咽喉肿痛，该用什么中成药？" --model base --model champion``
+"""Ask the models a question:
+``python -m pipeline.ask "咳嗽，咽喉肿痛，该用什么中成药？" --model base --model champion``
 (``make ask Q="..." MODELS="base champion"``). The question may also come on stdin.
 
 ``--model`` (repeatable; default ``base`` and ``champion``, or ``base`` and the newest adapter
@@ -51,7 +52,11 @@ class Target:
 
 def _system_prompt(tokenized_path: str | None) -> str:
     manifest = Path(tokenized_path or "") / MANIFEST
-    return json.loads(manifest.read_text())["system_prompt"] if tokenized_path and manifest.is_file() else DEFAULT_SYSTEM_PROMPT
+    return (
+        json.loads(manifest.read_text())["system_prompt"]
+        if tokenized_path and manifest.is_file()
+        else DEFAULT_SYSTEM_PROMPT
+    )
 
 
 def _stage(root, name: str) -> dict | None:
@@ -78,7 +83,12 @@ def _adapter(root, wanted: str, name: str) -> Target:
     spec = json.loads((folder / TRAINING_RECORD).read_text())["spec"]
     method = spec.get("method", "lora")
     return Target(
-        name, "model" if method == "full" else "adapter", str(folder), spec["base_model_path"], _system_prompt(spec.get("tokenized_path")), method
+        name,
+        "model" if method == "full" else "adapter",
+        str(folder),
+        spec["base_model_path"],
+        _system_prompt(spec.get("tokenized_path")),
+        method,
     )
 
 
@@ -95,7 +105,9 @@ def _registered(root, tracking_uri: str, model: str, ref: str, name: str) -> Tar
     version = None
     try:
         client = MlflowClient(tracking_uri, registry_uri=tracking_uri)  # a database store connects here
-        version = client.get_model_version(model, ref) if ref.isdigit() else client.get_model_version_by_alias(model, ref)
+        version = (
+            client.get_model_version(model, ref) if ref.isdigit() else client.get_model_version_by_alias(model, ref)
+        )
     except MlflowException:
         pass  # no such version or alias: said below, with what exists
     except Exception as exc:  # the store itself: a database or server that does not answer
@@ -131,7 +143,12 @@ def resolve(name: str, root, tracking_uri: str) -> Target:
         merged = _stage(root, "merged_model")
         if not merged or not merged.get("path"):
             raise AskError(
-                "no merged model yet" + (f" ({merged['reason']})" if merged and merged.get("reason") else ": materialize merged_model (`make run`)")
+                "no merged model yet"
+                + (
+                    f" ({merged['reason']})"
+                    if merged and merged.get("reason")
+                    else ": materialize merged_model (`make run`)"
+                )
             )
         target = _adapter(root, merged["adapter_id"], name)
         return Target(name, "model", merged["path"], None, target.system_prompt, target.method)
@@ -256,7 +273,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("question", nargs="?", help="the question (default: read stdin)")
     ap.add_argument(
-        "--model", "-m", action="append", help="base, merged, champion, challenger, an adapter id, medtune@ALIAS, models:/medtune/N (repeatable)"
+        "--model",
+        "-m",
+        action="append",
+        help="base, merged, champion, challenger, an adapter id, medtune@ALIAS, models:/medtune/N (repeatable)",
     )
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--no-stream", action="store_true", help="print the answers only when all are done")
@@ -291,7 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     answers = []
     for t in targets:
         tokenizer = models.tokenizers[t.path]
-        label = t.name if t.kind == "base" or t.name == Path(t.path).name else f"{t.name} ({Path(t.path).name}, {t.method})"
+        label = (
+            t.name if t.kind == "base" or t.name == Path(t.path).name else f"{t.name} ({Path(t.path).name}, {t.method})"
+        )
         if not args.no_stream:
             print(f"\n=== {label}", flush=True)
         stream = None if args.no_stream else TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)

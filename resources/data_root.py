@@ -30,7 +30,9 @@ class DataRoot(ConfigurableResource):
 
     path: str
     chunk_rows: int = Field(
-        100_000, gt=0, description="Rows the data stages hold in memory at once (they stream; memory does not grow with the data)"
+        100_000,
+        gt=0,
+        description="Rows the data stages hold in memory at once (they stream; memory does not grow with the data)",
     )
 
     def setup_for_execution(self, context) -> None:
@@ -56,7 +58,11 @@ class DataRoot(ConfigurableResource):
         resolved = lexical.resolve()
         root = self.root.resolve()
         if not allow_outside and not resolved.is_relative_to(root):
-            via = f" (a symlink: it resolves to {resolved})" if lexical.is_relative_to(self.root) or lexical.is_relative_to(root) else ""
+            via = (
+                f" (a symlink: it resolves to {resolved})"
+                if lexical.is_relative_to(self.root) or lexical.is_relative_to(root)
+                else ""
+            )
             raise PathOutsideDataRoot(
                 f"{setting}: {value!r} is outside the data root {root}{via}. Put it under the data root, "
                 "or set allow_outside_paths: true in this asset's config to use a path elsewhere."

@@ -28,7 +28,8 @@ class MlflowTracking(ConfigurableResource):
     tracking_uri: str = Field(default_factory=default_tracking_uri)
     experiment: str = "medtune"
     artifact_root: str | None = Field(
-        None, description="Artifact location for a new experiment (default: MEDTUNE_ARTIFACT_ROOT, else mlflow/artifacts)"
+        None,
+        description="Artifact location for a new experiment (default: MEDTUNE_ARTIFACT_ROOT, else mlflow/artifacts)",
     )
     ui_url: str = Field(
         default_factory=lambda: os.environ.get("MEDTUNE_MLFLOW_UI_URL", "http://127.0.0.1:5000"),
@@ -44,7 +45,9 @@ class MlflowTracking(ConfigurableResource):
         uri = self.tracking_uri
         if uri.startswith(("http://", "https://")):
             url, auth = without_userinfo(uri)
-            request = urllib.request.Request(url.rstrip("/") + "/health", headers={"Authorization": auth} if auth else {})
+            request = urllib.request.Request(
+                url.rstrip("/") + "/health", headers={"Authorization": auth} if auth else {}
+            )
             try:
                 with urllib.request.urlopen(request, timeout=timeout) as resp:
                     if resp.status != 200:
@@ -108,7 +111,11 @@ class MlflowTracking(ConfigurableResource):
 
     def run_link(self, run_id: str, experiment_id: str) -> str:
         """The run's page: on the tracking server, or on `make mlflow-ui` for a local store."""
-        base = without_userinfo(self.tracking_uri)[0] if self.tracking_uri.startswith(("http://", "https://")) else self.ui_url
+        base = (
+            without_userinfo(self.tracking_uri)[0]
+            if self.tracking_uri.startswith(("http://", "https://"))
+            else self.ui_url
+        )
         return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
@@ -130,7 +137,13 @@ def without_userinfo(url: str) -> tuple[str, str | None]:
 def git_commit() -> str:
     """The project's git commit (tagged on every training run), or "unknown" outside a checkout."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parents[1],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"

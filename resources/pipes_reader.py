@@ -57,7 +57,10 @@ class WholeLineFileMessageReader(PipesFileMessageReader):
                 try:
                     message = json.loads(line)
                 except ValueError as exc:
-                    print(f"medtune: a Pipes message that is not JSON was skipped ({exc}): {line[:200]!r}", file=sys.stderr)
+                    print(
+                        f"medtune: a Pipes message that is not JSON was skipped ({exc}): {line[:200]!r}",
+                        file=sys.stderr,
+                    )
                     continue
                 handler.handle_message(message)
         except:  # noqa: E722 (as Dagster's reader: report, then end the thread)
@@ -71,6 +74,8 @@ class WholeLineTempFileMessageReader(PipesTempFileMessageReader):
     @contextmanager
     def read_messages(self, handler):
         with tempfile.TemporaryDirectory() as tempdir:
-            reader = WholeLineFileMessageReader(os.path.join(tempdir, "messages"), include_stdio_in_messages=self._include_stdio_in_messages)
+            reader = WholeLineFileMessageReader(
+                os.path.join(tempdir, "messages"), include_stdio_in_messages=self._include_stdio_in_messages
+            )
             with reader.read_messages(handler) as params:
                 yield params

@@ -19,7 +19,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from dagster import ConfigurableIOManager, DagsterInvariantViolationError, InputContext, OutputContext, ResourceDependency
+from dagster import (
+    ConfigurableIOManager,
+    DagsterInvariantViolationError,
+    InputContext,
+    OutputContext,
+    ResourceDependency,
+)
 
 from pipeline.core.atomic import write_bytes_atomic
 from pipeline.core.records import KEPT_FILE, StagedRows
@@ -67,7 +73,9 @@ class StageIOManager(ConfigurableIOManager):
             if path.is_file():
                 return decode(json.loads(path.read_text()), expected_type(context))
             if source_run == context.step_context.run_id:
-                raise FileNotFoundError(f"{upstream.asset_key.to_user_string()} of this run is not on disk ({path} missing)")
+                raise FileNotFoundError(
+                    f"{upstream.asset_key.to_user_string()} of this run is not on disk ({path} missing)"
+                )
         # not built in this run (Dagster hands a placeholder run id): the latest, pinned
         return decode(self._pinned(context, name, upstream.asset_key), expected_type(context))
 
@@ -78,9 +86,15 @@ class StageIOManager(ConfigurableIOManager):
             return json.loads(here.read_text())
         event = context.instance.get_latest_materialization_event(asset_key)
         # an instance that never materialized it (a new DAGSTER_HOME over an old data root): the latest on disk
-        path = self.descriptor_path(event.run_id, name) if event is not None else self.data_root.stages_dir / f"{name}.json"
+        path = (
+            self.descriptor_path(event.run_id, name)
+            if event is not None
+            else self.data_root.stages_dir / f"{name}.json"
+        )
         if not path.is_file():
-            what = f"run {event.run_id}'s output {path} is gone" if event is not None else "it has not been materialized"
+            what = (
+                f"run {event.run_id}'s output {path} is gone" if event is not None else "it has not been materialized"
+            )
             raise FileNotFoundError(f"{asset_key.to_user_string()} cannot be read: {what}; materialize it again")
         data = path.read_bytes()
         write_bytes_atomic(here, data)  # pinned: the rest of this run reads the same one
@@ -108,6 +122,8 @@ def decode(payload: Any, expected: type | None = None) -> Any:
         cls = getattr(importlib.import_module(module), name)
         return cls(**payload)
     if isinstance(payload, dict) and isinstance(expected, type) and dataclasses.is_dataclass(expected):
+        if hasattr(expected, "from_plain"):  # a class that knows its older, flat shape
+            return expected.from_plain(payload)
         fields = {f.name for f in dataclasses.fields(expected)}
         return expected(**{k: v for k, v in payload.items() if k in fields})
     return payload

@@ -52,7 +52,9 @@ LONGEST_FIRST = (
 
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.module.__name__ if item.module else "", len(rank)))  # stable: a module keeps its order
+    items.sort(
+        key=lambda item: rank.get(item.module.__name__ if item.module else "", len(rank))
+    )  # stable: a module keeps its order
 
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -81,7 +83,12 @@ def demo_records(n: int) -> list[dict]:
     out = []
     for i in range(n):
         m = meds[i % len(meds)]
-        out.append(rec(f"病例{i}：咳嗽发热{i % 7}天，咽喉肿痛，口干。", f"{m}可能适合治疗您的病症。以下是{m}的详细说明书：【功能主治】清热解毒。{i}"))
+        out.append(
+            rec(
+                f"病例{i}：咳嗽发热{i % 7}天，咽喉肿痛，口干。",
+                f"{m}可能适合治疗您的病症。以下是{m}的详细说明书：【功能主治】清热解毒。{i}",
+            )
+        )
     return out
 
 
@@ -96,7 +103,8 @@ def model_in_data_root(model_dir: Path, data_dir: Path) -> str:
     return dest.relative_to(data_dir).as_posix()
 
 
-TRAINING_HALF = "raw_records,validated_records,deduplicated_records,rejected_records,alpaca_dataset,base_model,tokenized_dataset,lora_adapter"
+DATA_ASSETS = "raw_records,validated_records,deduplicated_records,rejected_records,alpaca_dataset"
+TRAINING_HALF = f"{DATA_ASSETS},base_model,tokenized_dataset,lora_adapter"
 
 
 def materialize_command(data_dir, tmp_path, tiny_model_dir, select=TRAINING_HALF, ops=None, **train_config):
@@ -114,7 +122,15 @@ def materialize_command(data_dir, tmp_path, tiny_model_dir, select=TRAINING_HALF
             "base_model": {"config": {"model": model_in_data_root(tiny_model_dir, data_dir)}},
             "tokenized_dataset": {"config": {"max_seq_len": 256}},
             "lora_adapter": {
-                "config": {"learning_rate": 5e-3, "precision": "fp32", "log_every": 1, "r": 16, "lora_alpha": 32, "compile": False, **train_config}
+                "config": {
+                    "learning_rate": 5e-3,
+                    "precision": "fp32",
+                    "log_every": 1,
+                    "r": 16,
+                    "lora_alpha": 32,
+                    "compile": False,
+                    **train_config,
+                }
             },
             **(ops or {}),
         },
@@ -148,7 +164,11 @@ def training_spans(home: Path) -> list[tuple[float, float]]:
     spans = []
     try:
         for record in instance.get_run_records():
-            said = [(e.timestamp, e.user_message) for e in instance.all_logs(record.dagster_run.run_id) if e.step_key == "lora_adapter"]
+            said = [
+                (e.timestamp, e.user_message)
+                for e in instance.all_logs(record.dagster_run.run_id)
+                if e.step_key == "lora_adapter"
+            ]
             held = [t for t, m in said if m.startswith("holding medtune_training slot 1 of 1")]
             freed = [t for t, m in said if m.startswith("released medtune_training slot 1 of 1")]
             assert len(held) == len(freed) <= 1

@@ -33,7 +33,9 @@ def postgres_bin() -> Path:
     initdb = shutil.which("initdb")
     if initdb:
         return Path(initdb).resolve().parent
-    raise RuntimeError("PostgreSQL is not installed: `make test` installs Debian's postgresql package (or: apt-get install postgresql)")
+    raise RuntimeError(
+        "PostgreSQL is not installed: `make test` installs Debian's postgresql package (or: apt-get install postgresql)"
+    )
 
 
 @dataclass
@@ -79,8 +81,23 @@ class PostgresServer:
         pwfile.unlink()
         if done.returncode:
             raise RuntimeError(f"initdb failed: {done.stdout}{done.stderr}")
-        options = f"-h 127.0.0.1 -p {self.port} -k {self.root} -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
-        done = self._run(str(self.bin / "pg_ctl"), "-D", str(data), "-l", str(self.root / "server.log"), "-w", "-t", "60", "-o", options, "start")
+        options = (
+            f"-h 127.0.0.1 -p {self.port} -k {self.root} -c fsync=off -c synchronous_commit=off -c "
+            "full_page_writes=off -c max_connections=200"
+        )
+        done = self._run(
+            str(self.bin / "pg_ctl"),
+            "-D",
+            str(data),
+            "-l",
+            str(self.root / "server.log"),
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            options,
+            "start",
+        )
         if done.returncode:
             raise RuntimeError(f"pg_ctl start failed: {done.stdout}{done.stderr}\n{self.log_tail()}")
 

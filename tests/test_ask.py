@@ -27,7 +27,13 @@ def root(tiny_model_dir, tmp_path_factory):
     df.insert(0, "record_id", [f"r{i}" for i in range(len(df))])
     df["split"] = ["eval" if i % 4 == 0 else "train" for i in range(len(df))]
     ds = tokenize_dataset(
-        df, tok, data_fingerprint="a", tokenizer_fingerprint="a", out_root=dr.tokenized_dir, max_seq_len=256, system_prompt="你是助手。"
+        df,
+        tok,
+        data_fingerprint="a",
+        tokenizer_fingerprint="a",
+        out_root=dr.tokenized_dir,
+        max_seq_len=256,
+        system_prompt="你是助手。",
     )
     dr.stages_dir.mkdir(parents=True)
     (dr.stages_dir / "base_model.json").write_text(json.dumps({"path": str(tiny_model_dir)}))
@@ -90,7 +96,10 @@ def test_switching_adapters_on_one_base_gives_each_ones_own_logits(root, tiny_mo
 
 def test_names_that_name_nothing_say_what_there_is(root, tmp_path):
     uri = mlflow_store(tmp_path / "mlflow.db")
-    with pytest.raises(AskError, match=r"'dddd' is no adapter id; adapters in .*: (?=.*aaaa1111aaaa1111 \(lora\))(?=.*cccc3333cccc3333 \(ia3\))"):
+    with pytest.raises(
+        AskError,
+        match=r"'dddd' is no adapter id; adapters in .*: (?=.*aaaa1111aaaa1111 \(lora\))(?=.*cccc3333cccc3333 \(ia3\))",
+    ):
         resolve("dddd", root, uri)
     with pytest.raises(AskError, match=r"registered model 'medtune' has no alias 'champion' .*nothing registered yet"):
         resolve("champion", root, uri)
@@ -112,7 +121,9 @@ def test_a_registered_alias_names_its_adapter(root, tmp_path):
     client = MlflowClient(uri, registry_uri=uri)
     client.create_registered_model("medtune")
     run = client.create_run(client.create_experiment("x"))
-    v = client.create_model_version("medtune", "runs:/x/y", run_id=run.info.run_id, tags={"medtune.adapter_id": "bbbb2222bbbb2222"})
+    v = client.create_model_version(
+        "medtune", "runs:/x/y", run_id=run.info.run_id, tags={"medtune.adapter_id": "bbbb2222bbbb2222"}
+    )
     client.set_registered_model_alias("medtune", "champion", v.version)
     for name in ("champion", "medtune@champion", "models:/medtune@champion", f"models:/medtune/{v.version}"):
         assert resolve(name, root, uri).path.endswith("bbbb2222bbbb2222"), name
@@ -122,7 +133,19 @@ def test_a_registered_alias_names_its_adapter(root, tmp_path):
 
 def test_ask_answers_from_the_command_line_and_stdin(root, capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store(tmp_path / "mlflow.db"))
-    rc = main(["头痛，失眠，用什么中成药？", "--data-dir", str(root.root), "--model", "base", "--model", "aaaa", "--max-new-tokens", "6"])
+    rc = main(
+        [
+            "头痛，失眠，用什么中成药？",
+            "--data-dir",
+            str(root.root),
+            "--model",
+            "base",
+            "--model",
+            "aaaa",
+            "--max-new-tokens",
+            "6",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and "=== base" in out and "=== aaaa (aaaa1111aaaa1111, lora)" in out
     assert any(line.startswith("base ") and " | aaaa" in line for line in out.splitlines())  # the side-by-side table
@@ -148,5 +171,8 @@ def test_an_unreachable_store_is_named_without_its_password_and_quickly(tmp_path
     assert main(["咳嗽，用什么中成药？", "--model", "champion", "--data-dir", str(tmp_path)]) == 2
     said = capsys.readouterr()
     assert time.monotonic() - started < 30
-    assert "'champion': MLflow store postgresql://medtune:***@127.0.0.1:1/medtune_mlflow" in said.err and "unreachable" in said.err
+    assert (
+        "'champion': MLflow store postgresql://medtune:***@127.0.0.1:1/medtune_mlflow" in said.err
+        and "unreachable" in said.err
+    )
     assert password not in said.out + said.err

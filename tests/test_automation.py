@@ -155,7 +155,13 @@ def test_presets_validate_against_the_jobs():
         config = load_preset(name)
         validate_run_config(job, config)
     seed = load_preset("seed-qwen1.5-1.8b")["ops"]["lora_adapter"]["config"]
-    assert (seed["r"], seed["lora_alpha"], seed["lora_dropout"], seed["target_modules"], seed["learning_rate"]) == (8, 32, 0.1, "q_proj,v_proj", 5e-5)
+    assert (seed["r"], seed["lora_alpha"], seed["lora_dropout"], seed["target_modules"], seed["learning_rate"]) == (
+        8,
+        32,
+        0.1,
+        "q_proj,v_proj",
+        5e-5,
+    )
     assert defs.resolve_job_def(preset_job_name("gpu-qwen2.5-1.5b")).tags["medtune/preset"] == "gpu-qwen2.5-1.5b"
     with pytest.raises(ValueError, match="no preset"):
         load_preset("nope")

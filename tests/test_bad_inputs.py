@@ -105,7 +105,10 @@ def test_the_whole_corpus_through_dagster_completes_and_accounts_for_every_row(t
     raw = data / "raw"
     shutil.copytree(CORPUS, raw, ignore=shutil.ignore_patterns("_*", "expected.json"))
     defs = Definitions(
-        assets=all_assets, asset_checks=all_asset_checks, jobs=JOBS, resources=make_resources(str(data), f"sqlite:///{tmp_path}/mlflow.db")
+        assets=all_assets,
+        asset_checks=all_asset_checks,
+        jobs=JOBS,
+        resources=make_resources(str(data), f"sqlite:///{tmp_path}/mlflow.db"),
     )
     job = defs.resolve_job_def("prepare_data_job")
     config = {

@@ -19,7 +19,9 @@ SYSTEM_PROMPT_BEFORE = "你是一名中医药知识助手。请根据患者描�
 
 def test_the_default_keys_are_those_from_before_the_move():
     assert cache_key("data-fp", "tokenizer-fp", "{{ template }}", 2048, SYSTEM_PROMPT_BEFORE) == TOKENIZED
-    assert cache_key("data-fp", "tokenizer-fp", "{{ template }}", 2048, DEFAULT_SYSTEM_PROMPT) != TOKENIZED  # moved on purpose
+    assert (
+        cache_key("data-fp", "tokenizer-fp", "{{ template }}", 2048, DEFAULT_SYSTEM_PROMPT) != TOKENIZED
+    )  # moved on purpose
     # the move kept every default; r and alpha changed after it (16 / 32 then), epochs and
     # opening_repeats later (1 / 2 then): pinned at those values
     before = LoraAdapterConfig(r=16, lora_alpha=32, epochs=1.0, opening_repeats=2)
@@ -36,4 +38,6 @@ def test_every_setting_and_input_moves_the_training_key():
     assert training_key(LoraAdapterConfig(), "other", 2048, "base-fp")[0] != aid
     assert training_key(LoraAdapterConfig(), TOKENIZED, 2048, "other")[0] != aid
     # where it logs and how often it saves are not part of what it learns
-    assert training_key(LoraAdapterConfig(log_every=1, eval_every=7, save_every=9), TOKENIZED, 2048, "base-fp")[0] == aid
+    assert (
+        training_key(LoraAdapterConfig(log_every=1, eval_every=7, save_every=9), TOKENIZED, 2048, "base-fp")[0] == aid
+    )

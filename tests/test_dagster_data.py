@@ -9,15 +9,28 @@ from pipeline.definitions import JOBS, all_asset_checks, all_assets, make_resour
 
 pytestmark = pytest.mark.slow  # whole data pipelines through Dagster: make test, not make test-fast
 
-DATA_ASSETS = ["raw_records", "validated_records", "deduplicated_records", "rejected_records", "alpaca_dataset", "base_model", "tokenized_dataset"]
+DATA_ASSETS = [
+    "raw_records",
+    "validated_records",
+    "deduplicated_records",
+    "rejected_records",
+    "alpaca_dataset",
+    "base_model",
+    "tokenized_dataset",
+]
 
 
 def run(data_dir, model_dir, extra_config=None):
     defs = Definitions(
-        assets=all_assets, asset_checks=all_asset_checks, jobs=JOBS, resources=make_resources(str(data_dir), f"sqlite:///{data_dir}/mlflow.db")
+        assets=all_assets,
+        asset_checks=all_asset_checks,
+        jobs=JOBS,
+        resources=make_resources(str(data_dir), f"sqlite:///{data_dir}/mlflow.db"),
     )
     job = defs.resolve_job_def("prepare_data_job")
-    config = {"ops": {"base_model": {"config": {"model": model_in_data_root(model_dir, data_dir)}}, **(extra_config or {})}}
+    config = {
+        "ops": {"base_model": {"config": {"model": model_in_data_root(model_dir, data_dir)}}, **(extra_config or {})}
+    }
     return job.execute_in_process(run_config=config, instance=DagsterInstance.ephemeral(), raise_on_error=False)
 
 
@@ -67,18 +80,31 @@ def test_materializes_every_data_asset_and_accounts_for_every_row(data_dir, tiny
     assert rows_read == 30 + 5 + 3 + 1 + 1
     assert len(alpaca) + len(rejected) == rows_read
     assert len(alpaca) == 30 + 2 + 1
-    assert list(alpaca.columns) == ["record_id", "prompt_id", "instruction", "input", "output", "split", "source_file", "source_line"]
+    assert list(alpaca.columns) == [
+        "record_id",
+        "prompt_id",
+        "instruction",
+        "input",
+        "output",
+        "split",
+        "source_file",
+        "source_line",
+    ]
     from pipeline.ops.summary import summary  # what make run prints, from the latest run's descriptors
 
     said = summary(str(data_dir))
     assert f"rows read           {rows_read}" in said and f"rows kept           {len(alpaca)}" in said, said
     assert alpaca["record_id"].is_unique
     assert set(alpaca["split"]) == {"train", "eval"}
-    assert not set(alpaca.loc[alpaca.split == "train", "prompt_id"]) & set(alpaca.loc[alpaca.split == "eval", "prompt_id"])
+    assert not set(alpaca.loc[alpaca.split == "train", "prompt_id"]) & set(
+        alpaca.loc[alpaca.split == "eval", "prompt_id"]
+    )
 
     by = {(r.source_file, r.source_line): (r.stage, r.reason) for r in rejected.itertuples()}
     assert rejected.loc[rejected.source_file == "garbage.json", "reason"].item().startswith("file rejected:")
-    assert by[("more/dirty.json", 2)][0] == "dedup" and by[("more/dirty.json", 2)][1].startswith("duplicate of clean.json:2")
+    assert by[("more/dirty.json", 2)][0] == "dedup" and by[("more/dirty.json", 2)][1].startswith(
+        "duplicate of clean.json:2"
+    )
     assert by[("more/dirty.json", 7)][0] == "dedup"  # whitespace variant
     assert by[("more/dirty.json", 12)][1].startswith("conflict:")
     assert by[("more/dirty.json", 17)] == (
@@ -121,7 +147,10 @@ def test_materializes_every_data_asset_and_accounts_for_every_row(data_dir, tiny
 
 def test_blocking_check_stops_the_run_when_too_much_is_rejected(tmp_path, tiny_model_dir):
     data = tmp_path / "data"
-    write_json(data / "raw" / "bad.json", [rec("a", "b")] + [{"instruction": INSTR, "input": i, "output": "x"} for i in range(5)])
+    write_json(
+        data / "raw" / "bad.json",
+        [rec("a", "b")] + [{"instruction": INSTR, "input": i, "output": "x"} for i in range(5)],
+    )
     result = run(data, tiny_model_dir)
     assert not result.success
     checks = {e.check_name: e for e in result.get_asset_check_evaluations()}

@@ -42,9 +42,13 @@ def test_shared_answer_with_different_prompts_is_not_a_duplicate():
     assert r.stats["conflict_groups"] == 0
 
 
-@pytest.mark.parametrize("policy,kept,rejected", [("keep_first", [1, 3, 4], [2]), ("keep_all", [1, 2, 3, 4], []), ("drop", [3, 4], [1, 2])])
+@pytest.mark.parametrize(
+    "policy,kept,rejected", [("keep_first", [1, 3, 4], [2]), ("keep_all", [1, 2, 3, 4], []), ("drop", [3, 4], [1, 2])]
+)
 def test_conflict_policies(policy, kept, rejected):
-    df = frame([("问", "头痛", "答案一"), ("问", " 头痛", "答案二"), ("问", "腰痛", "答案三"), ("问", "头痛", "答案一")])
+    df = frame(
+        [("问", "头痛", "答案一"), ("问", " 头痛", "答案二"), ("问", "腰痛", "答案三"), ("问", "头痛", "答案一")]
+    )
     # row 4 is an exact duplicate of row 1, so it goes first; rows 1 and 2 conflict
     df = df.iloc[[0, 1, 2]].reset_index(drop=True)
     df = pd.concat([df, frame([("问", "腹痛", "答案四")]).assign(source_line=4, source_index=3)], ignore_index=True)

@@ -31,7 +31,10 @@ def anchors(page: Path) -> set[str]:
 
 def test_the_slug_follows_github():
     assert slug("Training (`lora_adapter`)") == "training-lora_adapter"
-    assert slug("Living with it: `make ui`, the sensor, the schedule, presets") == "living-with-it-make-ui-the-sensor-the-schedule-presets"
+    assert (
+        slug("Living with it: `make ui`, the sensor, the schedule, presets")
+        == "living-with-it-make-ui-the-sensor-the-schedule-presets"
+    )
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(PROJECT)))
@@ -67,7 +70,9 @@ def test_the_readme_is_a_front_door():
     assert len(lines) <= 200, f"README.md has {len(lines)} lines: reference material belongs in docs/"
     assert all(len(line) <= 200 for line in lines), [i for i, line in enumerate(lines, 1) if len(line) > 200]
     text = "\n".join(lines)
-    assert not re.search(r"\b20\d\d-\d\d-\d\d\b|\b[0-9a-f]{7}[0-9a-f]*\b", text), "a date or a commit in README.md: history lives in git"
+    assert not re.search(r"\b20\d\d-\d\d-\d\d\b|\b[0-9a-f]{7}[0-9a-f]*\b", text), (
+        "a date or a commit in README.md: history lives in git"
+    )
     assert "make run" in text and "make test" in text and "![" in text
     for page in PAGES[1:]:
         assert f"(docs/{page.name})" in text, f"README does not link docs/{page.name}"

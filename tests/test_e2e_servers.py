@@ -41,7 +41,9 @@ import pytest
 from conftest import demo_records, model_in_data_root, write_json
 from pipeline.ops.automation import SENSOR
 
-pytestmark = pytest.mark.slow  # real servers (Dagster, MLflow, PostgreSQL) and the browser: make test, not make test-fast
+pytestmark = (
+    pytest.mark.slow
+)  # real servers (Dagster, MLflow, PostgreSQL) and the browser: make test, not make test-fast
 
 PROJECT = Path(__file__).resolve().parents[1]
 ARTIFACTS = PROJECT / "test-artifacts"
@@ -111,18 +113,34 @@ class Stack:
 
     def mlflow_post(self, endpoint: str, body: dict) -> dict:
         req = urllib.request.Request(
-            f"{self.mlflow}/api/2.0/mlflow/{endpoint}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+            f"{self.mlflow}/api/2.0/mlflow/{endpoint}",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
         )
         with urllib.request.urlopen(req, timeout=30) as resp:
             return json.loads(resp.read())
 
     def log_tail(self) -> str:
-        return "\n".join(f"--- {p.name}\n" + p.read_text(errors="replace")[-3000:] for p in sorted(self.logs.glob("*.log")))
+        return "\n".join(
+            f"--- {p.name}\n" + p.read_text(errors="replace")[-3000:] for p in sorted(self.logs.glob("*.log"))
+        )
 
 
-def start_ui(env: dict, logs: Path, dagster_port: int, mlflow_port: int) -> tuple[subprocess.Popen, threading.Event, list[str]]:
+def start_ui(
+    env: dict, logs: Path, dagster_port: int, mlflow_port: int
+) -> tuple[subprocess.Popen, threading.Event, list[str]]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.ops.ui", "--dagster-port", str(dagster_port), "--mlflow-port", str(mlflow_port), "--log-dir", str(logs)],
+        [
+            sys.executable,
+            "-m",
+            "pipeline.ops.ui",
+            "--dagster-port",
+            str(dagster_port),
+            "--mlflow-port",
+            str(mlflow_port),
+            "--log-dir",
+            str(logs),
+        ],
         cwd=PROJECT,
         env=env,
         start_new_session=True,
@@ -179,7 +197,16 @@ def stack(tmp_path_factory, tiny_model_dir, postgres):
     try:
         wait_until_ready(proc, ready, lines)
         model = model_in_data_root(tiny_model_dir, data)
-        yield Stack(f"http://127.0.0.1:{dagster_port}", f"http://127.0.0.1:{mlflow_port}", data, model, logs, env, root, postgres)
+        yield Stack(
+            f"http://127.0.0.1:{dagster_port}",
+            f"http://127.0.0.1:{mlflow_port}",
+            data,
+            model,
+            logs,
+            env,
+            root,
+            postgres,
+        )
     finally:
         stopped = stop_ui(proc, logs, (dagster_port, mlflow_port))
         ARTIFACTS.mkdir(exist_ok=True)
@@ -249,7 +276,11 @@ def sensor_runs(stack: Stack) -> list[dict]:
 
 
 def sensor_ticks(stack: Stack) -> list[float]:
-    selector = {"repositoryLocationName": "medtune", "repositoryName": "__repository__", "sensorName": "raw_data_sensor"}
+    selector = {
+        "repositoryLocationName": "medtune",
+        "repositoryName": "__repository__",
+        "sensorName": "raw_data_sensor",
+    }
     ticks = stack.graphql(SENSOR_TICKS, {"s": selector})["sensorOrError"]["sensorState"]["ticks"]
     return [t["timestamp"] for t in ticks if t["status"] in ("SUCCESS", "SKIPPED")]
 
@@ -271,7 +302,11 @@ def built(stack) -> str:
     """The whole pipeline launched through GraphQL, as the UI's Materialize does, on the demo rows:
     its run id. Every test that needs a trained, registered model asks for it."""
     params = {
-        "selector": {"repositoryLocationName": "medtune", "repositoryName": "__repository__", "jobName": "full_pipeline_job"},
+        "selector": {
+            "repositoryLocationName": "medtune",
+            "repositoryName": "__repository__",
+            "jobName": "full_pipeline_job",
+        },
         "runConfigData": run_config(stack),
     }
     launched = stack.graphql(LAUNCH, {"params": params})["launchRun"]
@@ -298,7 +333,10 @@ def sensor_run(stack, built) -> dict:
 def mlflow_run_of(stack: Stack, dagster_run_id: str) -> dict:
     """The MLflow run a Dagster run trained (tagged with its id)."""
     exp = stack.mlflow_get("experiments/get-by-name", experiment_name="medtune")["experiment"]
-    runs = stack.mlflow_post("runs/search", {"experiment_ids": [exp["experiment_id"]], "filter": f"tags.`dagster.run_id` = '{dagster_run_id}'"})
+    runs = stack.mlflow_post(
+        "runs/search",
+        {"experiment_ids": [exp["experiment_id"]], "filter": f"tags.`dagster.run_id` = '{dagster_run_id}'"},
+    )
     (run,) = runs["runs"]
     return run
 
@@ -321,7 +359,9 @@ def test_the_sensor_retrains_once_per_content_change(stack, sensor_run):
     wait_for_ticks(stack, time.time(), 2)  # sensor evaluations since its run: still one run
     assert len(sensor_runs(stack)) == 1
     # the sensor's run registered a new version, nobody clicked
-    assert mlflow_run_of(stack, sensor_run["runId"])["info"]["run_id"] in {v["run_id"] for v in registered_versions(stack)}
+    assert mlflow_run_of(stack, sensor_run["runId"])["info"]["run_id"] in {
+        v["run_id"] for v in registered_versions(stack)
+    }
 
     # the same content rewritten, and touched: nothing to do
     f = stack.data_dir / "raw" / "demo.json"
@@ -335,7 +375,13 @@ def test_the_sensor_retrains_once_per_content_change(stack, sensor_run):
 def test_the_browser_sees_the_asset_graph_and_the_champion(stack, built):
     from playwright.sync_api import expect
 
-    from pipeline.ops.screenshots import browser_page, graph_node_names, open_asset, open_asset_graph, open_registered_model
+    from pipeline.ops.screenshots import (
+        browser_page,
+        graph_node_names,
+        open_asset,
+        open_asset_graph,
+        open_registered_model,
+    )
 
     ARTIFACTS.mkdir(exist_ok=True)
     with browser_page() as page:
@@ -398,7 +444,15 @@ def second_webserver(stack):
     port = free_port()
     with open(stack.logs / "webserver-b.log", "ab") as log:
         proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "dagster-webserver"), "-w", str(PROJECT / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(port)],
+            [
+                str(Path(sys.executable).parent / "dagster-webserver"),
+                "-w",
+                str(PROJECT / "workspace.yaml"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+            ],
             cwd=PROJECT,
             env=env,
             start_new_session=True,
@@ -459,7 +513,11 @@ def test_two_trainings_requested_at_once_run_one_at_a_time(stack, second_webserv
             },
             "runConfigData": {
                 "execution": {"config": {"in_process": {}}},
-                "ops": {"lora_adapter": {"config": {**run_config(stack)["ops"]["lora_adapter"]["config"], "max_steps": 2, "seed": seed}}},
+                "ops": {
+                    "lora_adapter": {
+                        "config": {**run_config(stack)["ops"]["lora_adapter"]["config"], "max_steps": 2, "seed": seed}
+                    }
+                },
             },
         }
         out = graphql(base, LAUNCH, {"params": params})["launchRun"]
@@ -525,7 +583,9 @@ def served(stack, built):
     try:
         deadline = time.monotonic() + 240
         while not port_open(port):
-            assert proc.poll() is None and time.monotonic() < deadline, "make serve did not start\n" + log.read_text()[-5000:]
+            assert proc.poll() is None and time.monotonic() < deadline, (
+                "make serve did not start\n" + log.read_text()[-5000:]
+            )
             time.sleep(0.5)
         said = log.read_text()
         assert f"on {url}" in said and "request timeout" in said, said
@@ -550,19 +610,25 @@ def test_make_serve_answers_the_chat_completions_schema_over_http(stack, served)
     from pipeline.stages.registered_model import _uris
 
     url, log = served
-    version = re.search(r"medtune version (\d+)", log.read_text()).group(1)  # what it serves (the champion when it started)
+    version = re.search(r"medtune version (\d+)", log.read_text()).group(
+        1
+    )  # what it serves (the champion when it started)
     question = "咳嗽，咽喉肿痛，用什么中成药？"
     chat = {"messages": [{"role": "user", "content": question}], "max_tokens": 12}
     status, answer = post_json(url, chat)
     assert status == 200, answer
     parsed = ChatCompletionResponse.from_dict(answer)  # MLflow's own chat-completions type
     assert answer["object"] == "chat.completion" and parsed.choices[0].message.role == "assistant"
-    assert answer["choices"][0]["finish_reason"] in ("stop", "length") and 1 <= answer["usage"]["completion_tokens"] <= 12
+    assert (
+        answer["choices"][0]["finish_reason"] in ("stop", "length") and 1 <= answer["usage"]["completion_tokens"] <= 12
+    )
     assert answer["usage"]["total_tokens"] == answer["usage"]["prompt_tokens"] + answer["usage"]["completion_tokens"]
     content = answer["choices"][0]["message"]["content"]
 
     with _uris(tracking_uri(stack.env)):  # the pyfunc itself, loaded from the registry
-        own = mlflow.pyfunc.load_model(f"models:/medtune/{version}").predict({"messages": chat["messages"]}, params={"max_tokens": 12})
+        own = mlflow.pyfunc.load_model(f"models:/medtune/{version}").predict(
+            {"messages": chat["messages"]}, params={"max_tokens": 12}
+        )
     assert own["choices"][0]["message"]["content"] == content  # the server answers what the model answers
 
     status, plain = post_json(url, {"inputs": [question], "params": {"max_tokens": 12}})
@@ -601,7 +667,10 @@ def made(stack, built) -> dict[str, subprocess.CompletedProcess]:
             "--select", "not group:sweep", "--config-json", json.dumps(run_config(stack)),
         ],
         "summary": [sys.executable, "-m", "pipeline.ops.summary"],
-        "ask": [sys.executable, "-m", "pipeline.ask", "咳嗽，咽喉肿痛，用什么中成药？", "--model", "champion", "--max-new-tokens", "4"],
+        "ask": [
+            *(sys.executable, "-m", "pipeline.ask", "咳嗽，咽喉肿痛，用什么中成药？"),
+            *("--model", "champion", "--max-new-tokens", "4"),
+        ],
     }  # fmt: skip
     done = {}
     for name, cmd in commands.items():
@@ -648,7 +717,9 @@ def test_no_password_in_any_output(stack, monkeypatch, built, sensor_run, second
             if any(s in json.dumps(run.tags) + json.dumps(run.run_config, default=str) for s in secrets):
                 leaks.append(f"run {run.run_id} tags or config")
             events = instance.all_logs(run.run_id)
-            leaks += [f"run {run.run_id} event {e.dagster_event_type}" for e in events if any(s in str(e) for s in secrets)]
+            leaks += [
+                f"run {run.run_id} event {e.dagster_event_type}" for e in events if any(s in str(e) for s in secrets)
+            ]
     finally:
         instance.dispose()
     client = MlflowClient(stack.mlflow, registry_uri=stack.mlflow)

@@ -9,7 +9,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from pipeline.stages.evaluation_report import EvalConfig, evaluate_models, select_rows, tuned_beats_base
-from pipeline.stages.evaluation_report.metrics import bleu4_chars, extract_medicine_name, name_hit, rouge_words, text_scores
+from pipeline.stages.evaluation_report.metrics import (
+    bleu4_chars,
+    extract_medicine_name,
+    name_hit,
+    rouge_words,
+    text_scores,
+)
 from pipeline.stages.lora_adapter.generation import answer_losses, generate_greedy, stop_token_ids
 from pipeline.stages.tokenized_dataset import render_prompt, tokenize_rows
 
@@ -42,7 +48,9 @@ def test_bleu_on_characters():
     partial = bleu4_chars("板蓝根颗粒清热", "板蓝根颗粒清热解毒，凉血利咽")
     assert 0 < partial < 100
     # characters, not words: one wrong character lowers the score, a reordered sentence more
-    assert bleu4_chars("板蓝根颗粒清热解毒", "板蓝根颗粒清热解毒。") > bleu4_chars("解毒清热颗粒板蓝根", "板蓝根颗粒清热解毒。")
+    assert bleu4_chars("板蓝根颗粒清热解毒", "板蓝根颗粒清热解毒。") > bleu4_chars(
+        "解毒清热颗粒板蓝根", "板蓝根颗粒清热解毒。"
+    )
 
 
 def test_rouge_on_jieba_words():
@@ -81,7 +89,12 @@ def tiny(tiny_model_dir):
 
 
 def _prompts(tokenizer, n=6):
-    return [render_prompt(tokenizer, "使用中医知识正确回答适合这个病例的中成药。", "咳嗽" * (k + 1) + f"病例{k}", "你是助手。") for k in range(n)]
+    return [
+        render_prompt(
+            tokenizer, "使用中医知识正确回答适合这个病例的中成药。", "咳嗽" * (k + 1) + f"病例{k}", "你是助手。"
+        )
+        for k in range(n)
+    ]
 
 
 def test_batched_generation_equals_one_at_a_time(tiny, tokenizer):
@@ -103,13 +116,20 @@ def test_greedy_decoding_over_stacked_caches_equals_transformers_generate(tiny, 
         ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
         with torch.no_grad():
             ref = tiny.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False, eos_token_id=stops, pad_token_id=stops[0]
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=10,
+                do_sample=False,
+                eos_token_id=stops,
+                pad_token_id=stops[0],
             )[0, ids.shape[1] :].tolist()
         assert got == ref[: next((k for k, t in enumerate(ref) if t in stops), len(ref))]
 
 
 def test_per_row_answer_loss_equals_the_models_own_loss(tiny, tokenizer):
-    rows = tokenize_rows(tokenizer, ["问"] * 3, ["短", "长一些的输入" * 3, ""], ["板蓝根颗粒", "六味地黄丸滋阴补肾", "好"], "系统", 256)
+    rows = tokenize_rows(
+        tokenizer, ["问"] * 3, ["短", "长一些的输入" * 3, ""], ["板蓝根颗粒", "六味地黄丸滋阴补肾", "好"], "系统", 256
+    )
     pairs = [(r.input_ids, r.labels) for r in rows]
     batched = answer_losses(tiny, pairs, pad_id=tokenizer.pad_token_id or 0, batch_size=3)
     for (ids, labels), (total, n) in zip(pairs, batched):
@@ -130,15 +150,27 @@ def test_evaluate_models_side_by_side_table(tiny_model_dir, tokenizer, tmp_path)
             "record_id": [f"r{k}" for k in range(5)],
             "instruction": ["问"] * 5,
             "input": [f"病例{k}" for k in range(5)],
-            "output": ["板蓝根颗粒可能适合治疗您的病症。", "您的病症适用逍遥丸。", "多喝水。", "保和丸可能适合治疗您的病症。", "好"],
+            "output": [
+                "板蓝根颗粒可能适合治疗您的病症。",
+                "您的病症适用逍遥丸。",
+                "多喝水。",
+                "保和丸可能适合治疗您的病症。",
+                "好",
+            ],
             "split": ["eval", "eval", "train", "train", "train"],
         }
     )
-    toks = tokenize_rows(tokenizer, alpaca["instruction"].tolist(), alpaca["input"].tolist(), alpaca["output"].tolist(), "系统", 128)
+    toks = tokenize_rows(
+        tokenizer, alpaca["instruction"].tolist(), alpaca["input"].tolist(), alpaca["output"].tolist(), "系统", 128
+    )
     tok = alpaca[["record_id", "split"]].assign(input_ids=[t.input_ids for t in toks], labels=[t.labels for t in toks])
-    rows = select_rows(alpaca, {"train": tok[tok.split == "train"], "eval": tok[tok.split == "eval"]}, train_sample_size=2, seed=1)
+    rows = select_rows(
+        alpaca, {"train": tok[tok.split == "train"], "eval": tok[tok.split == "eval"]}, train_sample_size=2, seed=1
+    )
     assert list(rows["split"]).count("eval") == 2 and list(rows["split"]).count("train_sample") == 2
-    again = select_rows(alpaca, {"train": tok[tok.split == "train"], "eval": tok[tok.split == "eval"]}, train_sample_size=2, seed=1)
+    again = select_rows(
+        alpaca, {"train": tok[tok.split == "train"], "eval": tok[tok.split == "eval"]}, train_sample_size=2, seed=1
+    )
     assert list(rows["record_id"]) == list(again["record_id"])  # a fixed sample
     from pipeline.stages.evaluation_report.choice import ChoiceSet
 
@@ -151,7 +183,16 @@ def test_evaluate_models_side_by_side_table(tiny_model_dir, tokenizer, tmp_path)
     )
     result = evaluate_models(model, tokenizer, rows, cfg, stop_token_ids(tokenizer), log=lambda *_: None)
     t = result.table
-    for col in ("prompt", "reference", "base_answer", "tuned_answer", "base_rouge_l", "tuned_rouge_l", "base_loss", "tuned_loss"):
+    for col in (
+        "prompt",
+        "reference",
+        "base_answer",
+        "tuned_answer",
+        "base_rouge_l",
+        "tuned_rouge_l",
+        "base_loss",
+        "tuned_loss",
+    ):
         assert col in t
     # the adapter (random, non-zero init) changes the model: the two losses differ
     assert (t["base_loss"] - t["tuned_loss"]).abs().max() > 1e-6
@@ -169,7 +210,9 @@ def test_evaluate_models_side_by_side_table(tiny_model_dir, tokenizer, tmp_path)
     with torch.no_grad():
         for p in other_base.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    other = get_peft_model(other_base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    other = get_peft_model(
+        other_base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    )
     second = evaluate_models(other, tokenizer, rows, cfg, stop_token_ids(tokenizer), log=lambda *_: None, base=kept)
     assert second.summary["base"] == s["base"]
     assert second.table["base_loss"].fillna(-1).tolist() == t["base_loss"].fillna(-1).tolist()
@@ -181,7 +224,10 @@ def test_evaluate_models_side_by_side_table(tiny_model_dir, tokenizer, tmp_path)
     assert "base_eval_loss" in flat and "tuned_eval_rouge_l" in flat and "tuned_train_sample_bleu_4" in flat
     # medicine choice: both eval rows name a medicine (3 candidates); neither eval medicine was trained on
     assert s["tuned"]["eval"]["choice_rows"] == 2 and 1 <= s["tuned"]["eval"]["choice_rank"] <= 3
-    assert s["tuned"]["eval"]["seen_medicine_choice_rows"] == 0 and s["tuned"]["eval"]["seen_medicine_choice_accuracy"] is None
+    assert (
+        s["tuned"]["eval"]["seen_medicine_choice_rows"] == 0
+        and s["tuned"]["eval"]["seen_medicine_choice_accuracy"] is None
+    )
     assert {"tuned_eval_choice_accuracy", "base_eval_choice_rank", "tuned_eval_choice_rank"} <= set(flat)
     assert set(t["tuned_choice"].dropna()) <= {"板蓝根颗粒", "逍遥丸", "保和丸"}
     # the gate's paired counts: rows one model picks right and the other wrong
@@ -193,8 +239,18 @@ def test_evaluate_models_side_by_side_table(tiny_model_dir, tokenizer, tmp_path)
     # the train sample's answer loss is off by default: those rows run their prompt alone, and give
     # the same answers and choices as with the whole answer run for its loss (causal attention)
     assert s["tuned"]["train_sample"]["loss"] is None and s["base"]["train_sample"]["perplexity"] is None
-    assert t.loc[t["split"] == "train_sample", "tuned_loss"].isna().all() and t.loc[t["split"] == "eval", "tuned_loss"].notna().all()
-    full = evaluate_models(model, tokenizer, rows, cfg.model_copy(update={"train_sample_loss": True}), stop_token_ids(tokenizer), log=lambda *_: None)
+    assert (
+        t.loc[t["split"] == "train_sample", "tuned_loss"].isna().all()
+        and t.loc[t["split"] == "eval", "tuned_loss"].notna().all()
+    )
+    full = evaluate_models(
+        model,
+        tokenizer,
+        rows,
+        cfg.model_copy(update={"train_sample_loss": True}),
+        stop_token_ids(tokenizer),
+        log=lambda *_: None,
+    )
     assert full.summary["tuned"]["train_sample"]["loss"] > 0 and full.table["tuned_loss"].notna().all()
     for col in ("base_answer", "tuned_answer", "base_choice", "tuned_choice", "base_choice_rank", "tuned_choice_rank"):
         assert full.table[col].fillna(-1).tolist() == t[col].fillna(-1).tolist(), col
@@ -263,7 +319,9 @@ class _EchoModel(torch.nn.Module):
         self.vocab = vocab
         self.device = torch.device("cpu")
 
-    def forward(self, input_ids, attention_mask=None, past_key_values=None, use_cache=True, logits_to_keep=0, position_ids=None):
+    def forward(
+        self, input_ids, attention_mask=None, past_key_values=None, use_cache=True, logits_to_keep=0, position_ids=None
+    ):
         prompt = past_key_values.ids if past_key_values is not None else input_ids
         logits = torch.zeros(input_ids.shape[0], input_ids.shape[1], self.vocab)
         for b in range(input_ids.shape[0]):
@@ -326,7 +384,11 @@ def test_the_gate_weighs_a_fall_in_choice_accuracy_against_chance():
         }
 
     ok, why = tuned_beats_base(summary(1 / 7, 0.0, choice_only_base_right=1, choice_only_tuned_right=0))
-    assert ok and "lower within chance: 1 row(s) only the base model picks right, 0 only the tuned one (sign test p 0.50)" in why
+    assert (
+        ok
+        and "lower within chance: 1 row(s) only the base model picks right, 0 only the tuned one (sign test p 0.50)"
+        in why
+    )
     ok, why = tuned_beats_base(summary(5 / 7, 0.0, choice_only_base_right=5, choice_only_tuned_right=0))
     assert not ok and "went down" in why and "sign test p 0.03" in why
     assert not tuned_beats_base(summary(1 / 7, 0.0))[0]

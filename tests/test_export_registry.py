@@ -14,7 +14,13 @@ from transformers import AutoModelForCausalLM
 
 from conftest import mlflow_store
 from pipeline.stages.lora_adapter.generation import load_tuned_model
-from pipeline.stages.merged_model import compare_with_adapter, load_merged, merge_adapter, merge_exact, read_export_record
+from pipeline.stages.merged_model import (
+    compare_with_adapter,
+    load_merged,
+    merge_adapter,
+    merge_exact,
+    read_export_record,
+)
 from pipeline.stages.tokenized_dataset import end_of_turn_id, render_prompt
 
 
@@ -41,7 +47,10 @@ def merged(tiny_model_dir, adapter_dir, tmp_path_factory):
 
 
 def _prompts(tokenizer, n=3):
-    return [render_prompt(tokenizer, "使用中医知识正确回答适合这个病例的中成药。", f"病例{k}：咳嗽。", "系统") for k in range(n)]
+    return [
+        render_prompt(tokenizer, "使用中医知识正确回答适合这个病例的中成药。", f"病例{k}：咳嗽。", "系统")
+        for k in range(n)
+    ]
 
 
 def test_merged_folder_is_a_plain_hf_model(merged, adapter_dir):
@@ -87,7 +96,11 @@ def test_merge_rounds_once_from_float64(tiny_model_dir, adapter_dir, merged):
         assert torch.equal(saved[key], value), key
     assert merged[1]["merge"]["layers_merged"] == len(expected)
     layers = merged[1]["verification"]["layers"]
-    assert layers["passed"] and layers["layers_checked"] == len(expected) and layers["worst_ratio_to_rounding_bound"] <= 1.0
+    assert (
+        layers["passed"]
+        and layers["layers_checked"] == len(expected)
+        and layers["worst_ratio_to_rounding_bound"] <= 1.0
+    )
 
 
 def _planted(folder, tmp_path, name, key, value):
@@ -123,14 +136,21 @@ def test_layer_proof_catches_each_planted_wrong_merge(tiny_model_dir, adapter_di
     key = next(k for k in merged if k.endswith("layers.0.self_attn.q_proj.weight"))
     assert merged[key].shape[0] == merged[key].shape[1]  # square: a transposed delta has the right shape
     delta = merged[key].double() - base[key].double()
-    plants = {"scaled": base[key].double() + 2 * delta, "missing": base[key].double(), "transposed": base[key].double() + delta.T, "absent": None}
+    plants = {
+        "scaled": base[key].double() + 2 * delta,
+        "missing": base[key].double(),
+        "transposed": base[key].double() + delta.T,
+        "absent": None,
+    }
     for name, value in plants.items():
         result = verify_layers(_planted(good, tmp_path, name, key, value), refs, dtype, info["linear_layers"])
         assert not result["passed"], name
         assert key in result["failures"][0], (name, result["failures"])
 
 
-def test_a_wrong_merge_is_recorded_failed_before_anything_is_registered(tiny_model_dir, adapter_dir, tmp_path, monkeypatch):
+def test_a_wrong_merge_is_recorded_failed_before_anything_is_registered(
+    tiny_model_dir, adapter_dir, tmp_path, monkeypatch
+):
     """A merge that gets a layer wrong (here every delta doubled) is written with a failed
     verification: the blocking asset check then stops registered_model."""
     import pipeline.stages.merged_model.streamed as mm
@@ -181,7 +201,8 @@ def test_merged_model_loads_with_peft_not_installed(merged):
         from transformers import AutoModelForCausalLM, AutoTokenizer
         tok = AutoTokenizer.from_pretrained({str(dest)!r})
         m = AutoModelForCausalLM.from_pretrained({str(dest)!r}, dtype=torch.float32, use_safetensors=True)
-        ids = tok.apply_chat_template([{{"role": "user", "content": "你好"}}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        chat = [{{"role": "user", "content": "你好"}}]
+        ids = tok.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
         out = m.generate(**ids, max_new_tokens=4, do_sample=False)
         assert "peft" not in sys.modules or sys.modules["peft"] is None
         print("OK", out.shape[1] > ids["input_ids"].shape[1])
@@ -199,7 +220,9 @@ def test_merge_check_passes_on_a_real_merge(tiny_model_dir, adapter_dir, merged)
     assert result.max_abs_logit_diff < 1e-4 and result.greedy_identical
     assert result.precision == "float64" and result.max_abs_logit_diff_native is not None
     assert next(adapter_model.parameters()).dtype == torch.float32  # put back after the float64 pass
-    native = compare_with_adapter(adapter_model, load_merged(dest), tok, _prompts(tok), max_new_tokens=8, precision="native")
+    native = compare_with_adapter(
+        adapter_model, load_merged(dest), tok, _prompts(tok), max_new_tokens=8, precision="native"
+    )
     assert native.max_abs_logit_diff == native.max_abs_logit_diff_native < 1e-4
 
 

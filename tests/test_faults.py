@@ -39,7 +39,12 @@ def free_port() -> int:
 
 
 def run_pipeline(data_dir, tracking_uri, model_dir, job="full_pipeline_job", **train_config):
-    defs = Definitions(assets=all_assets, asset_checks=all_asset_checks, jobs=JOBS, resources=make_resources(str(data_dir), tracking_uri))
+    defs = Definitions(
+        assets=all_assets,
+        asset_checks=all_asset_checks,
+        jobs=JOBS,
+        resources=make_resources(str(data_dir), tracking_uri),
+    )
     config = {
         "ops": {
             "base_model": {"config": {"model": model_in_data_root(model_dir, data_dir)}},
@@ -132,7 +137,9 @@ def test_tracking_server_going_away_mid_training_loses_nothing(data_dir, tmp_pat
     try:
         box = {}
         worker = threading.Thread(
-            target=lambda: box.setdefault("result", run_pipeline(data_dir, server.uri, tiny_model_dir, max_steps=24, save_every=8, eval_every=8))
+            target=lambda: box.setdefault(
+                "result", run_pipeline(data_dir, server.uri, tiny_model_dir, max_steps=24, save_every=8, eval_every=8)
+            )
         )
         worker.start()
         deadline = time.monotonic() + 300
@@ -154,7 +161,9 @@ def test_tracking_server_going_away_mid_training_loses_nothing(data_dir, tmp_pat
         assert tracking.startswith("FAILED: could not log the training run to MLflow at " + server.uri), tracking
         adapter = Path(meta(first, "lora_adapter", "path"))
         assert (adapter / "adapter_model.safetensors").is_file() and (adapter / PENDING).is_file()
-        steps = {json.loads(x)["step"] for x in (adapter / "metrics.jsonl").read_text().splitlines() if '"train_loss"' in x}
+        steps = {
+            json.loads(x)["step"] for x in (adapter / "metrics.jsonl").read_text().splitlines() if '"train_loss"' in x
+        }
         assert steps == set(range(1, 25))
         assert meta(first, "evaluation_report", "mlflow_tracking").startswith("FAILED")
         assert meta(first, "merged_model", "cache_hit") is False
@@ -190,7 +199,9 @@ def _child_pid(marker: str) -> int | None:
 
 
 def logged_steps(data_dir: Path) -> int:
-    return sum(p.read_text().count('"train_loss"') for p in (data_dir / "models" / "checkpoints").glob("*/metrics.jsonl"))
+    return sum(
+        p.read_text().count('"train_loss"') for p in (data_dir / "models" / "checkpoints").glob("*/metrics.jsonl")
+    )
 
 
 def test_training_killed_at_random_points_resumes_and_the_adapter_loads(data_dir, tiny_model_dir):
@@ -203,11 +214,17 @@ def test_training_killed_at_random_points_resumes_and_the_adapter_loads(data_dir
     kills = 0
     for _attempt in range(2):
         box = {}
-        worker = threading.Thread(target=lambda box=box: box.setdefault("r", run_pipeline(data_dir, uri, tiny_model_dir, max_steps=30, save_every=3)))
+        worker = threading.Thread(
+            target=lambda box=box: box.setdefault(
+                "r", run_pipeline(data_dir, uri, tiny_model_dir, max_steps=30, save_every=3)
+            )
+        )
         worker.start()
         pid = None
         while worker.is_alive() and pid is None:
-            pid = _child_pid(f"pipeline.stages.lora_adapter --spec {data_dir}")  # this test's child, not another worker's
+            pid = _child_pid(
+                f"pipeline.stages.lora_adapter --spec {data_dir}"
+            )  # this test's child, not another worker's
             time.sleep(0.02)
         assert pid is not None, "no training child started"
         if rng.random() < 0.3:
@@ -259,7 +276,11 @@ def test_a_kill_while_outputs_are_written_leaves_the_previous_complete_version(t
     out = tmp_path / "out"
     for _round in range(6):
         proc = subprocess.Popen(
-            [sys.executable, "-c", WRITER, str(out)], cwd=PROJECT, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(PROJECT)}
+            [sys.executable, "-c", WRITER, str(out)],
+            cwd=PROJECT,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(PROJECT)},
         )
         proc.stdout.readline()  # one complete version exists
         time.sleep(rng.uniform(0.0, 1.5))
@@ -284,7 +305,9 @@ def test_a_kill_while_outputs_are_written_leaves_the_previous_complete_version(t
 
 def mount_tmpfs(path: Path, size_kb: int) -> None:
     path.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(path)], capture_output=True, text=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(path)], capture_output=True, text=True
+    )
     if r.returncode != 0:  # no mount rights here: the monkeypatched variants in test_atomic.py still run
         pytest.skip(f"cannot mount a small tmpfs to fill ({r.stderr.strip()})")
 
@@ -308,7 +331,10 @@ def test_disk_full_and_read_only_output_folders_fail_clearly_without_partial_out
         # more data than the folder holds: the disk fills up mid-write
         write_json(
             data_dir / "raw" / "big.json",
-            [{"instruction": f"问题{i}：" + "头痛发热" * 20, "input": "", "output": f"答案{i}：" + "板蓝根颗粒" * 40} for i in range(20_000)],
+            [
+                {"instruction": f"问题{i}：" + "头痛发热" * 20, "input": "", "output": f"答案{i}：" + "板蓝根颗粒" * 40}
+                for i in range(20_000)
+            ],
         )
         full = run_pipeline(data_dir, uri, tiny_model_dir, job="prepare_data_job")
         assert not full.success
@@ -341,7 +367,9 @@ def test_a_run_killed_outright_frees_its_training_slot_and_the_next_run_resumes(
     from dagster import DagsterInstance, DagsterRunStatus
 
     cmd, env, home = materialize_command(data_dir, tmp_path, tiny_model_dir, max_steps=40, save_every=4, eval_every=20)
-    proc = subprocess.Popen(cmd, cwd=PROJECT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=PROJECT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.monotonic() + 300
     while not list((data_dir / "models" / "checkpoints").glob("*/step-8/trainer_state.json")):
         assert proc.poll() is None and time.monotonic() < deadline, "training never reached its second checkpoint"
@@ -356,8 +384,12 @@ def test_a_run_killed_outright_frees_its_training_slot_and_the_next_run_resumes(
     assert [c.run_id for c in claims] == [run.run_id]  # the slot every later training would wait for
     instance.dispose()
 
-    recovered = subprocess.run([sys.executable, "-m", "pipeline.ops.recover"], cwd=PROJECT, env=env, capture_output=True, text=True)
-    assert recovered.returncode == 0 and f"recovered run {run.run_id}" in recovered.stdout, recovered.stdout + recovered.stderr
+    recovered = subprocess.run(
+        [sys.executable, "-m", "pipeline.ops.recover"], cwd=PROJECT, env=env, capture_output=True, text=True
+    )
+    assert recovered.returncode == 0 and f"recovered run {run.run_id}" in recovered.stdout, (
+        recovered.stdout + recovered.stderr
+    )
     instance = DagsterInstance.from_config(str(home))
     assert instance.get_run_by_id(run.run_id).status == DagsterRunStatus.FAILURE
     assert instance.event_log_storage.get_concurrency_info("medtune_training").claimed_slots == []
@@ -381,11 +413,20 @@ def test_a_run_killed_outright_frees_its_training_slot_and_the_next_run_resumes(
     )
 
 
-def test_a_full_disk_during_training_fails_with_the_path_and_keeps_no_partial_checkpoint(data_dir, tmp_path, tiny_model_dir):
+def test_a_full_disk_during_training_fails_with_the_path_and_keeps_no_partial_checkpoint(
+    data_dir, tmp_path, tiny_model_dir
+):
     checkpoints = data_dir / "models" / "checkpoints"
     mount_tmpfs(checkpoints, 48)  # room for the spec and the metrics, not for a checkpoint
     try:
-        result = run_pipeline(data_dir, mlflow_store(tmp_path / "mlflow.db"), tiny_model_dir, job="full_pipeline_job", max_steps=8, save_every=2)
+        result = run_pipeline(
+            data_dir,
+            mlflow_store(tmp_path / "mlflow.db"),
+            tiny_model_dir,
+            job="full_pipeline_job",
+            max_steps=8,
+            save_every=2,
+        )
         assert not result.success
         message = step_error(result, "lora_adapter")
         assert "training failed: OutputWriteError: could not write" in message and str(checkpoints) in message, message
@@ -486,7 +527,9 @@ sys.exit(3)  # not killed
 """
 
 
-def test_a_training_whose_process_died_before_its_mlflow_run_ended_is_finished_by_the_next(data_dir, tmp_path, tiny_model_dir):
+def test_a_training_whose_process_died_before_its_mlflow_run_ended_is_finished_by_the_next(
+    data_dir, tmp_path, tiny_model_dir
+):
     """The adapter is on disk, its MLflow run still RUNNING, no pending marker: what a SIGKILL after
     the child wrote the adapter leaves. Killed before the upload (the training run), then halfway
     through the metrics and before the end (two cache hits sending what was missing), each a real
@@ -508,7 +551,10 @@ def test_a_training_whose_process_died_before_its_mlflow_run_ended_is_finished_b
 
     second = run_pipeline(data_dir, uri, tiny_model_dir, max_steps=8, save_every=4, eval_every=4)
     assert second.success, [str(e.event_specific_data.error)[:2000] for e in second.all_events if e.is_step_failure]
-    assert meta(second, "lora_adapter", "cache_hit") is True and meta(second, "lora_adapter", "mlflow_tracking") == "complete"
+    assert (
+        meta(second, "lora_adapter", "cache_hit") is True
+        and meta(second, "lora_adapter", "mlflow_tracking") == "complete"
+    )
     run = client.get_run(run.info.run_id)
     assert run.info.status == "FINISHED"
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train_loss")) == list(range(1, 9))

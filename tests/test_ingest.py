@@ -236,9 +236,12 @@ def test_every_row_is_accounted_for(raw_dir):
 
 def test_records_wrapped_in_a_top_level_object_are_read_with_their_lines(raw_dir):
     (raw_dir / "w.json").write_text(
-        '{"meta": {"data": [1]},\n "data": [\n  {"instruction": "q1", "output": "a1"},\n  {"instruction": "q2", "output": "a2"}\n ]}'
+        '{"meta": {"data": [1]},\n "data": [\n  {"instruction": "q1", "output": "a1"},\n  {"instruction": "q2", '
+        '"output": "a2"}\n ]}'
     )
-    (raw_dir / "k.json").write_text('{"id1": {"instruction": "q3", "output": "a3"},\n "id2": {"instruction": "q4", "output": "a4"}}')
+    (raw_dir / "k.json").write_text(
+        '{"id1": {"instruction": "q3", "output": "a3"},\n "id2": {"instruction": "q4", "output": "a4"}}'
+    )
     r = ingest(raw_dir)
     assert r.rejected.empty
     assert r.kept[["source_file", "instruction", "source_line"]].values.tolist() == [
@@ -250,8 +253,12 @@ def test_records_wrapped_in_a_top_level_object_are_read_with_their_lines(raw_dir
 
 
 def test_duplicate_keys_with_different_values_reject_the_row(raw_dir):
-    (raw_dir / "a.json").write_text('[{"instruction": "q", "output": "a", "output": "b"},\n {"instruction": "q2", "output": "x", "output": "x"}]')
-    (raw_dir / "b.jsonl").write_text('{"instruction": "q3", "instruction": "q4", "output": "y"}\n{"instruction": "q5", "output": "z"}\n')
+    (raw_dir / "a.json").write_text(
+        '[{"instruction": "q", "output": "a", "output": "b"},\n {"instruction": "q2", "output": "x", "output": "x"}]'
+    )
+    (raw_dir / "b.jsonl").write_text(
+        '{"instruction": "q3", "instruction": "q4", "output": "y"}\n{"instruction": "q5", "output": "z"}\n'
+    )
     r = ingest(raw_dir)
     assert r.kept["instruction"].tolist() == ["q2", "q5"]
     assert r.rejected[["source_file", "source_line"]].values.tolist() == [["a.json", 1], ["b.jsonl", 1]]

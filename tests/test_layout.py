@@ -12,7 +12,7 @@ import pytest
 
 PROJECT = Path(__file__).resolve().parents[1]
 ASSETS = sorted(p.stem for p in (PROJECT / "assets").glob("*.py") if p.stem != "__init__")
-MAX_LINES = 320  # "about 300"
+MAX_LINES = 400  # a guard: a module past it likely holds two concerns
 
 
 @functools.cache
@@ -91,7 +91,10 @@ def test_a_stage_imports_only_the_stages_upstream_of_it():
     from pipeline.definitions import defs
 
     graph = defs.resolve_asset_graph()
-    upstream = {key.to_user_string(): {k.to_user_string() for k in graph.upstream_key_iterator(key)} for key in graph.get_all_asset_keys()}
+    upstream = {
+        key.to_user_string(): {k.to_user_string() for k in graph.upstream_key_iterator(key)}
+        for key in graph.get_all_asset_keys()
+    }
     wrong = []
     for path in modules("pipeline/stages"):
         if path.name == "__init__.py" and path.parent.name == "stages":
@@ -110,8 +113,16 @@ def test_no_private_name_is_imported_from_another_module():
     taken = []
     for path in modules("pipeline") + modules("assets") + modules("resources"):
         for node in ast.walk(parse(path)):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in ("pipeline", "assets", "resources"):
-                taken += [f"{path.relative_to(PROJECT)}: {a.name} from {node.module}" for a in node.names if a.name.startswith("_")]
+            if (
+                isinstance(node, ast.ImportFrom)
+                and node.module
+                and node.module.split(".")[0] in ("pipeline", "assets", "resources")
+            ):
+                taken += [
+                    f"{path.relative_to(PROJECT)}: {a.name} from {node.module}"
+                    for a in node.names
+                    if a.name.startswith("_")
+                ]
     assert not taken, taken
 
 
@@ -125,14 +136,27 @@ def test_loading_the_code_location_imports_no_heavy_library():
     """Every Dagster process (the CLI, the code server, each run, the daemon) loads the definitions:
     torch, transformers, peft, MLflow, Great Expectations and scipy are imported where they are used
     (about 2 s less at each process start than with torch and datasketch imported up front)."""
-    heavy = ("torch", "transformers", "peft", "accelerate", "mlflow", "great_expectations", "scipy", "datasketch", "matplotlib", "datasets")
+    heavy = (
+        "torch",
+        "transformers",
+        "peft",
+        "accelerate",
+        "mlflow",
+        "great_expectations",
+        "scipy",
+        "datasketch",
+        "matplotlib",
+        "datasets",
+    )
     code = f"import sys, pipeline.definitions; print(','.join(m for m in {heavy!r} if m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code], cwd=PROJECT, capture_output=True, text=True, check=True).stdout.strip()
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=PROJECT, capture_output=True, text=True, check=True
+    ).stdout.strip()
     assert out == "", f"pipeline.definitions imports {out}"
 
 
 def test_modules_stay_readable():
-    """No module above about 300 lines unless its opening says why it reads better whole."""
+    """No module above 400 lines unless its opening says why it reads better whole."""
     long = []
     for folder in ("pipeline", "assets", "resources"):
         for p in modules(folder):
@@ -152,7 +176,10 @@ def test_no_function_is_longer_than_a_screen_unless_it_says_why():
     long = []
     for path, tree in _all_parsed().items():
         for node in ast.walk(tree):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES:
+            if (
+                isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+            ):
                 if "reads better whole" not in (ast.get_docstring(node) or "").lower():
                     long.append(f"{path.relative_to(PROJECT)}::{node.name}: {node.end_lineno - node.lineno + 1} lines")
     assert not long, long
@@ -169,23 +196,35 @@ def test_every_setting_is_declared_once_with_a_description():
     from pipeline.stages.lora_adapter.spec import TrainingSettings, TrainSpec
     from pipeline.stages.validated_records import Bounds
 
-    for config, settings in ((LoraAdapterConfig, TrainingSettings), (EvaluationReportConfig, EvaluationSettings), (ValidatedRecordsConfig, Bounds)):
+    for config, settings in (
+        (LoraAdapterConfig, TrainingSettings),
+        (EvaluationReportConfig, EvaluationSettings),
+        (ValidatedRecordsConfig, Bounds),
+    ):
         assert issubclass(config, settings)
         again = set(config.__dict__.get("__annotations__", {})) & set(settings.model_fields)
         assert not again, f"{config.__name__} declares {sorted(again)} again"
     assert issubclass(TrainSpec, TrainingSettings)  # the child's spec: the same declarations, plus paths
     assert "max_seq_len" not in LoraAdapterConfig.model_fields  # the rows' length is the tokenized dataset's alone
-    undescribed = [f"{a}.{name}" for a in ASSET_ORDER for name, f in config_class(a).model_fields.items() if not f.description]
+    undescribed = [
+        f"{a}.{name}" for a in ASSET_ORDER for name, f in config_class(a).model_fields.items() if not f.description
+    ]
     assert not undescribed, undescribed
 
 
-@pytest.mark.parametrize("target, installs", [("run", False), ("serve", False), ("setup", False), ("test", True), ("screenshots", True)])
+@pytest.mark.parametrize(
+    "target, installs", [("run", False), ("serve", False), ("setup", False), ("test", True), ("screenshots", True)]
+)
 def test_only_the_browser_and_database_targets_install_system_packages(target, installs):
     """`make run` (and setup, serve) install Python packages only; make test and make screenshots
     install Chromium (and PostgreSQL) when missing. A dry run on a machine without them says which."""
     import subprocess
 
     plan = subprocess.run(
-        ["make", "-n", "-B", target, "CHROMIUM=/nonexistent/chromium", "PYTHON=python3"], cwd=PROJECT, capture_output=True, text=True, check=True
+        ["make", "-n", "-B", target, "CHROMIUM=/nonexistent/chromium", "PYTHON=python3"],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     assert ("apt-get" in plan) is installs, plan

@@ -13,7 +13,12 @@ pytestmark = pytest.mark.slow  # training children through Dagster Pipes: make t
 
 
 def run(data_dir, tracking_uri, model_dir, **train_config):
-    defs = Definitions(assets=all_assets, asset_checks=all_asset_checks, jobs=JOBS, resources=make_resources(str(data_dir), tracking_uri))
+    defs = Definitions(
+        assets=all_assets,
+        asset_checks=all_asset_checks,
+        jobs=JOBS,
+        resources=make_resources(str(data_dir), tracking_uri),
+    )
     job = defs.resolve_job_def("full_pipeline_job")
     config = {
         "ops": {
@@ -29,7 +34,8 @@ def run(data_dir, tracking_uri, model_dir, **train_config):
                     "log_every": 1,
                     "r": 16,
                     "lora_alpha": 32,
-                    "compile": False,  # ~4 s a training child; the default (on for CPU) runs in test_train_track_resume_and_cache
+                    # ~4 s a training child; the default (on for CPU) runs in test_train_track_resume_and_cache
+                    "compile": False,
                     **train_config,
                 }
             },
@@ -64,7 +70,11 @@ def test_train_track_resume_and_cache(data_dir, tmp_path, tiny_model_dir, monkey
     launch = asset_module.launch_command
     killed_child = Path(__file__).parent / "fixtures" / "killed_child.py"
     # the child SIGKILLed as its step 3 ends: the asset's own launch, with the test's step hook
-    monkeypatch.setattr(asset_module, "launch_command", lambda path, config, **kw: [sys.executable, str(killed_child), "3", "--spec", str(path)])
+    monkeypatch.setattr(
+        asset_module,
+        "launch_command",
+        lambda path, config, **kw: [sys.executable, str(killed_child), "3", "--spec", str(path)],
+    )
     killed = run(data_dir, uri, tiny_model_dir, compile=None)
     monkeypatch.setattr(asset_module, "launch_command", launch)
     assert not killed.success
@@ -78,15 +88,27 @@ def test_train_track_resume_and_cache(data_dir, tmp_path, tiny_model_dir, monkey
     run_id = meta(resumed, "mlflow_run_id")
     r = client.get_run(run_id)
     assert r.info.status == "FINISHED"
-    assert r.data.params["r"] == "16" and r.data.params["lora_alpha"] == "32" and r.data.params["target_modules"] == "all-linear"
+    assert (
+        r.data.params["r"] == "16"
+        and r.data.params["lora_alpha"] == "32"
+        and r.data.params["target_modules"] == "all-linear"
+    )
     assert r.data.params["learning_rate"] == "0.005"
-    for tag in ("dagster.run_id", "dagster.asset_key", "medtune.data_fingerprint", "medtune.base_model_fingerprint", "git.commit"):
+    for tag in (
+        "dagster.run_id",
+        "dagster.asset_key",
+        "medtune.data_fingerprint",
+        "medtune.base_model_fingerprint",
+        "git.commit",
+    ):
         assert tag in r.data.tags
     losses = client.get_metric_history(run_id, "train_loss")
     assert [m.step for m in losses][-1] == 6 and len(losses) >= 3  # steps 3..6 after the resume
     assert len(client.get_metric_history(run_id, "eval_loss")) >= 1
     assert client.get_metric_history(run_id, "tokens_per_s")
-    artifacts = {a.path for a in client.list_artifacts(run_id)} | {a.path for a in client.list_artifacts(run_id, "adapter")}
+    artifacts = {a.path for a in client.list_artifacts(run_id)} | {
+        a.path for a in client.list_artifacts(run_id, "adapter")
+    }
     assert {"plots", "adapter", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"} <= artifacts
     assert "loss_curve" in resumed.asset_materializations_for_node("lora_adapter")[0].metadata
 
@@ -104,14 +126,18 @@ def test_train_track_resume_and_cache(data_dir, tmp_path, tiny_model_dir, monkey
     evaluation = {a.path for a in client.list_artifacts(run_id, "evaluation")}
     assert {"evaluation/evaluation.csv", "evaluation/evaluation.json"} <= evaluation
     version = client.get_model_version_by_alias("medtune", "champion")
-    assert version.run_id == run_id and version.tags["medtune.data_fingerprint"] == r.data.tags["medtune.data_fingerprint"]
+    assert (
+        version.run_id == run_id and version.tags["medtune.data_fingerprint"] == r.data.tags["medtune.data_fingerprint"]
+    )
 
     again = run(data_dir, uri, tiny_model_dir, compile=None)
     assert again.success and meta(again, "cache_hit") is True
     assert meta(again, "mlflow_run_id") == run_id
     assert len(client.search_runs(r.info.experiment_id)) == 2  # the failed one and the finished one, no third
     assert meta(again, "cache_hit", "evaluation_report") is True and meta(again, "cache_hit", "merged_model") is True
-    assert meta(again, "version", "registered_model") == version.version or str(meta(again, "version", "registered_model")) == str(version.version)
+    assert meta(again, "version", "registered_model") == version.version or str(
+        meta(again, "version", "registered_model")
+    ) == str(version.version)
     assert len(client.search_model_versions("name = 'medtune'")) == 1  # nothing registered twice
 
     # the same data folder under another MLflow store (a team's new one): the cached adapter is not
@@ -157,8 +183,12 @@ def test_unreachable_tracking_server_fails_before_training(data_dir, tiny_model_
     assert not result.success
     failure = next(e for e in result.all_events if e.is_step_failure and e.step_key == "lora_adapter")
     assert f"MLflow tracking server http://127.0.0.1:{port} is unreachable" in str(failure.event_specific_data.error)
-    assert not [str(e) for e in result.all_events if password in str(e)]  # messages, metadata, errors: the whole event log
-    assert not (data_dir / "models" / "checkpoints").exists() or not list((data_dir / "models" / "checkpoints").glob("*/step-*"))
+    assert not [
+        str(e) for e in result.all_events if password in str(e)
+    ]  # messages, metadata, errors: the whole event log
+    assert not (data_dir / "models" / "checkpoints").exists() or not list(
+        (data_dir / "models" / "checkpoints").glob("*/step-*")
+    )
 
 
 def test_training_takes_the_row_length_from_the_tokenized_dataset(tmp_path, tiny_model_dir):
@@ -170,7 +200,9 @@ def test_training_takes_the_row_length_from_the_tokenized_dataset(tmp_path, tiny
     import pandas as pd
     from dagster import AssetSelection, materialize
 
-    long_answer = "板蓝根颗粒可能适合治疗您的病症。以下是板蓝根颗粒的详细说明书：" + "【功能主治】清热解毒，凉血利咽。" * 90
+    long_answer = (
+        "板蓝根颗粒可能适合治疗您的病症。以下是板蓝根颗粒的详细说明书：" + "【功能主治】清热解毒，凉血利咽。" * 90
+    )
     records = demo_records(6) + [rec(f"长病例{i}：咽喉肿痛，口干。", long_answer) for i in range(4)]
     write_json(tmp_path / "data" / "raw" / "demo.json", records)
     data_dir = tmp_path / "data"

@@ -30,7 +30,13 @@ def tokenized(tiny_model_dir, tmp_path_factory):
     df.insert(0, "record_id", [f"r{i}" for i in range(len(df))])
     df["split"] = ["eval" if i % 5 == 0 else "train" for i in range(len(df))]
     return tokenize_dataset(
-        df, tok, data_fingerprint="m", tokenizer_fingerprint="m", out_root=tmp_path_factory.mktemp("tok"), max_seq_len=256, system_prompt="你是助手。"
+        df,
+        tok,
+        data_fingerprint="m",
+        tokenizer_fingerprint="m",
+        out_root=tmp_path_factory.mktemp("tok"),
+        max_seq_len=256,
+        system_prompt="你是助手。",
     ).path
 
 
@@ -95,7 +101,9 @@ def test_each_method_trains_saves_and_reports_its_size(method, trained):
 
 
 @pytest.mark.parametrize("method", ["adalora", "pissa", "prefix_tuning", "full"])
-def test_resuming_from_a_checkpoint_gives_the_uninterrupted_result(method, trained, tiny_model_dir, tokenized, tmp_path):
+def test_resuming_from_a_checkpoint_gives_the_uninterrupted_result(
+    method, trained, tiny_model_dir, tokenized, tmp_path
+):
     """The uninterrupted run left its step-4 checkpoint; a run that finds it continues from there and
     ends with the same weights, bit for bit (AdaLoRA's importance scores and rank pattern included)."""
     root, _ = trained(method)
@@ -108,7 +116,9 @@ def test_resuming_from_a_checkpoint_gives_the_uninterrupted_result(method, train
     resumed = train(spec_for(tmp_path, tiny_model_dir, tokenized, method, checkpoint_dir=str(ckpt)))
     assert resumed["resumed_from"] == "step-4"
     a, b = weights(tmp_path / "out"), weights(root / "out")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:3]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), [
+        k for k in a if not torch.equal(a[k], b[k])
+    ][:3]
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -119,8 +129,14 @@ def test_each_method_evaluates_against_its_base_and_exports(method, trained, tin
 
     root, _ = trained(method)
     model, tok = load_tuned_model(str(tiny_model_dir), str(root / "out"))
-    prompts = [render_prompt(tok, "病例：咳嗽发热三天，咽喉肿痛。", "", "你是助手。"), render_prompt(tok, "头痛，失眠。", "", "你是助手。")]
-    rows = [(tok(p + "板蓝根颗粒可能适合治疗您的病症。<|im_end|>", add_special_tokens=False)["input_ids"], None) for p in prompts]
+    prompts = [
+        render_prompt(tok, "病例：咳嗽发热三天，咽喉肿痛。", "", "你是助手。"),
+        render_prompt(tok, "头痛，失眠。", "", "你是助手。"),
+    ]
+    rows = [
+        (tok(p + "板蓝根颗粒可能适合治疗您的病症。<|im_end|>", add_special_tokens=False)["input_ids"], None)
+        for p in prompts
+    ]
     rows = [(ids, [-100] * 20 + ids[20:]) for ids, _ in rows]
     pad = stop_token_ids(tok)[0]
     mean = lambda losses: [s / n for s, n in losses]  # noqa: E731
@@ -142,12 +158,20 @@ def test_each_method_evaluates_against_its_base_and_exports(method, trained, tin
         ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
         with torch.no_grad():
             ref = model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, eos_token_id=stops, pad_token_id=stops[0]
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=6,
+                do_sample=False,
+                eos_token_id=stops,
+                pad_token_id=stops[0],
             )[0, ids.shape[1] :].tolist()
         assert got == ref[: next((k for k, t in enumerate(ref) if t in stops), len(ref))]
 
     dest = tmp_path / "export"
-    check = lambda folder: compare_with_adapter(model, load_merged(folder), tok, prompts, max_new_tokens=8).as_dict()  # noqa: E731
+
+    def check(folder):
+        return compare_with_adapter(model, load_merged(folder), tok, prompts, max_new_tokens=8).as_dict()
+
     if method in PROMPT_LEARNING:
         with pytest.raises(ExportError, match="cannot be merged"):
             merge_adapter(str(tiny_model_dir), str(root / "out"), dest, verify=check)
@@ -172,7 +196,9 @@ def test_prompt_learning_over_its_cache_computes_what_peft_computes(trained, tin
     for method in PROMPT_LEARNING:
         root, _ = trained(method)
         ours, _, _ = load_trained(str(tiny_model_dir), str(root / "out"))
-        theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(root / "out")).eval()
+        theirs = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(root / "out")
+        ).eval()
         with torch.no_grad():
             a = ours(input_ids=ids).logits
             b = theirs(input_ids=ids).logits
@@ -200,7 +226,9 @@ def test_an_unknown_method_and_checkpointed_prompt_learning_are_refused(tiny_mod
         train(spec_for(tmp_path, tiny_model_dir, tokenized, "prefix_tuning", gradient_checkpointing=True))
 
 
-def test_a_prompt_learning_adapter_registers_with_its_base_and_the_pyfunc_answers_as_it_does(trained, tiny_model_dir, tmp_path):
+def test_a_prompt_learning_adapter_registers_with_its_base_and_the_pyfunc_answers_as_it_does(
+    trained, tiny_model_dir, tmp_path
+):
     from mlflow.tracking import MlflowClient
 
     import mlflow
@@ -233,10 +261,14 @@ def test_a_prompt_learning_adapter_registers_with_its_base_and_the_pyfunc_answer
     question = "病例：咳嗽发热三天，咽喉肿痛。"
     (answer,) = mlflow.pyfunc.load_model("models:/medtune@champion").predict([question])
     model, tok, _ = load_trained(str(tiny_model_dir), str(root / "out"))
-    ids = tok(render_prompt(tok, question, "", "你是助手。"), add_special_tokens=False, return_tensors="pt")["input_ids"]
+    ids = tok(render_prompt(tok, question, "", "你是助手。"), add_special_tokens=False, return_tensors="pt")[
+        "input_ids"
+    ]
     stops = stop_token_ids(tok)
     with torch.no_grad():
-        out = model.generate(input_ids=ids, max_new_tokens=8, do_sample=False, eos_token_id=stops, pad_token_id=stops[0])
+        out = model.generate(
+            input_ids=ids, max_new_tokens=8, do_sample=False, eos_token_id=stops, pad_token_id=stops[0]
+        )
     assert answer == tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
     with pytest.raises(ValueError, match="adapter folder with its base"):
         register_merged_model(

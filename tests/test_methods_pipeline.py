@@ -13,16 +13,32 @@ pytestmark = pytest.mark.slow  # whole pipelines per method: make test, not make
 
 
 def run(data_dir, tracking_uri, model_dir, **train_config):
-    defs = Definitions(assets=all_assets, asset_checks=all_asset_checks, jobs=JOBS, resources=make_resources(str(data_dir), tracking_uri))
+    defs = Definitions(
+        assets=all_assets,
+        asset_checks=all_asset_checks,
+        jobs=JOBS,
+        resources=make_resources(str(data_dir), tracking_uri),
+    )
     config = {
         "ops": {
             "base_model": {"config": {"model": model_in_data_root(model_dir, data_dir)}},
             "tokenized_dataset": {"config": {"max_seq_len": 256}},
-            "lora_adapter": {"config": {"max_steps": 4, "eval_every": 4, "precision": "fp32", "log_every": 1, "compile": False, **train_config}},
+            "lora_adapter": {
+                "config": {
+                    "max_steps": 4,
+                    "eval_every": 4,
+                    "precision": "fp32",
+                    "log_every": 1,
+                    "compile": False,
+                    **train_config,
+                }
+            },
             "evaluation_report": {"config": {"max_new_tokens": 4, "train_sample_size": 2}},
         }
     }
-    return defs.resolve_job_def("full_pipeline_job").execute_in_process(run_config=config, instance=DagsterInstance.ephemeral(), raise_on_error=False)
+    return defs.resolve_job_def("full_pipeline_job").execute_in_process(
+        run_config=config, instance=DagsterInstance.ephemeral(), raise_on_error=False
+    )
 
 
 def meta(result, node, key):
@@ -36,9 +52,19 @@ def data_dir(tmp_path):
 
 
 def test_prompt_tuning_runs_through_and_merged_model_says_it_cannot_merge(data_dir, tmp_path, tiny_model_dir):
-    result = run(data_dir, mlflow_store(tmp_path / "mlflow.db"), tiny_model_dir, method="prompt_tuning", num_virtual_tokens=4, learning_rate=3e-2)
+    result = run(
+        data_dir,
+        mlflow_store(tmp_path / "mlflow.db"),
+        tiny_model_dir,
+        method="prompt_tuning",
+        num_virtual_tokens=4,
+        learning_rate=3e-2,
+    )
     assert result.asset_materializations_for_node("registered_model")  # the run went on to the end
-    assert meta(result, "lora_adapter", "method") == "prompt_tuning" and meta(result, "lora_adapter", "trainable_parameters") == 4 * 64
+    assert (
+        meta(result, "lora_adapter", "method") == "prompt_tuning"
+        and meta(result, "lora_adapter", "trainable_parameters") == 4 * 64
+    )
     assert meta(result, "merged_model", "mergeable") is False
     assert "cannot be merged" in meta(result, "merged_model", "reason")
     (check,) = [c for c in result.get_asset_check_evaluations() if c.check_name == "merged_matches_adapter"]
@@ -57,7 +83,9 @@ def test_full_fine_tuning_exports_the_trained_model_itself(data_dir, tmp_path, t
     result = run(data_dir, mlflow_store(tmp_path / "mlflow.db"), tiny_model_dir, method="full", learning_rate=1e-3)
     assert result.success
     assert meta(result, "lora_adapter", "method") == "full" and meta(result, "lora_adapter", "optimizer") == "adafactor"
-    assert meta(result, "merged_model", "method") == "full" and meta(result, "merged_model", "max_abs_logit_diff") == 0.0
+    assert (
+        meta(result, "merged_model", "method") == "full" and meta(result, "merged_model", "max_abs_logit_diff") == 0.0
+    )
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(meta(result, "merged_model", "path"))  # plain transformers loads it
@@ -67,6 +95,9 @@ def test_full_fine_tuning_exports_the_trained_model_itself(data_dir, tmp_path, t
     assert "rows read           24" in said and "rows kept           " in said and "rows rejected       " in said
     assert "tokenized           " in said and "training            4 steps in " in said
     assert f"adapter             {meta(result, 'lora_adapter', 'path')}" in said
-    assert f"merged model        {meta(result, 'merged_model', 'path')}" in said and "merged_matches_adapter passed" in said
+    assert (
+        f"merged model        {meta(result, 'merged_model', 'path')}" in said
+        and "merged_matches_adapter passed" in said
+    )
     assert "tuned_beats_base    " in said and "base vs tuned" in said
     assert "registered          medtune version 1 (aliases: " in said or "registered          NOT registered: " in said

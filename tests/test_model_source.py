@@ -3,7 +3,13 @@ import shutil
 
 import pytest
 
-from pipeline.stages.base_model import DEFAULT_MODEL, ModelSourceError, check_folder, resolve_base_model, safetensors_summary
+from pipeline.stages.base_model import (
+    DEFAULT_MODEL,
+    ModelSourceError,
+    check_folder,
+    resolve_base_model,
+    safetensors_summary,
+)
 
 
 def test_local_folder_is_described(tiny_model_dir, tmp_path):
@@ -73,7 +79,9 @@ def test_bundled_model_converts_once_and_loads(tmp_path):
     eot = tok.convert_tokens_to_ids("<|im_end|>")
     assert json.loads((folder / "generation_config.json").read_text())["eos_token_id"] == eot
     model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True, dtype=torch.float32)
-    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}], tokenize=False, add_generation_prompt=True)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], tokenize=False, add_generation_prompt=True
+    )
     ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
     out = model.generate(**ids, max_new_tokens=12, do_sample=False)
     assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1] :])
@@ -83,7 +91,11 @@ def test_bundled_model_converts_once_and_loads(tmp_path):
 
     copy = AutoTokenizer.from_pretrained(unpack_tokenizer(tmp_path / "fixture-tokenizer"))
     assert copy.get_vocab() == tok.get_vocab()
-    assert copy.all_special_tokens == tok.all_special_tokens and copy.pad_token == tok.pad_token and copy.eos_token == tok.eos_token
+    assert (
+        copy.all_special_tokens == tok.all_special_tokens
+        and copy.pad_token == tok.pad_token
+        and copy.eos_token == tok.eos_token
+    )
     assert copy.chat_template == tok.chat_template
     chat = [
         {"role": "user", "content": "头痛发热，鼻塞流涕 (a cold, 3 days)"},

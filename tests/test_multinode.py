@@ -32,11 +32,33 @@ def test_node_settings_reach_the_launchers():
     spec = Path("/tmp/spec.json")
     cmd = launch_command(spec, num_processes=4, num_nodes=2, node_rank=1, rdzv_endpoint="10.0.0.5:29400", run_id="abc")
     assert cmd[0].endswith("torchrun") and "--standalone" not in cmd
-    assert cmd[1:11] == ["--nnodes", "2", "--node_rank", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", "10.0.0.5:29400", "--rdzv_id", "abc"]
+    assert cmd[1:11] == [
+        "--nnodes",
+        "2",
+        "--node_rank",
+        "1",
+        "--rdzv_backend",
+        "c10d",
+        "--rdzv_endpoint",
+        "10.0.0.5:29400",
+        "--rdzv_id",
+        "abc",
+    ]
     assert cmd[11:13] == ["--nproc_per_node", "4"]
-    acc = launch_command(spec, num_processes=4, num_nodes=2, node_rank=1, rdzv_endpoint="10.0.0.5:29400", accelerate_config="fsdp.yaml")
+    acc = launch_command(
+        spec, num_processes=4, num_nodes=2, node_rank=1, rdzv_endpoint="10.0.0.5:29400", accelerate_config="fsdp.yaml"
+    )
     assert acc[1:4] == ["launch", "--num_processes", "8"]  # accelerate counts every machine's processes
-    assert acc[6:14] == ["--num_machines", "2", "--machine_rank", "1", "--main_process_ip", "10.0.0.5", "--main_process_port", "29400"]
+    assert acc[6:14] == [
+        "--num_machines",
+        "2",
+        "--machine_rank",
+        "1",
+        "--main_process_ip",
+        "10.0.0.5",
+        "--main_process_port",
+        "29400",
+    ]
     assert launch_command(spec)[1:3] == ["-m", "pipeline.stages.lora_adapter"]
     with pytest.raises(LaunchError, match="set rdzv_endpoint"):
         launch_command(spec, num_nodes=2)
@@ -46,7 +68,9 @@ def test_node_settings_reach_the_launchers():
 
 def start(cmd, log: Path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    return subprocess.Popen(
+        cmd, cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True
+    )
 
 
 def wait(procs, timeout=300):
@@ -67,7 +91,13 @@ def test_two_nodes_on_loopback_train_like_one_node_with_two_processes(tiny_model
     df.insert(0, "record_id", [f"r{i}" for i in range(len(df))])
     df["split"] = ["eval" if i % 4 == 0 else "train" for i in range(len(df))]
     ds = tokenize_dataset(
-        df, tok, data_fingerprint="n", tokenizer_fingerprint="n", out_root=tmp_path / "tok", max_seq_len=256, system_prompt="你是助手。"
+        df,
+        tok,
+        data_fingerprint="n",
+        tokenizer_fingerprint="n",
+        out_root=tmp_path / "tok",
+        max_seq_len=256,
+        system_prompt="你是助手。",
     )
 
     def spec(name: str) -> Path:
@@ -96,7 +126,10 @@ def test_two_nodes_on_loopback_train_like_one_node_with_two_processes(tiny_model
     endpoint = f"127.0.0.1:{free_port()}"
     path = spec("two")
     nodes = [
-        start(launch_command(path, num_processes=1, num_nodes=2, node_rank=k, rdzv_endpoint=endpoint, run_id="t"), tmp_path / f"node{k}.log")
+        start(
+            launch_command(path, num_processes=1, num_nodes=2, node_rank=k, rdzv_endpoint=endpoint, run_id="t"),
+            tmp_path / f"node{k}.log",
+        )
         for k in (0, 1)
     ]
     wait(nodes)

@@ -18,7 +18,14 @@ from pipeline.core.records import StagedRows
 from pipeline.stages.alpaca_dataset import build_alpaca, near_twins_across_splits, write_alpaca, write_parquet
 from pipeline.stages.deduplicated_records import NEAR_THRESHOLD, deduplicate, deduplicate_to
 from pipeline.stages.deduplicated_records.keys import prompt_keys
-from pipeline.stages.deduplicated_records.minhash import NUM_PERM, WEIGHTS, band_keys, lsh_bands, shingle_hash, signatures
+from pipeline.stages.deduplicated_records.minhash import (
+    NUM_PERM,
+    WEIGHTS,
+    band_keys,
+    lsh_bands,
+    shingle_hash,
+    signatures,
+)
 from pipeline.stages.deduplicated_records.near import Sketches, distinct_rows, near_groups, sketch
 from pipeline.stages.raw_records import ingest_to
 from pipeline.stages.validated_records import validate_to
@@ -74,7 +81,9 @@ def test_bands_are_datasketch_lsh_bands_and_groups_match_its_queries():
     """For a threshold, the bands are MinHashLSH's; the groups are the connected components of what
     MinHashLSH.query returns for each prompt."""
     rng = random.Random(5)
-    texts = CASES + [one_char_edit(c, rng) for c in CASES for _ in range(2)] + [c.replace("，", "。") for c in CASES[:3]]
+    texts = (
+        CASES + [one_char_edit(c, rng) for c in CASES for _ in range(2)] + [c.replace("，", "。") for c in CASES[:3]]
+    )
     texts = [INSTR + "\x1f" + t for t in texts]
     sig, has = signatures(pa.array(texts, pa.large_string()))
     for threshold in (0.5, NEAR_THRESHOLD, 0.95):
@@ -103,7 +112,9 @@ def test_candidates_are_kept_only_when_their_sketches_agree():
     """Rows sharing a band are linked only when their sketches agree on at least the threshold."""
     keys = np.array([[1, 10], [1, 11], [2, 12], [2, 13], [3, 14]], dtype=np.uint32)
     base = np.arange(64, dtype=np.uint8)
-    sk = np.stack([base, np.where(base < 56, base, base + 100), base, np.where(base < 50, base, base + 100), base]).astype(np.uint8)
+    sk = np.stack(
+        [base, np.where(base < 56, base, base + 100), base, np.where(base < 50, base, base + 100), base]
+    ).astype(np.uint8)
     held = Sketches()
     held.add(sk)
     rows, heads = near_groups(keys, held, 0.85)  # 56/64 = 0.875 passes, 50/64 = 0.78 does not
@@ -137,7 +148,9 @@ def test_groups_are_connected_components_of_shared_bands():
     for _ in range(300):
         n, b = int(rng.integers(1, 40)), int(rng.integers(1, 4))
         keys = rng.integers(0, int(rng.integers(1, 30)), (n, b)).astype(np.uint32)  # few values: long runs
-        linked = {(i, j) for i, j in itertools.combinations(range(n), 2) if ((keys[i] == keys[j]) & (keys[i] != 0)).any()}
+        linked = {
+            (i, j) for i, j in itertools.combinations(range(n), 2) if ((keys[i] == keys[j]) & (keys[i] != 0)).any()
+        }
         group = {i: {i} for i in range(n)}
         for i, j in linked:
             merged = group[i] | group[j]
@@ -157,11 +170,17 @@ def test_a_changed_character_or_punctuation_is_a_near_duplicate_and_a_shared_ans
     result = deduplicate(frame(rows))
     s = result.stats
     assert s["near_duplicate_groups"] == 2 and s["near_duplicate_rows"] == 4 and s["near_duplicates_rejected"] == 0
-    assert [g["sources"] for g in s["near_duplicates"]] == [["cases.json:1", "cases.json:7"], ["cases.json:2", "cases.json:8"]]
+    assert [g["sources"] for g in s["near_duplicates"]] == [
+        ["cases.json:1", "cases.json:7"],
+        ["cases.json:2", "cases.json:8"],
+    ]
     assert all(NEAR_THRESHOLD <= g["similarity"] <= 1.0 for g in s["near_duplicates"])
     kept = result.kept.set_index("source_line")
     assert len(kept) == len(rows)  # report keeps every row
-    assert kept.at[7, "near_group_id"] == kept.at[1, "prompt_id"] and kept.at[8, "near_group_id"] == kept.at[2, "prompt_id"]
+    assert (
+        kept.at[7, "near_group_id"] == kept.at[1, "prompt_id"]
+        and kept.at[8, "near_group_id"] == kept.at[2, "prompt_id"]
+    )
     others = kept.drop(index=[7, 8])
     assert (others["near_group_id"] == others["prompt_id"]).all()
 
@@ -171,8 +190,13 @@ def test_drop_keeps_the_first_prompt_and_names_it_in_the_reason():
     result = deduplicate(frame(rows), near_duplicate_policy="drop")
     assert result.kept["source_line"].tolist() == [1, 2]
     assert result.rejected["source_line"].tolist() == [3, 4]
-    assert all(r.startswith("near duplicate of cases.json:1") and "near_duplicate_policy drop" in r for r in result.rejected["reason"])
-    assert result.stats["near_duplicates_rejected"] == 2 and result.stats["near_duplicates"][0]["kept"] == "cases.json:1"
+    assert all(
+        r.startswith("near duplicate of cases.json:1") and "near_duplicate_policy drop" in r
+        for r in result.rejected["reason"]
+    )
+    assert (
+        result.stats["near_duplicates_rejected"] == 2 and result.stats["near_duplicates"][0]["kept"] == "cases.json:1"
+    )
 
 
 def test_same_prompt_different_answers_stays_a_conflict():
@@ -237,7 +261,10 @@ def test_alpaca_keeps_each_group_in_one_split_and_the_check_finds_twins_when_not
     # 80 planted pairs at Jaccard 0.91-0.96 (67-74 found with seeds 2-7; LSH is a probabilistic
     # filter): most found, and nothing but them (the shared template makes other prompts up to 0.7
     # alike, which the sketches reject)
-    assert 64 <= d.stats["near_duplicate_groups"] <= 80 and d.stats["near_duplicate_rows"] == 2 * d.stats["near_duplicate_groups"]
+    assert (
+        64 <= d.stats["near_duplicate_groups"] <= 80
+        and d.stats["near_duplicate_rows"] == 2 * d.stats["near_duplicate_groups"]
+    )
     counts = write_alpaca(d, tmp_path / "alpaca.parquet", 0.3, chunk_rows=64)
     assert counts["near_duplicate_groups_kept_together"] == d.stats["near_duplicate_groups"]
     assert counts["rows_moved_to_their_group_split"] > 0
@@ -250,7 +277,10 @@ def test_alpaca_keeps_each_group_in_one_split_and_the_check_finds_twins_when_not
     assert leaks["groups"] > 0 and leaks["held_out_rows"] == leaks["groups"]
     eval_at, train_at = leaks["examples"][0]
     alpaca = pd.read_parquet(tmp_path / "by_prompt.parquet").set_index("source_line")
-    assert alpaca.at[int(eval_at.split(":")[1]), "split"] == "eval" and alpaca.at[int(train_at.split(":")[1]), "split"] == "train"
+    assert (
+        alpaca.at[int(eval_at.split(":")[1]), "split"] == "eval"
+        and alpaca.at[int(train_at.split(":")[1]), "split"] == "train"
+    )
 
 
 def test_streamed_with_workers_matches_in_memory(tmp_path):
@@ -260,7 +290,9 @@ def test_streamed_with_workers_matches_in_memory(tmp_path):
     staged = validate_to(ingest_to(raw, tmp_path / "st" / "raw"), tmp_path / "st" / "valid")
     whole = deduplicate(pd.concat(staged.iter_kept(10_000)).reset_index(drop=True), near_duplicate_policy="drop")
     for workers in (None, 2):
-        d = deduplicate_to(staged, tmp_path / f"dedup{workers}", chunk_rows=16, workers=workers, near_duplicate_policy="drop")
+        d = deduplicate_to(
+            staged, tmp_path / f"dedup{workers}", chunk_rows=16, workers=workers, near_duplicate_policy="drop"
+        )
         kept = pd.concat(d.iter_kept(10_000)).reset_index(drop=True)
         assert kept.equals(whole.kept)
 
@@ -282,7 +314,10 @@ def test_through_dagster_groups_are_reported_kept_together_and_dropped_on_reques
 
     distinct = list({r["output"]: r for r in reversed(many_cases(12, seed=9))}.values())[::-1]  # no planted copies
     assert len(distinct) == 12
-    twins = [rec(distinct[3]["input"].replace("，", "、"), "另一个答案"), rec(distinct[7]["input"].replace("，", " "), "答案7")]
+    twins = [
+        rec(distinct[3]["input"].replace("，", "、"), "另一个答案"),
+        rec(distinct[7]["input"].replace("，", " "), "答案7"),
+    ]
     write_jsonl(tmp_path / "data" / "raw" / "cases.jsonl", distinct + twins)
     result = run(tmp_path / "data", tiny_model_dir)
     assert result.success
@@ -294,7 +329,9 @@ def test_through_dagster_groups_are_reported_kept_together_and_dropped_on_reques
     alpaca = pd.read_parquet(tmp_path / "data" / "processed" / "alpaca.parquet").set_index("source_line")
     assert alpaca.at[4, "split"] == alpaca.at[13, "split"] and alpaca.at[8, "split"] == alpaca.at[14, "split"]
 
-    dropped = run(tmp_path / "data", tiny_model_dir, {"deduplicated_records": {"config": {"near_duplicate_policy": "drop"}}})
+    dropped = run(
+        tmp_path / "data", tiny_model_dir, {"deduplicated_records": {"config": {"near_duplicate_policy": "drop"}}}
+    )
     assert dropped.success
     rejected = pd.read_parquet(tmp_path / "data" / "processed" / "rejected.parquet").set_index("source_line")
     assert sorted(rejected.index) == [13, 14]

@@ -13,7 +13,12 @@ from pipeline.stages.lora_adapter.report import MissingReport, child_report
 from resources.pipes_reader import WholeLineFileMessageReader, tail_lines
 
 MESSAGES = [
-    {"__dagster_pipes_version": "0.1", "method": "log", "params": {"message": f"step {i} " + "損失" * 40, "level": "INFO"}} for i in range(20)
+    {
+        "__dagster_pipes_version": "0.1",
+        "method": "log",
+        "params": {"message": f"step {i} " + "損失" * 40, "level": "INFO"},
+    }
+    for i in range(20)
 ]
 
 
@@ -77,7 +82,11 @@ def test_reader_thread_gets_every_torn_message_and_skips_a_bad_line(tmp_path, ca
     path = tmp_path / "messages"
     reader = WholeLineFileMessageReader(str(path))
     with reader.read_messages(handler):
-        lines = [json.dumps(m, ensure_ascii=False) for m in MESSAGES[:10]] + ["not json {"] + [json.dumps(m) for m in MESSAGES[10:]]
+        lines = (
+            [json.dumps(m, ensure_ascii=False) for m in MESSAGES[:10]]
+            + ["not json {"]
+            + [json.dumps(m) for m in MESSAGES[10:]]
+        )
         torn_writer(path, lines).join()
     assert handler.messages == MESSAGES
     assert handler.errors == []

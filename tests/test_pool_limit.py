@@ -54,7 +54,12 @@ def test_a_file_semaphore_admits_at_most_its_slots_across_processes(tmp_path, sl
     env = {**os.environ, "PYTHONPATH": str(PROJECT)}
     outs = [tmp_path / f"holder-{i}.json" for i in range(5)]
     go = tmp_path / "go"
-    procs = [subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path / "slots"), str(slots), "0.4", str(out), str(go)], env=env) for out in outs]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", HOLDER, str(tmp_path / "slots"), str(slots), "0.4", str(out), str(go)], env=env
+        )
+        for out in outs
+    ]
     time.sleep(2.0)  # every holder is up and polling
     go.touch()
     assert [p.wait(timeout=60) for p in procs] == [0] * 5
@@ -68,7 +73,8 @@ def test_a_file_semaphore_admits_at_most_its_slots_across_processes(tmp_path, sl
 def test_a_killed_holder_frees_its_slot_and_a_waiter_says_it_waits(tmp_path):
     folder = tmp_path / "slots"
     holder = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(folder), "1", "600", str(tmp_path / "never.json")], env={**os.environ, "PYTHONPATH": str(PROJECT)}
+        [sys.executable, "-c", HOLDER, str(folder), "1", "600", str(tmp_path / "never.json")],
+        env={**os.environ, "PYTHONPATH": str(PROJECT)},
     )
     deadline = time.monotonic() + 60
     while not (folder / "slot-0.lock").exists():  # the holder has opened its slot file; give it the lock
@@ -180,13 +186,19 @@ def test_on_postgresql_the_limit_holds_across_the_machines_sharing_the_instance(
     for home in (here, there):
         ensure_dagster_home(home)
     holder = subprocess.Popen(
-        [sys.executable, "-c", PG_HOLDER, str(there)], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(PROJECT)}
+        [sys.executable, "-c", PG_HOLDER, str(there)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(PROJECT)},
     )
     killer = threading.Timer(0, lambda: None)
     instance = DagsterInstance.from_config(str(here))
     try:
         lines = [holder.stdout.readline().strip() for _ in range(2)]
-        assert lines == ["holding medtune_training slot 1 of 1 among the instance's machines (PostgreSQL advisory lock)", "held"], lines
+        assert lines == [
+            "holding medtune_training slot 1 of 1 among the instance's machines (PostgreSQL advisory lock)",
+            "held",
+        ], lines
         killer = threading.Timer(1.5, holder.kill)
         killer.start()
         said = []
@@ -229,7 +241,10 @@ def test_on_postgresql_a_lost_lock_is_noticed_and_frees_the_slot(postgres, tmp_p
             engine = sa.create_engine(pool_limit.instance_postgres_url(instance), isolation_level="AUTOCOMMIT")
             with engine.connect() as conn:
                 ended = conn.execute(
-                    sa.text("SELECT count(pg_terminate_backend(pid)) FROM pg_locks WHERE locktype = 'advisory' AND pid <> pg_backend_pid()")
+                    sa.text(
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_locks WHERE locktype = 'advisory' AND pid <> "
+                        "pg_backend_pid()"
+                    )
                 ).scalar()
             engine.dispose()
             assert ended == 1

@@ -33,8 +33,13 @@ URL = "postgresql://team:s3cret@db.internal:5432/medtune"
 
 def test_the_url_switches_both_stores_and_each_tools_own_setting_wins():
     assert tracking_uri({}).startswith("sqlite:///") and tracking_uri({}).endswith("mlflow/mlflow.db")
-    assert tracking_uri({"MEDTUNE_POSTGRES_URL": URL}) == "postgresql+psycopg2://team:s3cret@db.internal:5432/medtune_mlflow"
-    assert tracking_uri({"MEDTUNE_POSTGRES_URL": URL, "MLFLOW_TRACKING_URI": "http://mlflow:5000"}) == "http://mlflow:5000"
+    assert (
+        tracking_uri({"MEDTUNE_POSTGRES_URL": URL})
+        == "postgresql+psycopg2://team:s3cret@db.internal:5432/medtune_mlflow"
+    )
+    assert (
+        tracking_uri({"MEDTUNE_POSTGRES_URL": URL, "MLFLOW_TRACKING_URI": "http://mlflow:5000"}) == "http://mlflow:5000"
+    )
     assert "storage:" not in dagster_settings(TEMPLATE.read_text(), {})
     text = dagster_settings(TEMPLATE.read_text(), {"MEDTUNE_POSTGRES_URL": URL + "?sslmode=require"})
     settings = yaml.safe_load(text)
@@ -73,7 +78,10 @@ def test_artifacts_stay_on_a_path_or_an_object_store(tmp_path):
     assert artifact_root("sqlite:////srv/mlflow/mlflow.db", {}) == "file:///srv/mlflow/artifacts"
     assert artifact_root("postgresql://u@h/m_mlflow", {}).endswith("/mlflow/artifacts")
     assert artifact_root("postgresql://u@h/m_mlflow", {"MEDTUNE_ARTIFACT_ROOT": str(tmp_path)}) == tmp_path.as_uri()
-    assert artifact_root("postgresql://u@h/m_mlflow", {"MEDTUNE_ARTIFACT_ROOT": "s3://bucket/medtune"}) == "s3://bucket/medtune"
+    assert (
+        artifact_root("postgresql://u@h/m_mlflow", {"MEDTUNE_ARTIFACT_ROOT": "s3://bucket/medtune"})
+        == "s3://bucket/medtune"
+    )
 
 
 def test_the_instance_settings_follow_the_environment_but_never_replace_a_users_own(tmp_path):
@@ -104,7 +112,9 @@ def test_instance_and_mlflow_store_live_on_the_server(postgres, tmp_path, monkey
         "PYTHONPATH": str(PROJECT),
     }
     env.pop("MLFLOW_TRACKING_URI")
-    done = subprocess.run([sys.executable, "-m", "pipeline.ops.instance"], cwd=PROJECT, env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.ops.instance"], cwd=PROJECT, env=env, capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr
     assert "created the MLflow store's database" in done.stdout and "PostgreSQL" in done.stdout
 
@@ -160,13 +170,19 @@ def test_on_a_shared_instance_recovery_judges_only_this_hosts_runs(postgres, tmp
         runs = {}
         for name, host in (("here", socket.gethostname()), ("elsewhere", "gpu-node-7"), ("unknown", None)):
             run = instance.add_run(DagsterRun(job_name="train_job", tags={RUN_HOST_TAG: host} if host else {}))
-            instance.report_dagster_event(DagsterEvent("PIPELINE_START", job_name="train_job", pid=gone.pid), run.run_id)
+            instance.report_dagster_event(
+                DagsterEvent("PIPELINE_START", job_name="train_job", pid=gone.pid), run.run_id
+            )
             runs[name] = run.run_id
         assert {instance.get_run_by_id(r).status for r in runs.values()} == {DagsterRunStatus.STARTED}
         recovered = recover_dead_runs(instance, log=lambda line: None)
         assert [r.run_id for r in recovered] == [runs["here"]]
         status = {name: instance.get_run_by_id(r).status for name, r in runs.items()}
-        assert status == {"here": DagsterRunStatus.FAILURE, "elsewhere": DagsterRunStatus.STARTED, "unknown": DagsterRunStatus.STARTED}
+        assert status == {
+            "here": DagsterRunStatus.FAILURE,
+            "elsewhere": DagsterRunStatus.STARTED,
+            "unknown": DagsterRunStatus.STARTED,
+        }
     finally:
         instance.dispose()
 
@@ -191,7 +207,9 @@ def test_a_launched_run_is_tagged_with_its_host_before_its_process_starts(postgr
 
     def start_process(self, context):  # what Dagster's launcher does: the run's process starts, then dies
         seen.append(dict(self._instance.get_run_by_id(context.dagster_run.run_id).tags))
-        self._instance.report_dagster_event(DagsterEvent("PIPELINE_START", job_name="train_job", pid=gone.pid), context.dagster_run.run_id)
+        self._instance.report_dagster_event(
+            DagsterEvent("PIPELINE_START", job_name="train_job", pid=gone.pid), context.dagster_run.run_id
+        )
 
     monkeypatch.setattr(DefaultRunLauncher, "launch_run", start_process)
     instance = DagsterInstance.from_config(str(tmp_path / "home"))
@@ -206,7 +224,9 @@ def test_a_launched_run_is_tagged_with_its_host_before_its_process_starts(postgr
         instance.dispose()
 
 
-def test_a_lost_training_lock_stops_the_run_at_a_checkpoint_and_the_next_resumes(postgres, tmp_path, monkeypatch, tiny_model_dir):
+def test_a_lost_training_lock_stops_the_run_at_a_checkpoint_and_the_next_resumes(
+    postgres, tmp_path, monkeypatch, tiny_model_dir
+):
     """The whole path on a real server: lora_adapter trains holding the slot's advisory lock; the
     server ends that session (pg_terminate_backend, as a restart or a network cut does); the asset
     notices, the child saves a checkpoint and the run fails saying why; the next run resumes there."""
@@ -228,7 +248,15 @@ def test_a_lost_training_lock_stops_the_run_at_a_checkpoint_and_the_next_resumes
     data_dir = tmp_path / "data"
     write_json(data_dir / "raw" / "demo.json", demo_records(24))
     resources = make_resources(str(data_dir), mlflow_store(tmp_path / "mlflow.db"))
-    train = {"max_steps": 40, "save_every": 100, "eval_every": 100, "log_every": 1, "precision": "fp32", "r": 8, "compile": False}
+    train = {
+        "max_steps": 40,
+        "save_every": 100,
+        "eval_every": 100,
+        "log_every": 1,
+        "precision": "fp32",
+        "r": 8,
+        "compile": False,
+    }
     config = {
         "ops": {
             "base_model": {"config": {"model": model_in_data_root(tiny_model_dir, data_dir)}},
@@ -246,7 +274,9 @@ def test_a_lost_training_lock_stops_the_run_at_a_checkpoint_and_the_next_resumes
                 engine = sa.create_engine(pool_limit.instance_postgres_url(instance), isolation_level="AUTOCOMMIT")
                 with engine.connect() as conn:
                     terminated.append(
-                        conn.execute(sa.text("SELECT count(pg_terminate_backend(pid)) FROM pg_locks WHERE locktype = 'advisory'")).scalar()
+                        conn.execute(
+                            sa.text("SELECT count(pg_terminate_backend(pid)) FROM pg_locks WHERE locktype = 'advisory'")
+                        ).scalar()
                     )
                 engine.dispose()
                 return
@@ -257,16 +287,29 @@ def test_a_lost_training_lock_stops_the_run_at_a_checkpoint_and_the_next_resumes
         selection = AssetSelection.assets("lora_adapter").upstream()
         killer = threading.Thread(target=end_the_lock_session, daemon=True)
         killer.start()
-        first = materialize(all_assets, selection=selection, resources=resources, instance=instance, run_config=config, raise_on_error=False)
+        first = materialize(
+            all_assets,
+            selection=selection,
+            resources=resources,
+            instance=instance,
+            run_config=config,
+            raise_on_error=False,
+        )
         killer.join(timeout=10)
         assert terminated == [1] and not first.success
         (failure,) = [e for e in first.all_events if e.event_type_value == "STEP_FAILURE"]
         said = failure.event_specific_data.error.message
-        assert "TrainingStopped: the lock of the medtune_training slot was lost" in said and "stopped at checkpoint step-" in said, said
+        assert (
+            "TrainingStopped: the lock of the medtune_training slot was lost" in said
+            and "stopped at checkpoint step-" in said
+        ), said
         step = said.split("stopped at checkpoint step-")[1].split(":")[0].split(";")[0].strip()
         assert 2 <= int(step) < 40
         second = materialize(all_assets, selection=selection, resources=resources, instance=instance, run_config=config)
-        record = Path(second.asset_materializations_for_node("lora_adapter")[0].metadata["path"].value) / "medtune_training.json"
+        record = (
+            Path(second.asset_materializations_for_node("lora_adapter")[0].metadata["path"].value)
+            / "medtune_training.json"
+        )
         result = json.loads(record.read_text())["result"]
         assert result["steps"] == 40 and result["resumed_from"] == f"step-{step}", result
     finally:

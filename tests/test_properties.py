@@ -133,7 +133,11 @@ any_text = st.text(alphabet=st.characters(codec=None), max_size=30)  # lone surr
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(st.fixed_dictionaries({"instruction": any_text, "input": any_text, "output": any_text}), min_size=1, max_size=6))
+@given(
+    st.lists(
+        st.fixed_dictionaries({"instruction": any_text, "input": any_text, "output": any_text}), min_size=1, max_size=6
+    )
+)
 def test_validation_and_dedup_take_any_unicode_and_account_for_every_row(tmp_path_factory, records):
     from pipeline.stages.validated_records import validate_records
 
@@ -182,7 +186,12 @@ fragments = st.sampled_from(
 
 
 @FAST
-@given(st.lists(fragments, min_size=1, max_size=30), st.integers(min_value=1, max_value=64), st.integers(min_value=1, max_value=4), st.booleans())
+@given(
+    st.lists(fragments, min_size=1, max_size=30),
+    st.integers(min_value=1, max_value=64),
+    st.integers(min_value=1, max_value=4),
+    st.booleans(),
+)
 def test_a_file_read_in_blocks_gives_what_reading_it_whole_gives(tmp_path_factory, parts, block_bytes, piece_rows, bom):
     """Any JSON-ish text, JSON Lines or array, read through the block window (``stream_over=0``,
     blocks of 1-64 bytes): the same rows, rejected rows (reasons with their line and column) and

@@ -10,7 +10,9 @@ PROJECT = Path(__file__).resolve().parents[1]
 
 
 def python(code: str, tmp_path: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=PROJECT, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], cwd=PROJECT, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_loading_the_code_location_freezes_the_collector_only_at_exit(tmp_path):

@@ -14,15 +14,13 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import PROJECT_ROOT, demo_records, materialize_command, rec, training_spans, write_json
+from conftest import PROJECT_ROOT, TRAINING_HALF, demo_records, materialize_command, rec, training_spans, write_json
 from pipeline.core.atomic import file_semaphore
 from pipeline.core.fingerprint import sha256_file
 from resources import DataRoot
 
 EVAL_OPS = {"evaluation_report": {"config": {"max_new_tokens": 4, "train_sample_size": 2}}}
-WITH_EVALUATION = (
-    "raw_records,validated_records,deduplicated_records,rejected_records,alpaca_dataset,base_model,tokenized_dataset,lora_adapter,evaluation_report"
-)
+WITH_EVALUATION = f"{TRAINING_HALF},evaluation_report"
 
 
 def variant(n: int, tag: str) -> list[dict]:
@@ -72,7 +70,9 @@ def assert_cache_entries_hold_their_keys(data_dir: Path) -> None:
         want = pd.read_parquet(source, columns=["record_id", "split"])
         for split in ("train", "eval"):
             got = set(pd.read_parquet(entry / f"{split}.parquet", columns=["record_id"])["record_id"])
-            assert got == set(want.loc[want["split"] == split, "record_id"]), f"{entry.name} {split} holds other rows than its key says"
+            assert got == set(want.loc[want["split"] == split, "record_id"]), (
+                f"{entry.name} {split} holds other rows than its key says"
+            )
 
 
 @pytest.mark.slow
@@ -82,15 +82,26 @@ def test_a_training_run_scores_its_own_rows_while_a_data_run_rewrites_the_folder
     exactly its own rows, and every cache entry holds what its key says."""
     data_dir = tmp_path / "data"
     write_json(data_dir / "raw" / "demo.json", variant(24, "A"))
-    cmd, env, home = materialize_command(data_dir, tmp_path, tiny_model_dir, select=WITH_EVALUATION, ops=EVAL_OPS, max_steps=4, save_every=2)
+    cmd, env, home = materialize_command(
+        data_dir, tmp_path, tiny_model_dir, select=WITH_EVALUATION, ops=EVAL_OPS, max_steps=4, save_every=2
+    )
     data_cmd, _, _ = materialize_command(
-        data_dir, tmp_path, tiny_model_dir, select="raw_records,validated_records,deduplicated_records,rejected_records,alpaca_dataset"
+        data_dir,
+        tmp_path,
+        tiny_model_dir,
+        select="raw_records,validated_records,deduplicated_records,rejected_records,alpaca_dataset",
     )
     slot = file_semaphore(home / "pool_slots" / "medtune_training", 1)
     slot.__enter__()  # the training slot is taken: run 1 stops at lora_adapter, its data written
     try:
-        first = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        wait_for(lambda: any((f / "tokenized_dataset.json").is_file() for f in run_folders(data_dir).values()), first, "run 1's tokenized data")
+        first = subprocess.Popen(
+            cmd, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        wait_for(
+            lambda: any((f / "tokenized_dataset.json").is_file() for f in run_folders(data_dir).values()),
+            first,
+            "run 1's tokenized data",
+        )
         (run1,) = run_folders(data_dir)
         write_json(data_dir / "raw" / "demo.json", variant(30, "B"))
         second = subprocess.run(data_cmd, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -124,13 +135,21 @@ def test_three_whole_pipelines_at_once_over_different_raw_data(tmp_path, tiny_mo
     procs = []
     for i, tag in enumerate(["A", "A", "B", "C"]):
         write_json(data_dir / "raw" / "demo.json", variant(20 + 2 * "ABC".index(tag), tag))
-        cmd, env, home = materialize_command(data_dir, tmp_path, tiny_model_dir, select="not group:sweep", ops=EVAL_OPS, max_steps=4, save_every=2)
+        cmd, env, home = materialize_command(
+            data_dir, tmp_path, tiny_model_dir, select="not group:sweep", ops=EVAL_OPS, max_steps=4, save_every=2
+        )
         if i == 0:
             from dagster import DagsterInstance
 
-            DagsterInstance.from_config(str(home)).dispose()  # the instance's tables exist before all start (as with make ui)
+            DagsterInstance.from_config(
+                str(home)
+            ).dispose()  # the instance's tables exist before all start (as with make ui)
             MlflowClient(env["MLFLOW_TRACKING_URI"]).search_experiments()
-        procs.append(subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        procs.append(
+            subprocess.Popen(
+                cmd, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
         if i == 0:
             continue  # A' starts with A
         wait_for(
@@ -197,7 +216,9 @@ def test_pruning_keeps_what_a_run_can_still_read(tmp_path):
     folder("other_instance_young")
     stale = folder("other_instance_old")
     os.utime(stale, (time.time() - UNKNOWN_RUN_GRACE_S - 60,) * 2)
-    instance = FakeInstance({"old": True, "pinned": True, "latest": True, "training": False}, {"alpaca_dataset": "latest"})
+    instance = FakeInstance(
+        {"old": True, "pinned": True, "latest": True, "training": False}, {"alpaca_dataset": "latest"}
+    )
     removed = prune_run_data(instance, runs, log=lambda m: None)
     assert removed == ["old", "other_instance_old"]
     assert sorted(p.name for p in runs.iterdir()) == ["latest", "other_instance_young", "pinned", "training"]
@@ -262,6 +283,8 @@ def test_a_run_is_tagged_with_its_host_when_its_first_step_starts(tmp_path):
         raise RuntimeError("died in its first step")
 
     instance = DagsterInstance.ephemeral()
-    result = materialize([first_step], resources={"data_root": DataRoot(path=str(tmp_path))}, instance=instance, raise_on_error=False)
+    result = materialize(
+        [first_step], resources={"data_root": DataRoot(path=str(tmp_path))}, instance=instance, raise_on_error=False
+    )
     assert not result.success
     assert seen["tags"][RUN_HOST_TAG] == socket.gethostname()

@@ -124,7 +124,10 @@ def test_secrets_are_redacted(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "hunter2-and-more")
     assert redact("https://alice:s3cr3t@mlflow.example.org/api") == f"https://alice:{MASK}@mlflow.example.org/api"
     assert redact("token hf_" + "a" * 34 + " and sk-" + "b" * 40) == f"token {MASK} and {MASK}"
-    assert redact("error: bad credentials not-a-real-token-but-secret / hunter2-and-more") == f"error: bad credentials {MASK} / {MASK}"
+    assert (
+        redact("error: bad credentials not-a-real-token-but-secret / hunter2-and-more")
+        == f"error: bad credentials {MASK} / {MASK}"
+    )
     params = redact_params(
         {
             "hf_token": "abc",
@@ -157,7 +160,12 @@ def test_no_config_field_takes_a_secret():
 
     configs = [c for c in Config.__subclasses__() if c.__module__.startswith("assets.")]
     fields = [(c.__name__, f) for c in configs for f in c.model_fields]
-    fields += [(name, f) for name, r in make_resources("/tmp/x").items() if isinstance(r, ConfigurableResource) for f in type(r).model_fields]
+    fields += [
+        (name, f)
+        for name, r in make_resources("/tmp/x").items()
+        if isinstance(r, ConfigurableResource)
+        for f in type(r).model_fields
+    ]
     assert len(configs) >= 8 and len(fields) > 50  # the walk found the settings
     assert [(a, f) for a, f in fields if SECRET_NAME.search(f)] == []
 
@@ -205,8 +213,13 @@ def test_a_password_in_a_url_in_the_environment_is_masked_everywhere(monkeypatch
 
     monkeypatch.setenv("MEDTUNE_POSTGRES_URL", "postgresql://medtune:p%40ss%27word9@db.example:5432/medtune")
     monkeypatch.setenv("PGPASSWORD", "p@ss'word9")
-    text = "connect failed for p@ss'word9 (p%40ss%27word9) at postgresql://medtune:p%40ss%27word9@db.example:5432/medtune"
+    text = (
+        "connect failed for p@ss'word9 (p%40ss%27word9) at postgresql://medtune:p%40ss%27word9@db.example:5432/medtune"
+    )
     assert "word9" not in redact(text)
-    assert without_userinfo("https://u:p%40w@mlflow.example:8443/base") == ("https://mlflow.example:8443/base", "Basic dTpwQHc=")
+    assert without_userinfo("https://u:p%40w@mlflow.example:8443/base") == (
+        "https://mlflow.example:8443/base",
+        "Basic dTpwQHc=",
+    )
     link = MlflowTracking(tracking_uri="https://u:pw123456@mlflow.example/").run_link("r1", "7")
     assert link == "https://mlflow.example/#/experiments/7/runs/r1"

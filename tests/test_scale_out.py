@@ -22,7 +22,10 @@ def test_the_accelerate_presets_load_and_name_their_strategy():
     assert preset_names() == ["deepspeed-zero2", "deepspeed-zero3", "fsdp"]
     kinds = {n: check_accelerate_config(preset_path(n), on_gpu=True, deepspeed_installed=True) for n in preset_names()}
     assert kinds == {"deepspeed-zero2": "DEEPSPEED", "deepspeed-zero3": "DEEPSPEED", "fsdp": "FSDP"}
-    stages = {n: yaml.safe_load(preset_path(n).read_text()).get("deepspeed_config", {}).get("zero_stage") for n in preset_names()}
+    stages = {
+        n: yaml.safe_load(preset_path(n).read_text()).get("deepspeed_config", {}).get("zero_stage")
+        for n in preset_names()
+    }
     assert stages == {"deepspeed-zero2": 2, "deepspeed-zero3": 3, "fsdp": None}
     assert preset_path("../fsdp") is None and preset_path("nope") is None
 
@@ -55,14 +58,20 @@ def test_qlora_is_refused_on_cpu_and_for_methods_it_does_not_apply_to():
     with pytest.raises(MethodError, match="not prefix_tuning"):
         quantization_config(spec(quantization="nf4", method="prefix_tuning"), "bf16", on_gpu=True)
     with pytest.raises(MethodError, match="unknown quantization"):
-        quantization_config(TrainSpec.model_construct(**{**spec().model_dump(), "quantization": "int3"}), "bf16", on_gpu=True)
+        quantization_config(
+            TrainSpec.model_construct(**{**spec().model_dump(), "quantization": "int3"}), "bf16", on_gpu=True
+        )
 
 
-@pytest.mark.skipif(not ON_GPU, reason="QLoRA's 4-bit NF4 base needs a CUDA GPU and bitsandbytes (none on this machine)")
+@pytest.mark.skipif(
+    not ON_GPU, reason="QLoRA's 4-bit NF4 base needs a CUDA GPU and bitsandbytes (none on this machine)"
+)
 def test_qlora_loads_a_4bit_base_on_gpu(tiny_model_dir):
     from pipeline.stages.lora_adapter.model import load_for_training
 
-    model, _, _ = load_for_training(spec(base_model_path=str(tiny_model_dir), quantization="nf4", r=8, lora_alpha=16), "bf16", True)
+    model, _, _ = load_for_training(
+        spec(base_model_path=str(tiny_model_dir), quantization="nf4", r=8, lora_alpha=16), "bf16", True
+    )
     assert getattr(model.get_base_model(), "is_loaded_in_4bit", False)
 
 
@@ -80,7 +89,10 @@ def test_every_preset_validates_and_cpu_demo_spells_out_the_defaults():
     defaults = LoraAdapterConfig()
     assert {k: v for k, v in demo.items()} == {k: getattr(defaults, k) for k in demo}
     qlora = load_preset("gpu-qwen2.5-1.5b-qlora")["ops"]
-    assert qlora["lora_adapter"]["config"]["quantization"] == "nf4" and qlora["merged_model"]["config"]["dtype"] == "float32"
+    assert (
+        qlora["lora_adapter"]["config"]["quantization"] == "nf4"
+        and qlora["merged_model"]["config"]["dtype"] == "float32"
+    )
     plan_job = defs.resolve_job_def("sweep_plan_job")
     for name in ("sweep-cpu", "sweep-gpu-qwen2.5-1.5b"):
         config = load_preset(name)
@@ -90,7 +102,9 @@ def test_every_preset_validates_and_cpu_demo_spells_out_the_defaults():
         for t in trials:
             LoraAdapterConfig(**t.settings)
     cpu = load_preset("sweep-cpu")["ops"]["sweep_plan"]["config"]
-    methods = {t.settings.get("method") for t in expand(cpu["base"], cpu.get("grid", {}), cpu["trials"], cpu["per_method"])}
+    methods = {
+        t.settings.get("method") for t in expand(cpu["base"], cpu.get("grid", {}), cpu["trials"], cpu["per_method"])
+    }
     from pipeline.stages.lora_adapter.methods import METHODS
 
     assert methods == set(METHODS)  # sweep-cpu measures every method (the README's methods table)

@@ -38,7 +38,8 @@ def scoring(tiny_model_dir, tmp_path_factory):
 
     path = tmp_path_factory.mktemp("limits") / "model"
     mlflow.pyfunc.save_model(
-        str(path), **pyfunc_model_kwargs({"model": str(tiny_model_dir)}, system_prompt="", max_new_tokens=8, model_name="medtune")
+        str(path),
+        **pyfunc_model_kwargs({"model": str(tiny_model_dir)}, system_prompt="", max_new_tokens=8, model_name="medtune"),
     )
     model = mlflow.pyfunc.load_model(str(path))
     steps = Steps()
@@ -100,7 +101,9 @@ def test_a_body_over_the_limit_is_refused_with_413_whether_announced_or_streamed
         status, error, _ = post(port, {"inputs": ["x" * 5000]})
         assert status == 413 and "limit of 4096 bytes" in error["message"], error
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)  # chunked: no Content-Length to trust
-        conn.request("POST", "/invocations", body=iter([b'{"inputs": ["', b"y" * 3000, b"y" * 3000, b'"]}']), encode_chunked=True)
+        conn.request(
+            "POST", "/invocations", body=iter([b'{"inputs": ["', b"y" * 3000, b"y" * 3000, b'"]}']), encode_chunked=True
+        )
         resp = conn.getresponse()
         assert resp.status == 413, resp.read()
         conn.close()
@@ -111,9 +114,15 @@ def test_a_body_over_the_limit_is_refused_with_413_whether_announced_or_streamed
 
 def test_max_tokens_beyond_what_the_timeout_is_sized_for_is_a_400_naming_both(scoring):
     with serving(scoring, max_tokens=50, timeout_s=9) as (port, _):
-        for body in (chat(51), {"inputs": [QUESTION], "params": {"max_tokens": 400}}, {**chat(5), "max_completion_tokens": 60}):
+        for body in (
+            chat(51),
+            {"inputs": [QUESTION], "params": {"max_tokens": 400}},
+            {**chat(5), "max_completion_tokens": 60},
+        ):
             status, error, _ = post(port, body)
-            assert status == 400 and "above this server's limit of 50" in error["message"] and "9 s" in error["message"], (body, error)
+            assert (
+                status == 400 and "above this server's limit of 50" in error["message"] and "9 s" in error["message"]
+            ), (body, error)
         status, answer, _ = post(port, chat(50))
         assert status == 200 and answer["usage"]["completion_tokens"] == 50
 
@@ -176,7 +185,9 @@ def test_a_client_that_disconnects_frees_its_generation(scoring):
                 )
                 time.sleep(1.0)  # generating
             stopped_at = wait_still(steps)
-            assert stopped_at - before < 40, f"{stopped_at - before} steps: the generation went on after the client left"
+            assert stopped_at - before < 40, (
+                f"{stopped_at - before} steps: the generation went on after the client left"
+            )
             steps.delay = 0.0
             status, answer, _ = post(port, chat(3), timeout=30)
             assert status == 200 and answer["usage"]["completion_tokens"] == 3

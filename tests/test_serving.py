@@ -20,7 +20,10 @@ def served(tiny_model_dir, tmp_path_factory):
 
     path = tmp_path_factory.mktemp("served") / "model"
     mlflow.pyfunc.save_model(
-        str(path), **pyfunc_model_kwargs({"model": str(tiny_model_dir)}, system_prompt=SYSTEM, max_new_tokens=8, model_name="medtune")
+        str(path),
+        **pyfunc_model_kwargs(
+            {"model": str(tiny_model_dir)}, system_prompt=SYSTEM, max_new_tokens=8, model_name="medtune"
+        ),
     )
     loaded = mlflow.pyfunc.load_model(str(path))
     # MLflow runs its own copy of serving.py (a model from code), which line coverage does not count
@@ -56,10 +59,15 @@ def test_a_chat_request_answers_in_the_chat_completions_shape_with_the_list_answ
 
     answer = served.predict(chat(), params={"max_tokens": 6})
     parsed = ChatCompletionResponse.from_dict(answer)
-    assert answer["object"] == "chat.completion" and answer["model"] == "medtune" and answer["id"].startswith("chatcmpl-")
+    assert (
+        answer["object"] == "chat.completion" and answer["model"] == "medtune" and answer["id"].startswith("chatcmpl-")
+    )
     assert parsed.choices[0].message.role == "assistant" and answer["choices"][0]["finish_reason"] in ("stop", "length")
     usage = answer["usage"]
-    assert 1 <= usage["completion_tokens"] <= 6 and usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert (
+        1 <= usage["completion_tokens"] <= 6
+        and usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    )
     assert served.predict([QUESTION], params={"max_tokens": 6}) == [answer["choices"][0]["message"]["content"]]
     text = sampled(served, chat(), max_tokens=8)["choices"][0]["message"]["content"]
     assert text and sampled(served, [QUESTION], max_tokens=8) == [text]  # same template, system prompt, decoding
@@ -77,8 +85,14 @@ def test_stop_strings_end_the_answer_and_sampling_follows_its_seed(served):
     cut = full[len(full) // 2 :][:2]
     assert cut.strip(), full
     stopped = sampled(served, chat(), max_tokens=12, stop=[cut])
-    assert stopped["choices"][0]["message"]["content"] == full[: full.index(cut)] and stopped["choices"][0]["finish_reason"] == "stop"
-    seeded = [served.predict(chat(seed=7), params={"max_tokens": 8, "temperature": 1.5})["choices"][0]["message"]["content"] for _ in range(2)]
+    assert (
+        stopped["choices"][0]["message"]["content"] == full[: full.index(cut)]
+        and stopped["choices"][0]["finish_reason"] == "stop"
+    )
+    seeded = [
+        served.predict(chat(seed=7), params={"max_tokens": 8, "temperature": 1.5})["choices"][0]["message"]["content"]
+        for _ in range(2)
+    ]
     assert seeded[0] == seeded[1] and seeded[0]
 
 
@@ -88,7 +102,10 @@ def test_predict_stream_yields_chunks_that_add_up_to_the_answer(served):
     whole = sampled(served, chat(), max_tokens=8)["choices"][0]["message"]["content"]
     torch.manual_seed(11)
     chunks = list(served.predict_stream(chat(), params={"max_tokens": 8, "temperature": 1.5}))
-    assert all(c["object"] == "chat.completion.chunk" for c in chunks) and chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert (
+        all(c["object"] == "chat.completion.chunk" for c in chunks)
+        and chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    )
     assert len(chunks) > 2 and "".join(c["choices"][0]["delta"].get("content", "") for c in chunks).strip() == whole
 
 
@@ -97,9 +114,17 @@ def test_predict_stream_yields_chunks_that_add_up_to_the_answer(served):
     [
         ({"messages": []}, None, '"messages" must be a non-empty list'),
         ({"messages": [{"content": "hi"}]}, None, 'messages[0] must be an object with "role"'),
-        ({"messages": [{"role": "tool", "content": "hi"}]}, None, "messages[0].role must be one of system, user, assistant"),
+        (
+            {"messages": [{"role": "tool", "content": "hi"}]},
+            None,
+            "messages[0].role must be one of system, user, assistant",
+        ),
         ({"messages": [{"role": "user", "content": 3}]}, None, "messages[0].content must be a string"),
-        ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]}, None, "the last message must be the user's"),
+        (
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]},
+            None,
+            "the last message must be the user's",
+        ),
         (chat(logprobs=True), None, "unknown chat-completions fields: logprobs"),
         (chat(), {"stream": True}, '"stream": true is not served'),
         (chat(), {"n": 2}, '"n" must be 1'),
@@ -111,7 +136,11 @@ def test_predict_stream_yields_chunks_that_add_up_to_the_answer(served):
         (chat(temperature=1.0, top_p=1.5), None, '"top_p" must be above 0 and at most 1, got 1.5'),
         (chat(top_p="high"), None, '"top_p" must be a number'),
         (chat(top_k=-1), None, '"top_k" must be a whole number, 0 or more'),
-        (chat(QUESTION * 20, max_tokens=4000), None, "plus max_tokens (4000) exceeds the model's context of 4096 tokens"),
+        (
+            chat(QUESTION * 20, max_tokens=4000),
+            None,
+            "plus max_tokens (4000) exceeds the model's context of 4096 tokens",
+        ),
         (["q"] * 17, None, "17 questions in one request: at most 16"),
         ({"prompt_text": ["hi"]}, None, 'a chat request needs "messages"'),
     ],
@@ -131,7 +160,10 @@ def test_content_parts_and_openai_client_fields_are_understood(served):
     }
     answer = served.predict(parts)
     assert answer["usage"]["completion_tokens"] <= 3
-    assert answer["choices"][0]["message"]["content"] == served.predict(chat(), params={"max_tokens": 3})["choices"][0]["message"]["content"]
+    assert (
+        answer["choices"][0]["message"]["content"]
+        == served.predict(chat(), params={"max_tokens": 3})["choices"][0]["message"]["content"]
+    )
 
 
 def test_make_serve_resolves_versions_aliases_and_folders_and_says_what_exists(tiny_model_dir, tmp_path):
@@ -148,7 +180,9 @@ def test_make_serve_resolves_versions_aliases_and_folders_and_says_what_exists(t
         resolve(str(tmp_path), uri, tmp_path / "served")
     served = resolve(str(tiny_model_dir), uri, tmp_path / "served", max_new_tokens=32)
     folder = tmp_path / "served" / served.uri.rsplit("/", 1)[-1]
-    assert (folder / "MLmodel").is_file() and resolve(str(tiny_model_dir), uri, tmp_path / "served", 32).uri == served.uri  # wrapped once
+    assert (folder / "MLmodel").is_file() and resolve(
+        str(tiny_model_dir), uri, tmp_path / "served", 32
+    ).uri == served.uri  # wrapped once
     config = mlflow.pyfunc.load_model(str(folder)).model_config
     assert config == {"system_prompt": DEFAULT_SYSTEM_PROMPT, "max_new_tokens": 32, "model_name": tiny_model_dir.name}
     assert merged_system_prompt(tiny_model_dir) == DEFAULT_SYSTEM_PROMPT  # no export record: the default
@@ -163,7 +197,9 @@ def test_concurrent_seeded_requests_answer_as_they_do_alone(served):
 
     def ask(seed):
         request_ = chat(seed=seed) if seed is not None else chat()
-        return served.predict(request_, params={"max_tokens": 8, "temperature": 1.5})["choices"][0]["message"]["content"]
+        return served.predict(request_, params={"max_tokens": 8, "temperature": 1.5})["choices"][0]["message"][
+            "content"
+        ]
 
     alone = {seed: ask(seed) for seed in (1, 2, 3)}
     with ThreadPoolExecutor(6) as pool:

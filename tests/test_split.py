@@ -57,7 +57,16 @@ def test_parquet_is_byte_identical_for_the_same_input(tmp_path):
     assert a.read_bytes() == b.read_bytes()
     meta = pq.ParquetFile(a).metadata
     assert meta.row_group(0).column(0).compression == "ZSTD"
-    assert list(pd.read_parquet(a).columns) == ["record_id", "prompt_id", "instruction", "input", "output", "split", "source_file", "source_line"]
+    assert list(pd.read_parquet(a).columns) == [
+        "record_id",
+        "prompt_id",
+        "instruction",
+        "input",
+        "output",
+        "split",
+        "source_file",
+        "source_line",
+    ]
 
 
 def test_readable_by_datasets(tmp_path):

@@ -34,7 +34,10 @@ CORPUS = PROJECT / "tests" / "fixtures" / "bad_inputs"
 # other); its alpaca digest before that was 193b4e40…491d53, and
 # test_only_near_duplicates_moved_split checks that the rows that moved are exactly such rows.
 BEFORE = {
-    "demo": ("5b6df88488fb1d022fc9bc1a76252cb83b2125cd4eb5fc77c934e267b64d94c0", "dd99c601bdb07b0d235f2b73bdeb25a0f7316f482c72b44bdd69cb9c1670415b"),
+    "demo": (
+        "5b6df88488fb1d022fc9bc1a76252cb83b2125cd4eb5fc77c934e267b64d94c0",
+        "dd99c601bdb07b0d235f2b73bdeb25a0f7316f482c72b44bdd69cb9c1670415b",
+    ),
     "bad_inputs": (
         "ea2ef30848921d45e06d32719f8e22580847c3040a827d33247b02ebad40f7ea",
         "1a44e31d49082cae630eb75c9a00d4c3b938bed9b97465314815f24c11d4ab0e",
@@ -55,9 +58,13 @@ def corpus(name: str, tmp_path: Path) -> Path:
     return raw
 
 
-def streamed(raw: Path, out: Path, chunk_rows: int, stream_over: int, block_bytes: int, workers: int | None = None) -> tuple[str, str, StagedRows]:
+def streamed(
+    raw: Path, out: Path, chunk_rows: int, stream_over: int, block_bytes: int, workers: int | None = None
+) -> tuple[str, str, StagedRows]:
     st = out / "stages"
-    r = ingest_to(raw, st / "raw_records", chunk_rows, stream_over=stream_over, block_bytes=block_bytes, workers=workers)
+    r = ingest_to(
+        raw, st / "raw_records", chunk_rows, stream_over=stream_over, block_bytes=block_bytes, workers=workers
+    )
     v = validate_to(r, st / "validated_records", chunk_rows=chunk_rows, workers=workers)
     d = deduplicate_to(v, st / "deduplicated_records", chunk_rows=chunk_rows, workers=workers)
     assert {r.stats["workers"], v.stats["workers"], d.stats["workers"]} == {workers or 1}
@@ -96,7 +103,11 @@ def test_outputs_are_byte_identical_to_before_streaming(name, tmp_path):
     # chunks of 16 rows and every file read in blocks of 5 bytes (cutting lines, characters and
     # CR LF pairs anywhere), in one process and with two worker processes per stage (as on a large
     # corpus); then the defaults
-    for chunk_rows, stream_over, block_bytes, workers in ((16, 0, 5, None), (16, 0, 5, 2), (100_000, 64 << 20, 8 << 20, None)):
+    for chunk_rows, stream_over, block_bytes, workers in (
+        (16, 0, 5, None),
+        (16, 0, 5, 2),
+        (100_000, 64 << 20, 8 << 20, None),
+    ):
         out = tmp_path / f"s{chunk_rows}-{workers}"
         alpaca, rejected, staged = streamed(raw, out, chunk_rows, stream_over, block_bytes, workers)
         assert (alpaca, rejected) == BEFORE[name], (chunk_rows, stream_over, block_bytes, workers)
@@ -249,7 +260,11 @@ def test_characters_and_crlf_split_between_blocks(tmp_path):
         assert "".join(_texts(path, block)) == expected, block
         assert _is_utf8_file(path, block)
         pieces = list(iter_file(path, "x.jsonl", stream_over=0, block_bytes=block))
-        assert pd.concat([p.table.to_pandas() for p in pieces if p.table is not None]).reset_index(drop=True).equals(whole.table.to_pandas()), block
+        assert (
+            pd.concat([p.table.to_pandas() for p in pieces if p.table is not None])
+            .reset_index(drop=True)
+            .equals(whole.table.to_pandas())
+        ), block
         assert [r for p in pieces for r in p.rejected] == whole.rejected
     path.write_bytes(data[:-40] + b"\xe4\xb8" + data[-40:])  # a character cut short inside the file
     assert not any(_is_utf8_file(path, block) for block in range(1, 10))

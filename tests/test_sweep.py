@@ -44,9 +44,13 @@ def data_dir(tmp_path):
     return tmp_path / "data"
 
 
-def test_a_sweep_runs_as_partitions_under_one_parent_run_and_records_a_failing_trial(data_dir, tmp_path, tiny_model_dir):
+def test_a_sweep_runs_as_partitions_under_one_parent_run_and_records_a_failing_trial(
+    data_dir, tmp_path, tiny_model_dir
+):
     uri = mlflow_store(tmp_path / "mlflow.db")
-    defs = Definitions(assets=all_assets, asset_checks=all_asset_checks, jobs=JOBS, resources=make_resources(str(data_dir), uri))
+    defs = Definitions(
+        assets=all_assets, asset_checks=all_asset_checks, jobs=JOBS, resources=make_resources(str(data_dir), uri)
+    )
     config = {
         "ops": {
             "base_model": {"config": {"model": model_in_data_root(tiny_model_dir, data_dir)}},
@@ -74,11 +78,11 @@ def test_a_sweep_runs_as_partitions_under_one_parent_run_and_records_a_failing_t
     }
     instance = DagsterInstance.ephemeral()
     out = run_sweep(defs, config, instance, log=lambda *_: None)
-    assert out["trials"] == {"tiny.lora": True, "tiny.ia3": True, "tiny.broken": False}
+    assert out.trials == {"tiny.lora": True, "tiny.ia3": True, "tiny.broken": False}
     assert set(instance.get_dynamic_partitions("sweep_trials")) == {"tiny.lora", "tiny.ia3", "tiny.broken"}
 
     client = MlflowClient(uri)
-    parent_id = out["plan"]["parent_run_id"]
+    parent_id = out.plan.parent_run_id
     parent = client.get_run(parent_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["medtune.best_trial"] in ("lora", "ia3")
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
@@ -97,13 +101,13 @@ def test_a_sweep_runs_as_partitions_under_one_parent_run_and_records_a_failing_t
         "comparison/comparison.png",
     }
 
-    comparison = out["comparison"]
-    assert comparison["counts"] == {"finished": 2, "failed": 1}
+    comparison = out.comparison
+    assert comparison.counts == {"finished": 2, "failed": 1}
     from pathlib import Path
 
     import pandas as pd
 
-    table = pd.read_csv(Path(comparison["path"]) / "comparison.csv")
+    table = pd.read_csv(Path(comparison.path) / "comparison.csv")
     assert list(table["trial"]) == ["lora", "ia3", "broken"]
     broken = table[table["trial"] == "broken"].iloc[0]
     assert broken["status"] == "failed" and "no_such_layer" in broken["error"]
@@ -116,6 +120,6 @@ def test_a_sweep_runs_as_partitions_under_one_parent_run_and_records_a_failing_t
     # the same sweep again: same parent run, every finished trial's adapter reused
     adapters = sorted(p.name for p in (data_dir / "models" / "adapters").iterdir())
     again = run_sweep(defs, config, instance, log=lambda *_: None)
-    assert again["plan"]["parent_run_id"] == parent_id
+    assert again.plan.parent_run_id == parent_id
     assert sorted(p.name for p in (data_dir / "models" / "adapters").iterdir()) == adapters
-    assert again["trials"]["tiny.lora"] and not again["trials"]["tiny.broken"]
+    assert again.trials["tiny.lora"] and not again.trials["tiny.broken"]

@@ -38,7 +38,9 @@ def test_supervised_tokens_decode_to_exactly_the_answer_and_end_of_turn(tokenize
     # every prompt token is masked and the prompt is the chat template's generation prompt
     first = next(i for i, l in enumerate(row.labels) if l != IGNORE_INDEX)
     assert all(l == IGNORE_INDEX for l in row.labels[:first])
-    assert tokenizer.decode(row.input_ids[:first]) == render_prompt(tokenizer, "使用中医知识回答。", "咽喉肿痛", DEFAULT_SYSTEM_PROMPT)
+    assert tokenizer.decode(row.input_ids[:first]) == render_prompt(
+        tokenizer, "使用中医知识回答。", "咽喉肿痛", DEFAULT_SYSTEM_PROMPT
+    )
     assert row.labels[first:] == row.input_ids[first:]
     assert not row.truncated
 
@@ -97,7 +99,9 @@ def test_tokenize_dataset_writes_splits_and_reuses_the_cache(tokenizer, tmp_path
 
 def test_prompt_too_long_rows_are_counted(tokenizer, tmp_path):
     df = alpaca([("问" * 400, "", "答"), ("问", "", "答")])
-    ds = tokenize_dataset(df, tokenizer, data_fingerprint="x", tokenizer_fingerprint="t", out_root=tmp_path, max_seq_len=160)
+    ds = tokenize_dataset(
+        df, tokenizer, data_fingerprint="x", tokenizer_fingerprint="t", out_root=tmp_path, max_seq_len=160
+    )
     assert ds.stats["rows"] == 1 and ds.stats["prompt_too_long_rows"] == 1
     assert ds.stats["prompt_too_long_ids"] == ["r0"]
 

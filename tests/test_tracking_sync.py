@@ -33,7 +33,9 @@ def test_lines_appended_while_training_reach_mlflow_live_and_once(tmp_path):
     warnings = []
     with MetricsTail(lambda: MlflowClient(uri), run_id, metrics, warnings.append, every=0.05) as tail:
         append(metrics, 2, train_loss=2.5, learning_rate=1e-3)
-        wait_for(lambda: [m.step for m in client.get_metric_history(run_id, "train_loss")] == [2])  # while the training runs
+        wait_for(
+            lambda: [m.step for m in client.get_metric_history(run_id, "train_loss")] == [2]
+        )  # while the training runs
         with open(metrics, "a") as fh:
             fh.write('{"step": 3, "time": 1, "train_lo')  # a line being written: read once complete
         time.sleep(0.2)
@@ -63,4 +65,7 @@ def test_an_unreachable_server_warns_once_and_stops_tailing(tmp_path):
         append(metrics, 2, train_loss=2.0)
         time.sleep(0.3)
     assert calls == [1] and len(warnings) == 1
-    assert "MLflow logging failed at step 1 (connection refused); training goes on" in warnings[0] and str(metrics) in warnings[0]
+    assert (
+        "MLflow logging failed at step 1 (connection refused); training goes on" in warnings[0]
+        and str(metrics) in warnings[0]
+    )

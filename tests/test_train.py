@@ -31,7 +31,13 @@ def tokenized(tiny_model_dir, tmp_path_factory):
     df.insert(0, "record_id", [f"r{i}" for i in range(len(df))])
     df["split"] = ["eval" if i % 5 == 0 else "train" for i in range(len(df))]  # 16 train, 4 eval
     ds = tokenize_dataset(
-        df, tok, data_fingerprint="t", tokenizer_fingerprint="t", out_root=tmp_path_factory.mktemp("tok"), max_seq_len=256, system_prompt="你是助手。"
+        df,
+        tok,
+        data_fingerprint="t",
+        tokenizer_fingerprint="t",
+        out_root=tmp_path_factory.mktemp("tok"),
+        max_seq_len=256,
+        system_prompt="你是助手。",
     )
     return ds.path
 
@@ -91,8 +97,13 @@ def test_tiny_model_learns_and_the_adapter_changes_the_model(tmp_path, tiny_mode
     assert result["steps"] == 12 and result["processes"] == 1
     assert result["final_eval_loss"] < result["first_eval_loss"] - 0.05
     folder = tmp_path / "adapter"
-    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "medtune_training.json"} <= {p.name for p in folder.iterdir()}
-    assert "chat_template" in json.loads((folder / "tokenizer_config.json").read_text()) or (folder / "chat_template.jinja").exists()
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "medtune_training.json"} <= {
+        p.name for p in folder.iterdir()
+    }
+    assert (
+        "chat_template" in json.loads((folder / "tokenizer_config.json").read_text())
+        or (folder / "chat_template.jinja").exists()
+    )
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     ids = torch.tensor([[1, 9690, 198, 67, 19572, 2, 198]])
     before = base(ids).logits
@@ -117,13 +128,17 @@ def test_same_seed_gives_the_same_adapter(tmp_path, tiny_model_dir, tokenized):
 KILLED_CHILD = ROOT / "tests" / "fixtures" / "killed_child.py"
 
 
-def run_child(spec: TrainSpec, path: Path, launcher: list[str] | None = None, kill_at: int | None = None) -> subprocess.CompletedProcess:
+def run_child(
+    spec: TrainSpec, path: Path, launcher: list[str] | None = None, kill_at: int | None = None
+) -> subprocess.CompletedProcess:
     """Run the training entry point (SIGKILLed as step ``kill_at`` ends, if given); on a timeout the
     whole process group (launcher and workers) is killed."""
     spec.dump(path)
     entry = ["-m", "pipeline.stages.lora_adapter"] if kill_at is None else [str(KILLED_CHILD), str(kill_at)]
     cmd = (launcher or [sys.executable]) + [*entry, "--spec", str(path)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         out, err = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:
@@ -152,7 +167,10 @@ def test_killed_training_resumes_exactly_where_it_stopped(tmp_path, tiny_model_d
     os.truncate(weights, weights.stat().st_size // 2)
     resumed = run_child(spec, tmp_path / "spec.json")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "step-6 is damaged (adapter_model.safetensors holds" in resumed.stdout and "skipped for the one before" in resumed.stdout
+    assert (
+        "step-6 is damaged (adapter_model.safetensors holds" in resumed.stdout
+        and "skipped for the one before" in resumed.stdout
+    )
     assert "resuming from checkpoint" in resumed.stdout and "step-4" in resumed.stdout
     result = json.loads(resumed.stdout.split("RESULT ", 1)[1].splitlines()[0])
     assert result["steps"] == 8 and result["resumed_from"] == "step-4"
@@ -187,7 +205,9 @@ def test_two_processes_killed_and_resumed_train_what_an_uninterrupted_run_trains
 
     torchrun = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2"]
     settings = dict(max_steps=6, save_every=2, lora_dropout=0.1, pack_tokens=300, eval_every=100)
-    whole = run_child(spec_for(tmp_path / "whole", tiny_model_dir, tokenized, **settings), tmp_path / "whole.json", torchrun)
+    whole = run_child(
+        spec_for(tmp_path / "whole", tiny_model_dir, tokenized, **settings), tmp_path / "whole.json", torchrun
+    )
     assert whole.returncode == 0, whole.stderr[-3000:]
     spec = spec_for(tmp_path, tiny_model_dir, tokenized, **settings)
     killed = run_child(spec, tmp_path / "spec.json", torchrun, kill_at=5)
@@ -211,14 +231,23 @@ def test_adapter_id_covers_every_training_setting():
     assert base == adapter_id("data", "weights", {**spec, "log_every": 99, "output_dir": "/elsewhere"}, 1)
     for key in TRAINING_KEYS:
         value = spec[key]
-        changed = (not value) if isinstance(value, bool) or value is None else (value + 1 if isinstance(value, (int, float)) else f"{value}x")
+        changed = (
+            (not value)
+            if isinstance(value, bool) or value is None
+            else (value + 1 if isinstance(value, (int, float)) else f"{value}x")
+        )
         assert adapter_id("data", "weights", {**spec, key: changed}, 1) != base, key
     assert adapter_id("data2", "weights", spec, 1) != base and adapter_id("data", "w2", spec, 1) != base
     assert adapter_id("data", "weights", spec, 2) != base
 
 
 def test_a_damaged_checkpoint_is_skipped_and_rotation_keeps_two(tmp_path):
-    from pipeline.stages.lora_adapter.checkpoint import complete_checkpoints, latest_checkpoint, rotate_checkpoints, write_manifest
+    from pipeline.stages.lora_adapter.checkpoint import (
+        complete_checkpoints,
+        latest_checkpoint,
+        rotate_checkpoints,
+        write_manifest,
+    )
 
     def checkpoint(step, manifest=True):
         folder = tmp_path / f"step-{step}"

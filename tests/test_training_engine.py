@@ -17,7 +17,14 @@ from pipeline.stages.tokenized_dataset import tokenize_rows
 @pytest.fixture(scope="module")
 def rows(tokenizer):
     recs = demo_records(6)
-    out = tokenize_rows(tokenizer, [r["instruction"] for r in recs], [r["input"] for r in recs], [r["output"] for r in recs], "你是助手。", 256)
+    out = tokenize_rows(
+        tokenizer,
+        [r["instruction"] for r in recs],
+        [r["input"] for r in recs],
+        [r["output"] for r in recs],
+        "你是助手。",
+        256,
+    )
     return [(r.input_ids, r.labels) for r in out]
 
 
@@ -83,7 +90,9 @@ def test_loss_at_supervised_positions_equals_the_models_own_loss(tiny_model_dir,
     for row in rows[:3]:
         batch = flatten([row])
         with torch.no_grad():
-            ours = model(batch.input_ids, batch.position_ids, batch.positions, batch.targets, row_lengths=batch.row_lengths)
+            ours = model(
+                batch.input_ids, batch.position_ids, batch.positions, batch.targets, row_lengths=batch.row_lengths
+            )
         total, n = own_row_loss(model, row)
         assert ours.shape == (n,)
         assert abs(ours.mean().item() - total / n) < 1e-5
@@ -95,7 +104,9 @@ def test_each_packed_row_loses_exactly_what_it_loses_alone(tiny_model_dir, rows)
     assert batch.input_ids.shape[0] == 1 and batch.tokens == sum(len(r[0]) for r in rows[:4])
     assert batch.position_ids[0].tolist() == [p for r in rows[:4] for p in range(len(r[0]))]
     with torch.no_grad():
-        losses = model(batch.input_ids, batch.position_ids, batch.positions, batch.targets, row_lengths=batch.row_lengths)
+        losses = model(
+            batch.input_ids, batch.position_ids, batch.positions, batch.targets, row_lengths=batch.row_lengths
+        )
     start = 0
     for row in rows[:4]:
         total, n = own_row_loss(model, row)
@@ -115,8 +126,12 @@ def test_packing_matches_transformers_flattening_collator_through_sdpa(tiny_mode
     batch = flatten(rows[:3])
     assert torch.equal(ref_batch["position_ids"], batch.position_ids)
     with torch.no_grad():
-        ref = ref_model.peft_model(input_ids=ref_batch["input_ids"], position_ids=ref_batch["position_ids"], labels=ref_batch["labels"]).loss
-        ours = ours_model(batch.input_ids, batch.position_ids, batch.positions, batch.targets, row_lengths=batch.row_lengths)
+        ref = ref_model.peft_model(
+            input_ids=ref_batch["input_ids"], position_ids=ref_batch["position_ids"], labels=ref_batch["labels"]
+        ).loss
+        ours = ours_model(
+            batch.input_ids, batch.position_ids, batch.positions, batch.targets, row_lengths=batch.row_lengths
+        )
     assert abs(ours.mean().item() - ref.item()) < 1e-5
 
 
@@ -139,7 +154,9 @@ def test_no_token_attends_across_rows(tiny_model_dir, rows, monkeypatch):
     def hidden(pack):
         b = flatten(pack)
         with torch.no_grad():
-            return decoder(input_ids=b.input_ids, position_ids=b.position_ids, row_lengths=b.row_lengths).last_hidden_state[0]
+            return decoder(
+                input_ids=b.input_ids, position_ids=b.position_ids, row_lengths=b.row_lengths
+            ).last_hidden_state[0]
 
     a, b, c = rows[:3]
     changed = ([t if i < 5 else (t + 17) % 1000 for i, t in enumerate(b[0])], b[1])
@@ -190,7 +207,9 @@ def test_short_bf16_rows_run_their_attention_in_fp32_on_cpu(monkeypatch):
 
     def exact(s, n):  # one row in fp32, causal, each query head on its key/value head
         kk, vv = (x[:, :, s : s + n].float().repeat_interleave(3, dim=1) for x in (k, v))
-        return torch.nn.functional.scaled_dot_product_attention(q[:, :, s : s + n].float(), kk, vv, is_causal=True).transpose(1, 2)
+        return torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, s : s + n].float(), kk, vv, is_causal=True
+        ).transpose(1, 2)
 
     reference = torch.cat([exact(0, 30), exact(30, 10)], dim=1)
     short = run(64)

@@ -59,7 +59,11 @@ def test_report_lists_every_expectation_with_counts(result):
         "expect_column_values_to_not_match_regex",
     ):
         assert name in md
-    nulls = [e for e in result.stats["expectations"] if e["expectation"] == "expect_column_values_to_not_be_null" and e["column"] == "output"]
+    nulls = [
+        e
+        for e in result.stats["expectations"]
+        if e["expectation"] == "expect_column_values_to_not_be_null" and e["column"] == "output"
+    ]
     assert nulls[0]["unexpected_count"] == 1 and nulls[0]["success"] is False
 
 

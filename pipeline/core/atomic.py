@@ -77,7 +77,14 @@ def _pid_alive(pid: int) -> bool:
 
 # I/O failures reported by libraries that do not raise OSError (safetensors and tokenizers are
 # written in Rust and raise their own errors carrying the OS message)
-_IO_MESSAGES = ("No space left on device", "Read-only file system", "Permission denied", "Disk quota exceeded", "File too large", "os error")
+_IO_MESSAGES = (
+    "No space left on device",
+    "Read-only file system",
+    "Permission denied",
+    "Disk quota exceeded",
+    "File too large",
+    "os error",
+)
 
 
 def _io_error(exc: BaseException) -> bool:

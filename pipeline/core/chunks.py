@@ -62,7 +62,13 @@ class ChunkWriter:
     Use as a context manager: an exception discards the temporary file.
     """
 
-    def __init__(self, path: str | os.PathLike, kind: str = "parquet", empty: pd.DataFrame | None = None, chunk_rows: int = CHUNK_ROWS):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        kind: str = "parquet",
+        empty: pd.DataFrame | None = None,
+        chunk_rows: int = CHUNK_ROWS,
+    ):
         self.path = Path(path)
         self.kind = kind
         # rows per Parquet row group (fixed) or per Arrow record batch (the stages' chunk size)
@@ -176,13 +182,17 @@ class ChunkWriter:
         return None
 
 
-def iter_chunks(path: str | os.PathLike, rows: int = CHUNK_ROWS, columns: list[str] | None = None) -> Iterator[pd.DataFrame]:
+def iter_chunks(
+    path: str | os.PathLike, rows: int = CHUNK_ROWS, columns: list[str] | None = None
+) -> Iterator[pd.DataFrame]:
     """A table file (Arrow IPC or Parquet) as pandas chunks of at most ``rows`` rows."""
     for batch in iter_batches(path, rows, columns):
         yield to_frame(batch)
 
 
-def iter_batches(path: str | os.PathLike, rows: int = CHUNK_ROWS, columns: list[str] | None = None) -> Iterator[pa.Table]:
+def iter_batches(
+    path: str | os.PathLike, rows: int = CHUNK_ROWS, columns: list[str] | None = None
+) -> Iterator[pa.Table]:
     path = Path(path)
     if path.suffix == ".parquet":
         pf = pq.ParquetFile(path)

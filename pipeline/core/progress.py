@@ -37,4 +37,7 @@ class Progress:
         if self.total is not None and not finished and rate > 0:
             left = f", about {(self.total - done) / rate:.0f} s left"
         speed = f"{rate:,.0f}" if rate >= 100 else f"{rate:.2f}"
-        self.log(f"{self.what}: {count} {self.unit}, {speed} {self.unit}/s, {spent:.0f} s{left}" + (f"; {extra}" if extra else ""))
+        self.log(
+            f"{self.what}: {count} {self.unit}, {speed} {self.unit}/s, {spent:.0f} s{left}"
+            + (f"; {extra}" if extra else "")
+        )

@@ -21,7 +21,14 @@ from pipeline.core.chunks import CHUNK_ROWS, ChunkWriter, iter_chunks, read_tabl
 
 FIELDS = ("instruction", "input", "output")
 REJECT_COLUMNS = ("source_file", "source_line", "source_index", "stage", "reason", "raw")
-REJECT_DTYPES = {"source_file": "str", "source_line": "Int64", "source_index": "Int64", "stage": "str", "reason": "str", "raw": "str"}
+REJECT_DTYPES = {
+    "source_file": "str",
+    "source_line": "Int64",
+    "source_index": "Int64",
+    "stage": "str",
+    "reason": "str",
+    "raw": "str",
+}
 
 # A rejected row keeps at most this many characters of its original text.
 MAX_RAW_CHARS = 1_000_000
@@ -56,7 +63,10 @@ def rejects_frame(rows: list[dict[str, Any]] | None = None) -> pd.DataFrame:
 def records_as_rejects(records: pd.DataFrame, stage: str, reasons: list[str] | pd.Series) -> pd.DataFrame:
     """Turn kept-format rows into rejected rows; ``raw`` is the row's fields as JSON."""
     fields = records[list(FIELDS)]
-    raw = [clip_raw(json.dumps(dict(zip(FIELDS, values)), ensure_ascii=False)) for values in fields.itertuples(index=False, name=None)]
+    raw = [
+        clip_raw(json.dumps(dict(zip(FIELDS, values)), ensure_ascii=False))
+        for values in fields.itertuples(index=False, name=None)
+    ]
     out = pd.DataFrame(
         {
             "source_file": records["source_file"].to_numpy(),

@@ -40,7 +40,7 @@ SINGLE = "model.safetensors"
 def release_memory() -> None:
     """Give freed heap memory back to the system (glibc's ``malloc_trim``). Tensors of a few to a few
     tens of MB, freed one after another, stay in glibc's heap between the sizes it returns at once:
-    measured on a 1.5B merge, RSS grew by about one tensor per layer to 4 GB without it, 1.1 GB with."""
+    without it, a large merge's RSS grows by about one tensor per layer."""
     import ctypes
     import ctypes.util
 
@@ -123,7 +123,15 @@ def parse_size(size: str | int) -> int:
     if isinstance(size, int):
         return size
     s = size.strip().upper()
-    for unit, factor in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
+    for unit, factor in (
+        ("GIB", 2**30),
+        ("MIB", 2**20),
+        ("KIB", 2**10),
+        ("GB", 10**9),
+        ("MB", 10**6),
+        ("KB", 10**3),
+        ("B", 1),
+    ):
         if s.endswith(unit):
             return int(float(s[: -len(unit)]) * factor)
     return int(s)
@@ -154,7 +162,9 @@ class FolderWriter:
             shards[-1].append(item)
             size += item.nbytes
         n = len(shards)
-        self.shards = [(SINGLE if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors", items) for k, items in enumerate(shards)]
+        self.shards = [
+            (SINGLE if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors", items) for k, items in enumerate(shards)
+        ]
         self.order = [item.name for _, items in self.shards for item in items]
         self.total_size = sum(item.nbytes for _, items in self.shards for item in items)
         self._next = 0
@@ -176,7 +186,11 @@ class FolderWriter:
         filename, items = self.shards[self._shard]
         header, offset = {}, 0
         for item in items:
-            header[item.name] = {"dtype": NAMES[item.dtype], "shape": item.shape, "data_offsets": [offset, offset + item.nbytes]}
+            header[item.name] = {
+                "dtype": NAMES[item.dtype],
+                "shape": item.shape,
+                "data_offsets": [offset, offset + item.nbytes],
+            }
             offset += item.nbytes
         header["__metadata__"] = self.metadata
         raw = json.dumps(header, separators=(",", ":")).encode()
@@ -194,7 +208,9 @@ class FolderWriter:
         _, items = self.shards[self._shard]
         item = items[len(items) - self._left_in_shard]
         if tensor.dtype != item.dtype or list(tensor.shape) != item.shape:
-            raise ValueError(f"tensor {name!r} is {tensor.dtype} {list(tensor.shape)}, planned {item.dtype} {item.shape}")
+            raise ValueError(
+                f"tensor {name!r} is {tensor.dtype} {list(tensor.shape)}, planned {item.dtype} {item.shape}"
+            )
         data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
         self._file.write(memoryview(data.numpy()))
         self.bytes_written += item.nbytes

@@ -20,7 +20,10 @@ MASK = "***"
 # a name part (between _ - . or the ends): HF_TOKEN, access_token, MLFLOW_TRACKING_PASSWORD,
 # AWS_SECRET_ACCESS_KEY, api_key; not max_new_tokens or tokenizer_fingerprint
 SECRET_NAME = re.compile(
-    r"(?:^|[_.-])(?:token|secret|password|passwd|api[_-]?key|apikey|credentials?|private[_-]?key|authorization)(?:$|[_.-])", re.IGNORECASE
+    r"(?:^|[_.-])"
+    r"(?:token|secret|password|passwd|api[_-]?key|apikey|credentials?|private[_-]?key|authorization)"
+    r"(?:$|[_.-])",
+    re.IGNORECASE,
 )
 _URI_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s:@]+):(?P<pw>[^@\s/]+)@")
 _TOKEN_SHAPES = re.compile(

@@ -39,7 +39,10 @@ MLFLOW_DB_SUFFIX = "_mlflow"
 RUN_HOST_TAG = "medtune/host"
 DEFAULT_SQLITE_URI = f"sqlite:///{PROJECT_ROOT / 'mlflow' / 'mlflow.db'}"
 # the first line of a dagster.yaml that pipeline.ops.instance wrote (and may rewrite)
-DAGSTER_HEADER = "# Written by `python -m pipeline.ops.instance` from pipeline/dagster.yaml; edit that file, or remove this line to keep your own."
+DAGSTER_HEADER = (
+    "# Written by `python -m pipeline.ops.instance` from pipeline/dagster.yaml; edit that file, or remove this line to "
+    "keep your own."
+)
 DRIVER_SCHEME = "postgresql+psycopg2"  # psycopg2 (dagster-postgres needs it); SQLAlchemy 2.1 would pick psycopg 3
 
 
@@ -69,7 +72,9 @@ def configured_postgres_url(env: Mapping[str, str] = os.environ) -> str | None:
             + (" (write postgresql://, SQLAlchemy no longer accepts postgres://)" if parts.scheme == "postgres" else "")
         )
     if not parts.hostname or not parts.path.strip("/"):
-        raise StoreConfigError(f"{POSTGRES_ENV}={redact(url)!r}: name the host and the database (postgresql://user@host:5432/medtune)")
+        raise StoreConfigError(
+            f"{POSTGRES_ENV}={redact(url)!r}: name the host and the database (postgresql://user@host:5432/medtune)"
+        )
     return url
 
 
@@ -129,7 +134,8 @@ def dagster_settings(template: str, env: Mapping[str, str] = os.environ) -> str:
     storage = {"storage": {"postgres": {"postgres_db": {k: v for k, v in fields.items() if v != ""}}}}
     return (
         text + "\n# MEDTUNE_POSTGRES_URL was set when this file was written: runs, events, schedules and pool\n"
-        "# slots live in this PostgreSQL database (pipeline/core/stores.py)\n" + yaml.safe_dump(storage, sort_keys=False)
+        "# slots live in this PostgreSQL database (pipeline/core/stores.py)\n"
+        + yaml.safe_dump(storage, sort_keys=False)
     )
 
 

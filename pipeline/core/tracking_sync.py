@@ -27,7 +27,11 @@ COPIED_FROM_TAG = "medtune.copied_from_run"
 COMPLETE = "complete"
 
 # A server that is down should cost seconds, not MLflow's default of 7 retries with backoff.
-QUICK_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+QUICK_HTTP = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
+}
 
 
 @contextlib.contextmanager
@@ -116,8 +120,21 @@ class MetricsTail:
     with :func:`send_training` afterwards). The first failure is reported through ``warn`` and ends the
     tailing: the training goes on, and :func:`send_training` sends whatever is missing."""
 
-    def __init__(self, client_factory: Callable[[], Any], run_id: str, path: Path, warn: Callable[[str], None], every: float = 1.0):
-        self.client_factory, self.run_id, self.path, self.warn, self.every = client_factory, run_id, Path(path), warn, every
+    def __init__(
+        self,
+        client_factory: Callable[[], Any],
+        run_id: str,
+        path: Path,
+        warn: Callable[[str], None],
+        every: float = 1.0,
+    ):
+        self.client_factory, self.run_id, self.path, self.warn, self.every = (
+            client_factory,
+            run_id,
+            Path(path),
+            warn,
+            every,
+        )
         self.offset = self.path.stat().st_size if self.path.is_file() else 0
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, name="medtune-metrics-tail", daemon=True)

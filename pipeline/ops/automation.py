@@ -83,7 +83,10 @@ def raw_data_sensor(context: SensorEvaluationContext, data_root: DataRoot):
     # Dagster skips a run key it has seen: data put back to a state built before gets a key of its own
     earlier = context.instance.get_run_ids(filters=RunsFilter(tags={RAW_TAG: fingerprint[:16]}))
     if earlier:
-        decision.message += f" (this data was built before, by run {earlier[0][:8]}: running again; unchanged outputs come from the caches)"
+        decision.message += (
+            f" (this data was built before, by run {earlier[0][:8]}: running again; unchanged outputs come from the "
+            "caches)"
+        )
     context.log.info(decision.message)
     return RunRequest(
         run_key=f"raw-{fingerprint}" + (f"-{len(earlier)}" if earlier else ""),
@@ -100,4 +103,6 @@ def raw_data_sensor(context: SensorEvaluationContext, data_root: DataRoot):
     description="Periodic retraining; with unchanged data every output is reused and nothing retrains",
 )
 def periodic_retrain_schedule(context: ScheduleEvaluationContext):
-    return RunRequest(run_config=last_run_config(context.instance), tags={"medtune/trigger": "periodic_retrain_schedule"})
+    return RunRequest(
+        run_config=last_run_config(context.instance), tags={"medtune/trigger": "periodic_retrain_schedule"}
+    )

@@ -16,7 +16,13 @@ from pathlib import Path
 
 from pipeline.core.atomic import write_bytes_atomic
 from pipeline.core.secrets import redact
-from pipeline.core.stores import DAGSTER_HEADER, configured_postgres_url, dagster_settings, ensure_database, tracking_uri
+from pipeline.core.stores import (
+    DAGSTER_HEADER,
+    configured_postgres_url,
+    dagster_settings,
+    ensure_database,
+    tracking_uri,
+)
 
 TEMPLATE = Path(__file__).parents[1] / "dagster.yaml"
 
@@ -43,7 +49,10 @@ def ensure_stores(home: Path, env=os.environ, log=print) -> None:
     if pg and uri.startswith("postgresql"):
         if ensure_database(uri):
             log(f"created the MLflow store's database: {redact(uri)}")
-    log(f"Dagster instance {home} ({'PostgreSQL ' + redact(pg) if pg else 'SQLite files in the home'}); MLflow store {redact(uri)}")
+    log(
+        f"Dagster instance {home} ({'PostgreSQL ' + redact(pg) if pg else 'SQLite files in the home'}); MLflow store "
+        f"{redact(uri)}"
+    )
     if pg and urllib.parse.urlsplit(pg).password and not env.get("PGPASSWORD"):
         log(
             "the instance settings name no password: Dagster commands you start yourself need PGPASSWORD "

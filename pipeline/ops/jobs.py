@@ -3,7 +3,8 @@
 Presets show in the Dagster launchpad as jobs of their own (``full_pipeline_job`` is the
 ``cpu-demo`` preset); on the command line pass the YAML file:
 
-    dagster asset materialize -m pipeline.definitions --select 'not group:sweep' -c pipeline/presets/gpu-qwen2.5-1.5b.yaml
+    dagster asset materialize -m pipeline.definitions --select 'not group:sweep' -c
+    pipeline/presets/gpu-qwen2.5-1.5b.yaml
     dagster job launch -m pipeline.definitions -j full_pipeline_job -c pipeline/presets/seed-qwen1.5-1.8b.yaml
 
 Every job that trains carries the run tag ``medtune/training``; the instance's run queue lets one
@@ -82,4 +83,12 @@ sweep_comparison_job = define_asset_job(
     selection=AssetSelection.assets("sweep_comparison"),
     description="The sweep's trials side by side (table and plots, also on the MLflow parent run)",
 )
-JOBS = [prepare_data_job, train_job, full_pipeline_job, *preset_jobs, sweep_plan_job, sweep_trial_job, sweep_comparison_job]
+JOBS = [
+    prepare_data_job,
+    train_job,
+    full_pipeline_job,
+    *preset_jobs,
+    sweep_plan_job,
+    sweep_trial_job,
+    sweep_comparison_job,
+]

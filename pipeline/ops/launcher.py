@@ -17,5 +17,7 @@ from pipeline.core.stores import tag_run_host
 
 class HostTaggingRunLauncher(DefaultRunLauncher):
     def launch_run(self, context) -> None:
-        tag_run_host(self._instance, context.dagster_run.run_id, lambda message: print(f"HostTaggingRunLauncher: {message}"))
+        tag_run_host(
+            self._instance, context.dagster_run.run_id, lambda message: print(f"HostTaggingRunLauncher: {message}")
+        )
         super().launch_run(context)

@@ -62,9 +62,22 @@ def decide(state: WatchState, fingerprint: str, now: float, quiet_seconds: float
         return Decision("none", fingerprint, WatchState(seen=state.seen), f"raw data unchanged ({fingerprint[:12]})")
     if fingerprint != state.pending or state.pending_since is None:
         new = WatchState(seen=state.seen, pending=fingerprint, pending_since=now)
-        return Decision("wait", fingerprint, new, f"raw data changed ({fingerprint[:12]}); waiting {quiet_seconds:g} s for the folder to be quiet")
+        return Decision(
+            "wait",
+            fingerprint,
+            new,
+            f"raw data changed ({fingerprint[:12]}); waiting {quiet_seconds:g} s for the folder to be quiet",
+        )
     if now - state.pending_since < quiet_seconds:
         return Decision(
-            "wait", fingerprint, state, f"raw data changed ({fingerprint[:12]}); quiet for {now - state.pending_since:.0f} of {quiet_seconds:g} s"
+            "wait",
+            fingerprint,
+            state,
+            f"raw data changed ({fingerprint[:12]}); quiet for {now - state.pending_since:.0f} of {quiet_seconds:g} s",
         )
-    return Decision("run", fingerprint, WatchState(seen=fingerprint), f"raw data changed to {fingerprint[:12]} and settled: retraining")
+    return Decision(
+        "run",
+        fingerprint,
+        WatchState(seen=fingerprint),
+        f"raw data changed to {fingerprint[:12]} and settled: retraining",
+    )

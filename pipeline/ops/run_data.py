@@ -68,12 +68,17 @@ def prune_run_data(instance, runs_dir: str | Path, log=print) -> list[str]:
             keep.add(run_id)
     todo = list(keep)
     while todo:  # and every folder a kept folder's descriptors point into
-        for ref in set().union(*(_referenced_runs(d, runs_dir) for d in descriptors.get(todo.pop(), {}).values())) - keep:
+        for ref in (
+            set().union(*(_referenced_runs(d, runs_dir) for d in descriptors.get(todo.pop(), {}).values())) - keep
+        ):
             keep.add(ref)
             todo.append(ref)
     removed = sorted(set(folders) - keep)
     for run_id in removed:
         shutil.rmtree(folders[run_id], ignore_errors=True)
     if removed:
-        log(f"removed the data of {len(removed)} finished runs that nothing reads any more ({', '.join(r[:8] for r in removed)})")
+        log(
+            f"removed the data of {len(removed)} finished runs that nothing reads any more "
+            f"({', '.join(r[:8] for r in removed)})"
+        )
     return removed

@@ -3,7 +3,8 @@
 The end-to-end tests use these steps (and assert on what the pages show); ``make screenshots``
 takes the README's pictures from a running ``make ui``:
 
-    python -m pipeline.ops.screenshots --dagster http://127.0.0.1:3000 --mlflow http://127.0.0.1:5000 --out docs/screenshots
+    python -m pipeline.ops.screenshots --dagster http://127.0.0.1:3000 --mlflow http://127.0.0.1:5000 --out
+    docs/screenshots
 """
 
 from __future__ import annotations
@@ -41,7 +42,11 @@ def browser_page(width: int = 1800, height: int = 1100):
 
     with tempfile.TemporaryDirectory(prefix="medtune-chromium-") as profile, sync_playwright() as p:
         context = p.chromium.launch_persistent_context(
-            profile, executable_path=chromium_path(), args=CHROMIUM_FLAGS, headless=True, viewport={"width": width, "height": height}
+            profile,
+            executable_path=chromium_path(),
+            args=CHROMIUM_FLAGS,
+            headless=True,
+            viewport={"width": width, "height": height},
         )
         # Dagster's UI on localhost opens a "Join the Dagster community" dialog a second after the first
         # page renders, unless this key says it was seen; on a slow machine it came after any wait for it
@@ -89,7 +94,9 @@ def champion_version(mlflow_url: str, name: str = "medtune") -> str:
     import json
     import urllib.request
 
-    with urllib.request.urlopen(f"{mlflow_url}/api/2.0/mlflow/registered-models/alias?name={name}&alias=champion", timeout=30) as r:
+    with urllib.request.urlopen(
+        f"{mlflow_url}/api/2.0/mlflow/registered-models/alias?name={name}&alias=champion", timeout=30
+    ) as r:
         return str(json.loads(r.read())["model_version"]["version"])
 
 

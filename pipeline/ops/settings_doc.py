@@ -39,7 +39,11 @@ def config_class(asset: str):
     from dagster import Config
 
     module = importlib.import_module(f"assets.{asset}")
-    found = [v for v in vars(module).values() if isinstance(v, type) and issubclass(v, Config) and v.__module__ == module.__name__]
+    found = [
+        v
+        for v in vars(module).values()
+        if isinstance(v, type) and issubclass(v, Config) and v.__module__ == module.__name__
+    ]
     if len(found) != 1:
         raise LookupError(f"assets/{asset}.py: expected one Config class, found {[c.__name__ for c in found]}")
     return found[0]
@@ -59,28 +63,51 @@ def type_name(annotation) -> str:
 
 def default_text(field) -> str:
     if field.default_factory is not None:
-        return "(from the environment)" if field.default_factory.__name__.startswith("default") else f"`{field.default_factory()!r}`"
+        return (
+            "(from the environment)"
+            if field.default_factory.__name__.startswith("default")
+            else f"`{field.default_factory()!r}`"
+        )
     if field.is_required():
         return "(required)"
     return "none" if field.default is None else f"`{field.default!r}`".replace("|", "\\|")
 
 
 def bounds_text(field) -> str:
-    return ", ".join(f"{sign} {getattr(m, key)}" for m in field.metadata for key, sign in BOUNDS.items() if getattr(m, key, None) is not None)
+    return ", ".join(
+        f"{sign} {getattr(m, key)}"
+        for m in field.metadata
+        for key, sign in BOUNDS.items()
+        if getattr(m, key, None) is not None
+    )
 
 
 def table(cls) -> list[str]:
     lines = ["| setting | type | default | bounds | what it does |", "|---|---|---|---|---|"]
     for name, field in cls.model_fields.items():
         description = (field.description or "").replace("|", "\\|")
-        lines.append(f"| `{name}` | {type_name(field.annotation)} | {default_text(field)} | {bounds_text(field)} | {description} |")
+        lines.append(
+            f"| `{name}` | {type_name(field.annotation)} | {default_text(field)} | {bounds_text(field)} | "
+            f"{description} |"
+        )
     return lines
 
 
 def declared_in(cls) -> str:
     """Where a newcomer finds the declarations: each class of the project that declares some of them."""
-    places = [b for b in reversed(cls.__mro__) if b.__module__.startswith(("pipeline.", "assets.")) and b.__dict__.get("__annotations__")]
-    return " and ".join(f"`{b.__module__.replace('.', '/')}.py` (`{b.__name__}`)" for b in places)
+    places = [
+        b
+        for b in reversed(cls.__mro__)
+        if b.__module__.startswith(("pipeline.", "assets.")) and b.__dict__.get("__annotations__")
+    ]
+    return " and ".join(f"`{source_path(b)}` (`{b.__name__}`)" for b in places)
+
+
+def source_path(cls: type) -> str:
+    """The file that declares ``cls``, relative to the project."""
+    import inspect
+
+    return Path(inspect.getfile(cls)).resolve().relative_to(DOC.parents[1]).as_posix()
 
 
 def reference() -> str:
@@ -92,7 +119,12 @@ def reference() -> str:
         out += [f"### `{asset}`", "", f"Declared in {declared_in(cls)}.", "", *table(cls), ""]
     fields = {k: v for k, v in DataRoot.model_fields.items() if k != "path"}
     resource = types.SimpleNamespace(model_fields=fields)
-    out += ["### resource `data_root`", "", "Declared in `resources/data_root.py` (`DataRoot`); its `path` is `MEDTUNE_DATA_DIR`.", ""]
+    out += [
+        "### resource `data_root`",
+        "",
+        "Declared in `resources/data_root.py` (`DataRoot`); its `path` is `MEDTUNE_DATA_DIR`.",
+        "",
+    ]
     out += [*table(resource), "", END]
     return "\n".join(out)
 

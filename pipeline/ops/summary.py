@@ -29,11 +29,22 @@ def summary(data_dir: str | None = None) -> str:
     if root.alpaca_path.is_file():
         alpaca = pd.read_parquet(root.alpaca_path, columns=["split"])
         counts = alpaca["split"].value_counts().to_dict()
-        out.append(f"  rows kept           {len(alpaca)} (train {counts.get('train', 0)}, eval {counts.get('eval', 0)})")
+        out.append(
+            f"  rows kept           {len(alpaca)} (train {counts.get('train', 0)}, eval {counts.get('eval', 0)})"
+        )
     if root.rejected_path.is_file():
         rejected = pd.read_parquet(root.rejected_path, columns=["stage"])
         by_stage = ", ".join(f"{k} {v}" for k, v in rejected["stage"].value_counts().sort_index().items())
         out.append(f"  rows rejected       {len(rejected)} ({by_stage or 'none'})")
+    out += _model_lines(stages) + _result_lines(stages)
+    out.append(f"  alpaca parquet      {root.alpaca_path}")
+    out.append(f"  rejected parquet    {root.rejected_path}")
+    return "\n".join(out)
+
+
+def _model_lines(stages: Path) -> list[str]:
+    """The base model, the tokenized data and the training, as the latest descriptors tell."""
+    out: list[str] = []
     base = stages / "base_model.json"
     if base.is_file():
         b = json.loads(base.read_text())
@@ -43,29 +54,43 @@ def summary(data_dir: str | None = None) -> str:
         t = json.loads(tok.read_text())
         st = t["stats"]
         out.append(
-            f"  tokenized           {st['rows']} rows, length p50 {st['length_p50']:.0f} / p95 {st['length_p95']:.0f} / "
+            f"  tokenized           {st['rows']} rows, length p50 {st['length_p50']:.0f} / p95 {st['length_p95']:.0f} "
+            "/ "
             f"max {st['length_max']}, {st['truncated_rows']} truncated, supervised share {st['supervised_share']:.1%}"
         )
         out.append(f"                      {t['path']}")
     lora = stages / "lora_adapter.json"
     if lora.is_file():
-        a = json.loads(lora.read_text())
+        written = json.loads(lora.read_text())
+        a = {**written, **written.get("figures", {})}  # the training's figures beside the adapter's fields
         first, final = a.get("first_eval_loss"), a.get("final_eval_loss")
         losses = f"eval loss {first:.4f} → {final:.4f}" if first is not None and final is not None else ""
         out.append(
-            f"  training            {a.get('steps')} steps in {a.get('train_seconds')} s on {a.get('device')} ({a.get('precision')}), {losses}"
+            f"  training            {a.get('steps')} steps in {a.get('train_seconds')} s on {a.get('device')} "
+            f"({a.get('precision')}), {losses}"
         )
         if a.get("steady_tokens_per_s"):
             out.append(
-                f"                      {a['steady_tokens_per_s']:,.0f} tokens/s, {a.get('achieved_tflops')} TFLOP/s of a "
+                f"                      {a['steady_tokens_per_s']:,.0f} tokens/s, {a.get('achieved_tflops')} TFLOP/s "
+                "of a "
                 f"{a.get('matmul_peak_tflops')} TFLOP/s matmul peak (MFU {a.get('mfu')})"
             )
         out.append(f"  adapter             {a['path']}")
-        out.append(f"  MLflow run          {a.get('mlflow_run_id')}  (make mlflow-ui; store {redact(default_tracking_uri())})")
+        out.append(
+            f"  MLflow run          {a.get('mlflow_run_id')}  (make mlflow-ui; store {redact(default_tracking_uri())})"
+        )
+    return out
+
+
+def _result_lines(stages: Path) -> list[str]:
+    """Base against tuned, the merge and its check, the registration."""
+    out: list[str] = []
     report = stages / "evaluation_report.json"
     if report.is_file():
         r = json.loads(report.read_text())
-        out.append("  base vs tuned       (answer-token loss; medicine choice by likelihood: top-1 accuracy and mean rank;")
+        out.append(
+            "  base vs tuned       (answer-token loss; medicine choice by likelihood: top-1 accuracy and mean rank;"
+        )
         out.append("                      BLEU-4 on characters, ROUGE on jieba words, 0-100)")
         out.extend("    " + line for line in _metrics_table(r["summary"]))
         out.append(f"  tuned_beats_base    {'passed' if r['gate_passed'] else 'FAILED'}: {r['gate_reason']}")
@@ -86,14 +111,13 @@ def summary(data_dir: str | None = None) -> str:
         g = json.loads(reg.read_text())
         if g.get("registered"):
             out.append(
-                f"  registered          {g['name']} version {g['version']} (aliases: {', '.join(g['aliases']) or 'none'}); "
+                f"  registered          {g['name']} version {g['version']} (aliases: "
+                f"{', '.join(g['aliases']) or 'none'}); "
                 f"load it with mlflow.pyfunc.load_model('models:/{g['name']}@champion')"
             )
         else:
             out.append(f"  registered          NOT registered: {g.get('reason')}")
-    out.append(f"  alpaca parquet      {root.alpaca_path}")
-    out.append(f"  rejected parquet    {root.rejected_path}")
-    return "\n".join(out)
+    return out
 
 
 def _metrics_table(summary: dict) -> list[str]:
@@ -104,7 +128,9 @@ def _metrics_table(summary: dict) -> list[str]:
             s = summary.get(model, {}).get(split)
             if not s:
                 continue
-            cells = "".join(f"{'n/a' if s.get(c) is None else format(s[c], '.4f' if c == 'loss' else '.2f'):>16}" for c in cols)
+            cells = "".join(
+                f"{'n/a' if s.get(c) is None else format(s[c], '.4f' if c == 'loss' else '.2f'):>16}" for c in cols
+            )
             lines.append(f"{split:<13}{model:<7}{s['rows']:>5}{cells}")
             if split == "eval" and s.get("seen_medicine_choice_rows"):
                 lines.append(

@@ -16,9 +16,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+
+from pipeline.stages.sweep_comparison import SweepComparison
+from pipeline.stages.sweep_plan import SweepPlan
 
 DEFAULT_PRESET = Path(__file__).parents[1] / "presets" / "sweep-cpu.yaml"
 
@@ -29,26 +33,40 @@ def config_for(job, run_config: dict) -> dict:
     return {"ops": {k: v for k, v in (run_config.get("ops") or {}).items() if k in names}}
 
 
-def run_sweep(defs, run_config: dict, instance, log=print) -> dict:
-    """Plan, every trial, comparison. Returns {"plan": ..., "trials": {key: succeeded}, "comparison": ...}."""
+@dataclass(frozen=True)
+class SweepOutcome:
+    """A whole sweep: its plan, whether each trial (by partition key) succeeded, the comparison."""
+
+    plan: SweepPlan
+    trials: dict[str, bool]
+    comparison: SweepComparison
+
+
+def run_sweep(defs, run_config: dict, instance, log=print) -> SweepOutcome:
+    """Plan, every trial, comparison."""
     plan_job = defs.resolve_job_def("sweep_plan_job")
-    planned = plan_job.execute_in_process(run_config=config_for(plan_job, run_config), instance=instance, raise_on_error=False)
+    planned = plan_job.execute_in_process(
+        run_config=config_for(plan_job, run_config), instance=instance, raise_on_error=False
+    )
     if not planned.success:
         raise RuntimeError(f"the sweep's plan failed (Dagster run {planned.run_id}): see its log")
     plan = planned.output_for_node("sweep_plan")
-    log(f"sweep {plan['name']}: {len(plan['partition_keys'])} trials (MLflow parent run {plan['parent_run_id']})")
+    log(f"sweep {plan.name}: {len(plan.partition_keys)} trials (MLflow parent run {plan.parent_run_id})")
     trial_job = defs.resolve_job_def("sweep_trial_job")
     outcomes: dict[str, bool] = {}
-    for i, key in enumerate(plan["partition_keys"], 1):
+    for i, key in enumerate(plan.partition_keys, 1):
         t0 = time.perf_counter()
         result = trial_job.execute_in_process(instance=instance, partition_key=key, raise_on_error=False)
         outcomes[key] = result.success
-        log(f"[{i}/{len(plan['partition_keys'])}] {key}: {'finished' if result.success else 'FAILED (recorded)'} in {time.perf_counter() - t0:.0f} s")
+        log(
+            f"[{i}/{len(plan.partition_keys)}] {key}: {'finished' if result.success else 'FAILED (recorded)'} in "
+            f"{time.perf_counter() - t0:.0f} s"
+        )
     comparison_job = defs.resolve_job_def("sweep_comparison_job")
     compared = comparison_job.execute_in_process(instance=instance, raise_on_error=False)
     if not compared.success:
         raise RuntimeError(f"the sweep's comparison failed (Dagster run {compared.run_id}): see its log")
-    return {"plan": plan, "trials": outcomes, "comparison": compared.output_for_node("sweep_comparison")}
+    return SweepOutcome(plan, outcomes, compared.output_for_node("sweep_comparison"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,13 +84,13 @@ def main(argv: list[str] | None = None) -> int:
         # a run killed outright keeps its training slot: freed first, or every trial would wait for it
         recover_dead_runs(instance)
         out = run_sweep(defs, run_config, instance)
-    comparison = out["comparison"]
-    print((Path(comparison["path"]) / "comparison.md").read_text())
+    comparison = out.comparison
+    print((Path(comparison.path) / "comparison.md").read_text())
     print(
-        f"\nsweep {comparison['name']}: {comparison['counts']} in {time.perf_counter() - t0:.0f} s; "
-        f"best held-out loss: {comparison['best_trial']}; table, plots: {comparison['path']}"
+        f"\nsweep {comparison.name}: {comparison.counts} in {time.perf_counter() - t0:.0f} s; "
+        f"best held-out loss: {comparison.best_trial}; table, plots: {comparison.path}"
     )
-    return 0 if all(out["trials"].values()) else 1
+    return 0 if all(out.trials.values()) else 1
 
 
 if __name__ == "__main__":

@@ -46,7 +46,9 @@ def _reset_signals() -> None:
 
 def check_store(uri: str) -> None:
     if not uri.startswith(("sqlite:///", "postgresql")):
-        raise SystemExit(f"make ui serves a SQLite or PostgreSQL MLflow store; MLFLOW_TRACKING_URI is {uri!r} (a server already?)")
+        raise SystemExit(
+            f"make ui serves a SQLite or PostgreSQL MLflow store; MLFLOW_TRACKING_URI is {uri!r} (a server already?)"
+        )
 
 
 @dataclass
@@ -102,7 +104,16 @@ class Servers:
                 "--workers",
                 "1",
             ],
-            "dagster": [str(bindir / "dagster"), "dev", "-w", str(PROJECT_ROOT / "workspace.yaml"), "-h", self.host, "-p", str(self.dagster_port)],
+            "dagster": [
+                str(bindir / "dagster"),
+                "dev",
+                "-w",
+                str(PROJECT_ROOT / "workspace.yaml"),
+                "-h",
+                self.host,
+                "-p",
+                str(self.dagster_port),
+            ],
         }
         for name, cmd in commands.items():
             out = open(log_dir / f"{name}.log", "ab") if log_dir else None

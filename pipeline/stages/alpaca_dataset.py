@@ -22,12 +22,19 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import BaseModel, Field
 
 from pipeline.core.atomic import atomic_path
 from pipeline.core.chunks import CHUNK_ROWS, PARQUET_SETTINGS, ROW_GROUP_SIZE, ChunkWriter, iter_chunks, to_arrow
 from pipeline.stages.deduplicated_records.keys import bucket
 
 ALPACA_COLUMNS = ("record_id", "prompt_id", "instruction", "input", "output", "split", "source_file", "source_line")
+
+
+class SplitSettings(BaseModel):
+    """The train/eval split's settings (asset ``alpaca_dataset``)."""
+
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of prompts held out for evaluation")
 
 
 @dataclass(frozen=True)
@@ -42,7 +49,9 @@ class AlpacaDataset:
     near_duplicate_threshold: float | None = None
 
 
-def split_rule(b: np.ndarray, eval_fraction: float, lowest: float | None, highest: float | None, distinct: int) -> np.ndarray:
+def split_rule(
+    b: np.ndarray, eval_fraction: float, lowest: float | None, highest: float | None, distinct: int
+) -> np.ndarray:
     """``True`` where a row is eval: its bucket under ``eval_fraction``; with two or more distinct
     prompts, the prompt with the smallest bucket (``lowest``, over all rows) is eval if none
     would be, and the one with the largest (``highest``) is train if all would be eval."""
@@ -81,7 +90,9 @@ def empty_alpaca() -> pd.DataFrame:
     return pd.DataFrame({c: base[c] if c in base else pd.Series([], dtype="str") for c in ALPACA_COLUMNS})
 
 
-def write_alpaca(rows, path: str | os.PathLike, eval_fraction: float = 0.1, chunk_rows: int = CHUNK_ROWS, log=None) -> dict:
+def write_alpaca(
+    rows, path: str | os.PathLike, eval_fraction: float = 0.1, chunk_rows: int = CHUNK_ROWS, log=None
+) -> dict:
     """The Alpaca Parquet from a deduplicated stage (:class:`~pipeline.core.records.StagedRows`),
     chunk by chunk: byte-identical to ``write_parquet(build_alpaca(all rows))``. Returns the counts.
     ``log``: a progress line every few seconds."""
@@ -118,7 +129,9 @@ def write_parquet(table: pa.Table | pd.DataFrame, path: str | os.PathLike) -> Pa
     return path
 
 
-def near_twins_across_splits(path: str | os.PathLike, threshold: float, chunk_rows: int = CHUNK_ROWS, shown: int = 5) -> dict:
+def near_twins_across_splits(
+    path: str | os.PathLike, threshold: float, chunk_rows: int = CHUNK_ROWS, shown: int = 5
+) -> dict:
     """Held-out prompts with a near twin in train, found afresh from ``path`` (the same MinHash LSH
     as ``deduplicated_records``, over every row of the file, streamed): ``{"groups": groups with rows in
     both splits, "rows", "held_out_rows": their eval rows, "examples": [(eval file:line, train file:line)]}``."""
@@ -148,7 +161,12 @@ def near_twins_across_splits(path: str | os.PathLike, threshold: float, chunk_ro
         members = rows[heads == h]
         pairs.append((int(members[is_eval[members]][0]), int(members[~is_eval[members]][0])))
     where = _sources(path, {r for p in pairs for r in p}, chunk_rows)
-    return {"groups": len(mixed), "rows": len(rows), "held_out_rows": int(is_eval[rows].sum()), "examples": [(where[a], where[b]) for a, b in pairs]}
+    return {
+        "groups": len(mixed),
+        "rows": len(rows),
+        "held_out_rows": int(is_eval[rows].sum()),
+        "examples": [(where[a], where[b]) for a, b in pairs],
+    }
 
 
 def _sources(path, wanted: set[int], chunk_rows: int) -> dict[int, str]:

@@ -7,11 +7,21 @@ order, with file, line, stage and reason (the layout of ``pipeline.core.records.
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass, field
 
 import pandas as pd
 
 from pipeline.core.chunks import CHUNK_ROWS, ChunkWriter
 from pipeline.core.records import rejects_frame
+
+
+@dataclass(frozen=True)
+class RejectedRecords:
+    """What ``rejected_records`` hands on: the run's rejected rows (Parquet) and how many each stage left out."""
+
+    path: str
+    rows: int
+    by_stage: dict[str, int] = field(default_factory=dict)
 
 
 def collect_rejected(parts: list[pd.DataFrame]) -> pd.DataFrame:
@@ -51,7 +61,8 @@ def _kinds_markdown(kinds: Counter, limit: int = 15) -> str:
     from pipeline.core.markdown import table
 
     return table(
-        ["stage", "reason", "rows"], [(stage, reason, rows) for (stage, reason), rows in sorted(kinds.items(), key=lambda kv: -kv[1])[:limit]]
+        ["stage", "reason", "rows"],
+        [(stage, reason, rows) for (stage, reason), rows in sorted(kinds.items(), key=lambda kv: -kv[1])[:limit]],
     )
 
 

@@ -8,9 +8,21 @@ medicines, trainable parameters, adapter size, training time and peak memory.
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
+
+
+@dataclass(frozen=True)
+class SweepComparison:
+    """What ``sweep_comparison`` hands on: the folder of the table and plots, the best trial, trials by status."""
+
+    name: str
+    path: str
+    best_trial: str | None
+    counts: dict[str, int] = field(default_factory=dict)
+
 
 COLUMNS = [
     "trial",

@@ -21,13 +21,54 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import BaseModel, Field
+
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,47}$")
-SHORT = {"method": "", "r": "r", "learning_rate": "lr", "lora_alpha": "a", "num_virtual_tokens": "v", "epochs": "ep", "max_steps": "s"}
+SHORT = {
+    "method": "",
+    "r": "r",
+    "learning_rate": "lr",
+    "lora_alpha": "a",
+    "num_virtual_tokens": "v",
+    "epochs": "ep",
+    "max_steps": "s",
+}
 PARTITIONS = "sweep_trials"  # the dynamic partitions of sweep_trial
+
+
+class SweepSettings(BaseModel):
+    """A sweep's name, grid and trials (asset ``sweep_plan``)."""
+
+    name: str = Field(
+        "sweep",
+        description="The sweep's name (its folder under sweeps/, its MLflow parent run, its partition keys' prefix)",
+    )
+    base: dict[str, Any] = Field(default_factory=dict, description="lora_adapter settings every trial shares")
+    grid: dict[str, list[Any]] = Field(
+        default_factory=dict, description="Setting -> values: every combination is a trial"
+    )
+    trials: list[dict[str, Any]] = Field(default_factory=list, description="Single trials (settings; optional 'label')")
+    per_method: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Method -> its settings in this sweep"
+    )
+    evaluation: dict[str, Any] = Field(
+        default_factory=lambda: {"max_new_tokens": 32, "train_sample_size": 8},
+        description="evaluation_report settings for the trials (shorter answers than the pipeline's: a sweep compares)",
+    )
 
 
 class SweepError(ValueError):
     pass
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """What ``sweep_plan`` hands on: the sweep, its trials' partition keys and its MLflow parent run."""
+
+    name: str
+    partition_keys: list[str]
+    parent_run_id: str
+    fingerprint: str
 
 
 @dataclass
@@ -51,7 +92,9 @@ def _label(point: dict[str, Any]) -> str:
     return re.sub(r"[^a-z0-9_.-]+", "_", label.lower())
 
 
-def expand(base: dict[str, Any], grid: dict[str, list], trials: list[dict[str, Any]], per_method: dict[str, dict[str, Any]]) -> list[Trial]:
+def expand(
+    base: dict[str, Any], grid: dict[str, list], trials: list[dict[str, Any]], per_method: dict[str, dict[str, Any]]
+) -> list[Trial]:
     """The sweep's trials, in grid order then the explicit ones; duplicates (same settings) once."""
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
@@ -69,7 +112,10 @@ def expand(base: dict[str, Any], grid: dict[str, list], trials: list[dict[str, A
         label = point.pop("label", None) or _label(point)
         settings.pop("label", None)
         if not LABEL.fullmatch(str(label)):
-            raise SweepError(f"trial label {label!r}: use letters, digits, '_', '.' and '-' (it names the trial's files and partition)")
+            raise SweepError(
+                f"trial label {label!r}: use letters, digits, '_', '.' and '-' (it names the trial's files and "
+                "partition)"
+            )
         fingerprint = repr(sorted(settings.items()))
         if fingerprint in seen:
             continue

@@ -30,6 +30,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from pydantic import BaseModel, Field
 
 from pipeline.core.atomic import atomic_dir
 from pipeline.core.cache import is_complete, keyed_folder
@@ -38,13 +39,19 @@ from pipeline.core.fingerprint import sha256_json
 IGNORE_INDEX = -100
 DEFAULT_MAX_SEQ_LEN = 2048
 FORMAT_VERSION = 1
-# The role in 20 tokens. Every training row and every evaluated prompt carries it: the longer prompt
-# used before (76 tokens, "...请根据患者描述的症状，推荐适合的中成药，并说明它的功效与用法。") was half of
-# each prompt and about a fifth of the real sample's training tokens, with no measured gain
-# (docs/training.md#choosing-the-defaults).
+# short: every training row and evaluated prompt carries it (docs/training.md#choosing-the-defaults)
 DEFAULT_SYSTEM_PROMPT = "你是一名中医药知识助手。"
 MANIFEST = "manifest.json"
 SPLITS = ("train", "eval")
+
+
+class TokenizerSettings(BaseModel):
+    """How rows become token sequences (asset ``tokenized_dataset``)."""
+
+    max_seq_len: int = Field(
+        DEFAULT_MAX_SEQ_LEN, gt=8, description="Longest sequence in tokens; longer answers lose their end"
+    )
+    system_prompt: str = Field(DEFAULT_SYSTEM_PROMPT, description="System turn used in training and inference")
 
 
 def user_turn(instruction: str, inp: str) -> str:
@@ -59,7 +66,9 @@ def prompt_messages(instruction: str, inp: str, system_prompt: str) -> list[dict
 
 def render_prompt(tokenizer, instruction: str, inp: str, system_prompt: str) -> str:
     """The text a model sees at inference, ending with the assistant's generation prompt."""
-    return tokenizer.apply_chat_template(prompt_messages(instruction, inp, system_prompt), tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(
+        prompt_messages(instruction, inp, system_prompt), tokenize=False, add_generation_prompt=True
+    )
 
 
 def pad_token_id(tokenizer, fallback: int) -> int:
@@ -79,7 +88,9 @@ def end_of_turn_id(tokenizer) -> int:
         if tid in special:
             return int(tid)
     if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer's chat template ends an assistant turn with no special token and has no eos token")
+        raise ValueError(
+            "the tokenizer's chat template ends an assistant turn with no special token and has no eos token"
+        )
     return int(tokenizer.eos_token_id)
 
 
@@ -109,11 +120,15 @@ def tokenize_rows(
         room = max_seq_len - len(p)
         truncated = len(response) > room
         response = response[:room]
-        rows.append(TokenizedRow(input_ids=[*p, *response], labels=[IGNORE_INDEX] * len(p) + response, truncated=truncated))
+        rows.append(
+            TokenizedRow(input_ids=[*p, *response], labels=[IGNORE_INDEX] * len(p) + response, truncated=truncated)
+        )
     return rows
 
 
-def cache_key(data_fingerprint: str, tokenizer_fingerprint: str, chat_template: str, max_seq_len: int, system_prompt: str) -> str:
+def cache_key(
+    data_fingerprint: str, tokenizer_fingerprint: str, chat_template: str, max_seq_len: int, system_prompt: str
+) -> str:
     return sha256_json(
         {
             "format": FORMAT_VERSION,
@@ -168,6 +183,19 @@ def _stats(table: pd.DataFrame, skipped: list[str]) -> dict[str, Any]:
 TOKENIZE_BLOCK = 2_000  # rows between progress lines
 
 
+TOKENIZED_SCHEMA = pa.schema(
+    [
+        ("record_id", pa.string()),
+        ("split", pa.string()),
+        ("input_ids", pa.list_(pa.int32())),
+        ("labels", pa.list_(pa.int32())),
+        ("length", pa.int32()),
+        ("n_supervised", pa.int32()),
+        ("truncated", pa.bool_()),
+    ]
+)
+
+
 def tokenize_dataset(
     alpaca: pd.DataFrame,
     tokenizer,
@@ -197,7 +225,14 @@ def tokenize_dataset(
     rows = []
     for start in range(0, len(alpaca), TOKENIZE_BLOCK):  # each row on its own: blocks only pace the progress lines
         part = alpaca.iloc[start : start + TOKENIZE_BLOCK]
-        rows += tokenize_rows(tokenizer, part["instruction"].tolist(), part["input"].tolist(), part["output"].tolist(), system_prompt, max_seq_len)
+        rows += tokenize_rows(
+            tokenizer,
+            part["instruction"].tolist(),
+            part["input"].tolist(),
+            part["output"].tolist(),
+            system_prompt,
+            max_seq_len,
+        )
         progress(len(rows))
     keep = [r is not None for r in rows]
     skipped = alpaca.loc[[not k for k in keep], "record_id"].tolist()
@@ -214,17 +249,6 @@ def tokenize_dataset(
         }
     )
     stats = _stats(table, skipped)
-    schema = pa.schema(
-        [
-            ("record_id", pa.string()),
-            ("split", pa.string()),
-            ("input_ids", pa.list_(pa.int32())),
-            ("labels", pa.list_(pa.int32())),
-            ("length", pa.int32()),
-            ("n_supervised", pa.int32()),
-            ("truncated", pa.bool_()),
-        ]
-    )
     manifest = {
         "key": key,
         "format": FORMAT_VERSION,
@@ -237,7 +261,7 @@ def tokenize_dataset(
         "ignore_index": IGNORE_INDEX,
         "stats": stats,
     }
-    arrow = pa.table({name: table[name].tolist() for name in schema.names}, schema=schema)
+    arrow = pa.table({name: table[name].tolist() for name in TOKENIZED_SCHEMA.names}, schema=TOKENIZED_SCHEMA)
     with atomic_dir(dest) as tmp:
         for split in SPLITS:
             part = arrow.filter(pc.equal(arrow["split"], split))

@@ -26,7 +26,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.core.chunks import CHUNK_ROWS
 from pipeline.core.pool import map_batches, read_batch, workers_for
-from pipeline.core.records import FIELDS, StagedRows, StageResult, empty_records, in_memory, records_as_rejects, stage_output
+from pipeline.core.records import (
+    FIELDS,
+    StagedRows,
+    StageResult,
+    empty_records,
+    in_memory,
+    records_as_rejects,
+    stage_output,
+)
 
 STAGE = "validate"
 
@@ -150,7 +158,9 @@ class Suite:
                 for expectation in expectations:
                     if (expectation.expectation_type not in PRESENCE) == values_only:
                         suite.add_expectation(expectation)
-                definition = ctx.validation_definitions.add(gx.ValidationDefinition(name=f"validate_{name}", data=batch_def, suite=suite))
+                definition = ctx.validation_definitions.add(
+                    gx.ValidationDefinition(name=f"validate_{name}", data=batch_def, suite=suite)
+                )
                 self.definitions.append((column, values_only, definition))
 
     def run(self, df: pd.DataFrame) -> tuple[list[ExpectationOutcome], dict[int, list[str]]]:
@@ -167,7 +177,11 @@ class Suite:
             with _quiet_gx():
                 result = definition.run(
                     batch_parameters={"dataframe": part},
-                    result_format={"result_format": "COMPLETE", "partial_unexpected_count": examples, "return_unexpected_index_query": False},
+                    result_format={
+                        "result_format": "COMPLETE",
+                        "partial_unexpected_count": examples,
+                        "return_unexpected_index_query": False,
+                    },
                 )
             for r in result.results:
                 cfg = r.expectation_config
@@ -176,13 +190,19 @@ class Suite:
                     raise ValueError(f"required column {column!r} is missing from the records")
                 info = r.exception_info or {}
                 if info.get("raised_exception"):
-                    raise RuntimeError(f"expectation {kind} on {column!r} could not run: {info.get('exception_message')}")
+                    raise RuntimeError(
+                        f"expectation {kind} on {column!r} could not run: {info.get('exception_message')}"
+                    )
                 res = r.result or {}
                 description = _describe(kind, column, cfg.kwargs)
                 for idx in res.get("unexpected_index_list") or []:
                     reasons.setdefault(int(idx), []).append(f"{column}: {description} [{kind}]")
                 shown = [_short(v) for v in (res.get("partial_unexpected_list") or [])[:examples]]
-                outcomes.append(ExpectationOutcome(kind, column, description, bool(r.success), int(res.get("unexpected_count") or 0), shown))
+                outcomes.append(
+                    ExpectationOutcome(
+                        kind, column, description, bool(r.success), int(res.get("unexpected_count") or 0), shown
+                    )
+                )
         return outcomes, reasons
 
 
@@ -198,12 +218,16 @@ def suite_for(bounds: Bounds, examples: int = 3) -> Suite:
     return _SUITES[key]
 
 
-def run_suite(df: pd.DataFrame, bounds: Bounds, examples: int = 3) -> tuple[list[ExpectationOutcome], dict[int, list[str]]]:
+def run_suite(
+    df: pd.DataFrame, bounds: Bounds, examples: int = 3
+) -> tuple[list[ExpectationOutcome], dict[int, list[str]]]:
     """Run the suite once on ``df``: each expectation's outcome and ``{row position: [reasons]}``."""
     return suite_for(bounds, examples).run(df)
 
 
-def merge_outcomes(total: list[ExpectationOutcome] | None, part: list[ExpectationOutcome], examples: int = 3) -> list[ExpectationOutcome]:
+def merge_outcomes(
+    total: list[ExpectationOutcome] | None, part: list[ExpectationOutcome], examples: int = 3
+) -> list[ExpectationOutcome]:
     """Outcomes of consecutive chunks as the outcome of the whole: counts added, examples in
     row order, a pass only where every chunk passed."""
     if total is None:
@@ -246,7 +270,12 @@ def validate_records(df: pd.DataFrame, bounds: Bounds | None = None) -> StageRes
 
 
 def validate_to(
-    rows: StagedRows, folder: str | os.PathLike, bounds: Bounds | None = None, chunk_rows: int = CHUNK_ROWS, workers: int | None = None, log=None
+    rows: StagedRows,
+    folder: str | os.PathLike,
+    bounds: Bounds | None = None,
+    chunk_rows: int = CHUNK_ROWS,
+    workers: int | None = None,
+    log=None,
 ) -> StagedRows:
     """:func:`validate_records`, streamed: the suite runs on each chunk of ``rows`` and the
     results add up to one report; kept and rejected rows go to ``folder`` chunk by chunk. On

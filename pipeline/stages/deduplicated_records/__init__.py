@@ -32,6 +32,7 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
+from pydantic import BaseModel, Field
 
 from pipeline.core.chunks import CHUNK_ROWS
 from pipeline.core.pool import map_batches, read_batch, workers_for
@@ -72,6 +73,27 @@ NEAR_POLICIES = ("report", "drop")
 NEAR_THRESHOLD = 0.85  # Jaccard of character bigrams; see docs/data.md for how it was chosen
 
 
+class DedupSettings(BaseModel):
+    """What counts as a duplicate or a conflict, and what is done with it (asset ``deduplicated_records``)."""
+
+    conflict_policy: Literal["keep_first", "keep_all", "drop"] = Field(
+        "keep_first",
+        description="Rows with the same prompt but different answers: keep the first, keep all, or drop all",
+    )
+    near_duplicate_policy: Literal["report", "drop"] = Field(
+        "report",
+        description="Prompts that differ only slightly (MinHash LSH): report the groups and keep every row "
+        "(alpaca_dataset keeps each group in one split), or drop all but the first prompt of each group",
+    )
+    near_duplicate_threshold: float = Field(
+        NEAR_THRESHOLD,
+        gt=0.0,
+        lt=1.0,
+        description="Jaccard similarity of the prompts' character bigrams (punctuation and spacing ignored) "
+        "at which MinHash LSH calls two prompts near duplicates",
+    )
+
+
 def first_pass(frame: pd.DataFrame, threshold: float) -> tuple:
     """A chunk's keys, LSH band keys, sketches and sources: ``(triple, prompt, bands, sketches, files,
     file codes, lines)``."""
@@ -85,6 +107,44 @@ def _first_pass_batch(path: str, index: int, threshold: float) -> tuple:
     """In a worker: the first pass on batch ``index`` of ``path`` (what it sends back: 44 bytes a
     row, 4 per band and 64 of sketch)."""
     return first_pass(read_batch(path, index), threshold)
+
+
+def conflict_decisions(
+    members: dict[int, list[int]], sources: Sources, conflict_policy: ConflictPolicy
+) -> tuple[dict[int, str], list[dict], int]:
+    """Rows sharing a prompt with different answers (``members``: first row -> its rows): the rows
+    the policy rejects with their reasons, each group's summary, and the rows in conflict."""
+    reasons: dict[int, str] = {}
+    groups: list[dict] = []
+    conflict_rows = 0
+    # in the order each group's second row appears (as rows are read)
+    for head, rows in sorted(members.items(), key=lambda kv: kv[1][1]):
+        conflict_rows += len(rows)
+        where = sources.where(rows)
+        groups.append(
+            {
+                "rows": len(rows),
+                "kept": where[0]
+                if conflict_policy == "keep_first"
+                else ("all" if conflict_policy == "keep_all" else "none"),
+                "sources": where,
+                "prompt": "",  # filled in from the first row's text as the rows are written
+                "_head": head,
+            }
+        )
+        if conflict_policy == "keep_first":
+            for p in rows[1:]:
+                reasons[p] = (
+                    f"conflict: same prompt as {where[0]} but a different answer (conflict_policy keep_first keeps the "
+                    "first)"
+                )
+        elif conflict_policy == "drop":
+            for p in rows:
+                reasons[p] = (
+                    f"conflict: {len(rows)} rows share this prompt with different answers "
+                    f"({', '.join(where[:5])}{'…' if len(where) > 5 else ''}); conflict_policy drop"
+                )
+    return reasons, groups, conflict_rows
 
 
 def decide(
@@ -115,36 +175,14 @@ def decide(
     members: dict[int, list[int]] = {}
     for row, head in zip(rest[repeated].tolist(), pfirst[repeated].tolist()):
         members.setdefault(head, [head]).append(row)
-    reasons: dict[int, str] = {}
-    groups: list[dict] = []
-    conflict_rows = 0
-    # in the order each group's second row appears (as rows are read)
-    for head, rows in sorted(members.items(), key=lambda kv: kv[1][1]):
-        conflict_rows += len(rows)
-        where = sources.where(rows)
-        groups.append(
-            {
-                "rows": len(rows),
-                "kept": where[0] if conflict_policy == "keep_first" else ("all" if conflict_policy == "keep_all" else "none"),
-                "sources": where,
-                "prompt": "",  # filled in from the first row's text as the rows are written
-                "_head": head,
-            }
-        )
-        if conflict_policy == "keep_first":
-            for p in rows[1:]:
-                reasons[p] = f"conflict: same prompt as {where[0]} but a different answer (conflict_policy keep_first keeps the first)"
-        elif conflict_policy == "drop":
-            for p in rows:
-                reasons[p] = (
-                    f"conflict: {len(rows)} rows share this prompt with different answers "
-                    f"({', '.join(where[:5])}{'…' if len(where) > 5 else ''}); conflict_policy drop"
-                )
+    reasons, groups, conflict_rows = conflict_decisions(members, sources, conflict_policy)
     kept = np.ones(n, dtype=bool)
     kept[is_dup] = False
     kept[list(reasons)] = False
     n_conflicts = len(reasons)
-    near_reasons, grouped, near_groups, near_counts = near.near_decisions(bands, sketches, prompt, kept, sources.where, near_policy, threshold)
+    near_reasons, grouped, near_groups, near_counts = near.near_decisions(
+        bands, sketches, prompt, kept, sources.where, near_policy, threshold
+    )
     kept[list(near_reasons)] = False
     reasons.update(near_reasons)
     # what alpaca_dataset splits by: a prompt's first row, or its near group's first row
@@ -158,7 +196,13 @@ def decide(
         "conflicts_rejected": n_conflicts,
         "kept": kept,
         "distinct_prompts": int(len(near.distinct_rows(split_of[kept]))),
-        "near": {"grouped": grouped, "groups": near_groups, "policy": near_policy, "threshold": threshold, **near_counts},
+        "near": {
+            "grouped": grouped,
+            "groups": near_groups,
+            "policy": near_policy,
+            "threshold": threshold,
+            **near_counts,
+        },
     }
     return reasons, dups, groups, counts
 

@@ -97,19 +97,25 @@ def agreeing(a: np.ndarray, b: np.ndarray, sketches: Sketches, threshold: float)
     ia, ib = at[a], at[b]
     del at
     need = int(np.ceil(SKETCH * (threshold + (1 - threshold) / 256) - 1e-9))
-    whole = np.ascontiguousarray(sk).view(f"V{SKETCH}").ravel()  # a row's sketch as one item: a gather copies it whole (30% faster)
+    whole = (
+        np.ascontiguousarray(sk).view(f"V{SKETCH}").ravel()
+    )  # a row's sketch as one item: a gather copies it whole (30% faster)
     low7 = np.uint64(0x7F7F7F7F7F7F7F7F)
     keep = np.zeros(len(a), dtype=bool)
     step = 1 << 18
     for s in range(0, len(a), step):
         # 8 values a word; equal values are zero bytes of the XOR
-        x = whole[ia[s : s + step]].view(np.uint64).reshape(-1, SKETCH // 8) ^ whole[ib[s : s + step]].view(np.uint64).reshape(-1, SKETCH // 8)
+        x = whole[ia[s : s + step]].view(np.uint64).reshape(-1, SKETCH // 8) ^ whole[ib[s : s + step]].view(
+            np.uint64
+        ).reshape(-1, SKETCH // 8)
         zero = ~(((x & low7) + low7) | x | low7)  # the high bit of each byte that is zero
         keep[s : s + step] = np.bitwise_count(zero).sum(axis=1, dtype=np.int64) >= need
     return keep
 
 
-def near_groups(keys: np.ndarray, sketches: Sketches | None = None, threshold: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+def near_groups(
+    keys: np.ndarray, sketches: Sketches | None = None, threshold: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Rows in a group of two or more, and for each the first row (in order) of its group:
     ``(rows, heads)``, both sorted by row. Pairs sharing a band are linked; with ``sketches``, only
     those whose sketches agree on at least ``threshold`` (checked band by band, so memory holds one
@@ -131,7 +137,9 @@ def near_groups(keys: np.ndarray, sketches: Sketches | None = None, threshold: f
     a, b = np.concatenate([e[0] for e in edges]), np.concatenate([e[1] for e in edges])
     nodes = distinct_rows(a, b)
     m = len(nodes)
-    graph = coo_matrix((np.ones(len(a), dtype=np.int8), (np.searchsorted(nodes, a), np.searchsorted(nodes, b))), shape=(m, m))
+    graph = coo_matrix(
+        (np.ones(len(a), dtype=np.int8), (np.searchsorted(nodes, a), np.searchsorted(nodes, b))), shape=(m, m)
+    )
     count, labels = connected_components(graph, directed=False)
     # nodes are sorted, so a component's first node in ``nodes`` order is its earliest row
     first = np.full(count, m, dtype=np.int64)
@@ -191,7 +199,8 @@ def near_decisions(
                 if np.any(prompt[r] != prompt[head]):
                     reasons[r] = (
                         f"near duplicate of {where([head])[0]}: their prompts differ only slightly (MinHash LSH on "
-                        f"character bigrams, near_duplicate_threshold {threshold}); near_duplicate_policy drop keeps the first"
+                        f"character bigrams, near_duplicate_threshold {threshold}); near_duplicate_policy drop keeps "
+                        "the first"
                     )
         if g < GROUPS_KEPT_IN_STATS:
             sources = where(members[:6].tolist())

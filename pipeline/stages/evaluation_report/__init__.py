@@ -31,9 +31,16 @@ import pandas as pd
 from pydantic import ConfigDict
 
 from pipeline.core.progress import Progress
+from pipeline.core.tracking_sync import COMPLETE
 from pipeline.stages.evaluation_report.choice import ChoiceSet, combine_forms, openings_ids, rank_of, score_prefilled
 from pipeline.stages.evaluation_report.metrics import NAME_PATTERNS, extract_medicine_name, name_hit, text_scores
-from pipeline.stages.evaluation_report.report import MODELS, SPLITS, side_by_side_markdown, summary_markdown, tuned_beats_base
+from pipeline.stages.evaluation_report.report import (
+    MODELS,
+    SPLITS,
+    side_by_side_markdown,
+    summary_markdown,
+    tuned_beats_base,
+)
 from pipeline.stages.evaluation_report.settings import EvaluationSettings
 from pipeline.stages.lora_adapter.generation import decode_greedy, prefill, prompt_length
 from pipeline.stages.lora_adapter.weights import lora_merged
@@ -68,6 +75,21 @@ class EvalConfig(EvaluationSettings):
     train_medicines: frozenset[str] = frozenset()  # medicines named in training answers
 
 
+@dataclass(frozen=True)
+class EvaluationReport:
+    """What ``evaluation_report`` hands on: where the per-row table and summary lie, the summary
+    (model -> split -> figure), the gate's verdict and the system prompt both models answered under."""
+
+    path: str
+    key: str
+    summary: dict[str, Any]
+    gate_passed: bool
+    gate_reason: str
+    system_prompt: str
+    mlflow_run_id: str | None = None
+    mlflow_tracking: str = COMPLETE
+
+
 @dataclass
 class EvaluationResult:
     table: pd.DataFrame  # one row per prompt, both models side by side
@@ -86,7 +108,9 @@ class EvaluationResult:
         return out
 
 
-def select_rows(alpaca: pd.DataFrame, tokenized: dict[str, pd.DataFrame], train_sample_size: int, seed: int) -> pd.DataFrame:
+def select_rows(
+    alpaca: pd.DataFrame, tokenized: dict[str, pd.DataFrame], train_sample_size: int, seed: int
+) -> pd.DataFrame:
     """Every eval row plus a fixed sample of train rows (the same sample for the same data and seed),
     joined with their tokenized ids and labels."""
     frames = []
@@ -186,7 +210,9 @@ def rows_table(rows: pd.DataFrame, config: EvalConfig) -> pd.DataFrame:
     return table
 
 
-def add_model_columns(table: pd.DataFrame, name: str, tokenizer, run: dict, choices, gold: list, scored: list[int]) -> None:
+def add_model_columns(
+    table: pd.DataFrame, name: str, tokenizer, run: dict, choices, gold: list, scored: list[int]
+) -> None:
     """One model's answers, answer lengths, losses, text scores and (with ``choices``) medicine choice."""
     ids = run["answers"]
     table[f"{name}_answer"] = [a.strip() for a in tokenizer.batch_decode(ids, skip_special_tokens=True)]
@@ -214,11 +240,15 @@ def summarise(table: pd.DataFrame, losses: dict[str, list[tuple[float, int]]]) -
         for split in SPLITS:
             mask = (table["split"] == split).to_numpy()
             if mask.any():
-                summary[name][split] = _summarise(table[mask], name, split, [l for l, m in zip(losses[name], mask) if m])
+                summary[name][split] = _summarise(
+                    table[mask], name, split, [l for l, m in zip(losses[name], mask) if m]
+                )
     if "base_choice_rank" in table and "tuned_choice_rank" in table:
         # paired: the rows one model picks right and the other wrong
         for split, metrics in summary["tuned"].items():
-            pair = table[(table["split"] == split) & table["base_choice_rank"].notna() & table["tuned_choice_rank"].notna()]
+            pair = table[
+                (table["split"] == split) & table["base_choice_rank"].notna() & table["tuned_choice_rank"].notna()
+            ]
             base_right, tuned_right = pair["base_choice_rank"] == 1, pair["tuned_choice_rank"] == 1
             metrics["choice_only_tuned_right"] = int((tuned_right & ~base_right).sum())
             metrics["choice_only_base_right"] = int((base_right & ~tuned_right).sum())
@@ -278,8 +308,10 @@ def run_model(
             answers[i] = a
         tokens["decode"] += sum(len(a) for a in new)
         log(
-            f"{name} model: {start + len(idx)}/{len(rows)} rows; {tokens['decode']} new tokens in {times['decode']:.1f} s "
-            f"({tokens['decode'] / max(times['decode'], 1e-9):.1f} tokens/s); prompts and answer losses over {tokens['prefill']} tokens in "
+            f"{name} model: {start + len(idx)}/{len(rows)} rows; {tokens['decode']} new tokens in "
+            f"{times['decode']:.1f} s "
+            f"({tokens['decode'] / max(times['decode'], 1e-9):.1f} tokens/s); prompts and answer losses over "
+            f"{tokens['prefill']} tokens in "
             f"{times['prefill']:.1f} s; choice scoring {times['choice']:.1f} s"
         )
     return {"losses": losses, "answers": answers, "choices": choices, "times": times, "tokens": tokens}

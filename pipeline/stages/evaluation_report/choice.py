@@ -58,7 +58,9 @@ class ChoiceSet:
         return len(self.candidates) >= 2 and bool(self.forms)
 
 
-def score_prompt(model, prompt_ids: list[int], forms: list[list[list[int]]], batch_size: int = 1024) -> list[list[float]]:
+def score_prompt(
+    model, prompt_ids: list[int], forms: list[list[list[int]]], batch_size: int = 1024
+) -> list[list[float]]:
     """log P(continuation | prompt) for every continuation of every form ([form][continuation])."""
     from pipeline.stages.lora_adapter.generation import prefill
 
@@ -135,7 +137,13 @@ def _score_tree(model, row, continuations: list[list[int]]) -> list[float]:
     ids = torch.tensor([tokens], device=device)
     positions = torch.tensor([[context + d - 1 for d in depth]], device=device)
     with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask.to(device), position_ids=positions, past_key_values=row.cache, use_cache=True).logits[0]
+        logits = model(
+            input_ids=ids,
+            attention_mask=mask.to(device),
+            position_ids=positions,
+            past_key_values=row.cache,
+            use_cache=True,
+        ).logits[0]
         crop_to(row.cache, context)  # the prompt's cache as it was
         logp = torch.log_softmax(logits.float(), dim=-1)
         at = torch.tensor([j - 1 for path in paths for j in path])
@@ -151,12 +159,18 @@ def _score_tree(model, row, continuations: list[list[int]]) -> list[float]:
 def choice_scores(model, tokenizer, prompts: list[str], choices: ChoiceSet) -> list[list[float]]:
     """[prompt][candidate]: log-sum-exp over the forms of log P(opening naming the candidate | prompt)."""
     openings = openings_ids(tokenizer, choices)
-    return [combine_forms(score_prompt(model, tokenizer(prompt, add_special_tokens=False)["input_ids"], openings)) for prompt in prompts]
+    return [
+        combine_forms(score_prompt(model, tokenizer(prompt, add_special_tokens=False)["input_ids"], openings))
+        for prompt in prompts
+    ]
 
 
 def openings_ids(tokenizer, choices: ChoiceSet) -> list[list[list[int]]]:
     """[form][candidate]: the token ids of each form's opening naming each candidate."""
-    return [[tokenizer(f.format(name=m), add_special_tokens=False)["input_ids"] for m in choices.candidates] for f in choices.forms]
+    return [
+        [tokenizer(f.format(name=m), add_special_tokens=False)["input_ids"] for m in choices.candidates]
+        for f in choices.forms
+    ]
 
 
 def combine_forms(per_form: list[list[float]]) -> list[float]:

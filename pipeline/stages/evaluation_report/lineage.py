@@ -19,12 +19,16 @@ class LineageError(ValueError):
     """The adapter, the tokenized rows and the Alpaca file are not one lineage; the message says where."""
 
 
-def check_lineage(alpaca_path: str, alpaca_fingerprint: str, tokenized_path: str, tokenized_manifest: dict, adapter_path: str) -> None:
+def check_lineage(
+    alpaca_path: str, alpaca_fingerprint: str, tokenized_path: str, tokenized_manifest: dict, adapter_path: str
+) -> None:
     """Raise :class:`LineageError` unless the Alpaca file holds the content its fingerprint names,
     the tokenized rows were made from it, and the adapter was trained on those tokenized rows."""
     actual = sha256_file(alpaca_path)
     if actual != alpaca_fingerprint:
-        raise LineageError(f"{alpaca_path} changed after it was written: fingerprint {actual[:12]}, not {alpaca_fingerprint[:12]}")
+        raise LineageError(
+            f"{alpaca_path} changed after it was written: fingerprint {actual[:12]}, not {alpaca_fingerprint[:12]}"
+        )
     made_from = tokenized_manifest.get("data_fingerprint")
     if made_from != alpaca_fingerprint:
         raise LineageError(

@@ -73,4 +73,8 @@ def rouge_words(prediction: str, reference: str) -> dict[str, float]:
 
 
 def text_scores(prediction: str, reference: str) -> dict[str, Any]:
-    return {"bleu_4": bleu4_chars(prediction, reference), **rouge_words(prediction, reference), "name_hit": name_hit(reference, prediction)}
+    return {
+        "bleu_4": bleu4_chars(prediction, reference),
+        **rouge_words(prediction, reference),
+        "name_hit": name_hit(reference, prediction),
+    }

@@ -42,12 +42,17 @@ def tuned_beats_base(summary: dict[str, dict[str, dict[str, Any]]]) -> tuple[boo
         said.append(f"choice accuracy {b['choice_accuracy']:.2f} → {t['choice_accuracy']:.2f}")
         if t["choice_accuracy"] < b["choice_accuracy"]:
             against, for_ = t.get("choice_only_base_right"), t.get("choice_only_tuned_right")
-            went_down = f"eval medicine-choice accuracy went down (tuned {t['choice_accuracy']:.2f} vs base {b['choice_accuracy']:.2f})"
+            went_down = (
+                f"eval medicine-choice accuracy went down (tuned {t['choice_accuracy']:.2f} vs base "
+                f"{b['choice_accuracy']:.2f})"
+            )
             if against is None or for_ is None:
                 reasons.append(went_down)
             else:
                 p = sign_test_p(against, for_)
-                pairs = f"{against} row(s) only the base model picks right, {for_} only the tuned one (sign test p {p:.2f})"
+                pairs = (
+                    f"{against} row(s) only the base model picks right, {for_} only the tuned one (sign test p {p:.2f})"
+                )
                 if p < CHOICE_SIGNIFICANCE:
                     reasons.append(f"{went_down}: {pairs}")
                 else:
@@ -82,7 +87,9 @@ def summary_markdown(summary: dict[str, dict[str, dict[str, Any]]]) -> str:
             if not s:
                 continue
             vals = [
-                "n/a" if s.get(c) is None else (f"{s[c]:.4f}" if c in ("loss",) else f"{s[c]:.2f}" if isinstance(s[c], float) else str(s[c]))
+                "n/a"
+                if s.get(c) is None
+                else (f"{s[c]:.4f}" if c in ("loss",) else f"{s[c]:.2f}" if isinstance(s[c], float) else str(s[c]))
                 for c in cols
             ]
             rows.append([split, model, s["rows"], *vals])
@@ -93,9 +100,16 @@ def side_by_side_markdown(table: pd.DataFrame, n: int = 5, width: int = 80) -> s
     from pipeline.core.markdown import table as markdown_table
 
     choice = "base_choice" in table
-    header = ["split", "prompt", "reference", "base answer", "tuned answer", "base ROUGE-L", "tuned ROUGE-L", "name hit base/tuned"] + (
-        ["choice base/tuned (rank)"] if choice else []
-    )
+    header = [
+        "split",
+        "prompt",
+        "reference",
+        "base answer",
+        "tuned answer",
+        "base ROUGE-L",
+        "tuned ROUGE-L",
+        "name hit base/tuned",
+    ] + (["choice base/tuned (rank)"] if choice else [])
     rows = []
     for _, r in table.head(n).iterrows():
         row = [

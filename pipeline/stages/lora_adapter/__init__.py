@@ -17,12 +17,47 @@ checkpoint folders and the training settings. The package, one concern a module:
 - ``flops``: FLOPs per token from the model's config and the matmul peak, for MFU.
 """
 
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.core.tracking_sync import COMPLETE
 from pipeline.stages.lora_adapter.report import plot_loss_curve, read_metrics
 from pipeline.stages.lora_adapter.spec import STOP_FILE, TRAINING_KEYS, TRAINING_RECORD, TrainSpec, adapter_id
 
 ERROR_FILE = "error.txt"
 
-__all__ = ["ERROR_FILE", "STOP_FILE", "TRAINING_KEYS", "TRAINING_RECORD", "TrainSpec", "adapter_id", "plot_loss_curve", "read_metrics", "train"]
+__all__ = [
+    "ERROR_FILE",
+    "LoraAdapter",
+    "STOP_FILE",
+    "TRAINING_KEYS",
+    "TRAINING_RECORD",
+    "TrainSpec",
+    "adapter_id",
+    "plot_loss_curve",
+    "read_metrics",
+    "train",
+]
+
+
+@dataclass(frozen=True)
+class LoraAdapter:
+    """What ``lora_adapter`` hands on: the adapter's folder and id, its MLflow run, and the training's
+    figures (steps, losses, tokens/s, MFU, memory: the child's report)."""
+
+    adapter_id: str
+    path: str
+    method: str
+    mlflow_run_id: str | None = None
+    mlflow_tracking: str = COMPLETE
+    figures: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_plain(cls, value: dict[str, Any]) -> "LoraAdapter":
+        """A descriptor written as one flat dict: the training's figures beside the adapter's fields."""
+        own = {"adapter_id", "path", "method", "mlflow_run_id", "mlflow_tracking"}
+        kept = {k: v for k, v in value.items() if k in own}
+        return cls(**{"method": "lora", **kept}, figures={k: v for k, v in value.items() if k not in own})
 
 
 def train(spec: TrainSpec, on_step=None) -> dict:

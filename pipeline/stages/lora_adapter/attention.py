@@ -30,7 +30,15 @@ FP32_MAX_TOKENS = 448  # CPU bf16 rows up to this length run their attention in 
 
 
 def packed_attention(
-    module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, row_lengths: Sequence[int] | None = None, **kwargs
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    dropout: float = 0.0,
+    scaling=None,
+    row_lengths: Sequence[int] | None = None,
+    **kwargs,
 ):
     """query [1, heads, T, dim], key/value [1, kv_heads, T, dim] → ([1, T, heads, dim], None)."""
     if attention_mask is not None:
@@ -56,7 +64,16 @@ def _causal(module, query, key, value, dropout, scaling):
 
     if query.device.type == "cpu" and query.dtype == torch.bfloat16 and query.shape[2] <= FP32_MAX_TOKENS:
         with torch.autocast("cpu", enabled=False):
-            out, _ = sdpa_attention_forward(module, query.float(), key.float(), value.float(), None, dropout=dropout, scaling=scaling, is_causal=True)
+            out, _ = sdpa_attention_forward(
+                module,
+                query.float(),
+                key.float(),
+                value.float(),
+                None,
+                dropout=dropout,
+                scaling=scaling,
+                is_causal=True,
+            )
         return out.to(query.dtype)
     out, _ = sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling, is_causal=True)
     return out

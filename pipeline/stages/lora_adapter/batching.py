@@ -51,7 +51,9 @@ def with_openings(rows: list[Row], opening_tokens: int, repeats: int) -> list[Ro
     return rows + [r for _ in range(repeats) for r in cut]
 
 
-def plan_epoch(lengths: list[int], seed: int, epoch: int, *, packing: bool, pack_tokens: int, batch_size: int) -> list[list[int]]:
+def plan_epoch(
+    lengths: list[int], seed: int, epoch: int, *, packing: bool, pack_tokens: int, batch_size: int
+) -> list[list[int]]:
     """The row indices of each micro-batch of one epoch, in training order (fixed by seed and epoch)."""
     order = list(range(len(lengths)))
     random.Random(seed * 1_000_003 + epoch).shuffle(order)
@@ -86,7 +88,13 @@ class Batch:
     def to(self, device) -> Batch:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return Batch(
-            move(self.input_ids), move(self.position_ids), self.row_lengths, move(self.positions), move(self.targets), self.tokens, self.supervised
+            move(self.input_ids),
+            move(self.position_ids),
+            self.row_lengths,
+            move(self.positions),
+            move(self.targets),
+            self.tokens,
+            self.supervised,
         )
 
 

@@ -37,7 +37,9 @@ def complete_checkpoints(checkpoint_dir: Path) -> list[Path]:
 def write_manifest(folder: Path) -> None:
     from pipeline.core.fingerprint import sha256_file
 
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(folder.iterdir()) if p.is_file()}
+    files = {
+        p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(folder.iterdir()) if p.is_file()
+    }
     (folder / MANIFEST).write_text(json.dumps(files, indent=1))
 
 
@@ -171,7 +173,9 @@ def _to_cpu(obj):
     return obj
 
 
-def save_checkpoint(path: Path, accelerator, model, optimizer, scheduler, state: dict, method: str = "lora", keep: int | None = None) -> list[str]:
+def save_checkpoint(
+    path: Path, accelerator, model, optimizer, scheduler, state: dict, method: str = "lora", keep: int | None = None
+) -> list[str]:
     """Every process calls this. Writes ``path`` (from the main process, atomically), then keeps the
     newest ``keep`` checkpoints beside it. Returns the names of the checkpoints removed."""
     import torch
@@ -196,7 +200,9 @@ def save_checkpoint(path: Path, accelerator, model, optimizer, scheduler, state:
             extra = method_state(bare, method)
             if extra:
                 torch.save(extra, tmp / "method_state.pt")
-            torch.save({"processes": world, "sharded": sharded(accelerator), "states": optimizers}, tmp / "optimizer.pt")
+            torch.save(
+                {"processes": world, "sharded": sharded(accelerator), "states": optimizers}, tmp / "optimizer.pt"
+            )
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             torch.save({"processes": world, "states": rngs}, tmp / RNG)
             write_manifest(tmp)
@@ -233,7 +239,8 @@ def load_checkpoint(path: Path, accelerator, model, optimizer, scheduler, method
         saved = {"processes": 1, "sharded": False, "states": [saved]}
     if saved["sharded"] and saved["processes"] != world:
         raise ValueError(
-            f"checkpoint {path} holds the optimizer sharded over {saved['processes']} processes; resume it with {saved['processes']}, not {world}"
+            f"checkpoint {path} holds the optimizer sharded over {saved['processes']} processes; resume it with "
+            f"{saved['processes']}, not {world}"
         )
     optimizer.load_state_dict(saved["states"][rank if saved["sharded"] else 0])
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))

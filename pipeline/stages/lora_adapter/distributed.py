@@ -47,7 +47,8 @@ def check_accelerate_config(path: str | Path, on_gpu: bool, deepspeed_installed:
 
     if kind not in {t.value for t in DistributedType}:
         raise LaunchError(
-            f"accelerate config {path}: unknown distributed_type {config.distributed_type!r} (one of {', '.join(t.value for t in DistributedType)})"
+            f"accelerate config {path}: unknown distributed_type {config.distributed_type!r} (one of "
+            f"{', '.join(t.value for t in DistributedType)})"
         )
     if kind in ("FSDP", "DEEPSPEED") and not on_gpu:
         raise LaunchError(
@@ -60,7 +61,9 @@ def check_accelerate_config(path: str | Path, on_gpu: bool, deepspeed_installed:
 
             deepspeed_installed = importlib.util.find_spec("deepspeed") is not None
         if not deepspeed_installed:
-            raise LaunchError(f"accelerate config {Path(path).name} uses DeepSpeed: pip install deepspeed on the GPU machine")
+            raise LaunchError(
+                f"accelerate config {Path(path).name} uses DeepSpeed: pip install deepspeed on the GPU machine"
+            )
     return kind
 
 
@@ -96,7 +99,16 @@ def launch_command(
             cmd += ["--config_file", accelerate_config]
         if num_nodes > 1:
             host, _, port = rdzv_endpoint.rpartition(":")
-            cmd += ["--num_machines", str(num_nodes), "--machine_rank", str(node_rank), "--main_process_ip", host, "--main_process_port", port]
+            cmd += [
+                "--num_machines",
+                str(num_nodes),
+                "--machine_rank",
+                str(node_rank),
+                "--main_process_ip",
+                host,
+                "--main_process_port",
+                port,
+            ]
         return [*cmd, *entry]
     cmd = [str(bindir / "torchrun")]
     if num_nodes > 1:

@@ -33,7 +33,11 @@ def finish(run: Training, first_eval: float | None, progress: Progress) -> dict[
     peak = measure_peak(run, elapsed)
     achieved = steady["steady_tokens_per_s"] * run.flops["total"] if steady["steady_tokens_per_s"] else None
     if peak:
-        mfu = f"{achieved / 1e12:.3f} TFLOP/s in steady steps: MFU {achieved / peak:.2f}" if achieved else "no steady steps to measure"
+        mfu = (
+            f"{achieved / 1e12:.3f} TFLOP/s in steady steps: MFU {achieved / peak:.2f}"
+            if achieved
+            else "no steady steps to measure"
+        )
         run.report.log(f"matmul peak {peak / 1e12:.3f} TFLOP/s ({run.precision}, measured after the training); {mfu}")
     step = run.state["step"]
     result = {
@@ -58,7 +62,9 @@ def measure_peak(run: Training, elapsed: float) -> float:
 
     if not run.accelerator.is_main_process:
         return 0.0
-    return matmul_peak_flops(DTYPES[run.precision], "cuda" if run.on_gpu else "cpu", seconds=min(1.5, max(0.3, 0.02 * elapsed)))
+    return matmul_peak_flops(
+        DTYPES[run.precision], "cuda" if run.on_gpu else "cpu", seconds=min(1.5, max(0.3, 0.02 * elapsed))
+    )
 
 
 def run_figures(run: Training, first_eval: float | None, progress: Progress) -> dict[str, Any]:
@@ -108,9 +114,13 @@ def save_adapter(run: Training, result: dict[str, Any]) -> None:
     if not run.accelerator.is_main_process:
         return
     with atomic_dir(Path(run.spec.output_dir)) as tmp:
-        save_trained(run.accelerator.unwrap_model(run.model).peft_model, tmp, run.spec.method, run.ckpt_root, state_dict=full)
+        save_trained(
+            run.accelerator.unwrap_model(run.model).peft_model, tmp, run.spec.method, run.ckpt_root, state_dict=full
+        )
         run.tokenizer.save_pretrained(tmp)
         result["adapter_bytes"] = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
-        (tmp / TRAINING_RECORD).write_text(json.dumps({"spec": redact_params(run.spec.model_dump()), "result": result}, indent=2))
+        (tmp / TRAINING_RECORD).write_text(
+            json.dumps({"spec": redact_params(run.spec.model_dump()), "result": result}, indent=2)
+        )
         if run.report.metrics_path.is_file():
             (tmp / "metrics.jsonl").write_bytes(run.report.metrics_path.read_bytes())

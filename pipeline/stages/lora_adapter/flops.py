@@ -52,7 +52,9 @@ def mean_context(row_lengths: list[int]) -> float:
     return sum(n * (n + 1) / 2 for n in row_lengths) / total if total else 0.0
 
 
-def training_flops_per_token(config, *, context: float, supervised_share: float, adapter_params: int, full: bool = False) -> dict[str, float]:
+def training_flops_per_token(
+    config, *, context: float, supervised_share: float, adapter_params: int, full: bool = False
+) -> dict[str, float]:
     s = config_shape(config)
     passes = 6 if full else 4
     linear = passes * s["layers"] * linear_weights_per_layer(s)

@@ -2,7 +2,7 @@
 KV cache and its first greedy token; greedy decoding from those caches in batches; loading the
 tuned model, and where and in what dtype it runs.
 
-Why this shape (measured on SmolLM2-135M, bf16, 2-core CPU, real sample): a row's prompt is most of
+Why this shape: a row's prompt is most of
 what generation, medicine-choice scoring and the answer loss each used to run again; a forward of
 prompt + answer computes the prompt's keys and values as a by-product (causal attention: the
 prompt's positions never see the answer), so one forward per row serves all three. Logits are
@@ -47,7 +47,11 @@ def prefill(model, input_ids: list[int], labels: list[int] | None = None) -> Pre
     labels = labels if labels is not None else [IGNORE_INDEX] * len(input_ids)
     p = prompt_length(labels)
     with torch.no_grad():
-        out = model(input_ids=torch.tensor([input_ids], dtype=torch.long, device=model.device), use_cache=True, logits_to_keep=len(input_ids) - p + 1)
+        out = model(
+            input_ids=torch.tensor([input_ids], dtype=torch.long, device=model.device),
+            use_cache=True,
+            logits_to_keep=len(input_ids) - p + 1,
+        )
         logits = out.logits[0]  # predictions from the prompt's last position on
         loss, tokens = 0.0, 0
         if len(input_ids) > p:
@@ -90,7 +94,9 @@ def stack_caches(caches: list, dtype=None):
     return batch, mask
 
 
-def decode_greedy(model, rows: list[Prefilled], *, max_new_tokens: int, stop_ids: list[int], pad_id: int) -> list[list[int]]:
+def decode_greedy(
+    model, rows: list[Prefilled], *, max_new_tokens: int, stop_ids: list[int], pad_id: int
+) -> list[list[int]]:
     """Greedy continuations of prefilled rows, all rows a step at a time over their stacked caches:
     new token ids up to and excluding the first stop token."""
     import torch
@@ -108,7 +114,11 @@ def decode_greedy(model, rows: list[Prefilled], *, max_new_tokens: int, stop_ids
                 break
             mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
             logits = model(
-                input_ids=token[:, None], attention_mask=mask, position_ids=(positions + step - 1)[:, None], past_key_values=cache, use_cache=True
+                input_ids=token[:, None],
+                attention_mask=mask,
+                position_ids=(positions + step - 1)[:, None],
+                past_key_values=cache,
+                use_cache=True,
             ).logits[:, -1]
             token = torch.where(done, torch.full_like(token, pad_id), logits.argmax(-1))
             out.append(token)
@@ -118,7 +128,14 @@ def decode_greedy(model, rows: list[Prefilled], *, max_new_tokens: int, stop_ids
 
 
 def generate_greedy(
-    model, tokenizer, prompts: list[str], *, max_new_tokens: int, stop_ids: list[int], batch_size: int = 8, progress=None
+    model,
+    tokenizer,
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    stop_ids: list[int],
+    batch_size: int = 8,
+    progress=None,
 ) -> list[list[int]]:
     """Greedy continuations (new token ids, up to and excluding the first stop token) of text
     prompts: each prompt prefilled alone (no padding), then decoded ``batch_size`` rows at a time,
@@ -131,7 +148,13 @@ def generate_greedy(
     results: list[list[int]] = [[] for _ in prompts]
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        answers = decode_greedy(model, [prefill(model, encoded[i]) for i in idx], max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id)
+        answers = decode_greedy(
+            model,
+            [prefill(model, encoded[i]) for i in idx],
+            max_new_tokens=max_new_tokens,
+            stop_ids=stop_ids,
+            pad_id=pad_id,
+        )
         for i, a in zip(idx, answers):
             results[i] = a
         if progress:
@@ -171,7 +194,9 @@ def load_tuned_model(base_path: str, adapter_path: str, trust_remote_code: bool 
     from pipeline.stages.lora_adapter.inference import load_trained
 
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    model, tokenizer, _ = load_trained(base_path, adapter_path, trust_remote_code=trust_remote_code, dtype=torch_dtype, device=inference_device())
+    model, tokenizer, _ = load_trained(
+        base_path, adapter_path, trust_remote_code=trust_remote_code, dtype=torch_dtype, device=inference_device()
+    )
     return model, tokenizer
 
 

@@ -69,14 +69,24 @@ class PromptLearningModel(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask=None, past_key_values=None, use_cache=None, **kwargs):
         if self._disabled:
-            return self.base(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+            return self.base(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                **kwargs,
+            )
         from pipeline.stages.lora_adapter.methods import virtual_prefix
 
         if past_key_values is None:
             past_key_values = virtual_prefix(self.peft_model, input_ids.shape[0])
         total = past_key_values.get_seq_length() + input_ids.shape[1]
         return self.base(
-            input_ids=input_ids, attention_mask=self._mask(attention_mask, total), past_key_values=past_key_values, use_cache=True, **kwargs
+            input_ids=input_ids,
+            attention_mask=self._mask(attention_mask, total),
+            past_key_values=past_key_values,
+            use_cache=True,
+            **kwargs,
         )
 
     def generate(self, input_ids, attention_mask=None, **kwargs):
@@ -139,7 +149,9 @@ class FullModel(torch.nn.Module):
         return self._active.generate(*args, **kwargs)
 
 
-def load_trained(base_path: str, folder: str, *, trust_remote_code: bool = False, dtype=torch.float32, device: str = "cpu"):
+def load_trained(
+    base_path: str, folder: str, *, trust_remote_code: bool = False, dtype=torch.float32, device: str = "cpu"
+):
     """(model, tokenizer, method): the training in ``folder`` over the base in ``base_path``, in
     ``dtype`` on ``device``, in eval mode. Weights load from safetensors only."""
     from peft import PeftModel
@@ -154,7 +166,9 @@ def load_trained(base_path: str, folder: str, *, trust_remote_code: bool = False
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
 
     def load(path):
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
+        return AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+        )
 
     if method == "full":
         model = FullModel(load(folder), load(base_path))

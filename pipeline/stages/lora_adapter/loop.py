@@ -40,8 +40,7 @@ def evaluate(model, accelerator, rows, spec: TrainSpec) -> float | None:
     bare = accelerator.unwrap_model(model)
     bare.eval()
     total = torch.zeros(2, device=accelerator.device)
-    # eager: compiling the no-grad graphs, then the training graphs again after them, cost more than
-    # the whole evaluation (measured: the 10 steps after each evaluation ran at ~2/3 speed)
+    # eager: compiling the no-grad graphs, then the training graphs again, costs more than the evaluation
     with torch.no_grad(), accelerator.autocast(), torch.compiler.set_stance("force_eager"):
         for idx in plan[accelerator.process_index :: accelerator.num_processes]:
             batch = flatten([rows[i] for i in idx]).to(accelerator.device)
@@ -179,5 +178,10 @@ def log_progress(run: Training, step: int, progress: Progress) -> None:
         f"grad_norm {values['grad_norm']:.3f} {tps:,.0f} tokens/s ({values['tflops']:.3f} TFLOP/s) ETA {eta:,.0f}s"
     )
     progress.last_values = values
-    progress.t_log, progress.tokens_since, progress.steps_since, progress.paused_at_log = now, 0, 0, progress.speed.excluded
+    progress.t_log, progress.tokens_since, progress.steps_since, progress.paused_at_log = (
+        now,
+        0,
+        0,
+        progress.speed.excluded,
+    )
     progress.loss_sum.zero_()

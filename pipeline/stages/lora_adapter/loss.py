@@ -35,7 +35,9 @@ class LinearCrossEntropy(torch.autograd.Function):
             # one fused pass over the logits in their own precision (the kernel accumulates in
             # fp32): an fp32 copy of a bf16 [chunk, vocab] block costs more than the matmul
             probs = torch.softmax(h @ w.T, dim=-1)
-            losses[start : start + chunk] = -torch.log(probs[rows, t].float().clamp_min(torch.finfo(torch.float32).tiny))
+            losses[start : start + chunk] = -torch.log(
+                probs[rows, t].float().clamp_min(torch.finfo(torch.float32).tiny)
+            )
             if need_grad:
                 probs[rows, t] -= 1  # d CE / d logits = softmax - one_hot(target)
                 grad_hidden[start : start + chunk] = probs @ w
@@ -49,7 +51,9 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden * grad_losses[:, None].to(grad_hidden.dtype), None, None, None
 
 
-def token_losses(hidden: torch.Tensor, head: torch.nn.Module, positions: torch.Tensor, targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+def token_losses(
+    hidden: torch.Tensor, head: torch.nn.Module, positions: torch.Tensor, targets: torch.Tensor, chunk: int = 1024
+) -> torch.Tensor:
     """Cross-entropy of ``head(hidden[positions])`` against ``targets``, one fp32 value per target.
 
     ``hidden`` is [tokens, dim] (the decoder's output, flattened). A frozen ``nn.Linear`` head
@@ -65,4 +69,9 @@ def token_losses(hidden: torch.Tensor, head: torch.nn.Module, positions: torch.T
     def chunk_loss(h_part, t_part):
         return torch.nn.functional.cross_entropy(head(h_part).float(), t_part, reduction="none")
 
-    return torch.cat([checkpoint(chunk_loss, h[s : s + chunk], targets[s : s + chunk], use_reentrant=False) for s in range(0, h.shape[0], chunk)])
+    return torch.cat(
+        [
+            checkpoint(chunk_loss, h[s : s + chunk], targets[s : s + chunk], use_reentrant=False)
+            for s in range(0, h.shape[0], chunk)
+        ]
+    )

@@ -55,7 +55,13 @@ def load_for_training(spec, precision: str, on_gpu: bool, total_steps: int = 1):
     from peft.tuners.tuners_utils import BaseTunerLayer
     from transformers import AutoModelForCausalLM
 
-    from pipeline.stages.lora_adapter.methods import MethodError, check_method, is_prompt_learning, peft_config, quantization_config
+    from pipeline.stages.lora_adapter.methods import (
+        MethodError,
+        check_method,
+        is_prompt_learning,
+        peft_config,
+        quantization_config,
+    )
 
     method = check_method(spec.method)
     attn = resolve_attention(spec.attn_implementation, method)
@@ -141,7 +147,11 @@ class SupervisedLM(torch.nn.Module):
             hidden, start = [], 0
             for n in row_lengths or (input_ids.shape[1],):
                 cache = virtual_prefix(self.peft_model, 1)
-                hidden.append(decoder(input_ids=input_ids[:, start : start + n], past_key_values=cache, use_cache=True).last_hidden_state)
+                hidden.append(
+                    decoder(
+                        input_ids=input_ids[:, start : start + n], past_key_values=cache, use_cache=True
+                    ).last_hidden_state
+                )
                 start += n
             hidden = torch.cat(hidden, dim=1)
         else:
@@ -187,6 +197,11 @@ def save_trained(model, folder: Path, method: str, checkpoint_dir: Path, state_d
         model.save_pretrained(folder, safe_serialization=True, **given)
         return
     if method == "pissa":
-        model.save_pretrained(folder, safe_serialization=True, path_initial_model_for_weight_conversion=str(checkpoint_dir / PISSA_INIT), **given)
+        model.save_pretrained(
+            folder,
+            safe_serialization=True,
+            path_initial_model_for_weight_conversion=str(checkpoint_dir / PISSA_INIT),
+            **given,
+        )
         return
     model.save_pretrained(folder, safe_serialization=True, **given)

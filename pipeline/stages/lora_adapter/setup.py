@@ -62,7 +62,14 @@ class Training:
 
     def epoch_groups(self, epoch: int) -> list[list[list[int]]]:
         spec = self.spec
-        plan = plan_epoch(self.lengths, spec.seed, epoch, packing=spec.packing, pack_tokens=spec.pack_tokens, batch_size=spec.per_device_batch_size)
+        plan = plan_epoch(
+            self.lengths,
+            spec.seed,
+            epoch,
+            packing=spec.packing,
+            pack_tokens=spec.pack_tokens,
+            batch_size=spec.per_device_batch_size,
+        )
         return step_groups(plan, self.world * spec.gradient_accumulation_steps)
 
 
@@ -104,7 +111,9 @@ def set_up(spec: TrainSpec) -> Training:
     on_gpu = torch.cuda.is_available()
     precision = resolve_precision(spec.precision, on_gpu)
     accelerator = Accelerator(
-        cpu=not on_gpu, mixed_precision={"fp32": "no"}.get(precision, precision), gradient_accumulation_steps=spec.gradient_accumulation_steps
+        cpu=not on_gpu,
+        mixed_precision={"fp32": "no"}.get(precision, precision),
+        gradient_accumulation_steps=spec.gradient_accumulation_steps,
     )
     report = Reporter(spec, accelerator.is_main_process)
     set_seed(spec.seed)
@@ -119,7 +128,9 @@ def set_up(spec: TrainSpec) -> Training:
     train_rows = with_openings(train_rows, spec.opening_tokens, spec.opening_repeats)
     lengths = [len(r[0]) for r in train_rows]
     per_step = accelerator.num_processes * spec.gradient_accumulation_steps
-    plan = plan_epoch(lengths, spec.seed, 0, packing=spec.packing, pack_tokens=spec.pack_tokens, batch_size=spec.per_device_batch_size)
+    plan = plan_epoch(
+        lengths, spec.seed, 0, packing=spec.packing, pack_tokens=spec.pack_tokens, batch_size=spec.per_device_batch_size
+    )
     steps_per_epoch = len(step_groups(plan, per_step))
     total_steps = spec.max_steps or max(1, math.ceil(steps_per_epoch * spec.epochs))
 
@@ -141,8 +152,9 @@ def set_up(spec: TrainSpec) -> Training:
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(total_steps * spec.warmup_ratio), total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     return Training(
-        spec, accelerator, report, tokenizer, train_rows, eval_rows, n_rows, lengths, total_steps, steps_per_epoch, precision, on_gpu,
-        attn, checkpointing, peft_model, model, params, optimizer, scheduler, trainable, total_params, flops,
+        spec, accelerator, report, tokenizer, train_rows, eval_rows, n_rows, lengths, total_steps, steps_per_epoch,
+        precision, on_gpu, attn, checkpointing, peft_model, model, params, optimizer, scheduler, trainable,
+        total_params, flops,
     )  # fmt: skip
 
 
@@ -158,7 +170,8 @@ def resume(run: Training) -> None:
         report.log(f"resuming from checkpoint {ckpt} (step {run.state['step']} of {run.total_steps})")
     per_step = f"packed to {spec.pack_tokens} tokens" if spec.packing else f"{spec.per_device_batch_size} rows"
     report.log(
-        f"training {run.trainable:,} parameters of {run.total_params:,} ({spec.method}, optimizer {optimizer_name(spec)}) on {run.n_rows} rows "
+        f"training {run.trainable:,} parameters of {run.total_params:,} ({spec.method}, optimizer "
+        f"{optimizer_name(spec)}) on {run.n_rows} rows "
         f"(+{len(run.train_rows) - run.n_rows} answer openings, {len(run.eval_rows)} eval), "
         f"{run.world} process(es) on {run.accelerator.device}, {run.precision} base weights, attention {run.attn}, "
         f"{per_step} x{run.world}x{spec.gradient_accumulation_steps} per step; {run.total_steps} steps; "

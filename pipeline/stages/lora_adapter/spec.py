@@ -22,40 +22,67 @@ class TrainingSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    method: Literal[METHODS] = Field("lora", description="Fine-tuning method: " + ", ".join(METHODS) + " (docs/methods-and-sweeps.md)")
+    method: Literal[METHODS] = Field(
+        "lora", description="Fine-tuning method: " + ", ".join(METHODS) + " (docs/methods-and-sweeps.md)"
+    )
     r: int = Field(64, gt=0, description="Rank (LoRA family, LoHa, LoKr; AdaLoRA's target rank)")
-    lora_alpha: int = Field(128, gt=0, description="Scaling numerator (LoRA family, LoHa, LoKr, AdaLoRA): the update is scaled by alpha / r")
+    lora_alpha: int = Field(
+        128, gt=0, description="Scaling numerator (LoRA family, LoHa, LoKr, AdaLoRA): the update is scaled by alpha / r"
+    )
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapters' input")
-    target_modules: str = Field("all-linear", description='"all-linear" or a comma-separated list such as "q_proj,v_proj"')
+    target_modules: str = Field(
+        "all-linear", description='"all-linear" or a comma-separated list such as "q_proj,v_proj"'
+    )
     num_virtual_tokens: int = Field(20, gt=0, description="Virtual tokens of prompt_tuning, prefix_tuning and p_tuning")
     prompt_encoder_hidden_size: int = Field(128, gt=0, description="Width of p_tuning's prompt encoder MLP")
-    adalora_init_r: int | None = Field(None, gt=0, description="adalora: starting rank (default 1.5 x r); r is the target rank")
-    adalora_tinit: float = Field(0.1, ge=0, lt=1, description="adalora: share of the steps before the rank budget starts to fall")
-    adalora_tfinal: float = Field(0.2, ge=0, lt=1, description="adalora: share of the steps at the end with ranks fixed")
+    adalora_init_r: int | None = Field(
+        None, gt=0, description="adalora: starting rank (default 1.5 x r); r is the target rank"
+    )
+    adalora_tinit: float = Field(
+        0.1, ge=0, lt=1, description="adalora: share of the steps before the rank budget starts to fall"
+    )
+    adalora_tfinal: float = Field(
+        0.2, ge=0, lt=1, description="adalora: share of the steps at the end with ranks fixed"
+    )
     adalora_delta_t: int = Field(10, gt=0, description="adalora: steps between two rank reallocations")
     adalora_orth_reg_weight: float = Field(0.5, ge=0, description="adalora: weight of the orthogonality regulariser")
     quantization: Literal["none", "nf4"] = Field(
-        "none", description="nf4: QLoRA, the frozen base in 4-bit NF4 (bitsandbytes, CUDA only); export merges into the full-precision base"
+        "none",
+        description=(
+            "nf4: QLoRA, the frozen base in 4-bit NF4 (bitsandbytes, CUDA only); export merges into the full-precision "
+            "base"
+        ),
     )
     optimizer: Literal["auto", "adamw", "adafactor", "adamw_8bit"] = Field(
         "auto", description="auto: AdamW for adapters, Adafactor for full (its states fit beside the model)"
     )
-    learning_rate: float = Field(1e-3, ge=0, description="Peak learning rate of the cosine schedule (0 leaves the adapters as initialised)")
+    learning_rate: float = Field(
+        1e-3, ge=0, description="Peak learning rate of the cosine schedule (0 leaves the adapters as initialised)"
+    )
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of the steps spent warming the learning rate up")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradients are clipped to this norm")
     epochs: float = Field(2.0, gt=0, description="Passes over the training split")
     packing: bool = Field(
         False,
-        description="Fill each step with rows up to pack_tokens, in a seeded shuffled order (else per_device_batch_size rows); "
-        "rows are laid end to end without padding and attend only to themselves either way",
+        description=(
+            "Fill each step with rows up to pack_tokens, in a seeded shuffled order (else per_device_batch_size rows); "
+            ""
+            "rows are laid end to end without padding and attend only to themselves either way"
+        ),
     )
     pack_tokens: int = Field(4096, gt=0, description="Token budget of one step and process when packing")
     per_device_batch_size: int = Field(1, gt=0, description="Rows per step and process without packing")
-    gradient_accumulation_steps: int = Field(1, gt=0, description="Steps whose gradients add up before one optimizer update")
-    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (default: the epochs decide)")
+    gradient_accumulation_steps: int = Field(
+        1, gt=0, description="Steps whose gradients add up before one optimizer update"
+    )
+    max_steps: int | None = Field(
+        None, gt=0, description="Stop after this many optimizer steps (default: the epochs decide)"
+    )
     seed: int = Field(42, ge=0, description="Seed of the adapters' initialisation, the row order and dropout")
-    opening_tokens: int = Field(32, ge=0, description="The answer's opening: its first N tokens (where it names the medicine)")
+    opening_tokens: int = Field(
+        32, ge=0, description="The answer's opening: its first N tokens (where it names the medicine)"
+    )
     opening_repeats: int = Field(
         4,
         ge=0,
@@ -65,13 +92,25 @@ class TrainingSettings(BaseModel):
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="Dtype of the frozen base weights and of autocast (auto: bf16 where supported)"
     )
-    gradient_checkpointing: bool | None = Field(None, description="Recompute activations in the backward pass (default: on for GPU, off for CPU)")
-    attn_implementation: str = Field("auto", description='"auto": packed rows, SDPA per row; or "flash_attention_2" where installed, "sdpa", "eager"')
-    compile: bool | None = Field(None, description="torch.compile the MLPs and norms (default: on for CPU, off for GPU)")
-    logits_chunk_tokens: int = Field(1024, gt=0, description="Supervised positions projected onto the vocabulary at a time (bounds memory)")
+    gradient_checkpointing: bool | None = Field(
+        None, description="Recompute activations in the backward pass (default: on for GPU, off for CPU)"
+    )
+    attn_implementation: str = Field(
+        "auto", description='"auto": packed rows, SDPA per row; or "flash_attention_2" where installed, "sdpa", "eager"'
+    )
+    compile: bool | None = Field(
+        None, description="torch.compile the MLPs and norms (default: on for CPU, off for GPU)"
+    )
+    logits_chunk_tokens: int = Field(
+        1024, gt=0, description="Supervised positions projected onto the vocabulary at a time (bounds memory)"
+    )
     eval_every: int = Field(200, gt=0, description="Steps between two held-out loss evaluations")
-    save_every: int = Field(100, gt=0, description="Steps between two checkpoints (model and optimizer state, to resume from)")
-    save_total_limit: int = Field(2, ge=2, description="Newest complete checkpoints kept (at least 2: a damaged one falls back to the one before)")
+    save_every: int = Field(
+        100, gt=0, description="Steps between two checkpoints (model and optimizer state, to resume from)"
+    )
+    save_total_limit: int = Field(
+        2, ge=2, description="Newest complete checkpoints kept (at least 2: a damaged one falls back to the one before)"
+    )
     log_every: int = Field(5, gt=0, description="Steps between two logged loss points")
 
 
@@ -160,9 +199,15 @@ def adapter_id(data_fingerprint: str, base_fingerprint: str, settings: dict[str,
     chosen = {k: settings[k] for k in TRAINING_KEYS if k in settings}
     fields = TrainingSettings.model_fields
     chosen.update({k: settings[k] for k in METHOD_KEYS if k in settings and settings[k] != fields[k].default})
-    return sha256_json({"engine": ENGINE_VERSION, "data": data_fingerprint, "base": base_fingerprint, "settings": chosen, "processes": processes})[
-        :16
-    ]
+    return sha256_json(
+        {
+            "engine": ENGINE_VERSION,
+            "data": data_fingerprint,
+            "base": base_fingerprint,
+            "settings": chosen,
+            "processes": processes,
+        }
+    )[:16]
 
 
 def trained_method(folder: str | Path) -> str:
@@ -173,5 +218,7 @@ def trained_method(folder: str | Path) -> str:
         return json.loads(record.read_text())["spec"].get("method", "lora")
     if (folder / "adapter_config.json").is_file():
         peft_type = json.loads((folder / "adapter_config.json").read_text()).get("peft_type", "LORA")
-        return {"PROMPT_TUNING": "prompt_tuning", "PREFIX_TUNING": "prefix_tuning", "P_TUNING": "p_tuning"}.get(peft_type, peft_type.lower())
+        return {"PROMPT_TUNING": "prompt_tuning", "PREFIX_TUNING": "prefix_tuning", "P_TUNING": "p_tuning"}.get(
+            peft_type, peft_type.lower()
+        )
     return "full"

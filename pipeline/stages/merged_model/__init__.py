@@ -15,7 +15,9 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
 
 from pipeline.core.atomic import atomic_dir
 from pipeline.stages.lora_adapter.weights import exact_lora_weight, is_plain_lora
@@ -38,6 +40,31 @@ __all__ = [
 
 DEFAULT_TOLERANCE = 1e-4  # end to end in float64
 NATIVE_TOLERANCE = 1e-3  # end to end in fp32: its own rounding is ~1e-4 on SmolLM2 (logits up to ~40)
+
+
+class MergeSettings(BaseModel):
+    """The merged copy's weights and the check that it matches the adapter (asset ``merged_model``)."""
+
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Weights of the merged copy (never quantized)"
+    )
+    max_shard_size: str = Field("2GB", description="safetensors shard size")
+    check_prompts: int = Field(4, gt=0, description="Eval prompts the merge check runs")
+    check_max_new_tokens: int = Field(
+        32, gt=0, description="New tokens of each greedy answer compared between the merged model and the adapter"
+    )
+    tolerance: float | None = Field(
+        None,
+        gt=0,
+        description="Max absolute logit difference of the end-to-end comparison "
+        f"(default: {NATIVE_TOLERANCE:g} in the weights' dtype, {DEFAULT_TOLERANCE:g} in float64)",
+    )
+    check_precision: Literal["float64", "native"] = Field(
+        "native",
+        description="Arithmetic of the end-to-end logit comparison: the weights' own dtype (default; "
+        "the layer-wise proof already checks every adapted layer in float64), or float64 over the weights "
+        "as they are (two float64 copies of the model in memory)",
+    )
 
 
 def merge_adapter(
@@ -89,7 +116,11 @@ def merge_adapter(
                 raise ExportError(f"merged folder {tmp} still holds {leftover}")
         layers = verify_layers(tmp, references, dtype, expected_layers=merge_info.get("linear_layers", 0))
         end_to_end = verify(tmp) if verify is not None else {"skipped": "no end-to-end comparison asked for"}
-        info["verification"] = {**end_to_end, "layers": layers, "passed": bool(layers["passed"] and end_to_end.get("passed", True))}
+        info["verification"] = {
+            **end_to_end,
+            "layers": layers,
+            "passed": bool(layers["passed"] and end_to_end.get("passed", True)),
+        }
         info["files"] = sorted(p.name for p in tmp.iterdir()) + [EXPORT_RECORD]
         (tmp / EXPORT_RECORD).write_text(json.dumps(info, ensure_ascii=False, indent=2))
     return info
@@ -110,7 +141,8 @@ def export_settings(base_path: str, adapter_path: str, dtype: str, trust_remote_
     method = trained_method(adapter_path)
     if method != "full" and method not in MERGEABLE:
         raise ExportError(
-            f"a {method} adapter cannot be merged into the base weights (it adds virtual tokens, not weight updates): serve it as adapter + base"
+            f"a {method} adapter cannot be merged into the base weights (it adds virtual tokens, not weight updates): "
+            "serve it as adapter + base"
         )
     source = adapter_path if method == "full" else base_path
     config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
@@ -125,7 +157,12 @@ def export_settings(base_path: str, adapter_path: str, dtype: str, trust_remote_
     pad = pad_token_id(tokenizer, eot)
     config.eos_token_id, config.pad_token_id, config.dtype = eot, pad, dtype
     gen = GenerationConfig.from_model_config(config)
-    gen.eos_token_id, gen.pad_token_id, gen.bos_token_id, gen.do_sample = eot, pad, getattr(config, "bos_token_id", None), False
+    gen.eos_token_id, gen.pad_token_id, gen.bos_token_id, gen.do_sample = (
+        eot,
+        pad,
+        getattr(config, "bos_token_id", None),
+        False,
+    )
     return method, source, config, gen, tokenizer
 
 
@@ -134,9 +171,8 @@ def merge_exact(peft_model):
     weight's dtype, then drop the LoRA modules; returns ``(model, info)``.
 
     peft's ``merge_and_unload`` forms the update in the weight's own precision and adds it there,
-    rounding twice; measured on SmolLM2-135M (logits up to ~40) that alone moved the merged model's
-    logits 1.4e-4 from the adapter model's, while the correctly rounded merge is 9.1e-5 away, the
-    same order as the fp32 adapter model's own distance from an fp64 computation (6.9e-5). Layers
+    rounding twice, which alone moves the merged model's logits further from the adapter model's
+    than fp32 arithmetic's own noise; a correctly rounded merge stays within that noise. Layers
     this does not cover (DoRA, AdaLoRA, LoHa, LoKr, IA3, embeddings, convolutions, fan-in-fan-out)
     use their own peft merge."""
     import torch
@@ -177,7 +213,9 @@ class MergeComparison:
         return {**asdict(self), "passed": self.passed}
 
 
-def teacher_forced(adapter_model, merged_model, sequences: list[list[int]], answer_starts: list[int]) -> tuple[float, tuple | None]:
+def teacher_forced(
+    adapter_model, merged_model, sequences: list[list[int]], answer_starts: list[int]
+) -> tuple[float, tuple | None]:
     """Both models over the sequences (prompt and greedy answer), one batched forward each: the
     largest absolute logit difference at any position, and the first answer position where the two
     models' greedy choices (argmax) differ as ``(sequence, answer token, adapter's, merged's)``, or
@@ -222,9 +260,8 @@ def compare_with_adapter(
 
     ``precision="float64"`` (default) evaluates both models' weights, exactly as they are (the
     fp32 base and adapter, the merged fp32 files), in float64 arithmetic, so the figure measures
-    the merge and not the rounding noise of fp32 arithmetic, which on SmolLM2-135M (logits up to
-    ~40) is itself about 1e-4 between two fp32 computations of the same function (measured 9.1e-5
-    and 1.28e-4 for two correct merges, whose float64 figures were 1.8e-5 and below). The fp32
+    the merge and not the rounding noise of fp32 arithmetic, which is itself of the order of a
+    correct merge's difference (docs/evaluation-and-export.md). The fp32
     figure is kept as ``max_abs_logit_diff_native``. ``precision="native"`` decides on that one.
     The greedy choices are compared in the weights' own dtype (the models as served)."""
     import torch
@@ -239,7 +276,12 @@ def compare_with_adapter(
     # the path: the merged model's greedy answers (a plain model decodes faster than one with its
     # adapter beside the weights); the same choices all along it make it the adapter's greedy path too
     answers = generate_greedy(
-        merged_model, tokenizer, prompts, max_new_tokens=max_new_tokens, stop_ids=stop_token_ids(tokenizer), batch_size=len(prompts)
+        merged_model,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        stop_ids=stop_token_ids(tokenizer),
+        batch_size=len(prompts),
     )
     sequences, starts = [e + a for e, a in zip(encoded, answers)], [len(e) for e in encoded]
     native, mismatch = teacher_forced(adapter_model, merged_model, sequences, starts)
@@ -269,5 +311,7 @@ def load_merged(folder: str | os.PathLike, trust_remote_code: bool = False):
 
     from pipeline.stages.lora_adapter.generation import inference_device
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
+    )
     return model.to(inference_device())

@@ -38,7 +38,10 @@ def load_adapter_skeleton(base_path: str, adapter_path: str, trust_remote_code: 
     config = AutoConfig.from_pretrained(base_path, trust_remote_code=trust_remote_code)
     peft_config = PeftConfig.from_pretrained(adapter_path)
     if getattr(peft_config, "modules_to_save", None):
-        raise ExportError(f"{adapter_path} trains whole modules too ({peft_config.modules_to_save}): not supported by the streamed merge")
+        raise ExportError(
+            f"{adapter_path} trains whole modules too ({peft_config.modules_to_save}): not supported by the streamed "
+            "merge"
+        )
     if peft_config.peft_type.value == "ADALORA":
         # peft resizes AdaLoRA's ranks from data on load, which meta tensors cannot do: a skeleton with
         # (random, never read) weights in memory, so this method's merge is not bounded by one tensor
@@ -84,7 +87,9 @@ def _merge_layer(module, weight, seed: int, probes: int):
     own = [(param, param.dtype) for name, param in module.named_parameters() if not name.startswith("base_layer")]
     for param, _ in own:
         param.data = param.data.to(torch.float64)
-    base_layer.weight = torch.nn.Parameter(weight.to(torch.float64), requires_grad=False)  # no copy when float64 already
+    base_layer.weight = torch.nn.Parameter(
+        weight.to(torch.float64), requires_grad=False
+    )  # no copy when float64 already
     bias = getattr(base_layer, "bias", None)
     if bias is not None:
         base_layer.bias = None  # the merge leaves the bias as it is; the proof compares weights' products
@@ -174,7 +179,9 @@ def merge_streamed(
         tensor = reader.get(name)
         module = layers.get(name)
         if module is not None and len(module.active_adapters) == 1 and is_plain_lora(module, module.active_adapters[0]):
-            merged, ref = _merge_plain_lora(module, module.active_adapters[0], tensor, plan[k][1], seed=k, probes=probes)
+            merged, ref = _merge_plain_lora(
+                module, module.active_adapters[0], tensor, plan[k][1], seed=k, probes=probes
+            )
         elif module is not None:
             weight = tensor.to(torch.float64)
             del tensor  # the stored copy is not needed beside the float64 one
@@ -207,7 +214,9 @@ def merge_streamed(
     return info, references
 
 
-def verify_layers(folder: str | os.PathLike, references: list[LayerReference], dtype: str, expected_layers: int | None = None) -> dict[str, Any]:
+def verify_layers(
+    folder: str | os.PathLike, references: list[LayerReference], dtype: str, expected_layers: int | None = None
+) -> dict[str, Any]:
     """The merged files against the adapter, layer by layer, exactly: for each adapted layer, the
     merged weight as written (read back, in float64) times the reference's random inputs must equal
     the adapter model's own outputs up to the rounding of the weights to ``dtype`` (each product

@@ -50,7 +50,9 @@ __all__ = [
 ]
 
 
-def _results(raw_dir: Path, discovered, stream_over: int | None = None, block_bytes: int = BLOCK_BYTES) -> Iterator[FileResult]:
+def _results(
+    raw_dir: Path, discovered, stream_over: int | None = None, block_bytes: int = BLOCK_BYTES
+) -> Iterator[FileResult]:
     """Every file's result in the order rejected rows are listed: files refused by name first.
     With ``stream_over``, files larger than that are read in blocks (several results each)."""
     files, refused, _ignored = discovered
@@ -58,7 +60,16 @@ def _results(raw_dir: Path, discovered, stream_over: int | None = None, block_by
         summary = FileSummary(source_file=rel, error=reason, rows_read=1, rows_rejected=1)
         yield FileResult(
             None,
-            [{"source_file": rel, "source_line": None, "source_index": None, "stage": STAGE, "reason": f"file rejected: {reason}", "raw": ""}],
+            [
+                {
+                    "source_file": rel,
+                    "source_line": None,
+                    "source_index": None,
+                    "stage": STAGE,
+                    "reason": f"file rejected: {reason}",
+                    "raw": "",
+                }
+            ],
             summary,
         )
     for path in files:
@@ -123,7 +134,9 @@ def ingest_to(
     progress = Progress(log, f"raw_records: {len(files)} file(s)", every=5.0)
     with stage_output(folder, empty_records(), chunk_rows) as out:
         serial = (
-            _results(raw_dir, discovered, stream_over, block_bytes) if n_workers == 1 else _results(raw_dir, (files[:0], refused, _ignored))
+            _results(raw_dir, discovered, stream_over, block_bytes)
+            if n_workers == 1
+            else _results(raw_dir, (files[:0], refused, _ignored))
         )  # the refused files only
         for result in serial:
             if result.summary is not None:
@@ -136,7 +149,9 @@ def ingest_to(
             del result
             progress(out.kept.rows + out.rejected.rows)
         if n_workers > 1:
-            for done, kept_part, rejected_part in read_in_workers(raw_dir, files, out.tmp, n_workers, stream_over, block_bytes, chunk_rows):
+            for done, kept_part, rejected_part in read_in_workers(
+                raw_dir, files, out.tmp, n_workers, stream_over, block_bytes, chunk_rows
+            ):
                 summaries.append(done["summary"])
                 notes.update(done["notes"])
                 worker_rss[done["pid"]] = max(worker_rss.get(done["pid"], 0), round(done["peak_rss_mb"]))

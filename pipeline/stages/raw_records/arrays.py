@@ -94,7 +94,12 @@ def _cut_by_window(win: Window, exc: Exception) -> bool:
 
 
 def iter_array(
-    win: Window, start: int, bad_lines: dict[int, str], strict_keys: bool = False, nested: bool = False, piece_rows: int | None = None
+    win: Window,
+    start: int,
+    bad_lines: dict[int, str],
+    strict_keys: bool = False,
+    nested: bool = False,
+    piece_rows: int | None = None,
 ) -> Iterator[Parsed]:
     """Parse the array whose ``[`` is at ``start``; yields the values in pieces of ``piece_rows``
     (one piece when None). ``nested``: the array sits inside a top-level object; stop at its
@@ -158,10 +163,22 @@ def iter_array(
             if parsed.errors and parsed.errors[-1][1] == index - 1 and not parsed.errors[-1][3].endswith("}"):
                 # the last element is the one cut short: one row, not two
                 e_line, e_index, e_reason, e_raw = parsed.errors[-1]
-                parsed.errors[-1] = (e_line, e_index, f"truncated JSON (the file ends inside this element): {e_reason}", e_raw)
+                parsed.errors[-1] = (
+                    e_line,
+                    e_index,
+                    f"truncated JSON (the file ends inside this element): {e_reason}",
+                    e_raw,
+                )
             else:
                 line += text.count("\n", last, pos)
-                parsed.errors.append((line, index, "truncated JSON: the array is not closed with ']' (rows after this point may be missing)", ""))
+                parsed.errors.append(
+                    (
+                        line,
+                        index,
+                        "truncated JSON: the array is not closed with ']' (rows after this point may be missing)",
+                        "",
+                    )
+                )
             break
         ch = text[pos]
         if ch == "]":
@@ -176,7 +193,9 @@ def iter_array(
                 while grow():
                     pass
                 line += text.count("\n", last, tail)
-                parsed.errors.append((line, index, "invalid JSON: extra text after the closing ']'", clip_raw(text[tail:])))
+                parsed.errors.append(
+                    (line, index, "invalid JSON: extra text after the closing ']'", clip_raw(text[tail:]))
+                )
             break
         line += text.count("\n", last, pos)
         last = pos
@@ -185,7 +204,9 @@ def iter_array(
             value, end = scan(text, pos)
             if end >= n and grow():
                 continue  # a value that ends where the window does may go on in the next block
-            if check_keys and (count(_Q_INSTRUCTION, pos, end) > 1 or count(_Q_INPUT, pos, end) > 1 or count(_Q_OUTPUT, pos, end) > 1):
+            if check_keys and (
+                count(_Q_INSTRUCTION, pos, end) > 1 or count(_Q_INPUT, pos, end) > 1 or count(_Q_OUTPUT, pos, end) > 1
+            ):
                 value = STRICT_DECODER.scan_once(text, pos)[0]  # a key given twice is caught
         except StopIteration as stop:
             # no value where one should be: at the window's end (even inside a nested value) that

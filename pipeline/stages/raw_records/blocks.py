@@ -30,7 +30,15 @@ import pyarrow as pa
 from pipeline.stages.raw_records.arrays import Window, iter_array
 from pipeline.stages.raw_records.json_recovery import may_repeat_keys, normalise_line_ends, parse_lines
 from pipeline.stages.raw_records.json_values import JSON_WS
-from pipeline.stages.raw_records.rows import STAGE, FileResult, FileSummary, extra_fields_note, file_preview, ingest_file, rows_of
+from pipeline.stages.raw_records.rows import (
+    STAGE,
+    FileResult,
+    FileSummary,
+    extra_fields_note,
+    file_preview,
+    ingest_file,
+    rows_of,
+)
 
 STREAM_BYTES = 64 << 20  # files above this size are read in blocks
 BLOCK_BYTES = 8 << 20
@@ -164,10 +172,16 @@ def iter_file(
         return
     with open(path, "rb") as fh:
         bom = fh.read(3) == _BOM
-    summary = FileSummary(source_file=rel, encoding="utf-8-sig" if bom else "utf-8", format="JSON array" if kind == "array" else "JSON Lines")
+    summary = FileSummary(
+        source_file=rel,
+        encoding="utf-8-sig" if bom else "utf-8",
+        format="JSON array" if kind == "array" else "JSON Lines",
+    )
     note_lists: dict[int, list[str]] = {}  # an array's pieces share one list of notes
     extra: Counter[str] = Counter()
-    pieces = _array_pieces(path, block_bytes, piece_rows) if kind == "array" else _line_pieces(path, block_bytes, summary)
+    pieces = (
+        _array_pieces(path, block_bytes, piece_rows) if kind == "array" else _line_pieces(path, block_bytes, summary)
+    )
     for parsed in pieces:
         note_lists[id(parsed.notes)] = parsed.notes
         result = rows_of(parsed, rel, extra)
@@ -216,7 +230,9 @@ def _line_pieces(path: Path, block_bytes: int, summary: FileSummary):
         parsed.line_base = line_base
         parsed.lines = [line + line_base for line in parsed.lines]
         parsed.indexes = [index + index_base for index in parsed.indexes]
-        parsed.errors = [(line + line_base, index + index_base, reason, raw) for line, index, reason, raw in parsed.errors]
+        parsed.errors = [
+            (line + line_base, index + index_base, reason, raw) for line, index, reason, raw in parsed.errors
+        ]
         summary.blank_lines += parsed.blank_lines
         line_base += n_lines
         index_base += n_lines - parsed.blank_lines

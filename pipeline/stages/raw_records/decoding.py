@@ -32,7 +32,8 @@ def decode_lines(data: bytes) -> tuple[str, str, dict[int, str]]:
                 return data[len(bom) :].decode(codec), label, {}
             except UnicodeDecodeError as exc:
                 raise FileRejected(
-                    f"declares {label} by its byte-order mark but is not valid {label} (byte offset {exc.start + len(bom)}: {exc.reason})"
+                    f"declares {label} by its byte-order mark but is not valid {label} (byte offset "
+                    f"{exc.start + len(bom)}: {exc.reason})"
                 ) from None
     head = data[:4096]
     nuls = head.count(0)
@@ -68,7 +69,9 @@ def decode_lines(data: bytes) -> tuple[str, str, dict[int, str]]:
             bad[lineno] = f"line is neither UTF-8 nor GB18030 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})"
             out.append("\x00")  # never valid JSON: the parser rejects this line/element
     if not used["gb18030"]:
-        raise FileRejected(f"not valid UTF-8 (byte offset {first_error.start}: {first_error.reason}) and not GB18030 either")
+        raise FileRejected(
+            f"not valid UTF-8 (byte offset {first_error.start}: {first_error.reason}) and not GB18030 either"
+        )
     if len(bad) > max(1, len(lines) // 2):
         raise FileRejected(f"not text in a supported encoding ({len(bad)} of {len(lines)} lines undecodable)")
     encoding = "gb18030" if not used["utf-8"] else "mixed utf-8 + gb18030"

@@ -79,7 +79,11 @@ def raw_fingerprint(raw_dir: str | os.PathLike, cache: str | os.PathLike | None 
         try:
             st = path.stat()
             entry = known.get(rel)
-            if entry and entry.get("stat") == _stat_key(st) and entry.get("hashed_ns", 0) - st.st_mtime_ns > RACY_S * 1e9:
+            if (
+                entry
+                and entry.get("stat") == _stat_key(st)
+                and entry.get("hashed_ns", 0) - st.st_mtime_ns > RACY_S * 1e9
+            ):
                 digest = entry["sha256"]
                 fresh[rel] = entry
             else:

@@ -103,7 +103,8 @@ def _parse_wrapper(text: str, start: int, value: Any, bad_lines: dict[int, str],
         others = [k for k in keys if k != key]
         parsed.format = f"JSON object with the records under {key!r}"
         parsed.notes.append(
-            f"records read from the top-level key {key!r}" + (f"; other top-level keys ignored: {', '.join(map(repr, others[:5]))}" if others else "")
+            f"records read from the top-level key {key!r}"
+            + (f"; other top-level keys ignored: {', '.join(map(repr, others[:5]))}" if others else "")
         )
         return parsed
     if keys and all(isinstance(value[k], dict) and _looks_like_record(value[k]) for k in keys):
@@ -117,7 +118,8 @@ def _parse_wrapper(text: str, start: int, value: Any, bad_lines: dict[int, str],
         return parsed
     shown = ", ".join(repr(k) for k in keys[:5])
     raise FileRejected(
-        f"top-level JSON object (keys {shown}) is not a record and holds no list of records: expected an array of records or JSON Lines"
+        f"top-level JSON object (keys {shown}) is not a record and holds no list of records: expected an array of "
+        "records or JSON Lines"
     )
 
 
@@ -175,6 +177,8 @@ def parse_lines(text: str, bad_lines: dict[int, str], strict_keys: bool = False)
     return parsed
 
 
-def _parse_array(text: str, start: int, bad_lines: dict[int, str], strict_keys: bool = False, nested: bool = False) -> Parsed:
+def _parse_array(
+    text: str, start: int, bad_lines: dict[int, str], strict_keys: bool = False, nested: bool = False
+) -> Parsed:
     """The array at ``start``, element by element (``arrays.iter_array`` over the whole text)."""
     return next(iter_array(Window(text), start, bad_lines, strict_keys, nested))

@@ -37,7 +37,15 @@ class FileSummary:
     error: str = ""
 
 
-_TYPE_NAMES = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", list: "a list", dict: "an object", str: "a string"}
+_TYPE_NAMES = {
+    type(None): "null",
+    bool: "a boolean",
+    int: "a number",
+    float: "a number",
+    list: "a list",
+    dict: "an object",
+    str: "a string",
+}
 
 
 def _type_name(v: Any) -> str:
@@ -52,7 +60,10 @@ def _fields_of(obj: dict) -> tuple[Any, Any, Any] | str:
     """The three fields of one JSON object, or a reason to reject it."""
     if DUPLICATE_KEYS in obj:
         dups = [k for k in obj[DUPLICATE_KEYS] if k.strip().lower() in FIELDS] or obj[DUPLICATE_KEYS]
-        return f"key {dups[0]!r} given twice in one record with different values (a JSON parser would silently keep the last)"
+        return (
+            f"key {dups[0]!r} given twice in one record with different values (a JSON parser would silently keep the "
+            "last)"
+        )
     if len(obj) <= 3 and all(k in ("instruction", "input", "output") for k in obj):
         instruction = obj.get("instruction")
         inp = obj.get("input", "")
@@ -87,7 +98,9 @@ def _to_arrow(values: list[Any], name: str, notes: Counter) -> pa.Array:
         return pa.array(values, type=pa.large_string())
     except (UnicodeEncodeError, pa.ArrowException):
         fixed = [v if v is None else _SURROGATE.sub("\ufffd", v) for v in values]
-        notes[f"lone surrogates in {name!r} replaced by U+FFFD (validation rejects them)"] += sum(1 for a, b in zip(values, fixed) if a != b)
+        notes[f"lone surrogates in {name!r} replaced by U+FFFD (validation rejects them)"] += sum(
+            1 for a, b in zip(values, fixed) if a != b
+        )
         return pa.array(fixed, type=pa.large_string())
 
 
@@ -98,7 +111,9 @@ def _normalise_newlines(arr: pa.Array) -> pa.Array:
     return pc.replace_substring(pc.replace_substring(arr, "\r\n", "\n"), "\r", "\n")
 
 
-def _split_fields(parsed: Parsed, rel: str, rejected: list[dict], extra: Counter | None = None) -> tuple[list, list, list, list, list]:
+def _split_fields(
+    parsed: Parsed, rel: str, rejected: list[dict], extra: Counter | None = None
+) -> tuple[list, list, list, list, list]:
     """Columns of the rows whose fields are usable; the others go to ``rejected`` with a reason.
 
     The common case (objects with exactly the three keys, all strings) runs as list
@@ -109,7 +124,10 @@ def _split_fields(parsed: Parsed, rel: str, rejected: list[dict], extra: Counter
     ins = [v.get("instruction") if type(v) is dict else None for v in values]
     inp = [v.get("input", "") if type(v) is dict else None for v in values]
     out = [v.get("output") if type(v) is dict else None for v in values]
-    fast = [type(a) is str and type(b) is str and type(c) is str and v.keys() <= exact for a, b, c, v in zip(ins, inp, out, values)]
+    fast = [
+        type(a) is str and type(b) is str and type(c) is str and v.keys() <= exact
+        for a, b, c, v in zip(ins, inp, out, values)
+    ]
     if all(fast):
         return lines, indexes, ins, inp, out
     cols: tuple[list, list, list, list, list] = ([], [], [], [], [])
@@ -123,14 +141,23 @@ def _split_fields(parsed: Parsed, rel: str, rejected: list[dict], extra: Counter
             value = values[k]
             if type(value) is dict:
                 extra.update(key for key in value if key != DUPLICATE_KEYS and key.strip().lower() not in FIELDS)
-            fields = _fields_of(value) if type(value) is dict else f"record is {_type_name(value)}, expected a JSON object"
+            fields = (
+                _fields_of(value) if type(value) is dict else f"record is {_type_name(value)}, expected a JSON object"
+            )
             if type(fields) is str:
                 if parsed.source_lines is not None:
                     raw = parsed.source_lines[lines[k] - 1 - parsed.line_base]
                 else:
                     raw = json.dumps(value, ensure_ascii=False, default=str, allow_nan=True)
                 rejected.append(
-                    {"source_file": rel, "source_line": lines[k], "source_index": indexes[k], "stage": STAGE, "reason": fields, "raw": clip_raw(raw)}
+                    {
+                        "source_file": rel,
+                        "source_line": lines[k],
+                        "source_index": indexes[k],
+                        "stage": STAGE,
+                        "reason": fields,
+                        "raw": clip_raw(raw),
+                    }
                 )
                 continue
         l_col.append(lines[k])
@@ -200,7 +227,16 @@ def rows_of(parsed: Parsed, rel: str, extra: Counter | None = None) -> FileResul
     reason (in the order of the file). Its summary holds the row counts only."""
     rejected: list[dict] = []
     for line, index, reason, raw in parsed.errors:
-        rejected.append({"source_file": rel, "source_line": line, "source_index": index, "stage": STAGE, "reason": reason, "raw": clip_raw(raw)})
+        rejected.append(
+            {
+                "source_file": rel,
+                "source_line": line,
+                "source_index": index,
+                "stage": STAGE,
+                "reason": reason,
+                "raw": clip_raw(raw),
+            }
+        )
     lines_col, index_col, ins_col, inp_col, out_col = _split_fields(parsed, rel, rejected, extra)
     rejected.sort(key=lambda r: (r["source_index"], r["source_line"]))
     summary = FileSummary(source_file=rel, rows_kept=len(lines_col), rows_rejected=len(rejected))

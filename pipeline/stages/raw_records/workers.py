@@ -76,7 +76,18 @@ def read_in_workers(
         for i, path in enumerate(files):
             prefix = tmp / f"part-{i:06d}"
             futures.append(
-                (pool.submit(_read_one, str(path), path.relative_to(raw_dir).as_posix(), str(prefix), stream_over, block_bytes, chunk_rows), prefix)
+                (
+                    pool.submit(
+                        _read_one,
+                        str(path),
+                        path.relative_to(raw_dir).as_posix(),
+                        str(prefix),
+                        stream_over,
+                        block_bytes,
+                        chunk_rows,
+                    ),
+                    prefix,
+                )
             )
         try:
             for future, prefix in futures:

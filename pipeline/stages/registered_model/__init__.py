@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pydantic import BaseModel, Field
 
 CHALLENGER = "challenger"
 CHAMPION = "champion"
@@ -32,6 +34,23 @@ DEFAULT_PROMOTE_ON = ("eval_loss", "choice_accuracy", "rouge_l")
 MERGED_TAG = "medtune.merged_id"
 SERVING_FILE = Path(__file__).with_name("serving.py")
 PIP_REQUIREMENTS = ["torch", "transformers", "safetensors", "pandas"]
+
+
+class RegistrySettings(BaseModel):
+    """The registry name, the served answer length and the champion rule (asset ``registered_model``)."""
+
+    model_name: str = Field(
+        "medtune",
+        pattern=r"^[^'\"`\\]+$",
+        description="Name in the MLflow Model Registry (no quotes or backslashes: it goes into search filters)",
+    )
+    max_new_tokens: int = Field(256, gt=0, description="Answer length limit of the registered model's predict()")
+    promote_on: list[str] = Field(
+        list(DEFAULT_PROMOTE_ON),
+        description="When a new version takes champion: criteria in order, "
+        "from " + ", ".join(FIGURE_TAGS) + ". eval_loss is a guard (must not rise); of the others "
+        "(higher is better) the first that differs decides; a tie keeps the champion",
+    )
 
 
 def chat_signature(max_new_tokens: int):
@@ -56,14 +75,20 @@ def chat_signature(max_new_tokens: int):
     )
 
 
-def pyfunc_model_kwargs(artifacts: dict[str, str], *, system_prompt: str, max_new_tokens: int, model_name: str) -> dict[str, Any]:
+def pyfunc_model_kwargs(
+    artifacts: dict[str, str], *, system_prompt: str, max_new_tokens: int, model_name: str
+) -> dict[str, Any]:
     """What ``mlflow.pyfunc.log_model`` / ``save_model`` get for a merged folder (``{"model": dir}``) or a
     prompt-learning adapter over its base (``{"base": dir, "adapter": dir}``)."""
     requirements = PIP_REQUIREMENTS if "model" in artifacts else [*PIP_REQUIREMENTS, "peft"]
     return {
         "python_model": str(SERVING_FILE),
         "artifacts": artifacts,
-        "model_config": {"system_prompt": system_prompt, "max_new_tokens": int(max_new_tokens), "model_name": model_name},
+        "model_config": {
+            "system_prompt": system_prompt,
+            "max_new_tokens": int(max_new_tokens),
+            "model_name": model_name,
+        },
         "signature": chat_signature(max_new_tokens),
         "pip_requirements": requirements,
     }
@@ -83,6 +108,23 @@ class Registration:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    """What ``registered_model`` hands on: the version registered, or why none was (``reason``)."""
+
+    registered: bool
+    name: str
+    reason: str = ""
+    version: str | None = None
+    model_uri: str | None = None
+    aliases: list[str] = field(default_factory=list)
+    became_champion: bool = False
+    previous_champion: str | None = None
+    previous_champion_score: float | None = None
+    reused: bool = False
+    decided_by: str = ""
 
 
 @contextlib.contextmanager
@@ -135,7 +177,9 @@ def _newer_version(client, name: str, version: str) -> bool:
 
 
 def decide_champion(
-    new: dict[str, float | None], champion: dict[str, float | None] | None, promote_on: tuple[str, ...] | list[str] = DEFAULT_PROMOTE_ON
+    new: dict[str, float | None],
+    champion: dict[str, float | None] | None,
+    promote_on: tuple[str, ...] | list[str] = DEFAULT_PROMOTE_ON,
 ) -> tuple[bool, str]:
     """Whether the new version takes ``champion``, and why. No champion: it does. Otherwise the
     criteria in ``promote_on`` are read in order: a guard (``eval_loss``) that got worse keeps the
@@ -202,7 +246,9 @@ def register_merged_model(
                     raise ValueError("register a merged model folder, or an adapter folder with its base model folder")
                 info = mlflow.pyfunc.log_model(
                     name="merged_model" if merged_dir is not None else "adapter_model",
-                    **pyfunc_model_kwargs(artifacts, system_prompt=system_prompt, max_new_tokens=max_new_tokens, model_name=name),
+                    **pyfunc_model_kwargs(
+                        artifacts, system_prompt=system_prompt, max_new_tokens=max_new_tokens, model_name=name
+                    ),
                 )
             figure_tags = {t: "" if figures.get(k) is None else f"{figures[k]:.6f}" for k, t in FIGURE_TAGS.items()}
             version = mlflow.register_model(info.model_uri, name, tags={**tags, MERGED_TAG: merged_id, **figure_tags})
@@ -220,12 +266,15 @@ def register_merged_model(
             client.set_registered_model_alias(name, CHAMPION, v)
     if not finished:
         shown = ", ".join(f"{k} {'n/a' if x is None else f'{x:.4f}'}" for k, x in mine.items())
-        verdict = f"took champion ({why})" if became else f"stayed challenger; champion: version {champ_version} ({why})"
+        verdict = (
+            f"took champion ({why})" if became else f"stayed challenger; champion: version {champ_version} ({why})"
+        )
         client.update_model_version(
             name,
             v,
             description=(
-                f"Held-out figures: {shown}. Promotion rule promote_on = {', '.join(promote_on)} (a guard: eval_loss must "
+                f"Held-out figures: {shown}. Promotion rule promote_on = {', '.join(promote_on)} (a guard: eval_loss "
+                "must "
                 f"not rise; then the first criterion that differs decides, higher is better). Against the champion at "
                 f"registration: {verdict}."
             ),
