@@ -170,6 +170,50 @@ def test_an_answer_past_the_timeout_is_stopped_and_its_slot_freed(scoring):
         steps.delay = 0.0
 
 
+def stream(port: int, body: dict, timeout: float = 60) -> list[bytes]:
+    """The server-sent events of a streamed ``/v1/chat/completions`` answer, as they arrive."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    conn.request("POST", "/v1/chat/completions", body=json.dumps({**body, "stream": True}).encode())
+    resp = conn.getresponse()
+    assert resp.status == 200, resp.read()
+    events = [e for e in resp.read().split(b"\n\n") if e.strip()]
+    conn.close()
+    return events
+
+
+def test_a_streamed_answer_past_the_timeout_ends_with_an_error_event_and_stops(scoring):
+    steps = scoring[1]
+    steps.delay = 0.1  # 150 tokens would take 15 s
+    try:
+        with serving(scoring, concurrency=1, queue=0, timeout_s=2) as (port, _):
+            start, before = time.monotonic(), steps.count
+            events = stream(port, {**chat(150), "temperature": 1.5, "seed": 3})
+            assert time.monotonic() - start < 4
+            assert events[-1] == b"data: [DONE]" and b"timeout" in events[-2], events[-3:]
+            stopped_at = wait_still(steps)
+            assert stopped_at - before < 40, f"{stopped_at - before} steps: the generation went on after the timeout"
+    finally:
+        steps.delay = 0.0
+
+
+def test_a_stop_string_ends_a_streamed_generation_there(scoring):
+    steps = scoring[1]
+    with serving(scoring, timeout_s=60) as (port, _):
+        sampled = {"temperature": 1.5, "seed": 3}
+        text = "".join(
+            json.loads(e[6:])["choices"][0]["delta"].get("content") or ""
+            for e in stream(port, {**chat(40), **sampled})[:-1]
+        )
+        assert len(text) > 6, text
+        steps.delay = 0.05
+        before = steps.count
+        events = stream(port, {**chat(150), **sampled, "stop": text[4:6]})
+        assert events[-1] == b"data: [DONE]" and json.loads(events[-2][6:])["choices"][0]["finish_reason"] == "stop"
+        stopped_at = wait_still(steps)
+        assert stopped_at - before < 60, f"{stopped_at - before} steps: the generation went on past its stop string"
+    steps.delay = 0.0
+
+
 def test_a_client_that_disconnects_frees_its_generation(scoring):
     steps = scoring[1]
     steps.delay = 0.1

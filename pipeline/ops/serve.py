@@ -13,8 +13,10 @@ process on 127.0.0.1 unless ``--host`` says otherwise.
 The request timeout (MLflow's default is 60 s) comes from the model's measured speed on this
 machine: one short greedy answer is generated before the server starts, and a request of
 ``--max-tokens`` new tokens is given three times what that speed predicts (at least 60 s);
-``--timeout`` sets it instead. Requests (``docs/serving.md``): the chat-completions schema
-``{"messages": [...], "max_tokens": 64}``, or ``{"inputs": ["question", ...]}``.
+``--timeout`` sets it instead. Requests (``docs/serving.md``): OpenAI's API under ``/v1``
+(``openai_api.py``: ``base_url="http://127.0.0.1:5077/v1"``, ``model="medtune@champion"``, streaming
+too), or MLflow's ``/invocations`` with the chat-completions schema ``{"messages": [...],
+"max_tokens": 64}`` or ``{"inputs": ["question", ...]}``.
 """
 
 from __future__ import annotations
@@ -51,8 +53,9 @@ class ServeError(ValueError):
 
 @dataclass
 class Served:
-    uri: str  # what mlflow models serve gets
+    uri: str  # what mlflow.pyfunc.load_model gets
     label: str  # what the user is told
+    name: str = "medtune"  # what an OpenAI client gives as ``model``
 
 
 def _registered(client, name: str, ref: str, tracking_uri: str) -> Served:
@@ -67,11 +70,13 @@ def _registered(client, name: str, ref: str, tracking_uri: str) -> Served:
             versions = []
         what = ", ".join(f"version {v}" for v in versions) or "nothing registered yet (run `make run`)"
         raise ServeError(
-            f"registered model {name!r} has no {'version' if ref.isdigit() else 'alias'} {ref!r} in {redact(tracking_uri)}; it has: {what}"
+            f"registered model {name!r} has no {'version' if ref.isdigit() else 'alias'} {ref!r} in "
+            f"{redact(tracking_uri)}; it has: {what}"
         ) from None
     aliases = sorted(version.aliases or [])
     shown = f"{name} version {version.version}" + (f" ({', '.join(aliases)})" if aliases else "")
-    return Served(f"models:/{name}@{ref}" if not ref.isdigit() else f"models:/{name}/{ref}", shown)
+    short = f"{name}/{ref}" if ref.isdigit() else f"{name}@{ref}"
+    return Served(f"models:/{short}", shown, short)
 
 
 def merged_system_prompt(folder: Path) -> str:
@@ -93,12 +98,22 @@ def wrap_merged_folder(folder: Path, served_root: Path, max_new_tokens: int) -> 
 
     record = read_export_record(folder)
     weights = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.glob("*.safetensors"))
-    key = sha256_json({"folder": str(folder.resolve()), "merged_id": (record or {}).get("merged_id"), "weights": weights, "max": max_new_tokens})[:16]
+    key = sha256_json(
+        {
+            "folder": str(folder.resolve()),
+            "merged_id": (record or {}).get("merged_id"),
+            "weights": weights,
+            "max": max_new_tokens,
+        }
+    )[:16]
     dest = served_root / key
     if (dest / "MLmodel").is_file():
         return dest
     kwargs = pyfunc_model_kwargs(
-        {"model": str(folder)}, system_prompt=merged_system_prompt(folder), max_new_tokens=max_new_tokens, model_name=folder.name
+        {"model": str(folder)},
+        system_prompt=merged_system_prompt(folder),
+        max_new_tokens=max_new_tokens,
+        model_name=folder.name,
     )
     with atomic_dir(dest) as tmp:
         shutil.rmtree(tmp)  # save_model wants to create its folder
@@ -111,10 +126,13 @@ def resolve(model: str, tracking_uri: str, served_root: Path, max_new_tokens: in
     path = Path(model).expanduser()
     if path.is_dir():
         if (path / "MLmodel").is_file():
-            return Served(str(path.resolve()), f"MLflow model folder {path}")
+            return Served(str(path.resolve()), f"MLflow model folder {path}", path.resolve().name)
         if (path / "config.json").is_file() and list(path.glob("*.safetensors")):
-            return Served(str(wrap_merged_folder(path.resolve(), served_root, max_new_tokens)), f"merged model folder {path}")
-        raise ServeError(f"{path} is neither an MLflow model folder (MLmodel) nor a model folder (config.json and *.safetensors)")
+            wrapped = wrap_merged_folder(path.resolve(), served_root, max_new_tokens)
+            return Served(str(wrapped), f"merged model folder {path}", path.resolve().name)
+        raise ServeError(
+            f"{path} is neither an MLflow model folder (MLmodel) nor a model folder (config.json and *.safetensors)"
+        )
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
@@ -123,7 +141,9 @@ def resolve(model: str, tracking_uri: str, served_root: Path, max_new_tokens: in
     m = re.fullmatch(r"(?:models:/)?([\w.-]+)(?:@([\w-]+)|/(\d+))", model)
     if m:
         return _registered(client, m.group(1), m.group(2) or m.group(3), tracking_uri)
-    raise ServeError(f"unknown model {model!r}: give champion, challenger, a version number, NAME@alias, models:/NAME/3, or a folder")
+    raise ServeError(
+        f"unknown model {model!r}: give champion, challenger, a version number, NAME@alias, models:/NAME/3, or a folder"
+    )
 
 
 def load(uri: str):
@@ -138,7 +158,9 @@ def load(uri: str):
 def seconds_per_token(model) -> float:
     """Seconds per new token of a short greedy answer on this machine."""
     start = time.perf_counter()
-    answer = model.predict({"messages": [{"role": "user", "content": SAMPLE_QUESTION}]}, params={"max_tokens": PROBE_TOKENS})
+    answer = model.predict(
+        {"messages": [{"role": "user", "content": SAMPLE_QUESTION}]}, params={"max_tokens": PROBE_TOKENS}
+    )
     elapsed = time.perf_counter() - start
     new = int(answer["usage"]["completion_tokens"]) if isinstance(answer, dict) else PROBE_TOKENS
     return elapsed / max(1, new)
@@ -160,36 +182,67 @@ def loopback(host: str) -> bool:
         return False  # a name: it may resolve to anything
 
 
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=f"models:/{REGISTERED_NAME}@{CHAMPION}")
+    ap.add_argument("--host", default="127.0.0.1", help="the address to bind: loopback unless --allow-remote")
+    ap.add_argument(
+        "--allow-remote", action="store_true", help="bind a non-loopback --host: the server has no authentication"
+    )
+    ap.add_argument("--port", type=int, default=5077)
+    ap.add_argument(
+        "--max-tokens",
+        type=int,
+        default=256,
+        help="the longest answer the timeout is sized for (and a merged folder's default)",
+    )
+    ap.add_argument(
+        "--timeout", type=int, default=None, help="request timeout in seconds (default: from the measured speed)"
+    )
+    ap.add_argument(
+        "--concurrency", type=int, default=default_concurrency(), help="generations at once (default: one per 4 cores)"
+    )
+    ap.add_argument(
+        "--queue", type=int, default=None, help="requests waiting for a generation slot (default: twice --concurrency)"
+    )
+    ap.add_argument("--max-body", type=int, default=1 << 20, help="the largest request body in bytes")
+    return ap
+
+
+def refused_host(args) -> bool:
+    """A host other machines reach: refused without --allow-remote, else a warning."""
+    if not loopback(args.host):
+        if not args.allow_remote:
+            print(
+                f"make serve: --host {args.host} is reachable from other machines and the server has no "
+                "authentication; "
+                "pass --allow-remote to do it anyway, behind a reverse proxy that authenticates (docs/serving.md)",
+                file=sys.stderr,
+            )
+            return True
+        print(
+            f"WARNING: serving on {args.host} without authentication: anyone who reaches it can use the model",
+            file=sys.stderr,
+            flush=True,
+        )
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     from resources.data_root import DataRoot, default_data_dir
     from resources.mlflow_tracking import default_tracking_uri
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=f"models:/{REGISTERED_NAME}@{CHAMPION}")
-    ap.add_argument("--host", default="127.0.0.1", help="the address to bind: loopback unless --allow-remote")
-    ap.add_argument("--allow-remote", action="store_true", help="bind a non-loopback --host: the server has no authentication")
-    ap.add_argument("--port", type=int, default=5077)
-    ap.add_argument("--max-tokens", type=int, default=256, help="the longest answer the timeout is sized for (and a merged folder's default)")
-    ap.add_argument("--timeout", type=int, default=None, help="request timeout in seconds (default: from the measured speed)")
-    ap.add_argument("--concurrency", type=int, default=default_concurrency(), help="generations at once (default: one per 4 cores)")
-    ap.add_argument("--queue", type=int, default=None, help="requests waiting for a generation slot (default: twice --concurrency)")
-    ap.add_argument("--max-body", type=int, default=1 << 20, help="the largest request body in bytes")
-    args = ap.parse_args(argv)
-    if not loopback(args.host):
-        if not args.allow_remote:
-            print(
-                f"make serve: --host {args.host} is reachable from other machines and the server has no authentication; "
-                "pass --allow-remote to do it anyway, behind a reverse proxy that authenticates (docs/serving.md)",
-                file=sys.stderr,
-            )
-            return 2
-        print(f"WARNING: serving on {args.host} without authentication: anyone who reaches it can use the model", file=sys.stderr, flush=True)
+    args = parser().parse_args(argv)
+    if refused_host(args):
+        return 2
     # MLflow's advice to add type hints to predict: the input is checked by the wrapper on purpose (docs/serving.md)
     warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
     tracking_uri = default_tracking_uri()
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri  # models:/ URIs here and in the server resolve in this store
     try:
-        served = resolve(args.model, tracking_uri, DataRoot(path=default_data_dir()).models_dir / "served", args.max_tokens)
+        served = resolve(
+            args.model, tracking_uri, DataRoot(path=default_data_dir()).models_dir / "served", args.max_tokens
+        )
     except ServeError as e:
         print(f"make serve: {e}", file=sys.stderr)
         return 2
@@ -211,17 +264,26 @@ def main(argv: list[str] | None = None) -> int:
         queue=2 * max(1, args.concurrency) if args.queue is None else max(0, args.queue),
     )
     url = f"http://{args.host}:{args.port}/invocations"
+    sample = {"messages": [{"role": "user", "content": SAMPLE_QUESTION}], "max_tokens": min(64, limits.max_tokens)}
     print(
         f"limits: {limits.concurrency} generation(s) at once, {limits.queue} waiting, max_tokens {limits.max_tokens}, "
         f"body {limits.max_body} bytes; beyond: 503 with Retry-After {limits.retry_after} s\n"
         f"serving {served.label} on {url} (Ctrl-C stops it); try:\n"
         f"  curl -s {url} -H 'Content-Type: application/json' "
-        f'-d \'{{"messages":[{{"role":"user","content":"{SAMPLE_QUESTION}"}}],"max_tokens":{min(64, limits.max_tokens)}}}\'',
+        f"-d '{json.dumps(sample, ensure_ascii=False, separators=(',', ':'))}'\n"
+        f"OpenAI API: base_url http://{args.host}:{args.port}/v1, model {served.name!r} "
+        "(POST /v1/chat/completions, stream true for server-sent events; GET /v1/models)",
         flush=True,
     )
     import uvicorn
 
-    uvicorn.run(build_app(model, limits), host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
+    uvicorn.run(
+        build_app(model, limits, served.name),
+        host=args.host,
+        port=args.port,
+        log_level="info",
+        timeout_graceful_shutdown=5,
+    )
     return 0
 
 

@@ -1,7 +1,7 @@
 """The limits ``make serve`` puts in front of MLflow's scoring server: an ASGI wrapper around the
 app ``mlflow.pyfunc.scoring_server.init`` builds, run by this process's own uvicorn.
 
-On ``POST /invocations``, in this order:
+On ``POST /invocations`` and ``POST /v1/chat/completions``, in this order:
 
 - a body over ``max_body`` bytes: 413 (read no further than the limit);
 - ``max_tokens`` above the limit the request timeout is sized for: 400 naming both;
@@ -9,9 +9,11 @@ On ``POST /invocations``, in this order:
   or a wait that reaches the timeout: 503 with ``Retry-After`` (one answer's time);
 - an answer still generating at the timeout, or whose client went away: its generation is stopped
   at the next token (a stopping criterion that reads the request's cancel flag), its slot freed,
-  and the client (if still there) gets a 503 that says so. Never a 504 after which work goes on.
+  and the client (if still there) gets a 503 that says so, or, if its answer is streaming, an
+  error event that ends the stream. Never a 504 after which work goes on.
 
-Other paths (``/ping``, ``/health``, ``/version``) pass straight through.
+Errors come in the shape of the path's API: MLflow's ``{"error_code", "message"}``, OpenAI's
+``{"error": {...}}`` under ``/v1``. Other paths (``/ping``, ``/health``, ``/version``) pass straight through.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from dataclasses import dataclass
 
 # the request's cancel flag: asyncio.to_thread copies it into the thread that generates
 CANCEL: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar("medtune_cancel", default=None)
-LIMITED_PATHS = ("/invocations",)
+LIMITED_PATHS = ("/invocations", "/v1/chat/completions")
 
 
 def default_concurrency() -> int:
@@ -102,9 +104,15 @@ class LimitedApp:
         if scope["type"] != "http" or scope["path"] not in LIMITED_PATHS or scope["method"] != "POST":
             return await self.app(scope, receive, send)
         arrived = time.monotonic()
+        send = _Shaped(send, scope["path"])
         body = await self._body(scope, receive)
         if body is None:
-            return await self._refuse(send, 413, "BAD_REQUEST", f"the request body is over this server's limit of {self.limits.max_body} bytes")
+            return await self._refuse(
+                send,
+                413,
+                "BAD_REQUEST",
+                f"the request body is over this server's limit of {self.limits.max_body} bytes",
+            )
         over = [n for n in requested_tokens(body) if n > self.limits.max_tokens]
         if over:
             return await self._refuse(
@@ -118,9 +126,13 @@ class LimitedApp:
             return await self._busy(send, "busy: every generation slot is taken and the queue is full")
         self.waiting += 1
         try:
-            await asyncio.wait_for(self.slots.acquire(), timeout=max(0.0, self.limits.timeout_s - (time.monotonic() - arrived)))
+            await asyncio.wait_for(
+                self.slots.acquire(), timeout=max(0.0, self.limits.timeout_s - (time.monotonic() - arrived))
+            )
         except TimeoutError:
-            return await self._busy(send, f"busy: no generation slot came free within the request timeout of {self.limits.timeout_s:.0f} s")
+            return await self._busy(
+                send, f"busy: no generation slot came free within the request timeout of {self.limits.timeout_s:.0f} s"
+            )
         finally:
             self.waiting -= 1
         try:
@@ -160,9 +172,22 @@ class LimitedApp:
         await asyncio.wait({inner, watcher}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
         if not inner.done():
             cancel.set()  # the generation stops at its next token
+            said = (
+                f"the answer took longer than the request timeout of {self.limits.timeout_s:.0f} s; "
+                "its generation was stopped"
+            )
             if not gone.is_set() and not replied["started"]:
-                await self._busy(
-                    send, f"the answer took longer than the request timeout of {self.limits.timeout_s:.0f} s; its generation was stopped"
+                await self._busy(send, said)
+            elif not gone.is_set():  # a streamed answer: its last event says why it ends
+                event = json.dumps(
+                    {"error": {"message": said, "type": "server_error", "param": None, "code": "timeout"}}
+                )
+                await send(
+                    {
+                        "type": "http.response.body",
+                        "body": f"data: {event}\n\ndata: [DONE]\n\n".encode(),
+                        "more_body": False,
+                    }
                 )
             gone.set()
             await asyncio.gather(inner, return_exceptions=True)  # hold the slot until the thread is done
@@ -189,12 +214,23 @@ class LimitedApp:
                 return b"".join(chunks)
 
     async def _busy(self, send, message: str) -> None:
-        await self._refuse(send, 503, "TEMPORARILY_UNAVAILABLE", f"{message}; retry after {self.limits.retry_after} s", self.limits.retry_after)
+        await self._refuse(
+            send,
+            503,
+            "TEMPORARILY_UNAVAILABLE",
+            f"{message}; retry after {self.limits.retry_after} s",
+            self.limits.retry_after,
+        )
 
     async def _refuse(self, send, status: int, code: str, message: str, retry_after: int | None = None) -> None:
-        """An error in MLflow's own shape: ``{"error_code": ..., "message": ...}``."""
+        """An error in the shape of the path's API (MLflow's ``{"error_code", "message"}`` or OpenAI's)."""
         self._count(status)
-        payload = json.dumps({"error_code": code, "message": message}).encode()
+        if getattr(send, "path", "").startswith("/v1/"):
+            from pipeline.ops.openai_api import error_body
+
+            payload = error_body(status, message)
+        else:
+            payload = json.dumps({"error_code": code, "message": message}).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
         if retry_after is not None:
             headers.append((b"retry-after", str(retry_after).encode()))
@@ -205,8 +241,19 @@ class LimitedApp:
         self.stats[status] = self.stats.get(status, 0) + 1
 
 
-def build_app(model, limits: Limits):
-    """MLflow's scoring app for a loaded pyfunc, behind ``limits``; its own 504 timeout set beyond ours."""
+class _Shaped:
+    """``send``, knowing the request's path (which API's error shape to answer in)."""
+
+    def __init__(self, send, path: str):
+        self.send, self.path = send, path
+
+    async def __call__(self, message):
+        await self.send(message)
+
+
+def build_app(model, limits: Limits, name: str = "medtune"):
+    """MLflow's scoring app for a loaded pyfunc with OpenAI's routes beside it (``name``: the model's
+    name there), behind ``limits``; MLflow's own 504 timeout set beyond ours."""
     from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
     from mlflow.pyfunc import scoring_server
 
@@ -215,4 +262,6 @@ def build_app(model, limits: Limits):
         python_model.max_new_tokens = limits.max_tokens  # a request without max_tokens fits the timeout too
     stop_on_cancel(python_model)
     os.environ[MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.name] = str(math.ceil(limits.timeout_s) + 60)
-    return LimitedApp(scoring_server.init(model), limits)
+    from pipeline.ops.openai_api import OpenAIRoutes, ServedModel
+
+    return LimitedApp(OpenAIRoutes(scoring_server.init(model), [ServedModel(name, python_model)]), limits)

@@ -19,6 +19,7 @@ streams chunks in Python. A model logged as ``base`` + ``adapter`` (a prompt-lea
 which cannot be merged) loads the base and attaches the adapter with peft.
 """
 
+import contextvars
 import threading
 import time
 import uuid
@@ -30,7 +31,18 @@ from mlflow.pyfunc import PythonModel
 import mlflow
 
 ROLES = ("system", "user", "assistant")
-CHAT_KEYS = {"messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "stop", "n", "stream", "seed"}
+CHAT_KEYS = {
+    "messages",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "stop",
+    "n",
+    "stream",
+    "seed",
+}
 IGNORED_KEYS = {"model", "user"}  # what OpenAI clients always send: one model is served here
 MAX_QUESTIONS = 16  # questions in one list request: one request must not hold the model for long
 MAX_TOKENS = 4096
@@ -65,7 +77,9 @@ def check_messages(messages) -> list[dict]:
             raise bad_request(f"messages[{i}].content must be a string, got {type(content).__name__}")
         out.append({"role": m["role"], "content": content})
     if out[-1]["role"] != "user":
-        raise bad_request(f"the last message must be the user's (got {out[-1]['role']!r}): this model answers a user turn")
+        raise bad_request(
+            f"the last message must be the user's (got {out[-1]['role']!r}): this model answers a user turn"
+        )
     return out
 
 
@@ -82,7 +96,9 @@ class MedTuneChatModel(PythonModel):
             from peft import PeftModel
 
             folder = context.artifacts["adapter"]
-            base = AutoModelForCausalLM.from_pretrained(context.artifacts["base"], dtype=torch.float32, use_safetensors=True)
+            base = AutoModelForCausalLM.from_pretrained(
+                context.artifacts["base"], dtype=torch.float32, use_safetensors=True
+            )
             self.model = PeftModel.from_pretrained(base, folder)
             self.generation_config = base.generation_config
         else:
@@ -99,7 +115,9 @@ class MedTuneChatModel(PythonModel):
             if "prompt" in model_input:
                 return model_input["prompt"].astype(str).tolist()
             if "instruction" not in model_input:
-                raise bad_request(f"a table needs a 'prompt' or an 'instruction' column, got {list(model_input.columns)}")
+                raise bad_request(
+                    f"a table needs a 'prompt' or an 'instruction' column, got {list(model_input.columns)}"
+                )
             inputs = model_input["input"] if "input" in model_input else [""] * len(model_input)
             return [f"{i}\n{x}" if x else str(i) for i, x in zip(model_input["instruction"], inputs)]
         if isinstance(model_input, str):
@@ -118,7 +136,10 @@ class MedTuneChatModel(PythonModel):
             return None
         unknown = set(model_input) - CHAT_KEYS - IGNORED_KEYS
         if unknown:
-            raise bad_request(f"unknown chat-completions fields: {', '.join(sorted(unknown))} (understood: {', '.join(sorted(CHAT_KEYS))})")
+            raise bad_request(
+                f"unknown chat-completions fields: {', '.join(sorted(unknown))} (understood: "
+                f"{', '.join(sorted(CHAT_KEYS))})"
+            )
         settings = {**params, **{k: v for k, v in model_input.items() if k in CHAT_KEYS and k != "messages"}}
         if settings.get("max_completion_tokens") is not None:  # the newer OpenAI name
             settings["max_tokens"] = settings["max_completion_tokens"]
@@ -138,7 +159,12 @@ class MedTuneChatModel(PythonModel):
         if not _whole(max_tokens) or not 1 <= max_tokens <= MAX_TOKENS:
             raise bad_request(f'"max_tokens" must be a whole number from 1 to {MAX_TOKENS}, got {max_tokens!r:.50}')
         gen = self.generation_config
-        kwargs = {"max_new_tokens": int(max_tokens), "eos_token_id": gen.eos_token_id, "pad_token_id": gen.pad_token_id, "do_sample": False}
+        kwargs = {
+            "max_new_tokens": int(max_tokens),
+            "eos_token_id": gen.eos_token_id,
+            "pad_token_id": gen.pad_token_id,
+            "do_sample": False,
+        }
         temperature = _number(settings, "temperature", 0.0)
         if not 0 <= temperature <= 2:
             raise bad_request(f'"temperature" must be from 0 to 2, got {temperature}')
@@ -186,18 +212,25 @@ class MedTuneChatModel(PythonModel):
         prompt, context = int(ids["input_ids"].shape[1]), self._context()
         if context and prompt + kwargs["max_new_tokens"] > context:
             raise bad_request(
-                f"the prompt ({prompt} tokens) plus max_tokens ({kwargs['max_new_tokens']}) exceeds the model's context of {context} tokens"
+                f"the prompt ({prompt} tokens) plus max_tokens ({kwargs['max_new_tokens']}) exceeds the model's "
+                f"context of {context} tokens"
             )
         sampling = kwargs["do_sample"]
         # a seed forks the generator (the global one is left as it was); unseeded sampling draws on
-        with torch.no_grad(), SAMPLING_LOCK if sampling else _nothing(), torch.random.fork_rng(devices=[]) if seed is not None else _nothing():
+        with (
+            torch.no_grad(),
+            SAMPLING_LOCK if sampling else _nothing(),
+            torch.random.fork_rng(devices=[]) if seed is not None else _nothing(),
+        ):
             if seed is not None:
                 torch.manual_seed(int(seed))
             out = self.model.generate(**ids, **kwargs, streamer=streamer)
         # peft's prompt-learning generate may return the new tokens only, or the prompt and them
         new = out[0, ids["input_ids"].shape[1] :] if out.shape[1] > ids["input_ids"].shape[1] else out[0]
         n_new = int(new.shape[0])
-        ended = n_new < kwargs["max_new_tokens"] or (n_new and int(new[-1]) in _ids(self.generation_config.eos_token_id))
+        ended = n_new < kwargs["max_new_tokens"] or (
+            n_new and int(new[-1]) in _ids(self.generation_config.eos_token_id)
+        )
         answer = self.tokenizer.decode(new, skip_special_tokens=True).strip()
         for s in stop:
             if s in answer:
@@ -216,7 +249,9 @@ class MedTuneChatModel(PythonModel):
         kwargs = self._settings(params)
         questions = self._questions(model_input)
         if len(questions) > MAX_QUESTIONS:
-            raise bad_request(f"{len(questions)} questions in one request: at most {MAX_QUESTIONS}; send the rest in other requests")
+            raise bad_request(
+                f"{len(questions)} questions in one request: at most {MAX_QUESTIONS}; send the rest in other requests"
+            )
         return [self._generate(self._prompt_ids(self._messages(q)), kwargs)[0] for q in questions]
 
     def predict_stream(self, context, model_input, params=None):
@@ -246,7 +281,8 @@ class MedTuneChatModel(PythonModel):
                 failed.append(exc)
                 streamer.end()
 
-        worker = Thread(target=generate, daemon=True)
+        # the caller's context (a server's per-request cancel flag) goes with the generation
+        worker = Thread(target=contextvars.copy_context().run, args=(generate,), daemon=True)
         worker.start()
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         for piece in streamer:
@@ -264,7 +300,11 @@ class MedTuneChatModel(PythonModel):
             "created": int(time.time()),
             "model": self.name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": finish}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": new_tokens, "total_tokens": prompt_tokens + new_tokens},
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": new_tokens,
+                "total_tokens": prompt_tokens + new_tokens,
+            },
         }
 
     def _chunk(self, cid: str, created: int, delta: dict, finish) -> dict:
