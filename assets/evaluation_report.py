@@ -48,6 +48,7 @@ from pipeline.stages.evaluation_report import (
 )
 from pipeline.stages.evaluation_report.choice import ChoiceSet
 from pipeline.stages.evaluation_report.lineage import LineageError, check_lineage
+from pipeline.stages.evaluation_report.report import ROWS_TABLE, row_table
 from pipeline.stages.evaluation_report.settings import EvaluationSettings
 from pipeline.stages.lora_adapter import LoraAdapter
 from pipeline.stages.lora_adapter.generation import eval_dtype, load_tuned_model, stop_token_ids
@@ -71,6 +72,9 @@ def _log_to_mlflow(
     client = mlflow.client()
     for name in ("evaluation.csv", "evaluation.json", "summary.json"):
         client.log_artifact(run_id, str(folder / name), "evaluation")
+    # the rows as an MLflow table: shown in the run's artifacts and compared across runs in the UI
+    rows = row_table(pd.read_json(folder / "evaluation.json", orient="records"))
+    client.log_table(run_id, data=rows, artifact_file=ROWS_TABLE)
     import time
 
     from mlflow.entities import Metric

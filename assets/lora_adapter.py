@@ -30,6 +30,7 @@ from pydantic import Field
 
 from pipeline.core.atomic import file_lock, write_bytes_atomic
 from pipeline.core.cache import is_complete, keyed_folder
+from pipeline.core.lineage import DataFile, log_data_inputs
 from pipeline.core.pool_limit import TRAINING_POOL, pool_slot
 from pipeline.core.secrets import redact
 from pipeline.core.tracking_sync import (
@@ -316,7 +317,17 @@ def _start_run(context, mlflow: MlflowTracking, job: Job, more_tags: dict[str, s
     tags |= {"medtune.data_fingerprint": job.tokenized_dataset.key, "medtune.base_model_fingerprint": base.fingerprint}
     tags |= {"medtune.base_model": base.model, "mlflow.runName": f"{method}-{aid}", "medtune.method": method}
     tags |= job.extra_tags | (more_tags or {})
-    return mlflow.start_run_with(tags, {**job.settings, "base_model": base.model})
+    run_id = mlflow.start_run_with(tags, {**job.settings, "base_model": base.model})
+    log_data_inputs(mlflow.client(), run_id, training_data(job.tokenized_dataset))
+    return run_id
+
+
+def training_data(tokenized: TokenizedDataset) -> list[DataFile]:
+    """The tokenized splits a training reads, as the run's dataset inputs (digest: the data's key)."""
+    return [
+        DataFile(f"medtune-{split}", str(Path(tokenized.path) / f"{split}.parquet"), tokenized.key, context)
+        for split, context in (("train", "training"), ("eval", "evaluation"))
+    ]
 
 
 def _report_tracking(context, tracking: str) -> None:

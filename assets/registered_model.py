@@ -21,6 +21,7 @@ from pipeline.stages.merged_model.record import MergedModel
 from pipeline.stages.registered_model import (
     RegisteredModel,
     RegistrySettings,
+    model_metrics,
     register_merged_model,
 )
 from resources.data_root import DataRoot
@@ -153,6 +154,7 @@ def _register(
         system_prompt=evaluation_report.system_prompt,
         max_new_tokens=config.max_new_tokens,
         promote_on=config.promote_on,
+        model_metrics=model_metrics(summary),
         adapter_dir=merged_model.adapter_path,
         base_dir=merged_model.base_model_path,
     )

@@ -427,7 +427,68 @@ def test_a_registration_cut_between_version_and_alias_is_finished_by_the_next(me
     assert not cut.aliases and not cut.description  # registered, nothing after
     again = register_merged_model(uri, **kwargs)
     assert again.version == "1" and again.reused and again.aliases == ["challenger", "champion"]
-    assert "Held-out figures: " in client.get_model_version("medtune", "1").description
+    assert "held-out ROUGE-L (rouge_l) 10.0000" in client.get_model_version("medtune", "1").description
+
+
+def test_the_version_names_its_data_and_its_model_shows_the_tuned_figures_as_its_own(merged, tmp_path):
+    import pandas as pd
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.core.lineage import DataFile, log_data_inputs
+    from pipeline.stages.registered_model import DATA_TAG, model_metrics, register_merged_model
+
+    dest, _ = merged
+    uri = mlflow_store(tmp_path / "mlflow.db")
+    client = MlflowClient(uri, registry_uri=uri)
+    exp = client.create_experiment("medtune", artifact_location=(tmp_path / "artifacts").as_uri())
+    run_id = client.create_run(exp).info.run_id
+    files = []
+    for split, rows in (("train", 7), ("eval", 3)):
+        path = tmp_path / f"{split}.parquet"
+        pd.DataFrame({"record_id": [str(i) for i in range(rows)], "input_ids": [[1, 2]] * rows}).to_parquet(path)
+        files.append(DataFile(f"medtune-{split}", str(path), "f" * 64, "training" if split == "train" else "eval"))
+    log_data_inputs(client, run_id, files)
+    # the training curve: step 0 is the base model's evaluation, under the name eval_loss
+    client.log_batch(run_id, metrics=[Metric("eval_loss", 3.0, 0, 0), Metric("eval_loss", 1.0, 0, 5)])
+    client.set_terminated(run_id, "FINISHED")
+    summary = {
+        "tuned": {"eval": {"loss": 0.9, "rouge_l": 20.0, "choice_accuracy": 0.0}},
+        "base": {"eval": {"loss": 3.0, "rouge_l": 5.0, "choice_accuracy": 0.2}},
+    }
+    reg = register_merged_model(
+        uri,
+        name="medtune",
+        merged_dir=str(dest),
+        merged_id="m1",
+        run_id=run_id,
+        figures={"eval_loss": 0.9, "choice_accuracy": 0.65, "rouge_l": 20.0},
+        tags={},
+        system_prompt="系统",
+        max_new_tokens=4,
+        model_metrics=model_metrics(summary),
+    )
+    version = client.get_model_version("medtune", reg.version)
+    assert version.tags[DATA_TAG] == (
+        "training: medtune-train (digest ffffffffffffffff, 7 rows); "
+        "eval: medtune-eval (digest ffffffffffffffff, 3 rows)"
+    )
+    assert "Trained on training: medtune-train" in version.description
+    assert "medicine choice over every evaluated row, held-out and sampled training (choice_accuracy) 0.6500" in (
+        version.description
+    )
+    inputs = client.get_run(run_id).inputs.dataset_inputs
+    assert {d.dataset.name: json.loads(d.dataset.profile)["num_rows"] for d in inputs} == {
+        "medtune-train": 7,
+        "medtune-eval": 3,
+    }
+    columns = json.loads(inputs[0].dataset.schema)["mlflow_colspec"]
+    assert {c["name"]: c["type"] for c in columns} == {"record_id": "string", "input_ids": "array"}
+    (output,) = client.get_run(run_id).outputs.model_outputs
+    own = {m.key: m for m in client.get_logged_model(output.model_id).metrics}
+    assert own["heldout_loss"].value == 0.9 and own["base_heldout_loss"].value == 3.0
+    assert own["heldout_choice_accuracy"].value == 0.0 and own["heldout_rouge_l"].dataset_name == "medtune-eval"
+    assert "eval_loss" not in own, "the base model's first evaluation is not the model's figure"
 
 
 def test_a_model_name_that_would_break_the_registrys_filters_is_refused():

@@ -1,7 +1,10 @@
 """The lora_adapter asset in a real (in-process) Dagster run: Pipes child, MLflow run, resume, cache."""
 
+import json
 import socket
+from pathlib import Path
 
+import pandas as pd
 import pytest
 from dagster import DagsterInstance, Definitions
 from mlflow.tracking import MlflowClient
@@ -61,7 +64,6 @@ def data_dir(tmp_path):
 
 def test_train_track_resume_and_cache(data_dir, tmp_path, tiny_model_dir, monkeypatch):
     import sys
-    from pathlib import Path
 
     import assets.lora_adapter as asset_module
 
@@ -124,11 +126,22 @@ def test_train_track_resume_and_cache(data_dir, tmp_path, tiny_model_dir, monkey
     assert r.data.metrics["tuned_eval_loss"] < r.data.metrics["base_eval_loss"]
     assert "base_train_sample_rouge_l" in r.data.metrics and "tuned_eval_bleu_4" in r.data.metrics
     evaluation = {a.path for a in client.list_artifacts(run_id, "evaluation")}
-    assert {"evaluation/evaluation.csv", "evaluation/evaluation.json"} <= evaluation
+    assert {"evaluation/evaluation.csv", "evaluation/evaluation.json", "evaluation/rows.json"} <= evaluation
+    table = json.loads(Path(client.download_artifacts(run_id, "evaluation/rows.json", str(tmp_path))).read_text())
+    rows = pd.DataFrame(table["data"], columns=table["columns"])  # log_table's layout
+    assert {"question", "reference_medicine", "base_answer", "tuned_answer", "tuned_right", "tuned_rouge_l"} <= set(
+        rows.columns
+    )
+    assert len(rows) == meta(resumed, "rows", "evaluation_report")
+    # the data it trained on: the tokenized splits as dataset inputs, digest the data's key
+    inputs = {d.dataset.name: d.dataset for d in r.inputs.dataset_inputs}
+    assert set(inputs) == {"medtune-train", "medtune-eval"}
+    assert inputs["medtune-train"].digest == r.data.tags["medtune.data_fingerprint"][:16]
     version = client.get_model_version_by_alias("medtune", "champion")
     assert (
         version.run_id == run_id and version.tags["medtune.data_fingerprint"] == r.data.tags["medtune.data_fingerprint"]
     )
+    assert version.tags["medtune.data"].startswith("training: medtune-train (digest ")
 
     again = run(data_dir, uri, tiny_model_dir, compile=None)
     assert again.success and meta(again, "cache_hit") is True
@@ -195,7 +208,6 @@ def test_training_takes_the_row_length_from_the_tokenized_dataset(tmp_path, tiny
     """max_seq_len is tokenized_dataset's setting alone: set longer than training's old default
     (2048), the training trains the whole rows, end-of-turn label included."""
     import json
-    from pathlib import Path
 
     import pandas as pd
     from dagster import AssetSelection, materialize

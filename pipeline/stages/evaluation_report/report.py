@@ -130,3 +130,36 @@ def side_by_side_markdown(table: pd.DataFrame, n: int = 5, width: int = 80) -> s
             )
         rows.append(row)
     return markdown_table(header, rows, width)
+
+
+ROWS_TABLE = "evaluation/rows.json"  # where the per-row table lies among a run's artifacts
+ROW_COLUMNS = {  # the per-row table's columns: what a reader compares across runs in MLflow's UI
+    "split": "split",
+    "question": "prompt",
+    "reference_medicine": "medicine",
+    "base_answer": "base_answer",
+    "tuned_answer": "tuned_answer",
+    "base_choice": "base_choice",
+    "tuned_choice": "tuned_choice",
+    "base_right": None,
+    "tuned_right": None,
+    "base_rouge_l": "base_rouge_l",
+    "tuned_rouge_l": "tuned_rouge_l",
+    "medicine_seen_in_training": "medicine_seen_in_training",
+    "record_id": "record_id",
+}
+
+
+def row_table(table: pd.DataFrame) -> pd.DataFrame:
+    """The evaluation's rows for people: the question, the reference medicine, both answers, the
+    medicine each model finds most likely and whether it is right, ROUGE-L. Columns a run did not
+    score (no medicine choice) are left out."""
+    out = pd.DataFrame(index=table.index)
+    for name, source in ROW_COLUMNS.items():
+        if name.endswith("_right"):
+            rank = f"{name.removesuffix('_right')}_choice_rank"
+            if rank in table:
+                out[name] = table[rank].map(lambda r: None if r is None or r != r else bool(r == 1))
+        elif source in table:
+            out[name] = table[source]
+    return out.reset_index(drop=True)

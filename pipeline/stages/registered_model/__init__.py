@@ -32,6 +32,12 @@ LOWER_IS_BETTER = {"eval_loss"}
 GUARDS = {"eval_loss"}  # must not get worse; never decides by improving
 DEFAULT_PROMOTE_ON = ("eval_loss", "choice_accuracy", "rouge_l")
 MERGED_TAG = "medtune.merged_id"
+DATA_TAG = "medtune.data"  # the training run's dataset inputs, named
+FIGURE_LABELS = {
+    "eval_loss": "held-out answer loss (eval_loss)",
+    "choice_accuracy": "medicine choice over every evaluated row, held-out and sampled training (choice_accuracy)",
+    "rouge_l": "held-out ROUGE-L (rouge_l)",
+}
 SERVING_FILE = Path(__file__).with_name("serving.py")
 PIP_REQUIREMENTS = ["torch", "transformers", "safetensors", "pandas"]
 
@@ -208,6 +214,61 @@ def _figures(tags: dict[str, str]) -> dict[str, float | None]:
     return {k: float(tags[t]) if tags.get(t) not in (None, "", "None") else None for k, t in FIGURE_TAGS.items()}
 
 
+def model_metrics(summary: dict) -> dict[str, float]:
+    """The logged model's figures: the tuned model's as its own, named for what they measure, and the
+    base model's beside them with ``base_`` in front."""
+    names = {
+        ("eval", "loss"): "heldout_loss",
+        ("eval", "rouge_l"): "heldout_rouge_l",
+        ("eval", "bleu_4"): "heldout_bleu_4",
+        ("eval", "choice_accuracy"): "heldout_choice_accuracy",
+        ("eval", "seen_medicine_choice_accuracy"): "heldout_seen_medicine_choice_accuracy",
+        ("train_sample", "choice_accuracy"): "train_sample_choice_accuracy",
+    }
+    out = {}
+    for model, prefix in (("tuned", ""), ("base", "base_")):
+        for (split, key), name in names.items():
+            value = summary.get(model, {}).get(split, {}).get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:
+                out[prefix + name] = float(value)
+    return out
+
+
+def data_line(run) -> str:
+    """The run's dataset inputs in one line: ``context: name (digest, rows)``."""
+    import json
+
+    parts = []
+    for item in run.inputs.dataset_inputs if run.inputs else []:
+        context = next((t.value for t in item.tags if t.key == "mlflow.data.context"), "")
+        rows = json.loads(item.dataset.profile or "{}").get("num_rows")
+        parts.append(f"{context}: {item.dataset.name} (digest {item.dataset.digest}, {rows} rows)")
+    return "; ".join(parts)
+
+
+def _next_step(client, run_id: str) -> int:
+    """One past the last step the training logged."""
+    steps = [m.step for key in ("train_loss", "eval_loss") for m in client.get_metric_history(run_id, key)]
+    return max(steps, default=0) + 1
+
+
+def _log_model_metrics(client, run_id: str, model_id: str, step: int, metrics: dict[str, float]) -> None:
+    """``metrics`` as the logged model's, each linked to the eval data the run read."""
+    import time
+
+    from mlflow.entities import Metric
+
+    run = client.get_run(run_id)
+    evals = [d.dataset for d in (run.inputs.dataset_inputs if run.inputs else []) if d.dataset.name.endswith("eval")]
+    name, digest = (evals[0].name, evals[0].digest) if evals else (None, None)
+    now = int(time.time() * 1000)
+    batch = [
+        Metric(k, v, now, step, model_id=model_id, dataset_name=name, dataset_digest=digest) for k, v in metrics.items()
+    ]
+    if batch:
+        client.log_batch(run_id, metrics=batch)
+
+
 def register_merged_model(
     tracking_uri: str,
     *,
@@ -222,10 +283,12 @@ def register_merged_model(
     adapter_dir: str | None = None,
     base_dir: str | None = None,
     promote_on: tuple[str, ...] | list[str] = DEFAULT_PROMOTE_ON,
+    model_metrics: dict[str, float] | None = None,
 ) -> Registration:
     """Register ``merged_dir``; or, where there is no merged model, ``adapter_dir`` over ``base_dir``.
     ``figures``: the version's ``eval_loss``, ``choice_accuracy`` and ``rouge_l`` (None where not
-    measured), judged against the champion's by ``promote_on``."""
+    measured), judged against the champion's by ``promote_on``. ``model_metrics``: the logged
+    model's own figures (``model_metrics``), linked to the run's eval data."""
     from mlflow.tracking import MlflowClient
 
     import mlflow
@@ -244,14 +307,22 @@ def register_merged_model(
                     artifacts = {"base": str(base_dir), "adapter": str(adapter_dir)}
                 else:
                     raise ValueError("register a merged model folder, or an adapter folder with its base model folder")
+                # at a step nothing else was logged at: MLflow links the run's metrics of that step to the
+                # model, and step 0 holds the base model's first evaluation
+                step = _next_step(client, run_id)
                 info = mlflow.pyfunc.log_model(
                     name="merged_model" if merged_dir is not None else "adapter_model",
+                    step=step,
                     **pyfunc_model_kwargs(
                         artifacts, system_prompt=system_prompt, max_new_tokens=max_new_tokens, model_name=name
                     ),
                 )
+                _log_model_metrics(client, run_id, info.model_id, step, model_metrics or {})
             figure_tags = {t: "" if figures.get(k) is None else f"{figures[k]:.6f}" for k, t in FIGURE_TAGS.items()}
-            version = mlflow.register_model(info.model_uri, name, tags={**tags, MERGED_TAG: merged_id, **figure_tags})
+            data = {DATA_TAG: data_line(client.get_run(run_id))[:5000]}
+            version = mlflow.register_model(
+                info.model_uri, name, tags={**tags, MERGED_TAG: merged_id, **figure_tags, **data}
+            )
     v = str(version.version)
     mine = _figures(version.tags or {})
     champion = _alias_version(client, name, CHAMPION)
@@ -265,7 +336,7 @@ def register_merged_model(
         if became:
             client.set_registered_model_alias(name, CHAMPION, v)
     if not finished:
-        shown = ", ".join(f"{k} {'n/a' if x is None else f'{x:.4f}'}" for k, x in mine.items())
+        shown = "; ".join(f"{FIGURE_LABELS[k]} {'n/a' if x is None else f'{x:.4f}'}" for k, x in mine.items())
         verdict = (
             f"took champion ({why})" if became else f"stayed challenger; champion: version {champ_version} ({why})"
         )
@@ -273,9 +344,9 @@ def register_merged_model(
             name,
             v,
             description=(
-                f"Held-out figures: {shown}. Promotion rule promote_on = {', '.join(promote_on)} (a guard: eval_loss "
-                "must "
-                f"not rise; then the first criterion that differs decides, higher is better). Against the champion at "
+                f"{shown}. Trained on {version.tags.get(DATA_TAG) or 'data not recorded'} (the source run's "
+                f"Datasets). Promotion rule promote_on = {', '.join(promote_on)} (a guard: eval_loss must not "
+                "rise; then the first criterion that differs decides, higher is better). Against the champion at "
                 f"registration: {verdict}."
             ),
         )
