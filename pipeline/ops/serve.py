@@ -37,6 +37,7 @@ from pipeline.core.atomic import atomic_dir
 from pipeline.core.fingerprint import sha256_json
 from pipeline.core.secrets import redact
 from pipeline.ops.serve_limits import Limits, build_app, default_concurrency
+from pipeline.ops.serve_traces import TraceTarget, trace_answers
 from pipeline.stages.lora_adapter.spec import TRAINING_RECORD
 from pipeline.stages.merged_model import read_export_record
 from pipeline.stages.registered_model import CHALLENGER, CHAMPION, pyfunc_model_kwargs
@@ -56,6 +57,8 @@ class Served:
     uri: str  # what mlflow.pyfunc.load_model gets
     label: str  # what the user is told
     name: str = "medtune"  # what an OpenAI client gives as ``model``
+    run_id: str | None = None  # a registered version's training run
+    model_id: str | None = None  # the logged model a registered version points at
 
 
 def _registered(client, name: str, ref: str, tracking_uri: str) -> Served:
@@ -76,7 +79,11 @@ def _registered(client, name: str, ref: str, tracking_uri: str) -> Served:
     aliases = sorted(version.aliases or [])
     shown = f"{name} version {version.version}" + (f" ({', '.join(aliases)})" if aliases else "")
     short = f"{name}/{ref}" if ref.isdigit() else f"{name}@{ref}"
-    return Served(f"models:/{short}", shown, short)
+    source = version.source or ""
+    model_id = getattr(version, "model_id", None) or (
+        source[len("models:/") :] if source.startswith("models:/m-") else None
+    )
+    return Served(f"models:/{short}", shown, short, version.run_id, model_id)
 
 
 def merged_system_prompt(folder: Path) -> str:
@@ -171,6 +178,19 @@ def request_timeout(max_tokens: int, per_token: float) -> int:
     return max(60, math.ceil(3 * max_tokens * per_token) + 10)
 
 
+def trace_target(served: Served, tracking_uri: str, redact: bool) -> TraceTarget:
+    """The experiment of the version's training run (else ``medtune-serving``) and its logged model."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    if served.run_id:
+        experiment_id = client.get_run(served.run_id).info.experiment_id
+    else:
+        found = client.get_experiment_by_name("medtune-serving")
+        experiment_id = found.experiment_id if found else client.create_experiment("medtune-serving")
+    return TraceTarget(experiment_id, served.model_id, {"medtune.served": served.name}, redact)
+
+
 def loopback(host: str) -> bool:
     import ipaddress
 
@@ -206,6 +226,12 @@ def parser() -> argparse.ArgumentParser:
         "--queue", type=int, default=None, help="requests waiting for a generation slot (default: twice --concurrency)"
     )
     ap.add_argument("--max-body", type=int, default=1 << 20, help="the largest request body in bytes")
+    ap.add_argument(
+        "--trace",
+        choices=["off", "on", "1", "redacted"],
+        default="off",
+        help="each answer an MLflow trace (redacted: figures kept, the questions' and answers' text not)",
+    )
     return ap
 
 
@@ -256,6 +282,10 @@ def main(argv: list[str] | None = None) -> int:
             f"request timeout {timeout} s (3x a {args.max_tokens}-token answer, at least 60 s)",
             flush=True,
         )
+    if args.trace != "off":
+        target = trace_target(served, tracking_uri, redact=args.trace == "redacted")
+        trace_answers(model.unwrap_python_model(), target)
+        print(f"tracing every answer to MLflow experiment {target.experiment_id} ({args.trace})", flush=True)
     limits = Limits(
         timeout_s=timeout,
         max_tokens=args.max_tokens,
