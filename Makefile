@@ -91,7 +91,7 @@ sweep: setup
 MODEL ?= models:/medtune@champion
 PORT ?= 5077
 serve: setup
-	$(BIN)/python -m pipeline.ops.serve --model "$(MODEL)" --port $(PORT) $(if $(MAX_TOKENS),--max-tokens $(MAX_TOKENS)) $(if $(TIMEOUT),--timeout $(TIMEOUT)) $(if $(CONCURRENCY),--concurrency $(CONCURRENCY)) $(if $(TRACE),--trace $(TRACE))
+	$(BIN)/python -m pipeline.ops.serve --model "$(MODEL)" --port $(PORT) $(if $(MAX_TOKENS),--max-tokens $(MAX_TOKENS)) $(if $(TIMEOUT),--timeout $(TIMEOUT)) $(if $(CONCURRENCY),--concurrency $(CONCURRENCY)) $(if $(TRACE),--trace $(TRACE)) $(if $(ADAPTERS),--adapters $(ADAPTERS))
 
 # make ask Q="咳嗽，咽喉肿痛，该用什么中成药？" MODELS="base champion"
 MODELS ?= base champion

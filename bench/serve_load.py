@@ -1,5 +1,7 @@
 """Benchmark: ``make serve`` under load. Sixteen clients on loopback for a minute, with a mix of good
-answers, oversized bodies, ``max_tokens`` beyond the server's limit and malformed requests.
+answers, oversized bodies, ``max_tokens`` beyond the server's limit and malformed requests. Before
+the load, the official ``openai`` client on ``/v1``: a whole answer's time and a streamed answer's
+time to its first token.
 
     python bench/serve_load.py [--model bundled:SmolLM2-135M-Instruct] [--clients 16] [--seconds 60]
 
@@ -92,6 +94,34 @@ def client(port: int, seed: int, until: float, limits: dict, results: list) -> N
             time.sleep(min(float(retry), 2.0) * rng.random())  # a polite client, with jitter
 
 
+def openai_client_times(port: int, max_tokens: int, repeats: int = 3) -> dict:
+    """The official ``openai`` client on ``/v1`` before the load: a whole answer's time, and a streamed
+    answer's time to its first content and to its end (medians of ``repeats``, greedy)."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=300)
+    name = client.models.list().data[0].id
+    ask = {"model": name, "messages": [{"role": "user", "content": QUESTIONS[0]}], "max_tokens": max_tokens}
+    whole, first, streamed, tokens = [], [], [], 0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        answer = client.chat.completions.create(**ask)
+        whole.append(time.perf_counter() - t0)
+        tokens = answer.usage.completion_tokens
+        t0, seen = time.perf_counter(), None
+        for chunk in client.chat.completions.create(**ask, stream=True):
+            if seen is None and chunk.choices and chunk.choices[0].delta.content:
+                seen = time.perf_counter() - t0
+        first.append(seen if seen is not None else float("nan"))
+        streamed.append(time.perf_counter() - t0)
+    return {
+        "openai_answer_s": round(statistics.median(whole), 3),
+        "openai_answer_tokens": tokens,
+        "openai_stream_first_token_s": round(statistics.median(first), 3),
+        "openai_stream_total_s": round(statistics.median(streamed), 3),
+    }
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -140,6 +170,7 @@ def main() -> int:
         )
         assert conn.getresponse().status == 200
         conn.close()
+        sdk = openai_client_times(port, args.max_tokens)
         rss_start = rss_mb(server.pid)
         results: list[dict] = []
         until = time.monotonic() + args.seconds
@@ -174,6 +205,7 @@ def main() -> int:
             "max": round(max(latencies), 3),
         },
         "rss_mb": {"start": round(rss_start, 1), "end": round(rss_end, 1), "growth": round(rss_end / rss_start - 1, 4)},
+        **sdk,
     }
     goals = {
         "only_200_400_413_503": set(by_status) <= {str(s) for s in ALLOWED},
@@ -182,6 +214,11 @@ def main() -> int:
     }
     figures["goals"] = goals
     print(figures["machine"])
+    print(
+        f"openai client, before the load: an answer of {sdk['openai_answer_tokens']} tokens in "
+        f"{sdk['openai_answer_s']} s; streamed: first content after {sdk['openai_stream_first_token_s']} s, "
+        f"done after {sdk['openai_stream_total_s']} s"
+    )
     print(
         f"{len(results)} requests from {args.clients} clients in {args.seconds:.0f} s; request timeout {timeout_s:.0f} "
         "s"

@@ -634,6 +634,13 @@ def test_make_serve_answers_the_chat_completions_schema_over_http(stack, served)
     status, plain = post_json(url, {"inputs": [question], "params": {"max_tokens": 12}})
     assert status == 200 and plain == {"predictions": [content]}, plain  # same prompt, same greedy answer
 
+    from openai import OpenAI  # the OpenAI SDK on the same server, the model by the name it was served under
+
+    client = OpenAI(base_url=url.removesuffix("/invocations") + "/v1", api_key="unused", max_retries=0, timeout=120)
+    assert [m.id for m in client.models.list().data] == ["medtune@champion"]
+    sdk = client.chat.completions.create(model="medtune@champion", messages=chat["messages"], max_tokens=12)
+    assert sdk.choices[0].message.content == content
+
     for body, said in [
         ({"messages": [{"role": "bot", "content": "hi"}]}, "messages[0].role must be one of system, user, assistant"),
         ({"messages": "hi"}, '"messages" must be a non-empty list'),

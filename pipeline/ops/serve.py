@@ -30,7 +30,7 @@ import shutil
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.core.atomic import atomic_dir
@@ -162,12 +162,10 @@ def load(uri: str):
     return model, time.perf_counter() - start
 
 
-def seconds_per_token(model) -> float:
-    """Seconds per new token of a short greedy answer on this machine."""
+def seconds_per_token(predict) -> float:
+    """Seconds per new token of a short greedy answer on this machine (``predict(request, params)``)."""
     start = time.perf_counter()
-    answer = model.predict(
-        {"messages": [{"role": "user", "content": SAMPLE_QUESTION}]}, params={"max_tokens": PROBE_TOKENS}
-    )
+    answer = predict({"messages": [{"role": "user", "content": SAMPLE_QUESTION}]}, {"max_tokens": PROBE_TOKENS})
     elapsed = time.perf_counter() - start
     new = int(answer["usage"]["completion_tokens"]) if isinstance(answer, dict) else PROBE_TOKENS
     return elapsed / max(1, new)
@@ -178,16 +176,18 @@ def request_timeout(max_tokens: int, per_token: float) -> int:
     return max(60, math.ceil(3 * max_tokens * per_token) + 10)
 
 
-def trace_target(served: Served, tracking_uri: str, redact: bool) -> TraceTarget:
+def trace_target(served: Served | None, tracking_uri: str, redact: bool) -> TraceTarget:
     """The experiment of the version's training run (else ``medtune-serving``) and its logged model."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
-    if served.run_id:
+    if served is not None and served.run_id:
         experiment_id = client.get_run(served.run_id).info.experiment_id
     else:
         found = client.get_experiment_by_name("medtune-serving")
         experiment_id = found.experiment_id if found else client.create_experiment("medtune-serving")
+    if served is None:  # several adapters: each trace's request names its adapter
+        return TraceTarget(experiment_id, None, {}, redact)
     return TraceTarget(experiment_id, served.model_id, {"medtune.served": served.name}, redact)
 
 
@@ -227,6 +227,12 @@ def parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--max-body", type=int, default=1 << 20, help="the largest request body in bytes")
     ap.add_argument(
+        "--adapters",
+        nargs="*",
+        default=[],
+        help="several adapters over one base instead of --model: versions, aliases, sweep:<sweep>.<trial>, folders",
+    )
+    ap.add_argument(
         "--trace",
         choices=["off", "on", "1", "redacted"],
         default="off",
@@ -254,8 +260,57 @@ def refused_host(args) -> bool:
     return False
 
 
-def main(argv: list[str] | None = None) -> int:
+@dataclass
+class Loaded:
+    """What the server will answer for: a label, the names requests give, and how to build its app."""
+
+    label: str
+    names: list[str]
+    load_seconds: float
+    predict: object  # (request, params) -> answer: the first model's, to measure its speed
+    build: object  # (limits) -> the ASGI app
+    python_models: list = field(default_factory=list)  # what --trace wraps
+    served: Served | None = None  # the one registered or folder model (not in adapter mode)
+
+
+def load_one(args, tracking_uri: str) -> Loaded:
     from resources.data_root import DataRoot, default_data_dir
+
+    served = resolve(args.model, tracking_uri, DataRoot(path=default_data_dir()).models_dir / "served", args.max_tokens)
+    model, seconds = load(served.uri)
+    return Loaded(
+        served.label,
+        [served.name],
+        seconds,
+        lambda request, params: model.predict(request, params=params),
+        lambda limits: build_app(model, limits, served.name),
+        [model.unwrap_python_model()],
+        served,
+    )
+
+
+def load_several(args, tracking_uri: str) -> Loaded:
+    from pipeline.ops.serve_adapters import load_adapters, no_mlflow_path, resolve_adapter
+    from pipeline.ops.serve_limits import serve_models
+    from resources.data_root import DataRoot, default_data_dir
+
+    root = DataRoot(path=default_data_dir())
+    refs = [r for part in args.adapters for r in re.split(r"[,\s]+", part) if r]
+    start = time.perf_counter()
+    served = load_adapters([resolve_adapter(r, tracking_uri, root) for r in refs], args.max_tokens)
+    first = served[0].python_model
+    return Loaded(
+        f"{len(served)} adapters over one base ({', '.join(s.name for s in served)})",
+        [s.name for s in served],
+        time.perf_counter() - start,
+        lambda request, params: first.predict(None, {**request, **params}),
+        lambda limits: serve_models(no_mlflow_path, served, limits),
+        [s.python_model for s in served],
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipeline.ops.serve_adapters import AdapterError
     from resources.mlflow_tracking import default_tracking_uri
 
     args = parser().parse_args(argv)
@@ -266,25 +321,23 @@ def main(argv: list[str] | None = None) -> int:
     tracking_uri = default_tracking_uri()
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri  # models:/ URIs here and in the server resolve in this store
     try:
-        served = resolve(
-            args.model, tracking_uri, DataRoot(path=default_data_dir()).models_dir / "served", args.max_tokens
-        )
-    except ServeError as e:
+        loaded = load_several(args, tracking_uri) if args.adapters else load_one(args, tracking_uri)
+    except (ServeError, AdapterError) as e:
         print(f"make serve: {e}", file=sys.stderr)
         return 2
-    model, loaded = load(served.uri)
     timeout = args.timeout
     if timeout is None:
-        per_token = seconds_per_token(model)
+        per_token = seconds_per_token(loaded.predict)
         timeout = request_timeout(args.max_tokens, per_token)
         print(
-            f"{served.label}: loads in {loaded:.1f} s, {1 / per_token:.1f} new tokens/s here (one question, greedy); "
-            f"request timeout {timeout} s (3x a {args.max_tokens}-token answer, at least 60 s)",
+            f"{loaded.label}: loads in {loaded.load_seconds:.1f} s, {1 / per_token:.1f} new tokens/s here "
+            f"(one question, greedy); request timeout {timeout} s (3x a {args.max_tokens}-token answer, at least 60 s)",
             flush=True,
         )
     if args.trace != "off":
-        target = trace_target(served, tracking_uri, redact=args.trace == "redacted")
-        trace_answers(model.unwrap_python_model(), target)
+        target = trace_target(loaded.served, tracking_uri, redact=args.trace == "redacted")
+        for python_model in loaded.python_models:
+            trace_answers(python_model, target)
         print(f"tracing every answer to MLflow experiment {target.experiment_id} ({args.trace})", flush=True)
     limits = Limits(
         timeout_s=timeout,
@@ -293,28 +346,33 @@ def main(argv: list[str] | None = None) -> int:
         concurrency=max(1, args.concurrency),
         queue=2 * max(1, args.concurrency) if args.queue is None else max(0, args.queue),
     )
-    url = f"http://{args.host}:{args.port}/invocations"
-    sample = {"messages": [{"role": "user", "content": SAMPLE_QUESTION}], "max_tokens": min(64, limits.max_tokens)}
-    print(
-        f"limits: {limits.concurrency} generation(s) at once, {limits.queue} waiting, max_tokens {limits.max_tokens}, "
-        f"body {limits.max_body} bytes; beyond: 503 with Retry-After {limits.retry_after} s\n"
-        f"serving {served.label} on {url} (Ctrl-C stops it); try:\n"
-        f"  curl -s {url} -H 'Content-Type: application/json' "
-        f"-d '{json.dumps(sample, ensure_ascii=False, separators=(',', ':'))}'\n"
-        f"OpenAI API: base_url http://{args.host}:{args.port}/v1, model {served.name!r} "
-        "(POST /v1/chat/completions, stream true for server-sent events; GET /v1/models)",
-        flush=True,
-    )
+    print(started_message(args, loaded, limits), flush=True)
     import uvicorn
 
-    uvicorn.run(
-        build_app(model, limits, served.name),
-        host=args.host,
-        port=args.port,
-        log_level="info",
-        timeout_graceful_shutdown=5,
-    )
+    uvicorn.run(loaded.build(limits), host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
     return 0
+
+
+def started_message(args, loaded: Loaded, limits: Limits) -> str:
+    base = f"http://{args.host}:{args.port}"
+    sample = {"messages": [{"role": "user", "content": SAMPLE_QUESTION}], "max_tokens": min(64, limits.max_tokens)}
+    lines = [
+        f"limits: {limits.concurrency} generation(s) at once, {limits.queue} waiting, max_tokens {limits.max_tokens}, "
+        f"body {limits.max_body} bytes; beyond: 503 with Retry-After {limits.retry_after} s",
+        f"serving {loaded.label} on {base}/invocations and {base}/v1 (Ctrl-C stops it); try:"
+        if loaded.served is not None
+        else f"serving {loaded.label} on {base}/v1 (Ctrl-C stops it); try:",
+    ]
+    if loaded.served is not None:
+        lines.append(
+            f"  curl -s {base}/invocations -H 'Content-Type: application/json' "
+            f"-d '{json.dumps(sample, ensure_ascii=False, separators=(',', ':'))}'"
+        )
+    lines.append(
+        f"OpenAI API: base_url {base}/v1, model {' or '.join(repr(n) for n in loaded.names)} "
+        "(POST /v1/chat/completions, stream true for server-sent events; GET /v1/models)"
+    )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -51,8 +51,8 @@ class Limits:
         return max(1, math.ceil(self.timeout_s / 3))
 
 
-def stop_on_cancel(python_model) -> None:
-    """Make the pyfunc's model stop generating when the current request's cancel flag is set.
+def stop_on_cancel(model) -> None:
+    """Make ``model`` (a pyfunc's model) stop generating when the current request's cancel flag is set.
 
     Done here, around ``generate``, rather than in the logged pyfunc: models registered before this
     server existed carry their own copy of the pyfunc and get the same limit."""
@@ -66,7 +66,6 @@ def stop_on_cancel(python_model) -> None:
         def __call__(self, input_ids, scores, **kwargs):
             return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
-    model = python_model.model
     original = model.generate
 
     def generate(*args, stopping_criteria=None, **kwargs):
@@ -257,11 +256,24 @@ def build_app(model, limits: Limits, name: str = "medtune"):
     from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
     from mlflow.pyfunc import scoring_server
 
-    python_model = model.unwrap_python_model()
-    if getattr(python_model, "max_new_tokens", 0) > limits.max_tokens:
-        python_model.max_new_tokens = limits.max_tokens  # a request without max_tokens fits the timeout too
-    stop_on_cancel(python_model)
-    os.environ[MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.name] = str(math.ceil(limits.timeout_s) + 60)
-    from pipeline.ops.openai_api import OpenAIRoutes, ServedModel
+    from pipeline.ops.openai_api import ServedModel
 
-    return LimitedApp(OpenAIRoutes(scoring_server.init(model), [ServedModel(name, python_model)]), limits)
+    os.environ[MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.name] = str(math.ceil(limits.timeout_s) + 60)
+    return serve_models(scoring_server.init(model), [ServedModel(name, model.unwrap_python_model())], limits)
+
+
+def serve_models(app, served: list, limits: Limits) -> LimitedApp:
+    """``served`` (``openai_api.ServedModel``) on OpenAI's routes, other paths to ``app``, all behind
+    ``limits``: each model's default answer length capped to what the timeout is sized for, and its
+    generation stopped by the request's cancel flag."""
+    from pipeline.ops.openai_api import OpenAIRoutes
+
+    stopped = set()
+    for one in served:
+        python_model = one.python_model
+        if getattr(python_model, "max_new_tokens", 0) > limits.max_tokens:
+            python_model.max_new_tokens = limits.max_tokens  # a request without max_tokens fits the timeout too
+        if id(python_model.model) not in stopped:  # adapters over one base share its generate
+            stop_on_cancel(python_model.model)
+            stopped.add(id(python_model.model))
+    return LimitedApp(OpenAIRoutes(app, served), limits)

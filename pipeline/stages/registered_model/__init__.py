@@ -269,6 +269,17 @@ def _log_model_metrics(client, run_id: str, model_id: str, step: int, metrics: d
         client.log_batch(run_id, metrics=batch)
 
 
+def describe_version(figures: dict, tags: dict, promote_on, verdict: str) -> str:
+    """The version's description: each figure named for what it measures, the data it was trained on,
+    the promotion rule and how it fared against the champion."""
+    shown = "; ".join(f"{FIGURE_LABELS[k]} {'n/a' if x is None else f'{x:.4f}'}" for k, x in figures.items())
+    return (
+        f"{shown}. Trained on {tags.get(DATA_TAG) or 'data not recorded'} (the source run's Datasets). "
+        f"Promotion rule promote_on = {', '.join(promote_on)} (a guard: eval_loss must not rise; then the first "
+        f"criterion that differs decides, higher is better). Against the champion at registration: {verdict}."
+    )
+
+
 def register_merged_model(
     tracking_uri: str,
     *,
@@ -336,19 +347,11 @@ def register_merged_model(
         if became:
             client.set_registered_model_alias(name, CHAMPION, v)
     if not finished:
-        shown = "; ".join(f"{FIGURE_LABELS[k]} {'n/a' if x is None else f'{x:.4f}'}" for k, x in mine.items())
         verdict = (
             f"took champion ({why})" if became else f"stayed challenger; champion: version {champ_version} ({why})"
         )
         client.update_model_version(
-            name,
-            v,
-            description=(
-                f"{shown}. Trained on {version.tags.get(DATA_TAG) or 'data not recorded'} (the source run's "
-                f"Datasets). Promotion rule promote_on = {', '.join(promote_on)} (a guard: eval_loss must not "
-                "rise; then the first criterion that differs decides, higher is better). Against the champion at "
-                f"registration: {verdict}."
-            ),
+            name, v, description=describe_version(mine, version.tags or {}, promote_on, verdict)
         )
     aliases = sorted(client.get_model_version(name, v).aliases)
     champ_score = champ_figures.get("rouge_l") if champ_figures else None
