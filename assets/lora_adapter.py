@@ -23,7 +23,6 @@ from dagster import (
     MaterializeResult,
     MetadataValue,
     Output,
-    PipesSubprocessClient,
     asset,
 )
 from pydantic import Field
@@ -63,6 +62,7 @@ from pipeline.stages.lora_adapter.spec import TrainingSettings, adapter_lock
 from pipeline.stages.tokenized_dataset import TokenizedDataset
 from resources.data_root import PROJECT_ROOT, DataRoot
 from resources.mlflow_tracking import MlflowTracking
+from resources.training_launcher import TrainingLauncher
 
 
 class LoraAdapterConfig(Config, TrainingSettings):
@@ -120,11 +120,11 @@ def lora_adapter(
     config: LoraAdapterConfig,
     data_root: DataRoot,
     mlflow: MlflowTracking,
-    pipes_subprocess_client: PipesSubprocessClient,
+    training_launcher: TrainingLauncher,
     tokenized_dataset: TokenizedDataset,
     base_model: BaseModelInfo,
 ) -> Output[LoraAdapter]:
-    return train_or_reuse(context, config, data_root, mlflow, pipes_subprocess_client, tokenized_dataset, base_model)
+    return train_or_reuse(context, config, data_root, mlflow, training_launcher, tokenized_dataset, base_model)
 
 
 def train_or_reuse(
@@ -132,7 +132,7 @@ def train_or_reuse(
     config: LoraAdapterConfig,
     data_root: DataRoot,
     mlflow: MlflowTracking,
-    pipes_subprocess_client: PipesSubprocessClient,
+    training_launcher: TrainingLauncher,
     tokenized_dataset: TokenizedDataset,
     base_model: BaseModelInfo,
     extra_tags: dict[str, str] | None = None,
@@ -165,6 +165,7 @@ def train_or_reuse(
         keyed_folder(data_root.models_dir / "adapters", aid),
         keyed_folder(data_root.models_dir / "checkpoints", aid),
         extra_tags,
+        str(data_root.root),
     )
     # one training per adapter at a time: a second materialization waits here, then finds it done (cache hit)
     with file_lock(
@@ -177,7 +178,7 @@ def train_or_reuse(
         with pool_slot(
             context.instance, TRAINING_POOL, context.log.info, on_lost=lost
         ):  # see pipeline/core/pool_limit.py
-            return _train(context, mlflow, pipes_subprocess_client, job)
+            return _train(context, mlflow, training_launcher, job)
 
 
 @dataclass(frozen=True)
@@ -193,6 +194,7 @@ class Job:
     out_dir: Path
     ckpt_dir: Path
     extra_tags: dict[str, str]
+    data_dir: str  # the data root: where a training pod mounts the team's data volume
 
 
 def _reuse(context, mlflow: MlflowTracking, job: Job) -> Output[LoraAdapter]:
@@ -228,9 +230,7 @@ def _reuse(context, mlflow: MlflowTracking, job: Job) -> Output[LoraAdapter]:
     return _output(context, mlflow, aid, out_dir, done["result"], run_id, cache_hit=True, tracking=tracking)
 
 
-def _train(
-    context, mlflow: MlflowTracking, pipes_subprocess_client: PipesSubprocessClient, job: Job
-) -> Output[LoraAdapter]:
+def _train(context, mlflow: MlflowTracking, training_launcher: TrainingLauncher, job: Job) -> Output[LoraAdapter]:
     aid, out_dir, ckpt_dir = job.aid, job.out_dir, job.ckpt_dir
     mlflow.check_reachable()  # fail before training, naming the URI
     run_id = _start_run(context, mlflow, job)
@@ -264,7 +264,9 @@ def _train(
         with MetricsTail(
             mlflow.client, run_id, ckpt_dir / "metrics.jsonl", context.log.warning
         ):  # live metrics in MLflow
-            invocation = pipes_subprocess_client.run(context=context, command=cmd, cwd=str(PROJECT_ROOT), env=child_env)
+            invocation = training_launcher.run(
+                context, command=cmd, cwd=str(PROJECT_ROOT), env=child_env, data_dir=job.data_dir
+            )
         reported = [
             r.metadata
             for r in invocation.get_results(implicit_materializations=False)

@@ -18,7 +18,6 @@ from dagster import (
     Failure,
     MaterializeResult,
     MetadataValue,
-    PipesSubprocessClient,
     asset,
 )
 
@@ -36,6 +35,7 @@ from pipeline.stages.sweep_trial import FAILED, FINISHED, trial_figures, write_r
 from pipeline.stages.tokenized_dataset import TokenizedDataset
 from resources.data_root import DataRoot
 from resources.mlflow_tracking import MlflowTracking
+from resources.training_launcher import TrainingLauncher
 
 sweep_trials = DynamicPartitionsDefinition(name=PARTITIONS)
 
@@ -52,7 +52,7 @@ def sweep_trial(
     context: AssetExecutionContext,
     data_root: DataRoot,
     mlflow: MlflowTracking,
-    pipes_subprocess_client: PipesSubprocessClient,
+    training_launcher: TrainingLauncher,
     alpaca_dataset: AlpacaDataset,
     tokenized_dataset: TokenizedDataset,
     base_model: BaseModelInfo,
@@ -72,7 +72,7 @@ def sweep_trial(
         config = LoraAdapterConfig(**settings)
         tags = {"medtune.sweep": name, "medtune.trial": label}
         adapter = train_or_reuse(
-            context, config, data_root, mlflow, pipes_subprocess_client, tokenized_dataset, base_model, extra_tags=tags
+            context, config, data_root, mlflow, training_launcher, tokenized_dataset, base_model, extra_tags=tags
         ).value
         summary = evaluate_or_reuse(
             context.log,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dagster import Definitions, PipesSubprocessClient, load_asset_checks_from_modules, load_assets_from_modules
+from dagster import Definitions, load_asset_checks_from_modules, load_assets_from_modules
 
 from assets import (
     alpaca_dataset,
@@ -24,7 +24,7 @@ from pipeline.core.quick_exit import freeze_at_exit
 from pipeline.ops.automation import periodic_retrain_schedule, raw_data_sensor
 from pipeline.ops.jobs import JOBS
 from resources import DataRoot, MlflowTracking, StageIOManager, default_data_dir
-from resources.pipes_reader import WholeLineTempFileMessageReader
+from resources.training_launcher import TrainingLauncher
 
 ASSET_MODULES = [
     raw_records,
@@ -51,7 +51,7 @@ def make_resources(data_dir: str | None = None, tracking_uri: str | None = None)
         "data_root": root,
         "io_manager": StageIOManager(data_root=root),
         "mlflow": mlflow,
-        "pipes_subprocess_client": PipesSubprocessClient(message_reader=WholeLineTempFileMessageReader()),
+        "training_launcher": TrainingLauncher(),
     }
 
 

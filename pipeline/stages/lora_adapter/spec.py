@@ -66,9 +66,8 @@ class TrainingSettings(BaseModel):
     packing: bool = Field(
         False,
         description=(
-            "Fill each step with rows up to pack_tokens, in a seeded shuffled order (else per_device_batch_size rows); "
-            ""
-            "rows are laid end to end without padding and attend only to themselves either way"
+            "Fill each step with rows up to pack_tokens, in a seeded shuffled order (else per_device_batch_size "
+            "rows); rows are laid end to end without padding and attend only to themselves either way"
         ),
     )
     pack_tokens: int = Field(4096, gt=0, description="Token budget of one step and process when packing")
