@@ -82,7 +82,12 @@ def open_asset(page, dagster_url: str, asset: str) -> None:
 def open_registered_model(page, mlflow_url: str, name: str = "medtune") -> None:
     page.goto(f"{mlflow_url}/#/models/{name}", wait_until="load")  # the MLflow UI polls: never network-idle
     page.get_by_text("Version 1").first.wait_for(timeout=60000)
-    close = page.get_by_role("button", name="Close")  # the assistant side panel, where it opens
+    close_assistant(page)
+
+
+def close_assistant(page) -> None:
+    """The MLflow assistant's side panel, where it opens: closed, so the page shows whole."""
+    close = page.get_by_role("button", name="Close")
     if close.count():
         try:
             close.first.click(timeout=2000)
@@ -104,7 +109,54 @@ def open_model_version(page, mlflow_url: str, version: str, name: str = "medtune
     """The version's page: its aliases, tags (the figures it was judged on) and the description
     that says why it took champion or stayed challenger."""
     page.goto(f"{mlflow_url}/#/models/{name}/versions/{version}", wait_until="load")
-    page.get_by_text("Held-out figures").first.wait_for(timeout=60000)
+    page.get_by_text("held-out answer loss").first.wait_for(timeout=60000)
+
+
+def version_run(mlflow_url: str, version: str, name: str = "medtune") -> tuple[str, str]:
+    """(experiment id, run id) of the training run a registered version came from."""
+    import json
+    import urllib.request
+
+    def get(path: str) -> dict:
+        with urllib.request.urlopen(f"{mlflow_url}/api/2.0/mlflow/{path}", timeout=30) as r:
+            return json.loads(r.read())
+
+    run_id = get(f"model-versions/get?name={name}&version={version}")["model_version"]["run_id"]
+    return get(f"runs/get?run_id={run_id}")["run"]["info"]["experiment_id"], run_id
+
+
+def open_run(page, mlflow_url: str, experiment_id: str, run_id: str, tab: str = "") -> None:
+    """A run's page (``tab``: ``artifacts/<path>``, or the overview with its datasets)."""
+    page.goto(f"{mlflow_url}/#/experiments/{experiment_id}/runs/{run_id}/{tab}", wait_until="load")
+    page.wait_for_timeout(3000)
+    close_assistant(page)
+
+
+def open_logged_model(page, mlflow_url: str, experiment_id: str, run_id: str) -> None:
+    """The model the run logged: its own metrics (the tuned model's held-out figures, the base's apart)."""
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(f"{mlflow_url}/api/2.0/mlflow/runs/get?run_id={run_id}", timeout=30) as r:
+        outputs = json.loads(r.read())["run"].get("outputs", {}).get("model_outputs", [])
+    page.goto(f"{mlflow_url}/#/experiments/{experiment_id}/models/{outputs[-1]['model_id']}", wait_until="load")
+    page.wait_for_timeout(3000)
+    close_assistant(page)
+
+
+def open_traces(page, mlflow_url: str, experiment_id: str) -> None:
+    page.goto(f"{mlflow_url}/#/experiments/{experiment_id}/traces", wait_until="load")
+    page.wait_for_timeout(4000)
+    got_it = page.get_by_role("button", name="Got it")  # a one-time tip over the list
+    if got_it.count():
+        got_it.first.click(timeout=2000)
+    close_assistant(page)
+
+
+def open_first_trace(page) -> None:
+    """The newest trace of the list open: its span, inputs, outputs, token usage and latency."""
+    page.locator("table tbody tr, [role=row]").nth(1).click(timeout=10000)
+    page.wait_for_timeout(3000)
 
 
 def take_all(dagster_url: str, mlflow_url: str, out: Path) -> list[Path]:
@@ -137,9 +189,21 @@ def take_all(dagster_url: str, mlflow_url: str, out: Path) -> list[Path]:
         open_registered_model(page, mlflow_url)
         page.wait_for_timeout(1500)
         shot("mlflow-model-page.png")
-        open_model_version(page, mlflow_url, champion_version(mlflow_url))
+        version = champion_version(mlflow_url)
+        open_model_version(page, mlflow_url, version)
         page.wait_for_timeout(1500)
         shot("mlflow-model-version.png")
+        experiment_id, run_id = version_run(mlflow_url, version)
+        open_run(page, mlflow_url, experiment_id, run_id)
+        shot("mlflow-run-datasets.png")
+        open_logged_model(page, mlflow_url, experiment_id, run_id)
+        shot("mlflow-logged-model.png")
+        open_run(page, mlflow_url, experiment_id, run_id, "artifacts/evaluation/rows.json")
+        shot("mlflow-evaluation-rows.png")
+        open_traces(page, mlflow_url, experiment_id)
+        shot("mlflow-traces.png")
+        open_first_trace(page)
+        shot("mlflow-trace.png")
     return shots
 
 

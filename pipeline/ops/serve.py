@@ -350,6 +350,10 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     uvicorn.run(loaded.build(limits), host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
+    if args.trace != "off":
+        import mlflow
+
+        mlflow.flush_trace_async_logging()  # the last answers' traces, still queued at shutdown
     return 0
 
 
