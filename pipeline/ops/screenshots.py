@@ -201,7 +201,6 @@ def take_all(dagster_url: str, mlflow_url: str, out: Path) -> list[Path]:
         open_run(page, mlflow_url, experiment_id, run_id, "artifacts/evaluation/rows.json")
         shot("mlflow-evaluation-rows.png")
         open_traces(page, mlflow_url, experiment_id)
-        shot("mlflow-traces.png")
         open_first_trace(page)
         shot("mlflow-trace.png")
     return shots
