@@ -4,6 +4,7 @@ each answers as its own merged model does."""
 import socket
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -138,3 +139,32 @@ def _base(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+
+
+def test_a_registered_version_serves_its_trainings_adapter(adapters, tmp_path, tiny_model_dir):
+    """``champion`` or ``medtune/2`` name the adapter of the version's training run: downloaded from
+    the run's ``adapter`` artifacts when this machine did not train it."""
+    from mlflow.tracking import MlflowClient
+
+    from conftest import mlflow_store
+    from pipeline.ops.serve_adapters import resolve_adapter
+    from resources.data_root import DataRoot
+
+    uri = mlflow_store(tmp_path / "mlflow.db")
+    client = MlflowClient(uri, registry_uri=uri)
+    exp = client.create_experiment("medtune", artifact_location=(tmp_path / "artifacts").as_uri())
+    client.create_registered_model("medtune")
+    for i, adapter in enumerate(adapters[:2]):
+        run_id = client.create_run(exp, tags={"medtune.adapter_id": f"aid{i}"}).info.run_id
+        client.log_artifacts(run_id, str(adapter), "adapter")
+        client.set_terminated(run_id, "FINISHED")
+        client.create_model_version("medtune", source=f"runs:/{run_id}/merged_model", run_id=run_id)
+    client.set_registered_model_alias("medtune", "champion", "1")
+    root = DataRoot(path=str(tmp_path / "data"))
+    champion = resolve_adapter("champion", uri, root)
+    assert champion.name == "medtune@champion" and champion.base == str(tiny_model_dir.resolve())
+    assert (root.models_dir / "served" / "adapters" / "aid0" / "adapter_config.json").is_file()
+    second = resolve_adapter("medtune/2", uri, root)
+    assert second.name == "medtune/2" and Path(second.folder).name == "aid1"
+    with pytest.raises(AdapterError, match="no version '7'"):
+        resolve_adapter("7", uri, root)
