@@ -10,7 +10,6 @@ came from). An interrupted training of the same inputs resumes from its latest c
 import base64
 import contextlib
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from pipeline.core.atomic import file_lock, write_bytes_atomic
 from pipeline.core.cache import is_complete, keyed_folder
 from pipeline.core.lineage import DataFile, log_data_inputs
 from pipeline.core.pool_limit import TRAINING_POOL, pool_slot
-from pipeline.core.secrets import redact
+from pipeline.core.secrets import environment, redact
 from pipeline.core.tracking_sync import (
     COMPLETE,
     COPIED_FROM_TAG,
@@ -259,7 +258,7 @@ def _train(context, mlflow: MlflowTracking, training_launcher: TrainingLauncher,
     context.log.info("launching: " + " ".join(cmd))
     # the child talks to no tracking server: this process sends its metrics.jsonl lines as they come,
     # and if the server goes away mid-training the training keeps going, and so do we
-    child_env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "TOKENIZERS_PARALLELISM": "false"}
+    child_env = {**environment(), "PYTHONPATH": str(PROJECT_ROOT), "TOKENIZERS_PARALLELISM": "false"}
     try:
         with MetricsTail(
             mlflow.client, run_id, ckpt_dir / "metrics.jsonl", context.log.warning

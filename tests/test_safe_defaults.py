@@ -223,3 +223,28 @@ def test_a_password_in_a_url_in_the_environment_is_masked_everywhere(monkeypatch
     )
     link = MlflowTracking(tracking_uri="https://u:pw123456@mlflow.example/").run_link("r1", "7")
     assert link == "https://mlflow.example/#/experiments/7/runs/r1"
+
+
+def test_redaction_reads_the_environment_while_another_thread_changes_it(monkeypatch):
+    """MLflow's telemetry sets and removes a variable from its own thread; a plain iteration over
+    os.environ then fails with a KeyError in whatever logs a secret-checked line."""
+    import threading
+    import time
+
+    monkeypatch.setenv("MEDTUNE_TEST_TOKEN", "s3cret-value")
+    stop = threading.Event()
+
+    def churn():
+        while not stop.is_set():
+            os.environ["_MEDTUNE_CHURN"] = "1"
+            os.environ.pop("_MEDTUNE_CHURN", None)
+
+    worker = threading.Thread(target=churn)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            assert redact("key s3cret-value") == f"key {MASK}"
+    finally:
+        stop.set()
+        worker.join()

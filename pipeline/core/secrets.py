@@ -32,14 +32,26 @@ _TOKEN_SHAPES = re.compile(
 )
 
 
+def environment() -> dict[str, str]:
+    """A copy of the environment, taken whole even while another thread changes it (MLflow's
+    telemetry sets and removes a variable from its own thread: a plain iteration then fails)."""
+    for _ in range(10):
+        try:
+            return dict(os.environ.items())
+        except (KeyError, RuntimeError):  # a variable went, or came, mid-iteration
+            continue
+    return {k: v for k in list(os.environ._data) if (v := os.environ.get(os.fsdecode(k))) is not None}
+
+
 def env_secrets() -> list[str]:
     """Values of environment variables named like secrets (PGPASSWORD too), and the passwords inside
     URLs the environment holds (MEDTUNE_POSTGRES_URL, MLFLOW_TRACKING_URI), as written and decoded;
     at least 6 characters, to avoid masking noise."""
     import urllib.parse
 
-    found = {v for k, v in os.environ.items() if (SECRET_NAME.search(k) or k.upper().endswith("PASSWORD")) and v}
-    for value in os.environ.values():
+    environ = environment()
+    found = {v for k, v in environ.items() if (SECRET_NAME.search(k) or k.upper().endswith("PASSWORD")) and v}
+    for value in environ.values():
         if "://" in value and "@" in value:
             for m in _URI_PASSWORD.finditer(value):
                 found |= {m.group("pw"), urllib.parse.unquote(m.group("pw"))}
