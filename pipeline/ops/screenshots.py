@@ -144,6 +144,15 @@ def open_logged_model(page, mlflow_url: str, experiment_id: str, run_id: str) ->
     close_assistant(page)
 
 
+def open_table_compare(page, mlflow_url: str, experiment_id: str) -> None:
+    """The training runs' artifact view: a logged table (the evaluation's rows) compared across runs."""
+    page.goto(f"{mlflow_url}/#/experiments/{experiment_id}/runs", wait_until="load")
+    page.wait_for_timeout(4000)
+    close_assistant(page)
+    page.locator("label:has(input[type=radio]), [role=radiogroup] *[role=radio]").nth(2).click(timeout=10000)
+    page.wait_for_timeout(4000)
+
+
 def open_traces(page, mlflow_url: str, experiment_id: str) -> None:
     page.goto(f"{mlflow_url}/#/experiments/{experiment_id}/traces", wait_until="load")
     page.wait_for_timeout(4000)
@@ -200,6 +209,8 @@ def take_all(dagster_url: str, mlflow_url: str, out: Path) -> list[Path]:
         shot("mlflow-logged-model.png")
         open_run(page, mlflow_url, experiment_id, run_id, "artifacts/evaluation/rows.json")
         shot("mlflow-evaluation-rows.png")
+        open_table_compare(page, mlflow_url, experiment_id)
+        shot("mlflow-evaluation-compare.png")
         open_traces(page, mlflow_url, experiment_id)
         open_first_trace(page)
         shot("mlflow-trace.png")
