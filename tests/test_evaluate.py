@@ -392,3 +392,28 @@ def test_the_gate_weighs_a_fall_in_choice_accuracy_against_chance():
     ok, why = tuned_beats_base(summary(5 / 7, 0.0, choice_only_base_right=5, choice_only_tuned_right=0))
     assert not ok and "went down" in why and "sign test p 0.03" in why
     assert not tuned_beats_base(summary(1 / 7, 0.0))[0]
+
+
+def test_the_per_row_table_puts_the_case_first_and_says_who_was_right():
+    import pandas as pd
+
+    from pipeline.stages.evaluation_report.report import row_table
+
+    table = pd.DataFrame(
+        {
+            "record_id": ["a", "b"],
+            "split": ["eval", "train_sample"],
+            "prompt": ["指令\n病例一\n第二行", "只有问题"],
+            "medicine": ["保和丸", None],
+            "base_answer": ["x", "y"],
+            "tuned_answer": ["z", "w"],
+            "base_choice_rank": [1.0, None],
+            "tuned_choice_rank": [2.0, None],
+            "tuned_rouge_l": [10.0, 0.0],
+        }
+    )
+    rows = row_table(table)
+    assert rows["question"].tolist() == ["病例一\n第二行", "只有问题"]
+    assert rows["instruction"].tolist() == ["指令", ""]
+    assert rows["base_right"].tolist() == [True, None] and rows["tuned_right"].tolist() == [False, None]
+    assert "base_choice" not in rows and rows["tuned_rouge_l"].tolist() == [10.0, 0.0]  # columns not scored: left out

@@ -146,17 +146,25 @@ ROW_COLUMNS = {  # the per-row table's columns: what a reader compares across ru
     "base_rouge_l": "base_rouge_l",
     "tuned_rouge_l": "tuned_rouge_l",
     "medicine_seen_in_training": "medicine_seen_in_training",
+    "instruction": "prompt",
     "record_id": "record_id",
 }
 
 
 def row_table(table: pd.DataFrame) -> pd.DataFrame:
-    """The evaluation's rows for people: the question, the reference medicine, both answers, the
+    """The evaluation's rows for people: the question (the case; its instruction in a column of its
+    own, near the end), the reference medicine, both answers, the
     medicine each model finds most likely and whether it is right, ROUGE-L. Columns a run did not
     score (no medicine choice) are left out."""
     out = pd.DataFrame(index=table.index)
+    # the prompt is "instruction\ninput": the case (input) first, where rows differ
+    parts = table["prompt"].astype(str).str.split("\n", n=1)
     for name, source in ROW_COLUMNS.items():
-        if name.endswith("_right"):
+        if name == "question":
+            out[name] = parts.map(lambda p: p[-1])
+        elif name == "instruction":
+            out[name] = parts.map(lambda p: p[0] if len(p) > 1 else "")
+        elif name.endswith("_right"):
             rank = f"{name.removesuffix('_right')}_choice_rank"
             if rank in table:
                 out[name] = table[rank].map(lambda r: None if r is None or r != r else bool(r == 1))
