@@ -117,8 +117,8 @@ def no_prompt_in_both_splits(alpaca_dataset: AlpacaDataset) -> AssetCheckResult:
     asset=alpaca_dataset,
     blocking=True,
     description=(
-        "No held-out prompt has a near duplicate in train (MinHash LSH over the file, as deduplicated_records finds "
-        "them)"
+        "No held-out prompt has a near duplicate in train (MinHash LSH over the file, as "
+        "deduplicated_records finds them)"
     ),
 )
 def no_near_twin_across_splits(alpaca_dataset: AlpacaDataset) -> AssetCheckResult:

@@ -170,8 +170,8 @@ def _merge(
     verify,
 ) -> dict:
     context.log.info(
-        f"merging adapter {lora_adapter.adapter_id} into a {config.dtype} copy of {base_model.model}, one tensor at a "
-        "time"
+        f"merging adapter {lora_adapter.adapter_id} into a {config.dtype} copy of {base_model.model}, one "
+        "tensor at a time"
     )
     return merge_adapter(
         base_model.path,

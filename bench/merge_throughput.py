@@ -211,8 +211,8 @@ def main() -> None:
         seconds = child["merge_seconds"] + child["verify_seconds"]
         print(
             f"merge {child['merge_seconds']:.1f} s + layer proof {child['verify_seconds']:.1f} s = {seconds:.1f} s "
-            f"(child process {wall:.1f} s with start-up); read {read_bytes / 1e9:.2f} GB, wrote {written / 1e9:.2f} "
-            "GB: "
+            f"(child process {wall:.1f} s with start-up); read {read_bytes / 1e9:.2f} GB, wrote "
+            f"{written / 1e9:.2f} GB: "
             f"{io_bound:.1f} s at the disk's speed; peak RSS {child['peak_rss_mb']:.0f} MB; proof passed: "
             f"{child['proof']['passed']}",
             flush=True,

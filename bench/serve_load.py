@@ -220,8 +220,8 @@ def main() -> int:
         f"done after {sdk['openai_stream_total_s']} s"
     )
     print(
-        f"{len(results)} requests from {args.clients} clients in {args.seconds:.0f} s; request timeout {timeout_s:.0f} "
-        "s"
+        f"{len(results)} requests from {args.clients} clients in {args.seconds:.0f} s; request timeout "
+        f"{timeout_s:.0f} s"
     )
     for status, values in sorted(by_status.items()):
         lat = figures["latency_s"][status]

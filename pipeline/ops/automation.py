@@ -84,8 +84,8 @@ def raw_data_sensor(context: SensorEvaluationContext, data_root: DataRoot):
     earlier = context.instance.get_run_ids(filters=RunsFilter(tags={RAW_TAG: fingerprint[:16]}))
     if earlier:
         decision.message += (
-            f" (this data was built before, by run {earlier[0][:8]}: running again; unchanged outputs come from the "
-            "caches)"
+            f" (this data was built before, by run {earlier[0][:8]}: running again; unchanged outputs come "
+            "from the caches)"
         )
     context.log.info(decision.message)
     return RunRequest(

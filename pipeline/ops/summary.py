@@ -54,8 +54,8 @@ def _model_lines(stages: Path) -> list[str]:
         t = json.loads(tok.read_text())
         st = t["stats"]
         out.append(
-            f"  tokenized           {st['rows']} rows, length p50 {st['length_p50']:.0f} / p95 {st['length_p95']:.0f} "
-            "/ "
+            f"  tokenized           {st['rows']} rows, length p50 {st['length_p50']:.0f} / p95 "
+            f"{st['length_p95']:.0f} / "
             f"max {st['length_max']}, {st['truncated_rows']} truncated, supervised share {st['supervised_share']:.1%}"
         )
         out.append(f"                      {t['path']}")
@@ -71,8 +71,8 @@ def _model_lines(stages: Path) -> list[str]:
         )
         if a.get("steady_tokens_per_s"):
             out.append(
-                f"                      {a['steady_tokens_per_s']:,.0f} tokens/s, {a.get('achieved_tflops')} TFLOP/s "
-                "of a "
+                f"                      {a['steady_tokens_per_s']:,.0f} tokens/s, {a.get('achieved_tflops')} "
+                "TFLOP/s of a "
                 f"{a.get('matmul_peak_tflops')} TFLOP/s matmul peak (MFU {a.get('mfu')})"
             )
         out.append(f"  adapter             {a['path']}")

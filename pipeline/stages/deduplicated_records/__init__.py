@@ -135,8 +135,8 @@ def conflict_decisions(
         if conflict_policy == "keep_first":
             for p in rows[1:]:
                 reasons[p] = (
-                    f"conflict: same prompt as {where[0]} but a different answer (conflict_policy keep_first keeps the "
-                    "first)"
+                    f"conflict: same prompt as {where[0]} but a different answer (conflict_policy keep_first "
+                    "keeps the first)"
                 )
         elif conflict_policy == "drop":
             for p in rows:

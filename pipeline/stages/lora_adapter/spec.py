@@ -49,8 +49,8 @@ class TrainingSettings(BaseModel):
     quantization: Literal["none", "nf4"] = Field(
         "none",
         description=(
-            "nf4: QLoRA, the frozen base in 4-bit NF4 (bitsandbytes, CUDA only); export merges into the full-precision "
-            "base"
+            "nf4: QLoRA, the frozen base in 4-bit NF4 (bitsandbytes, CUDA only); export merges into the "
+            "full-precision base"
         ),
     )
     optimizer: Literal["auto", "adamw", "adafactor", "adamw_8bit"] = Field(

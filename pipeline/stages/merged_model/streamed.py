@@ -39,8 +39,8 @@ def load_adapter_skeleton(base_path: str, adapter_path: str, trust_remote_code: 
     peft_config = PeftConfig.from_pretrained(adapter_path)
     if getattr(peft_config, "modules_to_save", None):
         raise ExportError(
-            f"{adapter_path} trains whole modules too ({peft_config.modules_to_save}): not supported by the streamed "
-            "merge"
+            f"{adapter_path} trains whole modules too ({peft_config.modules_to_save}): not supported by the "
+            "streamed merge"
         )
     if peft_config.peft_type.value == "ADALORA":
         # peft resizes AdaLoRA's ranks from data on load, which meta tensors cannot do: a skeleton with

@@ -61,8 +61,8 @@ def _fields_of(obj: dict) -> tuple[Any, Any, Any] | str:
     if DUPLICATE_KEYS in obj:
         dups = [k for k in obj[DUPLICATE_KEYS] if k.strip().lower() in FIELDS] or obj[DUPLICATE_KEYS]
         return (
-            f"key {dups[0]!r} given twice in one record with different values (a JSON parser would silently keep the "
-            "last)"
+            f"key {dups[0]!r} given twice in one record with different values (a JSON parser would silently "
+            "keep the last)"
         )
     if len(obj) <= 3 and all(k in ("instruction", "input", "output") for k in obj):
         instruction = obj.get("instruction")
