@@ -106,6 +106,49 @@ def test_batched_generation_equals_one_at_a_time(tiny, tokenizer):
     assert all(len(x) > 0 for x in single)  # the tiny model does answer something
 
 
+def test_greedy_answers_do_not_depend_on_the_batch_size(tiny_model_dir, tokenizer):
+    """Prompts of many lengths decoded at batch 1, 7 and 32 in bf16 (the evaluation's dtype on
+    CPU): the same tokens, and every step's logits the same bit for bit (a row attends over its own
+    cache; a lone row is not a one-row matrix product)."""
+    from pipeline.stages.lora_adapter.generation import decode_greedy, prefill
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16, use_safetensors=True)
+    model.eval()
+    cases = ["咳嗽", "发热头痛", "腹胀，嗳气", "失眠多梦，心烦", "腰膝酸软，夜尿多"]
+    prompts = [
+        render_prompt(
+            tokenizer,
+            "使用中医知识正确回答适合这个病例的中成药。",
+            cases[k % 5] * (1 + k % 7) + f"第{k}例",
+            "你是助手。",
+        )
+        for k in range(32)
+    ]
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    logits: list = []
+    model.lm_head.register_forward_hook(lambda module, args, out: logits.append(out[:, -1].clone()))
+
+    def decode(rows: list[int]) -> tuple[list[list[int]], list]:
+        logits.clear()
+        ready = [prefill(model, encoded[i]) for i in rows]
+        logits.clear()  # the decode steps' logits only
+        answers = decode_greedy(model, ready, max_new_tokens=16, stop_ids=[-1], pad_id=0)
+        return answers, [step[: len(rows)] for step in logits]
+
+    answers = {}
+    for size in (1, 7, 32):
+        answers[size], steps = [], []
+        for start in range(0, 32, size):
+            got, per_step = decode(list(range(start, min(start + size, 32))))
+            answers[size] += got
+            steps += [torch.stack([s[k] for s in per_step]) for k in range(len(got))]
+        if size == 1:
+            reference = steps
+        assert all(torch.equal(a, b) for a, b in zip(steps, reference)), f"batch {size}: logits differ"
+    assert all(len(a) == 16 for a in answers[1])
+    assert answers[7] == answers[1] and answers[32] == answers[1]
+
+
 def test_greedy_decoding_over_stacked_caches_equals_transformers_generate(tiny, tokenizer):
     """The stage's own decoding loop (prefill alone, caches stacked with left padding, fp32) gives
     what transformers' greedy ``generate`` gives for each prompt alone."""

@@ -79,9 +79,49 @@ def _causal(module, query, key, value, dropout, scaling):
     return out
 
 
+ROWS_NAME = "medtune_rows"
+
+
+def rows_attention(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    dropout: float = 0.0,
+    scaling=None,
+    row_starts: Sequence[int] | None = None,
+    **kwargs,
+):
+    """A decode step over left-padded caches, each row on its own: query [B, heads, 1, dim] and
+    key/value [B, kv_heads, W, dim], row b's keys from ``row_starts[b]`` on (its padding left out,
+    so no mask); → ([B, 1, heads, dim], None). A row's result is the same whatever else is in the
+    batch: padded attention reduces over the batch's width, and a row's sum then depends on it."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if row_starts is None or query.shape[2] != 1:
+        raise ValueError(f"{ROWS_NAME} attention takes one new token per row and each row's start")
+    outputs = [
+        sdpa_attention_forward(
+            module,
+            query[b : b + 1],
+            key[b : b + 1, :, s:],
+            value[b : b + 1, :, s:],
+            None,
+            scaling=scaling,
+            is_causal=False,
+        )[0]
+        for b, s in enumerate(row_starts)
+    ]
+    return torch.cat(outputs, dim=0), None
+
+
 def register() -> str:
-    """Make ``attn_implementation="medtune_packed"`` known to transformers (idempotent)."""
+    """Make ``attn_implementation="medtune_packed"`` (and ``"medtune_rows"``) known to transformers
+    (idempotent)."""
     from transformers import AttentionInterface
 
     AttentionInterface.register(NAME, packed_attention)
+    AttentionInterface.register(ROWS_NAME, rows_attention)
     return NAME

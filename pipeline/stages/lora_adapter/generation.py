@@ -10,10 +10,18 @@ projected onto the vocabulary only from the last prompt position on (the prompt'
 are never read). Decoding then runs all of a batch's rows together over their caches, stacked with
 left padding; its position ids continue each row's own, so the answers equal one-at-a-time greedy
 decoding (a test compares them, and with ``model.generate``).
+
+Batch-invariant: a row's tokens are the same whatever batch it is decoded in, bit for bit (a test
+decodes the same prompts at batch 1, 7 and 32). Two things made them differ, each an argmax flip
+away from another answer: attention over the padded batch (its sums run over the batch's width),
+so each row attends over its own cache (``attention.rows_attention``); and a matrix product of a
+single row, which takes another kernel than two or more rows do (on this CPU its bf16 rounding
+differs), so a lone row is decoded beside a copy of itself.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from pipeline.stages.tokenized_dataset import IGNORE_INDEX
@@ -98,33 +106,50 @@ def decode_greedy(
     model, rows: list[Prefilled], *, max_new_tokens: int, stop_ids: list[int], pad_id: int
 ) -> list[list[int]]:
     """Greedy continuations of prefilled rows, all rows a step at a time over their stacked caches:
-    new token ids up to and excluding the first stop token."""
+    new token ids up to and excluding the first stop token (batch-invariant: see the module)."""
     import torch
 
+    from pipeline.stages.lora_adapter.attention import ROWS_NAME, register
+
+    register()
+    alone = len(rows) == 1
+    rows = rows * 2 if alone else rows  # a one-row matrix product would round differently
     cache, mask = stack_caches([r.cache for r in rows])
     device = mask.device
+    starts = [mask.shape[1] - r.length for r in rows]
     positions = torch.tensor([r.length for r in rows], device=device)
     token = torch.stack([r.after_prompt.argmax() for r in rows]).to(device)
     stops = torch.tensor(stop_ids, device=device)
     out = [token]
     done = torch.isin(token, stops)
-    with torch.no_grad():
+    with torch.no_grad(), attention_as(model, ROWS_NAME):
         for step in range(1, max_new_tokens):
             if bool(done.all()):
                 break
-            mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
             logits = model(
                 input_ids=token[:, None],
-                attention_mask=mask,
                 position_ids=(positions + step - 1)[:, None],
                 past_key_values=cache,
                 use_cache=True,
+                row_starts=starts,
             ).logits[:, -1]
             token = torch.where(done, torch.full_like(token, pad_id), logits.argmax(-1))
             out.append(token)
             done = done | torch.isin(token, stops)
-    ids = torch.stack(out, dim=1).tolist()
+    ids = torch.stack(out, dim=1).tolist()[:1] if alone else torch.stack(out, dim=1).tolist()
     return [row[: next((k for k, t in enumerate(row) if t in stop_ids), len(row))] for row in ids]
+
+
+@contextmanager
+def attention_as(model, name: str):
+    """The model's attention implementation set to ``name`` for the block (a PeftModel's base's)."""
+    config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+    before = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
 
 
 def generate_greedy(
